@@ -1,0 +1,230 @@
+"""``afterclose``: the command line for work outside pytest.
+
+afterclose demo                      find the bug in seed-buggy, pass seed-fixed
+afterclose targets                   list the targets it can find
+afterclose faults                    list the faults and their parameters
+afterclose run --target X FAULT k=v  run one fault against a target and judge it
+afterclose trace show DIR|FILE       print a saved trace's verdict and timelines
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from afterclose.harness.errors import AftercloseError
+
+DEMO_BUDGET_S = 60.0
+
+
+def _settings(target: str, args: argparse.Namespace) -> object:
+    from afterclose.harness.session import Settings
+
+    return Settings(
+        target=target,
+        rootdir=Path.cwd(),
+        run_id=uuid.uuid4().hex,
+        tracer=args.tracer,
+        sanitize=args.sanitize,
+        fault_seed=args.seed if args.seed is not None else random.randrange(2**32),
+    )
+
+
+def _storm(run: object, rounds: int) -> None:
+    from afterclose.harness.session import TargetRun
+
+    assert isinstance(run, TargetRun)
+    run.run_fault(
+        "connection_storm",
+        rate_per_s=800,
+        concurrency=100,
+        duration_s=3.0,
+        max_connections=3000,
+        mix={"keepalive": 3, "close": 1, "reset_peer": 2, "half_close": 2, "shutdown_race": 4},
+    )
+
+
+def _hunt(target: str, args: argparse.Namespace, budget_s: float) -> tuple[bool, float, int]:
+    """Storm ``target`` in rounds until a rule is violated or the budget is spent."""
+    from afterclose.harness.session import Harness, Settings
+
+    settings = _settings(target, args)
+    assert isinstance(settings, Settings)
+    harness = Harness(settings)
+    start = time.monotonic()
+    rounds = 0
+    base = Path(tempfile.mkdtemp(prefix=f"afterclose-demo-{target}-"))
+    print(f"\n== {target}: {harness.manifest.description}")
+    print(f"   tracer {harness.tracer_mode}, fault seed {settings.fault_seed}, artifacts {base}")
+    while time.monotonic() - start < budget_s:
+        rounds += 1
+        with harness.start(base / f"round-{rounds}", f"demo-round-{rounds}") as run:
+            _storm(run, rounds)
+            outcome = run.finish()
+        elapsed = time.monotonic() - start
+        for report in outcome.reports:
+            print(f"   round {rounds} ({elapsed:.1f} s): {report.summary()}")
+        for warning in outcome.warnings:
+            print(f"   WARNING: {warning}")
+        if not outcome.ok:
+            print(
+                f"   FOUND after {elapsed:.1f} s: " + ", ".join(v.rule for v in outcome.violations)
+            )
+            print(run.failure_message(outcome))
+            return True, elapsed, rounds
+        if args.rounds and rounds >= args.rounds:
+            break
+    return False, time.monotonic() - start, rounds
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    found, took, rounds = _hunt("seed-buggy", args, DEMO_BUDGET_S)
+    if not found:
+        print(f"\nseed-buggy: no violation in {took:.1f} s ({rounds} rounds) - unexpected")
+        return 1
+    args.rounds = max(rounds, 2)
+    clean, _, fixed_rounds = _hunt("seed-fixed", args, DEMO_BUDGET_S)
+    print("\n== summary")
+    print(f"   seed-buggy: violation found in {took:.1f} s ({rounds} storm round(s))")
+    if clean:
+        print("   seed-fixed: a violation was reported - see above")
+        return 1
+    print(f"   seed-fixed: no violation in {fixed_rounds} round(s) of the same storm")
+    print("\nNext: pytest --target=seed-buggy   (the built-in scenario suite, fails)")
+    print("      pytest --target=seed-fixed   (passes)")
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from afterclose.harness.manifest import available_targets, load_manifest, resolve_target
+
+    for name in available_targets(Path.cwd()):
+        path = resolve_target(name, Path.cwd())
+        try:
+            description = load_manifest(path).description
+        except AftercloseError as exc:
+            description = f"(broken manifest: {exc.message})"
+        print(f"{name:16} {description}  [{path}]")
+    return 0
+
+
+def cmd_faults(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from afterclose import faults
+
+    for name in faults.available():
+        cls = faults.get(name)
+        params = ", ".join(
+            f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
+            for f in dataclasses.fields(cls)
+        )
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name:18} {doc}\n{'':18} {params}")
+    return 0
+
+
+def _parse_params(items: list[str]) -> dict[str, object]:
+    params: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise AftercloseError(
+                f"parameter {item!r} is not key=value", hint="e.g. connections=50"
+            )
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from afterclose.harness.session import Harness, Settings
+
+    settings = _settings(args.target, args)
+    assert isinstance(settings, Settings)
+    harness = Harness(settings)
+    base = Path(tempfile.mkdtemp(prefix=f"afterclose-run-{harness.manifest.name}-"))
+    with harness.start(base, f"run-{args.fault}") as run:
+        report = run.run_fault(args.fault, **_parse_params(args.params))
+        print(report.summary())
+        outcome = run.finish()
+    for warning in outcome.warnings:
+        print(f"WARNING: {warning}")
+    if outcome.ok:
+        print(f"no violation (artifacts: {base})")
+        return 0
+    print(run.failure_message(outcome))
+    return 1
+
+
+def cmd_trace_show(args: argparse.Namespace) -> int:
+    from afterclose.harness.trace import reader, rules
+
+    path = Path(args.path)
+    trace = reader.read_trace_dir(path) if path.is_dir() else reader.read_trace_file_as_trace(path)
+    result = rules.check_trace(trace, cutoff_seq=args.cutoff, trace_path=str(path))
+    print(
+        f"{path}: {len(trace.processes)} process(es), {len(trace.records)} records, "
+        f"{trace.lost_records} lost"
+    )
+    for warning in (*trace.warnings, *result.warnings):
+        print(f"WARNING: {warning}")
+    for violation in result.violations:
+        print(violation.render())
+    if not result.violations:
+        print("no violation")
+    return 1 if result.violations else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="afterclose", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tracer", default="auto", choices=("auto", "preload", "off"))
+        p.add_argument("--sanitize", default="none", choices=("none", "address", "undefined"))
+        p.add_argument("--seed", type=int, default=None, help="fault seed (default: random)")
+
+    demo = sub.add_parser("demo", help="find the bug in seed-buggy, then pass seed-fixed")
+    common(demo)
+    demo.add_argument("--rounds", type=int, default=0, help=argparse.SUPPRESS)
+    demo.set_defaults(func=cmd_demo)
+    sub.add_parser("targets", help="list targets").set_defaults(func=cmd_targets)
+    sub.add_parser("faults", help="list faults").set_defaults(func=cmd_faults)
+    run = sub.add_parser("run", help="run one fault against a target")
+    common(run)
+    run.add_argument("--target", required=True)
+    run.add_argument("fault")
+    run.add_argument("params", nargs="*", help="fault parameters as key=value")
+    run.set_defaults(func=cmd_run)
+    trace = sub.add_parser("trace", help="saved traces")
+    trace_sub = trace.add_subparsers(dest="trace_command", required=True)
+    show = trace_sub.add_parser("show", help="print a saved trace's verdict")
+    show.add_argument("path")
+    show.add_argument("--cutoff", type=int, default=None)
+    show.set_defaults(func=cmd_trace_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except AftercloseError as exc:
+        print(f"afterclose: error: {exc.render()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("afterclose: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

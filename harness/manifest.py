@@ -1,0 +1,421 @@
+"""Target manifests: a small TOML file that says how to build, start and probe a server.
+
+Every key is checked: an unknown key, a wrong type or a bad value is a ``ManifestError`` that
+names the file and the key and gives a hint (with a close-match suggestion for typos).
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from afterclose.harness.errors import ManifestError
+
+MANIFEST_FILE = "target.toml"
+PLACEHOLDERS = ("host", "port", "build", "workdir", "manifest_dir")
+TRACER_MODES = ("auto", "preload", "ebpf", "off")
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGKILL")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ReadySpec:
+    """How to tell that a target is ready: exactly one of a log line, an open port or HTTP."""
+
+    log: str | None = None
+    port: bool = False
+    http: str | None = None
+    timeout_s: float = 10.0
+
+    @property
+    def strategy(self) -> str:
+        if self.log is not None:
+            return "log"
+        if self.http is not None:
+            return "http"
+        return "port"
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """A C program the harness builds itself (cached, optionally with a sanitizer)."""
+
+    sources: tuple[Path, ...]
+    cflags: tuple[str, ...] = ()
+    ldflags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DockerSpec:
+    """How to run the target in a container (used by the Docker runner)."""
+
+    image: str | None = None
+    dockerfile: Path | None = None
+    context: Path | None = None
+    run_args: tuple[str, ...] = ()
+    libc: str = "glibc"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    path: Path
+    command: tuple[str, ...]
+    description: str = ""
+    build: tuple[str, ...] | None = None
+    compile: CompileSpec | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    files: Mapping[str, str] = field(default_factory=dict)
+    echo_path: bool = False
+    liveness_path: str = "/"
+    liveness_status: int = 200
+    fd_grace_s: float = 2.0
+    stop_signal: str = "SIGTERM"
+    stop_timeout_s: float = 5.0
+    tracer: str = "auto"
+    ready: ReadySpec = ReadySpec(port=True)
+    docker: DockerSpec | None = None
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    def render(self, template: str, values: Mapping[str, str], key: str) -> str:
+        """Substitute ``{host}``-style placeholders; a typo is named, not silently kept."""
+        try:
+            return template.format_map(values)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ManifestError(
+                f"bad placeholder in {key}: {template!r} ({exc})",
+                where=self.path,
+                hint=f"placeholders are {', '.join('{' + p + '}' for p in PLACEHOLDERS)};"
+                " write {{ and }} for literal braces",
+            ) from exc
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+class _Table:
+    """A TOML table being validated: tracks which keys were read to reject the rest."""
+
+    def __init__(self, data: Mapping[str, Any], path: Path, prefix: str = "") -> None:
+        self.data = data
+        self.path = path
+        self.prefix = prefix
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def error(self, name: str, message: str, hint: str | None = None) -> ManifestError:
+        return ManifestError(f"key {self.key(name)!r}: {message}", where=self.path, hint=hint)
+
+    def get(
+        self,
+        name: str,
+        kind: Callable[[Any], T],
+        default: T,
+        *,
+        describe: str,
+        required: bool = False,
+    ) -> T:
+        self.seen.add(name)
+        if name not in self.data:
+            if required:
+                raise ManifestError(
+                    f"missing required key {self.key(name)!r}",
+                    where=self.path,
+                    hint=f"add {self.key(name)} = <{describe}>",
+                )
+            return default
+        value = self.data[name]
+        try:
+            return kind(value)
+        except (TypeError, ValueError) as exc:
+            raise self.error(name, f"expected {describe}, got {value!r}", str(exc) or None) from exc
+
+    def table(self, name: str) -> _Table | None:
+        self.seen.add(name)
+        if name not in self.data:
+            return None
+        value = self.data[name]
+        if not isinstance(value, dict):
+            raise self.error(name, f"expected a table [{self.key(name)}], got {value!r}")
+        return _Table(value, self.path, f"{self.key(name)}.")
+
+    def reject_unknown(self) -> None:
+        for name in self.data:
+            if name not in self.seen:
+                close = difflib.get_close_matches(name, sorted(self.seen), n=1)
+                hint = f"did you mean {self.key(close[0])!r}?" if close else None
+                allowed = ", ".join(sorted(self.seen))
+                raise ManifestError(
+                    f"unknown key {self.key(name)!r} (allowed here: {allowed})",
+                    where=self.path,
+                    hint=hint,
+                )
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("write true or false")
+    return value
+
+
+def _positive(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("not a number")
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return float(value)
+
+
+def _str_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError('write a list of strings, e.g. ["./server", "{port}"]')
+    return tuple(value)
+
+
+def _command(value: Any) -> tuple[str, ...]:
+    items = _str_list(value)
+    if not items:
+        raise ValueError("the command must not be empty")
+    return items
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise TypeError('write a table of strings, e.g. {NAME = "value"}')
+    return dict(value)
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"allowed values: {', '.join(options)}")
+        return str(value)
+
+    return check
+
+
+def _url_path(value: Any) -> str:
+    text = _str(value)
+    if not text.startswith("/"):
+        raise ValueError("an HTTP path starts with '/'")
+    return text
+
+
+def load_manifest(path: Path) -> Manifest:
+    path = path.resolve()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(
+            "manifest file not found", where=path, hint="check the path given to --target"
+        ) from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read manifest: {exc.strerror}", where=path) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ManifestError("manifest is not UTF-8 text", where=path) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(
+            f"invalid TOML: {exc}",
+            where=path,
+            hint='strings need quotes; lists are written ["a", "b"]',
+        ) from exc
+    return parse_manifest(data, path)
+
+
+def parse_manifest(data: Mapping[str, Any], path: Path) -> Manifest:
+    top = _Table(data, path)
+    name = top.get("name", _str, "", describe="a target name", required=True)
+    if not name or any(c.isspace() or c == "/" for c in name):
+        raise top.error("name", f"{name!r} is not a usable name", "use letters, digits, - and _")
+    command = top.get("command", _command, tuple[str, ...](), describe="a list of strings", required=True)
+    description = top.get("description", _str, "", describe="a string")
+    build = top.get("build", _command, None, describe="a list of strings (a command)")
+    env = top.get("env", _str_map, dict[str, str](), describe="a table of strings")
+    files = top.get("files", _str_map, dict[str, str](), describe="a table of file name = template text")
+    for fname in files:
+        if "/" in fname or fname in ("", ".", ".."):
+            raise top.error("files", f"{fname!r} is not a plain file name", "no folders")
+    echo_path = top.get("echo_path", _bool, False, describe="true or false")
+    liveness_path = top.get("liveness_path", _url_path, "/", describe="an HTTP path")
+    liveness_status = top.get("liveness_status", _status, 200, describe="an HTTP status")
+    fd_grace_s = top.get("fd_grace_s", _positive, 2.0, describe="seconds (> 0)")
+    stop_signal = top.get("stop_signal", _choice(STOP_SIGNALS), "SIGTERM", describe="a signal")
+    stop_timeout_s = top.get("stop_timeout_s", _positive, 5.0, describe="seconds (> 0)")
+    tracer = top.get("tracer", _choice(TRACER_MODES), "auto", describe="a tracer mode")
+    compile_spec = _parse_compile(top.table("compile"), path.parent)
+    ready = _parse_ready(top.table("ready"))
+    docker = _parse_docker(top.table("docker"), path.parent)
+    top.reject_unknown()
+
+    if "{build}" in " ".join(command) and compile_spec is None:
+        raise top.error(
+            "command",
+            "uses {build} but the manifest has no [compile] table",
+            "add [compile] sources = [...], or name the program directly",
+        )
+    manifest = Manifest(
+        name=name,
+        path=path,
+        command=command,
+        description=description,
+        build=build,
+        compile=compile_spec,
+        env=env,
+        files=files,
+        echo_path=echo_path,
+        liveness_path=liveness_path,
+        liveness_status=liveness_status,
+        fd_grace_s=fd_grace_s,
+        stop_signal=stop_signal,
+        stop_timeout_s=stop_timeout_s,
+        tracer=tracer,
+        ready=ready,
+        docker=docker,
+    )
+    probe = dict.fromkeys(PLACEHOLDERS, "x")
+    for i, part in enumerate(command):
+        manifest.render(part, probe, f"command[{i}]")
+    for key, value in env.items():
+        manifest.render(value, probe, f"env.{key}")
+    for fname, text in files.items():
+        manifest.render(text, probe, f"files.{fname!r}")
+    return manifest
+
+
+def _status(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value <= 599:
+        raise ValueError("an HTTP status is a whole number from 100 to 599")
+    return value
+
+
+def _parse_compile(table: _Table | None, folder: Path) -> CompileSpec | None:
+    if table is None:
+        return None
+    sources = table.get("sources", _command, tuple[str, ...](), describe="a list of source files", required=True)
+    cflags = table.get("cflags", _str_list, tuple[str, ...](), describe="a list of strings")
+    ldflags = table.get("ldflags", _str_list, tuple[str, ...](), describe="a list of strings")
+    table.reject_unknown()
+    paths = tuple((folder / s).resolve() for s in sources)
+    for src, p in zip(sources, paths, strict=True):
+        if not p.is_file():
+            raise table.error("sources", f"source file {src!r} not found ({p})")
+    return CompileSpec(sources=paths, cflags=cflags, ldflags=ldflags)
+
+
+def _parse_ready(table: _Table | None) -> ReadySpec:
+    if table is None:
+        return ReadySpec(port=True)
+    log = table.get("log", _str, None, describe="a string to wait for in the output")
+    port = table.get("port", _bool, False, describe="true or false")
+    http = table.get("http", _url_path, None, describe="an HTTP path")
+    timeout_s = table.get("timeout_s", _positive, 10.0, describe="seconds (> 0)")
+    table.reject_unknown()
+    chosen = [k for k, v in (("log", log), ("port", port or None), ("http", http)) if v]
+    if len(chosen) > 1:
+        raise table.error(chosen[1], f"choose one readiness strategy, not {' and '.join(chosen)}")
+    if log == "":
+        raise table.error("log", "the log line to wait for is empty")
+    return ReadySpec(log=log, port=port or not chosen, http=http, timeout_s=timeout_s)
+
+
+def _parse_docker(table: _Table | None, folder: Path) -> DockerSpec | None:
+    if table is None:
+        return None
+    image = table.get("image", _str, None, describe="an image name")
+    dockerfile = table.get("dockerfile", _str, None, describe="a path to a Dockerfile")
+    context = table.get("context", _str, None, describe="a build context folder")
+    run_args = table.get("run_args", _str_list, tuple[str, ...](), describe="a list of strings")
+    libc = table.get("libc", _choice(("glibc", "musl", "none")), "glibc", describe="a libc")
+    table.reject_unknown()
+    if (image is None) == (dockerfile is None):
+        raise table.error("image", "give exactly one of image or dockerfile", 'image = "name:tag"')
+    return DockerSpec(
+        image=image,
+        dockerfile=(folder / dockerfile).resolve() if dockerfile else None,
+        context=(folder / context).resolve() if context else None,
+        run_args=run_args,
+        libc=libc,
+    )
+
+
+# ------------------------------------------------------------------------- resolution
+
+
+def builtin_targets_dir() -> Path:
+    import afterclose.targets
+
+    return Path(afterclose.targets.__file__).parent
+
+
+def _candidates(name: str, folder: Path) -> list[Path]:
+    return [folder / f"{name}.toml", folder / name / MANIFEST_FILE]
+
+
+def available_targets(rootdir: Path | None) -> list[str]:
+    names: set[str] = set()
+    folders = [builtin_targets_dir()]
+    if rootdir is not None:
+        folders.insert(0, rootdir / "targets")
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        names.update(p.stem for p in folder.glob("*.toml"))
+        names.update(p.parent.name for p in folder.glob(f"*/{MANIFEST_FILE}"))
+    return sorted(names)
+
+
+def resolve_target(spec: str, rootdir: Path | None, cwd: Path | None = None) -> Path:
+    """``--target`` value to a manifest path: a file path, else a name looked up in
+    ``<rootdir>/targets/`` and then among the built-in targets."""
+    if not spec:
+        raise ManifestError("--target is empty", hint="--target=NAME or --target=path/to.toml")
+    looks_like_path = "/" in spec or spec.endswith(".toml")
+    if looks_like_path:
+        path = Path(spec)
+        if not path.is_absolute():
+            path = (cwd or Path.cwd()) / path
+        if path.is_dir():
+            path = path / MANIFEST_FILE
+        if not path.is_file():
+            raise ManifestError(
+                f"no manifest at {path}",
+                hint="--target takes a manifest file, a folder holding target.toml, or a name",
+            )
+        return path.resolve()
+    tried: list[Path] = []
+    folders = [builtin_targets_dir()]
+    if rootdir is not None:
+        folders.insert(0, rootdir / "targets")
+    for folder in folders:
+        for candidate in _candidates(spec, folder):
+            tried.append(candidate)
+            if candidate.is_file():
+                return candidate.resolve()
+    known = available_targets(rootdir)
+    close = difflib.get_close_matches(spec, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ManifestError(
+        f"unknown target {spec!r}",
+        details="looked for:\n" + "\n".join(f"  {p}" for p in tried),
+        hint=f"{hint}known targets: {', '.join(known) or 'none'}",
+    )

@@ -1,0 +1,1 @@
+"""Oracle rules: black-box checks (no tracer needed) and their shared verdict types."""

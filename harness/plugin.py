@@ -1,0 +1,180 @@
+"""The pytest plugin: options, hooks and fixtures only; the work lives in other modules."""
+
+from __future__ import annotations
+
+import importlib
+import uuid
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from afterclose.harness import options
+
+if TYPE_CHECKING:
+    from afterclose.harness.session import Harness, TargetRun
+
+SUITE_MODULE = "afterclose.harness.suite.scenarios"
+SUITE_NODEID = "afterclose/scenarios.py"
+HARNESS_KEY = pytest.StashKey["Harness | None"]()
+RUN_KEY = pytest.StashKey["TargetRun"]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("afterclose", "afterclose: fd-lifecycle testing of servers")
+    for flag, ini, check, help_text in options.OPTIONS:
+        group.addoption(flag, type=check, default=None, help=help_text)
+        parser.addini(ini, f"default for {flag}: {help_text}", default=None)
+    group.addoption(
+        "--no-builtin-suite",
+        action="store_true",
+        default=False,
+        help="with --target, run only your own tests, not the built-in scenario suite",
+    )
+
+
+def _setting(config: pytest.Config, flag: str) -> object:
+    for name, ini, check, _ in options.OPTIONS:
+        if name == flag:
+            value = config.getoption(name.lstrip("-").replace("-", "_"))
+            if value is None:
+                raw = config.getini(ini)
+                value = check(str(raw)) if raw not in (None, "", []) else None
+            return value
+    raise KeyError(flag)
+
+
+def _suite_path() -> Path:
+    spec = importlib.util.find_spec(SUITE_MODULE)
+    assert spec is not None and spec.origin is not None
+    return Path(spec.origin)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "afterclose_scenario: a built-in afterclose scenario")
+    target = _setting(config, "--target")
+    if target is None:
+        config.stash[HARNESS_KEY] = None
+        return
+    from afterclose.harness.errors import AftercloseError
+    from afterclose.harness.session import Harness, Settings
+
+    kernel = _setting(config, "--kernel")
+    if kernel is not None:
+        raise pytest.UsageError(
+            f"--kernel={kernel}: the kernel (VM) runner is not available in this version; "
+            "run without --kernel to test on the host's kernel"
+        )
+    chaos = _setting(config, "--chaos") or "off"
+    if chaos != "off":
+        raise pytest.UsageError(
+            f"--chaos={chaos}: schedule perturbation is not available in this version"
+        )
+    seed = _setting(config, "--fault-seed")
+    workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+    if seed is None:
+        # Under xdist every worker must draw the same seed: the controller's run id is shared.
+        base = workerinput["testrunuid"] if workerinput else uuid.uuid4().hex
+        seed = int(base[:8], 16)
+    run_id = workerinput["testrunuid"] if workerinput else uuid.uuid4().hex
+    settings = Settings(
+        target=str(target),
+        rootdir=Path(config.rootpath),
+        run_id=run_id,
+        runner=str(_setting(config, "--runner") or "process"),
+        tracer=str(_setting(config, "--tracer") or "auto"),
+        fault_seed=int(str(seed)),
+        sanitize=str(_setting(config, "--sanitize") or "none"),
+    )
+    harness = Harness(settings)
+    try:
+        harness.manifest  # noqa: B018 - validate the manifest before any test runs
+        harness.tracer_mode  # noqa: B018
+    except AftercloseError as exc:
+        raise pytest.UsageError(exc.render()) from None
+    config.stash[HARNESS_KEY] = harness
+    if not config.getoption("no_builtin_suite"):
+        suite = str(_suite_path())
+        if suite not in config.args:
+            config.args.append(suite)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    harness = config.stash.get(HARNESS_KEY, None)
+    if harness is None:
+        return None
+    s = harness.settings
+    return [
+        f"afterclose: target {harness.manifest.name} ({harness.manifest.path}), runner {s.runner},"
+        f" tracer {harness.tracer_mode}, sanitizer {s.sanitize}, fault seed {s.fault_seed}"
+    ]
+
+
+class BuiltinSuite(pytest.Module):
+    """The scenario suite shipped in the package, imported under its package name."""
+
+    def _getobj(self) -> ModuleType:
+        return importlib.import_module(SUITE_MODULE)
+
+
+def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> Any:
+    if module_path == _suite_path():
+        # The file lives in site-packages, outside the rootdir: give it a short stable node id
+        # instead of the empty relative path pytest would compute.
+        return BuiltinSuite.from_parent(parent, path=module_path, nodeid=SUITE_NODEID)
+    return None
+
+
+@pytest.fixture(scope="session")
+def afterclose_harness(request: pytest.FixtureRequest) -> Harness:
+    """The session's harness: settings, the resolved manifest and its build."""
+    harness = request.config.stash.get(HARNESS_KEY, None)
+    if harness is None:
+        pytest.skip("no target: run with --target=NAME or --target=path/to/target.toml")
+    from afterclose.harness.errors import AftercloseError
+
+    try:
+        harness.artefact  # noqa: B018 - build once per session, report errors cleanly
+    except AftercloseError as exc:
+        pytest.fail(exc.render(), pytrace=False)
+    return harness
+
+
+@pytest.fixture
+def target(
+    request: pytest.FixtureRequest, afterclose_harness: Harness, tmp_path: Path
+) -> Iterator[TargetRun]:
+    """A started target for this test; judged by the oracle after the test body."""
+    from afterclose.harness.errors import AftercloseError
+
+    try:
+        run = afterclose_harness.start(tmp_path, request.node.name)
+    except AftercloseError as exc:
+        pytest.fail(exc.render(), pytrace=False)
+    request.node.stash[RUN_KEY] = run
+    with run:
+        yield run
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    try:
+        yield
+    except BaseException:
+        # The test body failed on its own: still judge the run, and show the verdict beside
+        # the original error instead of replacing it.
+        run = item.stash.get(RUN_KEY, None)
+        if run is not None:
+            outcome = run.finish()
+            if not outcome.ok:
+                item.add_report_section("call", "afterclose", run.failure_message(outcome))
+        raise
+    run = item.stash.get(RUN_KEY, None)
+    if run is None:
+        return
+    outcome = run.finish()
+    for warning in outcome.warnings:
+        item.add_report_section("call", "afterclose", f"WARNING: {warning}")
+    if not outcome.ok:
+        pytest.fail(run.failure_message(outcome), pytrace=False)

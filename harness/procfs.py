@@ -1,0 +1,103 @@
+"""What the kernel says about a target's sockets: ``/proc/PID/fd`` and the TCP tables."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+TCP_STATES = {
+    1: "ESTABLISHED",
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+}
+
+
+def socket_inodes(pid: int) -> dict[int, int]:
+    """fd number -> socket inode for one process (empty if it is gone)."""
+    result: dict[int, int] = {}
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        entries = os.listdir(fd_dir)
+    except OSError:
+        return result
+    for name in entries:
+        try:
+            link = os.readlink(fd_dir / name)
+        except OSError:
+            continue  # closed while we looked
+        if link.startswith("socket:["):
+            result[int(name)] = int(link[8:-1])
+    return result
+
+
+@dataclass(frozen=True)
+class TcpSocket:
+    local_port: int
+    remote_port: int
+    state: str
+    inode: int
+
+
+def tcp_sockets(pid: int) -> list[TcpSocket]:
+    """TCP sockets of the network namespace ``pid`` lives in (IPv4 and IPv6)."""
+    out: list[TcpSocket] = []
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10:
+                continue
+            local, remote, state, inode = fields[1], fields[2], int(fields[3], 16), int(fields[9])
+            out.append(
+                TcpSocket(
+                    local_port=int(local.rsplit(":", 1)[1], 16),
+                    remote_port=int(remote.rsplit(":", 1)[1], 16),
+                    state=TCP_STATES.get(state, str(state)),
+                    inode=inode,
+                )
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class SocketCensus:
+    """The target's open socket fds and the states of its TCP connections on its port."""
+
+    socket_fds: int
+    states: Counter[str]
+
+    @property
+    def close_wait(self) -> int:
+        return self.states.get("CLOSE_WAIT", 0)
+
+    def describe(self) -> str:
+        states = ", ".join(f"{k} {v}" for k, v in sorted(self.states.items())) or "none"
+        return f"{self.socket_fds} socket fds; connections on the port: {states}"
+
+
+def census(pids: list[int], port: int) -> SocketCensus:
+    inodes: set[int] = set()
+    fds = 0
+    for pid in pids:
+        owned = socket_inodes(pid)
+        fds += len(owned)
+        inodes.update(owned.values())
+    states: Counter[str] = Counter()
+    if pids:
+        for sock in tcp_sockets(pids[0]):
+            if sock.inode in inodes and sock.local_port == port and sock.state != "LISTEN":
+                states[sock.state] += 1
+    return SocketCensus(socket_fds=fds, states=states)

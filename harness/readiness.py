@@ -1,0 +1,91 @@
+"""Readiness strategies (a log line, an open port, an HTTP answer) sharing one polling loop."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from afterclose.harness.manifest import ReadySpec
+
+POLL_INTERVAL_S = 0.02
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One readiness check: ``check()`` is True once ready; ``describe`` names it in errors."""
+
+    describe: str
+    check: Callable[[], bool]
+
+
+def log_line_probe(text: str, logs: tuple[Path, ...]) -> Probe:
+    def check() -> bool:
+        for log in logs:
+            try:
+                if text.encode() in log.read_bytes():
+                    return True
+            except FileNotFoundError:
+                continue
+        return False
+
+    return Probe(f"the line {text!r} in the target's output", check)
+
+
+def port_probe(host: str, port: int) -> Probe:
+    def check() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    return Probe(f"a listening socket on {host}:{port}", check)
+
+
+def http_probe(host: str, port: int, path: str) -> Probe:
+    def check() -> bool:
+        from afterclose.harness import httpclient
+
+        try:
+            response = httpclient.get(host, port, path, timeout_s=1.0)
+        except (OSError, httpclient.HttpClientError):
+            return False
+        return response.status < 500
+
+    return Probe(f"an HTTP answer to GET {path} on {host}:{port}", check)
+
+
+def probe_for(spec: ReadySpec, host: str, port: int, logs: tuple[Path, ...]) -> Probe:
+    if spec.log is not None:
+        return log_line_probe(spec.log, logs)
+    if spec.http is not None:
+        return http_probe(host, port, spec.http)
+    return port_probe(host, port)
+
+
+class NotReady(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def wait_until(probe: Probe, timeout_s: float, still_running: Callable[[], str | None]) -> float:
+    """Poll ``probe`` until it passes; returns seconds waited.
+
+    ``still_running`` returns None while the target lives, else why it stopped, so a target
+    that dies during start-up is reported at once instead of after the timeout.
+    """
+    start = time.monotonic()
+    deadline = start + timeout_s
+    while True:
+        if probe.check():
+            return time.monotonic() - start
+        gone = still_running()
+        if gone is not None:
+            raise NotReady(f"the target stopped before it was ready: {gone}")
+        if time.monotonic() >= deadline:
+            raise NotReady(f"no {probe.describe} within {timeout_s:g} s")
+        time.sleep(POLL_INTERVAL_S)

@@ -1,0 +1,1 @@
+"""Runners start a target somewhere (a local process, a container, a VM) and stop it."""

@@ -1,0 +1,151 @@
+"""The default runner: the target as a local process group on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from afterclose.harness.errors import TargetStartError
+from afterclose.harness.runners.base import ExitStatus, LaunchPlan, Runner, RunningTarget
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # If pytest is SIGKILLed no teardown runs; the kernel then SIGKILLs the target for us.
+    # PDEATHSIG fires when the *thread* that forked us exits, so targets are started from
+    # the main thread only.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its descendants, plus anything still in its process group."""
+    children: dict[int, list[int]] = {}
+    in_group: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        pid, ppid, pgid = int(entry.name), int(fields[1]), int(fields[2])
+        children.setdefault(ppid, []).append(pid)
+        if pgid == root and pid != root:
+            in_group.append(pid)
+    seen: list[int] = []
+    stack = [root] if Path(f"/proc/{root}").exists() else []
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.append(pid)
+        stack.extend(children.get(pid, ()))
+    seen.extend(p for p in in_group if p not in seen)
+    return seen
+
+
+class ProcessTarget(RunningTarget):
+    def __init__(self, plan: LaunchPlan, proc: subprocess.Popen[bytes]) -> None:
+        super().__init__(plan)
+        self.proc = proc
+        self._final: ExitStatus | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def host_pids(self) -> list[int]:
+        if self.proc.poll() is not None:
+            return [p for p in process_tree(self.proc.pid) if p != self.proc.pid]
+        return process_tree(self.proc.pid)
+
+    def _status(self, code: int, by_harness: bool) -> ExitStatus:
+        if code < 0:
+            return ExitStatus(code=None, signal=-code, stopped_by_harness=by_harness)
+        return ExitStatus(code=code, signal=None, stopped_by_harness=by_harness)
+
+    def exit_status(self) -> ExitStatus | None:
+        if self._final is not None:
+            return self._final
+        code = self.proc.poll()
+        if code is None:
+            return None
+        self._final = self._status(code, by_harness=False)
+        return self._final
+
+    def stop(self) -> ExitStatus | None:
+        status = self.exit_status()
+        leftovers = process_tree(self.proc.pid)
+        if status is None:
+            sig = signal.Signals[self.plan.manifest.stop_signal]
+            self._signal_group(sig, leftovers)
+            try:
+                code = self.proc.wait(timeout=self.plan.manifest.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL, process_tree(self.proc.pid))
+                code = self.proc.wait(timeout=10)
+            self._final = self._status(code, by_harness=True)
+            status = self._final
+        # Children that outlived the main process (or ignored the stop signal) go too.
+        rest = [p for p in process_tree(self.proc.pid) if p != self.proc.pid] or [
+            p for p in leftovers if p != self.proc.pid and Path(f"/proc/{p}").exists()
+        ]
+        if rest:
+            self._signal_group(signal.SIGKILL, rest)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(_alive(p) for p in rest):
+                time.sleep(0.01)
+        return status
+
+    def _signal_group(self, sig: signal.Signals, pids: list[int]) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2] != "Z"
+
+
+class ProcessRunner(Runner):
+    name = "process"
+
+    def launch(self, plan: LaunchPlan) -> ProcessTarget:
+        env = {**os.environ, **plan.env}
+        plan.workdir.mkdir(parents=True, exist_ok=True)
+        with plan.stdout_path.open("wb") as out, plan.stderr_path.open("wb") as err:
+            try:
+                proc = subprocess.Popen(
+                    list(plan.argv),
+                    cwd=plan.cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+            except OSError as exc:
+                raise TargetStartError(
+                    f"cannot start target {plan.manifest.name!r}: {exc.strerror}",
+                    where=plan.manifest.path,
+                    details=f"command: {' '.join(plan.argv)}\ncwd: {plan.cwd}",
+                    hint="command[0] is resolved relative to the manifest's folder; "
+                    "check that it exists and is executable (or add a build step)",
+                ) from None
+        return ProcessTarget(plan, proc)

@@ -1,0 +1,241 @@
+"""One harness session: settings, the resolved target, and each test's run of it.
+
+The pytest plugin and the command line both drive this module, so what a test sees and what
+``afterclose demo`` prints come from the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import shlex
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from afterclose.harness import launch, ports, procfs, tracers
+from afterclose.harness.errors import AftercloseError
+from afterclose.harness.manifest import Manifest, load_manifest, resolve_target
+from afterclose.harness.oracle import blackbox
+from afterclose.harness.oracle.verdict import Violation
+from afterclose.harness.runners.base import Runner, RunningTarget
+
+if TYPE_CHECKING:
+    from afterclose.faults.base import FaultReport
+
+RUNNERS = ("process", "docker")
+SANITIZERS = ("none", "address", "undefined")
+FAULT_BUDGET_S = 120.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    target: str
+    rootdir: Path
+    run_id: str
+    runner: str = "process"
+    tracer: str = "auto"
+    kernel: str | None = None
+    chaos: str = "off"
+    fault_seed: int = 0
+    sanitize: str = "none"
+    host: str = "127.0.0.1"
+
+    def replay_args(self) -> list[str]:
+        args = [f"--target={self.target}", f"--fault-seed={self.fault_seed}"]
+        if self.runner != "process":
+            args.append(f"--runner={self.runner}")
+        if self.tracer != "auto":
+            args.append(f"--tracer={self.tracer}")
+        if self.sanitize != "none":
+            args.append(f"--sanitize={self.sanitize}")
+        if self.chaos != "off":
+            args.append(f"--chaos={self.chaos}")
+        if self.kernel:
+            args.append(f"--kernel={self.kernel}")
+        return args
+
+
+def make_runner(name: str) -> Runner:
+    if name == "process":
+        from afterclose.harness.runners.process import ProcessRunner
+
+        return ProcessRunner()
+    if name == "docker":
+        try:
+            from afterclose.harness.runners.docker import DockerRunner  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            raise AftercloseError(
+                "the docker runner is not available in this installation",
+                hint="use --runner=process",
+            ) from None
+        runner: Runner = DockerRunner()
+        return runner
+    raise AftercloseError(f"unknown runner {name!r}", hint=f"use one of {', '.join(RUNNERS)}")
+
+
+@dataclass
+class Outcome:
+    violations: list[Violation] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    reports: list[FaultReport] = field(default_factory=list)
+    trace_dir: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+class Harness:
+    """Session-wide state: the manifest and its build, shared by every test's run."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def manifest(self) -> Manifest:
+        path = resolve_target(self.settings.target, self.settings.rootdir)
+        return load_manifest(path)
+
+    @cached_property
+    def artefact(self) -> Path | None:
+        return launch.build_target(self.manifest, self.settings.sanitize, self.settings.run_id)
+
+    @cached_property
+    def runner(self) -> Runner:
+        return make_runner(self.settings.runner)
+
+    @cached_property
+    def tracer_mode(self) -> str:
+        return tracers.choose_tracer(self.settings.tracer, self.manifest, self.settings.runner)
+
+    def seed_for(self, test_name: str) -> int:
+        # One seed per run, mixed with the test's name: a replay with --fault-seed gives every
+        # test the same client-side schedule as before, and tests differ from each other.
+        return random.Random(f"{self.settings.fault_seed}:{test_name}").getrandbits(32)
+
+    def replay_command(self, test_name: str) -> str:
+        return shlex.join(["pytest", *self.settings.replay_args(), "-k", test_name])
+
+    def start(self, workdir: Path, test_name: str) -> TargetRun:
+        return TargetRun(self, workdir, test_name)
+
+
+class TargetRun:
+    """One started target for one test: faults run against it, then the oracle judges it."""
+
+    def __init__(self, harness: Harness, workdir: Path, test_name: str) -> None:
+        self.harness = harness
+        self.test_name = test_name
+        self.workdir = workdir
+        self.seed = harness.seed_for(test_name)
+        self.rng = random.Random(self.seed)
+        self.reports: list[FaultReport] = []
+        self._finished: Outcome | None = None
+        self._stack = contextlib.ExitStack()
+        manifest = harness.manifest
+        try:
+            lease = self._stack.enter_context(ports.lease_port(harness.settings.host))
+            self.tracer = tracers.open_tracer(
+                harness.tracer_mode, workdir, harness.settings.sanitize
+            )
+            plan = launch.make_plan(
+                manifest,
+                host=harness.settings.host,
+                port=lease.port,
+                workdir=workdir,
+                artefact=harness.artefact,
+                sanitizer=harness.settings.sanitize,
+                trace_dir=self.tracer.trace_dir,
+                extra_env=self.tracer.env(),
+            )
+            self.target: RunningTarget = harness.runner.start(plan)
+            self._stack.callback(self.target.stop)
+            self.tracer.started(self.target)
+            self.baseline = procfs.census(self.target.host_pids(), self.target.port)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    @property
+    def host(self) -> str:
+        return self.target.host
+
+    @property
+    def port(self) -> int:
+        return self.target.port
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.harness.manifest
+
+    def url(self, path: str = "/") -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def run_fault(self, name: str, /, **params: object) -> FaultReport:
+        """Run the fault registered as ``name`` with ``params`` (bounded by FAULT_BUDGET_S)."""
+        from afterclose import faults
+        from afterclose.faults.base import Endpoint
+
+        fault = faults.create(name, params, where=f"{self.test_name}: fault {name!r}")
+        endpoint = Endpoint(self.host, self.port, echo_path=self.manifest.echo_path)
+        report = fault.run(endpoint, self.rng, time.monotonic() + FAULT_BUDGET_S)
+        self.reports.append(report)
+        return report
+
+    def finish(self) -> Outcome:
+        """Judge the run: black-box rules, then the trace; stops the target."""
+        if self._finished is not None:
+            return self._finished
+        out = Outcome(reports=list(self.reports), trace_dir=self.tracer.trace_dir)
+        target = self.target
+        checks: list[Violation | None] = [blackbox.check_crash(target)]
+        checks.append(blackbox.check_liveness(target))
+        checks.append(
+            blackbox.check_cross_talk(
+                (a.rule, a.detail) for report in self.reports for a in report.anomalies
+            )
+        )
+        checks.append(blackbox.check_fd_leak(target, self.baseline, self.manifest.fd_grace_s))
+        cutoff = self.tracer.cutoff()
+        target.stop()
+        traced = self.tracer.analyse(cutoff)
+        crash_at_stop = blackbox.check_crash(target) if checks[0] is None else None
+        out.violations = [v for v in (*checks, crash_at_stop) if v is not None]
+        known = {v.rule for v in out.violations}
+        out.violations.extend(v for v in traced.violations if v.rule not in known)
+        out.warnings.extend(traced.warnings)
+        self._finished = out
+        return out
+
+    def failure_message(self, outcome: Outcome) -> str:
+        harness = self.harness
+        lines = [
+            f"afterclose: {len(outcome.violations)} rule(s) violated by target "
+            f"{harness.manifest.name!r} (seed {harness.settings.fault_seed}, "
+            f"test seed {self.seed})",
+        ]
+        lines.extend(v.render() for v in outcome.violations)
+        for report in outcome.reports:
+            lines.append(f"fault {report.summary()}")
+        lines.extend(f"WARNING: {w}" for w in outcome.warnings)
+        lines.append(f"artifacts: {self.workdir}")
+        lines.append(f"replay: {harness.replay_command(self.test_name)}")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> TargetRun:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

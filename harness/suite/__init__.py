@@ -1,0 +1,1 @@
+"""The built-in scenario suite that ``pytest --target=X`` runs against any target."""

@@ -1,0 +1,66 @@
+"""The built-in scenario suite: every fault, and the storm, against the target under test.
+
+Collected by the plugin when pytest runs with ``--target``; each test gets a freshly started
+target, and the oracle judges it after the body (crash, liveness, cross-talk, fd-leak and,
+with the tracer, the fd-lifecycle rules).
+"""
+
+from __future__ import annotations
+
+import pytest
+from afterclose.harness.session import TargetRun
+
+pytestmark = pytest.mark.afterclose_scenario
+
+
+def test_keepalive_requests(target: TargetRun) -> None:
+    report = target.run_fault(
+        "connection_storm",
+        rate_per_s=200,
+        concurrency=20,
+        duration_s=1.0,
+        max_connections=200,
+        mix={"keepalive": 1},
+    )
+    assert report.counts["connections"] > 0
+
+
+@pytest.mark.parametrize(
+    "phase", ["before-request", "mid-request", "after-request", "mid-response"]
+)
+def test_reset_peer(target: TargetRun, phase: str) -> None:
+    report = target.run_fault("reset_peer", phase=phase, connections=60, concurrency=10)
+    assert report.counts["rst_sent"] > 0
+
+
+def test_half_close(target: TargetRun) -> None:
+    report = target.run_fault(
+        "half_close", connections=60, concurrency=10, requests_per_connection=2
+    )
+    assert report.counts["connections"] > 0
+
+
+def test_shutdown_race(target: TargetRun) -> None:
+    report = target.run_fault(
+        "shutdown_race", connections=300, concurrency=20, close_mode="mixed", max_delay_us=500
+    )
+    assert report.counts["connections"] > 0
+
+
+def test_connection_storm(target: TargetRun) -> None:
+    report = target.run_fault(
+        "connection_storm",
+        rate_per_s=800,
+        concurrency=100,
+        duration_s=4.0,
+        max_connections=4000,
+        mix={
+            "keepalive": 4,
+            "close": 2,
+            "reset_peer": 2,
+            "half_close": 2,
+            "shutdown_race": 3,
+            "idle_drop": 1,
+        },
+    )
+    assert report.counts["connections"] > 0

@@ -1,0 +1,213 @@
+"""The binary layout of a trace file, shared by the C shim (``harness/shim/``) and the reader.
+
+One traced process writes one file, ``trace.<pid>.<n>.bin`` in the trace folder (``n`` counts
+execs of the same pid).  The file is a file-backed ``MAP_SHARED`` mapping, so whatever a thread
+wrote survives a SIGSEGV or an abort of the target: the kernel keeps the dirty pages.
+
+Layout (little-endian, sizes in bytes)::
+
+    header            HEADER_SIZE
+    chunk 0           CHUNK_HEADER_SIZE + chunk_records * RECORD_SIZE
+    chunk 1 ...
+
+A thread takes a whole chunk for itself (``next_chunk`` is an atomic counter in the header), so
+the hot path takes no lock.  After filling a record it publishes it by storing the chunk's
+``count`` with release order; the reader trusts only ``count`` records of each chunk.  When no
+chunk is left, records are counted in ``lost_records`` instead of written: a trace with lost
+records is incomplete and every report says so.
+
+Sequence numbers come from one 64-bit atomic counter shared by every traced process of a run
+(the 8-byte file ``seq.bin`` in the trace folder, mapped shared).  Each call takes one number at
+entry and one at exit, so "A's exit < B's entry" proves A's syscall returned before B's began,
+across threads and processes.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+MAGIC = b"ACTRACE1"
+VERSION = 1
+HEADER_SIZE = 4096
+RECORD_SIZE = 64
+CHUNK_HEADER_SIZE = RECORD_SIZE
+SEQ_FILE = "seq.bin"
+TRACE_GLOB = "trace.*.bin"
+
+# Header fields at fixed offsets.
+#   0  magic[8]
+#   8  u32 version          12 u32 header_size
+#  16  u32 record_size      20 u32 chunk_records
+#  24  u32 n_chunks         28 u32 pid
+#  32  u32 ppid             36 u32 flags (HeaderFlag)
+#  40  u64 next_chunk       48 u64 lost_records
+#  56  u64 start_ns         64 u64 fork_seq (seq_out-less: seq_in of the parent's fork, 0 if none)
+#  72  u64 free_table_slots 80 u64 free_table_used
+# 256  char exe[256] (NUL-terminated)
+HEADER_STRUCT = struct.Struct("<8sIIIIIIIIQQQQQQ")
+EXE_OFFSET = 256
+EXE_SIZE = 256
+
+# Chunk header: u32 tid, u32 pid, u64 count (records committed), then padding to 64 bytes.
+CHUNK_HEADER_STRUCT = struct.Struct("<IIQ")
+
+# Record: seq_in, seq_out, t_ns, tid, op, flags, fd, arg, data, events, err, ret.
+RECORD_STRUCT = struct.Struct("<QQQIHHiiQIiq")
+assert RECORD_STRUCT.size == RECORD_SIZE
+
+
+class HeaderFlag(enum.IntFlag):
+    FREE_TRACKING = 1  # free() of registered data values is recorded
+    FREE_TABLE_FULL = 2  # the registered-data table filled up: some frees were not recognised
+    CRASHED = 4  # the shim saw a fatal signal (set from its handler, best effort)
+
+
+class Op(enum.IntEnum):
+    """What a record describes.  Field use per op (unused fields are 0):
+
+    ============  ======================================================================
+    SOCKET        ret = new fd
+    ACCEPT        fd = listening fd, ret = new fd (accept and accept4; flags = 4 for accept4)
+    CLOSE         fd
+    SHUTDOWN      fd, arg = how
+    DUP           fd = old fd, arg = requested new fd (-1 for dup), ret = new fd;
+                  flags = DupKind.  dup2/dup3 silently close ``arg`` first when it was open.
+    EPOLL_CREATE  ret = epoll fd
+    EPOLL_CTL     fd = target fd, arg = epoll fd, flags = EPOLL_CTL_ADD/DEL/MOD (1/2/3),
+                  events = requested mask, data = requested data
+    EPOLL_WAIT    fd = epoll fd, arg = maxevents, ret = number of events; flags = WaitKind.
+                  Followed by ``ret`` EPOLL_EVENT records with the same seq_in/seq_out.
+    EPOLL_EVENT   fd = epoll fd, arg = index in the returned array, events, data
+    READ          fd, ret (bytes or -1), err; flags = IoKind
+    WRITE         fd, ret, err; flags = IoKind (sendfile: fd = out fd)
+    FORK          ret = child pid (in the parent's file)
+    FREE          data = pointer; only for pointers that were ever epoll data
+    FDNEW         ret = new fd from a creator the model does not otherwise know
+                  (open, pipe, socketpair, eventfd, timerfd, signalfd, memfd, inotify)
+    CLOSE_RANGE   fd = first, data = last (u64, may be ~0), arg = flags
+    ============  ======================================================================
+    """
+
+    SOCKET = 1
+    ACCEPT = 2
+    CLOSE = 3
+    SHUTDOWN = 4
+    DUP = 5
+    EPOLL_CREATE = 6
+    EPOLL_CTL = 7
+    EPOLL_WAIT = 8
+    EPOLL_EVENT = 9
+    READ = 10
+    WRITE = 11
+    FORK = 12
+    FREE = 13
+    FDNEW = 14
+    CLOSE_RANGE = 15
+
+
+class DupKind(enum.IntEnum):
+    DUP = 0
+    DUP2 = 1
+    DUP3 = 2
+    FCNTL_DUPFD = 3
+    FCNTL_DUPFD_CLOEXEC = 4
+
+
+class WaitKind(enum.IntEnum):
+    EPOLL_WAIT = 0
+    EPOLL_PWAIT = 1
+    EPOLL_PWAIT2 = 2
+
+
+class IoKind(enum.IntEnum):
+    READ = 0
+    READV = 1
+    RECV = 2
+    RECVFROM = 3
+    RECVMSG = 4
+    WRITE = 0x10
+    WRITEV = 0x11
+    SEND = 0x12
+    SENDTO = 0x13
+    SENDMSG = 0x14
+    SENDFILE = 0x15
+
+
+EPOLL_CTL_ADD = 1
+EPOLL_CTL_DEL = 2
+EPOLL_CTL_MOD = 3
+
+EPOLLIN = 0x001
+EPOLLPRI = 0x002
+EPOLLOUT = 0x004
+EPOLLERR = 0x008
+EPOLLHUP = 0x010
+EPOLLRDHUP = 0x2000
+EPOLLEXCLUSIVE = 1 << 28
+EPOLLWAKEUP = 1 << 29
+EPOLLONESHOT = 1 << 30
+EPOLLET = 1 << 31
+
+EPOLL_EVENT_NAMES = {
+    EPOLLIN: "IN",
+    EPOLLPRI: "PRI",
+    EPOLLOUT: "OUT",
+    EPOLLERR: "ERR",
+    EPOLLHUP: "HUP",
+    EPOLLRDHUP: "RDHUP",
+    EPOLLEXCLUSIVE: "EXCLUSIVE",
+    EPOLLWAKEUP: "WAKEUP",
+    EPOLLONESHOT: "ONESHOT",
+    EPOLLET: "ET",
+}
+
+
+def epoll_events_str(mask: int) -> str:
+    names = [name for bit, name in EPOLL_EVENT_NAMES.items() if mask & bit]
+    rest = mask & ~sum(EPOLL_EVENT_NAMES)
+    if rest:
+        names.append(hex(rest))
+    return "|".join(names) or "0"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One decoded record; ``pid`` comes from the file it was read from."""
+
+    pid: int
+    seq_in: int
+    seq_out: int
+    t_ns: int
+    tid: int
+    op: Op
+    flags: int
+    fd: int
+    arg: int
+    data: int
+    events: int
+    err: int
+    ret: int
+
+    @property
+    def ok(self) -> bool:
+        return self.ret >= 0
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    version: int
+    record_size: int
+    chunk_records: int
+    n_chunks: int
+    pid: int
+    ppid: int
+    flags: HeaderFlag
+    next_chunk: int
+    lost_records: int
+    start_ns: int
+    fork_seq: int
+    free_table_slots: int
+    free_table_used: int
+    exe: str

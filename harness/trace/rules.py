@@ -1,0 +1,1168 @@
+"""The traced rules: replay a trace through the fd model and report what it proves.
+
+Every rule here only fires on what the records prove; whenever the order of two calls is not
+fixed by their sequence numbers (their intervals overlap), the call is given the benefit of
+the doubt.  Nothing is ever reported about an incarnation of unknown origin.
+
+Entry points: :func:`check` (records plus per-process headers) and :func:`check_trace` (any
+object shaped like the reader's ``Trace``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from afterclose.harness.oracle.verdict import (
+    EVENT_AFTER_CLOSE,
+    EVENT_FOR_FREED_DATA,
+    FD_LEAK,
+    FREED_WHILE_REGISTERED,
+    RULES,
+    STALE_REARM,
+    USE_AFTER_CLOSE,
+    WRONG_INCARNATION,
+    Violation,
+)
+from afterclose.harness.trace.format import (
+    EPOLL_CTL_ADD,
+    EPOLL_CTL_DEL,
+    EPOLL_CTL_MOD,
+    EPOLLHUP,
+    EPOLLONESHOT,
+    EPOLLRDHUP,
+    DupKind,
+    Header,
+    HeaderFlag,
+    IoKind,
+    Op,
+    Record,
+)
+from afterclose.harness.trace.model import (
+    EBADF,
+    EndKind,
+    EpollInstance,
+    Incarnation,
+    Model,
+    OfdKind,
+    Origin,
+    Registration,
+)
+from afterclose.harness.trace.timeline import (
+    Resolved,
+    TimelineContext,
+    call_str,
+    fmt_data,
+    inc_label,
+    render_timeline,
+)
+
+ENOENT = 2
+EPIPE = 32
+ENOTSOCK = 88
+ECONNRESET = 104
+CLOSE_RANGE_CLOEXEC = 4
+# Below this, epoll data is an fd number, an index or a tag: values whose reuse by a new
+# connection is as legitimate as malloc handing out a freed address again.
+SMALL_DATA = 4096
+# A closefrom()-style loop: this many EBADF-tolerant closes of n, n+1, n+2 ... in a row.
+SWEEP_RUN = 3
+_ACTED_CAP = 16
+_EVENT = -1  # "got an event for" in a thread's per-fd memory
+
+_SOCKET_IO = {
+    IoKind.RECV.value,
+    IoKind.RECVFROM.value,
+    IoKind.RECVMSG.value,
+    IoKind.SEND.value,
+    IoKind.SENDTO.value,
+    IoKind.SENDMSG.value,
+}
+
+
+# -- what a caller may pass ------------------------------------------------------------------
+
+
+class ProcessLike(Protocol):
+    @property
+    def header(self) -> Header: ...
+
+    @property
+    def path(self) -> str | os.PathLike[str]: ...
+
+
+class TraceLike(Protocol):
+    """The reader's ``Trace``, as far as the rules need it."""
+
+    @property
+    def processes(self) -> Iterable[ProcessLike]: ...
+
+    @property
+    def records(self) -> Sequence[Record]: ...
+
+    @property
+    def lost_records(self) -> int: ...
+
+    @property
+    def warnings(self) -> Sequence[str]: ...
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class Finding:
+    """One occurrence of a rule; ``index`` is the violating record's position in
+    :attr:`TraceVerdict.records` (for an event, the position of its epoll_wait)."""
+
+    rule: str
+    summary: str
+    index: int
+    seq: int
+    pid: int
+    tid: int
+    fd: int | None
+    data: int | None
+    refs: tuple[int, ...] = ()
+    notes: dict[int, str] = field(default_factory=dict)
+    # stale-rearm: later events delivered with the stale data (indices of their waits).
+    followups: list[int] = field(default_factory=list)
+    _ctx: TimelineContext | None = field(default=None, repr=False)
+    _text: str | None = field(default=None, repr=False)
+
+    def timeline(self) -> str:
+        """The race-detector style report of this occurrence (rendered on first use)."""
+        if self._text is None:
+            if self._ctx is None:
+                return self.summary
+            notes = dict(self.notes)
+            for w in self.followups:
+                notes.setdefault(w, "delivered with the stale data")
+            self._text = render_timeline(
+                self._ctx,
+                rule=self.rule,
+                summary=self.summary,
+                pid=self.pid,
+                fd=self.fd,
+                data=self.data,
+                focus=self.index,
+                refs=self.refs,
+                notes=notes,
+            )
+        return self._text
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStats:
+    records: int
+    processes: int
+    threads: int
+    incarnations: int
+    registrations: int
+    events: int
+    lost_records: int
+
+
+@dataclass(slots=True)
+class TraceVerdict:
+    violations: list[Violation]
+    occurrences: dict[str, list[Finding]]
+    warnings: list[str]
+    stats: TraceStats
+    records: Sequence[Record] = field(default=(), repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    @property
+    def complete(self) -> bool:
+        return self.stats.lost_records == 0
+
+    def count(self, rule: str) -> int:
+        return len(self.occurrences.get(rule, ()))
+
+    def render(self) -> str:
+        s = self.stats
+        parts = [
+            f"trace: {s.records} records, {s.processes} processes, {s.threads} threads, "
+            f"{s.incarnations} fd incarnations, {s.registrations} registrations, "
+            f"{s.events} events"
+        ]
+        parts += [f"WARNING: {w}" for w in self.warnings]
+        parts += [v.render() for v in self.violations]
+        if not self.violations:
+            parts.append("no violation")
+        return "\n".join(parts)
+
+
+# -- per-thread memory -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Acted:
+    """A thread's ops on one incarnation, collected while it has no proof it knows it."""
+
+    inc: Incarnation
+    knows: bool
+    idxs: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Thread:
+    pid: int
+    tid: int
+    name: str
+    batch: dict[int, tuple[Incarnation, int]] = field(default_factory=dict)
+    batch_idx: int = -1
+    last_op: dict[int, tuple[int, Incarnation | None, int]] = field(default_factory=dict)
+    acted: dict[int, _Acted] = field(default_factory=dict)
+    run: list[tuple[int, int, Finding | None]] = field(default_factory=list)
+    reported_batch: set[tuple[int, int]] = field(default_factory=set)
+
+
+# -- the pass --------------------------------------------------------------------------------
+
+
+def _prepare(records: Sequence[Record], cutoff_seq: int | None) -> Sequence[Record]:
+    recs: Sequence[Record] = records
+    if cutoff_seq is not None:
+        recs = [r for r in records if r.seq_in <= cutoff_seq]
+    prev = -1
+    ordered = True
+    for r in recs:
+        if r.seq_out < prev:
+            ordered = False
+            break
+        prev = r.seq_out
+    if not ordered:
+        event = Op.EPOLL_EVENT
+        recs = sorted(recs, key=lambda r: (r.seq_out, r.op == event, r.arg))
+    return recs
+
+
+class _Checker:
+    def __init__(
+        self,
+        records: Sequence[Record],
+        headers: Mapping[int, Header] | None,
+        cutoff_seq: int | None,
+        lost_records: int,
+        trace_path: str | None,
+    ) -> None:
+        self.recs = _prepare(records, cutoff_seq)
+        self.headers: Mapping[int, Header] = headers or {}
+        self.m = Model(self.recs, self.headers)
+        self.res: list[Resolved] = [None] * len(self.recs)
+        self.threads: dict[tuple[int, int], _Thread] = {}
+        self.names: dict[tuple[int, int], str] = {}
+        self.findings: list[Finding] = []
+        self.freed: dict[int, dict[int, int]] = {}  # pid -> pointer -> its latest FREE
+        self.stale_marks: dict[tuple[int, int], tuple[Finding, Registration]] = {}
+        self.stale_sets: set[int] = set()
+        self.pending_frees: dict[int, dict[int, tuple[Registration, int, _Thread]]] = {}
+        self.reported_wi: set[int] = set()
+        self.cur_wait: tuple[int, EpollInstance, _Thread] | None = None
+        self.dup_closed: dict[int, Incarnation] = {}
+        self.events = 0
+        self.cutoff = cutoff_seq
+        hdr_lost = sum(h.lost_records for h in self.headers.values())
+        self.lost = max(lost_records, hdr_lost)
+        self.trace_path = trace_path
+        self.warnings: list[str] = []
+        self._tracking: dict[int, bool] = {}
+        pids = {r.pid for r in self.recs} | set(self.headers)
+        self.ctx = TimelineContext(
+            self.recs,
+            self.res,
+            self.names,
+            trace_path,
+            multi_process=len(pids) > 1,
+            dup_closed=self.dup_closed,
+        )
+        self.pids = pids
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _thread(self, r: Record) -> _Thread:
+        key = (r.pid, r.tid)
+        t = self.threads.get(key)
+        if t is None:
+            name = f"T{len(self.threads) + 1}"
+            t = self.threads[key] = _Thread(r.pid, r.tid, name)
+            self.names[key] = name
+        return t
+
+    def _tname(self, pid: int, tid: int) -> str:
+        return self.names.get((pid, tid), f"tid {tid}")
+
+    def _lbl(self, inc: Incarnation) -> str:
+        return inc_label(inc, pid=self.ctx.multi_process)
+
+    def _free_tracking(self, pid: int, *, complete: bool) -> bool:
+        """Whether FREE records of ``pid`` can be trusted: to exist, and (complete) to be all
+        there.  Synthetic traces without headers are taken as fully tracked."""
+        key = pid if complete else -pid - 1
+        v = self._tracking.get(key)
+        if v is None:
+            h = self.headers.get(pid)
+            if h is None:
+                v = not self.headers
+            else:
+                v = bool(h.flags & HeaderFlag.FREE_TRACKING)
+                if complete:
+                    v = v and not h.flags & HeaderFlag.FREE_TABLE_FULL
+            self._tracking[key] = v
+        return v
+
+    def _emit(
+        self,
+        rule: str,
+        summary: str,
+        idx: int,
+        r: Record,
+        fd: int | None,
+        data: int | None = None,
+        refs: Iterable[int] = (),
+        notes: dict[int, str] | None = None,
+    ) -> Finding:
+        f = Finding(
+            rule,
+            summary,
+            idx,
+            r.seq_in,
+            r.pid,
+            r.tid,
+            fd,
+            data,
+            tuple(i for i in refs if i >= 0),
+            notes or {},
+            _ctx=self.ctx,
+        )
+        self.findings.append(f)
+        return f
+
+    def _created_desc(self, inc: Incarnation) -> str:
+        how = {
+            Origin.ACCEPT: "accepted",
+            Origin.SOCKET: "created by socket()",
+            Origin.DUP: "created by dup",
+            Origin.FDNEW: "opened",
+            Origin.EPOLL_CREATE: "created by epoll_create",
+            Origin.FORK: "inherited at fork",
+        }.get(inc.origin, "created")
+        if inc.created_idx < 0:
+            return how
+        return f"{how} by {self._tname(inc.pid, inc.creator_tid)} at seq {inc.created_out}"
+
+    def _closed_desc(self, inc: Incarnation) -> str:
+        how = {EndKind.DUP2: "replaced by dup2", EndKind.CLOSE_RANGE: "closed by close_range"}
+        return (
+            f"{how.get(inc.end_kind, 'closed') if inc.end_kind else 'closed'} at seq "
+            f"{inc.end_out} by {self._tname(inc.pid, inc.end_tid)}"
+        )
+
+    # -- main loop ---------------------------------------------------------------------
+
+    def run(self) -> TraceVerdict:
+        recs = self.recs
+        m = self.m
+        forks = m.forks
+        fi = 0
+        never = 1 << 64
+        next_fork = forks[0].seq if forks else never
+        handlers = {
+            Op.SOCKET: self._socket,
+            Op.ACCEPT: self._accept,
+            Op.CLOSE: self._close,
+            Op.SHUTDOWN: self._io,
+            Op.DUP: self._dup,
+            Op.EPOLL_CREATE: self._epoll_create,
+            Op.EPOLL_CTL: self._ctl,
+            Op.EPOLL_WAIT: self._wait,
+            Op.READ: self._io,
+            Op.WRITE: self._io,
+            Op.FORK: self._fork,
+            Op.FREE: self._free,
+            Op.FDNEW: self._fdnew,
+            Op.CLOSE_RANGE: self._close_range,
+        }
+        table: list[Callable[[int, Record, _Thread], None] | None] = [None] * 32
+        for code, handler in handlers.items():
+            table[code] = handler
+        event_op = Op.EPOLL_EVENT
+        close_op = Op.CLOSE
+        threads = self.threads
+        for idx, r in enumerate(recs):
+            so = r.seq_out
+            while next_fork < so:
+                m.fork(forks[fi])
+                fi += 1
+                next_fork = forks[fi].seq if fi < len(forks) else never
+            op = r.op
+            if op == event_op:
+                self._event(idx, r)
+                continue
+            t = threads.get((r.pid, r.tid))
+            if t is None:
+                t = self._thread(r)
+            if t.run and (op != close_op or r.fd != t.run[-1][0] + 1):
+                self._flush_run(t)
+            h = table[op] if 0 <= op < 32 else None
+            if h is not None:
+                h(idx, r, t)
+        while fi < len(forks):
+            m.fork(forks[fi])
+            fi += 1
+        for t in threads.values():
+            self._flush_run(t)
+        self._fd_leaks()
+        return self._verdict()
+
+    # -- creations ---------------------------------------------------------------------
+
+    def _created(
+        self, idx: int, t: _Thread, inc: Incarnation, displaced: Incarnation | None
+    ) -> None:
+        # The creator knows what it was handed.  (A displaced incarnation was released by
+        # something the shim did not see; the model already ended it as untraced.)
+        self.res[idx] = inc
+        t.last_op[inc.fd] = (Op.SOCKET, inc, idx)
+        t.acted[inc.fd] = _Acted(inc, True)
+
+    def _socket(self, idx: int, r: Record, t: _Thread) -> None:
+        if r.ret >= 0:
+            inc, d = self.m.create(idx, r, r.ret, self.m.new_ofd(OfdKind.SOCKET), Origin.SOCKET)
+            self._created(idx, t, inc, d)
+
+    def _fdnew(self, idx: int, r: Record, t: _Thread) -> None:
+        if r.ret >= 0:
+            inc, d = self.m.create(idx, r, r.ret, self.m.new_ofd(OfdKind.FILE), Origin.FDNEW)
+            self._created(idx, t, inc, d)
+
+    def _epoll_create(self, idx: int, r: Record, t: _Thread) -> None:
+        if r.ret >= 0:
+            ofd = self.m.new_ofd(OfdKind.EPOLL)
+            inc, d = self.m.create(idx, r, r.ret, ofd, Origin.EPOLL_CREATE)
+            self._created(idx, t, inc, d)
+
+    def _accept(self, idx: int, r: Record, t: _Thread) -> None:
+        if r.err == EBADF:
+            self._ebadf(idx, r, t, r.fd)
+            return
+        self.m.resolve(r, r.fd)
+        if r.ret >= 0:
+            ofd = self.m.new_ofd(OfdKind.SOCKET)
+            inc, d = self.m.create(idx, r, r.ret, ofd, Origin.ACCEPT)
+            self._created(idx, t, inc, d)
+
+    def _dup(self, idx: int, r: Record, t: _Thread) -> None:
+        m = self.m
+        if r.err == EBADF:
+            self._ebadf(idx, r, t, r.fd)
+            return
+        src, _ = m.resolve(r, r.fd)
+        if r.ret < 0 or r.ret == r.fd:
+            return  # failed, or dup2(fd, fd): nothing changes
+        if r.flags in (DupKind.DUP2, DupKind.DUP3):
+            # dup2/dup3 close the target number first, atomically, without reporting it.
+            cur = m.proc(r.pid).fds.get(r.ret)
+            if cur is not None and cur.open:
+                m.end(cur, idx, EndKind.DUP2, r.seq_in, r.seq_out, r.tid)
+                self.dup_closed[idx] = cur
+        inc, d = m.create(idx, r, r.ret, src.ofd, Origin.DUP)
+        inc.unknown = src.unknown
+        inc.parent = src
+        self._created(idx, t, inc, d)
+
+    def _fork(self, idx: int, r: Record, t: _Thread) -> None:
+        pass  # the child's table is copied by the fork scheduler in run(), as of the fork's seq_in
+
+    # -- releases ----------------------------------------------------------------------
+
+    def _close(self, idx: int, r: Record, t: _Thread) -> None:
+        m = self.m
+        fd = r.fd
+        if r.err == EBADF:
+            cand = self._ebadf(idx, r, t, fd, defer=True)
+            t.run.append((fd, idx, cand))
+            return
+        t.run.append((fd, idx, None))
+        early = m.early_closes
+        if idx in early:
+            inc = early[idx]
+            certain = True
+        else:
+            inc, certain = m.resolve(r, fd)
+            if inc.open:
+                m.end(inc, idx, EndKind.CLOSE, r.seq_in, r.seq_out, r.tid)
+        self.res[idx] = inc
+        if certain and not inc.unknown and not self._double_close(idx, r, t, inc):
+            self._own_event(idx, r, t, inc)
+        self._remember(idx, r, t, inc, certain)
+
+    def _close_range(self, idx: int, r: Record, t: _Thread) -> None:
+        if r.ret < 0 or r.arg & CLOSE_RANGE_CLOEXEC:
+            return  # CLOSE_RANGE_CLOEXEC only marks the fds close-on-exec
+        m = self.m
+        first, last = r.fd, r.data
+        ended = []
+        for fd, inc in list(m.proc(r.pid).fds.items()):
+            # Numbers created while close_range ran may or may not have been swept: only the
+            # ones that existed when it began are certainly closed.
+            if first <= fd <= last and inc.open and inc.created_out < r.seq_in:
+                m.end(inc, idx, EndKind.CLOSE_RANGE, r.seq_in, r.seq_out, r.tid)
+                ended.append(inc)
+        self.res[idx] = tuple(ended)
+
+    def _flush_run(self, t: _Thread) -> None:
+        run = t.run
+        if not run:
+            return
+        t.run = []
+        if len(run) >= SWEEP_RUN:
+            # closefrom()-style loop (typically right after fork): EBADF there is expected.
+            return
+        for _, _, cand in run:
+            if cand is not None:
+                self.findings.append(cand)
+
+    def _ebadf(
+        self, idx: int, r: Record, t: _Thread, fd: int, *, defer: bool = False
+    ) -> Finding | None:
+        """A call failed with EBADF on ``fd``: use-after-close if the trace shows that number's
+        last incarnation was closed before the call began."""
+        m = self.m
+        last = m.proc(r.pid).fds.get(fd)
+        t.last_op[fd] = (r.op, last, idx)
+        t.acted.pop(fd, None)
+        if last is None or last.unknown:
+            return None
+        self.res[idx] = last
+        if last.open:
+            # EBADF proves the number was free at some point during the call: a close still in
+            # flight released it (apply it now), or something the shim did not see did.
+            m.apply_close_in_flight(r.pid, fd, r.seq_out)
+            if last.open and last.created_out < r.seq_in:
+                m.end(last, -1, EndKind.UNTRACED, r.seq_in, r.seq_in, 0)
+            return None
+        if not last.closed_before(r.seq_in):
+            return None  # raced the close (or the release was not traced)
+        same = last.end_tid == r.tid and last.end_kind is EndKind.CLOSE
+        if r.op == Op.CLOSE:
+            kind = "double close: " if last.end_kind is EndKind.CLOSE else ""
+            summary = (
+                f"{kind}{t.name} called close({fd}) at seq {r.seq_in}, but {self._lbl(last)} "
+                f"was already {self._closed_desc(last)}"
+                + (" -- the same thread closed it twice" if same else "")
+            )
+        else:
+            summary = (
+                f"{call_str(r)} in {t.name} failed with EBADF at seq {r.seq_in}: "
+                f"{self._lbl(last)} was {self._closed_desc(last)}, before the call began"
+            )
+        notes = {last.end_idx: f"{self._lbl(last)} closed here"}
+        f = Finding(
+            USE_AFTER_CLOSE,
+            summary,
+            idx,
+            r.seq_in,
+            r.pid,
+            r.tid,
+            fd,
+            None,
+            tuple(i for i in (last.end_idx, last.created_idx) if i >= 0),
+            notes,
+            _ctx=self.ctx,
+        )
+        if not defer:
+            self.findings.append(f)
+        return f
+
+    # -- i/o ---------------------------------------------------------------------------
+
+    def _io(self, idx: int, r: Record, t: _Thread) -> None:
+        fd = r.fd
+        err = r.err
+        if err == EBADF:
+            self._ebadf(idx, r, t, fd)
+            return
+        if err == ENOTSOCK and (r.op == Op.SHUTDOWN or r.flags in _SOCKET_IO):
+            self._enotsock(idx, r, t)
+        inc, certain = self.m.resolve(r, fd)
+        self.res[idx] = inc
+        if r.op == Op.READ and r.ret == 0 and r.err == 0:
+            if inc.ofd.peer_closed_idx < 0:
+                inc.ofd.peer_closed_idx = idx
+        elif err in (EPIPE, ECONNRESET) and inc.ofd.peer_closed_idx < 0:
+            inc.ofd.peer_closed_idx = idx
+        if certain and fd in t.batch and not inc.unknown:
+            self._own_event(idx, r, t, inc)
+        self._remember(idx, r, t, inc, certain)
+
+    def _enotsock(self, idx: int, r: Record, t: _Thread) -> None:
+        """A socket call on a number that the trace shows went from a socket to a file."""
+        cur = self.m.proc(r.pid).fds.get(r.fd)
+        if cur is None or not cur.open or cur.origin is not Origin.FDNEW:
+            return
+        prev = cur.prev
+        if prev is None or prev.unknown or prev.ofd.kind is not OfdKind.SOCKET:
+            return
+        if not cur.created_out < r.seq_in or not prev.closed_before(cur.created_out + 1):
+            return
+        summary = (
+            f"{call_str(r)} in {t.name} failed with ENOTSOCK at seq {r.seq_in}: the socket "
+            f"{self._lbl(prev)} was {self._closed_desc(prev)} and fd {r.fd} now is "
+            f"{self._lbl(cur)}, a non-socket {self._created_desc(cur)}"
+        )
+        self._emit(
+            USE_AFTER_CLOSE,
+            summary,
+            idx,
+            r,
+            r.fd,
+            refs=(prev.end_idx, cur.created_idx),
+            notes={prev.end_idx: f"{self._lbl(prev)} closed here"},
+        )
+
+    def _remember(self, idx: int, r: Record, t: _Thread, inc: Incarnation, certain: bool) -> None:
+        fd = inc.fd
+        t.last_op[fd] = (r.op, inc, idx)
+        if not certain:
+            return
+        a = t.acted.get(fd)
+        if a is None or a.inc is not inc:
+            t.acted[fd] = _Acted(inc, False, [idx])
+        elif not a.knows and len(a.idxs) < _ACTED_CAP:
+            a.idxs.append(idx)
+
+    # -- wrong-incarnation shapes ------------------------------------------------------
+
+    def _double_close(self, idx: int, r: Record, t: _Thread, j: Incarnation) -> bool:
+        """(a) T closed N (i), another thread was handed N (j), T closes N again having done
+        nothing else on N in between: T's second close was meant for i."""
+        lo = t.last_op.get(j.fd)
+        if lo is None or lo[0] != Op.CLOSE:
+            return False
+        i = lo[1]
+        if i is None or i is j or i.unknown or i.end_idx != lo[2] or i.id > j.id:
+            return False
+        if j.creator_tid == t.tid or j.created_idx < 0 or j.origin is Origin.FORK:
+            return False
+        summary = (
+            f"{t.name} closed fd {j.fd} twice: its first close ended {self._lbl(i)} at seq "
+            f"{i.end_out}; its second close (seq {r.seq_in}) ended {self._lbl(j)}, a "
+            f"different file {self._created_desc(j)} -- a double close that EBADF never "
+            "revealed"
+        )
+        self._emit(
+            WRONG_INCARNATION,
+            summary,
+            idx,
+            r,
+            j.fd,
+            refs=(i.end_idx, j.created_idx),
+            notes={
+                i.end_idx: f"first close by {t.name}",
+                j.created_idx: f"{self._lbl(j)} handed to another thread",
+            },
+        )
+        self.reported_wi.add(idx)
+        return True
+
+    def _own_event(self, idx: int, r: Record, t: _Thread, j: Incarnation) -> None:
+        """(b) T got an event for i on N; i was then closed and N reused (j) by other
+        threads; before its next epoll_wait, T acts on N -- i.e. on j, for i."""
+        b = t.batch.get(j.fd)
+        if b is None:
+            return
+        i, ev_idx = b
+        if i is j or i.pid != j.pid or i.unknown or i.id > j.id:
+            return
+        if not i.closed_before(r.seq_in) or i.end_tid == t.tid:
+            return
+        if j.creator_tid == t.tid or j.created_idx < 0 or not j.created_out < r.seq_in:
+            return
+        key = (t.batch_idx, j.fd)
+        if key in t.reported_batch:
+            return
+        t.reported_batch.add(key)
+        summary = (
+            f"{t.name} got an event for {self._lbl(i)} (seq {self.recs[ev_idx].seq_out}); "
+            f"{self._lbl(i)} was then {self._closed_desc(i)} and fd {j.fd} reused as "
+            f"{self._lbl(j)} ({self._created_desc(j)}); {t.name} then called {call_str(r)} "
+            f"on {self._lbl(j)}, a stranger's connection, before its next epoll_wait"
+        )
+        self._emit(
+            WRONG_INCARNATION,
+            summary,
+            idx,
+            r,
+            j.fd,
+            refs=(ev_idx, i.end_idx, j.created_idx),
+            notes={ev_idx: f"event for {self._lbl(i)} to {t.name}"},
+        )
+        self.reported_wi.add(idx)
+
+    def _owner_of(
+        self, inst: EpollInstance, data: int, j: Incarnation, seq_in: int
+    ) -> Registration | None:
+        """The registration that last set ``data`` in ``inst``, if it was for an older,
+        closed-before-``seq_in`` incarnation of j's number in j's process."""
+        if data == j.fd or data in inst.shared:
+            # data.fd convention: the number itself is just as right for the new incarnation.
+            return None
+        owner = inst.data_map.get(data)
+        if owner is None:
+            return None
+        i = owner.target
+        if i is j or i.pid != j.pid or i.fd != j.fd or i.unknown or i.id > j.id:
+            return None
+        if not i.closed_before(seq_in):
+            return None
+        return owner
+
+    # -- epoll -------------------------------------------------------------------------
+
+    def _ctl(self, idx: int, r: Record, t: _Thread) -> None:
+        m = self.m
+        epfd, fd, what = r.arg, r.fd, r.flags
+        if r.err == EBADF:
+            # EBADF names neither fd: blame the one the model shows closed, if only one is.
+            fds = m.proc(r.pid).fds
+            e, tg = fds.get(epfd), fds.get(fd)
+            if e is not None and e.open:
+                self._ebadf(idx, r, t, fd)
+            elif tg is not None and tg.open:
+                self._ebadf(idx, r, t, epfd)
+            return
+        einc, _ = m.resolve(r, epfd)
+        inst = m.instance(einc)
+        j, certain = m.resolve(r, fd)
+        self.res[idx] = j
+        if r.ret >= 0:
+            if what in (EPOLL_CTL_ADD, EPOLL_CTL_MOD):
+                stale = self._stale(idx, r, t, inst, j, certain)
+                add = what == EPOLL_CTL_ADD
+                reg = m.add(inst, j, idx, r) if add else m.mod(inst, j, idx, r)
+                if stale is not None:
+                    self.stale_sets.add(idx)
+                    self.stale_marks[(inst.ofd.id, r.data)] = (stale, reg)
+            elif what == EPOLL_CTL_DEL:
+                m.delete(inst, j, idx, r)
+        elif what == EPOLL_CTL_MOD and r.err == ENOENT and certain and j.open and not j.unknown:
+            self._mod_enoent(idx, r, t, inst, j)
+        if certain and fd in t.batch and not j.unknown and idx not in self.reported_wi:
+            self._own_event(idx, r, t, j)
+        self._remember(idx, r, t, j, certain)
+
+    def _stale(
+        self, idx: int, r: Record, t: _Thread, inst: EpollInstance, j: Incarnation, certain: bool
+    ) -> Finding | None:
+        if not certain or j.unknown or not j.open:
+            return None
+        d = r.data
+        prior = inst.regs.get((j.ofd.id, r.fd))
+        add = r.flags == EPOLL_CTL_ADD
+        if not add and prior is not None and prior.data == d:
+            return None
+        owner = self._owner_of(inst, d, j, r.seq_in)
+        if owner is None:
+            return None
+        i = owner.target
+        if add:
+            # Re-adding a number with a value that was freed since it was set is what malloc
+            # reuse looks like; without complete free tracking it cannot be told apart.
+            if d < SMALL_DATA or not self._free_tracking(r.pid, complete=True):
+                return None
+            fr = self.freed.get(r.pid, {}).get(d)
+            if fr is not None and self.recs[fr].seq_in > owner.set_in:
+                return None
+        what = "ADD" if add else "MOD"
+        summary = (
+            f"epoll_ctl({r.arg}, {what}, {r.fd}) in {t.name} at seq {r.seq_in} set "
+            f"data={fmt_data(d)}, the data of {self._lbl(i)} ({self._closed_desc(i)}); "
+            f"fd {r.fd} now is {self._lbl(j)}, a different connection "
+            f"({self._created_desc(j)})"
+        )
+        notes = {
+            idx: f"data of {self._lbl(i)} ({self._closed_desc(i)})",
+            owner.set_idx: f"data set for {self._lbl(i)}",
+        }
+        if i.end_idx >= 0:
+            notes.setdefault(i.end_idx, f"{self._lbl(i)} closed here")
+        f = self._emit(
+            STALE_REARM,
+            summary,
+            idx,
+            r,
+            r.fd,
+            d,
+            refs=(owner.set_idx, i.end_idx, j.created_idx),
+            notes=notes,
+        )
+        self._attribute(idx, r, t, i, j)
+        return f
+
+    def _attribute(self, idx: int, r: Record, t: _Thread, i: Incarnation, j: Incarnation) -> None:
+        """(d) A stale re-arm proves T acts for i: its earlier ops on j, with no event for j
+        before them, were done on a stranger's connection too."""
+        a = t.acted.get(j.fd)
+        if a is None or a.inc is not j or a.knows:
+            return
+        for op_idx in a.idxs:
+            if op_idx in self.reported_wi:
+                continue
+            self.reported_wi.add(op_idx)
+            o = self.recs[op_idx]
+            verb = {
+                Op.SHUTDOWN: "shut down",
+                Op.READ: "read from",
+                Op.WRITE: "wrote to",
+                Op.CLOSE: "closed",
+                Op.EPOLL_CTL: "called epoll_ctl on",
+            }.get(o.op, f"called {call_str(o)} on")
+            summary = (
+                f"{t.name} {verb} {self._lbl(j)} (a stranger's connection, "
+                f"{self._created_desc(j)}) at seq {o.seq_in} while acting for {self._lbl(i)}: "
+                f"its epoll_ctl at seq {r.seq_in} re-armed fd {j.fd} with {self._lbl(i)}'s data"
+            )
+            self._emit(
+                WRONG_INCARNATION,
+                summary,
+                op_idx,
+                o,
+                j.fd,
+                r.data,
+                refs=(j.created_idx, idx, i.end_idx),
+                notes={idx: f"stale re-arm for {self._lbl(i)}"},
+            )
+
+    def _mod_enoent(
+        self, idx: int, r: Record, t: _Thread, inst: EpollInstance, j: Incarnation
+    ) -> None:
+        """(c) MOD failed with ENOENT because the number's new incarnation is not registered;
+        its data belongs to the old one: the thread was re-arming a connection that is gone."""
+        if inst.regs.get((j.ofd.id, r.fd)) is not None:
+            return
+        owner = self._owner_of(inst, r.data, j, r.seq_in)
+        if owner is None:
+            return
+        i = owner.target
+        summary = (
+            f"epoll_ctl({r.arg}, MOD, {r.fd}) in {t.name} at seq {r.seq_in} failed with "
+            f"ENOENT: its data={fmt_data(r.data)} belongs to {self._lbl(i)} "
+            f"({self._closed_desc(i)}); fd {r.fd} now is {self._lbl(j)} "
+            f"({self._created_desc(j)}), not registered yet"
+        )
+        self._emit(
+            WRONG_INCARNATION,
+            summary,
+            idx,
+            r,
+            r.fd,
+            r.data,
+            refs=(owner.set_idx, i.end_idx, j.created_idx),
+            notes={owner.set_idx: f"data set for {self._lbl(i)}"},
+        )
+        self.reported_wi.add(idx)
+
+    def _wait(self, idx: int, r: Record, t: _Thread) -> None:
+        if r.err == EBADF:
+            self._ebadf(idx, r, t, r.fd)
+            return
+        einc, _ = self.m.resolve(r, r.fd)
+        inst = self.m.instance(einc)
+        self.res[idx] = einc
+        t.batch = {}
+        t.batch_idx = idx
+        self.cur_wait = (idx, inst, t)
+        pend = self.pending_frees.get(inst.ofd.id)
+        if pend:
+            self._confirm_frees(idx, r, t, pend)
+
+    def _event(self, idx: int, r: Record) -> None:
+        self.events += 1
+        cw = self.cur_wait
+        if cw is None or self.recs[cw[0]].seq_in != r.seq_in or self.recs[cw[0]].pid != r.pid:
+            return  # an event without its epoll_wait record: nothing to attribute it to
+        wait_idx, inst, t = cw
+        d = r.data
+        reg = inst.data_map.get(d)
+        self.res[idx] = reg
+        if reg is None:
+            return
+        i = reg.target
+        if reg.events & EPOLLONESHOT and reg.armed:
+            # epoll(7): with EPOLLONESHOT the item is disabled after one event until MOD.
+            reg.armed = False
+            reg.disarm_idx = idx
+            reg.disarm_out = r.seq_out
+        if r.events & (EPOLLHUP | EPOLLRDHUP) and i.ofd.peer_closed_idx < 0:
+            i.ofd.peer_closed_idx = wait_idx
+        if d in inst.shared:
+            return  # a tag shared by live registrations: the event cannot be attributed
+        if i.pid == t.pid:
+            t.batch[i.fd] = (i, wait_idx)
+            t.last_op[i.fd] = (_EVENT, i, wait_idx)
+            t.acted[i.fd] = _Acted(i, True)
+        if i.unknown:
+            return
+        wait = self.recs[wait_idx]
+        if i.pid == r.pid and reg.alive and i.closed_before(wait.seq_in):
+            self._event_after_close(wait_idx, wait, t, reg, i, r)
+        sm = self.stale_marks.get((inst.ofd.id, d))
+        if sm is not None and sm[1] is reg and reg.data == d:
+            sm[0].followups.append(wait_idx)
+        freed = self.freed.get(r.pid)
+        fr = freed.get(d) if freed is not None else None
+        if fr is not None:
+            f = self.recs[fr]
+            if f.seq_out < wait.seq_in:
+                resets = self.m.set_between(r.pid, d, f.seq_in, wait.seq_out)
+                if all(s in self.stale_sets for s in resets):
+                    self._event_freed(wait_idx, wait, t, reg, fr, d)
+
+    def _event_after_close(
+        self, wait_idx: int, wait: Record, t: _Thread, reg: Registration, i: Incarnation, ev: Record
+    ) -> None:
+        holders = [h for h in self.m.holders(i.ofd) if h is not i]
+        held = ", ".join(self._lbl(h) for h in holders[:3]) or "another reference"
+        summary = (
+            f"epoll_wait({wait.fd}) in {t.name} (began at seq {wait.seq_in}) returned "
+            f"{fmt_data(ev.data)} for {self._lbl(i)}, which was {self._closed_desc(i)} before "
+            f"the wait began; the registration survived because {held} still refers to the "
+            "same open file"
+        )
+        refs = [reg.added_idx, i.end_idx]
+        refs += [h.created_idx for h in holders[:2]]
+        self._emit(
+            EVENT_AFTER_CLOSE,
+            summary,
+            wait_idx,
+            wait,
+            i.fd,
+            ev.data,
+            refs=refs,
+            notes={i.end_idx: f"{self._lbl(i)} closed; its registration stays"},
+        )
+
+    def _event_freed(
+        self, wait_idx: int, wait: Record, t: _Thread, reg: Registration, fr: int, d: int
+    ) -> None:
+        f = self.recs[fr]
+        summary = (
+            f"epoll_wait({wait.fd}) in {t.name} (began at seq {wait.seq_in}) returned "
+            f"data={fmt_data(d)} (for {self._lbl(reg.target)}), a pointer freed at seq "
+            f"{f.seq_out} by {self._tname(f.pid, f.tid)} and not registered again since"
+        )
+        self._emit(
+            EVENT_FOR_FREED_DATA,
+            summary,
+            wait_idx,
+            wait,
+            reg.target.fd,
+            d,
+            refs=(fr, reg.set_idx),
+            notes={fr: "freed here"},
+        )
+
+    # -- free --------------------------------------------------------------------------
+
+    def _free(self, idx: int, r: Record, t: _Thread) -> None:
+        p = r.data
+        self.freed.setdefault(r.pid, {})[p] = idx
+        if not self._free_tracking(r.pid, complete=False):
+            return
+        for reg in self.m.live_regs_with_data(p):
+            if reg.setter_pid != r.pid or reg.target.unknown or reg.inst.dead:
+                continue
+            if reg.set_out > r.seq_in:
+                continue  # set while free() ran: not a state the free began in
+            if not reg.armed and reg.disarm_out < r.seq_in:
+                continue  # EPOLLONESHOT already fired and was not re-armed: it cannot fire
+            if reg.target.ofd.refs <= 0:
+                continue
+            pend = self.pending_frees.setdefault(reg.inst.ofd.id, {})
+            pend.setdefault(reg.id, (reg, idx, t))
+
+    def _confirm_frees(
+        self, idx: int, r: Record, t: _Thread, pend: dict[int, tuple[Registration, int, _Thread]]
+    ) -> None:
+        """A free of a live, armed registration's data is reported once an epoll_wait on that
+        instance runs while the registration still could deliver it (a wait concurrent with
+        the free, or any later one).  A loop that frees and then closes or DELs before any
+        wait can run -- a single-threaded server's usual teardown -- never exposes it."""
+        for key, (reg, fidx, ft) in list(pend.items()):
+            f = self.recs[fidx]
+            if not reg.alive or reg.data != f.data or reg.set_in > f.seq_in:
+                del pend[key]
+                continue
+            if not reg.armed and reg.disarm_out < r.seq_in:
+                del pend[key]
+                continue
+            del pend[key]
+            i = reg.target
+            summary = (
+                f"free({fmt_data(f.data)}) in {ft.name} at seq {f.seq_in} while it was the data "
+                f"of a live, armed registration of {self._lbl(i)} in epoll fd {r.fd} (set at seq "
+                f"{self.recs[reg.set_idx].seq_in}); epoll_wait in {t.name} at seq {r.seq_in} "
+                "could return the freed pointer"
+            )
+            self._emit(
+                FREED_WHILE_REGISTERED,
+                summary,
+                fidx,
+                f,
+                i.fd,
+                f.data,
+                refs=(reg.set_idx, idx),
+                notes={
+                    fidx: "data of a live registration",
+                    idx: "this wait could deliver the freed pointer",
+                },
+            )
+
+    # -- end of trace ------------------------------------------------------------------
+
+    def _fd_leaks(self) -> None:
+        if not self.recs:
+            return
+        end = self.cutoff if self.cutoff is not None else self.recs[-1].seq_out
+        for inc in self.m.accepted:
+            if not inc.open or inc.unknown:
+                continue
+            ev = inc.ofd.peer_closed_idx
+            if ev < 0:
+                continue
+            er = self.recs[ev]
+            how = "read returned 0" if er.op == Op.READ and er.ret == 0 else "epoll said HUP"
+            if er.op in (Op.READ, Op.WRITE) and er.ret < 0:
+                how = f"{call_str(er)} failed with a reset/broken pipe"
+            summary = (
+                f"{self._lbl(inc)} ({self._created_desc(inc)}): its peer closed at seq "
+                f"{er.seq_out} ({how}) but it was still open at the end of the trace (seq {end})"
+            )
+            f = Finding(
+                FD_LEAK,
+                summary,
+                ev,
+                er.seq_in,
+                inc.pid,
+                er.tid,
+                inc.fd,
+                None,
+                tuple(i for i in (inc.created_idx,) if i >= 0),
+                {ev: "peer gone"},
+                _ctx=self.ctx,
+            )
+            self.findings.append(f)
+
+    def _verdict(self) -> TraceVerdict:
+        warnings = list(self.warnings)
+        if self.lost:
+            warnings.append(
+                f"trace incomplete: {self.lost} records were lost (the shim ran out of trace "
+                "chunks); a missing record can hide a violation or explain one away"
+            )
+            self.ctx.incomplete = (
+                f"the trace lost {self.lost} records: a missing close, epoll_ctl or free could "
+                "change this verdict"
+            )
+        for pid, h in sorted(self.headers.items()):
+            if h.lost_records:
+                warnings.append(f"pid {pid}: {h.lost_records} records lost")
+            if h.flags & HeaderFlag.FREE_TABLE_FULL:
+                warnings.append(
+                    f"pid {pid}: the shim's table of epoll data pointers filled up; some free() "
+                    "calls were not recorded (free rules may miss findings; stale ADDs are not "
+                    "checked)"
+                )
+            if not h.flags & HeaderFlag.FREE_TRACKING:
+                warnings.append(
+                    f"pid {pid}: free() was not tracked: freed-while-registered and "
+                    "event-for-freed-data were not checked"
+                )
+            if h.flags & HeaderFlag.CRASHED:
+                warnings.append(f"pid {pid}: the shim saw a fatal signal; its trace may stop early")
+            if h.ppid and h.fork_seq and h.ppid not in self.pids:
+                warnings.append(
+                    f"pid {pid}: forked from pid {h.ppid}, which is not in the trace: its "
+                    "inherited fds are of unknown origin"
+                )
+        occurrences: dict[str, list[Finding]] = {}
+        for f in sorted(self.findings, key=lambda f: (f.index, f.seq)):
+            occurrences.setdefault(f.rule, []).append(f)
+        violations: list[Violation] = []
+        for rule in RULES:
+            occ = occurrences.get(rule)
+            if not occ:
+                continue
+            for f in occ:
+                if f.followups:
+                    n = len(f.followups)
+                    f.summary += (
+                        f"; {n} event{'s' if n != 1 else ''} delivered with the stale data "
+                        "afterwards"
+                    )
+            first = occ[0]
+            details = first.timeline()
+            violations.append(
+                Violation(
+                    rule,
+                    first.summary,
+                    details=details,
+                    count=len(occ),
+                    artifacts=(self.trace_path,) if self.trace_path else (),
+                )
+            )
+        stats = TraceStats(
+            records=len(self.recs),
+            processes=len(self.pids),
+            threads=len(self.threads),
+            incarnations=self.m.incarnations,
+            registrations=self.m.registrations,
+            events=self.events,
+            lost_records=self.lost,
+        )
+        return TraceVerdict(violations, occurrences, warnings, stats, self.recs)
+
+
+def check(
+    records: Sequence[Record],
+    headers: Mapping[int, Header] | None = None,
+    *,
+    cutoff_seq: int | None = None,
+    lost_records: int = 0,
+    trace_path: str | None = None,
+) -> TraceVerdict:
+    """Replay ``records`` (all processes, sorted by seq_out, each EPOLL_EVENT right after its
+    EPOLL_WAIT) and report every traced rule.  ``headers`` maps pid to its file header (fork
+    points, free tracking, lost records); ``cutoff_seq`` ignores calls that began after it
+    (fd-leak is judged at that point)."""
+    return _Checker(records, headers, cutoff_seq, lost_records, trace_path).run()
+
+
+def check_trace(trace: TraceLike, *, cutoff_seq: int | None = None) -> TraceVerdict:
+    """:func:`check` for a reader ``Trace`` (or anything shaped like one)."""
+    headers: dict[int, Header] = {}
+    paths: list[str] = []
+    for p in trace.processes:
+        headers[p.header.pid] = p.header
+        paths.append(os.fspath(p.path))
+    trace_path: str | None = None
+    if len(paths) == 1:
+        trace_path = paths[0]
+    elif paths:
+        trace_path = os.path.commonpath([os.path.dirname(p) for p in paths]) or None
+    verdict = check(
+        trace.records,
+        headers,
+        cutoff_seq=cutoff_seq,
+        lost_records=trace.lost_records,
+        trace_path=trace_path,
+    )
+    verdict.warnings[:0] = [w for w in trace.warnings if w not in verdict.warnings]
+    return verdict

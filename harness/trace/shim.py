@@ -1,0 +1,151 @@
+"""Build the LD_PRELOAD shim and describe the environment that makes a target traced.
+
+The shim (``harness/shim/afterclose_shim.c``) writes the files that :mod:`.reader` reads.
+Environment it understands:
+
+``AFTERCLOSE_TRACE_DIR``       folder for ``seq.bin`` and ``trace.<pid>.<n>.bin`` (required)
+``AFTERCLOSE_TRACE_MB``        size of each process's trace file in MiB (sparse; default 256)
+``AFTERCLOSE_TRACE_CHUNK``     records per chunk (default 4096; small values for tests)
+``AFTERCLOSE_FREE_TRACKING``   ``0`` stops recording free() of epoll data pointers
+``AFTERCLOSE_CRASH_HANDLER``   ``0`` stops the shim installing its SIGSEGV/SIGABRT/... marker
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+
+from afterclose.harness import compile as cbuild
+from afterclose.harness.errors import BuildError, TraceError
+from afterclose.harness.trace.format import SEQ_FILE
+
+__all__ = ["SHIM_SOURCE", "asan_runtime_path", "read_seq", "shim_env", "shim_path"]
+
+SHIM_DIR = Path(__file__).resolve().parent.parent / "shim"
+SHIM_SOURCE = SHIM_DIR / "afterclose_shim.c"
+CFLAGS = ("-O2", "-fPIC", "-pthread", "-Wall", "-Wextra")
+LDFLAGS = ("-ldl", "-pthread")
+
+
+def shim_path(sanitizer: str = "none") -> Path:
+    """Build (once, cached) and return the shim ``.so``.
+
+    Use the plain shim (``"none"``) for every target, sanitized ones included: an instrumented
+    shim would itself need the sanitizer runtime preloaded first, also in uninstrumented
+    children of the target.
+    """
+    headers = tuple(sorted(SHIM_DIR.glob("*.h")))
+    return cbuild.build(
+        cbuild.CBuild(
+            name="afterclose_shim",
+            sources=(SHIM_SOURCE,),
+            cflags=CFLAGS,
+            ldflags=LDFLAGS,
+            kind="shared",
+            sanitizer=sanitizer,
+        ),
+        extra_deps=headers,
+    )
+
+
+@cache
+def asan_runtime_path() -> Path:
+    """The compiler's ``libasan.so``, which must come first in LD_PRELOAD of an ASan target.
+
+    ASan checks at start-up that its runtime is the first object in the initial library list
+    and aborts otherwise ("ASan runtime does not come first"); an LD_PRELOAD shim comes before
+    the executable's own DT_NEEDED entries, so the runtime has to be preloaded ahead of it.
+    """
+    cc = cbuild.compiler()
+    try:
+        out = subprocess.run(
+            [cc, "-print-file-name=libasan.so"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BuildError(f"cannot ask {cc} for libasan.so: {exc}") from exc
+    name = out.stdout.strip()
+    # gcc prints the bare name back when it does not know the file.
+    path = Path(name)
+    if out.returncode != 0 or not path.is_absolute() or not path.exists():
+        raise BuildError(
+            f"{cc} does not know libasan.so (answered {name!r})",
+            hint="install the ASan runtime (apt-get install -y libasan8) or set CC",
+        )
+    return path.resolve()
+
+
+def _split_preload(value: str) -> list[str]:
+    # ld.so accepts spaces and colons as separators.
+    return [p for p in value.replace(":", " ").split() if p]
+
+
+def shim_env(
+    trace_dir: Path,
+    *,
+    free_tracking: bool = True,
+    extra: dict[str, str] | None = None,
+    asan_runtime: bool = False,
+    sanitizer: str = "none",
+    trace_mb: int | None = None,
+    chunk_records: int | None = None,
+    base_env: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Environment variables to add to a target's environment to trace it into ``trace_dir``.
+
+    An LD_PRELOAD already in ``base_env`` (default: this process's environment) or in ``extra``
+    is kept, before the shim.  With ``asan_runtime`` the ASan runtime goes first of all.
+    """
+    base = os.environ if base_env is None else base_env
+    extra = dict(extra or {})
+    preload: list[str] = []
+    if asan_runtime:
+        preload.append(str(asan_runtime_path()))
+    for source in (base.get("LD_PRELOAD", ""), extra.pop("LD_PRELOAD", "")):
+        for item in _split_preload(source):
+            if item not in preload:
+                preload.append(item)
+    shim = str(shim_path(sanitizer))
+    if shim in preload:
+        preload.remove(shim)
+    preload.append(shim)
+    env = {
+        # ld.so splits on colons and spaces alike; build-cache paths are likelier to hold a
+        # space (a home folder) than a colon.
+        "LD_PRELOAD": ":".join(preload),
+        "AFTERCLOSE_TRACE_DIR": str(Path(trace_dir).resolve()),
+        "AFTERCLOSE_FREE_TRACKING": "1" if free_tracking else "0",
+    }
+    if trace_mb is not None:
+        env["AFTERCLOSE_TRACE_MB"] = str(int(trace_mb))
+    if chunk_records is not None:
+        env["AFTERCLOSE_TRACE_CHUNK"] = str(int(chunk_records))
+    env.update(extra)
+    return env
+
+
+def read_seq(trace_dir: Path) -> int:
+    """The shared sequence counter now: every call that starts later gets a larger seq_in.
+
+    ``seq.bin`` is a ``MAP_SHARED`` mapping in the targets; a plain read goes through the same
+    page cache, so it sees their latest increments.  0 when no traced process has started yet.
+    """
+    path = Path(trace_dir) / SEQ_FILE
+    try:
+        with path.open("rb") as f:
+            raw = f.read(8)
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        raise TraceError(f"cannot read the sequence counter: {exc.strerror}", where=path) from exc
+    if len(raw) < 8:
+        return 0  # created but not yet sized by the first traced process
+    value: int = struct.unpack("<Q", raw)[0]
+    return value

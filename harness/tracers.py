@@ -1,0 +1,122 @@
+"""Tracer back-ends behind one small interface: off, the LD_PRELOAD shim, (later) eBPF.
+
+A runner asks the tracer for environment variables before start and tells it the target's
+PIDs after; the oracle asks it for a cut-off point and then for its verdict.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from afterclose.harness.errors import AftercloseError
+from afterclose.harness.manifest import Manifest
+from afterclose.harness.oracle.verdict import Violation
+from afterclose.harness.runners.base import RunningTarget
+
+TRACER_CHOICES = ("auto", "preload", "ebpf", "off")
+
+
+@dataclass
+class TraceOutcome:
+    violations: list[Violation] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+    trace_dir: Path | None = None
+
+
+class TracerSession(abc.ABC):
+    name: str
+    trace_dir: Path | None = None
+
+    def env(self) -> dict[str, str]:
+        return {}
+
+    def started(self, target: RunningTarget) -> None:  # noqa: B027 - optional hook
+        """Called once the target runs (an eBPF tracer attaches to its PIDs here)."""
+
+    def cutoff(self) -> int | None:
+        """A point in the trace: what happens after it is not judged (end of scenario)."""
+        return None
+
+    @abc.abstractmethod
+    def analyse(self, cutoff: int | None) -> TraceOutcome:
+        """Read what was traced and judge it with the lifecycle rules."""
+
+
+class NoTracer(TracerSession):
+    name = "off"
+
+    def analyse(self, cutoff: int | None) -> TraceOutcome:
+        return TraceOutcome()
+
+
+class PreloadTracer(TracerSession):
+    name = "preload"
+
+    def __init__(self, trace_dir: Path, sanitizer: str, free_tracking: bool = True) -> None:
+        from afterclose.harness.trace import shim
+
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        self.trace_dir = trace_dir
+        self._env = shim.shim_env(
+            trace_dir, free_tracking=free_tracking, asan_runtime=sanitizer == "address"
+        )
+
+    def env(self) -> dict[str, str]:
+        return dict(self._env)
+
+    def cutoff(self) -> int | None:
+        from afterclose.harness.trace import shim
+
+        assert self.trace_dir is not None
+        return shim.read_seq(self.trace_dir)
+
+    def analyse(self, cutoff: int | None) -> TraceOutcome:
+        from afterclose.harness.trace import reader, rules
+
+        assert self.trace_dir is not None
+        trace = reader.read_trace_dir(self.trace_dir)
+        if not trace.processes:
+            return TraceOutcome(
+                warnings=[
+                    f"the tracer wrote no trace in {self.trace_dir}: the target may be "
+                    "statically linked, drop LD_PRELOAD, or run a program that was not traced "
+                    "(try --tracer=off, or --tracer=ebpf when available)"
+                ],
+                trace_dir=self.trace_dir,
+            )
+        result = rules.check_trace(trace, cutoff_seq=cutoff, trace_path=str(self.trace_dir))
+        return TraceOutcome(
+            violations=list(result.violations),
+            warnings=[*trace.warnings, *result.warnings],
+            stats=dict(result.stats),
+            trace_dir=self.trace_dir,
+        )
+
+
+def choose_tracer(requested: str, manifest: Manifest, runner: str) -> str:
+    """Resolve ``auto`` and check that the requested back-end can serve this target."""
+    if requested not in TRACER_CHOICES:
+        raise AftercloseError(
+            f"unknown tracer {requested!r}", hint=f"use one of {', '.join(TRACER_CHOICES)}"
+        )
+    if manifest.tracer == "off" and requested == "auto":
+        return "off"
+    mode = manifest.tracer if requested == "auto" else requested
+    if mode == "auto":
+        mode = "preload"
+    if mode == "ebpf":
+        raise AftercloseError(
+            "the eBPF tracer is not available in this version",
+            where=manifest.path,
+            hint="use --tracer=preload (dynamic binaries) or --tracer=off",
+        )
+    return mode
+
+
+def open_tracer(mode: str, workdir: Path, sanitizer: str) -> TracerSession:
+    if mode == "off":
+        return NoTracer()
+    return PreloadTracer(workdir / "trace", sanitizer)

@@ -1,0 +1,340 @@
+/*
+ * misbehave: a small single-threaded epoll HTTP server with one selectable, deliberate,
+ * black-box-visible bug.  Used to prove that the harness's oracles notice each kind of
+ * misbehaviour (and stay quiet for MODE=none).
+ *
+ *   usage: misbehave HOST PORT MODE      (prints READY on stdout once listening)
+ *
+ * It answers "GET /path HTTP/1.x" with 200 and body "/path\n", keep-alive, pipelining,
+ * "Connection: close"; a malformed request gets 400 and the connection is closed.  The epoll
+ * set is level-triggered with data.fd.  SIGTERM/SIGINT exit 0.
+ *
+ * MODE:
+ *   none             correct: closes on EOF, handles RST
+ *   crash            real NULL write (SIGSEGV) on the 5th request it serves
+ *   leak             never closes an fd whose read() returned 0 (leaves CLOSE_WAIT); the fd is
+ *                    removed from epoll so the server does not spin on it
+ *   crosstalk        every 3rd response goes to the previously served connection (when that
+ *                    one is still open and is not the current one)
+ *   double-response  answers every request twice
+ *   unsolicited      writes "HELLO\n" right after accept, before any request
+ *   wrong-body       the body is always "/nope\n"
+ *   hang             after 3 requests stops calling epoll_wait (sleeps, stays alive)
+ *   exit             exits with status 3 after 3 requests
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <netdb.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define MAXFD 4096
+#define BUFSZ 8192
+
+enum mode { M_NONE, M_CRASH, M_LEAK, M_CROSSTALK, M_DOUBLE, M_UNSOLICITED, M_WRONG_BODY,
+            M_HANG, M_EXIT };
+
+static const struct { const char *name; enum mode mode; } MODES[] = {
+    {"none", M_NONE},
+    {"crash", M_CRASH},
+    {"leak", M_LEAK},
+    {"crosstalk", M_CROSSTALK},
+    {"double-response", M_DOUBLE},
+    {"unsolicited", M_UNSOLICITED},
+    {"wrong-body", M_WRONG_BODY},
+    {"hang", M_HANG},
+    {"exit", M_EXIT},
+};
+
+struct conn {
+    char buf[BUFSZ];
+    size_t len;
+};
+
+static volatile sig_atomic_t stop_flag;
+static enum mode mode;
+static int epfd, lfd;
+static struct conn *conns[MAXFD]; /* non-NULL = open and watched */
+static unsigned long served;      /* requests answered so far */
+static int last_fd = -1;          /* connection whose request was answered last */
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    stop_flag = 1;
+}
+
+static void write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w > 0) {
+            p += w;
+            n -= (size_t)w;
+        } else if (w < 0 && errno == EINTR) {
+            continue;
+        } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+            if (poll(&pfd, 1, 1000) <= 0)
+                return;
+        } else {
+            return;
+        }
+    }
+}
+
+static void drop(int fd)
+{
+    epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL);
+    free(conns[fd]);
+    conns[fd] = NULL;
+    if (last_fd == fd)
+        last_fd = -1;
+}
+
+static void conn_close(int fd)
+{
+    drop(fd);
+    close(fd);
+}
+
+static void crash_now(void)
+{
+    /* volatile so the compiler cannot see the NULL and emit a trap (SIGILL) instead */
+    int *volatile p = NULL;
+    *p = 42;
+}
+
+/* -1 malformed, else 0 with path/close filled in */
+static int parse(const char *p, size_t n, const char **path, size_t *path_len, int *close_it)
+{
+    const char *eol = memmem(p, n, "\r\n", 2);
+    const char *s = p, *hdrs;
+    if (!eol)
+        return -1;
+    while (s < eol && *s >= 'A' && *s <= 'Z')
+        s++;
+    if (s == p || s >= eol || *s != ' ' || s + 1 >= eol || s[1] != '/')
+        return -1;
+    *path = ++s;
+    while (s < eol && *s > ' ' && *s < 0x7f)
+        s++;
+    *path_len = (size_t)(s - *path);
+    if (eol - s != 9 || memcmp(s, " HTTP/1.", 8) != 0)
+        return -1;
+    *close_it = s[8] == '0';
+    for (hdrs = eol + 2; hdrs < p + n;) {
+        const char *le = memmem(hdrs, (size_t)(p + n - hdrs), "\r\n", 2);
+        if (!le || le == hdrs)
+            break;
+        if ((size_t)(le - hdrs) >= 11 && strncasecmp(hdrs, "connection:", 11) == 0) {
+            for (const char *v = hdrs + 11; v + 5 <= le; v++)
+                if (strncasecmp(v, "close", 5) == 0)
+                    *close_it = 1;
+        }
+        hdrs = le + 2;
+    }
+    return 0;
+}
+
+static void respond(int fd, const char *path, size_t path_len, int close_it)
+{
+    char out[BUFSZ + 256];
+    const char *body = path;
+    size_t body_len = path_len;
+    int target = fd;
+    int h;
+
+    if (mode == M_CRASH && served + 1 == 5)
+        crash_now();
+    if (mode == M_WRONG_BODY) {
+        body = "/nope";
+        body_len = 5;
+    }
+    h = snprintf(out, sizeof out,
+                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n%s\r\n",
+                 body_len + 1, close_it ? "Connection: close\r\n" : "");
+    memcpy(out + h, body, body_len);
+    out[(size_t)h + body_len] = '\n';
+
+    served++;
+    if (mode == M_CROSSTALK && served % 3 == 0 && last_fd >= 0 && last_fd != fd &&
+        conns[last_fd])
+        target = last_fd;
+    write_all(target, out, (size_t)h + body_len + 1);
+    if (mode == M_DOUBLE)
+        write_all(target, out, (size_t)h + body_len + 1);
+    last_fd = fd;
+}
+
+static const char RESP_400[] = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                               "Content-Length: 12\r\nConnection: close\r\n\r\nbad request\n";
+
+/* Answer complete requests; returns 1 if the connection was closed. */
+static int serve(int fd)
+{
+    struct conn *c = conns[fd];
+    size_t off = 0;
+    for (;;) {
+        const char *end = memmem(c->buf + off, c->len - off, "\r\n\r\n", 4);
+        const char *path;
+        size_t path_len;
+        int close_it = 0;
+        if (!end) {
+            if (off == 0 && c->len == sizeof c->buf) {
+                write_all(fd, RESP_400, sizeof RESP_400 - 1);
+                conn_close(fd);
+                return 1;
+            }
+            break;
+        }
+        if (parse(c->buf + off, (size_t)(end + 4 - c->buf - off), &path, &path_len,
+                  &close_it) < 0) {
+            write_all(fd, RESP_400, sizeof RESP_400 - 1);
+            conn_close(fd);
+            return 1;
+        }
+        respond(fd, path, path_len, close_it);
+        off = (size_t)(end + 4 - c->buf);
+        if (close_it) {
+            shutdown(fd, SHUT_WR);
+            conn_close(fd);
+            return 1;
+        }
+    }
+    memmove(c->buf, c->buf + off, c->len - off);
+    c->len -= off;
+    return 0;
+}
+
+static void on_readable(int fd)
+{
+    struct conn *c = conns[fd];
+    ssize_t n = read(fd, c->buf + c->len, sizeof c->buf - c->len);
+    if (n > 0) {
+        c->len += (size_t)n;
+        serve(fd);
+    } else if (n == 0) {
+        if (mode == M_LEAK)
+            drop(fd); /* forgets the fd without closing it: CLOSE_WAIT forever */
+        else
+            conn_close(fd);
+    } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+        conn_close(fd);
+    }
+}
+
+static void on_accept(void)
+{
+    for (;;) {
+        struct epoll_event ev = {.events = EPOLLIN};
+        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            return;
+        }
+        if (fd >= MAXFD || !(conns[fd] = calloc(1, sizeof(struct conn)))) {
+            close(fd);
+            continue;
+        }
+        ev.data.fd = fd;
+        epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
+        if (mode == M_UNSOLICITED)
+            write_all(fd, "HELLO\n", 6);
+    }
+}
+
+static int listen_on(const char *host, const char *port)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *res, *ai;
+    int fd = -1, one = 1, rc = getaddrinfo(host, port, &hints, &res);
+    if (rc != 0) {
+        fprintf(stderr, "misbehave: %s:%s: %s\n", host, port, gai_strerror(rc));
+        return -1;
+    }
+    for (ai = res; ai; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+            continue;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 1024) == 0)
+            break;
+        close(fd);
+        fd = -1;
+    }
+    if (fd < 0)
+        fprintf(stderr, "misbehave: cannot listen on %s:%s: %s\n", host, port, strerror(errno));
+    freeaddrinfo(res);
+    return fd;
+}
+
+int main(int argc, char **argv)
+{
+    struct sigaction sa;
+    struct epoll_event ev = {.events = EPOLLIN};
+    size_t i;
+
+    if (argc != 4) {
+        fprintf(stderr, "usage: %s HOST PORT MODE\n", argv[0]);
+        return 2;
+    }
+    for (i = 0; i < sizeof MODES / sizeof MODES[0]; i++)
+        if (strcmp(argv[3], MODES[i].name) == 0)
+            break;
+    if (i == sizeof MODES / sizeof MODES[0]) {
+        fprintf(stderr, "misbehave: unknown mode %s\n", argv[3]);
+        return 2;
+    }
+    mode = MODES[i].mode;
+
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    lfd = listen_on(argv[1], argv[2]);
+    if (lfd < 0)
+        return 1;
+    epfd = epoll_create1(EPOLL_CLOEXEC);
+    ev.data.fd = lfd;
+    if (epfd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev) < 0) {
+        perror("epoll");
+        return 1;
+    }
+    printf("READY\n");
+    fflush(stdout);
+
+    while (!stop_flag) {
+        struct epoll_event events[64];
+        int n = epoll_wait(epfd, events, 64, 300);
+        for (int k = 0; k < n; k++) {
+            int fd = events[k].data.fd;
+            if (fd == lfd)
+                on_accept();
+            else if (conns[fd])
+                on_readable(fd);
+        }
+        if ((mode == M_HANG || mode == M_EXIT) && served >= 3) {
+            if (mode == M_EXIT)
+                exit(3);
+            while (!stop_flag)
+                usleep(100 * 1000);
+        }
+    }
+    for (int fd = 0; fd < MAXFD; fd++)
+        if (conns[fd])
+            conn_close(fd);
+    return 0;
+}
