@@ -38,6 +38,7 @@ from afterclose.harness.manifest import Manifest
 IMAGE_REPO_PREFIX = "afterclose/"
 LABEL = "afterclose"
 BUILD_TIMEOUT_S = 600.0
+KEEP_IMAGES = 4  # closure images kept per target (sanitizer variants, recent rebuilds)
 LDD_TIMEOUT_S = 30.0
 # Bump when the layout of generated images changes: old tags are then never reused.
 IMAGE_FORMAT = "1"
@@ -423,7 +424,28 @@ def closure_image(
             where=manifest.path,
             context=closure_context(files),
         )
+        prune_images(client, tag.rsplit(":", 1)[0], keep=KEEP_IMAGES)
     return ImageChoice(tag, "closure", built=True, seconds=time.monotonic() - started)
+
+
+def prune_images(client: Any, repo: str, keep: int) -> list[str]:
+    """Remove all but the ``keep`` newest images of ``repo`` that the harness built (label
+    ``afterclose=1``); an image a container still uses stays.  Returns the removed tags."""
+    import docker.errors
+
+    found = client.api.images(name=repo, filters={"label": f"{LABEL}=1"})
+    found.sort(key=lambda item: int(item.get("Created") or 0), reverse=True)
+    removed: list[str] = []
+    for item in found[keep:]:
+        for tag in item.get("RepoTags") or []:
+            if not tag.startswith(f"{repo}:"):
+                continue
+            try:
+                client.api.remove_image(tag, noprune=False)
+            except docker.errors.APIError:
+                continue  # in use (409) or already gone
+            removed.append(tag)
+    return removed
 
 
 def local_image(client: Any, manifest: Manifest) -> ImageChoice:
@@ -481,6 +503,7 @@ def dockerfile_image(client: Any, manifest: Manifest) -> ImageChoice:
             path=context,
             dockerfile=rel,
         )
+        prune_images(client, repo_name(manifest.name), keep=KEEP_IMAGES)
     with _DOCKERFILE_LOCK:
         _DOCKERFILE_BUILT[key] = tag
     return ImageChoice(tag, "dockerfile", built=True, seconds=time.monotonic() - started)

@@ -7,6 +7,7 @@ PIDs after; the oracle asks it for a cut-off point and then for its verdict.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,7 +92,7 @@ class PreloadTracer(TracerSession):
         return TraceOutcome(
             violations=list(result.violations),
             warnings=[*trace.warnings, *result.warnings],
-            stats=dict(result.stats),
+            stats=dataclasses.asdict(result.stats),
             trace_dir=self.trace_dir,
         )
 

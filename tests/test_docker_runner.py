@@ -114,6 +114,12 @@ def containers_labelled(client: Any, label: str) -> list[Any]:
     return list(client.containers.list(all=True, filters={"label": label}))
 
 
+def own_label() -> str:
+    from afterclose.harness.runners.docker import process_label
+
+    return process_label()
+
+
 def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -184,6 +190,24 @@ def test_children_are_host_pids_and_die_with_it(runner: Any, make: PlanFactory) 
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text()
 
 
+def test_exec_ed_process_is_in_host_pids(
+    docker_client: Any, runner: Any, make: PlanFactory, echo_binary: Path
+) -> None:
+    # A `docker exec`-ed process is no descendant of the target: only the container's cgroup
+    # lists it.
+    plan = make()
+    with runner.start(plan) as target, lease_port() as other:
+        if target._procs_file is None:
+            pytest.skip("the container's cgroup.procs is not readable here")
+        exec_id = docker_client.api.exec_create(
+            target.container_id, [str(echo_binary), "127.0.0.1", str(other.port)]
+        )["Id"]
+        docker_client.api.exec_start(exec_id, detach=True)
+        pids = wait_for(lambda: len(target.host_pids()) == 2 and target.host_pids(), 5, "exec")
+        assert pids[0] == target.main_pid
+        assert Path(f"/proc/{pids[1]}/exe").resolve() == echo_binary.resolve()
+
+
 def test_crash_is_a_signal_not_stopped_by_harness(
     docker_client: Any, runner: Any, make: PlanFactory
 ) -> None:
@@ -214,10 +238,10 @@ def test_target_that_dies_on_start_gives_readiness_error(
     with pytest.raises(TargetStartError) as info:
         runner.start(make(manifest))
     message = str(info.value)
-    assert "did not become ready" in message
+    assert "did not become ready" in message, message
     assert "exited with status 2" in message
     assert "bad host not-an-address" in message  # the container's stderr, copied home
-    assert containers_labelled(docker_client, f"afterclose.session={runner.session}") == []
+    assert containers_labelled(docker_client, own_label()) == []
 
 
 def test_missing_program_in_user_image_is_a_start_error(
@@ -230,7 +254,7 @@ def test_missing_program_in_user_image_is_a_start_error(
     with pytest.raises(TargetStartError, match="could not start target") as info:
         runner.start(make(manifest))
     assert "no such file or directory" in str(info.value).lower()
-    assert containers_labelled(docker_client, f"afterclose.session={runner.session}") == []
+    assert containers_labelled(docker_client, own_label()) == []
 
 
 def test_no_sigterm_handler_is_killed_without_waiting(
@@ -336,6 +360,40 @@ def test_ulimit_from_run_args_takes_effect(
         host_config = docker_client.containers.get(target.container_id).attrs["HostConfig"]
         assert host_config["PidsLimit"] == 64
         assert host_config["Memory"] == 256 * 1024 * 1024
+
+
+def test_user_from_run_args_runs_unprivileged(
+    runner: Any, make: PlanFactory, echo_manifest: Manifest
+) -> None:
+    manifest = dataclasses.replace(
+        echo_manifest,
+        docker=DockerSpec(
+            image=runner.image_for(make()).tag,
+            run_args=("--user", "65534:65534", "--cap-drop", "ALL"),
+        ),
+    )
+    plan = make(manifest)
+    with runner.start(plan) as target:
+        assert http_get(plan.port, "/whoami").endswith(b"uid=65534")
+        status = Path(f"/proc/{target.host_pids()[0]}/status").read_text()
+        assert "\nUid:\t65534\t" in status
+        assert "\nCapEff:\t0000000000000000" in status
+    assert "READY" in plan.stdout_path.read_text()
+
+
+def test_oom_kill_is_sigkill_not_stopped_by_harness(
+    runner: Any, make: PlanFactory, echo_manifest: Manifest
+) -> None:
+    manifest = dataclasses.replace(
+        echo_manifest,
+        docker=DockerSpec(image=runner.image_for(make()).tag, run_args=("--memory", "32m")),
+    )
+    plan = make(manifest)
+    with runner.start(plan) as target:
+        with contextlib.suppress(OSError):
+            http_get(plan.port, "/hog", timeout=30)
+        status = wait_for(target.exit_status, 30, "the OOM kill")
+    assert status.signal == signal.SIGKILL and not status.stopped_by_harness
 
 
 @pytest.mark.parametrize(
@@ -563,6 +621,40 @@ def test_exit_without_stop_removes_container(docker_client: Any, tmp_path: Path)
         assert containers_labelled(docker_client, f"afterclose.session={session}") == []
     finally:
         for container in containers_labelled(docker_client, f"afterclose.session={session}"):
+            container.remove(force=True)
+
+
+def test_container_of_a_sigkilled_process_is_swept(docker_client: Any, tmp_path: Path) -> None:
+    from afterclose.harness.runners.docker import sweep_containers
+
+    session = f"kill9-{uuid.uuid4().hex[:12]}"
+    marker = tmp_path / "started.marker"
+    code = INNER_COMMON.format(manifest=str(ECHO_MANIFEST), marker=str(marker)) + textwrap.dedent(
+        """
+        target = start(Path(sys.argv[1]))
+        MARKER.write_text(target.container_name)
+        time.sleep(120)
+        """
+    )
+    script = tmp_path / "inner.py"
+    script.write_text(code)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "w")], env=_child_env(session)
+    )
+    label = f"afterclose.session={session}"
+    try:
+        wait_for(marker.exists, 60, "the inner process's container")
+        proc.kill()  # no handler runs: the container outlives its owner
+        proc.wait()
+        # Under xdist another worker's new runner may sweep it first.
+        assert len(containers_labelled(docker_client, label)) <= 1
+        removed = sweep_containers(session)
+        assert removed in ([marker.read_text()], [])
+        assert containers_labelled(docker_client, label) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for container in containers_labelled(docker_client, label):
             container.remove(force=True)
 
 

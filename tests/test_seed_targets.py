@@ -23,7 +23,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -403,7 +403,7 @@ class BurstResult:
 def burst(
     port: int,
     duration: float,
-    mix: list[tuple[Behaviour, int]],
+    mix: Sequence[tuple[Behaviour, int]],
     *,
     threads: int = 4,
     until: Callable[[], bool] | None = None,
@@ -553,6 +553,21 @@ def test_seed_fixed_survives_mixed_burst(
     assert "LeakSanitizer" not in stderr, stderr
 
 
+def test_seed_fixed_slow_reader_gets_every_answer(binaries: Binaries, launch: Launch) -> None:
+    server = launch(binaries("seed-fixed"))
+    count = 3000
+    requests = b"".join(f"GET /s{i} HTTP/1.1\r\n\r\n".encode() for i in range(count))
+    with Client(server.port, timeout=10.0) as c:
+        # far more than the socket buffers hold: the server must stop reading while its
+        # answers are not being read, and carry on when they are
+        sender = threading.Thread(target=c.send, args=(requests,))
+        sender.start()
+        time.sleep(0.3)
+        bodies = [c.response().body for _ in range(count)]
+        sender.join(10)
+    assert bodies == [f"/s{i}\n".encode() for i in range(count)]
+
+
 def test_seed_fixed_backs_off_on_emfile(binaries: Binaries, launch: Launch) -> None:
     server = launch(binaries("seed-fixed"))
     baseline = socket_fds(server.pid)
@@ -565,7 +580,7 @@ def test_seed_fixed_backs_off_on_emfile(binaries: Binaries, launch: Launch) -> N
         before = cpu_ticks(server.pid)
         time.sleep(1.0)
         spent = (cpu_ticks(server.pid) - before) / os.sysconf("SC_CLK_TCK")
-        assert spent < 0.3, f"{spent:.2f} s of CPU in 1 s while out of fds"
+        assert spent < 0.1, f"{spent:.2f} s of CPU in 1 s while out of fds"
     finally:
         for c in clients:
             c.close()

@@ -341,6 +341,24 @@ def test_threads_lose_nothing(tmp_path: Path) -> None:
         assert ops == [Op.WRITE, Op.READ] * ITERS
 
 
+def test_concurrent_processes_share_one_counter(tmp_path: Path) -> None:
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    env.update(shim.shim_env(tmp_path, base_env=env))
+    procs = [
+        subprocess.Popen([str(program("threads")), "4", "5000"], env=env, stdout=subprocess.DEVNULL)
+        for _ in range(3)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    trace = read_trace_dir(tmp_path)
+    assert len(trace.processes) == 3 and trace.complete
+    assert len(trace.records) == 3 * 4 * (2 + 2 * 5000 + 2)
+    assert_sequence_sane(trace)
+    numbers = sorted(n for pair in calls(trace) for n in pair)
+    assert numbers == list(range(1, len(numbers) + 1))
+    assert shim.read_seq(tmp_path) == numbers[-1]
+
+
 def test_threads_tiny_trace_reports_lost_records(tmp_path: Path) -> None:
     run_traced(
         [program("threads"), THREADS, ITERS],

@@ -4,6 +4,7 @@ fork, dup, malloc reuse, fds the shim never saw)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,6 @@ from tracebuild import EBADF, ENOENT, ENOTSOCK, ET, HUP, IN, ONESHOT, OUT, RDHUP
 
 LISTEN, EP = 3, 5
 A, B, C, C2 = 0x55D0C2A0, 0x55D0C400, 0x7F00AA10, 0x7F00BB20
-
-
-def _fields(r: Record) -> dict[str, object]:
-    return {f: getattr(r, f) for f in Record.__slots__}
 
 
 def counts(v: TraceVerdict) -> dict[str, int]:
@@ -73,6 +70,20 @@ def test_legit_reuse_data_fd_convention() -> None:
     t.ctl_mod(tid=1, epfd=EP, fd=7, data=7, events=IN | ONESHOT)
     t.wait(tid=1, epfd=EP, events=[(IN, 7)])
     t.read(tid=1, fd=7)
+    assert counts(t.check()) == {}
+
+
+def test_legit_reuse_data_fd_with_garbage_high_bits() -> None:
+    """``ev.data.fd = fd`` writes 4 of the union's 8 bytes: the rest is stack garbage."""
+    t = TraceBuilder()
+    server(t)
+    conn(t, 10, 0x7F760000000A)
+    t.ctl_del(tid=1, epfd=EP, fd=10)
+    t.close(tid=1, fd=10)
+    t.accept(tid=1, ret=10)
+    t.ctl_add(tid=1, epfd=EP, fd=10, data=0x7F760000000A)
+    t.ctl_mod(tid=1, epfd=EP, fd=10, data=0x55AA00000000A, events=IN | OUT)
+    t.wait(tid=1, epfd=EP, events=[(IN, 0x55AA00000000A)])
     assert counts(t.check()) == {}
 
 
@@ -378,7 +389,7 @@ def test_close_range_cloexec_closes_nothing() -> None:
     conn(t, 7, A)
     f = t.begin(t.close_range, tid=2, first=6)
     t.end(f)
-    t.records[-1] = Record(**{**_fields(t.records[-1]), "arg": 4})  # CLOSE_RANGE_CLOEXEC
+    t.records[-1] = dataclasses.replace(t.records[-1], arg=4)  # CLOSE_RANGE_CLOEXEC
     t.read(tid=3, fd=7)
     t.read(tid=3, fd=7, ret=0)
     v = t.check()
@@ -474,6 +485,26 @@ def test_seed_race() -> None:
     assert "while acting for fd 7#1" in wi.summary
     by_rule = {x.rule: x for x in v.violations}
     assert by_rule[V.STALE_REARM].artifacts == ("/runs/x/trace",)
+
+
+def test_seed_race_twice_with_the_pointer_reused_in_between() -> None:
+    t = seed_race()
+    t.close(tid=11, fd=7)  # T1 got 7#2's event (with c): it closes 7#2
+    t.accept(tid=11, ret=7)  # 7#3; malloc hands out c again (it was freed in round 1)
+    t.ctl_add(tid=11, epfd=EP, fd=7, data=C, events=IN | ONESHOT | ET)
+    t.wait(tid=11, epfd=EP, events=[(IN | RDHUP, C)])
+    t.read(tid=12, fd=7, ret=0)
+    t.free(tid=12, ptr=C)
+    t.close(tid=12, fd=7)
+    t.accept(tid=11, ret=7)  # 7#4
+    t.ctl_add(tid=11, epfd=EP, fd=7, data=C2, events=IN | ONESHOT | ET)
+    t.shutdown(tid=13, fd=7)
+    t.ctl_mod(tid=13, epfd=EP, fd=7, data=C, events=IN | ONESHOT | ET)
+    t.wait(tid=11, epfd=EP, events=[(IN, C)])
+    v = t.check()
+    assert counts(v) == {V.STALE_REARM: 2, V.WRONG_INCARNATION: 2, V.EVENT_FOR_FREED_DATA: 2}
+    assert [f.fd for f in v.occurrences[V.STALE_REARM]] == [7, 7]
+    assert "fd 7#4" in v.occurrences[V.STALE_REARM][1].summary
 
 
 def test_seed_race_timeline() -> None:
@@ -645,6 +676,28 @@ def test_single_thread_free_then_wait_without_close_fires() -> None:
     assert counts(t.check()) == {V.FREED_WHILE_REGISTERED: 1}
 
 
+def test_free_then_close_while_another_thread_is_blocked_in_epoll_wait() -> None:
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A)
+    w = t.begin(t.wait, tid=1, epfd=EP)  # T1 blocked in epoll_wait the whole time
+    t.free(tid=2, ptr=A)
+    t.close(tid=2, fd=7)
+    t.end(w)
+    v = t.check()
+    assert counts(v) == {V.FREED_WHILE_REGISTERED: 1}
+    assert "could return the freed pointer" in v.violations[0].summary
+
+
+def test_free_with_no_wait_afterwards_is_not_reported() -> None:
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A)
+    t.wait(tid=1, epfd=EP, events=[(IN, A)])
+    t.free(tid=2, ptr=A)  # the program exits without waiting again
+    assert counts(t.check()) == {}
+
+
 def test_event_that_raced_the_free_is_not_event_for_freed_data() -> None:
     t = TraceBuilder()
     server(t)
@@ -685,6 +738,21 @@ def test_fd_leak_after_read_zero_and_after_hup() -> None:
     v = t.check()
     assert counts(v) == {V.FD_LEAK: 2}
     assert [f.fd for f in v.occurrences[V.FD_LEAK]] == [7, 8]
+
+
+def test_fd_leak_not_checked_when_closes_are_invisible() -> None:
+    """libuv closes with syscall(SYS_close): the shim never sees it, but reuse proves it."""
+    t = TraceBuilder()
+    server(t)
+    t.accept(tid=1, ret=7)
+    t.read(tid=1, fd=7, ret=0)
+    t.accept(tid=1, ret=7)  # 7 handed out again: 7#1 was closed behind the shim's back
+    t.read(tid=1, fd=7, ret=0)
+    t.wait(tid=1, epfd=EP, events=[(IN, 0xDEAD000)])  # registered through io_uring
+    v = t.check()
+    assert counts(v) == {}
+    assert any("no traced close" in w for w in v.warnings)
+    assert any("1 epoll events carried data that no traced epoll_ctl set" in w for w in v.warnings)
 
 
 def test_fd_leak_cutoff() -> None:
@@ -752,6 +820,7 @@ class _Trace:
     records: tuple[Record, ...]
     lost_records: int
     warnings: tuple[str, ...]
+    complete: bool = True
 
 
 def test_check_trace_accepts_a_trace_like_object(tmp_path: Path) -> None:
@@ -769,6 +838,18 @@ def test_check_trace_accepts_a_trace_like_object(tmp_path: Path) -> None:
     assert v.warnings[0] == "pid 100: something odd"
     assert any("filled up" in w for w in v.warnings)
     assert v.violations[0].artifacts == (str(tmp_path / "trace.100.0.bin"),)
+
+
+def test_check_trace_damaged_trace_is_incomplete(tmp_path: Path) -> None:
+    t = seed_race()
+    procs = tuple(_Proc(h, tmp_path / f"trace.{pid}.0.bin") for pid, h in t.headers().items())
+    tr = _Trace(procs, tuple(t.sorted_records()), 0, ("trace.100.0.bin: truncated",), False)
+    v = check_trace(tr, trace_path="/runs/7/trace")
+    assert not v.complete
+    assert v.warnings[0] == "trace.100.0.bin: truncated"
+    assert all("WARNING: the trace is incomplete" in x.details for x in v.violations)
+    assert all(x.artifacts == ("/runs/7/trace",) for x in v.violations)
+    assert seed_race().check().complete
 
 
 def test_unsorted_input_is_sorted() -> None:

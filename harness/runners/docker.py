@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 from afterclose.harness import images
 from afterclose.harness.errors import ManifestError, TargetStartError
@@ -117,6 +117,11 @@ def session_id() -> str:
     return _SESSION
 
 
+def process_label() -> str:
+    """The label filter that matches exactly the containers this process started."""
+    return f"{LABEL_PROC}={_PROC_TOKEN}"
+
+
 def owner_labels(session: str) -> dict[str, str]:
     pid = os.getpid()
     return {
@@ -203,7 +208,8 @@ def connect(timeout: int = ENGINE_TIMEOUT_S) -> Any:
 _REGISTRY_LOCK = threading.RLock()
 _LIVE: dict[str, _Engine] = {}  # container name -> engine, for every container not removed
 _ENGINES: dict[_Engine, None] = {}  # engines this process created containers on
-_HANDLERS_INSTALLED = False
+_ATEXIT_INSTALLED = False
+_SIGTERM_INSTALLED = False
 
 
 def _register(name: str, engine: _Engine) -> None:
@@ -247,9 +253,7 @@ def remove_own_containers() -> list[str]:
                 _unregister(name)
             # A container whose create call was interrupted before we learnt its name is
             # found by this process's label.
-            for item in client.api.containers(
-                all=True, filters={"label": f"{LABEL_PROC}={_PROC_TOKEN}"}
-            ):
+            for item in client.api.containers(all=True, filters={"label": process_label()}):
                 if _remove_quietly(client, item["Id"]):
                     removed.append(str(item.get("Names", [item["Id"]])[0]).lstrip("/"))
             client.close()
@@ -302,16 +306,17 @@ def _on_sigterm_factory(previous: Any) -> Callable[[int, FrameType | None], None
 
 def _install_exit_handlers() -> None:
     """``atexit`` covers normal exits and Ctrl-C (KeyboardInterrupt unwinds to it).  SIGTERM
-    kills Python without running atexit, so it gets a handler; only from the main thread (the
-    only one allowed to set handlers) and only over the default or a Python handler."""
-    global _HANDLERS_INSTALLED
+    kills Python without running atexit, so it gets a handler: only from the main thread (the
+    only one allowed to set handlers; retried on the next runner otherwise) and only over the
+    default or a Python handler (an ignored SIGTERM stays ignored)."""
+    global _ATEXIT_INSTALLED, _SIGTERM_INSTALLED
     with _REGISTRY_LOCK:
-        if _HANDLERS_INSTALLED:
+        if not _ATEXIT_INSTALLED:
+            atexit.register(remove_own_containers)
+            _ATEXIT_INSTALLED = True
+        if _SIGTERM_INSTALLED or threading.current_thread() is not threading.main_thread():
             return
-        _HANDLERS_INSTALLED = True
-    atexit.register(remove_own_containers)
-    if threading.current_thread() is not threading.main_thread():
-        return
+        _SIGTERM_INSTALLED = True
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_IGN or previous is None or getattr(previous, "afterclose", False):
         return
@@ -319,9 +324,11 @@ def _install_exit_handlers() -> None:
 
 
 def _after_fork_in_child() -> None:
-    # A forked child must not remove its parent's containers at its own exit.
-    global _PROC_TOKEN
+    # A forked child must not remove its parent's containers at its own exit, and must not
+    # inherit a lock some other thread of the parent held at the fork.
+    global _PROC_TOKEN, _REGISTRY_LOCK
     _PROC_TOKEN = uuid.uuid4().hex
+    _REGISTRY_LOCK = threading.RLock()
     _LIVE.clear()
     _ENGINES.clear()
 
@@ -422,30 +429,53 @@ def parse_run_args(args: Sequence[str], manifest: Manifest) -> dict[str, Any]:
 
 
 class _LogPump(threading.Thread):
-    """Copies one of a container's output streams into a file as it is written.
+    """Copies a container's stdout and stderr into two files as they are written.
 
-    The stream is opened before the thread starts, so nothing is lost; with ``follow`` it
-    ends when the container stops."""
+    One follow-mode request to the engine's logs endpoint carries both streams, framed as
+    the Engine API documents for a container without a TTY: an 8-byte header (stream type,
+    three zero bytes, big-endian payload size), then the payload.  Reading it here saves the
+    two container inspections docker-py's ``logs()`` makes per call.  The request is sent
+    before the thread starts, so nothing is lost; it ends once the container has stopped."""
 
-    def __init__(self, container: Any, path: Path, stdout: bool) -> None:
-        super().__init__(name=f"afterclose-logs-{path.name}", daemon=True)
-        self.path = path
-        self._stream = container.logs(stream=True, follow=True, stdout=stdout, stderr=not stdout)
+    STREAMS = {1: 0, 2: 1}  # stream type -> index in ``paths`` (stdout, stderr)
+
+    def __init__(self, api: Any, container_id: str, paths: tuple[Path, Path]) -> None:
+        super().__init__(name=f"afterclose-logs-{container_id[:12]}", daemon=True)
+        self.paths = paths
+        url = f"{api.base_url}/v{api.api_version}/containers/{container_id}/logs"
+        params = {"stdout": 1, "stderr": 1, "follow": 1}
+        # No read timeout: a quiet target may write nothing for minutes.
+        self._response = api.get(url, params=params, stream=True, timeout=None)
+        self._response.raise_for_status()
         self.error: BaseException | None = None
 
+    def _read_exactly(self, size: int) -> bytes:
+        raw = self._response.raw
+        data = b""
+        while len(data) < size:
+            chunk = raw.read(size - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data
+
     def run(self) -> None:
-        out: IO[bytes]
         try:
-            with self.path.open("ab") as out:
-                for chunk in self._stream:
-                    out.write(chunk)
-                    out.flush()
+            with self.paths[0].open("ab") as out, self.paths[1].open("ab") as err:
+                files = (out, err)
+                while len(header := self._read_exactly(8)) == 8:
+                    payload = self._read_exactly(int.from_bytes(header[4:8], "big"))
+                    sink = files[self.STREAMS.get(header[0], 1)]
+                    sink.write(payload)
+                    sink.flush()
         except Exception as exc:  # the engine went away, or close() below
             self.error = exc
+        finally:
+            self._response.close()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self._stream.close()
+            self._response.close()
 
 
 def _signal_dropped_by_init(pid: int, signum: int) -> bool:
@@ -509,12 +539,17 @@ def _find_cgroup_procs(pid: int, container_id: str) -> Path | None:
 
 class ContainerTarget(RunningTarget):
     def __init__(
-        self, plan: LaunchPlan, runner: DockerRunner, container: Any, name: str, image: ImageChoice
+        self,
+        plan: LaunchPlan,
+        runner: DockerRunner,
+        container_id: str,
+        name: str,
+        image: ImageChoice,
     ) -> None:
         super().__init__(plan)
         self.runner = runner
-        self.container = container
-        self.container_id: str = container.id
+        self.api = runner.client.api
+        self.container_id = container_id
         self.container_name = name
         self.image = image
         self.main_pid: int | None = None
@@ -537,7 +572,7 @@ class ContainerTarget(RunningTarget):
 
         started = time.monotonic()
         try:
-            self.container.start()
+            self.api.start(self.container_id)
         except docker.errors.APIError as exc:
             # The container stays in state "created" with exit code 126/127: nothing to wait
             # for, stop() only removes it.
@@ -551,8 +586,7 @@ class ContainerTarget(RunningTarget):
             ) from None
         self.timings["start_s"] = time.monotonic() - started
         self._pumps = [
-            _LogPump(self.container, self.plan.stdout_path, stdout=True),
-            _LogPump(self.container, self.plan.stderr_path, stdout=False),
+            _LogPump(self.api, self.container_id, (self.plan.stdout_path, self.plan.stderr_path))
         ]
         for pump in self._pumps:
             pump.start()
@@ -561,10 +595,26 @@ class ContainerTarget(RunningTarget):
         if pid <= 0:
             return  # already gone: exit_status() reports how, wait_ready() the log tail
         start_time = _start_time(pid)
-        cgroup = _read(f"/proc/{pid}/cgroup") or ""
-        if self.container_id not in cgroup:
+        if not self._visible(pid):
+            return  # it exited at once: exit_status() says how
+        self.main_pid = pid
+        self._main_start = start_time
+        self._procs_file = _find_cgroup_procs(pid, self.container_id)
+
+    def _visible(self, pid: int) -> bool:
+        """True if the engine's ``pid`` for our container is that process in our /proc.
+
+        A missing /proc entry means either that the target exited at once (the engine may
+        still report it running for a moment) or that the engine lives in another PID
+        namespace; only the latter is an error."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            if self.container_id in (_read(f"/proc/{pid}/cgroup") or ""):
+                return True
             state = self._state()
-            if state and state.get("Running"):
+            if not state or not state.get("Running"):
+                return False
+            if _alive(pid) or time.monotonic() > deadline:
                 raise TargetStartError(
                     "the Docker engine's processes are not visible from here: PID "
                     f"{pid} of container {self.container_name} is not in this PID namespace",
@@ -573,19 +623,16 @@ class ContainerTarget(RunningTarget):
                     "(not a remote DOCKER_HOST, not rootless Docker with its own PID "
                     "namespace), or use --runner=process",
                 )
-            return
-        self.main_pid = pid
-        self._main_start = start_time
-        self._procs_file = _find_cgroup_procs(pid, self.container_id)
+            time.sleep(0.01)
 
     def _state(self) -> dict[str, Any] | None:
         import docker.errors
 
         try:
-            self.container.reload()
+            attrs = self.api.inspect_container(self.container_id)
         except docker.errors.NotFound:
             return None
-        return dict(self.container.attrs.get("State") or {})
+        return dict(attrs.get("State") or {})
 
     # -- RunningTarget
 
@@ -631,6 +678,7 @@ class ContainerTarget(RunningTarget):
 
     def stop(self) -> ExitStatus | None:
         import docker.errors
+        import requests
 
         if self._removed:
             return self._final
@@ -640,7 +688,7 @@ class ContainerTarget(RunningTarget):
             if status is None:
                 self._stopped_by_harness = True
                 status = self._terminate()
-        except docker.errors.DockerException as exc:
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             warnings.warn(
                 f"afterclose: stopping {self.container_name} failed ({exc}); removing it",
                 stacklevel=2,
@@ -656,7 +704,7 @@ class ContainerTarget(RunningTarget):
         import docker.errors
 
         try:
-            self.container.kill(signal=sig)
+            self.api.kill(self.container_id, signal=sig)
         except docker.errors.NotFound:
             return False
         except docker.errors.APIError as exc:
@@ -846,8 +894,20 @@ class DockerRunner(Runner):
         target: ContainerTarget | None = None
         try:
             started = time.monotonic()
+            api = self.client.api
             try:
-                container = self.client.containers.create(
+                host_config = api.create_host_config(
+                    network_mode="host",
+                    init=False,
+                    mounts=self._mounts(plan, image),
+                    # json-file keeps the output readable through the logs API whatever the
+                    # engine's default log driver is.
+                    log_config=docker.types.LogConfig(
+                        type="json-file", config={"max-size": "100m", "max-file": "2"}
+                    ),
+                    **{k: v for k, v in extra.items() if k != "user"},
+                )
+                created = api.create_container(
                     image=image.tag,
                     entrypoint=[self._entrypoint(plan, image)],
                     command=list(plan.argv[1:]),
@@ -855,19 +915,12 @@ class DockerRunner(Runner):
                     labels=labels,
                     environment=dict(plan.env),
                     working_dir=str(plan.cwd),
-                    network_mode="host",
-                    init=False,
+                    user=extra.get("user"),
+                    host_config=host_config,
+                    stop_signal=manifest.stop_signal,
                     detach=True,
                     stdin_open=False,
                     tty=False,
-                    mounts=self._mounts(plan, image),
-                    stop_signal=manifest.stop_signal,
-                    # json-file keeps the output readable through the logs API whatever the
-                    # engine's default log driver is.
-                    log_config=docker.types.LogConfig(
-                        type="json-file", config={"max-size": "100m", "max-file": "2"}
-                    ),
-                    **extra,
                 )
             except docker.errors.ImageNotFound:
                 raise TargetStartError(
@@ -882,7 +935,7 @@ class DockerRunner(Runner):
                     details=str(exc.explanation or exc),
                     hint="check [docker] run_args",
                 ) from None
-            target = ContainerTarget(plan, self, container, name, image)
+            target = ContainerTarget(plan, self, str(created["Id"]), name, image)
             target.timings["create_s"] = time.monotonic() - started
             target._begin()
         except BaseException:

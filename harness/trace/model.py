@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from bisect import bisect_left
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from afterclose.harness.trace.format import Header, Op, Record
@@ -190,6 +190,11 @@ class Model:
         self.set_idx: dict[tuple[int, int], list[int]] = {}
         self.set_seq: dict[tuple[int, int], list[int]] = {}
         self.by_data: dict[int, list[Registration]] = {}
+        # epoll_wait calls per (pid, epoll fd number): indices, seq_in, running max seq_out.
+        self._waits: dict[tuple[int, int], tuple[list[int], list[int], list[int], list[int]]] = {}
+        # Called with (registration, seq) when a registration stops being able to deliver
+        # its current data: DEL, release of its file, or a MOD.
+        self.on_stop: Callable[[Registration, int], None] | None = None
         self._index()
 
     # -- pre-pass -------------------------------------------------------------------------
@@ -199,7 +204,8 @@ class Model:
         closes: dict[tuple[int, int], list[int]] = {}
         sets: dict[tuple[int, int], list[int]] = {}
         forks: dict[int, ForkPoint] = {}
-        close_op, ctl_op, fork_op = Op.CLOSE, Op.EPOLL_CTL, Op.FORK
+        waits: dict[tuple[int, int], list[int]] = {}
+        close_op, ctl_op, fork_op, wait_op = Op.CLOSE, Op.EPOLL_CTL, Op.FORK, Op.EPOLL_WAIT
         for idx, r in enumerate(recs):
             op = r.op
             if op == close_op:
@@ -210,6 +216,9 @@ class Model:
             elif op == ctl_op:
                 if r.ret >= 0 and r.flags in (1, 3):
                     sets.setdefault((r.pid, r.data), []).append(idx)
+            elif op == wait_op:
+                if r.err != EBADF:
+                    waits.setdefault((r.pid, r.fd), []).append(idx)
             elif op == fork_op and r.ret > 0:
                 forks[r.ret] = ForkPoint(r.pid, r.ret, r.seq_in, idx)
         for key, idxs in closes.items():
@@ -220,6 +229,20 @@ class Model:
             idxs.sort(key=lambda i: recs[i].seq_in)
             self.set_idx[key] = idxs
             self.set_seq[key] = [recs[i].seq_in for i in idxs]
+        for key, idxs in waits.items():
+            idxs.sort(key=lambda i: recs[i].seq_in)
+            seq_in = [recs[i].seq_in for i in idxs]
+            # Running maximum of seq_out (and where it is): "was any wait that began before
+            # x still in the kernel at x?" is one bisect and one lookup.
+            top: list[int] = []
+            top_at: list[int] = []
+            best, best_at = -1, -1
+            for i in idxs:
+                if recs[i].seq_out > best:
+                    best, best_at = recs[i].seq_out, i
+                top.append(best)
+                top_at.append(best_at)
+            self._waits[key] = (idxs, seq_in, top, top_at)
         for pid, h in self.headers.items():
             if h.fork_seq and h.ppid and pid not in forks:
                 forks[pid] = ForkPoint(h.ppid, pid, h.fork_seq, -1)
@@ -300,7 +323,7 @@ class Model:
         displaced = None
         if cur is not None and cur.open:
             # The kernel only hands out free numbers: whatever released cur, we did not see it.
-            self.end(cur, -1, EndKind.UNTRACED, r.seq_in, r.seq_in, r.tid)
+            self.end(cur, -1, EndKind.UNTRACED, r.seq_in, r.seq_in, 0)
             displaced = cur
         inc = self._new_inc(ps, fd, ofd, origin, idx, r.seq_out, r.tid, False)
         if origin is Origin.ACCEPT:
@@ -380,6 +403,8 @@ class Model:
     def kill(self, reg: Registration, idx: int, seq_out: int) -> None:
         if not reg.alive:
             return
+        if self.on_stop is not None:
+            self.on_stop(reg, self.records[idx].seq_in if idx >= 0 else seq_out)
         reg.alive = False
         reg.removed_idx = idx
         reg.removed_out = seq_out
@@ -423,6 +448,8 @@ class Model:
         reg = inst.regs.get((target.ofd.id, r.fd))
         if reg is None:
             return self.add(inst, target, idx, r, inferred=True)
+        if self.on_stop is not None:
+            self.on_stop(reg, r.seq_in)
         # EPOLL_CTL_MOD replaces data and events and re-arms a disarmed EPOLLONESHOT item.
         reg.events = r.events
         reg.armed = True
@@ -463,6 +490,27 @@ class Model:
         keep = list({id(r): r for r in regs if r.alive and r.data == data}.values())
         self.by_data[data] = keep
         return keep
+
+    def wait_in_window(self, inst: EpollInstance, start: int, stop: int) -> int:
+        """A wait on ``inst`` that was in the kernel at some point in [start, stop): one that
+        began in the window, or began before it and had not returned at ``start``.  Returns
+        its record index, or -1."""
+        seen: set[tuple[int, int]] = set()
+        for inc in inst.ofd.incs:
+            key = (inc.pid, inc.fd)
+            if key in seen:
+                continue
+            seen.add(key)
+            w = self._waits.get(key)
+            if w is None:
+                continue
+            idxs, seq_in, top, top_at = w
+            k = bisect_left(seq_in, start)
+            if k < len(seq_in) and seq_in[k] < stop:
+                return idxs[k]
+            if k > 0 and top[k - 1] > start:
+                return top_at[k - 1]
+        return -1
 
     def holders(self, ofd: OpenFile) -> list[Incarnation]:
         return [i for i in ofd.incs if i.open]

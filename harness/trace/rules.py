@@ -10,6 +10,7 @@ object shaped like the reader's ``Trace``).
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,9 @@ class TraceLike(Protocol):
     @property
     def warnings(self) -> Sequence[str]: ...
 
+    @property
+    def complete(self) -> bool: ...
+
 
 # -- results ---------------------------------------------------------------------------------
 
@@ -171,15 +175,14 @@ class TraceVerdict:
     occurrences: dict[str, list[Finding]]
     warnings: list[str]
     stats: TraceStats
+    # False when records were lost or the reader found the trace damaged: the verdict may be
+    # wrong either way, and every violation's details say so.
+    complete: bool = True
     records: Sequence[Record] = field(default=(), repr=False)
 
     @property
     def ok(self) -> bool:
         return not self.violations
-
-    @property
-    def complete(self) -> bool:
-        return self.stats.lost_records == 0
 
     def count(self, rule: str) -> int:
         return len(self.occurrences.get(rule, ()))
@@ -251,6 +254,7 @@ class _Checker:
         cutoff_seq: int | None,
         lost_records: int,
         trace_path: str | None,
+        incomplete: str | None = None,
     ) -> None:
         self.recs = _prepare(records, cutoff_seq)
         self.headers: Mapping[int, Header] = headers or {}
@@ -262,14 +266,20 @@ class _Checker:
         self.freed: dict[int, dict[int, int]] = {}  # pid -> pointer -> its latest FREE
         self.stale_marks: dict[tuple[int, int], tuple[Finding, Registration]] = {}
         self.stale_sets: set[int] = set()
-        self.pending_frees: dict[int, dict[int, tuple[Registration, int, _Thread]]] = {}
+        # Frees of a live registration's data, decided when the registration stops (reg id ->
+        # (registration, FREE index, freeing thread)).
+        self.pending_frees: dict[int, tuple[Registration, int, _Thread]] = {}
+        self.m.on_stop = self._reg_stopped
         self.reported_wi: set[int] = set()
         self.cur_wait: tuple[int, EpollInstance, _Thread] | None = None
         self.dup_closed: dict[int, Incarnation] = {}
         self.events = 0
+        self.untraced_closes: dict[int, int] = {}  # pid -> numbers reused with no traced close
+        self.unattributed: dict[int, int] = {}  # pid -> events whose data no traced ctl set
         self.cutoff = cutoff_seq
         hdr_lost = sum(h.lost_records for h in self.headers.values())
         self.lost = max(lost_records, hdr_lost)
+        self.incomplete = incomplete
         self.trace_path = trace_path
         self.warnings: list[str] = []
         self._tracking: dict[int, bool] = {}
@@ -418,6 +428,8 @@ class _Checker:
             fi += 1
         for t in threads.values():
             self._flush_run(t)
+        for reg, _, _ in list(self.pending_frees.values()):
+            self._reg_stopped(reg, never)  # still registered at the end
         self._fd_leaks()
         return self._verdict()
 
@@ -426,8 +438,11 @@ class _Checker:
     def _created(
         self, idx: int, t: _Thread, inc: Incarnation, displaced: Incarnation | None
     ) -> None:
-        # The creator knows what it was handed.  (A displaced incarnation was released by
-        # something the shim did not see; the model already ended it as untraced.)
+        # The creator knows what it was handed.  A displaced incarnation was released by
+        # something the shim did not see (the model ended it as untraced): count them, since
+        # such a process's open fds prove nothing about leaks.
+        if displaced is not None:
+            self.untraced_closes[inc.pid] = self.untraced_closes.get(inc.pid, 0) + 1
         self.res[idx] = inc
         t.last_op[inc.fd] = (Op.SOCKET, inc, idx)
         t.acted[inc.fd] = _Acted(inc, True)
@@ -591,16 +606,29 @@ class _Checker:
             return
         if err == ENOTSOCK and (r.op == Op.SHUTDOWN or r.flags in _SOCKET_IO):
             self._enotsock(idx, r, t)
-        inc, certain = self.m.resolve(r, fd)
+        # Fast path of Model.resolve: an incarnation open since before the call began.
+        ps = self.m.procs.get(r.pid)
+        inc = ps.fds.get(fd) if ps is not None else None
+        if inc is not None and inc.open and inc.created_out < r.seq_in:
+            certain = True
+        else:
+            inc, certain = self.m.resolve(r, fd)
         self.res[idx] = inc
-        if r.op == Op.READ and r.ret == 0 and r.err == 0:
+        if r.ret == 0 and err == 0 and r.op == Op.READ:
             if inc.ofd.peer_closed_idx < 0:
                 inc.ofd.peer_closed_idx = idx
         elif err in (EPIPE, ECONNRESET) and inc.ofd.peer_closed_idx < 0:
             inc.ofd.peer_closed_idx = idx
         if certain and fd in t.batch and not inc.unknown:
             self._own_event(idx, r, t, inc)
-        self._remember(idx, r, t, inc, certain)
+        # (inlined _remember)
+        t.last_op[fd] = (r.op, inc, idx)
+        if certain:
+            a = t.acted.get(fd)
+            if a is None or a.inc is not inc:
+                t.acted[fd] = _Acted(inc, False, [idx])
+            elif not a.knows and len(a.idxs) < _ACTED_CAP:
+                a.idxs.append(idx)
 
     def _enotsock(self, idx: int, r: Record, t: _Thread) -> None:
         """A socket call on a number that the trace shows went from a socket to a file."""
@@ -711,8 +739,10 @@ class _Checker:
     ) -> Registration | None:
         """The registration that last set ``data`` in ``inst``, if it was for an older,
         closed-before-``seq_in`` incarnation of j's number in j's process."""
-        if data == j.fd or data in inst.shared:
+        if data & 0xFFFFFFFF == j.fd or data in inst.shared:
             # data.fd convention: the number itself is just as right for the new incarnation.
+            # epoll_data is a union and ``data.fd = fd`` writes only its low 32 bits, so the
+            # high half is whatever was on the caller's stack (CPython's select.epoll does this).
             return None
         owner = inst.data_map.get(data)
         if owner is None:
@@ -730,13 +760,20 @@ class _Checker:
         m = self.m
         epfd, fd, what = r.arg, r.fd, r.flags
         if r.err == EBADF:
-            # EBADF names neither fd: blame the one the model shows closed, if only one is.
+            # EBADF does not say which of the two fds was bad: blame the one the model shows
+            # closed, and only if the other is not closed too.
             fds = m.proc(r.pid).fds
             e, tg = fds.get(epfd), fds.get(fd)
-            if e is not None and e.open:
+            e_bad = e is not None and not e.open
+            t_bad = tg is not None and not tg.open
+            if t_bad and not e_bad:
                 self._ebadf(idx, r, t, fd)
-            elif tg is not None and tg.open:
+            elif e_bad and not t_bad:
                 self._ebadf(idx, r, t, epfd)
+            elif not e_bad and not t_bad:
+                # Both look open: one of them was being closed while this call ran.
+                m.apply_close_in_flight(r.pid, fd, r.seq_out)
+                m.apply_close_in_flight(r.pid, epfd, r.seq_out)
             return
         einc, _ = m.resolve(r, epfd)
         inst = m.instance(einc)
@@ -774,8 +811,11 @@ class _Checker:
         i = owner.target
         if add:
             # Re-adding a number with a value that was freed since it was set is what malloc
-            # reuse looks like; without complete free tracking it cannot be told apart.
+            # reuse looks like; without complete free tracking it cannot be told apart.  A
+            # value whose last setter was itself a stale re-arm has no trustworthy owner.
             if d < SMALL_DATA or not self._free_tracking(r.pid, complete=True):
+                return None
+            if owner.set_idx in self.stale_sets:
                 return None
             fr = self.freed.get(r.pid, {}).get(d)
             if fr is not None and self.recs[fr].seq_in > owner.set_in:
@@ -879,9 +919,6 @@ class _Checker:
         t.batch = {}
         t.batch_idx = idx
         self.cur_wait = (idx, inst, t)
-        pend = self.pending_frees.get(inst.ofd.id)
-        if pend:
-            self._confirm_frees(idx, r, t, pend)
 
     def _event(self, idx: int, r: Record) -> None:
         self.events += 1
@@ -893,10 +930,13 @@ class _Checker:
         reg = inst.data_map.get(d)
         self.res[idx] = reg
         if reg is None:
+            self.unattributed[r.pid] = self.unattributed.get(r.pid, 0) + 1
             return
         i = reg.target
         if reg.events & EPOLLONESHOT and reg.armed:
             # epoll(7): with EPOLLONESHOT the item is disabled after one event until MOD.
+            if self.pending_frees:
+                self._reg_stopped(reg, r.seq_out)
             reg.armed = False
             reg.disarm_idx = idx
             reg.disarm_out = r.seq_out
@@ -905,9 +945,12 @@ class _Checker:
         if d in inst.shared:
             return  # a tag shared by live registrations: the event cannot be attributed
         if i.pid == t.pid:
-            t.batch[i.fd] = (i, wait_idx)
-            t.last_op[i.fd] = (_EVENT, i, wait_idx)
-            t.acted[i.fd] = _Acted(i, True)
+            fd = i.fd
+            t.batch[fd] = (i, wait_idx)
+            t.last_op[fd] = (_EVENT, i, wait_idx)
+            a = t.acted.get(fd)
+            if a is None or a.inc is not i or not a.knows:
+                t.acted[fd] = _Acted(i, True)
         if i.unknown:
             return
         wait = self.recs[wait_idx]
@@ -985,45 +1028,44 @@ class _Checker:
                 continue  # EPOLLONESHOT already fired and was not re-armed: it cannot fire
             if reg.target.ofd.refs <= 0:
                 continue
-            pend = self.pending_frees.setdefault(reg.inst.ofd.id, {})
-            pend.setdefault(reg.id, (reg, idx, t))
+            self.pending_frees.setdefault(reg.id, (reg, idx, t))
 
-    def _confirm_frees(
-        self, idx: int, r: Record, t: _Thread, pend: dict[int, tuple[Registration, int, _Thread]]
-    ) -> None:
-        """A free of a live, armed registration's data is reported once an epoll_wait on that
-        instance runs while the registration still could deliver it (a wait concurrent with
-        the free, or any later one).  A loop that frees and then closes or DELs before any
-        wait can run -- a single-threaded server's usual teardown -- never exposes it."""
-        for key, (reg, fidx, ft) in list(pend.items()):
-            f = self.recs[fidx]
-            if not reg.alive or reg.data != f.data or reg.set_in > f.seq_in:
-                del pend[key]
-                continue
-            if not reg.armed and reg.disarm_out < r.seq_in:
-                del pend[key]
-                continue
-            del pend[key]
-            i = reg.target
-            summary = (
-                f"free({fmt_data(f.data)}) in {ft.name} at seq {f.seq_in} while it was the data "
-                f"of a live, armed registration of {self._lbl(i)} in epoll fd {r.fd} (set at seq "
-                f"{self.recs[reg.set_idx].seq_in}); epoll_wait in {t.name} at seq {r.seq_in} "
-                "could return the freed pointer"
-            )
-            self._emit(
-                FREED_WHILE_REGISTERED,
-                summary,
-                fidx,
-                f,
-                i.fd,
-                f.data,
-                refs=(reg.set_idx, idx),
-                notes={
-                    fidx: "data of a live registration",
-                    idx: "this wait could deliver the freed pointer",
-                },
-            )
+    def _reg_stopped(self, reg: Registration, stop: int) -> None:
+        """The registration stops delivering its data at ``stop`` (DEL, last close, MOD,
+        or an EPOLLONESHOT event).  A free of that data before then is reported if an
+        epoll_wait on the instance was in the kernel in between: it could have returned the
+        freed pointer.  A loop that frees and then closes or DELs before any wait can run --
+        a single-threaded server's usual teardown -- never exposes it."""
+        pend = self.pending_frees.pop(reg.id, None)
+        if pend is None:
+            return
+        _, fidx, ft = pend
+        f = self.recs[fidx]
+        widx = self.m.wait_in_window(reg.inst, f.seq_in, stop)
+        if widx < 0:
+            return
+        w = self.recs[widx]
+        i = reg.target
+        summary = (
+            f"free({fmt_data(f.data)}) in {ft.name} at seq {f.seq_in} while it was the data "
+            f"of a live, armed registration of {self._lbl(i)} in epoll fd {w.fd} (set at seq "
+            f"{self.recs[reg.set_idx].seq_in}); epoll_wait in "
+            f"{self._tname(w.pid, w.tid)} (seq {w.seq_in}-{w.seq_out}) could return the "
+            "freed pointer"
+        )
+        self._emit(
+            FREED_WHILE_REGISTERED,
+            summary,
+            fidx,
+            f,
+            i.fd,
+            f.data,
+            refs=(reg.set_idx, widx),
+            notes={
+                fidx: "data of a live registration",
+                widx: "this wait could deliver the freed pointer",
+            },
+        )
 
     # -- end of trace ------------------------------------------------------------------
 
@@ -1031,8 +1073,14 @@ class _Checker:
         if not self.recs:
             return
         end = self.cutoff if self.cutoff is not None else self.recs[-1].seq_out
+        # A process that died of a signal never got the chance to close anything: its open
+        # fds say nothing about leaks (the crash itself is reported elsewhere).
+        # Nor does one that releases fds behind the shim's back (libuv closes with a raw
+        # syscall(SYS_close), exec drops close-on-exec fds): an fd that looks open may not be.
+        skip = {pid for pid, h in self.headers.items() if h.flags & HeaderFlag.CRASHED}
+        skip.update(self.untraced_closes)
         for inc in self.m.accepted:
-            if not inc.open or inc.unknown:
+            if not inc.open or inc.unknown or inc.pid in skip:
                 continue
             ev = inc.ofd.peer_closed_idx
             if ev < 0:
@@ -1071,6 +1119,12 @@ class _Checker:
                 f"the trace lost {self.lost} records: a missing close, epoll_ctl or free could "
                 "change this verdict"
             )
+        elif self.incomplete:
+            warnings.append(f"trace incomplete: {self.incomplete}")
+            self.ctx.incomplete = (
+                f"the trace is incomplete ({self.incomplete}): a missing close, epoll_ctl or "
+                "free could change this verdict"
+            )
         for pid, h in sorted(self.headers.items()):
             if h.lost_records:
                 warnings.append(f"pid {pid}: {h.lost_records} records lost")
@@ -1086,12 +1140,27 @@ class _Checker:
                     "event-for-freed-data were not checked"
                 )
             if h.flags & HeaderFlag.CRASHED:
-                warnings.append(f"pid {pid}: the shim saw a fatal signal; its trace may stop early")
+                warnings.append(
+                    f"pid {pid}: the shim saw a fatal signal; its trace may stop early "
+                    "(fd-leak is not checked for it)"
+                )
             if h.ppid and h.fork_seq and h.ppid not in self.pids:
                 warnings.append(
                     f"pid {pid}: forked from pid {h.ppid}, which is not in the trace: its "
                     "inherited fds are of unknown origin"
                 )
+        for pid, n in sorted(self.untraced_closes.items()):
+            warnings.append(
+                f"pid {pid}: {n} fd numbers were handed out again with no traced close (a raw "
+                "close syscall, io_uring, or exec dropping close-on-exec fds): fd-leak is not "
+                "checked for it"
+            )
+        for pid, n in sorted(self.unattributed.items()):
+            warnings.append(
+                f"pid {pid}: {n} epoll events carried data that no traced epoll_ctl set "
+                "(registrations made behind the shim, e.g. through io_uring): those events "
+                "were not checked"
+            )
         occurrences: dict[str, list[Finding]] = {}
         for f in sorted(self.findings, key=lambda f: (f.index, f.seq)):
             occurrences.setdefault(f.rule, []).append(f)
@@ -1127,7 +1196,8 @@ class _Checker:
             events=self.events,
             lost_records=self.lost,
         )
-        return TraceVerdict(violations, occurrences, warnings, stats, self.recs)
+        complete = not self.lost and not self.incomplete
+        return TraceVerdict(violations, occurrences, warnings, stats, complete, self.recs)
 
 
 def check(
@@ -1137,32 +1207,49 @@ def check(
     cutoff_seq: int | None = None,
     lost_records: int = 0,
     trace_path: str | None = None,
+    incomplete: str | None = None,
 ) -> TraceVerdict:
     """Replay ``records`` (all processes, sorted by seq_out, each EPOLL_EVENT right after its
     EPOLL_WAIT) and report every traced rule.  ``headers`` maps pid to its file header (fork
     points, free tracking, lost records); ``cutoff_seq`` ignores calls that began after it
-    (fd-leak is judged at that point)."""
-    return _Checker(records, headers, cutoff_seq, lost_records, trace_path).run()
+    (fd-leak is judged at that point); ``incomplete`` says why a trace with no lost records
+    is nevertheless incomplete (a damaged file, say)."""
+    # The pass allocates a few objects per record and frees none of them until the end: the
+    # cyclic collector would only rescan them over and over (about 10% of the run time).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        checker = _Checker(records, headers, cutoff_seq, lost_records, trace_path, incomplete)
+        return checker.run()
+    finally:
+        if enabled:
+            gc.enable()
 
 
-def check_trace(trace: TraceLike, *, cutoff_seq: int | None = None) -> TraceVerdict:
-    """:func:`check` for a reader ``Trace`` (or anything shaped like one)."""
+def check_trace(
+    trace: TraceLike, *, cutoff_seq: int | None = None, trace_path: str | None = None
+) -> TraceVerdict:
+    """:func:`check` for a reader ``Trace`` (or anything shaped like one).  The trace path in
+    reports defaults to the trace file (one process) or the folder holding the files."""
     headers: dict[int, Header] = {}
     paths: list[str] = []
     for p in trace.processes:
         headers[p.header.pid] = p.header
         paths.append(os.fspath(p.path))
-    trace_path: str | None = None
-    if len(paths) == 1:
+    if trace_path is None and len(paths) == 1:
         trace_path = paths[0]
-    elif paths:
+    elif trace_path is None and paths:
         trace_path = os.path.commonpath([os.path.dirname(p) for p in paths]) or None
+    damaged = None
+    if not trace.complete and not trace.lost_records:
+        damaged = "the reader marked it incomplete; see its warnings"
     verdict = check(
         trace.records,
         headers,
         cutoff_seq=cutoff_seq,
         lost_records=trace.lost_records,
         trace_path=trace_path,
+        incomplete=damaged,
     )
     verdict.warnings[:0] = [w for w in trace.warnings if w not in verdict.warnings]
     return verdict

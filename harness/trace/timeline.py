@@ -199,7 +199,10 @@ def render_record(
         text = f"epoll_ctl({r.arg}, {what}, {target}"
         if r.flags != 2:
             text += f", {epoll_events_str(r.events)}, data={fmt_data(r.data)}"
-        return text + ")" + result_str(r)
+        text += ")" + result_str(r)
+        if r.err == 9 and inc is not None and not inc.open:
+            text += f" ({inc_label(inc)} was already closed)"
+        return text
     if op == Op.EPOLL_WAIT:
         evs: list[str] = []
         others = 0
@@ -279,6 +282,27 @@ def _relevant(ctx: TimelineContext, idx: int, pid: int, fd: int | None, data: in
     return False
 
 
+def _scan(
+    ctx: TimelineContext, lo: int, hi: int, pid: int, fd: int | None, data: int | None
+) -> list[int]:
+    """Indices in [lo, hi) of the records about fd/data (a cheap test first: this runs over
+    up to _SCAN_BACK records per report)."""
+    recs = ctx.records
+    fdv = -(1 << 40) if fd is None else fd
+    datav = -1 if data is None else data
+    loose = (Op.EPOLL_WAIT, Op.FORK, Op.DUP, Op.CLOSE_RANGE)
+    out = []
+    for i in range(lo, hi):
+        r = recs[i]
+        if r.pid != pid:
+            continue
+        if (r.fd == fdv or r.ret == fdv or r.data == datav or r.op in loose) and _relevant(
+            ctx, i, pid, fd, data
+        ):
+            out.append(i)
+    return out
+
+
 def render_timeline(
     ctx: TimelineContext,
     *,
@@ -297,8 +321,14 @@ def render_timeline(
     lo = max(0, focus - _SCAN_BACK)
     hi = min(n, focus + _SCAN_FORWARD)
     must = {focus, *(i for i in refs if 0 <= i < n), *(i for i in notes if 0 <= i < n)}
-    before = [i for i in range(lo, focus) if i in must or _relevant(ctx, i, pid, fd, data)]
-    after = [i for i in range(focus + 1, hi) if i in must or _relevant(ctx, i, pid, fd, data)]
+    before = [i for i in _scan(ctx, lo, focus, pid, fd, data) if i not in must] + [
+        i for i in must if lo <= i < focus
+    ]
+    before.sort()
+    after = [i for i in _scan(ctx, focus + 1, hi, pid, fd, data) if i not in must] + [
+        i for i in must if focus < i < hi
+    ]
+    after.sort()
     # Anything required but outside the scanned range still gets its line.
     extra = [i for i in must if i < lo or i >= hi]
     candidates = sorted({*before, focus, *after, *extra})
@@ -334,13 +364,19 @@ def render_timeline(
         "(seq = global counter at syscall entry-exit; µs = microseconds since the first line):"
     )
     t0 = ctx.records[shown[0]].t_ns if shown else 0
-    lines.append(f"       {'seq':>17} {'µs':>10}  {'thread':<16} call")
+    recs = ctx.records
+    width = max([6, *(len(thread_label(ctx, recs[i].pid, recs[i].tid)) for i in shown)])
+    lines.append(f"       {'seq':>17} {'µs':>10}  {'thread':<{width}} call")
     prev_pos: int | None = None
     cand_pos = {i: p for p, i in enumerate(candidates)}
     leading = cand_pos[shown[0]] if shown else 0
-    if leading or lo > 0:
-        more = " (or more: the scan stopped)" if lo > 0 else ""
-        lines.append(f"       ... {leading} earlier related records not shown{more} ...")
+    if lo > 0:
+        lines.append(
+            f"       ... {leading} earlier related records not shown; records before seq "
+            f"{ctx.records[lo].seq_in} were not searched ..."
+        )
+    elif leading:
+        lines.append(f"       ... {leading} earlier related records not shown ...")
     # Runs of the same call by the same thread (a read loop, say) fold into one line.
     repeat_key: tuple[str, str] | None = None
     repeats = 0
@@ -377,7 +413,7 @@ def render_timeline(
         marker = ">>>" if i == focus else "   "
         seq = f"{r.seq_in}-{r.seq_out}"
         us = (r.t_ns - t0) / 1000.0
-        lines.append(f"  {marker}  {seq:>17} {us:>10.1f}  {who:<16} {text}")
+        lines.append(f"  {marker}  {seq:>17} {us:>10.1f}  {who:<{width}} {text}")
     fold()
     if prev_pos is not None and prev_pos < len(candidates) - 1:
         lines.append(f"       ... {len(candidates) - 1 - prev_pos} later related records ...")

@@ -96,10 +96,10 @@ def parse_head(head: bytes) -> tuple[Request, int]:
     return Request(method.decode(), target.decode("latin-1"), version, keep_alive), length
 
 
-def render(status: int, body: bytes, keep_alive: bool) -> bytes:
+def render(status: int, body: bytes, keep_alive: bool, server: str = SERVER_NAME) -> bytes:
     head = (
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-        f"Server: {SERVER_NAME}\r\n"
+        f"Server: {server}\r\n"
         "Content-Type: text/plain\r\n"
         f"Content-Length: {len(body)}\r\n"
         f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
@@ -219,7 +219,7 @@ class HttpProtocol(asyncio.Protocol):
                 out.append(self.reject(exc))
                 break
             body = f"{request.target}\n".encode("latin-1")
-            out.append(render(200, body, request.keep_alive))
+            out.append(render(200, body, request.keep_alive, self.server.name))
             line = f"{request.method} {request.target} {request.version}"
             self.server.logs.request(self.peer, line, 200, len(body))
             if not request.keep_alive:
@@ -235,13 +235,19 @@ class HttpProtocol(asyncio.Protocol):
         self.buf.clear()
         self.server.logs.note(f"{self.peer}: {exc.status} {exc}")
         self.server.logs.request(self.peer, "-", exc.status, 0)
-        return render(exc.status, f"{exc}\n".encode(), keep_alive=False)
+        return render(exc.status, f"{exc}\n".encode(), False, self.server.name)
 
 
 class Server:
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, logs: Logs, keepalive_s: float, request_s: float
+        self,
+        name: str,
+        loop: asyncio.AbstractEventLoop,
+        logs: Logs,
+        keepalive_s: float,
+        request_s: float,
     ) -> None:
+        self.name = name
         self.loop = loop
         self.logs = logs
         self.keepalive_s = keepalive_s
@@ -260,17 +266,17 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(args: argparse.Namespace, loop_name: str) -> None:
+async def serve(args: argparse.Namespace, name: str, loop_name: str) -> None:
     loop = asyncio.get_running_loop()
     logs = Logs(args.log_dir)
-    state = Server(loop, logs, args.keepalive_timeout, args.request_timeout)
+    state = Server(name, loop, logs, args.keepalive_timeout, args.request_timeout)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = await loop.create_server(
         lambda: HttpProtocol(state), sock=listen_socket(args.host, args.port)
     )
-    logs.note(f"{SERVER_NAME} ({loop_name}) listening on {args.host}:{args.port}")
+    logs.note(f"{name} ({loop_name}) listening on {args.host}:{args.port}")
     print("READY", flush=True)
     await stop.wait()
     # The process runner signals the process group and then each of its processes, so a
@@ -301,13 +307,14 @@ def main(
     argv: list[str] | None = None,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     loop_name: str = "asyncio",
+    name: str = SERVER_NAME,
 ) -> int:
     args = parse_args(argv)
     with (
         asyncio.Runner(loop_factory=loop_factory) as runner,
         contextlib.suppress(KeyboardInterrupt),
     ):
-        runner.run(serve(args, loop_name))
+        runner.run(serve(args, name, loop_name))
     return 0
 
 

@@ -7,6 +7,7 @@ any difference between the two targets' verdicts is uvloop's (libuv's) doing.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import sys
 from pathlib import Path
@@ -31,9 +32,11 @@ def main() -> int:
         return 2
     shared = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(shared)
-    shared.SERVER_NAME = "afterclose-uvloop"
+    version = importlib.metadata.version("uvloop")
     result: int = shared.main(
-        loop_factory=uvloop.new_event_loop, loop_name=f"uvloop {uvloop.__version__}"
+        loop_factory=uvloop.new_event_loop,
+        loop_name=f"uvloop {version}",
+        name="afterclose-uvloop",
     )
     return result
 

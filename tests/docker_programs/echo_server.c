@@ -3,6 +3,7 @@
  *   echo_server HOST PORT [--no-sigterm]
  *
  * GET /crash  dereferences NULL (SIGSEGV);  GET /fork  starts a child that sleeps;
+ * GET /hog    allocates memory until the kernel stops it;  GET /whoami  answers "uid=N";
  * any other path is echoed back as the body.  Prints READY once it listens.  With
  * --no-sigterm it installs no SIGTERM handler (as PID 1 in a container it then ignores
  * SIGTERM: the kernel drops unhandled signals sent to a PID namespace's init).
@@ -89,6 +90,16 @@ int main(int argc, char **argv)
             volatile int *p = NULL;
             *p = 1;
         }
+        if (strcmp(path, "/hog") == 0) {
+            for (;;) {
+                char *block = malloc(1 << 20);
+                if (block == NULL)
+                    abort();
+                memset(block, 1, 1 << 20);
+            }
+        }
+        if (strcmp(path, "/whoami") == 0)
+            snprintf(path, sizeof path, "uid=%d", (int)getuid());
         if (strcmp(path, "/fork") == 0 && fork() == 0) {
             close(fd);
             close(lfd);

@@ -107,8 +107,9 @@ static void conn_close(int fd)
 
 static void crash_now(void)
 {
-    /* volatile so the compiler cannot see the NULL and emit a trap (SIGILL) instead */
-    int *volatile p = NULL;
+    /* Both volatiles matter: a visible NULL becomes a trap (SIGILL) at -O2, and gcc 12 -O2
+     * dropped the store entirely when only the pointer itself was volatile. */
+    volatile int *volatile p = NULL;
     *p = 42;
 }
 

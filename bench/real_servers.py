@@ -1,0 +1,356 @@
+"""Run the built-in scenario suite N times against each real-server target and tabulate it.
+
+    python bench/real_servers.py --runs 10 [--tracer preload|off] [--targets nginx,lighttpd]
+                                 [--time-cap 3600] [--output docs/real-servers.md]
+
+Every run is an inner ``pytest --target=NAME --tracer=... --fault-seed=S`` (a fresh seed per
+run) in its own folder, so a run is exactly what a user would type.  Runs go round-robin over
+the targets (run 1 of each, then run 2, ...) so a time cap leaves every target with about the
+same number of runs; no run starts after the cap, and each run has its own timeout.
+
+The markdown table (server, version, process model, runs, scenarios per run, violations, wall
+time) is printed and written between the ``<!-- bench:real-servers:TRACER:start/end -->``
+markers of the output file, one section per tracer mode (the rest of the file is kept; a
+missing file or missing markers get a fresh section at the end).
+Below it come the rules reported, with the replay command and artifacts of each failed test.
+Passing runs' folders are deleted; failing ones are kept (``--keep`` keeps all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import random
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUTPUT = ROOT / "docs" / "real-servers.md"
+TARGETS = ("nginx", "lighttpd", "h2o", "asyncio", "uvloop")
+# One section per tracer mode, so the tables with and without the tracer live side by side.
+MARK_START = "<!-- bench:real-servers:{tracer}:start -->"
+MARK_END = "<!-- bench:real-servers:{tracer}:end -->"
+RUN_TIMEOUT_S = 900
+PROCESS_MODEL = {
+    "nginx": "master + 2 worker processes, one epoll loop each",
+    "lighttpd": "1 process, 1 epoll loop",
+    "h2o": "1 process, 2 event-loop threads (+ crash-report helper process)",
+    "asyncio": "1 process, 1 thread (selector loop on epoll)",
+    "uvloop": "1 process, 1 thread (libuv loop on epoll)",
+}
+VIOLATED = re.compile(r"afterclose: (\d+) rule\(s\) violated by target")
+RULE = re.compile(r"^\[([a-z-]+)\] ", re.MULTILINE)
+REPLAY = re.compile(r"^replay: (.*)$", re.MULTILINE)
+ARTIFACTS = re.compile(r"^artifacts: (.*)$", re.MULTILINE)
+
+
+@dataclass
+class Failure:
+    test: str
+    rules: list[str]
+    replay: str
+    artifacts: str
+    first_line: str
+
+
+@dataclass
+class TargetStats:
+    name: str
+    version: str = "?"
+    runs: int = 0
+    tests_per_run: set[int] = field(default_factory=set)
+    violations: int = 0
+    errors: int = 0  # failed tests with no verdict (the target did not start, a timeout...)
+    rules: Counter[str] = field(default_factory=Counter)
+    failures: list[Failure] = field(default_factory=list)
+    wall_s: float = 0.0
+    skipped: str | None = None
+
+
+def python_env() -> dict[str, str]:
+    """The Python targets run ``python3`` from PATH: make it this interpreter (a venv's)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def _ask(argv: list[str], pattern: str) -> str | None:
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=30, env=python_env(), check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(pattern, proc.stdout + proc.stderr)
+    return match.group(1) if match else None
+
+
+def version_of(name: str) -> str | None:
+    """The version the binary (or interpreter) reports; None if it is not installed."""
+    if name == "nginx":
+        found = _ask(["/usr/sbin/nginx", "-v"], r"nginx version: (nginx/\S+)")
+    elif name == "lighttpd":
+        found = _ask(["/usr/sbin/lighttpd", "-v"], r"(lighttpd/\S+)")
+    elif name == "h2o":
+        found = _ask(["/usr/bin/h2o", "--version"], r"h2o version (\S+)")
+        found = f"h2o {found}" if found else None
+    elif name == "asyncio":
+        found = _ask(
+            ["python3", "-c", "import platform; print('CPython', platform.python_version())"],
+            r"(CPython \S+)",
+        )
+    else:
+        code = "import platform, uvloop; print(uvloop.__version__, platform.python_version())"
+        found = _ask(["python3", "-c", code], r"^(\S+ \S+)$")
+        if found:
+            uv, py = found.split()
+            found = f"uvloop {uv} (CPython {py})"
+    return found
+
+
+def parse_junit(path: Path) -> tuple[int, list[tuple[str, str]]]:
+    """(tests run, [(test name, failure text)]) of one inner pytest run."""
+    root = ET.parse(path).getroot()
+    tests = 0
+    failed: list[tuple[str, str]] = []
+    for case in root.iter("testcase"):
+        if case.find("skipped") is not None:
+            continue
+        tests += 1
+        for tag in ("failure", "error"):
+            node = case.find(tag)
+            if node is not None:
+                text = (node.get("message") or "") + "\n" + (node.text or "")
+                failed.append((case.get("name", "?"), text))
+    return tests, failed
+
+
+def run_once(
+    name: str, tracer: str, seed: int, folder: Path, extra: list[str]
+) -> tuple[int, list[Failure], str]:
+    """One inner pytest run; returns (tests, failures, problem text if it did not run)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    junit = folder / "junit.xml"
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        f"--target={name}",
+        f"--tracer={tracer}",
+        f"--fault-seed={seed}",
+        f"--basetemp={folder / 'tmp'}",
+        f"--junitxml={junit}",
+        "-q",
+        "-rN",
+        *extra,
+    ]
+    log = folder / "pytest.log"
+    try:
+        with log.open("w") as out:
+            proc = subprocess.run(
+                argv,
+                cwd=folder,  # no ini file here: only the built-in suite is collected
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=python_env(),
+                timeout=RUN_TIMEOUT_S,
+                check=False,
+            )
+    except subprocess.TimeoutExpired:
+        return 0, [], f"timed out after {RUN_TIMEOUT_S} s (log: {log})"
+    if not junit.is_file():
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        return 0, [], f"pytest exited {proc.returncode} without a report:\n{tail}"
+    tests, failed = parse_junit(junit)
+    failures = []
+    for test, text in failed:
+        rules = RULE.findall(text)
+        replay = REPLAY.search(text)
+        artifacts = ARTIFACTS.search(text)
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        failures.append(
+            Failure(
+                test=test,
+                rules=rules if VIOLATED.search(text) else [],
+                replay=replay.group(1) if replay else shlex.join(argv[3:]),
+                artifacts=artifacts.group(1) if artifacts else str(folder),
+                first_line=first[:200],
+            )
+        )
+    return tests, failures, ""
+
+
+def fmt_seconds(seconds: float) -> str:
+    if seconds >= 120:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.0f} s"
+
+
+def table(stats: list[TargetStats]) -> str:
+    lines = [
+        "| server | version | process model | runs | scenarios (tests per run) "
+        "| violations (total) | wall time |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for s in stats:
+        if s.skipped:
+            lines.append(
+                f"| {s.name} | - | {PROCESS_MODEL[s.name]} | 0 | - | - | skipped: {s.skipped} |"
+            )
+            continue
+        per_run = "/".join(str(n) for n in sorted(s.tests_per_run)) or "-"
+        violations = str(s.violations)
+        if s.errors:
+            violations += f" (+{s.errors} failed without a verdict)"
+        lines.append(
+            f"| {s.name} | {s.version} | {PROCESS_MODEL[s.name]} | {s.runs} | {per_run} "
+            f"| {violations} | {fmt_seconds(s.wall_s)} |"
+        )
+    return "\n".join(lines)
+
+
+def details(stats: list[TargetStats]) -> str:
+    out: list[str] = []
+    for s in stats:
+        if not s.failures:
+            continue
+        rules = ", ".join(f"{rule} x{n}" for rule, n in s.rules.most_common()) or "none"
+        out.append(f"- **{s.name}**: rules {rules}")
+        for f in s.failures[:20]:
+            what = ", ".join(f.rules) if f.rules else f"no verdict: {f.first_line}"
+            out.append(f"  - `{f.test}` [{what}]: `{f.replay}` (artifacts: `{f.artifacts}`)")
+        if len(s.failures) > 20:
+            out.append(f"  - ... and {len(s.failures) - 20} more")
+    return "\n".join(out)
+
+
+def section(stats: list[TargetStats], args: argparse.Namespace, elapsed: float) -> str:
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = shlex.join(["python", "bench/real_servers.py", *sys.argv[1:]])
+    machine = f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs"
+    parts = [
+        MARK_START.format(tracer=args.tracer),
+        f"### Tracer `{args.tracer}`",
+        "",
+        f"Measured {when} on {machine} with `{command}` (tracer `{args.tracer}`, "
+        f"{fmt_seconds(elapsed)} in all):",
+        "",
+        table(stats),
+    ]
+    more = details(stats)
+    parts += ["", "Failed tests:", "", more] if more else ["", "No test failed."]
+    parts.append(MARK_END.format(tracer=args.tracer))
+    return "\n".join(parts) + "\n"
+
+
+def write_doc(path: Path, text: str, tracer: str) -> None:
+    old = path.read_text() if path.is_file() else ""
+    start, end = MARK_START.format(tracer=tracer), MARK_END.format(tracer=tracer)
+    if start in old and end in old:
+        head, _, rest = old.partition(start)
+        _, _, tail = rest.partition(end)
+        new = head + text.rstrip("\n") + tail
+    else:
+        intro = old or "# Real servers as afterclose targets\n\n"
+        new = intro.rstrip("\n") + "\n\n" + text
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10, help="suite runs per target")
+    parser.add_argument("--tracer", choices=("preload", "off"), default="preload")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated names")
+    parser.add_argument(
+        "--time-cap", type=float, default=3600, help="start no run after this many seconds"
+    )
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--keep", action="store_true", help="keep the folders of passing runs")
+    parser.add_argument("--workdir", type=Path, default=None, help="where runs are kept")
+    parser.add_argument(
+        "--pytest-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for the inner pytest (repeatable; write --pytest-arg=-x)",
+    )
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.targets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown or args.runs < 1:
+        parser.error(f"unknown target(s) {unknown}; known: {', '.join(TARGETS)}; runs >= 1")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="afterclose-bench-"))
+    stats = {n: TargetStats(n) for n in names}
+    for s in stats.values():
+        version = version_of(s.name)
+        if version is None:
+            s.skipped = "not installed" if s.name != "uvloop" else "pip install uvloop"
+        else:
+            s.version = version
+    start = time.monotonic()
+    capped = False
+    for i in range(args.runs):
+        for s in stats.values():
+            if s.skipped:
+                continue
+            if time.monotonic() - start >= args.time_cap:
+                capped = True
+                break
+            seed = random.getrandbits(32)
+            folder = workdir / s.name / f"run-{i + 1}"
+            t0 = time.monotonic()
+            tests, failures, problem = run_once(s.name, args.tracer, seed, folder, args.pytest_arg)
+            s.wall_s += time.monotonic() - t0
+            s.runs += 1
+            if problem:
+                s.errors += 1
+                s.failures.append(Failure("(whole run)", [], f"seed {seed}", str(folder), problem))
+            if tests:
+                s.tests_per_run.add(tests)
+            for f in failures:
+                s.failures.append(f)
+                if f.rules:
+                    s.violations += len(f.rules)
+                    s.rules.update(f.rules)
+                else:
+                    s.errors += 1
+            verdict = "ok" if not failures and not problem else f"{len(failures)} failed"
+            print(
+                f"{s.name} run {i + 1}/{args.runs} seed {seed}: {tests} tests, {verdict} "
+                f"({time.monotonic() - t0:.1f} s)",
+                flush=True,
+            )
+            if not failures and not problem and not args.keep:
+                shutil.rmtree(folder, ignore_errors=True)
+        if capped:
+            print(f"time cap of {args.time_cap:g} s reached: no more runs", flush=True)
+            break
+    elapsed = time.monotonic() - start
+    text = section(list(stats.values()), args, elapsed)
+    print()
+    print(text)
+    if not args.no_write:
+        write_doc(args.output, text, args.tracer)
+        print(f"written to {args.output}")
+    print(f"run folders: {workdir}")
+    return 1 if any(s.violations or s.errors for s in stats.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
