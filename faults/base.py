@@ -698,8 +698,7 @@ def drive(
                     at = start + i / rate_per_s
                     if at >= stop:
                         return
-                    if at > time.monotonic():
-                        time.sleep(at - time.monotonic())
+                    time.sleep(max(at - time.monotonic(), 0.0))  # read the clock once
                 if time.monotonic() >= stop:
                     return
                 started[slot] += 1

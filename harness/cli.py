@@ -4,6 +4,7 @@ afterclose demo                      find the bug in seed-buggy, pass seed-fixed
 afterclose targets                   list the targets it can find
 afterclose faults                    list the faults and their parameters
 afterclose run --target X FAULT k=v  run one fault against a target and judge it
+afterclose explore --target X        search fault sequences for a violation, shrink it
 afterclose trace show DIR|FILE       print a saved trace's verdict and timelines
 """
 
@@ -17,8 +18,12 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from afterclose.harness.errors import AftercloseError
+
+if TYPE_CHECKING:
+    from afterclose.harness.session import TargetRun
 
 DEMO_BUDGET_S = 60.0
 
@@ -36,10 +41,7 @@ def _settings(target: str, args: argparse.Namespace) -> object:
     )
 
 
-def _storm(run: object, rounds: int) -> None:
-    from afterclose.harness.session import TargetRun
-
-    assert isinstance(run, TargetRun)
+def _storm(run: TargetRun) -> None:
     run.run_fault(
         "connection_storm",
         rate_per_s=800,
@@ -65,7 +67,7 @@ def _hunt(target: str, args: argparse.Namespace, budget_s: float) -> tuple[bool,
     while time.monotonic() - start < budget_s:
         rounds += 1
         with harness.start(base / f"round-{rounds}", f"demo-round-{rounds}") as run:
-            _storm(run, rounds)
+            _storm(run)
             outcome = run.finish()
         elapsed = time.monotonic() - start
         for report in outcome.reports:
@@ -76,7 +78,8 @@ def _hunt(target: str, args: argparse.Namespace, budget_s: float) -> tuple[bool,
             print(
                 f"   FOUND after {elapsed:.1f} s: " + ", ".join(v.rule for v in outcome.violations)
             )
-            print(run.failure_message(outcome))
+            replay = f"afterclose demo --seed {settings.fault_seed}"
+            print(run.failure_message(outcome, replay=replay))
             return True, elapsed, rounds
         if args.rounds and rounds >= args.rounds:
             break
@@ -115,18 +118,14 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_faults(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from afterclose import faults
 
     for name in faults.available():
         cls = faults.get(name)
-        params = ", ".join(
-            f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
-            for f in dataclasses.fields(cls)
-        )
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        print(f"{name:18} {doc}\n{'':18} {params}")
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"{name}: {doc[0] if doc else ''}")
+        for line in cls.describe_params():
+            print(f"    {line}")
     return 0
 
 
@@ -165,22 +164,75 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_explore(args: argparse.Namespace) -> int:
+    try:
+        from afterclose.harness import explore
+    except ImportError as exc:
+        raise AftercloseError(
+            f"afterclose explore needs Hypothesis ({exc})", hint="pip install hypothesis"
+        ) from None
+    settings = _settings(args.target, args)
+    assert isinstance(settings, explore.Settings)
+    return explore.command(args, settings)
+
+
 def cmd_trace_show(args: argparse.Namespace) -> int:
-    from afterclose.harness.trace import reader, rules
+    from afterclose.harness.errors import TraceError
+    from afterclose.harness.trace import reader, rules, svg
+    from afterclose.harness.trace.format import TRACE_GLOB
 
     path = Path(args.path)
-    trace = reader.read_trace_dir(path) if path.is_dir() else reader.read_trace_file_as_trace(path)
+    if path.is_dir():
+        if not any(path.glob(TRACE_GLOB)):
+            raise TraceError(
+                f"no {TRACE_GLOB} files in this folder",
+                where=path,
+                hint="pass the trace folder of a run (its workdir's trace/) or one trace file",
+            )
+        trace = reader.read_trace_dir(path)
+    elif path.exists():
+        trace = reader.read_trace_files([path])
+    else:
+        raise TraceError(
+            "no such trace folder or file",
+            where=path,
+            hint="pass the trace folder of a run (its workdir's trace/) or one trace file",
+        )
     result = rules.check_trace(trace, cutoff_seq=args.cutoff, trace_path=str(path))
     print(
         f"{path}: {len(trace.processes)} process(es), {len(trace.records)} records, "
-        f"{trace.lost_records} lost"
+        f"{trace.lost_records} lost" + ("" if trace.complete else " (incomplete)")
     )
-    for warning in (*trace.warnings, *result.warnings):
+    for proc in trace.processes:
+        state = " crashed" if proc.crashed else ""
+        print(
+            f"  pid {proc.pid} ({proc.header.exe or '?'}): {len(proc.records)} records, "
+            f"{proc.lost_records} lost{state}  [{proc.path.name}]"
+        )
+    if args.cutoff is not None:
+        print(f"  judged up to seq {args.cutoff}")
+    # check_trace puts the reader's warnings first in its own.
+    for warning in dict.fromkeys((*trace.warnings, *result.warnings)):
         print(f"WARNING: {warning}")
     for violation in result.violations:
         print(violation.render())
+        if args.all:
+            occ = result.occurrences.get(violation.rule, [])
+            for n, finding in enumerate(occ[1:], 2):
+                print(f"\n  -- {violation.rule}: occurrence {n} of {len(occ)}")
+                print("\n".join("    " + line for line in finding.timeline().splitlines()))
     if not result.violations:
         print("no violation")
+    if args.svg is not None:
+        out_dir = Path(args.svg)
+        try:
+            written = svg.write_report(result, out_dir, every=args.all, trace_path=str(path))
+        except OSError as exc:
+            raise AftercloseError(
+                f"cannot write the timeline pictures: {exc.strerror or exc}", where=out_dir
+            ) from exc
+        for picture in written:
+            print(f"wrote {picture}")
     return 1 if result.violations else 0
 
 
@@ -205,11 +257,42 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("fault")
     run.add_argument("params", nargs="*", help="fault parameters as key=value")
     run.set_defaults(func=cmd_run)
+    explore = sub.add_parser("explore", help="search fault sequences for a violation")
+    common(explore)
+    explore.add_argument("--target", required=True)
+    explore.add_argument("--out", default="scenarios/found-{rule}.toml", help="scenario file")
+    explore.add_argument("--max-examples", type=int, default=50)
+    explore.add_argument("--budget-s", type=float, default=120.0)
+    explore.add_argument("--runs-per-example", type=int, default=2, help="runs before a pass")
+    explore.add_argument("--verify-runs", type=int, default=3, help="re-runs of the result")
+    explore.add_argument("--faults", default="", help="comma-separated (default: all)")
+    explore.add_argument("--max-phases", type=int, default=3)
+    explore.set_defaults(func=cmd_explore)
     trace = sub.add_parser("trace", help="saved traces")
     trace_sub = trace.add_subparsers(dest="trace_command", required=True)
-    show = trace_sub.add_parser("show", help="print a saved trace's verdict")
-    show.add_argument("path")
-    show.add_argument("--cutoff", type=int, default=None)
+    show = trace_sub.add_parser(
+        "show",
+        help="print a saved trace's verdict",
+        description="Judge a saved trace: exit 1 when a rule is violated, 0 when none is, "
+        "2 when the path is not a readable trace.",
+    )
+    show.add_argument("path", help="a trace folder (trace.*.bin files) or one trace file")
+    show.add_argument(
+        "--cutoff",
+        type=int,
+        default=None,
+        metavar="SEQ",
+        help="ignore calls that began after sequence number SEQ",
+    )
+    show.add_argument(
+        "--all", action="store_true", help="print (and draw) every occurrence, not the first"
+    )
+    show.add_argument(
+        "--svg",
+        default=None,
+        metavar="OUT_DIR",
+        help="write an SVG timeline per violated rule into OUT_DIR",
+    )
     show.set_defaults(func=cmd_trace_show)
     return parser
 

@@ -21,6 +21,8 @@ TRACER_MODES = ("auto", "preload", "ebpf", "off")
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGKILL")
 
 T = TypeVar("T")
+_NO_STRINGS: tuple[str, ...] = ()
+_NO_ENV: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -247,11 +249,13 @@ def parse_manifest(data: Mapping[str, Any], path: Path) -> Manifest:
     name = top.get("name", _str, "", describe="a target name", required=True)
     if not name or any(c.isspace() or c == "/" for c in name):
         raise top.error("name", f"{name!r} is not a usable name", "use letters, digits, - and _")
-    command = top.get("command", _command, tuple[str, ...](), describe="a list of strings", required=True)
+    command = top.get("command", _command, _NO_STRINGS, describe="a list of strings", required=True)
     description = top.get("description", _str, "", describe="a string")
     build = top.get("build", _command, None, describe="a list of strings (a command)")
-    env = top.get("env", _str_map, dict[str, str](), describe="a table of strings")
-    files = top.get("files", _str_map, dict[str, str](), describe="a table of file name = template text")
+    env = top.get("env", _str_map, dict(_NO_ENV), describe="a table of strings")
+    files = top.get(
+        "files", _str_map, dict(_NO_ENV), describe="a table of file name = template text"
+    )
     for fname in files:
         if "/" in fname or fname in ("", ".", ".."):
             raise top.error("files", f"{fname!r} is not a plain file name", "no folders")
@@ -311,9 +315,11 @@ def _status(value: Any) -> int:
 def _parse_compile(table: _Table | None, folder: Path) -> CompileSpec | None:
     if table is None:
         return None
-    sources = table.get("sources", _command, tuple[str, ...](), describe="a list of source files", required=True)
-    cflags = table.get("cflags", _str_list, tuple[str, ...](), describe="a list of strings")
-    ldflags = table.get("ldflags", _str_list, tuple[str, ...](), describe="a list of strings")
+    sources = table.get(
+        "sources", _command, _NO_STRINGS, describe="a list of source files", required=True
+    )
+    cflags = table.get("cflags", _str_list, _NO_STRINGS, describe="a list of strings")
+    ldflags = table.get("ldflags", _str_list, _NO_STRINGS, describe="a list of strings")
     table.reject_unknown()
     paths = tuple((folder / s).resolve() for s in sources)
     for src, p in zip(sources, paths, strict=True):
@@ -344,7 +350,7 @@ def _parse_docker(table: _Table | None, folder: Path) -> DockerSpec | None:
     image = table.get("image", _str, None, describe="an image name")
     dockerfile = table.get("dockerfile", _str, None, describe="a path to a Dockerfile")
     context = table.get("context", _str, None, describe="a build context folder")
-    run_args = table.get("run_args", _str_list, tuple[str, ...](), describe="a list of strings")
+    run_args = table.get("run_args", _str_list, _NO_STRINGS, describe="a list of strings")
     libc = table.get("libc", _choice(("glibc", "musl", "none")), "glibc", describe="a libc")
     table.reject_unknown()
     if (image is None) == (dockerfile is None):

@@ -126,6 +126,15 @@ def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> 
     return None
 
 
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    # Scenario files (scenarios/*.toml) are tests only when there is a target to run them on.
+    if file_path.suffix != ".toml" or parent.config.stash.get(HARNESS_KEY, None) is None:
+        return None
+    from afterclose.harness import scenario_file
+
+    return scenario_file.collect_file(file_path, parent)
+
+
 @pytest.fixture(scope="session")
 def afterclose_harness(request: pytest.FixtureRequest) -> Harness:
     """The session's harness: settings, the resolved manifest and its build."""

@@ -25,6 +25,7 @@ from afterclose.harness.runners.base import Runner, RunningTarget
 
 if TYPE_CHECKING:
     from afterclose.faults.base import FaultReport
+    from afterclose.harness.scenario import Scenario, ScenarioReport
 
 RUNNERS = ("process", "docker")
 SANITIZERS = ("none", "address", "undefined")
@@ -117,7 +118,10 @@ class Harness:
         # test the same client-side schedule as before, and tests differ from each other.
         return random.Random(f"{self.settings.fault_seed}:{test_name}").getrandbits(32)
 
-    def replay_command(self, test_name: str) -> str:
+    def replay_command(self, test_name: str, nodeid: str | None = None) -> str:
+        if nodeid is not None:  # a scenario file's test: select it alone, by node id
+            args = [*self.settings.replay_args(), "--no-builtin-suite", nodeid]
+            return shlex.join(["pytest", *args])
         return shlex.join(["pytest", *self.settings.replay_args(), "-k", test_name])
 
     def start(self, workdir: Path, test_name: str) -> TargetRun:
@@ -134,6 +138,9 @@ class TargetRun:
         self.seed = harness.seed_for(test_name)
         self.rng = random.Random(self.seed)
         self.reports: list[FaultReport] = []
+        self.schedule: list[str] = []  # the client-side schedule of every fault run, in order
+        self.scenarios: list[ScenarioReport] = []
+        self.replay_nodeid: str | None = None  # set by scenario-file tests (replay by node id)
         self._finished: Outcome | None = None
         self._stack = contextlib.ExitStack()
         manifest = harness.manifest
@@ -184,7 +191,16 @@ class TargetRun:
         endpoint = Endpoint(self.host, self.port, echo_path=self.manifest.echo_path)
         report = fault.run(endpoint, self.rng, time.monotonic() + FAULT_BUDGET_S)
         self.reports.append(report)
+        self.schedule.extend(f"{name}: {line}" for line in report.schedule)
         return report
+
+    def run_scenario(self, scenario: Scenario) -> ScenarioReport:
+        """Run ``scenario``'s phases in order (seed: its own, else this test's seed)."""
+        from afterclose.harness import scenario as scenarios
+
+        result = scenarios.run_scenario(self, scenario, FAULT_BUDGET_S)
+        self.scenarios.append(result)
+        return result
 
     def finish(self) -> Outcome:
         """Judge the run: black-box rules, then the trace; stops the target."""
@@ -207,11 +223,11 @@ class TargetRun:
         out.violations = [v for v in (*checks, crash_at_stop) if v is not None]
         known = {v.rule for v in out.violations}
         out.violations.extend(v for v in traced.violations if v.rule not in known)
-        out.warnings.extend(traced.warnings)
+        out.warnings.extend(dict.fromkeys(traced.warnings))
         self._finished = out
         return out
 
-    def failure_message(self, outcome: Outcome) -> str:
+    def failure_message(self, outcome: Outcome, replay: str | None = None) -> str:
         harness = self.harness
         lines = [
             f"afterclose: {len(outcome.violations)} rule(s) violated by target "
@@ -219,11 +235,13 @@ class TargetRun:
             f"test seed {self.seed})",
         ]
         lines.extend(v.render() for v in outcome.violations)
+        lines.extend(result.headline() for result in self.scenarios)
         for report in outcome.reports:
             lines.append(f"fault {report.summary()}")
         lines.extend(f"WARNING: {w}" for w in outcome.warnings)
         lines.append(f"artifacts: {self.workdir}")
-        lines.append(f"replay: {harness.replay_command(self.test_name)}")
+        replay = replay or harness.replay_command(self.test_name, self.replay_nodeid)
+        lines.append(f"replay: {replay}")
         return "\n".join(lines)
 
     def close(self) -> None:

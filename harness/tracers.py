@@ -89,9 +89,25 @@ class PreloadTracer(TracerSession):
                 trace_dir=self.trace_dir,
             )
         result = rules.check_trace(trace, cutoff_seq=cutoff, trace_path=str(self.trace_dir))
+        violations = list(result.violations)
+        warnings = list(dict.fromkeys([*trace.warnings, *result.warnings]))  # no repeats
+        if violations:
+            # A picture of each rule's first occurrence, beside the trace in the run's workdir.
+            from afterclose.harness.trace import svg
+
+            try:
+                written = svg.write_report(result, self.trace_dir.parent)
+            except Exception as exc:  # the verdict matters more than its picture
+                warnings.append(f"could not draw the timelines in {self.trace_dir.parent}: {exc}")
+            else:
+                by_name = {p.name: str(p) for p in written}
+                for n, v in enumerate(violations):
+                    picture = by_name.get(svg.report_name(v.rule))
+                    if picture is not None:
+                        violations[n] = dataclasses.replace(v, artifacts=(*v.artifacts, picture))
         return TraceOutcome(
-            violations=list(result.violations),
-            warnings=[*trace.warnings, *result.warnings],
+            violations=violations,
+            warnings=warnings,
             stats=dataclasses.asdict(result.stats),
             trace_dir=self.trace_dir,
         )

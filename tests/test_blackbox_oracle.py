@@ -10,7 +10,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from afterclose.harness.oracle import verdict
 from afterclose.harness.session import Harness, Outcome, Settings
 

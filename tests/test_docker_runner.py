@@ -203,9 +203,20 @@ def test_exec_ed_process_is_in_host_pids(
             target.container_id, [str(echo_binary), "127.0.0.1", str(other.port)]
         )["Id"]
         docker_client.api.exec_start(exec_id, detach=True)
-        pids = wait_for(lambda: len(target.host_pids()) == 2 and target.host_pids(), 5, "exec")
-        assert pids[0] == target.main_pid
-        assert Path(f"/proc/{pids[1]}/exe").resolve() == echo_binary.resolve()
+
+        def exec_ed() -> list[int]:
+            # runc's helper joins the cgroup before it execs the program: wait for the exec.
+            return [p for p in target.host_pids()[1:] if _exe(p) == echo_binary.resolve()]
+
+        wait_for(exec_ed, 10, "the exec-ed process")
+        assert target.host_pids()[0] == target.main_pid
+
+
+def _exe(pid: int) -> Path | None:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/exe")).resolve()
+    except OSError:
+        return None
 
 
 def test_crash_is_a_signal_not_stopped_by_harness(
@@ -516,6 +527,13 @@ MANIFEST = Path({manifest!r})
 MARKER = Path({marker!r})
 
 
+def mark(text):
+    # Atomic: the outer test must never read a marker that exists but is still empty.
+    tmp = MARKER.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.rename(MARKER)
+
+
 def start(workdir):
     manifest = load_manifest(MANIFEST)
     artefact = build_target(manifest, "none", "inner")
@@ -528,13 +546,13 @@ def start(workdir):
 INNER_TESTS = """
 def test_with_block(tmp_path):
     with start(tmp_path / "w"):
-        MARKER.write_text("started")
+        mark("started")
         time.sleep(120)
 
 
 def test_leaked(tmp_path):
     target = start(tmp_path / "w")  # never stopped by the test: atexit must remove it
-    MARKER.write_text("started")
+    mark("started")
     time.sleep(120)
 """
 
@@ -602,7 +620,7 @@ def test_exit_without_stop_removes_container(docker_client: Any, tmp_path: Path)
     code = INNER_COMMON.format(manifest=str(ECHO_MANIFEST), marker=str(marker)) + textwrap.dedent(
         """
         target = start(Path(sys.argv[1]))
-        MARKER.write_text(target.container_name)
+        mark(target.container_name)
         sys.exit(0)  # no stop(): the atexit handler removes it
         """
     )
@@ -632,7 +650,7 @@ def test_container_of_a_sigkilled_process_is_swept(docker_client: Any, tmp_path:
     code = INNER_COMMON.format(manifest=str(ECHO_MANIFEST), marker=str(marker)) + textwrap.dedent(
         """
         target = start(Path(sys.argv[1]))
-        MARKER.write_text(target.container_name)
+        mark(target.container_name)
         time.sleep(120)
         """
     )
@@ -649,8 +667,9 @@ def test_container_of_a_sigkilled_process_is_swept(docker_client: Any, tmp_path:
         # Under xdist another worker's new runner may sweep it first.
         assert len(containers_labelled(docker_client, label)) <= 1
         removed = sweep_containers(session)
-        assert removed in ([marker.read_text()], [])
-        assert containers_labelled(docker_client, label) == []
+        assert removed in ([marker.read_text()], []), (removed, marker.read_text())
+        left = containers_labelled(docker_client, label)
+        assert left == [], [(c.name, c.labels) for c in left]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -168,17 +168,44 @@ def test_uvloop_missing_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert "pip install uvloop" in text
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
-def test_builtin_suite_passes(name: str, pytester: pytest.Pytester) -> None:
+# Tracer reports on these targets that were investigated and found to be false positives of
+# the trace rules (see docs/real-servers.md); each entry names the rule and why it is wrong.
+TRACER_FALSE_POSITIVES = {
+    "nginx": "stale-rearm on the first EPOLL_CTL_ADD of a just-accepted connection: nginx "
+    "reuses its preallocated connection structs (free list, pointer | instance bit as epoll "
+    "data), which the rule takes for a closed connection's stale data",
+}
+
+
+def run_suite(pytester: pytest.Pytester, name: str, tracer: str) -> None:
     require(name)
     result = pytester.runpytest_subprocess(
-        f"--target={name}", "--tracer=off", "-p", "no:cacheprovider", "-q", timeout=600
+        f"--target={name}", f"--tracer={tracer}", "-p", "no:cacheprovider", "-q", timeout=600
     )
     outcomes = result.parseoutcomes()
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()[-6000:]
     assert outcomes.get("passed", 0) >= 8, outcomes
     assert set(outcomes) <= {"passed"}, outcomes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_builtin_suite_passes(name: str, pytester: pytest.Pytester) -> None:
+    run_suite(pytester, name, "off")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(reason=TRACER_FALSE_POSITIVES[n], strict=False))
+        if n in TRACER_FALSE_POSITIVES
+        else n
+        for n in NAMES
+    ],
+)
+def test_builtin_suite_passes_traced(name: str, pytester: pytest.Pytester) -> None:
+    run_suite(pytester, name, "preload")
 
 
 def test_skip_reasons_are_clear(monkeypatch: pytest.MonkeyPatch) -> None:

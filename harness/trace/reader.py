@@ -12,7 +12,7 @@ import gc
 import os
 import re
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from operator import attrgetter
@@ -43,6 +43,7 @@ __all__ = [
     "TraceError",
     "read_trace_dir",
     "read_trace_file",
+    "read_trace_files",
 ]
 
 _OPS: dict[int, Op] = {int(op): op for op in Op}
@@ -334,10 +335,16 @@ def read_trace_dir(path: Path) -> Trace:
             where=path,
             hint="the tracer writes here only when the target ran with the shim preloaded",
         )
+    return read_trace_files(path.glob(TRACE_GLOB))
+
+
+def read_trace_files(paths: Iterable[Path]) -> Trace:
+    """Read the given trace files (one, or a folder's worth) and merge them into one
+    :class:`Trace`, with the same warnings :func:`read_trace_dir` gives."""
     processes: list[ProcessTrace] = []
     warnings: list[str] = []
     unreadable = 0
-    for file in sorted(path.glob(TRACE_GLOB), key=_sort_key):
+    for file in sorted((Path(p) for p in paths), key=_sort_key):
         try:
             proc = read_trace_file(file)
         except _HeaderNeverWritten:

@@ -303,11 +303,21 @@ def _scan(
     return out
 
 
-def render_timeline(
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The records a timeline shows around a focus.  ``candidates`` are every related record
+    found in the searched range ``[lo, hi)`` (plus the required ones), ``shown`` the ones kept
+    (both sorted record indices; ``shown`` is a subset of ``candidates``)."""
+
+    shown: list[int]
+    candidates: list[int]
+    lo: int
+    hi: int
+
+
+def select_records(
     ctx: TimelineContext,
     *,
-    rule: str,
-    summary: str,
     pid: int,
     fd: int | None,
     data: int | None,
@@ -315,7 +325,9 @@ def render_timeline(
     refs: Sequence[int] = (),
     notes: Mapping[int, str] | None = None,
     max_lines: int = MAX_LINES,
-) -> str:
+) -> Selection:
+    """Pick the records about fd/data around ``focus``: the focus, ``refs`` and noted records
+    always, then up to ``_AFTER_FOCUS`` later ones and as many earlier ones as fit."""
     notes = notes or {}
     n = len(ctx.records)
     lo = max(0, focus - _SCAN_BACK)
@@ -343,6 +355,34 @@ def render_timeline(
         shown = sorted(keep)
     else:
         shown = candidates
+    return Selection(shown, candidates, lo, hi)
+
+
+def render_timeline(
+    ctx: TimelineContext,
+    *,
+    rule: str,
+    summary: str,
+    pid: int,
+    fd: int | None,
+    data: int | None,
+    focus: int,
+    refs: Sequence[int] = (),
+    notes: Mapping[int, str] | None = None,
+    max_lines: int = MAX_LINES,
+) -> str:
+    notes = notes or {}
+    sel = select_records(
+        ctx,
+        pid=pid,
+        fd=fd,
+        data=data,
+        focus=focus,
+        refs=refs,
+        notes=notes,
+        max_lines=max_lines,
+    )
+    shown, candidates, lo = sel.shown, sel.candidates, sel.lo
 
     lines: list[str] = []
     lines.append(f"{rule}: {RULES.get(rule, '')}")

@@ -1,0 +1,373 @@
+"""Exploration: Hypothesis generates fault sequences until one breaks the target, then shrinks it.
+
+Each example is a :class:`~afterclose.harness.scenario.Scenario` drawn from a bounded space
+(1..``max_phases`` phases of one fault or two in parallel, every parameter within
+:data:`LIMITS`, and a seed).  It runs on a freshly started target (``Harness.start``), judged by
+the oracle; the property is "no violation".  A race may not show on every run of the same
+scenario, so an example runs up to ``runs_per_example`` times and fails if any run fails, and a
+failing example that passes when Hypothesis replays it (``Flaky``) is not an error: the result is
+the last failing scenario seen, which is the smallest Hypothesis reached.  That scenario is
+written as a scenario file (see docs/scenarios.md) the user can commit as a regression test.
+
+Generation is seeded by the fault seed (``--seed``), uses no example database and is bounded by
+``max_examples`` and ``budget_s`` (once spent, examples pass without running, which ends the
+search and the shrinking).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import shutil
+import tempfile
+import time
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from afterclose import faults
+from afterclose.faults.base import Spec
+from afterclose.harness.errors import AftercloseError
+from afterclose.harness.scenario import Scenario, scenario
+from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
+from hypothesis import HealthCheck, Verbosity, given, settings, strategies as st
+from hypothesis import Phase as HPhase
+from hypothesis import seed as hypothesis_seed
+from hypothesis.errors import Flaky
+
+# Upper bounds of the explored space, by parameter name (a fault's own range still applies).
+LIMITS: dict[str, float] = {
+    "connections": 60,
+    "concurrency": 16,
+    "requests_per_connection": 4,
+    "max_delay_us": 1000,
+    "max_connections": 200,
+    "rate_per_s": 400.0,
+    "duration_s": 0.5,
+}
+INT_SPAN = 50  # parameters not in LIMITS: at most this far above their lower bound
+FLOAT_SPAN = 1.0
+MAX_WEIGHT = 4
+HEAVY_FAULTS = ("connection_storm",)  # drawn last, so shrinking prefers the others
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExploreOptions:
+    out: str = "scenarios/found-{rule}.toml"
+    max_examples: int = 50
+    budget_s: float = 120.0
+    runs_per_example: int = 2
+    verify_runs: int = 3
+    faults: tuple[str, ...] = ()
+    max_phases: int = 3
+    max_parallel: int = 2
+    max_repeat: int = 2
+
+
+@dataclass(frozen=True)
+class Found:
+    """A failing example: the scenario, its run and the verdict."""
+
+    scenario: Scenario
+    run: TargetRun
+    outcome: Outcome
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(v.rule for v in self.outcome.violations))
+
+
+@dataclass(frozen=True)
+class ExploreResult:
+    seed: int
+    examples: int
+    runs: int
+    elapsed_s: float
+    found: Found | None = None
+    scenario: Scenario | None = None  # as written to ``path``
+    path: Path | None = None
+    reproduced_on: int | None = None  # verification: the run that failed again (0: none did)
+
+
+# --------------------------------------------------------------------------- the space
+
+
+def _param_strategy(name: str, kind: object, spec: Spec) -> st.SearchStrategy[object] | None:
+    if kind is bool:
+        return st.booleans()
+    if kind is int:
+        lo = int(spec.lo) if spec.lo is not None else 0
+        hi = int(min(LIMITS.get(name, lo + INT_SPAN), spec.hi if spec.hi is not None else math.inf))
+        return st.integers(lo, max(lo, hi))
+    if kind is float:
+        flo = float(spec.lo) if spec.lo is not None else 0.0
+        fhi = min(LIMITS.get(name, flo + FLOAT_SPAN), spec.hi if spec.hi is not None else math.inf)
+        fhi = max(flo, fhi)
+        return st.floats(flo, fhi, allow_nan=False).map(lambda x: min(max(round(x, 2), flo), fhi))
+    if kind is str and spec.choices:
+        return st.sampled_from(spec.choices)
+    if typing.get_origin(kind) is not None and spec.choices:  # Mapping[str, float]: weights
+        return st.dictionaries(
+            st.sampled_from(spec.choices), st.integers(1, MAX_WEIGHT), min_size=1, max_size=3
+        )
+    return None  # a kind this space does not know: the fault's default
+
+
+def fault_strategy(name: str) -> st.SearchStrategy[tuple[str, dict[str, object]]]:
+    """``(name, params)`` with every parameter drawn within :data:`LIMITS`."""
+    cls = faults.get(name)
+    hints = typing.get_type_hints(cls)
+    params: dict[str, st.SearchStrategy[object]] = {}
+    for f in dataclasses.fields(cls):
+        strategy = _param_strategy(f.name, hints[f.name], f.metadata.get("spec", Spec()))
+        if strategy is not None:
+            params[f.name] = strategy
+    return st.fixed_dictionaries(params).map(lambda p: (name, dict(p)))
+
+
+def build_scenario(
+    name: str, seed: int, phases: Sequence[tuple[Sequence[tuple[str, dict[str, object]]], int]]
+) -> Scenario:
+    s = scenario(name, seed=seed)
+    for i, (calls, repeat) in enumerate(phases):
+        label = f"{i + 1}-" + "+".join(fault for fault, _ in calls)
+        if len(calls) == 1:
+            fault, params = calls[0]
+            s = s.phase(label, fault, repeat=repeat, **params)
+        else:
+            s = s.phase(label, parallel=list(calls), repeat=repeat)
+    return s
+
+
+def scenarios(
+    fault_names: Sequence[str],
+    *,
+    max_phases: int = 3,
+    max_parallel: int = 2,
+    max_repeat: int = 2,
+    name: str = "explore",
+) -> st.SearchStrategy[Scenario]:
+    """Scenarios of 1..``max_phases`` phases over ``fault_names`` (shrinks toward the first)."""
+    call = st.one_of(*(fault_strategy(n) for n in fault_names))
+    phase = st.tuples(st.lists(call, min_size=1, max_size=max_parallel), st.integers(1, max_repeat))
+    return st.builds(
+        lambda seed, phases: build_scenario(name, seed, phases),
+        st.integers(0, 2**32 - 1),
+        st.lists(phase, min_size=1, max_size=max_phases),
+    )
+
+
+def default_faults() -> list[str]:
+    names = faults.available()
+    return sorted(names, key=lambda n: n in HEAVY_FAULTS)
+
+
+def describe(s: Scenario) -> str:
+    def call(fault: str, params: Mapping[str, object]) -> str:
+        return f"{fault}(" + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")"
+
+    parts = []
+    for p in s.phases:
+        text = " + ".join(call(c.fault, c.params) for c in p.calls)
+        parts.append(text + (f" x{p.repeat}" if p.repeat > 1 else ""))
+    return f"seed {s.seed}: " + " ; ".join(parts)
+
+
+# --------------------------------------------------------------------------- the search
+
+
+class _Violation(Exception):
+    """The property failed: a run of the example violated a rule."""
+
+
+class _Explorer:
+    def __init__(self, harness: Harness, options: ExploreOptions, log: Log) -> None:
+        self.harness = harness
+        self.options = options
+        self.log = log
+        self.base = Path(tempfile.mkdtemp(prefix=f"afterclose-explore-{harness.manifest.name}-"))
+        self.start = time.monotonic()
+        self.examples = 0
+        self.runs = 0
+        self.last: Found | None = None
+        self.problem: AftercloseError | None = None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def out_of_budget(self) -> bool:
+        return self.problem is not None or self.elapsed() >= self.options.budget_s
+
+    def run_once(self, s: Scenario, label: str) -> Found:
+        self.runs += 1
+        workdir = self.base / label
+        with self.harness.start(workdir, label) as run:
+            run.run_scenario(s)
+            outcome = run.finish()
+        if outcome.ok:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return Found(s, run, outcome)
+
+    def check(self, s: Scenario) -> None:
+        """The property: no run of ``s`` violates a rule (up to ``runs_per_example`` runs)."""
+        if self.out_of_budget():
+            return
+        self.examples += 1
+        n = self.examples
+        for k in range(self.options.runs_per_example):
+            try:
+                got = self.run_once(s, f"ex{n:04d}-run{k}")
+            except AftercloseError as exc:  # the harness, not the target: stop searching
+                self.problem = exc
+                return
+            if not got.outcome.ok:
+                self.log(
+                    f"[{self.elapsed():6.1f}s] example {n}: VIOLATION "
+                    f"{', '.join(got.rules)} (run {k + 1}) - {describe(s)}"
+                )
+                if self.last is not None:
+                    shutil.rmtree(self.last.run.workdir, ignore_errors=True)
+                self.last = got
+                raise _Violation(", ".join(got.rules))
+            if self.out_of_budget():
+                break
+        self.log(f"[{self.elapsed():6.1f}s] example {n}: ok - {describe(s)}")
+
+    def search(self, fault_names: Sequence[str], seed: int) -> None:
+        o = self.options
+        strategy = scenarios(
+            fault_names,
+            max_phases=o.max_phases,
+            max_parallel=o.max_parallel,
+            max_repeat=o.max_repeat,
+        )
+
+        @settings(
+            max_examples=o.max_examples,
+            deadline=None,
+            database=None,
+            derandomize=False,
+            phases=(HPhase.generate, HPhase.shrink),
+            suppress_health_check=list(HealthCheck),
+            report_multiple_bugs=False,
+            verbosity=Verbosity.quiet,
+            print_blob=False,
+        )
+        @hypothesis_seed(seed)
+        @given(strategy)
+        def no_violation(s: Scenario) -> None:
+            self.check(s)
+
+        try:
+            no_violation()
+        except (_Violation, Flaky):
+            pass  # self.last is the smallest failing example seen (Flaky: it did not repeat)
+
+    def verify(self, s: Scenario) -> int:
+        """The run (1-based) on which ``s`` failed again, or 0 if none of ``verify_runs`` did."""
+        for k in range(self.options.verify_runs):
+            got = self.run_once(s, f"verify-run{k}")
+            if not got.outcome.ok:
+                shutil.rmtree(got.run.workdir, ignore_errors=True)
+                return k + 1
+        return 0
+
+
+def _out_path(template: str, rule: str) -> Path:
+    path = Path(template.replace("{rule}", rule).replace("<rule>", rule))
+    candidate, n = path, 1
+    while candidate.exists():  # never overwrite a committed regression test
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def explore(
+    harness: Harness, options: ExploreOptions, log: Log = print
+) -> ExploreResult:
+    """Search for a violation; write the shrunk scenario to ``options.out`` if one is found."""
+    names = list(options.faults) or default_faults()
+    for name in names:
+        faults.get(name, where="--faults")
+    seed = harness.settings.fault_seed
+    explorer = _Explorer(harness, options, log)
+    log(
+        f"exploring {harness.manifest.name!r} with {', '.join(names)}: seed {seed}, "
+        f"up to {options.max_examples} examples x {options.runs_per_example} run(s), "
+        f"budget {options.budget_s:g} s, artifacts {explorer.base}"
+    )
+    explorer.search(names, seed)
+    if explorer.problem is not None:
+        raise explorer.problem
+    found = explorer.last
+    result = ExploreResult(seed, explorer.examples, explorer.runs, explorer.elapsed())
+    if found is None:
+        return result
+    rule = found.rules[0] if found.rules else "violation"
+    path = _out_path(options.out, rule)
+    reproduced = explorer.verify(found.scenario) if options.verify_runs else None
+    written = dataclasses.replace(
+        found.scenario,
+        name=path.stem,
+        description=f"found by afterclose explore against {harness.manifest.name} "
+        f"(seed {seed}): {', '.join(found.rules)}",
+    )
+    verified = (
+        "not verified"
+        if reproduced is None
+        else f"failed again on run {reproduced} of up to {options.verify_runs}"
+        if reproduced
+        else f"did not fail again in {options.verify_runs} run(s): a rare race, run it repeatedly"
+    )
+    header = "\n".join(
+        [
+            f"Found by `afterclose explore --target={harness.settings.target} --seed={seed}`"
+            " and shrunk by Hypothesis.",
+            f"Violated: {', '.join(found.rules)}; {verified}.",
+            f"Run it: pytest --target={harness.settings.target} --no-builtin-suite {path}",
+        ]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(written.to_toml(header), encoding="utf-8")
+    found.run.replay_nodeid = str(path)
+    return dataclasses.replace(
+        result,
+        elapsed_s=explorer.elapsed(),
+        runs=explorer.runs,
+        found=found,
+        scenario=written,
+        path=path,
+        reproduced_on=reproduced,
+    )
+
+
+def command(args: argparse.Namespace, settings_: Settings) -> int:
+    """``afterclose explore``: 1 if a violation was found (and written), 0 if none."""
+    options = ExploreOptions(
+        out=args.out,
+        max_examples=args.max_examples,
+        budget_s=args.budget_s,
+        runs_per_example=args.runs_per_example,
+        verify_runs=args.verify_runs,
+        faults=tuple(f for f in (args.faults or "").split(",") if f),
+        max_phases=args.max_phases,
+    )
+    harness = Harness(settings_)
+    result = explore(harness, options)
+    summary = (
+        f"{result.examples} example(s), {result.runs} run(s) in {result.elapsed_s:.1f} s "
+        f"(seed {result.seed})"
+    )
+    if result.found is None or result.path is None:
+        print(f"no violation: {summary}")
+        return 0
+    print(f"\nviolation found: {summary}")
+    print(result.found.run.failure_message(result.found.outcome))
+    print(f"\nwrote {result.path}:\n")
+    print(result.path.read_text(encoding="utf-8"))
+    print(f"run it: pytest --target={settings_.target} --no-builtin-suite {result.path}")
+    return 1

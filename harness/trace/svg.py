@@ -1,0 +1,969 @@
+"""Pictures of findings: a self-contained SVG timeline per finding.
+
+The picture shows what the text timeline (:mod:`.timeline`) shows, laid out in two
+dimensions, and picks its records with the very same function, so both always agree and both
+stay bounded however long the trace is:
+
+* one horizontal lane per thread (``T1 (tid 4242)``), time running left to right in global
+  syscall order (the shim's sequence numbers, so a call that was in flight while others ran
+  spans them);
+* above the lanes, one bar per incarnation of the finding's fd number, from the call that
+  created it to the call that closed it (``fd 7#1``, ``fd 7#2``: one colour each);
+* each call as a mark on its thread's lane, filled with the colour of the incarnation it acted
+  on (grey when it is about something else), with an ``<title>`` tooltip holding the full call;
+  the violating call is red and labelled with the rule;
+* epoll events handed to a thread as diamonds under its epoll_wait, coloured by the
+  incarnation their registration was made for;
+* below the chart, the numbered list of the calls (the text timeline's lines), so a printed or
+  non-interactive copy loses nothing.
+
+The file needs nothing else: no script, no font, no stylesheet outside it.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+
+from afterclose.harness.oracle.verdict import RULES
+from afterclose.harness.trace.format import IoKind, Op, Record, epoll_events_str
+from afterclose.harness.trace.model import Incarnation, Registration
+from afterclose.harness.trace.rules import Finding, TraceVerdict
+from afterclose.harness.trace.timeline import (
+    MAX_LINES,
+    WHY,
+    TimelineContext,
+    errname,
+    fmt_data,
+    inc_label,
+    render_record,
+    select_records,
+    thread_label,
+)
+
+__all__ = ["MAX_FILES_PER_RULE", "render_svg", "report_name", "write_report"]
+
+MAX_FILES_PER_RULE = 50  # write_report(every=True): occurrences drawn per rule, at most
+_MAX_CALL_CHARS = 180  # table lines longer than this are cut (the tooltip keeps them whole)
+_MAX_TIP_CHARS = 2000
+
+# Layout (px).
+_MARGIN = 18
+_SLOT = 22  # distance between two consecutive sequence numbers on the x axis
+_PAD = _SLOT / 2 - 2  # a call's mark reaches this far beyond its seq_in and seq_out
+_GAP = 30  # extra room where related records were left out
+_LANE_H = 54
+_MARK_H = 20
+_BAR_H = 18
+_BAR_ROW = 24
+_ROW_H = 16  # table rows
+_SANS = "DejaVu Sans, Helvetica, Arial, sans-serif"
+_MONO = "DejaVu Sans Mono, Menlo, Consolas, monospace"
+
+_RED = "#d62728"
+_DARK_RED = "#8b0000"
+_GREY = "#9e9e9e"
+# Incarnation colours: distinct, none of them red (red is the violation).
+_PALETTE = (
+    "#1f77b4",
+    "#2ca02c",
+    "#ff7f0e",
+    "#9467bd",
+    "#17becf",
+    "#8c564b",
+    "#e377c2",
+    "#bcbd22",
+)
+
+_STYLE = f"""
+text {{ font-family: {_SANS}; fill: #222; }}
+.mono {{ font-family: {_MONO}; }}
+.small {{ font-size: 10px; }}
+.muted {{ fill: #666; }}
+.mark:hover rect, .mark:hover polygon {{ stroke-width: 3; }}
+.row:hover rect.bg {{ fill: #eef3fb; }}
+"""
+
+_XML_BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _esc(text: str) -> str:
+    """Text safe inside an XML element or a double-quoted attribute."""
+    text = _XML_BAD.sub("\ufffd", text)
+    return (
+        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    )
+
+
+def _n(v: float) -> str:
+    return f"{v:.1f}".rstrip("0").rstrip(".")
+
+
+def _text_w(text: str, size: float, *, mono: bool = False) -> float:
+    """A generous estimate of a text's width (no font metrics in here)."""
+    return len(text) * size * (0.61 if mono else 0.6)
+
+
+def _wrap(text: str, width_chars: int) -> list[str]:
+    words = text.split()
+    lines: list[str] = []
+    cur = ""
+    for w in words:
+        if cur and len(cur) + 1 + len(w) > width_chars:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}" if cur else w
+    if cur:
+        lines.append(cur)
+    return lines or [""]
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _tint(colour: str, amount: float = 0.35) -> str:
+    """``colour`` mixed with white: ``amount`` of colour."""
+    r, g, b = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
+    mix = [round(255 - (255 - c) * amount) for c in (r, g, b)]
+    return "#" + "".join(f"{c:02x}" for c in mix)
+
+
+_RECV = {IoKind.RECV.value, IoKind.RECVFROM.value, IoKind.RECVMSG.value}
+_SEND = {IoKind.SEND.value, IoKind.SENDTO.value, IoKind.SENDMSG.value}
+
+
+def _short(r: Record) -> str:
+    """A call's name in at most six characters, for its mark."""
+    op = r.op
+    if op == Op.EPOLL_CTL:
+        return {1: "ADD", 2: "DEL", 3: "MOD"}.get(r.flags, "ctl")
+    if op == Op.READ:
+        return "recv" if r.flags in _RECV else "read"
+    if op == Op.WRITE:
+        if r.flags == IoKind.SENDFILE.value:
+            return "sendf"
+        return "send" if r.flags in _SEND else "write"
+    if op == Op.DUP:
+        return "dup2" if r.flags in (1, 2) else "dup"
+    return {
+        Op.SOCKET: "socket",
+        Op.ACCEPT: "accept",
+        Op.CLOSE: "close",
+        Op.SHUTDOWN: "shut",
+        Op.EPOLL_CREATE: "epoll",
+        Op.EPOLL_WAIT: "wait",
+        Op.FORK: "fork",
+        Op.FREE: "free",
+        Op.FDNEW: "open",
+        Op.CLOSE_RANGE: "crange",
+    }.get(op, op.name.lower()[:6])
+
+
+# -- what is drawn ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Event:
+    record: Record
+    text: str
+    inc: Incarnation | None
+
+
+@dataclass(slots=True)
+class _Item:
+    """One mark: a record, or a run of identical calls by one thread folded into one."""
+
+    num: int
+    first: int
+    last: int
+    key: tuple[int, int]
+    seq_in: int
+    seq_out: int
+    text: str
+    note: str | None
+    focus: bool
+    inc: Incarnation | None
+    hidden_before: int = 0
+    count: int = 1
+    name: str = ""  # what the mark says
+    events: list[_Event] = field(default_factory=list)
+
+
+def _focus_inc(ctx: TimelineContext, idx: int, pid: int, fd: int | None) -> Incarnation | None:
+    """The incarnation of the focus fd number that record ``idx`` acted on, if any."""
+    if fd is None:
+        return None
+    res = ctx.res[idx] if idx < len(ctx.res) else None
+    cand: Incarnation | None = None
+    if isinstance(res, Incarnation):
+        cand = res
+    elif isinstance(res, Registration):
+        cand = res.target
+    elif isinstance(res, tuple):
+        cand = next((i for i in res if i.fd == fd), None)
+    if cand is not None and cand.fd == fd and cand.pid == pid:
+        return cand
+    ended = ctx.dup_closed.get(idx)
+    if ended is not None and ended.fd == fd and ended.pid == pid:
+        return ended
+    return None
+
+
+def _events(
+    ctx: TimelineContext, idx: int, pid: int, fd: int | None, data: int | None
+) -> list[_Event]:
+    """The events of the epoll_wait at ``idx`` that are about fd/data."""
+    recs = ctx.records
+    r = recs[idx]
+    out: list[_Event] = []
+    j = idx + 1
+    while j < len(recs) and recs[j].op == Op.EPOLL_EVENT and recs[j].seq_in == r.seq_in:
+        ev = recs[j]
+        res = ctx.res[j] if j < len(ctx.res) else None
+        target = res.target if isinstance(res, Registration) else None
+        mine = (data is not None and ev.data == data) or (
+            fd is not None and target is not None and target.fd == fd and target.pid == pid
+        )
+        if mine:
+            text = f"event {epoll_events_str(ev.events)} data={fmt_data(ev.data)}"
+            text += f" -> {inc_label(target)}" if target is not None else " (registration unknown)"
+            inc = target if target is not None and target.fd == fd and target.pid == pid else None
+            out.append(_Event(ev, text, inc))
+        j += 1
+        if len(out) >= 8:
+            break
+    return out
+
+
+def _build_items(
+    ctx: TimelineContext, finding: Finding, notes: dict[int, str], max_lines: int
+) -> tuple[list[_Item], int, int]:
+    """The marks, plus how many related records were left out before the first and after the
+    last one."""
+    sel = select_records(
+        ctx,
+        pid=finding.pid,
+        fd=finding.fd,
+        data=finding.data,
+        focus=finding.index,
+        refs=finding.refs,
+        notes=notes,
+        max_lines=max_lines,
+    )
+    recs = ctx.records
+    pos = {i: p for p, i in enumerate(sel.candidates)}
+    items: list[_Item] = []
+    prev_pos: int | None = None
+    for i in sel.shown:
+        r = recs[i]
+        p = pos[i]
+        hidden = p - prev_pos - 1 if prev_pos is not None else 0
+        prev_pos = p
+        text = render_record(ctx, i, finding.fd, finding.data)
+        note = notes.get(i)
+        key = (r.pid, r.tid)
+        focus = i == finding.index
+        last = items[-1] if items else None
+        if (
+            last is not None
+            and not hidden
+            and not focus
+            and not note
+            and not last.focus
+            and not last.note
+            and last.key == key
+            and last.text == text
+        ):
+            last.count += 1
+            last.last = i
+            last.seq_out = r.seq_out
+            last.name = f"{_short(r)} \u00d7{last.count}"
+            continue
+        item = _Item(
+            num=len(items) + 1,
+            first=i,
+            last=i,
+            key=key,
+            seq_in=r.seq_in,
+            seq_out=r.seq_out,
+            text=text,
+            note=note,
+            focus=focus,
+            inc=_focus_inc(ctx, i, finding.pid, finding.fd),
+            hidden_before=hidden,
+            name=_short(r),
+        )
+        if r.op == Op.EPOLL_WAIT:
+            item.events = _events(ctx, i, finding.pid, finding.fd, finding.data)
+        items.append(item)
+    leading = pos[sel.shown[0]] if sel.shown else 0
+    trailing = len(sel.candidates) - 1 - prev_pos if prev_pos is not None else 0
+    return items, leading, trailing
+
+
+# -- geometry --------------------------------------------------------------------------------
+
+
+class _Axis:
+    """Sequence numbers to x: one slot per distinct number shown, extra room at gaps."""
+
+    def __init__(self, items: Sequence[_Item], x0: float) -> None:
+        self.values = sorted({v for it in items for v in (it.seq_in, it.seq_out)})
+        extra: dict[int, float] = {}
+        self.gaps: list[tuple[int, int]] = []  # (anchor value, hidden count)
+        for prev, nxt in pairwise(items):
+            if nxt.hidden_before:
+                anchor = nxt.seq_in if nxt.seq_in > prev.seq_out else nxt.seq_out
+                extra[anchor] = _GAP
+                self.gaps.append((anchor, nxt.hidden_before))
+        self.xs: dict[int, float] = {}
+        self._place(x0, extra)
+        # Widen the marks whose name does not fit: room goes in just before their seq_out, so
+        # nothing else gets narrower.
+        grown = False
+        for it in items:
+            need = _text_w(it.name, 10) + 8 - 2 * _PAD
+            span = self.xs[it.seq_out] - self.xs[it.seq_in]
+            if span < need:
+                extra[it.seq_out] = extra.get(it.seq_out, 0.0) + need - span
+                grown = True
+        if grown:
+            self._place(x0, extra)
+        self.left = x0 - _SLOT
+        self.right = (self.xs[self.values[-1]] if self.values else x0) + _SLOT
+
+    def _place(self, x0: float, extra: dict[int, float]) -> None:
+        x = x0
+        for k, v in enumerate(self.values):
+            if k:
+                x += _SLOT
+            x += extra.get(v, 0.0)
+            self.xs[v] = x
+
+    def at(self, seq: int) -> float:
+        vals = self.values
+        k = bisect_left(vals, seq)
+        if k < len(vals) and vals[k] == seq:
+            return self.xs[seq]
+        if k == 0:
+            return self.left
+        if k == len(vals):
+            return self.right
+        return (self.xs[vals[k - 1]] + self.xs[vals[k]]) / 2
+
+    def gap_x(self, anchor: int) -> float:
+        k = bisect_left(self.values, anchor)
+        if k == 0:
+            return self.left
+        return self.xs[self.values[k - 1]] + (_SLOT + _GAP) / 2
+
+
+@dataclass(slots=True)
+class _Bar:
+    inc: Incarnation
+    colour: str
+    x1: float
+    x2: float
+    open_left: bool
+    open_right: bool
+    label: str
+    tip: str
+    row: int = 0
+
+
+def _call_desc(ctx: TimelineContext, idx: int) -> str:
+    r = ctx.records[idx]
+    who = ctx.threads.get((r.pid, r.tid), f"tid {r.tid}")
+    return f"{render_record(ctx, idx)} by {who} at seq {r.seq_in}-{r.seq_out}"
+
+
+def _bars(
+    ctx: TimelineContext, incs: Sequence[Incarnation], colours: dict[int, str], axis: _Axis
+) -> list[_Bar]:
+    recs = ctx.records
+    lo, hi = (axis.values[0], axis.values[-1]) if axis.values else (0, 0)
+    bars: list[_Bar] = []
+    for inc in incs:
+        colour = colours[inc.id]
+        if inc.created_idx >= 0:
+            cr = recs[inc.created_idx]
+            open_left = cr.seq_out < lo
+            x1 = axis.left if open_left else (axis.at(cr.seq_in) + axis.at(cr.seq_out)) / 2
+            born = f"created: {_call_desc(ctx, inc.created_idx)}"
+        else:
+            open_left = True
+            x1 = axis.left
+            born = "created: outside the trace (or inherited at fork)"
+        if inc.open:
+            open_right = True
+            x2 = axis.right
+            died = "still open at the end of the trace"
+        elif inc.end_idx >= 0:
+            er = recs[inc.end_idx]
+            open_right = er.seq_in > hi
+            x2 = axis.right if open_right else (axis.at(er.seq_in) + axis.at(er.seq_out)) / 2
+            died = f"ended: {_call_desc(ctx, inc.end_idx)}"
+        else:
+            open_right = inc.end_in > hi
+            x2 = axis.right if open_right else axis.at(inc.end_in)
+            died = f"ended by something the shim did not see, before seq {inc.end_in}"
+        x2 = max(x2, x1 + 6)
+        label = f"fd {inc.label}"
+        if ctx.multi_process:
+            label += f" (pid {inc.pid})"
+        if inc.unknown:
+            label += " ?"
+        tip = f"{inc_label(inc, pid=ctx.multi_process)}\n{born}\n{died}"
+        bars.append(_Bar(inc, colour, x1, x2, open_left, open_right, label, tip))
+    # Pack the bars into as few rows as keep them (and their labels) apart.
+    ends: list[float] = []
+    for bar in sorted(bars, key=lambda b: b.x1):
+        reach = max(bar.x2, bar.x1 + _text_w(bar.label, 11) + 12) + 6
+        for row, end in enumerate(ends):
+            if end <= bar.x1:
+                bar.row = row
+                ends[row] = reach
+                break
+        else:
+            bar.row = len(ends)
+            ends.append(reach)
+    return bars
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def _lane_order(ctx: TimelineContext, keys: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    def order(key: tuple[int, int]) -> tuple[int, int, int]:
+        name = ctx.threads.get(key, "")
+        num = int(name[1:]) if name[1:].isdigit() else 1 << 30
+        return (num, key[0], key[1])
+
+    return sorted(set(keys), key=order)
+
+
+def render_svg(
+    finding: Finding,
+    *,
+    max_lines: int = MAX_LINES,
+    occurrence: tuple[int, int] | None = None,
+    trace_path: str | None = None,
+) -> str:
+    """A self-contained SVG timeline of one finding (bounded: at most about ``max_lines``
+    calls, however long the trace).  ``occurrence`` is (n, of) for the header; ``trace_path``
+    overrides the path the rules pass recorded."""
+    ctx = finding._ctx
+    rule = finding.rule
+    notes = dict(finding.notes)
+    for w in finding.followups:
+        notes.setdefault(w, "delivered with the stale data")
+    if ctx is not None and ctx.records:
+        items, leading, trailing = _build_items(ctx, finding, notes, max_lines)
+    else:
+        items, leading, trailing = [], 0, 0
+    path = trace_path if trace_path is not None else (ctx.trace_path if ctx else None)
+
+    # -- header text (wrapped once the width is known) -----------------------------------
+    about: list[str] = []
+    if finding.fd is not None:
+        about.append(f"fd {finding.fd}")
+    if finding.data is not None:
+        about.append(f"data {fmt_data(finding.data)}")
+    where = f" in pid {finding.pid}" if ctx is not None and ctx.multi_process else ""
+    subject = " and ".join(about) or "the finding"
+
+    # -- lanes, incarnations, axis --------------------------------------------------------
+    lanes = _lane_order(ctx, (it.key for it in items)) if ctx is not None else []
+    lane_labels = {k: thread_label(ctx, k[0], k[1]) for k in lanes} if ctx is not None else {}
+    label_w = max([150.0, *(_text_w(t, 12) + 24 for t in lane_labels.values())])
+    x0 = _MARGIN + label_w + _SLOT + (_GAP if leading else 0)
+    axis = _Axis(items, x0)
+    if leading:
+        axis.left -= _GAP
+
+    incs: dict[int, Incarnation] = {}
+    for it in items:
+        if it.inc is not None:
+            incs.setdefault(it.inc.id, it.inc)
+        for ev in it.events:
+            if ev.inc is not None:
+                incs.setdefault(ev.inc.id, ev.inc)
+    ordered = sorted(incs.values(), key=lambda i: (i.pid, i.ordinal, i.id))
+    colours = {inc.id: _PALETTE[n % len(_PALETTE)] for n, inc in enumerate(ordered)}
+    bars = _bars(ctx, ordered, colours, axis) if ctx is not None else []
+    bar_rows = max((b.row for b in bars), default=-1) + 1
+
+    # -- the table's lines -----------------------------------------------------------------
+    t0 = ctx.records[items[0].first].t_ns if ctx is not None and items else 0
+    rows: list[tuple[_Item | None, str]] = []
+    if leading:
+        rows.append((None, f"… {leading} earlier related records not shown"))
+    for it in items:
+        if it.hidden_before:
+            rows.append((None, f"… {it.hidden_before} related records not shown"))
+        rows.append((it, ""))
+    if trailing:
+        rows.append((None, f"… {trailing} later related records not shown"))
+    thread_w = max([6, *(len(t) for t in lane_labels.values())])
+    seq_w = max([7, *(len(f"{it.seq_in}-{it.seq_out}") for it in items)])
+
+    def call_text(it: _Item) -> str:
+        text = it.text
+        if it.count > 1:
+            text += f"  (\u00d7{it.count}: {it.count - 1} more identical calls)"
+        if it.note:
+            text += f"  -- {it.note}"
+        return text
+
+    table_chars = max([60, *(len(_cut(call_text(it), _MAX_CALL_CHARS)) for it in items)])
+    col_seq = _MARGIN + 44
+    col_us = col_seq + _text_w("x" * seq_w, 11, mono=True) + 14
+    col_thread = col_us + _text_w("x" * 10, 11, mono=True) + 14
+    col_call = col_thread + _text_w("x" * thread_w, 11, mono=True) + 14
+    table_right = col_call + 20 + _text_w("x" * table_chars, 11, mono=True) + _MARGIN
+
+    width = max(940.0, axis.right + _MARGIN + (_GAP if trailing else 0), table_right)
+    chars = int((width - 2 * _MARGIN) / (13 * 0.54))
+
+    head: list[tuple[str, str]] = []  # (css-ish style key, text)
+    for n, line in enumerate(_wrap(f"what happened: {finding.summary}", chars)):
+        head.append(("body" if n else "body-first", line))
+    if rule in WHY:
+        for n, line in enumerate(_wrap(f"why it is a bug: {WHY[rule]}", chars)):
+            head.append(("body" if n else "body-first", line))
+    if path:
+        head.append(("path", f"trace: {path}"))
+    if ctx is not None and ctx.incomplete:
+        for line in _wrap(f"WARNING: {ctx.incomplete}", chars):
+            head.append(("warn", line))
+
+    out: list[str] = []
+    y = _MARGIN + 20.0
+    title = f"{rule}"
+    if occurrence is not None and occurrence[1] > 1:
+        title += f"  (occurrence {occurrence[0]} of {occurrence[1]})"
+    body: list[str] = []
+    body.append(
+        f'<text x="{_MARGIN}" y="{_n(y)}" font-size="20" font-weight="bold" '
+        f'fill="{_RED}">{_esc(title)}</text>'
+    )
+    desc = RULES.get(rule, "")
+    if desc:
+        body.append(
+            f'<text x="{_n(_MARGIN + _text_w(title, 20) + 16)}" y="{_n(y)}" font-size="14" '
+            f'class="muted">{_esc(desc)}</text>'
+        )
+    y += 8
+    for kind, line in head:
+        y += 19 if kind.endswith("first") or kind in ("path", "warn") else 17
+        style = ' font-size="13"'
+        if kind == "warn":
+            style += ' fill="#b35900" font-weight="bold"'
+        elif kind == "path":
+            style += ' class="mono muted"'
+        label, sep, rest = line.partition(": ")
+        if kind == "body-first" and sep:
+            body.append(
+                f'<text x="{_MARGIN}" y="{_n(y)}"{style}><tspan font-weight="bold">'
+                f"{_esc(label)}:</tspan> {_esc(rest)}</text>"
+            )
+        else:
+            body.append(f'<text x="{_MARGIN}" y="{_n(y)}"{style}>{_esc(line)}</text>')
+
+    # -- legend -------------------------------------------------------------------------------
+    y += 30
+    lx = float(_MARGIN)
+    legend: list[tuple[str, str]] = [
+        ("bar", "fd incarnation: from the call that created it to the call that closed it"),
+        ("mark", "a call on that incarnation"),
+        ("grey", "a call about something else"),
+        ("red", "the violating call"),
+        ("event", "epoll event delivered for it"),
+        ("gap", "related records left out"),
+    ]
+    for kind, text in legend:
+        need = 34 + len(text) * 11 * 0.54 + 26
+        if lx + need > width - _MARGIN and lx > _MARGIN:
+            lx = _MARGIN
+            y += 20
+        sy = y - 4
+        if kind == "bar":
+            body.append(
+                f'<rect x="{_n(lx)}" y="{_n(sy - 6)}" width="26" height="12" rx="3" '
+                f'fill="{_PALETTE[0]}"/>'
+            )
+        elif kind == "mark":
+            body.append(
+                f'<rect x="{_n(lx)}" y="{_n(sy - 7)}" width="26" height="14" rx="3" '
+                f'fill="{_tint(_PALETTE[0])}" stroke="{_PALETTE[0]}" stroke-width="1.5"/>'
+            )
+        elif kind == "grey":
+            body.append(
+                f'<rect x="{_n(lx)}" y="{_n(sy - 7)}" width="26" height="14" rx="3" '
+                f'fill="#eeeeee" stroke="{_GREY}" stroke-width="1.5"/>'
+            )
+        elif kind == "red":
+            body.append(
+                f'<rect x="{_n(lx)}" y="{_n(sy - 7)}" width="26" height="14" rx="3" '
+                f'fill="{_RED}" stroke="{_DARK_RED}" stroke-width="2"/>'
+            )
+        elif kind == "event":
+            body.append(_diamond(lx + 13, sy, 6, _PALETTE[0]))
+        else:
+            body.append(
+                f'<line x1="{_n(lx + 13)}" y1="{_n(sy - 8)}" x2="{_n(lx + 13)}" '
+                f'y2="{_n(sy + 8)}" stroke="#888" stroke-width="2" stroke-dasharray="2 3"/>'
+            )
+        body.append(f'<text x="{_n(lx + 34)}" y="{_n(y)}" font-size="11">{_esc(text)}</text>')
+        lx += need
+    y += 2
+    how = (
+        f"Timeline of {subject}{where}: one lane per thread, calls left to right in global "
+        "syscall order (seq); a call that was in flight while others ran spans them.  Numbers "
+        "refer to the list below (* = annotated there); hover a mark for its full call.  "
+        "ADD/MOD/DEL = epoll_ctl, shut = shutdown, dashed outline = the call failed."
+    )
+    for line in _wrap(how, int((width - 2 * _MARGIN) / (11 * 0.54))):
+        y += 15
+        body.append(
+            f'<text x="{_MARGIN}" y="{_n(y)}" font-size="11" class="muted">{_esc(line)}</text>'
+        )
+    y += 6
+
+    # -- the chart ----------------------------------------------------------------------------
+    focus_item = next((it for it in items if it.focus), None)
+    callout_y = y + 6
+    bands_top = callout_y + 30
+    bars_bottom = bands_top + bar_rows * _BAR_ROW
+    lanes_top = bars_bottom + (10 if bar_rows else 0)
+    lanes_bottom = lanes_top + len(lanes) * _LANE_H
+    lane_y = {k: lanes_top + n * _LANE_H + _LANE_H / 2 + 4 for n, k in enumerate(lanes)}
+    chart_left = _MARGIN + label_w
+
+    chart: list[str] = []
+    # Lane backgrounds and labels.
+    for n, k in enumerate(lanes):
+        top = lanes_top + n * _LANE_H
+        fill = "#f4f6f8" if n % 2 == 0 else "#ffffff"
+        chart.append(
+            f'<rect x="{_MARGIN}" y="{_n(top)}" width="{_n(axis.right - _MARGIN)}" '
+            f'height="{_LANE_H}" fill="{fill}"/>'
+        )
+        chart.append(
+            f'<text x="{_n(_MARGIN + 8)}" y="{_n(lane_y[k] + 4)}" font-size="12" '
+            f'font-weight="bold">{_esc(lane_labels[k])}</text>'
+        )
+        chart.append(
+            f'<line x1="{_n(chart_left)}" y1="{_n(lane_y[k])}" x2="{_n(axis.right)}" '
+            f'y2="{_n(lane_y[k])}" stroke="#c8ccd0" stroke-width="1"/>'
+        )
+    if bar_rows and finding.fd is not None:
+        label = f"fd {finding.fd}" + (f" (pid {finding.pid})" if where else "")
+        chart.append(
+            f'<text x="{_n(_MARGIN + 8)}" y="{_n(bands_top + _BAR_ROW / 2 + 4)}" '
+            f'font-size="12" font-weight="bold">{_esc(label)}</text>'
+        )
+        chart.append(
+            f'<text x="{_n(_MARGIN + 8)}" y="{_n(bands_top + _BAR_ROW / 2 + 17)}" '
+            f'font-size="10" class="muted">incarnations</text>'
+        )
+    behind = len(chart)  # what is drawn from here on goes over the lanes
+    # Gaps: where related records were left out.
+    for anchor, hidden in axis.gaps:
+        gx = axis.gap_x(anchor)
+        chart.append(_gap(gx, bands_top, lanes_bottom, f"{hidden} related records not shown"))
+    if leading:
+        chart.append(
+            _gap(axis.left + _GAP / 2, bands_top, lanes_bottom, f"{leading} earlier not shown")
+        )
+    if trailing:
+        chart.append(
+            _gap(axis.right + _GAP / 2, bands_top, lanes_bottom, f"{trailing} later not shown")
+        )
+    # Incarnation bars and their guide lines down through the lanes.
+    for bar in bars:
+        by = bands_top + bar.row * _BAR_ROW + (_BAR_ROW - _BAR_H) / 2
+        for x, open_end in ((bar.x1, bar.open_left), (bar.x2, bar.open_right)):
+            if not open_end:
+                chart.append(
+                    f'<line x1="{_n(x)}" y1="{_n(by + _BAR_H)}" x2="{_n(x)}" '
+                    f'y2="{_n(lanes_bottom)}" stroke="{bar.colour}" stroke-width="1.2" '
+                    f'stroke-dasharray="4 3" opacity="0.7"/>'
+                )
+        chart.append(_bar(bar, by))
+    # Marks.
+    for it in items:
+        chart.append(_mark(ctx, it, axis, lane_y[it.key], colours, lane_labels[it.key]))
+    # The callout naming the rule above the violating call.
+    if focus_item is not None:
+        fx = (axis.at(focus_item.seq_in) + axis.at(focus_item.seq_out)) / 2
+        fy = lane_y[focus_item.key] - _MARK_H / 2 - 14
+        cw = _text_w(rule, 12) + 20
+        cx = min(max(fx - cw / 2, chart_left), width - _MARGIN - cw)
+        chart.insert(
+            behind,
+            f'<line x1="{_n(fx)}" y1="{_n(callout_y + 22)}" x2="{_n(fx)}" y2="{_n(fy)}" '
+            f'stroke="{_RED}" stroke-width="2" stroke-dasharray="5 3"/>',
+        )
+        chart.append(
+            f"<g><title>{_esc(_tip(finding.summary))}</title>"
+            f'<rect x="{_n(cx)}" y="{_n(callout_y)}" width="{_n(cw)}" height="22" rx="4" '
+            f'fill="{_RED}"/>'
+            f'<text x="{_n(cx + cw / 2)}" y="{_n(callout_y + 15.5)}" font-size="12" '
+            f'font-weight="bold" text-anchor="middle" fill="#ffffff">{_esc(rule)}</text></g>'
+        )
+    if not items:
+        chart.append(
+            f'<text x="{_MARGIN}" y="{_n(lanes_top + 16)}" font-size="13" class="muted">'
+            f"{_esc('(no trace records to draw: the finding carries no trace context)')}</text>"
+        )
+        lanes_bottom = lanes_top + 24
+    # The axis.
+    ay = lanes_bottom + 14
+    if items:
+        chart.append(
+            f'<line x1="{_n(chart_left)}" y1="{_n(lanes_bottom + 2)}" x2="{_n(axis.right)}" '
+            f'y2="{_n(lanes_bottom + 2)}" stroke="#555" stroke-width="1"/>'
+        )
+        last_x = -1e9
+        for it in items:
+            x = axis.at(it.seq_in)
+            if x - last_x < 80 and not it.focus:
+                continue
+            last_x = x
+            chart.append(
+                f'<line x1="{_n(x)}" y1="{_n(lanes_bottom + 2)}" x2="{_n(x)}" '
+                f'y2="{_n(lanes_bottom + 6)}" stroke="#555"/>'
+                f'<text x="{_n(x)}" y="{_n(ay + 4)}" font-size="10" class="muted" '
+                f'text-anchor="middle">{it.seq_in}</text>'
+            )
+        chart.append(
+            f'<text x="{_n(chart_left - 8)}" y="{_n(ay + 4)}" font-size="10" class="muted" '
+            f'text-anchor="end">seq →</text>'
+        )
+    y = ay + 30
+
+    # -- the numbered list ---------------------------------------------------------------------
+    table: list[str] = []
+    hy = y
+    for x, text in (
+        (_MARGIN + 6.0, "#"),
+        (col_seq, "seq"),
+        (col_us, "µs"),
+        (col_thread, "thread"),
+        (col_call, "call"),
+    ):
+        table.append(
+            f'<text x="{_n(x)}" y="{_n(hy)}" font-size="11" font-weight="bold" class="mono">'
+            f"{_esc(text)}</text>"
+        )
+    y = hy + 6
+    for row, text in rows:
+        top = y
+        y += _ROW_H
+        base = y - 4
+        if row is None:
+            table.append(
+                f'<text x="{_n(col_call)}" y="{_n(base)}" font-size="11" class="mono muted" '
+                f'font-style="italic">{_esc(text)}</text>'
+            )
+            continue
+        r = ctx.records[row.first] if ctx is not None else None
+        us = (r.t_ns - t0) / 1000.0 if r is not None else 0.0
+        bg = "#fde2e2" if row.focus else "#ffffff"
+        colour = _RED if row.focus else colours.get(row.inc.id, _GREY) if row.inc else _GREY
+        weight = ' font-weight="bold"' if row.focus else ""
+        full = call_text(row)
+        table.append(
+            f'<g class="row"><title>{_esc(_tip(full))}</title>'
+            f'<rect class="bg" x="{_MARGIN}" y="{_n(top + 1)}" '
+            f'width="{_n(width - 2 * _MARGIN)}" height="{_ROW_H}" fill="{bg}"/>'
+            f'<rect x="{_MARGIN + 2}" y="{_n(top + 3)}" width="28" height="{_ROW_H - 4}" '
+            f'rx="3" fill="{_tint(colour, 0.5) if not row.focus else _RED}"/>'
+            f'<text x="{_n(_MARGIN + 16)}" y="{_n(base)}" font-size="11" text-anchor="middle" '
+            f'class="mono"{weight}{" fill=" + chr(34) + "#fff" + chr(34) if row.focus else ""}>'
+            f"{row.num}</text>"
+            f'<text x="{_n(col_seq)}" y="{_n(base)}" font-size="11" class="mono"{weight}>'
+            f"{row.seq_in}-{row.seq_out}</text>"
+            f'<text x="{_n(col_us)}" y="{_n(base)}" font-size="11" class="mono"{weight}>'
+            f"{us:.1f}</text>"
+            f'<text x="{_n(col_thread)}" y="{_n(base)}" font-size="11" class="mono"{weight}>'
+            f"{_esc(lane_labels.get(row.key, ''))}</text>"
+            f'<text x="{_n(col_call)}" y="{_n(base)}" font-size="11" class="mono"{weight}>'
+            f"{_esc(_cut(full, _MAX_CALL_CHARS))}</text></g>"
+        )
+    if not rows:
+        y += _ROW_H
+    height = y + _MARGIN
+
+    out.append('<?xml version="1.0" encoding="UTF-8"?>')
+    out.append(
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_n(width)}" height="{_n(height)}" '
+        f'viewBox="0 0 {_n(width)} {_n(height)}">'
+    )
+    out.append(f"<title>{_esc(f'afterclose {rule}: {finding.summary}')}</title>")
+    out.append(f"<style>{_STYLE}</style>")
+    out.append(f'<rect width="{_n(width)}" height="{_n(height)}" fill="#ffffff"/>')
+    out.extend(body)
+    out.extend(chart)
+    out.extend(table)
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def _tip(text: str) -> str:
+    return _cut(text, _MAX_TIP_CHARS)
+
+
+def _diamond(cx: float, cy: float, r: float, fill: str, stroke: str = "#333") -> str:
+    pts = f"{_n(cx)},{_n(cy - r)} {_n(cx + r)},{_n(cy)} {_n(cx)},{_n(cy + r)} {_n(cx - r)},{_n(cy)}"
+    return f'<polygon points="{pts}" fill="{fill}" stroke="{stroke}" stroke-width="1"/>'
+
+
+def _gap(x: float, top: float, bottom: float, tip: str) -> str:
+    return (
+        f"<g><title>{_esc(tip)}</title>"
+        f'<line x1="{_n(x)}" y1="{_n(top)}" x2="{_n(x)}" y2="{_n(bottom)}" stroke="#888" '
+        f'stroke-width="2" stroke-dasharray="2 4"/>'
+        f'<text x="{_n(x)}" y="{_n(top - 3)}" font-size="10" class="muted" '
+        f'text-anchor="middle">⋯{_esc(tip.split()[0])}</text></g>'
+    )
+
+
+def _bar(bar: _Bar, y: float) -> str:
+    x1, x2 = bar.x1, bar.x2
+    parts = [f"<g><title>{_esc(_tip(bar.tip))}</title>"]
+    parts.append(
+        f'<rect x="{_n(x1)}" y="{_n(y)}" width="{_n(x2 - x1)}" height="{_BAR_H}" rx="4" '
+        f'fill="{bar.colour}"/>'
+    )
+    mid = y + _BAR_H / 2
+    if bar.open_left:
+        parts.append(
+            f'<polygon points="{_n(x1 - 7)},{_n(mid)} {_n(x1 + 1)},{_n(y)} '
+            f'{_n(x1 + 1)},{_n(y + _BAR_H)}" fill="{bar.colour}"/>'
+        )
+    if bar.open_right:
+        parts.append(
+            f'<polygon points="{_n(x2 + 7)},{_n(mid)} {_n(x2 - 1)},{_n(y)} '
+            f'{_n(x2 - 1)},{_n(y + _BAR_H)}" fill="{bar.colour}"/>'
+        )
+    lw = _text_w(bar.label, 11)
+    if x2 - x1 >= lw + 10:
+        parts.append(
+            f'<text x="{_n(x1 + 6)}" y="{_n(mid + 4)}" font-size="11" font-weight="bold" '
+            f'fill="#ffffff">{_esc(bar.label)}</text>'
+        )
+    else:
+        parts.append(
+            f'<text x="{_n(x2 + 4)}" y="{_n(mid + 4)}" font-size="11" font-weight="bold" '
+            f'fill="{bar.colour}">{_esc(bar.label)}</text>'
+        )
+    parts.append("</g>")
+    return "".join(parts)
+
+
+def _mark(
+    ctx: TimelineContext | None,
+    it: _Item,
+    axis: _Axis,
+    cy: float,
+    colours: dict[int, str],
+    who: str,
+) -> str:
+    x1 = axis.at(it.seq_in) - _PAD
+    x2 = axis.at(it.seq_out) + _PAD
+    top = cy - _MARK_H / 2
+    r = ctx.records[it.first] if ctx is not None else None
+    if it.focus:
+        fill, stroke, text_fill, sw = _RED, _DARK_RED, "#ffffff", 2.5
+    elif it.inc is not None:
+        c = colours.get(it.inc.id, _GREY)
+        fill, stroke, text_fill, sw = _tint(c), c, "#111111", 1.5
+    else:
+        fill, stroke, text_fill, sw = "#eeeeee", _GREY, "#333333", 1.2
+    failed = r is not None and r.ret < 0
+    dash = ' stroke-dasharray="3 2"' if failed and not it.focus else ""
+    tip = f"#{it.num}  {who}  seq {it.seq_in}-{it.seq_out}\n{it.text}"
+    if it.count > 1:
+        tip += f"\n(\u00d7{it.count} identical calls)"
+    if it.note:
+        tip += f"\n-- {it.note}"
+    parts = [f'<g class="mark"><title>{_esc(_tip(tip))}</title>']
+    parts.append(
+        f'<rect x="{_n(x1)}" y="{_n(top)}" width="{_n(x2 - x1)}" height="{_MARK_H}" rx="4" '
+        f'fill="{fill}" stroke="{stroke}" stroke-width="{sw}"{dash}/>'
+    )
+    name = it.name or "?"
+    parts.append(
+        f'<text x="{_n((x1 + x2) / 2)}" y="{_n(cy + 3.5)}" font-size="10" text-anchor="middle" '
+        f'fill="{text_fill}"{" font-weight=" + chr(34) + "bold" + chr(34) if it.focus else ""}>'
+        f"{_esc(name)}</text>"
+    )
+    num_fill = _RED if it.focus else "#555555"
+    parts.append(
+        f'<text x="{_n((x1 + x2) / 2)}" y="{_n(top - 3)}" font-size="9" text-anchor="middle" '
+        f'fill="{num_fill}"{" font-weight=" + chr(34) + "bold" + chr(34) if it.note else ""}>'
+        f"{it.num}{'*' if it.note else ''}</text>"
+    )
+    if failed and r is not None:
+        parts.append(
+            f'<text x="{_n((x1 + x2) / 2)}" y="{_n(top + _MARK_H + 10)}" font-size="9" '
+            f'text-anchor="middle" fill="{_DARK_RED}">{_esc(errname(r.err))}</text>'
+        )
+    parts.append("</g>")
+    # The events this wait returned about fd/data, under its right end.
+    ex = x2 - 6
+    for ev in it.events:
+        c = colours.get(ev.inc.id, _GREY) if ev.inc is not None else _GREY
+        parts.append(
+            f'<g class="mark"><title>{_esc(_tip(ev.text))}</title>'
+            f"{_diamond(ex, top + _MARK_H + 9, 6, c)}</g>"
+        )
+        ex -= 14
+    return "".join(parts)
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+def report_name(rule: str, n: int = 1) -> str:
+    """``timeline-<rule>.svg`` for a rule's first occurrence, ``timeline-<rule>-<n>.svg``
+    after."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", rule)
+    return f"timeline-{safe}.svg" if n == 1 else f"timeline-{safe}-{n}.svg"
+
+
+def write_report(
+    verdict: TraceVerdict,
+    out_dir: Path,
+    *,
+    every: bool = False,
+    trace_path: str | None = None,
+) -> list[Path]:
+    """Write one SVG per rule with findings (its first occurrence; with ``every``, up to
+    :data:`MAX_FILES_PER_RULE` occurrences each) into ``out_dir``; return their paths in
+    rule order."""
+    out_dir = Path(out_dir)
+    order = [r for r in RULES if r in verdict.occurrences]
+    order += sorted(r for r in verdict.occurrences if r not in RULES)
+    written: list[Path] = []
+    for rule in order:
+        occ = verdict.occurrences[rule]
+        if not occ:
+            continue
+        if not written:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        chosen = occ[:MAX_FILES_PER_RULE] if every else occ[:1]
+        for n, finding in enumerate(chosen, 1):
+            path = out_dir / report_name(rule, n)
+            svg = render_svg(finding, occurrence=(n, len(occ)), trace_path=trace_path)
+            path.write_text(svg, encoding="utf-8")
+            written.append(path)
+    return written
