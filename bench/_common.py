@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -87,6 +88,29 @@ def tcp_passive_opens() -> int:
     tcp = [ln for ln in lines if ln and ln[0] == "Tcp:"]
     header, values = tcp[0], tcp[1]
     return int(values[header.index("PassiveOpens")])
+
+
+class KernelWindow:
+    """Accepted TCP connections per second over ``[start + lead, start + seconds - tail]``,
+    counted by the kernel (``PassiveOpens``) on a thread: the steady state of a load generator,
+    without its start-up and tear-down.  System-wide, so other work adds to it."""
+
+    def __init__(self, seconds: float, lead: float = 1.0, tail: float = 0.5) -> None:
+        self.lead = lead
+        self.span = max(seconds - lead - tail, 0.1)
+        self.rate = float("nan")
+        self._thread = threading.Thread(target=self._count, daemon=True)
+        self._thread.start()
+
+    def _count(self) -> None:
+        time.sleep(self.lead)
+        before = tcp_passive_opens()
+        time.sleep(self.span)
+        self.rate = (tcp_passive_opens() - before) / self.span
+
+    def result(self) -> float:
+        self._thread.join()
+        return self.rate
 
 
 def require(*tools: str) -> dict[str, str]:
@@ -180,6 +204,52 @@ def run_tool(
         )
 
 
+def run_streaming(argv: Sequence[str], *, timeout_s: float, cwd: Path | None = None) -> ToolResult:
+    """Like :func:`run_tool`, but echo the output (stderr merged into stdout) line by line as
+    it comes, and keep it."""
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+        errors="replace",
+    )
+    lines: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _stop_group(proc, signal.SIGINT)
+    finally:
+        if proc.poll() is None:
+            _stop_group(proc, signal.SIGKILL)
+    reader.join(timeout=KILL_GRACE_S)
+    return ToolResult(
+        argv=list(argv),
+        returncode=proc.returncode,
+        stdout="".join(lines),
+        stderr="",
+        wall_s=time.monotonic() - start,
+        timed_out=timed_out,
+        stopped_early=False,
+    )
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -187,7 +257,7 @@ def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
 
 
-def _stop_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+def _stop_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str], sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
     try:
@@ -230,6 +300,14 @@ def siege_rc(folder: Path, *, limit: int = 4096) -> Path:
         )
     )
     return rc
+
+
+def siege_env(rc: Path) -> dict[str, str]:
+    """siege writes ``$HOME/.siege`` (a config template, cookies) even with ``-R``: give it a
+    home inside the benchmark's scratch folder, next to its rc file."""
+    home = rc.parent / "siege-home"
+    home.mkdir(exist_ok=True)
+    return {"HOME": str(home)}
 
 
 def siege_argv(
@@ -476,6 +554,10 @@ def scratch(prefix: str, keep: bool = False) -> Iterator[Path]:
             print(f"kept: {path}")
         else:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- statistics

@@ -1,7 +1,7 @@
 """Time to detect seed-buggy's bug: afterclose's demo storm loop vs ``siege -b -c 1000``.
 
     python3 bench/time_to_detect.py [--afterclose-runs 20] [--siege-runs 5] [--cap 60]
-                                    [--siege-concurrency 1000] [--keep]
+                                    [--siege-concurrency 1000] [--budget 600] [--keep]
 
 afterclose side: exactly what ``afterclose demo`` does to seed-buggy (the demo's storm, from
 ``harness/cli.py``, on a fresh traced target per round, judged after each round), until a rule
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import random
+import re
 import shutil
 import threading
 import time
@@ -37,7 +38,7 @@ import _common as c
 from afterclose.harness import cli
 from afterclose.harness.oracle import verdict
 from afterclose.harness.runners.base import RunningTarget
-from afterclose.harness.session import Harness, Settings
+from afterclose.harness.session import Harness, Settings, TargetRun
 
 TARGET = "seed-buggy"
 BLACK_BOX = {verdict.CRASH, verdict.LIVENESS, verdict.CROSS_TALK, verdict.FD_LEAK}
@@ -91,7 +92,7 @@ class DeathWatch:
         return self.died_s
 
 
-def storm(run: object, rounds: int) -> None:
+def storm(run: TargetRun, rounds: int) -> None:
     """The demo's storm, whatever the signature of ``cli._storm`` is today."""
     fn = cli._storm
     if len(inspect.signature(fn).parameters) == 1:
@@ -153,7 +154,12 @@ def siege_run(cap_s: float, concurrency: int, workdir: Path, rc: Path) -> SiegeR
     artefact = c.build(manifest)
     with c.started(manifest, artefact, "off", workdir) as started:
         argv = c.siege_argv(rc, started.url, concurrency=concurrency, seconds=cap_s, close=False)
-        result = c.run_tool(argv, timeout_s=cap_s + 5, stop_when=lambda: not started.alive())
+        result = c.run_tool(
+            argv,
+            timeout_s=cap_s + 5,
+            env=c.siege_env(rc),
+            stop_when=lambda: not started.alive(),
+        )
         crashed = not started.alive()
         status = started.target.exit_status()
     stats = c.siege_stats(result)
@@ -183,9 +189,11 @@ def siege_probes(workdir: Path, rc: Path) -> list[str]:
         }
         for what, args in tries.items():
             argv = [siege, "-R", str(rc), "-b", "-c", "1", "-r", "1", *args]
-            result = c.run_tool(argv, timeout_s=10)
-            said = c.strip_ansi(result.stderr + result.stdout).strip().splitlines()
-            last = said[-1].strip() if said else ""
+            result = c.run_tool(argv, timeout_s=10, env=c.siege_env(rc))
+            said = [ln.strip() for ln in c.strip_ansi(result.stderr + result.stdout).splitlines()]
+            # A fresh $HOME makes siege announce its new config template: skip that chatter.
+            errors = [ln for ln in said if re.search(r"fatal|error|smashing|abort", ln, re.I)]
+            last = (errors or [ln for ln in said if ln] or [""])[-1]
             if result.returncode is not None and result.returncode < 0:
                 last = f"siege died of signal {-result.returncode}" + (f" ({last})" if last else "")
             notes.append(f"{what}: exit {result.returncode}, {last or 'no output'}")
@@ -211,6 +219,12 @@ def main() -> None:
     parser.add_argument("--siege-runs", type=int, default=5)
     parser.add_argument("--cap", type=float, default=60.0, help="seconds per run")
     parser.add_argument("--siege-concurrency", type=int, default=1000)
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=600.0,
+        help="seconds for all runs: no run starts that could end after it (fewer runs then)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = parser.parse_args()
     command = c.command_line(
@@ -220,6 +234,7 @@ def main() -> None:
             f"--siege-runs={args.siege_runs}",
             f"--cap={args.cap:g}",
             f"--siege-concurrency={args.siege_concurrency}",
+            f"--budget={args.budget:g}",
         ],
     )
     c.require("siege")
@@ -234,7 +249,11 @@ def main() -> None:
         for note in probes:
             print(f"siege probe: {note}")
         order = c.interleave(args.afterclose_runs, args.siege_runs)
+        began = time.monotonic()
         for i, side in enumerate(order, 1):
+            if time.monotonic() - began > args.budget - args.cap:
+                print(f"budget of {args.budget:g} s spent: {len(order) - i + 1} run(s) not started")
+                break
             if side == "a":
                 h = hunt(args.cap, scratch / f"afterclose-{i}")
                 hunts.append(h)

@@ -38,6 +38,7 @@ def _settings(target: str, args: argparse.Namespace) -> object:
         tracer=args.tracer,
         sanitize=args.sanitize,
         fault_seed=args.seed if args.seed is not None else random.randrange(2**32),
+        chaos=getattr(args, "chaos", "off"),
     )
 
 
@@ -171,8 +172,10 @@ def cmd_explore(args: argparse.Namespace) -> int:
         raise AftercloseError(
             f"afterclose explore needs Hypothesis ({exc})", hint="pip install hypothesis"
         ) from None
+    from afterclose.harness.session import Settings
+
     settings = _settings(args.target, args)
-    assert isinstance(settings, explore.Settings)
+    assert isinstance(settings, Settings)
     return explore.command(args, settings)
 
 
@@ -182,22 +185,18 @@ def cmd_trace_show(args: argparse.Namespace) -> int:
     from afterclose.harness.trace.format import TRACE_GLOB
 
     path = Path(args.path)
-    if path.is_dir():
-        if not any(path.glob(TRACE_GLOB)):
-            raise TraceError(
-                f"no {TRACE_GLOB} files in this folder",
-                where=path,
-                hint="pass the trace folder of a run (its workdir's trace/) or one trace file",
-            )
-        trace = reader.read_trace_dir(path)
-    elif path.exists():
-        trace = reader.read_trace_files([path])
-    else:
-        raise TraceError(
-            "no such trace folder or file",
-            where=path,
-            hint="pass the trace folder of a run (its workdir's trace/) or one trace file",
-        )
+    hint = "pass the trace folder of a run (its workdir's trace/) or one trace file"
+    try:
+        if path.is_dir():
+            if not any(path.glob(TRACE_GLOB)):
+                raise TraceError(f"no {TRACE_GLOB} files in this folder", where=path, hint=hint)
+            trace = reader.read_trace_dir(path)
+        elif path.exists():
+            trace = reader.read_trace_files([path])
+        else:
+            raise TraceError("no such trace folder or file", where=path, hint=hint)
+    except OSError as exc:
+        raise TraceError(f"cannot read: {exc.strerror or exc}", where=path, hint=hint) from exc
     result = rules.check_trace(trace, cutoff_seq=args.cutoff, trace_path=str(path))
     print(
         f"{path}: {len(trace.processes)} process(es), {len(trace.records)} records, "
@@ -244,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tracer", default="auto", choices=("auto", "preload", "off"))
         p.add_argument("--sanitize", default="none", choices=("none", "address", "undefined"))
         p.add_argument("--seed", type=int, default=None, help="fault seed (default: random)")
+        p.add_argument(
+            "--chaos",
+            default="off",
+            choices=("off", "on", "low", "medium", "high", *map(str, range(11))),
+            metavar="LEVEL",
+            help="schedule perturbation in the target: off, on, low, medium, high or 0-10",
+        )
 
     demo = sub.add_parser("demo", help="find the bug in seed-buggy, then pass seed-fixed")
     common(demo)

@@ -17,6 +17,7 @@ search and the shrinking).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import shutil
@@ -26,15 +27,16 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from afterclose import faults
 from afterclose.faults.base import Spec
-from afterclose.harness.errors import AftercloseError
-from afterclose.harness.scenario import Scenario, scenario
+from afterclose.harness.scenario import Scenario, make_phase, scenario
 from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
-from hypothesis import HealthCheck, Verbosity, given, settings, strategies as st
+from hypothesis import HealthCheck, Verbosity, given, settings
 from hypothesis import Phase as HPhase
 from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
 from hypothesis.errors import Flaky
 
 # Upper bounds of the explored space, by parameter name (a fault's own range still applies).
@@ -50,6 +52,7 @@ LIMITS: dict[str, float] = {
 INT_SPAN = 50  # parameters not in LIMITS: at most this far above their lower bound
 FLOAT_SPAN = 1.0
 MAX_WEIGHT = 4
+VERIFY_CANDIDATES = 3  # failing examples verified, smallest first, before giving up
 HEAVY_FAULTS = ("connection_storm",)  # drawn last, so shrinking prefers the others
 
 Log = Callable[[str], None]
@@ -99,15 +102,19 @@ class ExploreResult:
 def _param_strategy(name: str, kind: object, spec: Spec) -> st.SearchStrategy[object] | None:
     if kind is bool:
         return st.booleans()
-    if kind is int:
-        lo = int(spec.lo) if spec.lo is not None else 0
-        hi = int(min(LIMITS.get(name, lo + INT_SPAN), spec.hi if spec.hi is not None else math.inf))
-        return st.integers(lo, max(lo, hi))
-    if kind is float:
-        flo = float(spec.lo) if spec.lo is not None else 0.0
-        fhi = min(LIMITS.get(name, flo + FLOAT_SPAN), spec.hi if spec.hi is not None else math.inf)
-        fhi = max(flo, fhi)
-        return st.floats(flo, fhi, allow_nan=False).map(lambda x: min(max(round(x, 2), flo), fhi))
+    if kind in (int, float):
+        lo = spec.lo if spec.lo is not None else -math.inf
+        hi = spec.hi if spec.hi is not None else math.inf
+        span = INT_SPAN if kind is int else FLOAT_SPAN
+        # Near the lower bound, or around 0 when the range spans it (Hypothesis shrinks to 0).
+        base = max(lo, min(0.0, hi)) if lo < 0 else lo
+        top = max(base, min(hi, LIMITS.get(name, base + span)))
+        bottom = max(lo, -span) if lo < 0 < hi else base
+        if kind is int:
+            return st.integers(math.ceil(bottom), math.floor(top))
+        return st.floats(bottom, top, allow_nan=False).map(
+            lambda x: min(max(round(x, 2), bottom), top)
+        )
     if kind is str and spec.choices:
         return st.sampled_from(spec.choices)
     if typing.get_origin(kind) is not None and spec.choices:  # Mapping[str, float]: weights
@@ -122,11 +129,12 @@ def fault_strategy(name: str) -> st.SearchStrategy[tuple[str, dict[str, object]]
     cls = faults.get(name)
     hints = typing.get_type_hints(cls)
     params: dict[str, st.SearchStrategy[object]] = {}
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(typing.cast(Any, cls)):
         strategy = _param_strategy(f.name, hints[f.name], f.metadata.get("spec", Spec()))
         if strategy is not None:
             params[f.name] = strategy
-    return st.fixed_dictionaries(params).map(lambda p: (name, dict(p)))
+    order = list(params)  # the fault's own order, whatever order Hypothesis drew them in
+    return st.fixed_dictionaries(params).map(lambda p: (name, {k: p[k] for k in order}))
 
 
 def build_scenario(
@@ -134,12 +142,17 @@ def build_scenario(
 ) -> Scenario:
     s = scenario(name, seed=seed)
     for i, (calls, repeat) in enumerate(phases):
+
+        def where(key: str, i: int = i) -> str:
+            return f"explored scenario: phase[{i}]" + (f".{key}" if key else "")
+
         label = f"{i + 1}-" + "+".join(fault for fault, _ in calls)
         if len(calls) == 1:
             fault, params = calls[0]
-            s = s.phase(label, fault, repeat=repeat, **params)
+            phase = make_phase(i, label, fault, params, repeat=repeat, where=where)
         else:
-            s = s.phase(label, parallel=list(calls), repeat=repeat)
+            phase = make_phase(i, label, None, {}, parallel=list(calls), repeat=repeat, where=where)
+        s = s.with_phase(phase, where)
     return s
 
 
@@ -193,8 +206,8 @@ class _Explorer:
         self.start = time.monotonic()
         self.examples = 0
         self.runs = 0
-        self.last: Found | None = None
-        self.problem: AftercloseError | None = None
+        self.failures: list[Found] = []
+        self.problem: Exception | None = None  # re-raised once Hypothesis is done
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -221,7 +234,7 @@ class _Explorer:
         for k in range(self.options.runs_per_example):
             try:
                 got = self.run_once(s, f"ex{n:04d}-run{k}")
-            except AftercloseError as exc:  # the harness, not the target: stop searching
+            except Exception as exc:  # the harness or a fault, not the target: stop searching
                 self.problem = exc
                 return
             if not got.outcome.ok:
@@ -229,9 +242,7 @@ class _Explorer:
                     f"[{self.elapsed():6.1f}s] example {n}: VIOLATION "
                     f"{', '.join(got.rules)} (run {k + 1}) - {describe(s)}"
                 )
-                if self.last is not None:
-                    shutil.rmtree(self.last.run.workdir, ignore_errors=True)
-                self.last = got
+                self.failures.append(got)
                 raise _Violation(", ".join(got.rules))
             if self.out_of_budget():
                 break
@@ -262,19 +273,57 @@ class _Explorer:
         def no_violation(s: Scenario) -> None:
             self.check(s)
 
-        try:
+        # Flaky: the shrunk example did not fail again when replayed; choose() copes.
+        with contextlib.suppress(_Violation, Flaky):
             no_violation()
-        except (_Violation, Flaky):
-            pass  # self.last is the smallest failing example seen (Flaky: it did not repeat)
 
-    def verify(self, s: Scenario) -> int:
+    def verify(self, s: Scenario, label: str) -> int:
         """The run (1-based) on which ``s`` failed again, or 0 if none of ``verify_runs`` did."""
         for k in range(self.options.verify_runs):
-            got = self.run_once(s, f"verify-run{k}")
+            got = self.run_once(s, f"{label}-verify{k}")
             if not got.outcome.ok:
                 shutil.rmtree(got.run.workdir, ignore_errors=True)
                 return k + 1
         return 0
+
+    def choose(self) -> tuple[Found, int | None] | None:
+        """The smallest failing example that fails again (tried smallest first), and the run
+        it failed again on; the smallest of all if none does (0) or without verification.
+
+        Not simply the last failure: while shrinking, Hypothesis also runs larger examples
+        (a shortened choice sequence is completed with random choices).
+        """
+        ranked: list[Found] = []
+        for f in sorted(self.failures, key=lambda f: size(f.scenario)):
+            if all(f.scenario.to_toml() != r.scenario.to_toml() for r in ranked):
+                ranked.append(f)
+        if not ranked:
+            return None
+        chosen: tuple[Found, int | None] = (ranked[0], None)
+        if self.options.verify_runs:
+            chosen = (ranked[0], 0)
+            for n, candidate in enumerate(ranked[:VERIFY_CANDIDATES]):
+                again = self.verify(candidate.scenario, f"candidate{n}")
+                self.log(
+                    f"[{self.elapsed():6.1f}s] verify: "
+                    + (f"failed again on run {again}" if again else "did not fail again")
+                    + f" - {describe(candidate.scenario)}"
+                )
+                if again:
+                    chosen = (candidate, again)
+                    break
+        for f in self.failures:
+            if f is not chosen[0]:
+                shutil.rmtree(f.run.workdir, ignore_errors=True)
+        return chosen
+
+
+def size(s: Scenario) -> tuple[float, ...]:
+    """How big a scenario is, to pick the smallest failing one: phases, faults, repetitions,
+    then the sum of its numeric parameters (connections, concurrency, delays...)."""
+    calls = [c for p in s.phases for c in p.calls]
+    numbers = sum(abs(v) for c in calls for v in c.params.values() if isinstance(v, int | float))
+    return (len(s.phases), len(calls), sum(p.repeat for p in s.phases), numbers, s.seed or 0)
 
 
 def _out_path(template: str, rule: str) -> Path:
@@ -286,9 +335,7 @@ def _out_path(template: str, rule: str) -> Path:
     return candidate
 
 
-def explore(
-    harness: Harness, options: ExploreOptions, log: Log = print
-) -> ExploreResult:
+def explore(harness: Harness, options: ExploreOptions, log: Log = print) -> ExploreResult:
     """Search for a violation; write the shrunk scenario to ``options.out`` if one is found."""
     names = list(options.faults) or default_faults()
     for name in names:
@@ -303,13 +350,13 @@ def explore(
     explorer.search(names, seed)
     if explorer.problem is not None:
         raise explorer.problem
-    found = explorer.last
+    chosen = explorer.choose()
     result = ExploreResult(seed, explorer.examples, explorer.runs, explorer.elapsed())
-    if found is None:
+    if chosen is None:
         return result
+    found, reproduced = chosen
     rule = found.rules[0] if found.rules else "violation"
     path = _out_path(options.out, rule)
-    reproduced = explorer.verify(found.scenario) if options.verify_runs else None
     written = dataclasses.replace(
         found.scenario,
         name=path.stem,

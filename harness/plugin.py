@@ -53,6 +53,11 @@ def _suite_path() -> Path:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "afterclose_scenario: a built-in afterclose scenario")
+    config.addinivalue_line(
+        "markers",
+        "syscall_faults(**calls): syscall faults the shim injects into the target, e.g. "
+        "read={'eagain': 0.05}, write={'short': 0.1} (see afterclose.harness.syscall_faults)",
+    )
     target = _setting(config, "--target")
     if target is None:
         config.stash[HARNESS_KEY] = None
@@ -66,11 +71,8 @@ def pytest_configure(config: pytest.Config) -> None:
             f"--kernel={kernel}: the kernel (VM) runner is not available in this version; "
             "run without --kernel to test on the host's kernel"
         )
+    # Chaos is done by the shim; with --tracer=off the shim is preloaded just to perturb.
     chaos = _setting(config, "--chaos") or "off"
-    if chaos != "off":
-        raise pytest.UsageError(
-            f"--chaos={chaos}: schedule perturbation is not available in this version"
-        )
     seed = _setting(config, "--fault-seed")
     workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
     if seed is None:
@@ -86,6 +88,7 @@ def pytest_configure(config: pytest.Config) -> None:
         tracer=str(_setting(config, "--tracer") or "auto"),
         fault_seed=int(str(seed)),
         sanitize=str(_setting(config, "--sanitize") or "none"),
+        chaos=str(chaos),
     )
     harness = Harness(settings)
     try:
@@ -108,6 +111,7 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     return [
         f"afterclose: target {harness.manifest.name} ({harness.manifest.path}), runner {s.runner},"
         f" tracer {harness.tracer_mode}, sanitizer {s.sanitize}, fault seed {s.fault_seed}"
+        f", chaos {s.chaos}"
     ]
 
 
@@ -158,7 +162,17 @@ def target(
     from afterclose.harness.errors import AftercloseError
 
     try:
-        run = afterclose_harness.start(tmp_path, request.node.name)
+        extra_env: dict[str, str] = {}
+        marker = request.node.get_closest_marker("syscall_faults")
+        if marker is not None:
+            from afterclose.harness import syscall_faults
+
+            specs = syscall_faults.from_marker(
+                marker.args, marker.kwargs, where=f"{request.node.nodeid}: syscall_faults"
+            )
+            seed = afterclose_harness.seed_for(request.node.name)  # = the run's test seed
+            extra_env = syscall_faults.to_env(specs, seed)
+        run = afterclose_harness.start(tmp_path, request.node.name, extra_env=extra_env)
     except AftercloseError as exc:
         pytest.fail(exc.render(), pytrace=False)
     request.node.stash[RUN_KEY] = run

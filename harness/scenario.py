@@ -28,11 +28,12 @@ import random
 import re
 import threading
 import time
+import typing
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from afterclose import faults
 from afterclose.faults.base import Endpoint, Fault, FaultReport, suggest
@@ -73,7 +74,7 @@ def _hint_for(key: str, options: Sequence[str], what: str) -> str:
 
 def fault_params(name: str, where: str | None = None) -> tuple[str, ...]:
     """The parameter names of fault ``name`` (ScenarioError if there is no such fault)."""
-    return tuple(f.name for f in dataclasses.fields(faults.get(name, where)))
+    return tuple(f.name for f in dataclasses.fields(typing.cast(Any, faults.get(name, where))))
 
 
 @dataclass(frozen=True)
@@ -148,11 +149,16 @@ def _prefix(index: int, phase: Phase, repetition: int, slot: int) -> str:
 
 
 def _check_int(value: object, key: str, lo: int, hi: int | None, where: Where) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (
-        hi is not None and value > hi
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < lo
+        or (hi is not None and value > hi)
     ):
         allowed = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ScenarioError(f"{key!r} must be an integer ({allowed}), got {value!r}", where=where(key))
+        raise ScenarioError(
+            f"{key!r} must be an integer ({allowed}), got {value!r}", where=where(key)
+        )
     return value
 
 
@@ -274,8 +280,7 @@ class Scenario:
         fault: str | None = None,
         /,
         *,
-        parallel: Sequence[tuple[str, Mapping[str, object]] | Mapping[str, object]]
-        | None = None,
+        parallel: Sequence[tuple[str, Mapping[str, object]] | Mapping[str, object]] | None = None,
         repeat: int = 1,
         budget_s: float | None = None,
         **params: object,
@@ -386,7 +391,9 @@ def _toml_value(value: object) -> str:
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return (
+            "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        )
     if isinstance(value, Sequence):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")

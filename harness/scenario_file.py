@@ -96,7 +96,9 @@ def load_scenario(path: Path, source: str | None = None) -> Scenario:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ScenarioError(f"cannot read the scenario file: {exc.strerror}", where=source) from None
+        raise ScenarioError(
+            f"cannot read the scenario file: {exc.strerror}", where=source
+        ) from None
     except UnicodeDecodeError as exc:
         raise ScenarioError(f"not UTF-8 text: {exc.reason}", where=source) from None
     except tomllib.TOMLDecodeError as exc:
@@ -139,7 +141,8 @@ class ScenarioFile(pytest.File):
 
         def test_scenario(target: TargetRun) -> None:
             target.replay_nodeid = nodeid
-            target.run_scenario(scen)
+            # Shown with the test's output (on failure, or with -rP): phases and schedule digest.
+            print(target.run_scenario(scen).summary())
 
         test_scenario.__doc__ = scen.description or f"scenario file {source}"
         yield ScenarioItem.from_parent(self, name=scen.name, callobj=test_scenario)

@@ -10,6 +10,7 @@ import contextlib
 import random
 import shlex
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -124,14 +125,23 @@ class Harness:
             return shlex.join(["pytest", *args])
         return shlex.join(["pytest", *self.settings.replay_args(), "-k", test_name])
 
-    def start(self, workdir: Path, test_name: str) -> TargetRun:
-        return TargetRun(self, workdir, test_name)
+    def start(
+        self, workdir: Path, test_name: str, extra_env: Mapping[str, str] | None = None
+    ) -> TargetRun:
+        return TargetRun(self, workdir, test_name, extra_env=extra_env)
 
 
 class TargetRun:
     """One started target for one test: faults run against it, then the oracle judges it."""
 
-    def __init__(self, harness: Harness, workdir: Path, test_name: str) -> None:
+    def __init__(
+        self,
+        harness: Harness,
+        workdir: Path,
+        test_name: str,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        # extra_env: more target environment, e.g. syscall_faults.to_env() of a scenario.
         self.harness = harness
         self.test_name = test_name
         self.workdir = workdir
@@ -157,7 +167,13 @@ class TargetRun:
                 artefact=harness.artefact,
                 sanitizer=harness.settings.sanitize,
                 trace_dir=self.tracer.trace_dir,
-                extra_env=self.tracer.env(),
+                extra_env=tracers.target_env(
+                    self.tracer,
+                    chaos=harness.settings.chaos,
+                    seed=self.seed,
+                    sanitizer=harness.settings.sanitize,
+                    extra=extra_env,
+                ),
             )
             self.target: RunningTarget = harness.runner.start(plan)
             self._stack.callback(self.target.stop)

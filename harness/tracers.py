@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,6 +132,40 @@ def choose_tracer(requested: str, manifest: Manifest, runner: str) -> str:
             hint="use --tracer=preload (dynamic binaries) or --tracer=off",
         )
     return mode
+
+
+def target_env(
+    tracer: TracerSession,
+    *,
+    chaos: str = "off",
+    seed: int = 0,
+    sanitizer: str = "none",
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """What the tracer and the perturbations add to a target's environment.
+
+    The tracer's variables, then schedule perturbation (``--chaos``, seeded with ``seed``), then
+    ``extra`` (a scenario's syscall faults).  The shim does both perturbations: when one is asked
+    for and the tracer is off, the shim is preloaded without a trace folder, a mode in which it
+    traces nothing and only perturbs (the black-box rules still judge the run).  A target the
+    shim cannot be preloaded into (statically linked) is not perturbed at all.
+    """
+    from afterclose.harness import syscall_faults
+
+    env = tracer.env()
+    env.update(syscall_faults.chaos_env(chaos, seed))
+    env.update(extra or {})
+    perturbed = syscall_faults.ENV_CHAOS in env or syscall_faults.ENV_FAULTS in env
+    if perturbed and "AFTERCLOSE_TRACE_DIR" not in env:
+        from afterclose.harness.trace import shim
+
+        env.update(
+            shim.preload_env(
+                asan_runtime=sanitizer == "address",
+                extra_preload=env.get("LD_PRELOAD", ""),
+            )
+        )
+    return env
 
 
 def open_tracer(mode: str, workdir: Path, sanitizer: str) -> TracerSession:

@@ -26,6 +26,13 @@
  *    a vfork child shares our memory and TLS, so its dup2/close before exec would otherwise be
  *    recorded as the parent's.
  *  - struct epoll_event is packed (12 bytes) on x86-64: always go through the libc definition.
+ *
+ * Perturbation (see "syscall faults and chaos" below and harness/syscall_faults.py): the shim can
+ * also inject syscall failures (AFTERCLOSE_SYSCALL_FAULTS) and delay threads at the points where
+ * fd-lifecycle races live (AFTERCLOSE_CHAOS), both drawn from per-thread PRNGs seeded by
+ * AFTERCLOSE_FAULT_SEED.  Both work without tracing too: with AFTERCLOSE_TRACE_DIR unset and a
+ * perturbation asked for, the shim only perturbs (no trace, no message).  An injected result is
+ * recorded like a real one with REC_INJECTED set in the record's flags.
  */
 #ifdef _FORTIFY_SOURCE
 #undef _FORTIFY_SOURCE /* we define open/read/...: glibc's fortify inline wrappers would clash */
@@ -37,6 +44,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -87,6 +95,9 @@ enum {
     OP_FDNEW = 14,
     OP_CLOSE_RANGE = 15,
 };
+
+/* Record flags bit: the result was injected by the shim (format.py RecordFlag.INJECTED). */
+#define REC_INJECTED 0x8000u
 
 enum { DUPK_DUP = 0, DUPK_DUP2 = 1, DUPK_DUP3 = 2, DUPK_FCNTL = 3, DUPK_FCNTL_CLOEXEC = 4 };
 enum { WAITK_WAIT = 0, WAITK_PWAIT = 1, WAITK_PWAIT2 = 2 };
@@ -196,6 +207,15 @@ struct tstate {
     int resolving_free;
     uint32_t tid;      /* cached gettid(): a syscall in glibc */
     uint64_t fork_seq; /* seq_in of the fork() in flight, read by the child */
+    /* Perturbation (syscall faults and chaos): two xorshift64* streams, seeded on first use
+     * from the seed, the process lineage and this thread's creation ordinal. */
+    uint64_t rng_fault;
+    uint64_t rng_chaos;
+    uint64_t ordinal;  /* 0: the process's first thread; n: the n-th pthread_create */
+    uint64_t fork_no;  /* this process's fork() count at the fork in flight, read by the child */
+    uint8_t ordinal_set;
+    uint8_t rng_ready;
+    uint8_t pt_initialising;
 };
 static TLS struct tstate t;
 
@@ -249,6 +269,7 @@ typedef ssize_t (*fn_recv_chk)(int, void *, size_t, size_t, int);
 typedef ssize_t (*fn_recvfrom_chk)(int, void *, size_t, size_t, int, struct sockaddr *,
                                    socklen_t *);
 typedef void (*fn_free)(void *);
+typedef int (*fn_pthread_create)(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *);
 
 #define REAL_LIST(X)                                                                          \
     X(socket, fn_socket)                                                                       \
@@ -303,7 +324,8 @@ typedef void (*fn_free)(void *);
     X(inotify_init1, fn_int)                                                                   \
     X(__read_chk, fn_read_chk)                                                                 \
     X(__recv_chk, fn_recv_chk)                                                                 \
-    X(__recvfrom_chk, fn_recvfrom_chk)
+    X(__recvfrom_chk, fn_recvfrom_chk)                                                         \
+    X(pthread_create, fn_pthread_create)
 
 #define X_DECL(name, type) static type real_##name;
 REAL_LIST(X_DECL)
@@ -441,6 +463,569 @@ static void disable(const char *reason, const char *detail, int err)
 
 static void crash_handler(int sig, siginfo_t *si, void *uc);
 static void atfork_child(void);
+
+/* ------------------------------------------------------ syscall faults and chaos -- */
+
+/* Syscall faults (libfiu-like), AFTERCLOSE_SYSCALL_FAULTS="call=error:probability,...":
+ *
+ *   epoll_wait=eintr     epoll_wait/epoll_pwait/epoll_pwait2 fail with EINTR without waiting
+ *                        (no event is consumed).  Only when the wait could block (timeout != 0):
+ *                        a non-blocking poll never sees a signal.
+ *   read=eagain          read/readv/recv/recvfrom/recvmsg (and _chk variants) fail with EAGAIN
+ *                        without reading (the bytes stay queued).  Only on a stream socket that
+ *                        is non-blocking (O_NONBLOCK from fcntl(F_GETFL), or MSG_DONTWAIT) and
+ *                        not registered edge-triggered without EPOLLONESHOT.
+ *   write=short          write/writev/send/sendto/sendmsg/sendfile move 1..n-1 of the n bytes
+ *                        asked (the real call, with a shortened count/iovec).
+ *   write=econnreset     the socket is shut down both ways (raw shutdown, not recorded) and the
+ *                        call fails with ECONNRESET without writing.
+ *   write=epipe          the socket is shut down both ways, then the real call runs: the kernel
+ *                        itself answers EPIPE (and raises SIGPIPE unless MSG_NOSIGNAL/ignored).
+ *   accept=emfile        accept/accept4 fail with EMFILE / ECONNABORTED without accepting: the
+ *   accept=econnaborted  connection stays in the backlog, as with a real EMFILE.
+ *
+ * An injected fault is a result the kernel could have given at that moment, never a lie a
+ * correct server could not survive:
+ *  - Eligibility is checked with raw syscalls (getsockopt SO_TYPE/SO_ACCEPTCONN, fcntl F_GETFL/
+ *    F_GETFD) only after the dice said "inject", and inside the call's seq_in..seq_out window, so
+ *    the common path costs one load and a branch.  O_NONBLOCK is not cached: F_SETFL, FIONBIO
+ *    and fd reuse would make a cache wrong, and the check only runs on calls about to fail.
+ *  - An invalid fd fails every check, so the real call runs and the kernel answers EBADF: the
+ *    shim never produces EBADF and never hides a use-after-close.
+ *  - A spurious EAGAIN is a lie the kernel never tells on a blocking fd, and on an edge-triggered
+ *    registration (no EPOLLONESHOT) it would mean "wait for the next edge", which never comes
+ *    for bytes already queued.  The same holds for a short write on an edge-triggered writer
+ *    waiting for EPOLLOUT in a buffer that never filled.  So the shim remembers, per fd number,
+ *    whether the last successful epoll_ctl ADD/MOD was EPOLLET without EPOLLONESHOT (cleared by
+ *    DEL and close) and injects neither fault there.  A ONESHOT registration is re-armed with
+ *    EPOLL_CTL_MOD, which re-checks readiness, so it is safe.  Missed closes (close_range, dup2
+ *    onto the number) leave the mark set: the shim errs towards not injecting.
+ *  - ECONNRESET/EPIPE: a real reset leaves the socket dead, so the shim makes it dead (shutdown
+ *    SHUT_RDWR): later reads see EOF, writes EPIPE, epoll reports HUP, as after a real reset; only
+ *    the peer sees a FIN instead of having sent an RST.  Faults on reads and writes hit stream
+ *    sockets only: a server's log writes and eventfd/pipe wake-ups are left alone.
+ *
+ * Schedule perturbation, AFTERCLOSE_CHAOS=off|on|low|medium|high|0..10 (level L; low 3,
+ * on/medium 5, high 8): with probability L*5 % a thread is held up for up to L*20 us at the
+ * points where lifecycle races live: after epoll_wait returned events (before the caller sees
+ * them), before close, before epoll_ctl, and after a read returned 0 (before the caller reacts
+ * to the EOF).  A quarter of the holds are sched_yield() ("preempted right here": cheap, and it
+ * lets another runnable thread on this CPU go first); the rest are delays of 1 us..L*20 us.  A
+ * delay under 50 us busy-waits on the vDSO clock, because nanosleep cannot sleep that short: the
+ * default timer slack alone is 50 us.  Longer ones nanosleep, which really deschedules the
+ * thread so others run on its CPU (a busy-wait would hold the CPU the racing thread needs).
+ * Raw syscalls: no cancellation point, no interposer in between.  Delays sit outside the
+ * call's seq_in..seq_out window, so the trace's happens-before facts are unchanged.
+ *
+ * Reproducibility: AFTERCLOSE_FAULT_SEED (u64, default 0) seeds per-thread streams: the
+ * process's first thread is ordinal 0, the n-th thread made by pthread_create (wrapped while a
+ * perturbation is on) ordinal n; threads made otherwise get ordinals in order of first use.  A
+ * fork child starts a new lineage from the parent's and its fork count.  A single-threaded
+ * program therefore sees the same faults for the same seed; a multi-threaded one the same per
+ * thread as far as the scheduler lets the calls themselves repeat.  Faults and chaos draw from
+ * separate streams: turning chaos on does not move the faults.  A parse error prints one line
+ * to stderr and turns that perturbation off (tracing goes on).
+ */
+
+enum { FC_WAIT = 0, FC_READ = 1, FC_WRITE = 2, FC_ACCEPT = 3, FC_N = 4 };
+enum {
+    FE_NONE = 0,
+    FE_EINTR,
+    FE_EAGAIN,
+    FE_SHORT,
+    FE_ECONNRESET,
+    FE_EPIPE,
+    FE_EMFILE,
+    FE_ECONNABORTED,
+};
+#define PT_EDGE (1u << FC_N)          /* keep the per-fd edge-triggered marks */
+#define PT_CHAOS (1u << (FC_N + 1))   /* schedule perturbation on */
+#define PT_ANY (((1u << FC_N) - 1) | PT_CHAOS)
+#define PT_BUSY (1u << 30)
+#define PT_READY (1u << 31)
+
+struct fault_opt {
+    const char *call;
+    uint8_t fc;
+    const char *err;
+    uint8_t fe;
+};
+static const struct fault_opt FAULT_OPTS[] = {
+    {"epoll_wait", FC_WAIT, "eintr", FE_EINTR},
+    {"read", FC_READ, "eagain", FE_EAGAIN},
+    {"write", FC_WRITE, "short", FE_SHORT},
+    {"write", FC_WRITE, "econnreset", FE_ECONNRESET},
+    {"write", FC_WRITE, "epipe", FE_EPIPE},
+    {"accept", FC_ACCEPT, "emfile", FE_EMFILE},
+    {"accept", FC_ACCEPT, "econnaborted", FE_ECONNABORTED},
+};
+#define N_FAULT_OPTS (sizeof FAULT_OPTS / sizeof FAULT_OPTS[0])
+#define MAX_PICKS 3 /* most errors one call class has */
+#define P_ONE (1ull << 32) /* probability 1 as a threshold on a 32-bit draw */
+
+struct fault_pick {
+    uint8_t fe;
+    uint64_t upto; /* cumulative threshold: inject fe when draw < upto */
+};
+static unsigned g_pt; /* PT_* and 1 << FC_*; PT_READY once the environment was read */
+static struct fault_pick g_picks[FC_N][MAX_PICKS];
+static uint8_t g_npicks[FC_N];
+static uint64_t g_chaos_p;      /* threshold on a 32-bit draw */
+static uint64_t g_chaos_max_ns; /* longest delay */
+static uint64_t g_seed;
+static uint64_t g_lineage;      /* 0 in the first image; derived anew in each fork child */
+static uint64_t g_thread_next;  /* ordinals handed out by our pthread_create */
+static uint64_t g_foreign_next; /* ordinals of threads first seen without one */
+static uint64_t g_forks;        /* fork() calls of this process */
+#define CHAOS_SPIN_NS 50000ull  /* below this a delay busy-waits (default timer slack) */
+
+/* Per fd number: 1 = registered edge-triggered without EPOLLONESHOT.  1 MiB of BSS, of which
+ * only the pages where fd numbers land are ever touched.  Numbers beyond it count as marked. */
+#define FDT_SIZE (1u << 20)
+static uint8_t g_fdt[FDT_SIZE];
+
+static void atfork_once(void)
+{
+    if (!__atomic_exchange_n(&g_atfork_done, 1, __ATOMIC_ACQ_REL))
+        pthread_atfork(NULL, NULL, atfork_child);
+}
+
+static void put_mem(char *buf, size_t cap, size_t *pos, const char *s, size_t n)
+{
+    for (size_t i = 0; i < n && *pos + 1 < cap; i++)
+        buf[(*pos)++] = s[i];
+    buf[*pos] = '\0';
+}
+
+/* One line on stderr: "afterclose-shim: WHAT disabled: VAR: PROBLEM 'ITEM'HINT". */
+static void pt_complain(const char *what, const char *var, const char *problem, const char *item,
+                        size_t item_len, const char *hint)
+{
+    char msg[1024];
+    size_t pos = 0;
+    put_str(msg, sizeof msg, &pos, "afterclose-shim: ");
+    put_str(msg, sizeof msg, &pos, what);
+    put_str(msg, sizeof msg, &pos, " disabled: ");
+    put_str(msg, sizeof msg, &pos, var);
+    put_str(msg, sizeof msg, &pos, ": ");
+    put_str(msg, sizeof msg, &pos, problem);
+    put_str(msg, sizeof msg, &pos, " '");
+    put_mem(msg, sizeof msg, &pos, item, item_len);
+    put_str(msg, sizeof msg, &pos, "'");
+    if (hint) {
+        put_str(msg, sizeof msg, &pos, " ");
+        put_str(msg, sizeof msg, &pos, hint);
+    }
+    put_str(msg, sizeof msg, &pos, "\n");
+    syscall(SYS_write, 2, msg, pos);
+}
+
+static int mem_is(const char *s, size_t n, const char *word)
+{
+    return strlen(word) == n && memcmp(s, word, n) == 0;
+}
+
+/* A probability written as a plain decimal (no sign, no exponent: strtod would follow the
+ * target's LC_NUMERIC) from 0 to 1, as a threshold in [0, P_ONE].  -1: not a number, -2: > 1. */
+static int parse_prob(const char *s, size_t n, uint64_t *out)
+{
+    size_t i = 0;
+    int digits = 0, frac = 0;
+    uint64_t ip = 0;
+    unsigned __int128 num = 0, den = 1;
+    for (; i < n && s[i] >= '0' && s[i] <= '9'; i++, digits++)
+        if (ip < 10)
+            ip = ip * 10 + (uint64_t)(s[i] - '0');
+    if (i < n && s[i] == '.') {
+        for (i++; i < n && s[i] >= '0' && s[i] <= '9'; i++, digits++) {
+            if (frac < 18) {
+                num = num * 10 + (unsigned)(s[i] - '0');
+                den *= 10;
+                frac++;
+            }
+        }
+    }
+    if (i != n || digits == 0)
+        return -1;
+    if (ip > 1 || (ip == 1 && num != 0))
+        return -2;
+    *out = ip == 1 ? P_ONE : (uint64_t)((num << 32) / den);
+    return 0;
+}
+
+static int parse_faults(const char *spec)
+{
+    static const char *const var = "AFTERCLOSE_SYSCALL_FAULTS";
+    static const char *const what = "syscall faults";
+    uint64_t total[FC_N] = {0};
+    const char *p = spec;
+    while (*p) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        const char *eq = memchr(p, '=', len);
+        const char *colon = eq ? memchr(eq, ':', len - (size_t)(eq - p)) : NULL;
+        if (!eq || !colon) {
+            pt_complain(what, var, "expected call=error:probability, got", p, len, NULL);
+            return 0;
+        }
+        size_t call_len = (size_t)(eq - p), err_len = (size_t)(colon - eq - 1);
+        const struct fault_opt *opt = NULL;
+        int call_known = 0;
+        for (size_t i = 0; i < N_FAULT_OPTS; i++) {
+            if (!mem_is(p, call_len, FAULT_OPTS[i].call))
+                continue;
+            call_known = 1;
+            if (mem_is(eq + 1, err_len, FAULT_OPTS[i].err))
+                opt = &FAULT_OPTS[i];
+        }
+        if (!call_known) {
+            pt_complain(what, var, "unknown call in", p, len,
+                        "(calls: epoll_wait, read, write, accept)");
+            return 0;
+        }
+        if (!opt) {
+            char hint[128];
+            size_t pos = 0;
+            put_str(hint, sizeof hint, &pos, "(");
+            put_mem(hint, sizeof hint, &pos, p, call_len);
+            put_str(hint, sizeof hint, &pos, ":");
+            for (size_t i = 0; i < N_FAULT_OPTS; i++) {
+                if (mem_is(p, call_len, FAULT_OPTS[i].call)) {
+                    put_str(hint, sizeof hint, &pos, " ");
+                    put_str(hint, sizeof hint, &pos, FAULT_OPTS[i].err);
+                }
+            }
+            put_str(hint, sizeof hint, &pos, ")");
+            pt_complain(what, var, "unknown error for this call in", p, len, hint);
+            return 0;
+        }
+        uint64_t th;
+        int r = parse_prob(colon + 1, len - (size_t)(colon + 1 - p), &th);
+        if (r < 0) {
+            pt_complain(what, var,
+                        r == -2 ? "probability above 1 in" : "probability is not a number in", p,
+                        len, "(a decimal from 0 to 1, e.g. 0.05)");
+            return 0;
+        }
+        uint8_t fc = opt->fc, n = g_npicks[fc];
+        for (uint8_t i = 0; i < n; i++) {
+            if (g_picks[fc][i].fe == opt->fe) {
+                pt_complain(what, var, "given twice:", p, len, NULL);
+                return 0;
+            }
+        }
+        total[fc] += th;
+        if (total[fc] > P_ONE) {
+            pt_complain(what, var, "the probabilities of one call add up to more than 1 at", p,
+                        len, NULL);
+            return 0;
+        }
+        g_picks[fc][n] = (struct fault_pick){.fe = opt->fe, .upto = total[fc]};
+        g_npicks[fc] = (uint8_t)(n + 1);
+        p += len;
+        if (*p == ',')
+            p++;
+    }
+    return 1;
+}
+
+static int parse_u64(const char *s, uint64_t *out)
+{
+    uint64_t v = 0;
+    if (!*s)
+        return 0;
+    for (; *s; s++) {
+        if (*s < '0' || *s > '9')
+            return 0;
+        uint64_t d = (uint64_t)(*s - '0');
+        if (v > (UINT64_MAX - d) / 10)
+            return 0;
+        v = v * 10 + d;
+    }
+    *out = v;
+    return 1;
+}
+
+/* -1 when not a level. */
+static int parse_chaos(const char *s)
+{
+    static const struct {
+        const char *name;
+        int level;
+    } names[] = {{"off", 0}, {"low", 3}, {"on", 5}, {"medium", 5}, {"high", 8}};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (strcmp(s, names[i].name) == 0)
+            return names[i].level;
+    uint64_t v;
+    return parse_u64(s, &v) && v <= 10 ? (int)v : -1;
+}
+
+/* Read the environment once per process image.  Calls can arrive before our constructor, so
+ * this runs lazily like ensure_init; a thread racing with the initialising one waits. */
+static __attribute__((noinline)) unsigned pt_init(void)
+{
+    unsigned expected = 0;
+    if (!__atomic_compare_exchange_n(&g_pt, &expected, PT_BUSY, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_ACQUIRE)) {
+        if (t.pt_initialising) /* a signal handler interrupted our own set-up */
+            return PT_READY;
+        while (!((expected = __atomic_load_n(&g_pt, __ATOMIC_ACQUIRE)) & PT_READY))
+            sched_yield();
+        return expected;
+    }
+    t.pt_initialising = 1;
+    int saved_errno = errno;
+    unsigned pt = 0;
+    const char *seed = getenv("AFTERCLOSE_FAULT_SEED");
+    const char *faults = getenv("AFTERCLOSE_SYSCALL_FAULTS");
+    const char *chaos = getenv("AFTERCLOSE_CHAOS");
+    int seed_ok = !seed || !*seed || parse_u64(seed, &g_seed);
+    if (!seed_ok && ((faults && *faults) || (chaos && *chaos)))
+        pt_complain("syscall faults and chaos", "AFTERCLOSE_FAULT_SEED",
+                    "not a whole number from 0 to 2**64-1:", seed, strlen(seed), NULL);
+    if (seed_ok && faults && *faults) {
+        if (parse_faults(faults)) {
+            for (int fc = 0; fc < FC_N; fc++)
+                if (g_npicks[fc])
+                    pt |= 1u << fc;
+            for (int i = 0; i < g_npicks[FC_READ]; i++)
+                if (g_picks[FC_READ][i].fe == FE_EAGAIN)
+                    pt |= PT_EDGE;
+            for (int i = 0; i < g_npicks[FC_WRITE]; i++)
+                if (g_picks[FC_WRITE][i].fe == FE_SHORT)
+                    pt |= PT_EDGE;
+        } else {
+            memset(g_npicks, 0, sizeof g_npicks);
+        }
+    }
+    if (seed_ok && chaos && *chaos) {
+        int level = parse_chaos(chaos);
+        if (level < 0) {
+            pt_complain("chaos", "AFTERCLOSE_CHAOS", "unknown level", chaos, strlen(chaos),
+                        "(off, on, low, medium, high or 0-10)");
+        } else if (level > 0) {
+            g_chaos_p = P_ONE * (uint64_t)level * 5 / 100;
+            g_chaos_max_ns = (uint64_t)level * 20000;
+            pt |= PT_CHAOS;
+        }
+    }
+    if (pt & PT_ANY)
+        atfork_once(); /* a fork child must start its own lineage of streams */
+    __atomic_store_n(&g_pt, pt | PT_READY, __ATOMIC_RELEASE);
+    t.pt_initialising = 0;
+    errno = saved_errno;
+    return pt | PT_READY;
+}
+
+static inline unsigned pt_get(void)
+{
+    unsigned pt = __atomic_load_n(&g_pt, __ATOMIC_ACQUIRE);
+    return LIKELY(pt & PT_READY) ? pt : pt_init();
+}
+
+static inline uint64_t splitmix64(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static inline uint64_t xs_next(uint64_t *s)
+{
+    uint64_t x = *s;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *s = x;
+    return x * 0x2545f4914f6cdd1dull;
+}
+
+static __attribute__((noinline)) void rng_setup(void)
+{
+    if (!t.ordinal_set) {
+        t.ordinal = cur_tid() == (uint32_t)syscall(SYS_getpid)
+                        ? 0
+                        : (1ull << 32) + __atomic_add_fetch(&g_foreign_next, 1, __ATOMIC_RELAXED);
+        t.ordinal_set = 1;
+    }
+    uint64_t x = g_seed;
+    uint64_t a = splitmix64(&x);
+    x = a ^ __atomic_load_n(&g_lineage, __ATOMIC_RELAXED);
+    uint64_t b = splitmix64(&x);
+    x = b ^ t.ordinal;
+    t.rng_fault = splitmix64(&x);
+    t.rng_chaos = splitmix64(&x);
+    if (!t.rng_fault)
+        t.rng_fault = 1;
+    if (!t.rng_chaos)
+        t.rng_chaos = 1;
+    t.rng_ready = 1;
+}
+
+/* Fork child (from child_reset): a new lineage, this thread is its ordinal 0. */
+static void pt_child(void)
+{
+    uint64_t x = __atomic_load_n(&g_lineage, __ATOMIC_RELAXED) ^ (t.fork_no << 20);
+    __atomic_store_n(&g_lineage, splitmix64(&x), __ATOMIC_RELAXED);
+    __atomic_store_n(&g_thread_next, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&g_foreign_next, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&g_forks, 0, __ATOMIC_RELAXED);
+    t.fork_no = 0;
+    t.ordinal = 0;
+    t.ordinal_set = 1;
+    t.rng_ready = 0;
+}
+
+static __attribute__((noinline)) int fault_roll(int fc)
+{
+    if (UNLIKELY(!t.rng_ready))
+        rng_setup();
+    uint64_t r = xs_next(&t.rng_fault) >> 32;
+    for (int i = 0; i < g_npicks[fc]; i++)
+        if (r < g_picks[fc][i].upto)
+            return g_picks[fc][i].fe;
+    return FE_NONE;
+}
+
+/* The dice for one call of class fc: FE_NONE, or the fault to inject if the call is eligible.
+ * Rolled once per call of a class with faults, whatever the eligibility: the sequence of draws
+ * depends only on the sequence of calls. */
+static inline int fault_draw(int fc)
+{
+    if (LIKELY(!(pt_get() & (1u << fc))) || UNLIKELY(t.inside))
+        return FE_NONE;
+    return fault_roll(fc);
+}
+
+static inline void fdt_mark(int fd, int edge)
+{
+    if (fd >= 0 && (unsigned)fd < FDT_SIZE)
+        __atomic_store_n(&g_fdt[fd], (uint8_t)edge, __ATOMIC_RELAXED);
+}
+
+static inline int fdt_edge(int fd)
+{
+    return fd < 0 || (unsigned)fd >= FDT_SIZE || __atomic_load_n(&g_fdt[fd], __ATOMIC_RELAXED);
+}
+
+/* Raw checks, errno kept: -1 when the fd is not open (or not a socket, for sock_int). */
+static int sock_int(int fd, int opt)
+{
+    int e = errno, v = 0;
+    socklen_t len = sizeof v;
+    long r = syscall(SYS_getsockopt, fd, SOL_SOCKET, opt, &v, &len);
+    errno = e;
+    return r == 0 ? v : -1;
+}
+
+static int fd_getfl(int fd)
+{
+    int e = errno;
+    long r = syscall(SYS_fcntl, fd, F_GETFL);
+    errno = e;
+    return (int)r;
+}
+
+static void raw_shutdown(int fd)
+{
+    int e = errno;
+    syscall(SYS_shutdown, fd, SHUT_RDWR);
+    errno = e;
+}
+
+static size_t iov_total(const struct iovec *iov, long cnt)
+{
+    size_t n = 0;
+    if (!iov || cnt <= 0 || cnt > IOV_MAX)
+        return 0;
+    for (long i = 0; i < cnt; i++) {
+        if (iov[i].iov_len > SIZE_MAX - n)
+            return 0;
+        n += iov[i].iov_len;
+    }
+    return n;
+}
+
+static int read_fault_ok(int fd, size_t want, int dontwait)
+{
+    if (want == 0 || fdt_edge(fd) || sock_int(fd, SO_TYPE) != SOCK_STREAM)
+        return 0;
+    if (dontwait)
+        return 1;
+    int fl = fd_getfl(fd);
+    return fl >= 0 && (fl & O_NONBLOCK);
+}
+
+/* Decide a write fault for real: FE_NONE when the call is not eligible; for FE_SHORT sets
+ * *k to the shortened count (1..want-1, from the fault stream). */
+static int write_fault_arm(int fd, int fe, size_t want, size_t *k)
+{
+    if (want == 0 || sock_int(fd, SO_TYPE) != SOCK_STREAM)
+        return FE_NONE;
+    if (fe == FE_SHORT) {
+        if (want < 2 || fdt_edge(fd))
+            return FE_NONE;
+        *k = 1 + (size_t)(xs_next(&t.rng_fault) % (uint64_t)(want - 1));
+    } else {
+        raw_shutdown(fd); /* ECONNRESET/EPIPE: the connection is dead from now on */
+    }
+    return fe;
+}
+
+#define SHORT_IOV 64
+/* The first k bytes of iov in at most SHORT_IOV entries (fewer bytes if that runs out). */
+static int iov_cut(const struct iovec *iov, long cnt, size_t k, struct iovec *out)
+{
+    int n = 0;
+    for (long i = 0; i < cnt && n < SHORT_IOV && k > 0; i++) {
+        size_t l = iov[i].iov_len < k ? iov[i].iov_len : k;
+        if (l == 0)
+            continue;
+        out[n].iov_base = iov[i].iov_base;
+        out[n].iov_len = l;
+        n++;
+        k -= l;
+    }
+    return n;
+}
+
+static void chaos_spin(uint64_t ns)
+{
+    uint64_t until = now_ns() + ns;
+    while (now_ns() < until)
+        ;
+}
+
+static __attribute__((noinline)) void chaos_roll(void)
+{
+    if (UNLIKELY(!t.rng_ready))
+        rng_setup();
+    if ((xs_next(&t.rng_chaos) >> 32) >= g_chaos_p)
+        return;
+    int e = errno;
+    uint64_t r = xs_next(&t.rng_chaos);
+    if ((r & 3) == 0) {
+        syscall(SYS_sched_yield);
+    } else {
+        uint64_t ns = 1000 + (r >> 2) % g_chaos_max_ns;
+        if (ns < CHAOS_SPIN_NS) {
+            chaos_spin(ns);
+        } else {
+            struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)ns};
+            syscall(SYS_nanosleep, &ts, NULL);
+        }
+    }
+    errno = e;
+}
+
+/* A point where lifecycle races live: maybe hold this thread up (errno kept). */
+static inline void chaos_point(void)
+{
+    if (LIKELY(!(pt_get() & PT_CHAOS)) || UNLIKELY(t.inside))
+        return;
+    chaos_roll();
+}
 
 static int map_seq(const char *dir)
 {
@@ -605,15 +1190,14 @@ static __attribute__((noinline)) int ensure_init(void)
     const char *ft = getenv("AFTERCLOSE_FREE_TRACKING");
     g_free_on = !(ft && ft[0] == '0');
     int ok = 0;
-    if (!dir || !*dir)
+    if ((!dir || !*dir) && (pt_get() & PT_ANY))
+        __atomic_store_n(&g_state, ST_OFF, __ATOMIC_RELEASE); /* perturb only: no trace, quietly */
+    else if (!dir || !*dir)
         disable("AFTERCLOSE_TRACE_DIR is not set", NULL, 0);
     else if (map_seq(dir))
         ok = create_trace(dir, (uint32_t)getppid(), 0);
     if (ok) {
-        if (!g_atfork_done) {
-            g_atfork_done = 1;
-            pthread_atfork(NULL, NULL, atfork_child);
-        }
+        atfork_once();
         install_crash_handlers();
         __atomic_store_n(&g_state, ST_ON, __ATOMIC_RELEASE);
     }
@@ -627,6 +1211,7 @@ __attribute__((constructor)) static void ac_constructor(void)
     (void)REAL(close); /* warm the most common pointers outside any hot path */
     (void)REAL(read);
     (void)REAL(write);
+    pt_get();
     ensure_init();
 }
 
@@ -636,6 +1221,7 @@ static void child_reset(void)
 {
     uint64_t fork_seq = t.fork_seq;
     t.fork_seq = 0;
+    pt_child();
     memset(t.lv, 0, sizeof t.lv);
     t.depth = 0;
     t.tid = 0;
@@ -969,24 +1555,53 @@ int socket(int domain, int type, int protocol)
     TRACE1(int, f(domain, type, protocol), OP_SOCKET, 0, 0, 0, 0, 0);
 }
 
+/* accept/accept4 with faults: EMFILE or ECONNABORTED on a listening socket, without accepting
+ * (the connection stays in the backlog). */
+#define TRACE_ACCEPT(call_expr, kind, fd)                                                     \
+    do {                                                                                       \
+        int fe_ = fault_draw(FC_ACCEPT);                                                       \
+        struct call c_;                                                                        \
+        int traced_ = trace_begin(&c_);                                                        \
+        int r_, e_;                                                                            \
+        uint16_t fl_ = (kind);                                                                 \
+        if (UNLIKELY(fe_ != FE_NONE) && sock_int((fd), SO_ACCEPTCONN) == 1) {                 \
+            r_ = -1;                                                                           \
+            e_ = fe_ == FE_EMFILE ? EMFILE : ECONNABORTED;                                     \
+            fl_ |= REC_INJECTED;                                                               \
+        } else {                                                                               \
+            r_ = call_expr;                                                                    \
+            e_ = errno;                                                                        \
+        }                                                                                      \
+        if (traced_)                                                                           \
+            record(&c_, OP_ACCEPT, fl_, (fd), 0, 0, 0, r_, e_);                                \
+        errno = e_;                                                                            \
+        return r_;                                                                             \
+    } while (0)
+
 int accept(int fd, struct sockaddr *addr, socklen_t *len)
 {
     fn_accept f = REAL(accept);
     NOSYS_IF_NULL(f);
-    TRACE1(int, f(fd, addr, len), OP_ACCEPT, 0, fd, 0, 0, 0);
+    TRACE_ACCEPT(f(fd, addr, len), 0, fd);
 }
 
 int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
 {
     fn_accept4 f = REAL(accept4);
     NOSYS_IF_NULL(f);
-    TRACE1(int, f(fd, addr, len, flags), OP_ACCEPT, 4, fd, 0, 0, 0);
+    TRACE_ACCEPT(f(fd, addr, len, flags), 4, fd);
 }
 
 int close(int fd)
 {
     fn_int f = REAL(close);
     NOSYS_IF_NULL(f);
+    unsigned pt = pt_get();
+    if (UNLIKELY(pt & (PT_EDGE | PT_CHAOS))) {
+        if (pt & PT_EDGE)
+            fdt_mark(fd, 0); /* before the number can be handed out again */
+        chaos_point();
+    }
     TRACE1(int, f(fd), OP_CLOSE, 0, fd, 0, 0, 0);
 }
 
@@ -1063,15 +1678,31 @@ int epoll_create1(int flags)
     TRACE1(int, f(flags), OP_EPOLL_CREATE, 0, 0, 0, 0, 0);
 }
 
+/* After a successful epoll_ctl: remember whether fd is edge-triggered without ONESHOT. */
+static inline void ctl_mark(int op, int fd, const struct epoll_event *ev)
+{
+    if (op == EPOLL_CTL_DEL)
+        fdt_mark(fd, 0);
+    else if (ev)
+        fdt_mark(fd, (ev->events & EPOLLET) && !(ev->events & EPOLLONESHOT));
+}
+
 int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 {
     fn_epoll_ctl f = REAL(epoll_ctl);
     NOSYS_IF_NULL(f);
+    chaos_point();
     struct call c;
-    if (!trace_begin(&c))
-        return f(epfd, op, fd, ev);
+    if (!trace_begin(&c)) {
+        int r = f(epfd, op, fd, ev);
+        if (UNLIKELY(pt_get() & PT_EDGE) && r == 0)
+            ctl_mark(op, fd, ev);
+        return r;
+    }
     int r = f(epfd, op, fd, ev);
     int e = errno;
+    if (UNLIKELY(pt_get() & PT_EDGE) && r == 0)
+        ctl_mark(op, fd, ev);
     uint32_t events = 0;
     uint64_t data = 0;
     /* The kernel copies the event before any other check, so unless it answered EFAULT the
@@ -1117,14 +1748,28 @@ static void record_wait(const struct call *c, uint16_t kind, int epfd, int maxev
     writer_leave();
 }
 
-#define TRACE_WAIT(call_expr, kind)                                                           \
+/* Waits with faults (EINTR without waiting, only when the wait could block: a poll with timeout
+ * 0 never sees a signal) and chaos (after events came back, before the caller sees them). */
+#define TRACE_WAIT(call_expr, kind, may_block)                                                \
     do {                                                                                       \
+        int fe_ = fault_draw(FC_WAIT);                                                         \
         struct call c_;                                                                        \
-        if (!trace_begin(&c_))                                                                 \
-            return call_expr;                                                                  \
-        int r_ = call_expr;                                                                    \
-        int e_ = errno;                                                                        \
-        record_wait(&c_, (kind), epfd, maxevents, events, r_, e_);                             \
+        int traced_ = trace_begin(&c_);                                                        \
+        int r_, e_;                                                                            \
+        uint16_t fl_ = (kind);                                                                 \
+        if (UNLIKELY(fe_ != FE_NONE) && maxevents > 0 && events && (may_block) &&              \
+            fd_getfl(epfd) >= 0) {                                                             \
+            r_ = -1;                                                                           \
+            e_ = EINTR;                                                                        \
+            fl_ |= REC_INJECTED;                                                               \
+        } else {                                                                               \
+            r_ = call_expr;                                                                    \
+            e_ = errno;                                                                        \
+        }                                                                                      \
+        if (traced_)                                                                           \
+            record_wait(&c_, fl_, epfd, maxevents, events, r_, e_);                            \
+        if (r_ > 0)                                                                            \
+            chaos_point();                                                                     \
         errno = e_;                                                                            \
         return r_;                                                                             \
     } while (0)
@@ -1133,7 +1778,7 @@ int epoll_wait(int epfd, struct epoll_event *events, int maxevents, int timeout)
 {
     fn_epoll_wait f = REAL(epoll_wait);
     NOSYS_IF_NULL(f);
-    TRACE_WAIT(f(epfd, events, maxevents, timeout), WAITK_WAIT);
+    TRACE_WAIT(f(epfd, events, maxevents, timeout), WAITK_WAIT, timeout != 0);
 }
 
 int epoll_pwait(int epfd, struct epoll_event *events, int maxevents, int timeout,
@@ -1141,7 +1786,7 @@ int epoll_pwait(int epfd, struct epoll_event *events, int maxevents, int timeout
 {
     fn_epoll_pwait f = REAL(epoll_pwait);
     NOSYS_IF_NULL(f);
-    TRACE_WAIT(f(epfd, events, maxevents, timeout, sigmask), WAITK_PWAIT);
+    TRACE_WAIT(f(epfd, events, maxevents, timeout, sigmask), WAITK_PWAIT, timeout != 0);
 }
 
 int epoll_pwait2(int epfd, struct epoll_event *events, int maxevents,
@@ -1149,16 +1794,83 @@ int epoll_pwait2(int epfd, struct epoll_event *events, int maxevents,
 {
     fn_epoll_pwait2 f = REAL(epoll_pwait2);
     NOSYS_IF_NULL(f);
-    TRACE_WAIT(f(epfd, events, maxevents, timeout, sigmask), WAITK_PWAIT2);
+    TRACE_WAIT(f(epfd, events, maxevents, timeout, sigmask), WAITK_PWAIT2,
+               !timeout || timeout->tv_sec != 0 || timeout->tv_nsec != 0);
 }
 
-#define IO(ret_type, call_expr, op, kind, fd) TRACE1(ret_type, call_expr, op, kind, fd, 0, 0, 0)
+/* Reads with faults (a spurious EAGAIN without reading, see read_fault_ok) and chaos (after a
+ * read returned 0: between the EOF and the caller's reaction to it, typically close). */
+#define TRACE_READ(call_expr, kind, fd, want, dontwait)                                       \
+    do {                                                                                       \
+        int fe_ = fault_draw(FC_READ);                                                         \
+        struct call c_;                                                                        \
+        int traced_ = trace_begin(&c_);                                                        \
+        ssize_t r_;                                                                            \
+        int e_;                                                                                \
+        uint16_t fl_ = (kind);                                                                 \
+        if (UNLIKELY(fe_ != FE_NONE) && read_fault_ok((fd), (want), (dontwait))) {             \
+            r_ = -1;                                                                           \
+            e_ = EAGAIN;                                                                       \
+            fl_ |= REC_INJECTED;                                                               \
+        } else {                                                                               \
+            r_ = call_expr;                                                                    \
+            e_ = errno;                                                                        \
+        }                                                                                      \
+        if (traced_)                                                                           \
+            record(&c_, OP_READ, fl_, (fd), 0, 0, 0, r_, e_);                                  \
+        if (r_ == 0)                                                                           \
+            chaos_point();                                                                     \
+        errno = e_;                                                                            \
+        return r_;                                                                             \
+    } while (0)
+
+/* Writes with faults.  short: short_expr is the real call with k_ bytes instead of want; the
+ * record's data holds the count asked.  econnreset: no call.  epipe: the real call on the socket
+ * write_fault_arm shut down, so the kernel answers it. */
+#define TRACE_WRITE(call_expr, short_expr, kind, fd, want)                                    \
+    do {                                                                                       \
+        int fe_ = fault_draw(FC_WRITE);                                                        \
+        struct call c_;                                                                        \
+        int traced_ = trace_begin(&c_);                                                        \
+        ssize_t r_;                                                                            \
+        int e_;                                                                                \
+        uint16_t fl_ = (kind);                                                                 \
+        size_t k_ = 0;                                                                         \
+        uint64_t asked_ = 0;                                                                   \
+        if (UNLIKELY(fe_ != FE_NONE)) {                                                        \
+            asked_ = (uint64_t)(want);                                                         \
+            fe_ = write_fault_arm((fd), fe_, (size_t)asked_, &k_);                             \
+        }                                                                                      \
+        if (LIKELY(fe_ == FE_NONE)) {                                                          \
+            asked_ = 0;                                                                        \
+            r_ = call_expr;                                                                    \
+            e_ = errno;                                                                        \
+        } else if (fe_ == FE_SHORT) {                                                          \
+            r_ = short_expr;                                                                   \
+            e_ = errno;                                                                        \
+            fl_ |= REC_INJECTED;                                                               \
+        } else if (fe_ == FE_EPIPE) {                                                          \
+            asked_ = 0;                                                                        \
+            r_ = call_expr;                                                                    \
+            e_ = errno;                                                                        \
+            fl_ |= REC_INJECTED;                                                               \
+        } else {                                                                               \
+            asked_ = 0;                                                                        \
+            r_ = -1;                                                                           \
+            e_ = ECONNRESET;                                                                   \
+            fl_ |= REC_INJECTED;                                                               \
+        }                                                                                      \
+        if (traced_)                                                                           \
+            record(&c_, OP_WRITE, fl_, (fd), 0, asked_, 0, r_, e_);                            \
+        errno = e_;                                                                            \
+        return r_;                                                                             \
+    } while (0)
 
 ssize_t read(int fd, void *buf, size_t n)
 {
     fn_read f = REAL(read);
     NOSYS_IF_NULL(f);
-    IO(ssize_t, f(fd, buf, n), OP_READ, IO_READ, fd);
+    TRACE_READ(f(fd, buf, n), IO_READ, fd, n, 0);
 }
 
 /* _FORTIFY_SOURCE builds call the checking variants, which reach the syscall through hidden
@@ -1167,28 +1879,28 @@ ssize_t __read_chk(int fd, void *buf, size_t n, size_t buflen)
 {
     fn_read_chk f = REAL(__read_chk);
     NOSYS_IF_NULL(f);
-    IO(ssize_t, f(fd, buf, n, buflen), OP_READ, IO_READ, fd);
+    TRACE_READ(f(fd, buf, n, buflen), IO_READ, fd, n, 0);
 }
 
 ssize_t readv(int fd, const struct iovec *iov, int iovcnt)
 {
     fn_readv f = REAL(readv);
     NOSYS_IF_NULL(f);
-    IO(ssize_t, f(fd, iov, iovcnt), OP_READ, IO_READV, fd);
+    TRACE_READ(f(fd, iov, iovcnt), IO_READV, fd, iov_total(iov, iovcnt), 0);
 }
 
 ssize_t recv(int fd, void *buf, size_t n, int flags)
 {
     fn_recv f = REAL(recv);
     NOSYS_IF_NULL(f);
-    IO(ssize_t, f(fd, buf, n, flags), OP_READ, IO_RECV, fd);
+    TRACE_READ(f(fd, buf, n, flags), IO_RECV, fd, n, flags & MSG_DONTWAIT);
 }
 
 ssize_t __recv_chk(int fd, void *buf, size_t n, size_t buflen, int flags)
 {
     fn_recv_chk f = REAL(__recv_chk);
     NOSYS_IF_NULL(f);
-    IO(ssize_t, f(fd, buf, n, buflen, flags), OP_READ, IO_RECV, fd);
+    TRACE_READ(f(fd, buf, n, buflen, flags), IO_RECV, fd, n, flags & MSG_DONTWAIT);
 }
 
 ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr *addr,
@@ -1196,7 +1908,7 @@ ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr *addr,
 {
     fn_recvfrom f = REAL(recvfrom);
     NOSYS_IF_NULL(f);
-    IO(ssize_t, f(fd, buf, n, flags, addr, addrlen), OP_READ, IO_RECVFROM, fd);
+    TRACE_READ(f(fd, buf, n, flags, addr, addrlen), IO_RECVFROM, fd, n, flags & MSG_DONTWAIT);
 }
 
 ssize_t __recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags,
@@ -1204,35 +1916,53 @@ ssize_t __recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags,
 {
     fn_recvfrom_chk f = REAL(__recvfrom_chk);
     NOSYS_IF_NULL(f);
-    IO(ssize_t, f(fd, buf, n, buflen, flags, addr, addrlen), OP_READ, IO_RECVFROM, fd);
+    TRACE_READ(f(fd, buf, n, buflen, flags, addr, addrlen), IO_RECVFROM, fd, n,
+               flags & MSG_DONTWAIT);
 }
 
 ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
 {
     fn_recvmsg f = REAL(recvmsg);
     NOSYS_IF_NULL(f);
-    IO(ssize_t, f(fd, msg, flags), OP_READ, IO_RECVMSG, fd);
+    TRACE_READ(f(fd, msg, flags), IO_RECVMSG, fd,
+               msg ? iov_total(msg->msg_iov, (long)msg->msg_iovlen) : 0, flags & MSG_DONTWAIT);
+}
+
+static ssize_t writev_cut(fn_readv f, int fd, const struct iovec *iov, int iovcnt, size_t k)
+{
+    struct iovec cut[SHORT_IOV];
+    return f(fd, cut, iov_cut(iov, iovcnt, k, cut));
+}
+
+static ssize_t sendmsg_cut(fn_sendmsg f, int fd, const struct msghdr *msg, int flags, size_t k)
+{
+    struct iovec cut[SHORT_IOV];
+    struct msghdr m = *msg;
+    m.msg_iov = cut;
+    m.msg_iovlen = (size_t)iov_cut(msg->msg_iov, (long)msg->msg_iovlen, k, cut);
+    return f(fd, &m, flags);
 }
 
 ssize_t write(int fd, const void *buf, size_t n)
 {
     fn_write f = REAL(write);
     NOSYS_IF_NULL(f);
-    IO(ssize_t, f(fd, buf, n), OP_WRITE, IO_WRITE, fd);
+    TRACE_WRITE(f(fd, buf, n), f(fd, buf, k_), IO_WRITE, fd, n);
 }
 
 ssize_t writev(int fd, const struct iovec *iov, int iovcnt)
 {
     fn_readv f = REAL(writev);
     NOSYS_IF_NULL(f);
-    IO(ssize_t, f(fd, iov, iovcnt), OP_WRITE, IO_WRITEV, fd);
+    TRACE_WRITE(f(fd, iov, iovcnt), writev_cut(f, fd, iov, iovcnt, k_), IO_WRITEV, fd,
+                iov_total(iov, iovcnt));
 }
 
 ssize_t send(int fd, const void *buf, size_t n, int flags)
 {
     fn_send f = REAL(send);
     NOSYS_IF_NULL(f);
-    IO(ssize_t, f(fd, buf, n, flags), OP_WRITE, IO_SEND, fd);
+    TRACE_WRITE(f(fd, buf, n, flags), f(fd, buf, k_, flags), IO_SEND, fd, n);
 }
 
 ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr,
@@ -1240,33 +1970,85 @@ ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockad
 {
     fn_sendto f = REAL(sendto);
     NOSYS_IF_NULL(f);
-    IO(ssize_t, f(fd, buf, n, flags, addr, addrlen), OP_WRITE, IO_SENDTO, fd);
+    TRACE_WRITE(f(fd, buf, n, flags, addr, addrlen), f(fd, buf, k_, flags, addr, addrlen),
+                IO_SENDTO, fd, n);
 }
 
 ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 {
     fn_sendmsg f = REAL(sendmsg);
     NOSYS_IF_NULL(f);
-    IO(ssize_t, f(fd, msg, flags), OP_WRITE, IO_SENDMSG, fd);
+    TRACE_WRITE(f(fd, msg, flags), sendmsg_cut(f, fd, msg, flags, k_), IO_SENDMSG, fd,
+                msg ? iov_total(msg->msg_iov, (long)msg->msg_iovlen) : 0);
 }
 
 ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count)
 {
     fn_sendfile f = REAL(sendfile);
     NOSYS_IF_NULL(f);
-    IO(ssize_t, f(out_fd, in_fd, offset, count), OP_WRITE, IO_SENDFILE, out_fd);
+    TRACE_WRITE(f(out_fd, in_fd, offset, count), f(out_fd, in_fd, offset, k_), IO_SENDFILE,
+                out_fd, count);
 }
 
 ssize_t sendfile64(int out_fd, int in_fd, off_t *offset, size_t count)
 {
     fn_sendfile f = REAL(sendfile64);
     NOSYS_IF_NULL(f);
-    IO(ssize_t, f(out_fd, in_fd, offset, count), OP_WRITE, IO_SENDFILE, out_fd);
+    TRACE_WRITE(f(out_fd, in_fd, offset, count), f(out_fd, in_fd, offset, k_), IO_SENDFILE,
+                out_fd, count);
+}
+
+/* While a perturbation is on, threads get their creation ordinal (for their PRNG streams)
+ * through a trampoline.  Its struct is freed "inside" the shim, so the free wrapper can never
+ * record it even if the address was once epoll data. */
+struct ac_start {
+    void *(*fn)(void *);
+    void *arg;
+    uint64_t ordinal;
+};
+
+static void *ac_thread_start(void *p)
+{
+    struct ac_start s;
+    memcpy(&s, p, sizeof s);
+    int saved = t.inside;
+    t.inside = 1;
+    free(p);
+    t.inside = saved;
+    t.ordinal = s.ordinal;
+    t.ordinal_set = 1;
+    return s.fn(s.arg);
+}
+
+int pthread_create(pthread_t *th, const pthread_attr_t *attr, void *(*fn)(void *), void *arg)
+{
+    fn_pthread_create f = REAL(pthread_create);
+    if (UNLIKELY(f == NULL))
+        return ENOSYS;
+    if (LIKELY(!(pt_get() & PT_ANY)))
+        return f(th, attr, fn, arg);
+    int saved = t.inside;
+    t.inside = 1;
+    struct ac_start *s = malloc(sizeof *s);
+    t.inside = saved;
+    if (!s)
+        return f(th, attr, fn, arg);
+    s->fn = fn;
+    s->arg = arg;
+    s->ordinal = __atomic_add_fetch(&g_thread_next, 1, __ATOMIC_RELAXED);
+    int r = f(th, attr, ac_thread_start, s);
+    if (r != 0) {
+        t.inside = 1;
+        free(s);
+        t.inside = saved;
+    }
+    return r;
 }
 
 static pid_t fork_common(fn_fork f, int run_child_reset)
 {
     NOSYS_IF_NULL(f);
+    t.fork_no = __atomic_add_fetch(&g_forks, 1, __ATOMIC_RELAXED); /* read by the child */
     struct call c;
     if (!trace_begin(&c)) {
         pid_t r = f();

@@ -64,3 +64,23 @@ def test_connection_storm(target: TargetRun) -> None:
         },
     )
     assert report.counts["connections"] > 0
+
+
+# Faults a correct server survives (harness/syscall_faults.py): every one is a result the kernel
+# could give; the server must retry, re-arm or close the connection, never act on it after.
+@pytest.mark.syscall_faults(
+    epoll_wait={"eintr": 0.02},
+    read={"eagain": 0.05},
+    write={"short": 0.1, "econnreset": 0.005, "epipe": 0.005},
+    accept={"emfile": 0.005, "econnaborted": 0.01},
+)
+def test_syscall_faults(target: TargetRun) -> None:
+    report = target.run_fault(
+        "connection_storm",
+        rate_per_s=400,
+        concurrency=50,
+        duration_s=2.0,
+        max_connections=800,
+        mix={"keepalive": 4, "close": 2, "reset_peer": 1, "half_close": 1, "shutdown_race": 2},
+    )
+    assert report.counts["connections"] > 0

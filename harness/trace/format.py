@@ -64,6 +64,17 @@ class HeaderFlag(enum.IntFlag):
     CRASHED = 4  # the shim saw a fatal signal (set from its handler, best effort)
 
 
+class RecordFlag(enum.IntFlag):
+    """Bits of a record's ``flags`` above its kind (DupKind, WaitKind, IoKind, ...)."""
+
+    # The shim injected this result (harness/syscall_faults.py): ret/err are what the target
+    # saw, so the rules judge it like a real one.  See the Op table for the ops it marks.
+    INJECTED = 0x8000
+
+
+_KIND_MASK = 0xFFFF & ~RecordFlag.INJECTED.value
+
+
 class Op(enum.IntEnum):
     """What a record describes.  Field use per op (unused fields are 0):
 
@@ -88,6 +99,13 @@ class Op(enum.IntEnum):
                   (open, pipe, socketpair, eventfd, timerfd, signalfd, memfd, inotify)
     CLOSE_RANGE   fd = first, data = last (u64, may be ~0), arg = flags
     ============  ======================================================================
+
+    ``flags`` | :attr:`RecordFlag.INJECTED` (0x8000) marks a result the shim injected
+    (syscall faults): ACCEPT (err EMFILE/ECONNABORTED, nothing accepted), EPOLL_WAIT (err
+    EINTR, no wait, no events), READ (err EAGAIN, nothing read), WRITE (err ECONNRESET with
+    nothing written, err EPIPE from the kernel after the shim shut the socket down, or a short
+    write: ret = what the kernel moved of a shortened request, data = the byte count the caller
+    asked for).  Use :attr:`Record.kind` for the flags without it.  The shim never injects EBADF.
     """
 
     SOCKET = 1
@@ -193,6 +211,16 @@ class Record:
     @property
     def ok(self) -> bool:
         return self.ret >= 0
+
+    @property
+    def injected(self) -> bool:
+        """The shim injected this result (a syscall fault)."""
+        return bool(self.flags & RecordFlag.INJECTED)
+
+    @property
+    def kind(self) -> int:
+        """``flags`` without :class:`RecordFlag` bits: the DupKind/WaitKind/IoKind/ctl op."""
+        return self.flags & _KIND_MASK
 
 
 @dataclass(frozen=True, slots=True)

@@ -604,7 +604,9 @@ class _Checker:
         if err == EBADF:
             self._ebadf(idx, r, t, fd)
             return
-        if err == ENOTSOCK and (r.op == Op.SHUTDOWN or r.flags in _SOCKET_IO):
+        # An injected result (RecordFlag.INJECTED, syscall faults) is judged like a real one:
+        # it is what the server saw.  Compare kinds with r.kind, which drops that bit.
+        if err == ENOTSOCK and (r.op == Op.SHUTDOWN or r.kind in _SOCKET_IO):
             self._enotsock(idx, r, t)
         # Fast path of Model.resolve: an incarnation open since before the call began.
         ps = self.m.procs.get(r.pid)

@@ -3,11 +3,22 @@
 The shim (``harness/shim/afterclose_shim.c``) writes the files that :mod:`.reader` reads.
 Environment it understands:
 
-``AFTERCLOSE_TRACE_DIR``       folder for ``seq.bin`` and ``trace.<pid>.<n>.bin`` (required)
+``AFTERCLOSE_TRACE_DIR``       folder for ``seq.bin`` and ``trace.<pid>.<n>.bin`` (required to
+                              trace; unset, the shim only perturbs when asked to below, else it
+                              passes everything through and says so on stderr)
 ``AFTERCLOSE_TRACE_MB``        size of each process's trace file in MiB (sparse; default 256)
 ``AFTERCLOSE_TRACE_CHUNK``     records per chunk (default 4096; small values for tests)
 ``AFTERCLOSE_FREE_TRACKING``   ``0`` stops recording free() of epoll data pointers
 ``AFTERCLOSE_CRASH_HANDLER``   ``0`` stops the shim installing its SIGSEGV/SIGABRT/... marker
+``AFTERCLOSE_SYSCALL_FAULTS``  syscall faults, ``call=error:probability,...``, e.g.
+                              ``epoll_wait=eintr:0.02,read=eagain:0.05,write=short:0.1``
+                              (see :mod:`afterclose.harness.syscall_faults`)
+``AFTERCLOSE_CHAOS``           schedule perturbation: ``off``, ``on``, ``low``, ``medium``, ``high``
+                              or a level ``0``-``10``
+``AFTERCLOSE_FAULT_SEED``      u64 seed of both (default 0)
+
+A bad value of the last three makes the shim print one line on stderr and leave that
+perturbation off; tracing is not affected.
 """
 
 from __future__ import annotations
@@ -23,7 +34,14 @@ from afterclose.harness import compile as cbuild
 from afterclose.harness.errors import BuildError, TraceError
 from afterclose.harness.trace.format import SEQ_FILE
 
-__all__ = ["SHIM_SOURCE", "asan_runtime_path", "read_seq", "shim_env", "shim_path"]
+__all__ = [
+    "SHIM_SOURCE",
+    "asan_runtime_path",
+    "preload_env",
+    "read_seq",
+    "shim_env",
+    "shim_path",
+]
 
 SHIM_DIR = Path(__file__).resolve().parent.parent / "shim"
 SHIM_SOURCE = SHIM_DIR / "afterclose_shim.c"
@@ -87,6 +105,36 @@ def _split_preload(value: str) -> list[str]:
     return [p for p in value.replace(":", " ").split() if p]
 
 
+def preload_env(
+    *,
+    asan_runtime: bool = False,
+    sanitizer: str = "none",
+    base_env: Mapping[str, str] | None = None,
+    extra_preload: str = "",
+) -> dict[str, str]:
+    """Just ``LD_PRELOAD`` with the shim last: what :func:`shim_env` sets, without a trace folder.
+
+    A shim loaded this way traces nothing; with ``AFTERCLOSE_SYSCALL_FAULTS`` or
+    ``AFTERCLOSE_CHAOS`` set it still perturbs the target (quietly), which is how syscall faults
+    and chaos work with ``--tracer=off``.
+    """
+    base = os.environ if base_env is None else base_env
+    preload: list[str] = []
+    if asan_runtime:
+        preload.append(str(asan_runtime_path()))
+    for source in (base.get("LD_PRELOAD", ""), extra_preload):
+        for item in _split_preload(source):
+            if item not in preload:
+                preload.append(item)
+    shim = str(shim_path(sanitizer))
+    if shim in preload:
+        preload.remove(shim)
+    preload.append(shim)
+    # ld.so splits on colons and spaces alike; build-cache paths are likelier to hold a space
+    # (a home folder) than a colon.
+    return {"LD_PRELOAD": ":".join(preload)}
+
+
 def shim_env(
     trace_dir: Path,
     *,
@@ -103,23 +151,14 @@ def shim_env(
     An LD_PRELOAD already in ``base_env`` (default: this process's environment) or in ``extra``
     is kept, before the shim.  With ``asan_runtime`` the ASan runtime goes first of all.
     """
-    base = os.environ if base_env is None else base_env
     extra = dict(extra or {})
-    preload: list[str] = []
-    if asan_runtime:
-        preload.append(str(asan_runtime_path()))
-    for source in (base.get("LD_PRELOAD", ""), extra.pop("LD_PRELOAD", "")):
-        for item in _split_preload(source):
-            if item not in preload:
-                preload.append(item)
-    shim = str(shim_path(sanitizer))
-    if shim in preload:
-        preload.remove(shim)
-    preload.append(shim)
     env = {
-        # ld.so splits on colons and spaces alike; build-cache paths are likelier to hold a
-        # space (a home folder) than a colon.
-        "LD_PRELOAD": ":".join(preload),
+        **preload_env(
+            asan_runtime=asan_runtime,
+            sanitizer=sanitizer,
+            base_env=base_env,
+            extra_preload=extra.pop("LD_PRELOAD", ""),
+        ),
         "AFTERCLOSE_TRACE_DIR": str(Path(trace_dir).resolve()),
         "AFTERCLOSE_FREE_TRACKING": "1" if free_tracking else "0",
     }

@@ -80,9 +80,7 @@ _PALETTE = (
 )
 
 _STYLE = f"""
-text {{ font-family: {_SANS}; fill: #222; }}
 .mono {{ font-family: {_MONO}; }}
-.small {{ font-size: 10px; }}
 .muted {{ fill: #666; }}
 .mark:hover rect, .mark:hover polygon {{ stroke-width: 3; }}
 .row:hover rect.bg {{ fill: #eef3fb; }}
@@ -134,6 +132,9 @@ def _tint(colour: str, amount: float = 0.35) -> str:
     return "#" + "".join(f"{c:02x}" for c in mix)
 
 
+# Every kind (IoKind, DupKind, ctl op) fits in the low byte of ``flags``; the high bits are
+# markers (such as a syscall fault the shim injected) that do not change the call's name.
+_KIND_BITS = 0xFF
 _RECV = {IoKind.RECV.value, IoKind.RECVFROM.value, IoKind.RECVMSG.value}
 _SEND = {IoKind.SEND.value, IoKind.SENDTO.value, IoKind.SENDMSG.value}
 
@@ -141,16 +142,17 @@ _SEND = {IoKind.SEND.value, IoKind.SENDTO.value, IoKind.SENDMSG.value}
 def _short(r: Record) -> str:
     """A call's name in at most six characters, for its mark."""
     op = r.op
+    kind = r.flags & _KIND_BITS
     if op == Op.EPOLL_CTL:
-        return {1: "ADD", 2: "DEL", 3: "MOD"}.get(r.flags, "ctl")
+        return {1: "ADD", 2: "DEL", 3: "MOD"}.get(kind, "ctl")
     if op == Op.READ:
-        return "recv" if r.flags in _RECV else "read"
+        return "recv" if kind in _RECV else "read"
     if op == Op.WRITE:
-        if r.flags == IoKind.SENDFILE.value:
+        if kind == IoKind.SENDFILE.value:
             return "sendf"
-        return "send" if r.flags in _SEND else "write"
+        return "send" if kind in _SEND else "write"
     if op == Op.DUP:
-        return "dup2" if r.flags in (1, 2) else "dup"
+        return "dup2" if kind in (1, 2) else "dup"
     return {
         Op.SOCKET: "socket",
         Op.ACCEPT: "accept",
@@ -545,19 +547,24 @@ def render_svg(
 
     out: list[str] = []
     y = _MARGIN + 20.0
-    title = f"{rule}"
+    occ = ""
     if occurrence is not None and occurrence[1] > 1:
-        title += f"  (occurrence {occurrence[0]} of {occurrence[1]})"
+        occ = f"(occurrence {occurrence[0]} of {occurrence[1]})"
     body: list[str] = []
     body.append(
-        f'<text x="{_MARGIN}" y="{_n(y)}" font-size="20" font-weight="bold" '
-        f'fill="{_RED}">{_esc(title)}</text>'
+        f'<text x="{_MARGIN}" y="{_n(y)}" font-size="20" font-weight="bold" fill="{_RED}">'
+        f"{_esc(rule)}"
+        + (f'<tspan dx="10" font-size="14" font-weight="normal">{_esc(occ)}</tspan>' if occ else "")
+        + "</text>"
     )
     desc = RULES.get(rule, "")
     if desc:
+        dx = _MARGIN + _text_w(rule, 20) + (_text_w(occ, 14) + 10 if occ else 0) + 16
+        if dx + len(desc) * 14 * 0.54 > width - _MARGIN:
+            dx = _MARGIN
+            y += 20
         body.append(
-            f'<text x="{_n(_MARGIN + _text_w(title, 20) + 16)}" y="{_n(y)}" font-size="14" '
-            f'class="muted">{_esc(desc)}</text>'
+            f'<text x="{_n(dx)}" y="{_n(y)}" font-size="14" class="muted">{_esc(desc)}</text>'
         )
     y += 8
     for kind, line in head:
@@ -582,7 +589,7 @@ def render_svg(
     legend: list[tuple[str, str]] = [
         ("bar", "fd incarnation: from the call that created it to the call that closed it"),
         ("mark", "a call on that incarnation"),
-        ("grey", "a call about something else"),
+        ("grey", "a related call not on the fd (epoll_wait, free, ...)"),
         ("red", "the violating call"),
         ("event", "epoll event delivered for it"),
         ("gap", "related records left out"),
@@ -731,17 +738,22 @@ def render_svg(
             f'<line x1="{_n(chart_left)}" y1="{_n(lanes_bottom + 2)}" x2="{_n(axis.right)}" '
             f'y2="{_n(lanes_bottom + 2)}" stroke="#555" stroke-width="1"/>'
         )
-        last_x = -1e9
+        # Ticks at item starts, far enough apart for their numbers; the focus always has one.
+        ticks: list[tuple[float, int]] = []
+        room = _text_w(str(items[-1].seq_out), 10) + 14
         for it in items:
             x = axis.at(it.seq_in)
-            if x - last_x < 80 and not it.focus:
-                continue
-            last_x = x
+            if ticks and x - ticks[-1][0] < room:
+                if not it.focus:
+                    continue
+                ticks.pop()
+            ticks.append((x, it.seq_in))
+        for x, seq in ticks:
             chart.append(
                 f'<line x1="{_n(x)}" y1="{_n(lanes_bottom + 2)}" x2="{_n(x)}" '
                 f'y2="{_n(lanes_bottom + 6)}" stroke="#555"/>'
                 f'<text x="{_n(x)}" y="{_n(ay + 4)}" font-size="10" class="muted" '
-                f'text-anchor="middle">{it.seq_in}</text>'
+                f'text-anchor="middle">{seq}</text>'
             )
         chart.append(
             f'<text x="{_n(chart_left - 8)}" y="{_n(ay + 4)}" font-size="10" class="muted" '
@@ -810,9 +822,13 @@ def render_svg(
     out.append(f"<title>{_esc(f'afterclose {rule}: {finding.summary}')}</title>")
     out.append(f"<style>{_STYLE}</style>")
     out.append(f'<rect width="{_n(width)}" height="{_n(height)}" fill="#ffffff"/>')
+    # Defaults by inheritance, so that every element's own attributes win (a style sheet rule
+    # would override them).
+    out.append(f'<g font-family="{_SANS}" fill="#222222">')
     out.extend(body)
     out.extend(chart)
     out.extend(table)
+    out.append("</g>")
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -863,7 +879,8 @@ def _bar(bar: _Bar, y: float) -> str:
     else:
         parts.append(
             f'<text x="{_n(x2 + 4)}" y="{_n(mid + 4)}" font-size="11" font-weight="bold" '
-            f'fill="{bar.colour}">{_esc(bar.label)}</text>'
+            f'fill="{bar.colour}" stroke="#ffffff" stroke-width="3" paint-order="stroke">'
+            f"{_esc(bar.label)}</text>"
         )
     parts.append("</g>")
     return "".join(parts)

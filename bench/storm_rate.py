@@ -1,0 +1,204 @@
+"""New connections per second: afterclose's storm vs siege vs wrk, against seed-fixed.
+
+    python3 bench/storm_rate.py [--seconds 5] [--rounds 2] [--concurrency 100]
+                                [--tracer off|preload]
+
+One seed-fixed (untraced by default: this measures the load generators, not the target) runs
+for the whole benchmark; every generator hammers the same process, at the same concurrency:
+
+* ``storm close``: ``connection_storm`` with ``mix={"close": 1}`` (one request with
+  ``Connection: close`` per connection), rate unthrottled (``rate_per_s=100000``);
+* ``storm default``: ``connection_storm`` with its default mix (keep-alive, close, resets,
+  half-closes, shutdown races, idle drops), unthrottled;
+* ``siege``: ``siege -b -c C -t Ns -H 'Connection: close'`` (its rc also says
+  ``connection = close``);
+* ``wrk``: ``wrk -t2 -cC -dNs -H 'Connection: close'`` (wrk reconnects after every answer).
+
+Rounds interleave the four (each round starts with a different one).  Each one's rate is what
+it reports itself (connections established / elapsed for the storm, transactions / elapsed for
+siege, requests / elapsed for wrk); beside it, the kernel's count of accepted connections per
+second (``PassiveOpens`` in ``/proc/net/snmp``) from 1 s after the start to 0.5 s before the
+nominal end: the steady state, the same window for every tool, system-wide (other work on the
+machine adds to it).  The ratios are the medians over rounds of the per-round ratios of the
+tools' own rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import _common as c
+from afterclose import faults
+from afterclose.faults.base import Endpoint
+
+TARGET = "seed-fixed"
+TOOLS = ("storm close", "storm default", "siege", "wrk")
+STORM_RATE = 100_000.0  # the parameter's maximum: never the limit
+STORM_MAX_PER_S = 10_000  # sizes max_connections; far above what two cores give
+SIEGE_ATTEMPTS = 3
+SIEGE_GRACE_S = 5.0
+COLUMNS = (
+    *c.CONTEXT_COLUMNS,
+    "storm close: conn/s (kernel)",
+    "storm default: conn/s (kernel)",
+    "siege: conn/s (kernel)",
+    "wrk: conn/s (kernel)",
+    "storm ≥ 1000/s?",
+    "ratios storm close / siege, / wrk; storm default / siege, / wrk",
+)
+
+
+@dataclass
+class Sample:
+    tool: str
+    rate: float  # what the tool reports
+    kernel_rate: float  # PassiveOpens in the middle of the run (system-wide)
+    note: str
+
+
+def measure(tool: str, run: Callable[[], tuple[float, str]], seconds: float) -> Sample:
+    window = c.KernelWindow(seconds)
+    rate, note = run()
+    return Sample(tool, rate, window.result(), note)
+
+
+def storm(
+    endpoint: Endpoint, seconds: float, concurrency: int, mix: dict[str, float] | None
+) -> Callable[[], tuple[float, str]]:
+    # The plan (one drawn action per connection) is made before the first connect: keep it
+    # to what the run can use, and say so if the storm ran out of it.
+    planned = min(100_000, math.ceil(seconds * STORM_MAX_PER_S))
+
+    def run() -> tuple[float, str]:
+        params: dict[str, object] = {
+            "rate_per_s": STORM_RATE,
+            "concurrency": concurrency,
+            "duration_s": seconds,
+            "max_connections": planned,
+        }
+        if mix is not None:
+            params["mix"] = mix
+        fault = faults.create("connection_storm", params, where="bench storm_rate")
+        report = fault.run(endpoint, random.Random(), time.monotonic() + seconds + 30)
+        made = report.counts["connections"]
+        errors = sum(n for k, n in report.counts.items() if k.startswith("errors:"))
+        note = f"{made} connections in {report.elapsed_s:.2f} s, {errors} errors"
+        if report.counts["not_started"] == 0:  # every planned connection was started
+            note += f" (RAN OUT OF ITS {planned}-CONNECTION PLAN: raise STORM_MAX_PER_S)"
+        return made / report.elapsed_s, note
+
+    return run
+
+
+def siege(url: str, seconds: float, concurrency: int, rc: Path) -> Callable[[], tuple[float, str]]:
+    def run() -> tuple[float, str]:
+        # siege 4.0.x sometimes never exits after a timed run ("Lifting the server siege...",
+        # JoeDog/siege#66) and then prints nothing even on SIGINT: such a run is killed after
+        # SIEGE_GRACE_S and retried, and the hangs are counted in the note.
+        argv = c.siege_argv(rc, url, concurrency=concurrency, seconds=seconds, close=True)
+        hangs = 0
+        for _ in range(SIEGE_ATTEMPTS):
+            result = c.run_tool(argv, timeout_s=seconds + SIEGE_GRACE_S, env=c.siege_env(rc))
+            stats = c.siege_stats(result)
+            if stats:
+                done, failed = int(stats["transactions"]), int(stats.get("failed_transactions", 0))
+                hung = f", after {hangs} hung run(s) killed" if hangs else ""
+                return stats["transaction_rate"], f"{done} transactions, {failed} failed{hung}"
+            hangs += 1
+        return float("nan"), f"siege hung {hangs} times (no summary)"
+
+    return run
+
+
+def wrk(url: str, seconds: float, concurrency: int) -> Callable[[], tuple[float, str]]:
+    def run() -> tuple[float, str]:
+        argv = c.wrk_argv(url, threads=2, connections=concurrency, seconds=seconds, close=True)
+        stats = c.wrk_stats(c.run_tool(argv, timeout_s=seconds + 20))
+        return stats.rps, f"{stats.requests} requests, socket errors: {stats.socket_errors}"
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="per tool per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--tracer", choices=("off", "preload"), default="off")
+    args = parser.parse_args()
+    command = c.command_line(
+        "storm_rate.py",
+        [
+            f"--seconds={args.seconds:g}",
+            f"--rounds={args.rounds}",
+            f"--concurrency={args.concurrency}",
+            f"--tracer={args.tracer}",
+        ],
+    )
+    c.require("siege", "wrk")
+    load_before = c.load()
+    manifest = c.seed_manifest(TARGET)
+    artefact = c.build(manifest)
+    samples: list[Sample] = []
+    with c.scratch("storm-rate") as scratch:
+        rc = c.siege_rc(scratch)
+        with c.started(manifest, artefact, args.tracer, scratch / "target") as target:
+            endpoint = Endpoint(target.target.host, target.target.port, echo_path=True)
+            runs = {
+                "storm close": storm(endpoint, args.seconds, args.concurrency, {"close": 1}),
+                "storm default": storm(endpoint, args.seconds, args.concurrency, None),
+                "siege": siege(target.url, args.seconds, args.concurrency, rc),
+                "wrk": wrk(target.url, args.seconds, args.concurrency),
+            }
+            for r in range(args.rounds):
+                for tool in c.rotated(TOOLS, r):
+                    sample = measure(tool, runs[tool], args.seconds)
+                    samples.append(sample)
+                    print(
+                        f"round {r + 1} {tool:13}: {sample.rate:8.0f} conn/s "
+                        f"(kernel {sample.kernel_rate:6.0f}/s); {sample.note}; load {c.load()}"
+                    )
+                    time.sleep(1.0)  # let TIME_WAIT and the run queue settle between tools
+            alive = target.alive()
+    if not alive:
+        print(f"WARNING: {TARGET} died during the benchmark")
+
+    def rate(tool: str) -> float:
+        return c.median([s.rate for s in samples if s.tool == tool])
+
+    def kernel(tool: str) -> float:
+        return c.median([s.kernel_rate for s in samples if s.tool == tool])
+
+    def per_round_ratio(a: str, b: str) -> float:
+        xs = [s.rate for s in samples if s.tool == a]
+        ys = [s.rate for s in samples if s.tool == b]
+        return c.median([c.ratio(x, y) for x, y in zip(xs, ys, strict=True)])
+
+    pairs = [(a, b) for a in ("storm close", "storm default") for b in ("siege", "wrk")]
+    ratios = {pair: per_round_ratio(*pair) for pair in pairs}
+    reaches = "yes" if min(rate("storm close"), rate("storm default")) >= 1000 else "no"
+    c.append_row(
+        "storm-rate",
+        COLUMNS,
+        [
+            *c.context_cells(command, load_before),
+            *(f"{rate(t):.0f} ({kernel(t):.0f})" for t in TOOLS),
+            f"{reaches} (close {rate('storm close'):.0f}, default {rate('storm default'):.0f})",
+            "; ".join(f"{a} / {b} {ratios[a, b]:.2f}" for a, b in pairs)
+            + ("" if alive else f" ({TARGET} died)"),
+        ],
+        title="Storm rate: new connections per second",
+    )
+    for tool in TOOLS:
+        print(f"{tool:13}: median {rate(tool):.0f} conn/s (kernel-counted {kernel(tool):.0f}/s)")
+    print("ratios: " + ", ".join(f"{a}/{b} {ratios[a, b]:.2f}" for a, b in pairs))
+
+
+if __name__ == "__main__":
+    main()

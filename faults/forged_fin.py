@@ -1,0 +1,129 @@
+"""forged_fin: a forged FIN half-closes the server's side while the real client stays open.
+
+After ``requests_before`` answered requests and ``idle_ms`` of quiet, a FIN|ACK that looks as if
+the client sent it is forged at the server's exact ``rcv_nxt`` (numbers read from the client
+socket with TCP_REPAIR; raw socket on ``lo``: needs root and scapy).  The server's kernel takes
+it: the server's ``recv`` returns 0 and epoll reports EPOLLIN|EPOLLRDHUP, for a client that
+never closed anything.  A server that then closes (as it should, once it has nothing left to
+answer) sends its FIN, which the real client's kernel drops: it acknowledges a byte (the
+forged FIN) the client never sent (RFC 793 "ack of unsent data").  So the client goes on
+believing the connection is open, and its next request meets a RST.
+
+``variant``: ``single`` (one FIN) or ``duplicate`` (the same FIN twice, ``duplicate_gap_ms``
+apart: the second is a retransmission of a consumed FIN, which the kernel only ACKs again; a
+server must not see a second EOF event as a new connection event); ``random`` draws one.
+
+Counts: ``fin_forged`` (segments), ``fin_effective`` (the server's socket took the FIN:
+CLOSE_WAIT, or LAST_ACK once closed), ``server_closed`` (the server closed its end within
+``observe_ms``), ``client_still_open`` / ``client_eof`` / ``client_reset`` (what the real client
+saw meanwhile), ``probe_reset`` / ``probe_answered`` (one more request afterwards).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from afterclose.faults import _packets as pk
+from afterclose.faults.base import Conn, Endpoint, Fault, FaultReport, param
+
+VARIANTS = ("single", "duplicate")
+
+# The window a forged FIN advertises (scaled by the shift the handshake negotiated).  Not 0:
+# a zero window would stop the server's kernel from sending its own FIN when it closes.
+FIN_WINDOW = 65535
+# States of the server's socket once its owner closed it after the FIN (None: already gone).
+_CLOSED = frozenset({"LAST_ACK", "CLOSING", "TIME_WAIT", None})
+
+
+@dataclass(frozen=True)
+class ForgedFinAction:
+    variant: str
+    requests_before: int
+    idle_s: float
+    gap_s: float
+    observe_s: float
+    probe: bool
+    forger: pk.Forger = field(default_factory=pk.Forger, compare=False, repr=False)
+
+    def describe(self) -> str:
+        return f"forged fin {self.variant} after {self.requests_before} exchanges"
+
+    def needs_forger(self) -> bool:
+        return True
+
+    def perform(self, conn: Conn) -> None:
+        forger = self.forger
+        tup = pk.connect(conn)
+        if tup is None or not pk.keepalive_exchanges(conn, self.requests_before):
+            return
+        assert conn.sock is not None
+        pk.pause(conn, self.idle_s)
+        seqs = pk.read_seqs(conn.sock)
+        # seq = the server's rcv_nxt: the FIN is the next thing in the stream.  ack = what the
+        # server sent so far (the client read every answer): an ACK beyond the server's
+        # snd_nxt would make its kernel drop the segment.
+        raw = forger.build(tup, "FA", seqs.snd_nxt, seqs.rcv_nxt, window=FIN_WINDOW)
+        forger.fire(raw)
+        conn.report.count(pk.FIN_FORGED)
+        if self.variant == "duplicate":
+            pk.pause(conn, self.gap_s)
+            forger.fire(raw)
+            conn.report.count(pk.FIN_FORGED)
+        state = pk.wait_server_state(tup, pk.fin_took, self.observe_s)
+        if pk.fin_took(state):
+            conn.report.count("fin_effective")
+            state = pk.wait_server_state(tup, lambda s: s in _CLOSED, self.observe_s)
+            if state in _CLOSED:
+                conn.report.count("server_closed")
+        else:
+            conn.report.count("fin_ignored")
+        # The server's FIN (if it closed) has reached the client's kernel by now, and was
+        # dropped there: nothing to read, no EOF.
+        pk.watch_quiet(conn, 0.0, "client")
+        if self.probe:
+            with pk.short_io(conn, max(self.observe_s, 0.5)):
+                pk.probe(conn)
+
+
+@dataclass(frozen=True)
+class ForgedFin(Fault):
+    """A forged FIN|ACK makes the server read EOF on a connection its client never closed."""
+
+    name: ClassVar[str] = "forged_fin"
+
+    connections: int = param(10, lo=1, hi=10_000, doc="connections, one forged close each")
+    concurrency: int = param(2, lo=1, hi=64, doc="connections open at once")
+    variant: str = param(
+        "random", choices=(*VARIANTS, "random"), doc="one FIN, or the same FIN twice"
+    )
+    requests_before: int = param(1, lo=0, hi=100, doc="answered requests before the FIN")
+    idle_ms: float = param(20.0, lo=0, hi=10_000, doc="idle time before the FIN")
+    duplicate_gap_ms: float = param(1.0, lo=0, hi=1_000, doc="between the two FINs (duplicate)")
+    observe_ms: float = param(100.0, lo=1, hi=10_000, doc="wait for the server to react")
+    probe: bool = param(True, doc="send one more request afterwards, to see what the client gets")
+
+    def plan(self, rng: random.Random) -> list[ForgedFinAction]:
+        forger = pk.Forger()  # shared by the run; opens its raw socket only when used
+        return [
+            ForgedFinAction(
+                rng.choice(VARIANTS) if self.variant == "random" else self.variant,
+                self.requests_before,
+                self.idle_ms / 1000,
+                self.duplicate_gap_ms / 1000,
+                self.observe_ms / 1000,
+                self.probe,
+                forger,
+            )
+            for _ in range(self.connections)
+        ]
+
+    def run(self, endpoint: Endpoint, rng: random.Random, deadline: float) -> FaultReport:
+        return pk.run_packet_fault(
+            self.name,
+            endpoint,
+            self.plan(rng),
+            concurrency=self.concurrency,
+            deadline=deadline,
+        )

@@ -1,0 +1,136 @@
+"""rst_before_accept: connections are reset right after the handshake, before the server accepts.
+
+Once the handshake's last ACK arrives, the kernel queues the new connection on the listener's
+accept queue; the server takes it out with ``accept()`` when it gets round to it.  A RST that
+arrives in between kills the queued socket where it sits: Linux still hands it out (``accept``
+succeeds, unlike BSDs which may return ECONNABORTED), and its first ``read`` fails with
+ECONNRESET, the next ones return 0; epoll reports EPOLLIN|EPOLLHUP|EPOLLERR as soon as it is
+registered.  A server must treat such a socket like any other reset connection.
+
+Methods: ``forged`` builds the RST before the handshake (the client socket's initial sequence
+number is chosen in advance with TCP_REPAIR, so the RST's ``seq`` = ISN + 1 is known) and fires it
+from a raw socket on ``lo`` microseconds after ``connect()`` returns; the client socket stays
+open and knows nothing, and its request then meets a RST (needs root and scapy).  ``linger``
+is the client's own abort, ``SO_LINGER {1, 0}`` and ``close()`` at once (no root needed).
+``random`` draws one per connection.
+
+Whether a RST beat ``accept()`` is a race with the server's accept loop, which only the
+server's side shows (the tracer: an accepted fd whose first operation fails).  The RST is sent
+as early as it can be: on loopback, a few microseconds after the server's kernel queued the
+connection, while the server thread is still being woken.
+
+Counts: ``rst_forged`` / ``rst_sent`` (linger), ``rst_effective`` (the queued socket left the
+kernel's tables), ``probe_reset`` / ``probe_answered`` (forged: the client's request).
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from afterclose.faults import _packets as pk
+from afterclose.faults.base import Conn, Endpoint, Fault, FaultReport, param
+from afterclose.harness import httpclient
+
+METHODS = ("forged", "linger")
+
+
+@dataclass(frozen=True)
+class RstBeforeAcceptAction:
+    method: str
+    isn: int  # the client's initial sequence number (forged)
+    observe_s: float
+    probe: bool
+    forger: pk.Forger = field(default_factory=pk.Forger, compare=False, repr=False)
+
+    def describe(self) -> str:
+        return f"rst before accept {self.method}"
+
+    def needs_forger(self) -> bool:
+        return self.method == "forged"
+
+    def perform(self, conn: Conn) -> None:
+        if self.method == "linger":
+            self._linger(conn)
+        else:
+            self._forged(conn, self.forger)
+
+    def _linger(self, conn: Conn) -> None:
+        # Set SO_LINGER before connect: after it, only close() is left to do.
+        tup = pk.connect(conn, before_connect=httpclient.set_rst_on_close, on_connected=_close)
+        if tup is None:
+            return
+        conn.sock = conn.reader = None  # closed by on_connected
+        conn.report.count("rst_sent")
+        if pk.reset_took(pk.wait_server_state(tup, pk.reset_took, self.observe_s)):
+            conn.report.count("rst_effective")
+
+    def _forged(self, conn: Conn, forger: pk.Forger) -> None:
+        prebuilt: list[bytes] = []
+
+        def build(sock: socket.socket) -> None:
+            # Bound, not yet connected: the 4-tuple and the ISN are known, the RST can be
+            # ready before the SYN leaves.  No ACK flag: in ESTABLISHED, a RST needs only
+            # seq == rcv_nxt (= ISN + 1 before any data).
+            ip, port = sock.getsockname()[:2]
+            server_ip, server_port = conn.target.sockaddr[:2]
+            tup = pk.FourTuple(str(ip), int(port), str(server_ip), int(server_port))
+            prebuilt.append(forger.build(tup, "R", pk.seq_add(self.isn, 1)))
+
+        def fire(_: socket.socket) -> None:
+            forger.fire(prebuilt[0])
+
+        tup = pk.connect(conn, isn=self.isn, before_connect=build, on_connected=fire)
+        if tup is None:
+            return
+        conn.report.count(pk.RST_FORGED)
+        if pk.reset_took(pk.wait_server_state(tup, pk.reset_took, self.observe_s)):
+            conn.report.count("rst_effective")
+        else:
+            conn.report.count("rst_ignored")
+        pk.watch_quiet(conn, 0.0, "client")
+        if self.probe:
+            with pk.short_io(conn, max(self.observe_s, 0.5)):
+                pk.probe(conn)
+
+
+def _close(sock: socket.socket) -> None:
+    sock.close()
+
+
+@dataclass(frozen=True)
+class RstBeforeAccept(Fault):
+    """Connections reset right after the handshake, while they wait in the accept queue."""
+
+    name: ClassVar[str] = "rst_before_accept"
+
+    connections: int = param(20, lo=1, hi=10_000, doc="connections, each reset at once")
+    concurrency: int = param(1, lo=1, hi=64, doc="connections made at once")
+    method: str = param(
+        "forged", choices=(*METHODS, "random"), doc="forged RST (root) or SO_LINGER abort"
+    )
+    observe_ms: float = param(100.0, lo=1, hi=10_000, doc="wait for the RST to take effect")
+    probe: bool = param(True, doc="forged: then send a request on the client socket")
+
+    def plan(self, rng: random.Random) -> list[RstBeforeAcceptAction]:
+        forger = pk.Forger()  # shared by the run; opens its raw socket only when used
+        actions = []
+        for _ in range(self.connections):
+            method = rng.choice(METHODS) if self.method == "random" else self.method
+            actions.append(
+                RstBeforeAcceptAction(
+                    method, pk.draw_isn(rng), self.observe_ms / 1000, self.probe, forger
+                )
+            )
+        return actions
+
+    def run(self, endpoint: Endpoint, rng: random.Random, deadline: float) -> FaultReport:
+        return pk.run_packet_fault(
+            self.name,
+            endpoint,
+            self.plan(rng),
+            concurrency=self.concurrency,
+            deadline=deadline,
+        )

@@ -1,0 +1,217 @@
+"""rst_mid_response: a forged RST hits the server while it is writing a large response.
+
+The client makes the server's output back up, then forges a RST (raw socket on ``lo``, exact
+sequence number read with TCP_REPAIR: needs root and scapy):
+
+1. It connects with a small receive buffer (``client_rcvbuf_bytes``): the window it
+   advertises is a few KiB, so whatever the server writes beyond that waits in the server's
+   socket send buffer (which Linux sizes from the congestion window: MiBs on loopback).
+2. It pipelines GETs with long paths (``path_bytes``: an echo-path target answers each with a
+   body as long) without reading anything, until ``send()`` makes no progress for
+   ``stall_ms``: the server's send buffer is full, so it stopped reading requests, its
+   receive window closed, and our send buffer filled.  At that point the server holds a large
+   response half written (typically waiting for EPOLLOUT).  ``max_pipeline_bytes`` bounds the
+   requests sent if the server never stalls (counted as ``not_stalled``).
+3. It reads up to ``drain_bytes`` (drawn in 0..drain_bytes per connection) of the answers, so
+   the server is woken to write again, and fires the RST, built beforehand, right after:
+   the RST meets a server that is waiting to write (EPOLLOUT|EPOLLERR|EPOLLHUP) or is inside
+   ``send()`` (ECONNRESET / EPIPE).
+
+Then it reads what the server had sent before the RST (answers are checked like any others)
+until the RST from the server's kernel ends the connection.
+
+The target's request-head limit bounds ``path_bytes`` (seed-fixed: 8 KiB, nginx: 8 KiB by
+default); a longer request is answered 400 and closed, which stops the fault early.
+
+Counts: ``requests`` (pipelined), ``server_stalled`` / ``not_stalled``, ``drained_bytes``,
+``rst_forged``, ``rst_effective``, ``rst_retried``, ``rst_ignored``, ``after_rst_responses``,
+``after_rst_reset``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from afterclose.faults import _packets as pk
+from afterclose.faults.base import Conn, DeadlineReached, Endpoint, Fault, FaultReport, param
+from afterclose.harness import httpclient
+
+# Requests joined into one send() buffer.
+_BATCH = 16
+
+
+@dataclass(frozen=True)
+class RstMidResponseAction:
+    path_bytes: int
+    max_pipeline_bytes: int
+    rcvbuf_bytes: int
+    mss_bytes: int
+    stall_s: float
+    drain_bytes: int
+    observe_s: float
+    forger: pk.Forger = field(default_factory=pk.Forger, compare=False, repr=False)
+
+    def describe(self) -> str:
+        return f"rst mid-response path={self.path_bytes}B drain={self.drain_bytes}B"
+
+    def needs_forger(self) -> bool:
+        return True
+
+    def perform(self, conn: Conn) -> None:
+        forger = self.forger
+        tup = pk.connect(conn, rcvbuf_bytes=self.rcvbuf_bytes, mss_bytes=self.mss_bytes)
+        if tup is None:
+            return
+        stalled = self._pipeline(conn)
+        if stalled is None:
+            return
+        conn.report.count("server_stalled" if stalled else "not_stalled")
+        assert conn.sock is not None
+        raw = pk.rst_segment(forger, tup, pk.read_seqs(conn.sock))
+        if self.drain_bytes and not self._drain(conn):
+            return
+        pk.forge_rst(conn, forger, tup, prebuilt=raw, verify_s=self.observe_s)
+        with pk.short_io(conn, self.observe_s):
+            pk.drain_responses(conn, "after_rst")
+
+    def _long_request(self, conn: Conn) -> tuple[str, bytes]:
+        # The path names the request (/ac/<run>/<conn>/<req>) and is padded after a "/": the
+        # echoed body still contains the name, followed by a non-alphanumeric character.
+        name = conn.next_path()
+        pad = self.path_bytes - len(name) - 1
+        path = f"{name}/{'x' * pad}" if pad > 0 else name
+        return name, httpclient.build_get(path, conn.endpoint.host, conn.endpoint.port)
+
+    def _pipeline(self, conn: Conn) -> bool | None:
+        """Send requests until send() stalls (True), the byte budget is spent (False), or the
+        connection fails (None, counted)."""
+        sock = conn.sock
+        assert sock is not None
+        sent_total = 0
+        while sent_total < self.max_pipeline_bytes:
+            reqs = [self._long_request(conn) for _ in range(_BATCH)]
+            buf = memoryview(b"".join(r for _, r in reqs))
+            ends = []
+            end = 0
+            for _, r in reqs:
+                end += len(r)
+                ends.append(end)
+            off = 0
+            done = 0  # requests of this batch wholly written
+            while off < len(buf):
+                left = conn.deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineReached
+                sock.settimeout(min(self.stall_s, left))
+                try:
+                    off += sock.send(buf[off:])
+                except TimeoutError:
+                    if time.monotonic() >= conn.deadline:
+                        raise DeadlineReached from None
+                    self._completed(conn, reqs, ends, done, off)
+                    return True
+                except (ConnectionResetError, BrokenPipeError):
+                    self._completed(conn, reqs, ends, done, off)
+                    conn.report.count("errors:pipeline_reset")
+                    return None
+                while done < len(ends) and ends[done] <= off:
+                    done += 1
+            self._completed(conn, reqs, ends, done, off)
+            sent_total += len(buf)
+        return False
+
+    @staticmethod
+    def _completed(
+        conn: Conn, reqs: list[tuple[str, bytes]], ends: list[int], done: int, off: int
+    ) -> None:
+        while done < len(ends) and ends[done] <= off:
+            done += 1
+        for name, _ in reqs[:done]:
+            conn.awaiting.append(name)
+        conn.report.count("requests", done)
+        conn.sent_any = True
+
+    def _drain(self, conn: Conn) -> bool:
+        """Read up to ``drain_bytes`` of the answers into the parser (checked later)."""
+        sock, reader = conn.sock, conn.reader
+        assert sock is not None and reader is not None
+        got = 0
+        stop = min(conn.deadline, time.monotonic() + self.observe_s)
+        while got < self.drain_bytes:
+            left = stop - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            try:
+                data = sock.recv(min(self.drain_bytes - got, httpclient.RECV_SIZE))
+            except TimeoutError:
+                break
+            except ConnectionResetError:
+                conn.report.count("errors:drain_reset")
+                return False
+            if not data:
+                conn.report.count("errors:drain_eof")
+                return False
+            reader.parser.feed(data)
+            got += len(data)
+        conn.report.count("drained_bytes", got)
+        return True
+
+
+@dataclass(frozen=True)
+class RstMidResponse(Fault):
+    """A forged RST reaches the server while a large response is backed up in its buffers."""
+
+    name: ClassVar[str] = "rst_mid_response"
+
+    connections: int = param(4, lo=1, hi=1_000, doc="connections, one RST each")
+    concurrency: int = param(2, lo=1, hi=64, doc="connections open at once")
+    path_bytes: int = param(
+        4000, lo=16, hi=65_536, doc="length of each request path (stay under the target's limit)"
+    )
+    max_pipeline_bytes: int = param(
+        32 << 20, lo=1024, hi=1 << 30, doc="request bytes sent at most per connection"
+    )
+    client_rcvbuf_bytes: int = param(
+        4096, lo=0, hi=1 << 24, doc="client SO_RCVBUF (0: the default); small backs data up"
+    )
+    client_mss_bytes: int = param(
+        1024,
+        lo=0,
+        hi=65_535,
+        doc="MSS the client advertises (0: the default); small keeps "
+        "the server's send buffer small",
+    )
+    stall_ms: float = param(50.0, lo=1, hi=10_000, doc="no send progress this long = stalled")
+    drain_bytes: int = param(
+        65_536, lo=0, hi=1 << 24, doc="at most this many answer bytes read before the RST"
+    )
+    observe_ms: float = param(200.0, lo=1, hi=10_000, doc="wait for the RST to take effect")
+
+    def plan(self, rng: random.Random) -> list[RstMidResponseAction]:
+        forger = pk.Forger()  # shared by the run; opens its raw socket only when used
+        return [
+            RstMidResponseAction(
+                self.path_bytes,
+                self.max_pipeline_bytes,
+                self.client_rcvbuf_bytes,
+                self.client_mss_bytes,
+                self.stall_ms / 1000,
+                rng.randint(0, self.drain_bytes),
+                self.observe_ms / 1000,
+                forger,
+            )
+            for _ in range(self.connections)
+        ]
+
+    def run(self, endpoint: Endpoint, rng: random.Random, deadline: float) -> FaultReport:
+        return pk.run_packet_fault(
+            self.name,
+            endpoint,
+            self.plan(rng),
+            concurrency=self.concurrency,
+            deadline=deadline,
+        )

@@ -1,0 +1,595 @@
+/*
+ * loop: a small epoll HTTP server -- one event thread plus an access-logger thread -- with one
+ * selectable, deliberate fd-lifecycle bug.  tests/test_lifecycle_rules.py runs it under the
+ * LD_PRELOAD tracer to prove that each traced rule fires on a real server, and that MODE=none
+ * is reported for nothing.
+ *
+ *   usage: loop HOST PORT MODE       (prints READY on stdout once listening)
+ *
+ * It answers "GET /path HTTP/1.x" with 200 and body "/path\n" (keep-alive, pipelining,
+ * "Connection: close"); a malformed request gets 400 and the connection is closed.
+ * SIGTERM/SIGINT exit 0.
+ *
+ * Design (every mode):
+ *   - the event thread E accepts (the listener is in the epoll set) and registers each connection
+ *     EPOLLIN|EPOLLRDHUP, level-triggered, data.ptr = its struct client;
+ *   - the access logger L logs every connection when it ends.  It wants the peer address and a
+ *     reference that outlives the event loop's close, so E gives it a dup() of the connection at
+ *     accept (c->logfd).  L works in batches (it sleeps LOG_BATCH_US after being woken), closes
+ *     logfd and hands the client back to E, which frees it: E owns client memory;
+ *   - E ends a connection itself on EOF, on a read/write error and after a 400: conn_end() =
+ *     EPOLL_CTL_DEL, close(fd), hand the client to L;
+ *   - after answering "Connection: close" the close is a "lingering close" done by L: E marks the
+ *     client closing and hands it over still registered; L closes logfd, then fd -- the last
+ *     reference to the file, which removes the registration -- and hands the client back;
+ *   - E skips events for clients that are closing or not in its registry of live clients (a
+ *     pointer set: membership is checked without touching the memory, so a mode that frees a
+ *     client early cannot crash this test server -- the tracer is what must notice).
+ *
+ * MODE (one bug each):
+ *   none                    correct
+ *   event-after-close       conn_end() closes without EPOLL_CTL_DEL.  The logger's dup keeps the
+ *                           open file, so the registration survives the close (epoll(7), Q6);
+ *                           the peer is gone, the fd stays readable, and E keeps getting events
+ *                           for the closed fd until L closes its dup
+ *   use-after-close         on a read/write error the helper closes the fd and the caller closes
+ *                           it again: EBADF (nothing else creates fds meanwhile)
+ *   fd-leak                 on EOF the fd is removed from epoll but never closed (CLOSE_WAIT)
+ *   event-for-freed-data    on EOF, E frees the client at once and leaves close (and so the
+ *                           unregistration) to L; the EOF keeps the fd readable, so E gets events
+ *                           carrying the freed pointer until L closes it.  (Its cause, the free of
+ *                           a registered pointer, is reported as freed-while-registered too.)
+ *   freed-while-registered  the lingering close frees the client before closing its fd: for a
+ *                           moment the registration is armed, E sits in epoll_wait, and an event
+ *                           (a late RST, say) would hand it a freed pointer
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <netdb.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define BUFSZ 8192
+#define LIVE_SLOTS 16384   /* power of two; at most LIVE_MAX live clients */
+#define LIVE_MAX 8192
+#define LOG_BATCH_US 500
+
+enum mode { M_NONE, M_EVENT_AFTER_CLOSE, M_USE_AFTER_CLOSE, M_FD_LEAK, M_EVENT_FOR_FREED,
+            M_FREED_WHILE_REGISTERED };
+
+static const struct { const char *name; enum mode mode; } MODES[] = {
+    {"none", M_NONE},
+    {"event-after-close", M_EVENT_AFTER_CLOSE},
+    {"use-after-close", M_USE_AFTER_CLOSE},
+    {"fd-leak", M_FD_LEAK},
+    {"event-for-freed-data", M_EVENT_FOR_FREED},
+    {"freed-while-registered", M_FREED_WHILE_REGISTERED},
+};
+
+struct client {
+    int fd;
+    int logfd;        /* the logger's dup of fd */
+    int closing;      /* handed to the logger: E ignores its events */
+    unsigned long requests;
+    size_t len;
+    char buf[BUFSZ];
+};
+
+/* What the logger does with one ended connection.  c may be NULL (already freed); fd >= 0 when
+ * the logger closes the connection itself (lingering close). */
+struct job {
+    struct client *c;
+    int logfd;
+    int fd;
+    unsigned long requests;
+};
+
+static volatile sig_atomic_t stop_flag;
+static enum mode mode;
+static int epfd, lfd;
+static char listener_tag;
+
+/* ---- registry of live clients (E's guard against its own modes' early frees) ---------------- */
+
+static pthread_mutex_t live_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct client *live_tab[LIVE_SLOTS];
+static size_t live_n;
+
+static size_t live_slot(const struct client *c)
+{
+    uint64_t x = (uint64_t)(uintptr_t)c;
+    x ^= x >> 29;
+    x *= 0x9e3779b97f4a7c15ull;
+    return (size_t)(x >> 40) & (LIVE_SLOTS - 1);
+}
+
+static int live_add(struct client *c)
+{
+    size_t i;
+    pthread_mutex_lock(&live_mu);
+    if (live_n >= LIVE_MAX) {
+        pthread_mutex_unlock(&live_mu);
+        return -1;
+    }
+    for (i = live_slot(c); live_tab[i]; i = (i + 1) & (LIVE_SLOTS - 1))
+        ;
+    live_tab[i] = c;
+    live_n++;
+    pthread_mutex_unlock(&live_mu);
+    return 0;
+}
+
+static void live_remove(struct client *c)
+{
+    size_t i, j;
+    pthread_mutex_lock(&live_mu);
+    for (i = live_slot(c); live_tab[i] != c; i = (i + 1) & (LIVE_SLOTS - 1)) {
+        if (!live_tab[i]) {
+            pthread_mutex_unlock(&live_mu);
+            return;
+        }
+    }
+    live_tab[i] = NULL;
+    live_n--;
+    /* Backward-shift deletion keeps every probe chain unbroken without tombstones. */
+    for (j = (i + 1) & (LIVE_SLOTS - 1); live_tab[j]; j = (j + 1) & (LIVE_SLOTS - 1)) {
+        size_t k = live_slot(live_tab[j]);
+        if ((j > i && (k <= i || k > j)) || (j < i && k <= i && k > j)) {
+            live_tab[i] = live_tab[j];
+            live_tab[j] = NULL;
+            i = j;
+        }
+    }
+    pthread_mutex_unlock(&live_mu);
+}
+
+/* Whether an event for c may be handled: c is live and not closing. */
+static int live_usable(const struct client *c)
+{
+    size_t i;
+    int ok = 0;
+    pthread_mutex_lock(&live_mu);
+    for (i = live_slot(c); live_tab[i]; i = (i + 1) & (LIVE_SLOTS - 1)) {
+        if (live_tab[i] == c) {
+            ok = !c->closing;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&live_mu);
+    return ok;
+}
+
+static void client_free(struct client *c)
+{
+    live_remove(c);
+    free(c);
+}
+
+/* ---- the logger thread ---------------------------------------------------------------------- */
+
+static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t log_cv = PTHREAD_COND_INITIALIZER;
+static struct job *jobs;
+static size_t jobs_n, jobs_cap;
+static struct client **done;      /* clients the logger handed back, freed by E */
+static size_t done_n, done_cap;
+static char log_ring[1 << 16];    /* the "access log" */
+static size_t log_pos;
+
+static void *grow(void *p, size_t *cap, size_t size)
+{
+    size_t ncap = *cap ? *cap * 2 : 64;
+    void *np = realloc(p, ncap * size);
+    if (!np) {
+        perror("realloc");
+        exit(1);
+    }
+    *cap = ncap;
+    return np;
+}
+
+static void log_push(struct client *c, int logfd, int fd, unsigned long requests)
+{
+    pthread_mutex_lock(&log_mu);
+    if (jobs_n == jobs_cap)
+        jobs = grow(jobs, &jobs_cap, sizeof *jobs);
+    jobs[jobs_n++] = (struct job){c, logfd, fd, requests};
+    pthread_cond_signal(&log_cv);
+    pthread_mutex_unlock(&log_mu);
+}
+
+static void log_line(const struct job *j)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    char host[64] = "?", serv[16] = "?", line[160];
+    int n;
+    if (getpeername(j->logfd, (struct sockaddr *)&ss, &sl) == 0)
+        getnameinfo((struct sockaddr *)&ss, sl, host, sizeof host, serv, sizeof serv,
+                    NI_NUMERICHOST | NI_NUMERICSERV);
+    n = snprintf(line, sizeof line, "%s:%s requests=%lu\n", host, serv, j->requests);
+    if (n > 0 && (size_t)n < sizeof line) {
+        if (log_pos + (size_t)n > sizeof log_ring)
+            log_pos = 0;
+        memcpy(log_ring + log_pos, line, (size_t)n);
+        log_pos += (size_t)n;
+    }
+}
+
+static void log_finish(struct job *j)
+{
+    log_line(j);
+    if (mode == M_FREED_WHILE_REGISTERED && j->fd >= 0 && j->c) {
+        /* BUG (freed-while-registered): the client is released first, "we only need its fd
+         * from here on" -- but the fd is still open and registered, armed, and E sits in
+         * epoll_wait on it: any event now would hand E a freed pointer. */
+        client_free(j->c);
+        j->c = NULL;
+    }
+    close(j->logfd);
+    if (j->fd >= 0)
+        close(j->fd); /* the last reference: this removes the registration */
+    if (j->c) {
+        pthread_mutex_lock(&log_mu);
+        if (done_n == done_cap)
+            done = grow(done, &done_cap, sizeof *done);
+        done[done_n++] = j->c;
+        pthread_mutex_unlock(&log_mu);
+    }
+}
+
+static void *logger_main(void *arg)
+{
+    struct job *batch = NULL;
+    size_t cap = 0;
+    (void)arg;
+    for (;;) {
+        size_t n;
+        pthread_mutex_lock(&log_mu);
+        while (jobs_n == 0)
+            pthread_cond_wait(&log_cv, &log_mu);
+        pthread_mutex_unlock(&log_mu);
+        usleep(LOG_BATCH_US); /* let a batch build up */
+        pthread_mutex_lock(&log_mu);
+        while (cap < jobs_n)
+            batch = grow(batch, &cap, sizeof *batch);
+        n = jobs_n;
+        memcpy(batch, jobs, n * sizeof *batch);
+        jobs_n = 0;
+        pthread_mutex_unlock(&log_mu);
+        for (size_t i = 0; i < n; i++)
+            log_finish(&batch[i]);
+    }
+    return NULL;
+}
+
+/* E frees the clients the logger is done with (at the top of its loop: no event of the batch
+ * before can still refer to them, and the logger closed their last fd before handing them back,
+ * so no later epoll_wait can return them). */
+static void free_done(void)
+{
+    struct client *batch[256];
+    size_t n;
+    do {
+        pthread_mutex_lock(&log_mu);
+        n = done_n < 256 ? done_n : 256;
+        done_n -= n;
+        if (n)
+            memcpy(batch, done + done_n, n * sizeof *batch);
+        pthread_mutex_unlock(&log_mu);
+        for (size_t i = 0; i < n; i++)
+            client_free(batch[i]);
+    } while (n == 256);
+}
+
+/* ---- connections ---------------------------------------------------------------------------- */
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    stop_flag = 1;
+}
+
+static int write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w > 0) {
+            p += w;
+            n -= (size_t)w;
+        } else if (w < 0 && errno == EINTR) {
+            continue;
+        } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+            if (poll(&pfd, 1, 1000) <= 0)
+                return -1;
+        } else {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* E ends a connection: unregister, close, and let the logger log it. */
+static void conn_end(struct client *c)
+{
+    c->closing = 1;
+    if (mode != M_EVENT_AFTER_CLOSE)
+        epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    /* BUG (event-after-close): without the DEL, close() below does not remove the registration:
+     * it belongs to the open file, and c->logfd, the logger's dup, keeps that file open. */
+    close(c->fd);
+    log_push(c, c->logfd, -1, c->requests);
+}
+
+/* The peer sent FIN. */
+static void conn_eof(struct client *c)
+{
+    if (mode == M_FD_LEAK) {
+        /* BUG (fd-leak): stops watching the fd but never closes it. */
+        c->closing = 1;
+        epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+        log_push(c, c->logfd, -1, c->requests);
+        return;
+    }
+    if (mode == M_EVENT_FOR_FREED) {
+        /* BUG (event-for-freed-data): the client goes now, the fd later (the logger closes it
+         * after its batch delay) -- and nothing unregistered it: the EOF keeps it readable. */
+        int fd = c->fd, logfd = c->logfd;
+        unsigned long requests = c->requests;
+        client_free(c);
+        log_push(NULL, logfd, fd, requests);
+        return;
+    }
+    conn_end(c);
+}
+
+/* A read or write failed (ECONNRESET, EPIPE ...). */
+static void conn_error(struct client *c)
+{
+    int fd = c->fd;
+    conn_end(c);
+    if (mode == M_USE_AFTER_CLOSE)
+        close(fd); /* BUG (use-after-close): "make sure it is released" -- conn_end() did it */
+}
+
+/* After "Connection: close": the logger closes it (lingering close), still registered. */
+static void conn_linger(struct client *c)
+{
+    c->closing = 1;
+    log_push(c, c->logfd, c->fd, c->requests);
+}
+
+/* -1 malformed, else 0 with path/close filled in */
+static int parse(const char *p, size_t n, const char **path, size_t *path_len, int *close_it)
+{
+    const char *eol = memmem(p, n, "\r\n", 2);
+    const char *s = p, *hdrs;
+    if (!eol)
+        return -1;
+    while (s < eol && *s >= 'A' && *s <= 'Z')
+        s++;
+    if (s == p || s >= eol || *s != ' ' || s + 1 >= eol || s[1] != '/')
+        return -1;
+    *path = ++s;
+    while (s < eol && *s > ' ' && *s < 0x7f)
+        s++;
+    *path_len = (size_t)(s - *path);
+    if (eol - s != 9 || memcmp(s, " HTTP/1.", 8) != 0 || (s[8] != '0' && s[8] != '1'))
+        return -1;
+    *close_it = s[8] == '0';
+    for (hdrs = eol + 2; hdrs < p + n;) {
+        const char *le = memmem(hdrs, (size_t)(p + n - hdrs), "\r\n", 2);
+        if (!le || le == hdrs)
+            break;
+        if (!memchr(hdrs, ':', (size_t)(le - hdrs)))
+            return -1;
+        if ((size_t)(le - hdrs) >= 11 && strncasecmp(hdrs, "connection:", 11) == 0) {
+            for (const char *v = hdrs + 11; v + 5 <= le; v++)
+                if (strncasecmp(v, "close", 5) == 0)
+                    *close_it = 1;
+        }
+        hdrs = le + 2;
+    }
+    return 0;
+}
+
+static int respond(int fd, const char *path, size_t path_len, int close_it)
+{
+    char out[BUFSZ + 256];
+    int h = snprintf(out, sizeof out,
+                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n%s\r\n",
+                     path_len + 1, close_it ? "Connection: close\r\n" : "");
+    memcpy(out + h, path, path_len);
+    out[(size_t)h + path_len] = '\n';
+    return write_all(fd, out, (size_t)h + path_len + 1);
+}
+
+static const char RESP_400[] = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                               "Content-Length: 12\r\nConnection: close\r\n\r\nbad request\n";
+
+/* Answer the complete requests in c->buf; returns 1 when the connection is gone. */
+static int serve(struct client *c)
+{
+    size_t off = 0;
+    for (;;) {
+        const char *end = memmem(c->buf + off, c->len - off, "\r\n\r\n", 4);
+        const char *path;
+        size_t path_len;
+        int close_it = 0;
+        if (!end) {
+            if (off == 0 && c->len == sizeof c->buf) {
+                write_all(c->fd, RESP_400, sizeof RESP_400 - 1);
+                conn_end(c);
+                return 1;
+            }
+            break;
+        }
+        if (parse(c->buf + off, (size_t)(end + 4 - c->buf - off), &path, &path_len,
+                  &close_it) < 0) {
+            write_all(c->fd, RESP_400, sizeof RESP_400 - 1);
+            conn_end(c);
+            return 1;
+        }
+        c->requests++;
+        if (respond(c->fd, path, path_len, close_it) < 0) {
+            conn_error(c);
+            return 1;
+        }
+        off = (size_t)(end + 4 - c->buf);
+        if (close_it) {
+            conn_linger(c);
+            return 1;
+        }
+    }
+    memmove(c->buf, c->buf + off, c->len - off);
+    c->len -= off;
+    return 0;
+}
+
+static void on_readable(struct client *c)
+{
+    ssize_t n = read(c->fd, c->buf + c->len, sizeof c->buf - c->len);
+    if (n > 0) {
+        c->len += (size_t)n;
+        serve(c);
+    } else if (n == 0) {
+        conn_eof(c);
+    } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+        conn_error(c);
+    }
+}
+
+static void on_accept(void)
+{
+    for (;;) {
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP};
+        struct client *c;
+        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            return;
+        }
+        c = calloc(1, sizeof *c);
+        if (!c) {
+            close(fd);
+            continue;
+        }
+        c->fd = fd;
+        c->logfd = dup(fd);
+        if (c->logfd < 0 || live_add(c) < 0) {
+            if (c->logfd >= 0)
+                close(c->logfd);
+            close(fd);
+            free(c);
+            continue;
+        }
+        ev.data.ptr = c;
+        if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+            close(c->logfd);
+            close(fd);
+            client_free(c);
+        }
+    }
+}
+
+static int listen_on(const char *host, const char *port)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *res, *ai;
+    int fd = -1, one = 1, rc = getaddrinfo(host, port, &hints, &res);
+    if (rc != 0) {
+        fprintf(stderr, "loop: %s:%s: %s\n", host, port, gai_strerror(rc));
+        return -1;
+    }
+    for (ai = res; ai; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+            continue;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 1024) == 0)
+            break;
+        close(fd);
+        fd = -1;
+    }
+    if (fd < 0)
+        fprintf(stderr, "loop: cannot listen on %s:%s: %s\n", host, port, strerror(errno));
+    freeaddrinfo(res);
+    return fd;
+}
+
+int main(int argc, char **argv)
+{
+    struct sigaction sa;
+    struct epoll_event ev = {.events = EPOLLIN};
+    sigset_t all, old;
+    pthread_t logger;
+    size_t i;
+
+    if (argc != 4) {
+        fprintf(stderr, "usage: %s HOST PORT MODE\n", argv[0]);
+        return 2;
+    }
+    for (i = 0; i < sizeof MODES / sizeof MODES[0]; i++)
+        if (strcmp(argv[3], MODES[i].name) == 0)
+            break;
+    if (i == sizeof MODES / sizeof MODES[0]) {
+        fprintf(stderr, "loop: unknown mode %s\n", argv[3]);
+        return 2;
+    }
+    mode = MODES[i].mode;
+
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    lfd = listen_on(argv[1], argv[2]);
+    if (lfd < 0)
+        return 1;
+    epfd = epoll_create1(EPOLL_CLOEXEC);
+    ev.data.ptr = &listener_tag;
+    if (epfd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev) < 0) {
+        perror("epoll");
+        return 1;
+    }
+    /* The logger never takes signals: SIGTERM interrupts E's epoll_wait. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    if (pthread_create(&logger, NULL, logger_main, NULL) != 0) {
+        perror("pthread_create");
+        return 1;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    printf("READY\n");
+    fflush(stdout);
+
+    while (!stop_flag) {
+        struct epoll_event events[64];
+        int n;
+        free_done();
+        n = epoll_wait(epfd, events, 64, 300);
+        for (int k = 0; k < n; k++) {
+            struct client *c = events[k].data.ptr;
+            if (events[k].data.ptr == &listener_tag)
+                on_accept();
+            else if (live_usable(c))
+                on_readable(c);
+            /* else: closing, or a pointer that is not a live client -- skipped */
+        }
+    }
+    return 0;
+}

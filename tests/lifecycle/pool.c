@@ -1,0 +1,453 @@
+/*
+ * pool: a small epoll HTTP server -- an acceptor thread and an event thread sharing one epoll
+ * instance, EPOLLONESHOT, re-arms applied in batches -- with one selectable, deliberate
+ * fd-lifecycle bug.  tests/test_lifecycle_rules.py runs it under the LD_PRELOAD tracer to prove
+ * that each traced rule fires on a real server, and that MODE=none is reported for nothing.
+ *
+ *   usage: pool HOST PORT MODE       (prints READY on stdout once listening)
+ *
+ * It answers "GET /path HTTP/1.x" with 200 and body "/path\n" (keep-alive, pipelining,
+ * "Connection: close"); a malformed request gets 400 and the connection is closed.
+ * SIGTERM/SIGINT exit 0.
+ *
+ * Design (every mode):
+ *   - the acceptor thread A polls the listener, accepts every pending connection and registers
+ *     each EPOLLIN|EPOLLONESHOT with data.ptr = a new struct client, then tells the event thread
+ *     how many it accepted through an eventfd that is in the same epoll set;
+ *   - the event thread E serves requests.  Once it answered a request it queues the connection's
+ *     re-arm (EPOLL_CTL_MOD) and goes on reading; the queue is applied in one pass right after
+ *     an accept batch (when the eventfd fires), or when its oldest entry is REARM_MAX_MS old;
+ *   - E closes connections itself (EOF, error, 400, "Connection: close"): conn_close() =
+ *     EPOLL_CTL_DEL, close(); the client is freed then, or by the re-arm pass if a re-arm of it
+ *     is still queued.
+ *
+ * MODE (one bug each):
+ *   none               correct
+ *   stale-rearm        the re-arm pass does not look at whether the client was closed meanwhile:
+ *                      it relies on EPOLL_CTL_MOD failing for a closed fd (and frees the client
+ *                      when it does).  But the pass runs right after an accept batch, and the
+ *                      acceptor was just handed the lowest free fd number -- the closed one.  The
+ *                      MOD succeeds on the stranger's connection, whose registration now carries
+ *                      the old client.  (Nothing crashes: the old client object goes on serving
+ *                      the new connection through the reused fd number; the new connection's own
+ *                      client object never gets an event.)
+ *   wrong-incarnation  on a read/write error the helper closes the fd; the caller then reports
+ *                      the error -- slowly, REPORT_US -- and closes the fd again "to be sure".
+ *                      Meanwhile the acceptor was handed that number: the second close silently
+ *                      drops a stranger's connection before anyone read its request.  No EBADF,
+ *                      no crash, no garbled reply: its client just never gets an answer.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <netdb.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BUFSZ 8192
+#define REARM_MAX_MS 250
+#define REPORT_US 2000
+#define ARM (EPOLLIN | EPOLLONESHOT)
+
+enum mode { M_NONE, M_STALE_REARM, M_WRONG_INCARNATION };
+
+static const struct { const char *name; enum mode mode; } MODES[] = {
+    {"none", M_NONE},
+    {"stale-rearm", M_STALE_REARM},
+    {"wrong-incarnation", M_WRONG_INCARNATION},
+};
+
+struct client {
+    int fd;
+    int rearm_queued;
+    int closed;       /* closed while a re-arm was queued: the re-arm pass frees it */
+    size_t len;
+    char buf[BUFSZ];
+};
+
+static volatile sig_atomic_t stop_flag;
+static enum mode mode;
+static int epfd, lfd, efd;
+static char accept_tag;
+
+static struct client **rearms;
+static size_t rearms_n, rearms_cap;
+static long long rearm_oldest_ms;
+static char error_log[1 << 16];
+static size_t error_pos;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    stop_flag = 1;
+}
+
+static long long now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w > 0) {
+            p += w;
+            n -= (size_t)w;
+        } else if (w < 0 && errno == EINTR) {
+            continue;
+        } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+            if (poll(&pfd, 1, 1000) <= 0)
+                return -1;
+        } else {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- the acceptor thread -------------------------------------------------------------------- */
+
+static void *acceptor_main(void *arg)
+{
+    (void)arg;
+    while (!stop_flag) {
+        struct pollfd p = {.fd = lfd, .events = POLLIN};
+        uint64_t accepted = 0;
+        if (poll(&p, 1, 300) <= 0)
+            continue;
+        for (;;) {
+            struct epoll_event ev = {.events = ARM};
+            struct client *c;
+            int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (fd < 0) {
+                if (errno == EINTR || errno == ECONNABORTED)
+                    continue;
+                break;
+            }
+            c = calloc(1, sizeof *c);
+            if (!c) {
+                close(fd);
+                continue;
+            }
+            c->fd = fd;
+            ev.data.ptr = c;
+            if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+                close(fd);
+                free(c);
+                continue;
+            }
+            accepted++;
+        }
+        if (accepted && write(efd, &accepted, sizeof accepted) < 0)
+            perror("eventfd");
+    }
+    return NULL;
+}
+
+/* ---- the event thread ----------------------------------------------------------------------- */
+
+static void queue_rearm(struct client *c)
+{
+    if (c->rearm_queued)
+        return;
+    if (rearms_n == rearms_cap) {
+        size_t ncap = rearms_cap ? rearms_cap * 2 : 64;
+        struct client **n = realloc(rearms, ncap * sizeof *n);
+        if (!n) {
+            perror("realloc");
+            exit(1);
+        }
+        rearms = n;
+        rearms_cap = ncap;
+    }
+    if (rearms_n == 0)
+        rearm_oldest_ms = now_ms();
+    rearms[rearms_n++] = c;
+    c->rearm_queued = 1;
+}
+
+static void conn_close(struct client *c)
+{
+    epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    c->len = 0;
+    if (c->rearm_queued)
+        c->closed = 1; /* still in the re-arm queue: the re-arm pass frees it */
+    else
+        free(c);
+}
+
+static void rearm_pass(void)
+{
+    for (size_t i = 0; i < rearms_n; i++) {
+        struct client *c = rearms[i];
+        struct epoll_event ev = {.events = ARM, .data.ptr = c};
+        c->rearm_queued = 0;
+        if (mode == M_STALE_REARM) {
+            /* BUG (stale-rearm): "a closed connection makes the MOD fail" -- not when its fd
+             * number was handed out again: then this re-arms a stranger's connection with c. */
+            if (epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0)
+                free(c);
+            continue;
+        }
+        if (c->closed) {
+            free(c);
+            continue;
+        }
+        if (epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0)
+            conn_close(c);
+    }
+    rearms_n = 0;
+}
+
+/* Logging an error takes a while: it stands in for a synchronous report (a reverse DNS lookup
+ * for the log line, a write to a slow disk) and is what opens the window in wrong-incarnation. */
+static void report_error(int fd, int err)
+{
+    char line[128];
+    int n = snprintf(line, sizeof line, "fd %d: %s\n", fd, strerror(err));
+    usleep(REPORT_US);
+    if (n > 0 && (size_t)n < sizeof line) {
+        if (error_pos + (size_t)n > sizeof error_log)
+            error_pos = 0;
+        memcpy(error_log + error_pos, line, (size_t)n);
+        error_pos += (size_t)n;
+    }
+}
+
+/* A read or write failed (ECONNRESET, EPIPE ...). */
+static void conn_error(struct client *c, int err)
+{
+    int fd = c->fd;
+    conn_close(c);
+    if (mode == M_WRONG_INCARNATION) {
+        report_error(fd, err);
+        /* BUG (wrong-incarnation): conn_close() already closed fd; meanwhile the acceptor may
+         * have been handed the same number for a new connection, which this closes. */
+        close(fd);
+    }
+}
+
+/* -1 malformed, else 0 with path/close filled in */
+static int parse(const char *p, size_t n, const char **path, size_t *path_len, int *close_it)
+{
+    const char *eol = memmem(p, n, "\r\n", 2);
+    const char *s = p, *hdrs;
+    if (!eol)
+        return -1;
+    while (s < eol && *s >= 'A' && *s <= 'Z')
+        s++;
+    if (s == p || s >= eol || *s != ' ' || s + 1 >= eol || s[1] != '/')
+        return -1;
+    *path = ++s;
+    while (s < eol && *s > ' ' && *s < 0x7f)
+        s++;
+    *path_len = (size_t)(s - *path);
+    if (eol - s != 9 || memcmp(s, " HTTP/1.", 8) != 0 || (s[8] != '0' && s[8] != '1'))
+        return -1;
+    *close_it = s[8] == '0';
+    for (hdrs = eol + 2; hdrs < p + n;) {
+        const char *le = memmem(hdrs, (size_t)(p + n - hdrs), "\r\n", 2);
+        if (!le || le == hdrs)
+            break;
+        if (!memchr(hdrs, ':', (size_t)(le - hdrs)))
+            return -1;
+        if ((size_t)(le - hdrs) >= 11 && strncasecmp(hdrs, "connection:", 11) == 0) {
+            for (const char *v = hdrs + 11; v + 5 <= le; v++)
+                if (strncasecmp(v, "close", 5) == 0)
+                    *close_it = 1;
+        }
+        hdrs = le + 2;
+    }
+    return 0;
+}
+
+static int respond(int fd, const char *path, size_t path_len, int close_it)
+{
+    char out[BUFSZ + 256];
+    int h = snprintf(out, sizeof out,
+                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n%s\r\n",
+                     path_len + 1, close_it ? "Connection: close\r\n" : "");
+    memcpy(out + h, path, path_len);
+    out[(size_t)h + path_len] = '\n';
+    return write_all(fd, out, (size_t)h + path_len + 1);
+}
+
+static const char RESP_400[] = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                               "Content-Length: 12\r\nConnection: close\r\n\r\nbad request\n";
+
+/* Answer the complete requests in c->buf; returns 1 when the connection is gone. */
+static int serve(struct client *c)
+{
+    size_t off = 0;
+    for (;;) {
+        const char *end = memmem(c->buf + off, c->len - off, "\r\n\r\n", 4);
+        const char *path;
+        size_t path_len;
+        int close_it = 0;
+        if (!end) {
+            if (off == 0 && c->len == sizeof c->buf) {
+                write_all(c->fd, RESP_400, sizeof RESP_400 - 1);
+                conn_close(c);
+                return 1;
+            }
+            break;
+        }
+        if (parse(c->buf + off, (size_t)(end + 4 - c->buf - off), &path, &path_len,
+                  &close_it) < 0) {
+            write_all(c->fd, RESP_400, sizeof RESP_400 - 1);
+            conn_close(c);
+            return 1;
+        }
+        if (respond(c->fd, path, path_len, close_it) < 0) {
+            conn_error(c, errno);
+            return 1;
+        }
+        off = (size_t)(end + 4 - c->buf);
+        if (close_it) {
+            shutdown(c->fd, SHUT_WR);
+            conn_close(c);
+            return 1;
+        }
+    }
+    memmove(c->buf, c->buf + off, c->len - off);
+    c->len -= off;
+    return 0;
+}
+
+/* One EPOLLONESHOT event: read until EAGAIN (or the end), answering as requests complete. */
+static void on_event(struct client *c)
+{
+    for (;;) {
+        ssize_t n = read(c->fd, c->buf + c->len, sizeof c->buf - c->len);
+        if (n > 0) {
+            c->len += (size_t)n;
+            if (serve(c))
+                return;
+            queue_rearm(c);
+        } else if (n == 0) {
+            conn_close(c);
+            return;
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            queue_rearm(c);
+            return;
+        } else if (errno != EINTR) {
+            conn_error(c, errno);
+            return;
+        }
+    }
+}
+
+static int listen_on(const char *host, const char *port)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *res, *ai;
+    int fd = -1, one = 1, rc = getaddrinfo(host, port, &hints, &res);
+    if (rc != 0) {
+        fprintf(stderr, "pool: %s:%s: %s\n", host, port, gai_strerror(rc));
+        return -1;
+    }
+    for (ai = res; ai; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+            continue;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 1024) == 0)
+            break;
+        close(fd);
+        fd = -1;
+    }
+    if (fd < 0)
+        fprintf(stderr, "pool: cannot listen on %s:%s: %s\n", host, port, strerror(errno));
+    freeaddrinfo(res);
+    return fd;
+}
+
+int main(int argc, char **argv)
+{
+    struct sigaction sa;
+    struct epoll_event ev = {.events = EPOLLIN};
+    sigset_t all, old;
+    pthread_t acceptor;
+    size_t i;
+
+    if (argc != 4) {
+        fprintf(stderr, "usage: %s HOST PORT MODE\n", argv[0]);
+        return 2;
+    }
+    for (i = 0; i < sizeof MODES / sizeof MODES[0]; i++)
+        if (strcmp(argv[3], MODES[i].name) == 0)
+            break;
+    if (i == sizeof MODES / sizeof MODES[0]) {
+        fprintf(stderr, "pool: unknown mode %s\n", argv[3]);
+        return 2;
+    }
+    mode = MODES[i].mode;
+
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    lfd = listen_on(argv[1], argv[2]);
+    if (lfd < 0)
+        return 1;
+    epfd = epoll_create1(EPOLL_CLOEXEC);
+    efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    ev.data.ptr = &accept_tag;
+    if (epfd < 0 || efd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, efd, &ev) < 0) {
+        perror("epoll");
+        return 1;
+    }
+    /* The acceptor never takes signals: SIGTERM interrupts E's epoll_wait. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    if (pthread_create(&acceptor, NULL, acceptor_main, NULL) != 0) {
+        perror("pthread_create");
+        return 1;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    printf("READY\n");
+    fflush(stdout);
+
+    while (!stop_flag) {
+        struct epoll_event events[64];
+        int timeout = 300, n, accepted = 0;
+        if (rearms_n) {
+            long long left = rearm_oldest_ms + REARM_MAX_MS - now_ms();
+            timeout = left > 0 ? (int)left : 0;
+        }
+        n = epoll_wait(epfd, events, 64, timeout);
+        for (int k = 0; k < n; k++) {
+            if (events[k].data.ptr == &accept_tag) {
+                uint64_t v;
+                if (read(efd, &v, sizeof v) > 0)
+                    accepted = 1;
+            }
+        }
+        /* The re-arm pass runs right after an accept batch (or when a re-arm waited too long). */
+        if (rearms_n && (accepted || now_ms() - rearm_oldest_ms >= REARM_MAX_MS))
+            rearm_pass();
+        for (int k = 0; k < n; k++)
+            if (events[k].data.ptr != &accept_tag)
+                on_event(events[k].data.ptr);
+    }
+    return 0;
+}
