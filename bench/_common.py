@@ -113,6 +113,19 @@ class KernelWindow:
         return self.rate
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time the processes ``pids`` used so far (gone ones count 0)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def require(*tools: str) -> dict[str, str]:
     """Absolute paths of external tools; exits with a clear message when one is missing."""
     found: dict[str, str] = {}
@@ -565,6 +578,15 @@ def remove(path: Path) -> None:
 
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def quartiles(xs: Sequence[float]) -> tuple[float, float]:
+    """The 25th and 75th percentiles (the spread of noisy per-cycle ratios)."""
+    if len(xs) < 2:
+        x = xs[0] if xs else float("nan")
+        return x, x
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 def ratio(a: float, b: float) -> float:

@@ -131,7 +131,9 @@ def parse_junit(path: Path) -> tuple[int, list[tuple[str, str]]]:
         for tag in ("failure", "error"):
             node = case.find(tag)
             if node is not None:
-                text = (node.get("message") or "") + "\n" + (node.text or "")
+                # The element's text is the whole report; its "message" attribute repeats the
+                # start of it, so it is only used when there is no text.
+                text = node.text or node.get("message") or ""
                 failed.append((case.get("name", "?"), text))
     return tests, failed
 
@@ -230,11 +232,17 @@ def details(stats: list[TargetStats]) -> str:
             continue
         rules = ", ".join(f"{rule} x{n}" for rule, n in s.rules.most_common()) or "none"
         out.append(f"- **{s.name}**: rules {rules}")
-        for f in s.failures[:20]:
-            what = ", ".join(f.rules) if f.rules else f"no verdict: {f.first_line}"
-            out.append(f"  - `{f.test}` [{what}]: `{f.replay}` (artifacts: `{f.artifacts}`)")
-        if len(s.failures) > 20:
-            out.append(f"  - ... and {len(s.failures) - 20} more")
+        # One line per test and verdict, with how often it came and the first replay.
+        groups: dict[tuple[str, str], list[Failure]] = {}
+        for f in s.failures:
+            what = ", ".join(sorted(set(f.rules))) if f.rules else f"no verdict: {f.first_line}"
+            groups.setdefault((f.test, what), []).append(f)
+        for (test, what), fs in groups.items():
+            first = fs[0]
+            out.append(
+                f"  - `{test}` [{what}] in {len(fs)} of {s.runs} runs; first: `{first.replay}` "
+                f"(artifacts: `{first.artifacts}`)"
+            )
     return "\n".join(out)
 
 

@@ -8,7 +8,7 @@ the benchmarks never run in parallel.  Not part of CI: nothing here passes or fa
 
 Budget (defaults): time_to_detect at most 600 s (its ``--budget``; about 7 minutes when
 seed-buggy is found in the first storm round, as usual), storm_rate about 1 minute,
-tracer_overhead about 2 minutes, suite_cost about 1 minute.
+tracer_overhead about 2 minutes, suite_cost about 2 minutes: about 12 minutes in all.
 """
 
 from __future__ import annotations

@@ -154,12 +154,14 @@ def siege_run(cap_s: float, concurrency: int, workdir: Path, rc: Path) -> SiegeR
     artefact = c.build(manifest)
     with c.started(manifest, artefact, "off", workdir) as started:
         argv = c.siege_argv(rc, started.url, concurrency=concurrency, seconds=cap_s, close=False)
+        accepted = c.tcp_passive_opens()
         result = c.run_tool(
             argv,
             timeout_s=cap_s + 5,
             env=c.siege_env(rc),
             stop_when=lambda: not started.alive(),
         )
+        accepted = c.tcp_passive_opens() - accepted
         crashed = not started.alive()
         status = started.target.exit_status()
     stats = c.siege_stats(result)
@@ -167,7 +169,9 @@ def siege_run(cap_s: float, concurrency: int, workdir: Path, rc: Path) -> SiegeR
         done, failed = int(stats.get("transactions", 0)), int(stats.get("failed_transactions", 0))
         note = f"{done} transactions, {failed} failed"
     else:
-        note = "siege printed no summary" + (" (hung, killed)" if result.timed_out else "")
+        # siege 4.0.x often never exits after a timed run with many users (JoeDog/siege#66).
+        note = "siege printed no summary" + (" (hung past -t, killed)" if result.timed_out else "")
+    note += f"; kernel: {accepted / result.wall_s:.0f} accepted connections/s (system-wide)"
     if crashed:
         assert status is not None
         return SiegeResult(result.wall_s, f"target {status.describe()}; {note}")

@@ -1,27 +1,37 @@
 """What tracing costs a server: wrk requests/s untraced, under afterclose's shim, under strace.
 
-    python3 bench/tracer_overhead.py [--seconds 5] [--rounds 3] [--warmup 1]
+    python3 bench/tracer_overhead.py [--seconds 1] [--cycles 15] [--warmup 1]
                                      [--threads 2] [--connections 50]
 
 Targets: ``seed-fixed`` and nginx with one worker process (a config generated here: no access
 log, ``return 200 "$uri\\n"``).  Modes: ``off`` (untraced), ``preload`` (the afterclose shim
 through ``LD_PRELOAD``, environment from ``shim_env``, trace files in a scratch folder) and
-``strace`` (``strace -f -qq -o /dev/null``).  Every measurement starts the target afresh,
-warms it up with a short wrk run, then measures ``wrk -tT -cC -dNs`` (keep-alive).  Rounds
-interleave everything (each round starts with a different mode), and each ratio is the median
-over rounds of that round's traced / untraced requests/s, so slow drifts of the machine's
-load cancel out.  The shim's trace headers are read after each traced run: a run whose trace
-lost records (buffer full) would flatter the shim, and is flagged.
+``strace`` (``strace -f -qq -o /dev/null``).
+
+The machine is shared and its load swings within seconds, so all six servers are started
+together (idle, they cost nothing) and measured in short wrk bursts (keep-alive,
+``wrk -tT -cC -dNs``), one server after the other, for ``--cycles`` cycles; each cycle starts
+with a different server.  Each server first gets a ``--warmup`` burst that is not counted.
+A ratio is the median over cycles of that cycle's traced / untraced requests/s (the two
+bursts are seconds apart), so drifts of the load cancel out; the interquartile range of the
+per-cycle ratios shows how noisy the machine was.  The requests/s shown are the medians over
+cycles.  The shim's trace headers are read at the end: a trace that lost records
+(buffer full) would flatter the shim, and is flagged.
+
+Throughput on a shared, oversubscribed machine swings by tens of percent from one second to
+the next, so a second, steadier figure comes with it: the server's own CPU time per request
+(user + system time of every process of the server, strace included, from ``/proc``, over
+each burst).  Its ratio untraced / traced is what throughput would be if the server alone
+were the bottleneck.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import _common as c
-from afterclose.harness.manifest import Manifest
 
 TARGETS = ("seed-fixed", "nginx")
 TARGET_GOAL = 0.85  # traced / untraced requests/s the shim must keep
@@ -30,8 +40,10 @@ COLUMNS = (
     "seed-fixed req/s: off / preload / strace",
     "nginx (1 worker) req/s: off / preload / strace",
     "trace records lost",
+    "CPU µs/request: off / preload / strace",
     "ratio preload / off (≥ 0.85?)",
     "ratio strace / off",
+    "CPU-based ratios (off µs / traced µs): preload; strace",
 )
 
 
@@ -39,56 +51,24 @@ COLUMNS = (
 class Sample:
     target: str
     mode: str
-    round: int
+    cycle: int
     rps: float
-    lost: int
+    cpu_us: float  # the server's CPU time per request, microseconds
     note: str
 
 
-def manifests(scratch: Path) -> dict[str, tuple[Manifest, Path | None]]:
-    seed = c.seed_manifest("seed-fixed")
-    return {"seed-fixed": (seed, c.build(seed)), "nginx": (c.nginx_manifest(scratch), None)}
-
-
-def measure(
-    target: str,
-    manifest: Manifest,
-    artefact: Path | None,
-    mode: str,
-    round_: int,
-    args: argparse.Namespace,
-    workdir: Path,
-) -> Sample:
-    with c.started(manifest, artefact, mode, workdir) as started:
-        if args.warmup > 0:
-            warm = c.wrk_argv(
-                started.url, threads=args.threads, connections=args.connections, seconds=args.warmup
-            )
-            c.run_tool(warm, timeout_s=args.warmup + 20).check("wrk warm-up")
-        argv = c.wrk_argv(
-            started.url, threads=args.threads, connections=args.connections, seconds=args.seconds
-        )
-        stats = c.wrk_stats(c.run_tool(argv, timeout_s=args.seconds + 20).check("wrk"))
-        alive = started.alive()
-        fill = c.trace_fill(started.trace_dir) if started.trace_dir else None
-    c.remove(workdir)  # the shim's trace files are sparse but large: do not let them pile up
-    note = f"{stats.requests} requests, socket errors: {stats.socket_errors}"
-    if stats.non_2xx:
-        note += f", {stats.non_2xx} non-2xx"
-    if fill is not None:
-        note += (
-            f", trace: {fill.processes} process(es), ≤ {fill.records_max} records, {fill.lost} lost"
-        )
-    if not alive:
-        note += ", TARGET DIED"
-    return Sample(target, mode, round_, stats.rps, fill.lost if fill else 0, note)
+def burst(server: c.Started, args: argparse.Namespace, seconds: float) -> c.WrkStats:
+    argv = c.wrk_argv(
+        server.url, threads=args.threads, connections=args.connections, seconds=seconds
+    )
+    return c.wrk_stats(c.run_tool(argv, timeout_s=seconds + 20).check("wrk"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of wrk before each")
+    parser.add_argument("--seconds", type=float, default=1.0, help="per burst")
+    parser.add_argument("--cycles", type=int, default=15, help="bursts per server")
+    parser.add_argument("--warmup", type=float, default=1.0, help="uncounted first burst, s")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--connections", type=int, default=50)
     args = parser.parse_args()
@@ -96,7 +76,7 @@ def main() -> None:
         "tracer_overhead.py",
         [
             f"--seconds={args.seconds:g}",
-            f"--rounds={args.rounds}",
+            f"--cycles={args.cycles}",
             f"--warmup={args.warmup:g}",
             f"--threads={args.threads}",
             f"--connections={args.connections}",
@@ -105,33 +85,78 @@ def main() -> None:
     c.require("wrk", "strace", "nginx")
     load_before = c.load()
     c.warm_shim()
+    seed = c.seed_manifest("seed-fixed")
+    seed_build = c.build(seed)
     samples: list[Sample] = []
-    with c.scratch("tracer-overhead") as scratch:
-        targets = manifests(scratch)
-        for r in range(args.rounds):
-            for target in TARGETS:
-                manifest, artefact = targets[target]
-                for mode in c.rotated(c.MODES, r):
-                    workdir = scratch / f"{target}-{mode}-{r}"
-                    sample = measure(target, manifest, artefact, mode, r, args, workdir)
-                    samples.append(sample)
-                    print(
-                        f"round {r + 1} {target:10} {mode:7}: {sample.rps:9.0f} req/s; "
-                        f"{sample.note}; load {c.load()}"
-                    )
+    fills: dict[str, c.TraceFill] = {}
+    alive: dict[str, bool] = {}
+    with c.scratch("tracer-overhead") as scratch, contextlib.ExitStack() as stack:
+        manifests = {"seed-fixed": (seed, seed_build), "nginx": (c.nginx_manifest(scratch), None)}
+        servers: dict[tuple[str, str], c.Started] = {}
+        for target in TARGETS:
+            manifest, artefact = manifests[target]
+            for mode in c.MODES:
+                workdir = scratch / f"{target}-{mode}"
+                servers[target, mode] = stack.enter_context(
+                    c.started(manifest, artefact, mode, workdir)
+                )
+        keys = list(servers)
+        if args.warmup > 0:
+            for key in keys:
+                burst(servers[key], args, args.warmup)
+        for cycle in range(args.cycles):
+            # Rotate by one mode per cycle, keeping each target's three modes together.
+            order = [(t, m) for t in c.rotated(TARGETS, cycle) for m in c.rotated(c.MODES, cycle)]
+            for target, mode in order:
+                server = servers[target, mode]
+                pids = server.target.host_pids()
+                cpu0 = c.cpu_seconds(pids)
+                stats = burst(server, args, args.seconds)
+                cpu_us = (c.cpu_seconds(pids) - cpu0) / max(stats.requests, 1) * 1e6
+                note = f"{stats.requests} requests, {cpu_us:.1f} µs CPU/request"
+                if stats.socket_errors != "none":
+                    note += f", socket errors: {stats.socket_errors}"
+                if stats.non_2xx:
+                    note += f", {stats.non_2xx} non-2xx"
+                samples.append(Sample(target, mode, cycle, stats.rps, cpu_us, note))
+                print(
+                    f"cycle {cycle + 1} {target:10} {mode:7}: {stats.rps:9.0f} req/s; {note}; "
+                    f"load {c.load()}"
+                )
+        for (target, mode), server in servers.items():
+            alive[f"{target} {mode}"] = server.alive()
+            if server.trace_dir is not None:
+                fills[target] = c.trace_fill(server.trace_dir)
 
     def rps(target: str, mode: str) -> float:
-        return c.median([s.rps for s in samples if s.target == target and s.mode == mode])
+        return c.median([s.rps for s in samples if (s.target, s.mode) == (target, mode)])
+
+    def cpu(target: str, mode: str) -> float:
+        return c.median([s.cpu_us for s in samples if (s.target, s.mode) == (target, mode)])
+
+    def per_cycle(target: str, mode: str) -> list[float]:
+        by_cycle = {(s.mode, s.cycle): s.rps for s in samples if s.target == target}
+        return [c.ratio(by_cycle[mode, k], by_cycle["off", k]) for k in range(args.cycles)]
 
     def ratio(target: str, mode: str) -> float:
-        per_round = []
-        for r in range(args.rounds):
-            traced = [s.rps for s in samples if (s.target, s.mode, s.round) == (target, mode, r)]
-            base = [s.rps for s in samples if (s.target, s.mode, s.round) == (target, "off", r)]
-            per_round.append(c.ratio(traced[0], base[0]))
-        return c.median(per_round)
+        return c.median(per_cycle(target, mode))
 
-    lost = sum(s.lost for s in samples)
+    def spread(target: str, mode: str) -> str:
+        low, high = c.quartiles(per_cycle(target, mode))
+        return f"IQR {low:.2f}-{high:.2f}"
+
+    def cpu_ratio(target: str, mode: str) -> float:
+        return c.ratio(cpu(target, "off"), cpu(target, mode))
+
+    for target, fill in fills.items():
+        print(
+            f"{target} trace: {fill.processes} process(es), ≤ {fill.records_max} records, "
+            f"{fill.lost} lost"
+        )
+    dead = [name for name, ok in alive.items() if not ok]
+    if dead:
+        print(f"WARNING: died during the benchmark: {', '.join(dead)}")
+    lost = sum(f.lost for f in fills.values())
     pre = {t: ratio(t, "preload") for t in TARGETS}
     st = {t: ratio(t, "strace") for t in TARGETS}
     goal = {t: "yes" if pre[t] >= TARGET_GOAL else "no" for t in TARGETS}
@@ -142,17 +167,29 @@ def main() -> None:
             *c.context_cells(command, load_before),
             *(" / ".join(f"{rps(t, m):.0f}" for m in c.MODES) for t in TARGETS),
             str(lost) + ("" if lost == 0 else " (preload ratios flattered)"),
-            "; ".join(f"{t} {pre[t]:.2f} ({goal[t]})" for t in TARGETS),
-            "; ".join(f"{t} {st[t]:.2f}" for t in TARGETS),
+            "; ".join(f"{t} " + " / ".join(f"{cpu(t, m):.1f}" for m in c.MODES) for t in TARGETS),
+            "; ".join(f"{t} {pre[t]:.2f} ({goal[t]}; {spread(t, 'preload')})" for t in TARGETS)
+            + (f" (died: {', '.join(dead)})" if dead else ""),
+            "; ".join(f"{t} {st[t]:.2f} ({spread(t, 'strace')})" for t in TARGETS),
+            "; ".join(
+                f"{t} {cpu_ratio(t, 'preload'):.2f}; {cpu_ratio(t, 'strace'):.2f}" for t in TARGETS
+            ),
         ],
         title="Tracer overhead: requests/s untraced, traced by the shim, under strace",
     )
     for t in TARGETS:
-        print(f"{t:10}: " + ", ".join(f"{m} {rps(t, m):.0f} req/s" for m in c.MODES))
+        print(
+            f"{t:10}: "
+            + ", ".join(f"{m} {rps(t, m):.0f} req/s ({cpu(t, m):.1f} µs CPU/req)" for m in c.MODES)
+            + f"; CPU-based ratios preload {cpu_ratio(t, 'preload'):.2f}, "
+            f"strace {cpu_ratio(t, 'strace'):.2f}"
+        )
     print(
         "ratios traced/untraced: "
         + ", ".join(f"{t} preload {pre[t]:.2f} ({goal[t]}), strace {st[t]:.2f}" for t in TARGETS)
-        + f" (goal preload >= {TARGET_GOAL})"
+        + f" (goal preload >= {TARGET_GOAL}; per-cycle "
+        + ", ".join(f"{t} preload {spread(t, 'preload')}" for t in TARGETS)
+        + ")"
     )
 
 

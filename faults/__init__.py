@@ -3,6 +3,11 @@
 A fault's name is its module's name (``reset_peer`` lives in ``reset_peer.py``), and the module
 defines exactly one :class:`~afterclose.faults.base.Fault` subclass.  Modules are imported only
 when asked for, so a broken fault module breaks only the scenarios that use it.
+
+Target-side faults (``fd_limit``, ``pause``, ``kill``, ...) act on the running target instead
+of through clients: their module defines one :class:`~afterclose.faults.target_base.TargetFault`.
+``available()`` lists both kinds; ``get``/``create`` give client-side faults only (what scenario
+phases run), ``get_target``/``create_target`` target-side ones, ``lookup`` either.
 """
 
 from __future__ import annotations
@@ -11,26 +16,43 @@ import importlib
 import inspect
 import pkgutil
 from collections.abc import Mapping
+from typing import Literal
 
 from afterclose.faults.base import Fault, suggest
+from afterclose.faults.target_base import TargetFault
 from afterclose.harness.errors import ScenarioError
 
-__all__ = ["Fault", "available", "create", "get"]
+__all__ = [
+    "Fault",
+    "TargetFault",
+    "available",
+    "create",
+    "create_target",
+    "get",
+    "get_target",
+    "kind",
+    "lookup",
+]
 
-_NOT_FAULTS = frozenset({"base"})
+Kind = Literal["client", "target"]
+_NOT_FAULTS = frozenset({"base", "target_base"})
 
 
-def available() -> list[str]:
-    """Names of every fault, sorted."""
-    return sorted(
+def available(kind: Kind | None = None) -> list[str]:
+    """Names of every fault (client- and target-side), or of one ``kind``, sorted."""
+    names = sorted(
         m.name
         for m in pkgutil.iter_modules(__path__)
         if not m.ispkg and not m.name.startswith("_") and m.name not in _NOT_FAULTS
     )
+    if kind is None:
+        return names
+    return [name for name in names if _kind_of(lookup(name)) == kind]
 
 
-def get(name: str, where: str | None = None) -> type[Fault]:
-    """The Fault class registered as ``name``; ScenarioError (with a suggestion) if none is."""
+def lookup(name: str, where: str | None = None) -> type[Fault] | type[TargetFault]:
+    """The fault class registered as ``name``, of either kind; ScenarioError (with a
+    suggestion) if none is."""
     names = available()
     if name not in names:
         match = suggest(name, names) if isinstance(name, str) else None
@@ -38,11 +60,11 @@ def get(name: str, where: str | None = None) -> type[Fault]:
         hint = f"did you mean {match!r}? (faults: {listing})" if match else f"use one of: {listing}"
         raise ScenarioError(f"unknown fault {name!r}", where=where, hint=hint)
     module = importlib.import_module(f"{__name__}.{name}")
-    found = [
+    found: list[type[Fault] | type[TargetFault]] = [
         obj
         for obj in vars(module).values()
         if inspect.isclass(obj)
-        and issubclass(obj, Fault)
+        and issubclass(obj, Fault | TargetFault)
         and obj.__module__ == module.__name__
         and not inspect.isabstract(obj)
     ]
@@ -54,6 +76,48 @@ def get(name: str, where: str | None = None) -> type[Fault]:
     return cls
 
 
+def _kind_of(cls: type[Fault] | type[TargetFault]) -> Kind:
+    return "target" if issubclass(cls, TargetFault) else "client"
+
+
+def kind(name: str, where: str | None = None) -> Kind:
+    """``"client"`` (acts through connections) or ``"target"`` (acts on the running target)."""
+    return _kind_of(lookup(name, where))
+
+
+def get(name: str, where: str | None = None) -> type[Fault]:
+    """The client-side Fault class registered as ``name``; ScenarioError (with a suggestion)
+    if none is, or if ``name`` is a target-side fault (it needs the running target)."""
+    cls = lookup(name, where)
+    if issubclass(cls, TargetFault):
+        clients = ", ".join(available("client"))
+        raise ScenarioError(
+            f"fault {name!r} acts on the running target itself (a target-side fault), "
+            "not through client connections",
+            where=where,
+            hint=f"call it from a test: target.run_fault({name!r}, ...); "
+            f"client-side faults: {clients}",
+        )
+    return cls
+
+
+def get_target(name: str, where: str | None = None) -> type[TargetFault]:
+    """The target-side fault class registered as ``name`` (ScenarioError otherwise)."""
+    cls = lookup(name, where)
+    if not issubclass(cls, TargetFault):
+        raise ScenarioError(
+            f"fault {name!r} is a client-side fault, not a target-side one",
+            where=where,
+            hint=f"target-side faults: {', '.join(available('target'))}",
+        )
+    return cls
+
+
 def create(name: str, params: Mapping[str, object], where: str) -> Fault:
-    """The fault ``name`` built from ``params`` (validated; errors name ``where``)."""
+    """The client-side fault ``name`` built from ``params`` (validated; errors name ``where``)."""
     return get(name, where).from_params(params, where)
+
+
+def create_target(name: str, params: Mapping[str, object], where: str) -> TargetFault:
+    """The target-side fault ``name`` built from ``params`` (validated)."""
+    return get_target(name, where).from_params(params, where)

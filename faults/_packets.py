@@ -216,6 +216,16 @@ def read_seqs(sock: socket.socket) -> Seqs:
     return Seqs((write_seq - unsent) % _SEQ_MOD, rcv_nxt, unsent)
 
 
+def flush_ack(sock: socket.socket) -> None:
+    """Make the client's kernel send the ACK it may still owe (a delayed ACK waits up to
+    40-200 ms): TCP_QUICKACK=1 sends a scheduled ACK at once.  Called before forging, so that
+    no segment of the real client reaches the server after the forged one: after a forged RST
+    that late ACK would meet a RST from the server's kernel, and the client would learn of the
+    reset before the scenario lets it.
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
 def set_isn(sock: socket.socket, isn: int) -> None:
     """Make the next ``connect()`` of this fresh socket use ``isn`` as its initial sequence
     number: TCP_QUEUE_SEQ on the send queue sets ``write_seq``, which ``tcp_v4_connect()``
@@ -361,6 +371,7 @@ class Forger:
         self._sock: socket.socket | None = None
         self._ip: Any = None
         self._tcp: Any = None
+        # Totals, for benchmarks (not thread-exact).
         self.sent = 0
         self.build_s = 0.0
         self.fire_s = 0.0
@@ -407,7 +418,6 @@ class Forger:
         ack: int = 0,
         *,
         window: int = 0,
-        payload: bytes = b"",
     ) -> bytes:
         """The bytes of one client -> server segment (IPv4 + TCP, checksums filled in).
 
@@ -427,8 +437,6 @@ class Forger:
             ack=ack % _SEQ_MOD,
             window=window,
         )
-        if payload:
-            pkt = pkt / payload
         raw = bytes(pkt)
         self.build_s += time.perf_counter() - started
         return raw
@@ -450,6 +458,28 @@ class Forger:
 # --------------------------------------------------------------------------- client helpers
 
 
+@contextlib.contextmanager
+def realtime() -> Iterator[bool]:
+    """Run the calling thread SCHED_FIFO (lowest real-time priority) inside the block; yields
+    whether that worked (it needs root; without it the block just runs normally).
+
+    A connect() on loopback wakes the server's thread, and a woken thread often preempts its
+    waker on the way out of the syscall: then the server accepts before our next line runs
+    (measured on a loaded 2-CPU VM: 6-14 of 50 RSTs beat accept() as a normal thread, 19-50 of
+    50 as a real-time one, which no normal thread preempts).  Keep the block to a few syscalls.
+    """
+    try:
+        policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except OSError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.sched_setscheduler(0, policy, param)
+
+
 def connect(
     conn: Conn,
     *,
@@ -458,6 +488,7 @@ def connect(
     isn: int | None = None,
     before_connect: Callable[[socket.socket], None] | None = None,
     on_connected: Callable[[socket.socket], None] | None = None,
+    realtime_hook: bool = False,
 ) -> FourTuple | None:
     """Like :meth:`Conn.connect`, with socket options that must be set before the handshake.
 
@@ -465,10 +496,11 @@ def connect(
     gives a small advertised window, so a large response backs up into the server.
     ``mss_bytes``: the MSS the SYN advertises (TCP_MAXSEG); the server's kernel sizes its send
     buffer from MSS x congestion window, so a small MSS keeps that buffer small.  ``isn``:
-    the initial sequence number (:func:`set_isn`); the socket is bound first so its port is
-    known before connect.  ``before_connect(sock)`` runs last before ``connect()`` (the port is
-    known then if ``isn`` was given), ``on_connected(sock)`` right after it returns.  Returns the
-    4-tuple, or None (failure counted like Conn.connect).
+    the initial sequence number (:func:`set_isn`).  ``before_connect(sock)`` runs last before
+    ``connect()``, ``on_connected(sock)`` first after it returns, both inside :func:`realtime`
+    with ``realtime_hook``.  With ``isn`` or a hook the socket is bound first, so its port (the
+    4-tuple) is known before the handshake.  Returns the 4-tuple, or None (failure counted like
+    Conn.connect).
     """
     now = time.monotonic()
     if now >= conn.deadline:
@@ -482,24 +514,25 @@ def connect(
         if mss_bytes:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss_bytes)
         if isn is not None or before_connect is not None or on_connected is not None:
-            # Bound first, so the 4-tuple is known before the handshake and nothing but the
-            # hook runs between connect() returning and the hook.
+            # Bound first, so the 4-tuple is known before the handshake.
             sock.bind((conn.target.sockaddr[0], 0))
         if isn is not None:
             set_isn(sock, isn)
         if before_connect is not None:
             before_connect(sock)
-        sock.settimeout(timeout)
-        ip, port = sock.getsockname()[:2]
-        server_ip, server_port = conn.target.sockaddr[:2]
-        tup = FourTuple(str(ip), int(port), str(server_ip), int(server_port))
-        # On loopback the whole handshake runs inside this call (softirqs on the way out of
-        # the SYN's transmission): when it returns, the server's kernel has queued the new
-        # connection on the listener and is waking the server.
-        sock.connect(conn.target.sockaddr)
         if on_connected is not None:
-            on_connected(sock)
-        if isn is None and before_connect is None and on_connected is None:
+            ip, port = sock.getsockname()[:2]
+            server_ip, server_port = conn.target.sockaddr[:2]
+            tup = FourTuple(str(ip), int(port), str(server_ip), int(server_port))
+        sock.settimeout(timeout)
+        # On loopback the whole handshake typically runs inside this call (the softirqs run on
+        # the way out of the SYN's transmission): when it returns, the server's kernel has
+        # queued the new connection on the listener and is waking the server up.
+        with realtime() if realtime_hook else contextlib.nullcontext(False):
+            sock.connect(conn.target.sockaddr)
+            if on_connected is not None:
+                on_connected(sock)  # first: before anything else costs time
+        if on_connected is None:
             tup = FourTuple.of(sock)
     except TimeoutError:
         sock.close()
@@ -695,6 +728,7 @@ def forge_rst(
     raw = prebuilt
     for attempt in range(retries + 1):
         if raw is None:
+            flush_ack(conn.sock)
             raw = rst_segment(forger, tup, read_seqs(conn.sock), extra=seq_offset)
         if not (fired and attempt == 0):
             forger.fire(raw)
@@ -791,6 +825,10 @@ class Capture:
 
     def __enter__(self) -> Capture:
         require_support("capture")
+        # The layers first: they register the link type of lo (ARPHRD_LOOPBACK, read as
+        # Ethernet, in scapy.layers.l2 which inet imports); without them every captured frame
+        # decodes as raw bytes.
+        import scapy.layers.inet  # noqa: F401
         from scapy.arch.common import compile_filter
         from scapy.sendrecv import AsyncSniffer
 

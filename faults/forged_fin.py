@@ -60,6 +60,7 @@ class ForgedFinAction:
             return
         assert conn.sock is not None
         pk.pause(conn, self.idle_s)
+        pk.flush_ack(conn.sock)
         seqs = pk.read_seqs(conn.sock)
         # seq = the server's rcv_nxt: the FIN is the next thing in the stream.  ack = what the
         # server sent so far (the client read every answer): an ACK beyond the server's
@@ -101,7 +102,7 @@ class ForgedFin(Fault):
     requests_before: int = param(1, lo=0, hi=100, doc="answered requests before the FIN")
     idle_ms: float = param(20.0, lo=0, hi=10_000, doc="idle time before the FIN")
     duplicate_gap_ms: float = param(1.0, lo=0, hi=1_000, doc="between the two FINs (duplicate)")
-    observe_ms: float = param(100.0, lo=1, hi=10_000, doc="wait for the server to react")
+    observe_ms: float = param(500.0, lo=1, hi=10_000, doc="wait for the server to react")
     probe: bool = param(True, doc="send one more request afterwards, to see what the client gets")
 
     def plan(self, rng: random.Random) -> list[ForgedFinAction]:

@@ -61,11 +61,14 @@ class ForgedRstAction:
         if self.phase == "idle":
             pk.pause(conn, self.idle_s)
             pk.forge_rst(conn, forger, tup, seq_offset=self.seq_offset, verify_s=self.observe_s)
+            # The server's kernel forgot the connection silently: the client sees nothing.
+            pk.watch_quiet(conn, 0.0, "client")
         else:
             path, request = conn.new_request()
             # The RST is built before the request is sent: on loopback the request is in the
             # server's receive queue when send() returns, so its rcv_nxt is then exactly the
             # client's snd_nxt + len(request).
+            pk.flush_ack(conn.sock)
             raw = pk.rst_segment(
                 forger, tup, pk.read_seqs(conn.sock), extra=len(request) + self.seq_offset
             )
@@ -84,9 +87,6 @@ class ForgedRstAction:
             with pk.short_io(conn, self.observe_s):
                 answered = pk.drain_responses(conn, prefix="after_rst")
             conn.report.count("answered_before_rst" if answered else "unanswered_after_rst")
-        if self.phase == "idle":
-            # A forged RST makes the server's kernel forget the connection silently.
-            pk.watch_quiet(conn, 0.0, "client")
         if self.probe:
             with pk.short_io(conn, max(self.observe_s, 0.5)):
                 pk.probe(conn)

@@ -3,9 +3,10 @@
 Once the handshake's last ACK arrives, the kernel queues the new connection on the listener's
 accept queue; the server takes it out with ``accept()`` when it gets round to it.  A RST that
 arrives in between kills the queued socket where it sits: Linux still hands it out (``accept``
-succeeds, unlike BSDs which may return ECONNABORTED), and its first ``read`` fails with
-ECONNRESET, the next ones return 0; epoll reports EPOLLIN|EPOLLHUP|EPOLLERR as soon as it is
-registered.  A server must treat such a socket like any other reset connection.
+succeeds, unlike BSDs which may return ECONNABORTED): its first ``read`` fails with
+ECONNRESET, the next ones return 0, ``write`` fails with EPIPE, and epoll reports
+EPOLLIN|EPOLLERR|EPOLLHUP|EPOLLRDHUP as soon as it is registered.  A server must treat such a
+socket like any other reset connection.
 
 Methods: ``forged`` builds the RST before the handshake (the client socket's initial sequence
 number is chosen in advance with TCP_REPAIR, so the RST's ``seq`` = ISN + 1 is known) and fires it
@@ -15,9 +16,13 @@ is the client's own abort, ``SO_LINGER {1, 0}`` and ``close()`` at once (no root
 ``random`` draws one per connection.
 
 Whether a RST beat ``accept()`` is a race with the server's accept loop, which only the
-server's side shows (the tracer: an accepted fd whose first operation fails).  The RST is sent
-as early as it can be: on loopback, a few microseconds after the server's kernel queued the
-connection, while the server thread is still being woken.
+server's side shows (the tracer: an accepted fd whose first operation fails, or whose first
+event is EPOLLHUP|EPOLLERR).  The RST is sent as early as it can be: on loopback the handshake
+completes inside ``connect()``, and the RST leaves a few microseconds later, while the server
+thread is still being woken; the client thread runs SCHED_FIFO for those microseconds (when
+it may: root), so the server thread it wakes cannot preempt it in between.  Against seed-fixed
+(an epoll thread looping on ``accept4``) on a loaded 2-CPU VM, 19-50 of 50 RSTs arrived before
+the ``accept4`` that took the connection began (6-14 of 50 without SCHED_FIFO).
 
 Counts: ``rst_forged`` / ``rst_sent`` (linger), ``rst_effective`` (the queued socket left the
 kernel's tables), ``probe_reset`` / ``probe_answered`` (forged: the client's request).
@@ -59,7 +64,12 @@ class RstBeforeAcceptAction:
 
     def _linger(self, conn: Conn) -> None:
         # Set SO_LINGER before connect: after it, only close() is left to do.
-        tup = pk.connect(conn, before_connect=httpclient.set_rst_on_close, on_connected=_close)
+        tup = pk.connect(
+            conn,
+            before_connect=httpclient.set_rst_on_close,
+            on_connected=_close,
+            realtime_hook=True,
+        )
         if tup is None:
             return
         conn.sock = conn.reader = None  # closed by on_connected
@@ -82,7 +92,9 @@ class RstBeforeAcceptAction:
         def fire(_: socket.socket) -> None:
             forger.fire(prebuilt[0])
 
-        tup = pk.connect(conn, isn=self.isn, before_connect=build, on_connected=fire)
+        tup = pk.connect(
+            conn, isn=self.isn, before_connect=build, on_connected=fire, realtime_hook=True
+        )
         if tup is None:
             return
         conn.report.count(pk.RST_FORGED)

@@ -122,9 +122,10 @@ def cmd_faults(args: argparse.Namespace) -> int:
     from afterclose import faults
 
     for name in faults.available():
-        cls = faults.get(name)
+        cls = faults.lookup(name)  # client- and target-side faults
         doc = (cls.__doc__ or "").strip().splitlines()
-        print(f"{name}: {doc[0] if doc else ''}")
+        side = " (target-side)" if faults.kind(name) == "target" else ""
+        print(f"{name}{side}: {doc[0] if doc else ''}")
         for line in cls.describe_params():
             print(f"    {line}")
     return 0

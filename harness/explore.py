@@ -5,13 +5,18 @@ Each example is a :class:`~afterclose.harness.scenario.Scenario` drawn from a bo
 :data:`LIMITS`, and a seed).  It runs on a freshly started target (``Harness.start``), judged by
 the oracle; the property is "no violation".  A race may not show on every run of the same
 scenario, so an example runs up to ``runs_per_example`` times and fails if any run fails, and a
-failing example that passes when Hypothesis replays it (``Flaky``) is not an error: the result is
-the last failing scenario seen, which is the smallest Hypothesis reached.  That scenario is
-written as a scenario file (see docs/scenarios.md) the user can commit as a regression test.
+failing example that passes when Hypothesis replays it (``Flaky``) is not an error.
+
+Every run costs a target start and a verdict (about 1.5 s), so Hypothesis' shrinker, which
+mostly tries candidates that pass, gets only so far within the budget: the search has
+:data:`SEARCH_SHARE` of it, and the rest goes to a greedy simplification of the smallest failure
+(:func:`simpler`: drop a phase, split a parallel phase, halve a number).  The smallest failing
+scenario seen that fails again (``verify_runs``) is written as a scenario file (see
+docs/scenarios.md) the user can commit as a regression test.
 
 Generation is seeded by the fault seed (``--seed``), uses no example database and is bounded by
 ``max_examples`` and ``budget_s`` (once spent, examples pass without running, which ends the
-search and the shrinking).
+search and the shrinking; verifying the result takes a few runs more).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import shutil
 import tempfile
 import time
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +57,7 @@ LIMITS: dict[str, float] = {
 INT_SPAN = 50  # parameters not in LIMITS: at most this far above their lower bound
 FLOAT_SPAN = 1.0
 MAX_WEIGHT = 4
+SEARCH_SHARE = 0.7  # of the budget for Hypothesis; the rest simplifies what it found
 VERIFY_CANDIDATES = 3  # failing examples verified, smallest first, before giving up
 HEAVY_FAULTS = ("connection_storm",)  # drawn last, so shrinking prefers the others
 
@@ -99,7 +105,7 @@ class ExploreResult:
 # --------------------------------------------------------------------------- the space
 
 
-def _param_strategy(name: str, kind: object, spec: Spec) -> st.SearchStrategy[object] | None:
+def param_strategy(name: str, kind: object, spec: Spec) -> st.SearchStrategy[object] | None:
     if kind is bool:
         return st.booleans()
     if kind in (int, float):
@@ -130,7 +136,7 @@ def fault_strategy(name: str) -> st.SearchStrategy[tuple[str, dict[str, object]]
     hints = typing.get_type_hints(cls)
     params: dict[str, st.SearchStrategy[object]] = {}
     for f in dataclasses.fields(typing.cast(Any, cls)):
-        strategy = _param_strategy(f.name, hints[f.name], f.metadata.get("spec", Spec()))
+        strategy = param_strategy(f.name, hints[f.name], f.metadata.get("spec", Spec()))
         if strategy is not None:
             params[f.name] = strategy
     order = list(params)  # the fault's own order, whatever order Hypothesis drew them in
@@ -175,7 +181,7 @@ def scenarios(
 
 
 def default_faults() -> list[str]:
-    names = faults.available()
+    names = faults.available("client")  # scenario phases run client-side faults only
     return sorted(names, key=lambda n: n in HEAVY_FAULTS)
 
 
@@ -207,13 +213,29 @@ class _Explorer:
         self.examples = 0
         self.runs = 0
         self.failures: list[Found] = []
+        self.simplified = 0
         self.problem: Exception | None = None  # re-raised once Hypothesis is done
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
-    def out_of_budget(self) -> bool:
-        return self.problem is not None or self.elapsed() >= self.options.budget_s
+    def out_of_budget(self, share: float = SEARCH_SHARE) -> bool:
+        """Past ``share`` of the budget (the search's share by default), or stopped."""
+        return self.problem is not None or self.elapsed() >= self.options.budget_s * share
+
+    def attempt(self, s: Scenario, label: str) -> Found | None:
+        """Up to ``runs_per_example`` runs of ``s``: the first failing one, or None."""
+        for k in range(self.options.runs_per_example):
+            got = self.run_once(s, f"{label}-run{k}")
+            if not got.outcome.ok:
+                self.failures.append(got)
+                self.log(
+                    f"[{self.elapsed():6.1f}s] {label}: VIOLATION "
+                    f"{', '.join(got.rules)} (run {k + 1}) - {describe(s)}"
+                )
+                return got
+        self.log(f"[{self.elapsed():6.1f}s] {label}: ok - {describe(s)}")
+        return None
 
     def run_once(self, s: Scenario, label: str) -> Found:
         self.runs += 1
@@ -230,23 +252,33 @@ class _Explorer:
         if self.out_of_budget():
             return
         self.examples += 1
-        n = self.examples
-        for k in range(self.options.runs_per_example):
-            try:
-                got = self.run_once(s, f"ex{n:04d}-run{k}")
-            except Exception as exc:  # the harness or a fault, not the target: stop searching
-                self.problem = exc
-                return
-            if not got.outcome.ok:
-                self.log(
-                    f"[{self.elapsed():6.1f}s] example {n}: VIOLATION "
-                    f"{', '.join(got.rules)} (run {k + 1}) - {describe(s)}"
-                )
-                self.failures.append(got)
-                raise _Violation(", ".join(got.rules))
-            if self.out_of_budget():
-                break
-        self.log(f"[{self.elapsed():6.1f}s] example {n}: ok - {describe(s)}")
+        try:
+            got = self.attempt(s, f"example {self.examples}")
+        except Exception as exc:  # the harness or a fault, not the target: stop searching
+            self.problem = exc
+            return
+        if got is not None:
+            raise _Violation(", ".join(got.rules))
+
+    def simplify(self) -> None:
+        """Greedy, after Hypothesis: try simpler variants of the smallest failure (see
+        :func:`simpler`) until none fails or the budget is spent."""
+        if not self.failures:
+            return
+        best = min(self.failures, key=lambda f: size(f.scenario)).scenario
+        seed = best.seed or 0
+        current = spec_of(best)
+        progress = True
+        while progress:
+            progress = False
+            for candidate in simpler(current):
+                if self.out_of_budget(1.0):
+                    return
+                self.simplified += 1
+                s = build_scenario(best.name, seed, candidate)
+                if self.attempt(s, f"simplify {self.simplified}") is not None:
+                    current, progress = candidate, True
+                    break
 
     def search(self, fault_names: Sequence[str], seed: int) -> None:
         o = self.options
@@ -318,6 +350,45 @@ class _Explorer:
         return chosen
 
 
+PhaseSpecs = list[tuple[list[tuple[str, dict[str, object]]], int]]  # phases: (faults, repeat)
+
+
+def spec_of(s: Scenario) -> PhaseSpecs:
+    return [([(c.fault, dict(c.params)) for c in p.calls], p.repeat) for p in s.phases]
+
+
+def _floor(fault: str, key: str) -> float:
+    for f in dataclasses.fields(typing.cast(Any, faults.get(fault))):
+        if f.name == key:
+            lo = f.metadata.get("spec", Spec()).lo
+            return max(lo, 0) if lo is not None else 0
+    return 0
+
+
+def simpler(spec: PhaseSpecs) -> Iterator[PhaseSpecs]:
+    """Simpler variants of ``spec``, the boldest first: without one phase, one fault of a
+    parallel phase alone, a single repetition, one integer parameter halved toward its floor."""
+    if len(spec) > 1:
+        for i in reversed(range(len(spec))):
+            yield spec[:i] + spec[i + 1 :]
+    for i, (calls, repeat) in enumerate(spec):
+        if len(calls) > 1:
+            for call in calls:
+                yield [*spec[:i], ([call], repeat), *spec[i + 1 :]]
+        if repeat > 1:
+            yield [*spec[:i], (calls, 1), *spec[i + 1 :]]
+    for i, (calls, repeat) in enumerate(spec):
+        for j, (fault, params) in enumerate(calls):
+            for key, value in params.items():
+                if not isinstance(value, int) or isinstance(value, bool):
+                    continue
+                floor = math.ceil(_floor(fault, key))
+                if value > floor:
+                    smaller = {**params, key: floor + (value - floor) // 2}
+                    new_calls = [*calls[:j], (fault, smaller), *calls[j + 1 :]]
+                    yield [*spec[:i], (new_calls, repeat), *spec[i + 1 :]]
+
+
 def size(s: Scenario) -> tuple[float, ...]:
     """How big a scenario is, to pick the smallest failing one: phases, faults, repetitions,
     then the sum of its numeric parameters (connections, concurrency, delays...)."""
@@ -350,6 +421,7 @@ def explore(harness: Harness, options: ExploreOptions, log: Log = print) -> Expl
     explorer.search(names, seed)
     if explorer.problem is not None:
         raise explorer.problem
+    explorer.simplify()
     chosen = explorer.choose()
     result = ExploreResult(seed, explorer.examples, explorer.runs, explorer.elapsed())
     if chosen is None:
@@ -373,7 +445,7 @@ def explore(harness: Harness, options: ExploreOptions, log: Log = print) -> Expl
     header = "\n".join(
         [
             f"Found by `afterclose explore --target={harness.settings.target} --seed={seed}`"
-            " and shrunk by Hypothesis.",
+            " and shrunk (Hypothesis, then simplified).",
             f"Violated: {', '.join(found.rules)}; {verified}.",
             f"Run it: pytest --target={harness.settings.target} --no-builtin-suite {path}",
         ]

@@ -82,6 +82,7 @@ class Manifest:
     tracer: str = "auto"
     ready: ReadySpec = ReadySpec(port=True)
     docker: DockerSpec | None = None
+    restart_keeps: tuple[str, ...] = ()  # paths answered the same after a kill and restart
 
     @property
     def folder(self) -> Path:
@@ -221,6 +222,10 @@ def _url_path(value: Any) -> str:
     return text
 
 
+def _url_paths(value: Any) -> tuple[str, ...]:
+    return tuple(_url_path(v) for v in _str_list(value))
+
+
 def load_manifest(path: Path) -> Manifest:
     path = path.resolve()
     try:
@@ -269,6 +274,7 @@ def parse_manifest(data: Mapping[str, Any], path: Path) -> Manifest:
     compile_spec = _parse_compile(top.table("compile"), path.parent)
     ready = _parse_ready(top.table("ready"))
     docker = _parse_docker(top.table("docker"), path.parent)
+    restart_keeps = top.get("restart_keeps", _url_paths, _NO_STRINGS, describe="HTTP paths")
     top.reject_unknown()
 
     if "{build}" in " ".join(command) and compile_spec is None:
@@ -295,6 +301,7 @@ def parse_manifest(data: Mapping[str, Any], path: Path) -> Manifest:
         tracer=tracer,
         ready=ready,
         docker=docker,
+        restart_keeps=restart_keeps,
     )
     probe = dict.fromkeys(PLACEHOLDERS, "x")
     for i, part in enumerate(command):

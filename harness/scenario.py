@@ -101,17 +101,22 @@ class FaultCall:
                 hint=f"use one of: {', '.join(faults.available())}",
             )
         known = fault_params(fault, where("fault"))
-        cls_ = faults.get(fault)
-        for key, value in params.items():
+        for key in params:
             if key not in known:
                 raise ScenarioError(
                     f"unknown key {key!r} for fault {fault!r}",
                     where=where(key),
                     hint=_hint_for(key, [*known, *extra_keys], f"allowed keys with {fault}"),
                 )
-            # One key at a time, so that the error names the key (from_params checks values).
-            cls_.from_params({key: value}, where(key))
-        instance = faults.create(fault, params, where(""))
+        cls_ = faults.get(fault)
+        try:
+            instance = cls_.from_params(params, where(""))
+        except ScenarioError:
+            # Name the key: the first value rejected on its own (else the error as it was, e.g.
+            # a constraint between parameters).
+            for key, value in params.items():
+                cls_.from_params({key: value}, where(key))
+            raise
         return cls(fault, dict(params), instance)
 
 

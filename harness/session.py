@@ -203,12 +203,25 @@ class TargetRun:
         from afterclose import faults
         from afterclose.faults.base import Endpoint
 
-        fault = faults.create(name, params, where=f"{self.test_name}: fault {name!r}")
-        endpoint = Endpoint(self.host, self.port, echo_path=self.manifest.echo_path)
-        report = fault.run(endpoint, self.rng, time.monotonic() + FAULT_BUDGET_S)
+        where = f"{self.test_name}: fault {name!r}"
+        deadline = time.monotonic() + FAULT_BUDGET_S
+        if faults.kind(name, where) == "target":  # acts on the running target itself
+            report = faults.create_target(name, params, where).run(self, self.rng, deadline)
+        else:
+            fault = faults.create(name, params, where=where)
+            endpoint = Endpoint(self.host, self.port, echo_path=self.manifest.echo_path)
+            report = fault.run(endpoint, self.rng, deadline)
         self.reports.append(report)
         self.schedule.extend(f"{name}: {line}" for line in report.schedule)
         return report
+
+    def replace_target(self, target: RunningTarget) -> None:
+        """Adopt ``target``, the same plan started again (the ``kill`` fault): it is stopped
+        at the end and judged instead of the one it replaces."""
+        self._stack.callback(target.stop)
+        self.target = target
+        self.tracer.started(target)
+        self.baseline = procfs.census(target.host_pids(), target.port)
 
     def run_scenario(self, scenario: Scenario) -> ScenarioReport:
         """Run ``scenario``'s phases in order (seed: its own, else this test's seed)."""
@@ -220,6 +233,8 @@ class TargetRun:
 
     def finish(self) -> Outcome:
         """Judge the run: black-box rules, then the trace; stops the target."""
+        from afterclose.faults import target_base
+
         if self._finished is not None:
             return self._finished
         out = Outcome(reports=list(self.reports), trace_dir=self.tracer.trace_dir)
@@ -232,6 +247,12 @@ class TargetRun:
             )
         )
         checks.append(blackbox.check_fd_leak(target, self.baseline, self.manifest.fd_grace_s))
+        # What target-side faults found (busy-loop, liveness while limited or restarted).
+        checks.extend(
+            target_base.violations(
+                (a.rule, a.detail) for report in self.reports for a in report.anomalies
+            )
+        )
         cutoff = self.tracer.cutoff()
         target.stop()
         traced = self.tracer.analyse(cutoff)

@@ -253,7 +253,10 @@ def test_forged_rst_one_off_the_exact_seq_gets_a_challenge_ack(target: TargetRun
 def test_forged_fin_makes_the_server_read_eof_of_an_open_client(
     target: TargetRun, variant: str, fins: int
 ) -> None:
-    report = target.run_fault("forged_fin", variant=variant, connections=4, concurrency=2)
+    # observe_ms only bounds the wait for the server to close: a loaded machine may be slow.
+    report = target.run_fault(
+        "forged_fin", variant=variant, connections=4, concurrency=2, observe_ms=3000
+    )
     c = report.counts
     assert c["fin_forged"] == 4 * fins and c["fin_effective"] == 4, report.summary()
     assert c["server_closed"] == 4, report.summary()
@@ -279,6 +282,9 @@ def test_forged_fin_makes_the_server_read_eof_of_an_open_client(
 # --------------------------------------------------------------------------- rst_before_accept
 
 
+N_FORGED = 60
+
+
 @packet_test
 def test_rst_before_accept_hands_the_server_dead_sockets(
     target: TargetRun, monkeypatch: pytest.MonkeyPatch
@@ -291,16 +297,17 @@ def test_rst_before_accept_hands_the_server_dead_sockets(
         fired.append(time.monotonic_ns())  # the shim's t_ns is CLOCK_MONOTONIC too
 
     monkeypatch.setattr(pk.Forger, "fire", fire)
-    forged = target.run_fault("rst_before_accept", method="forged", connections=20)
+    # Many connections: which RST beats accept() is a race (see below).
+    forged = target.run_fault("rst_before_accept", method="forged", connections=N_FORGED)
     c = forged.counts
-    assert c["rst_forged"] == 20 and c["rst_effective"] == 20, forged.summary()
-    assert c["probe_reset"] == 20, forged.summary()
+    assert c["rst_forged"] == N_FORGED and c["rst_effective"] == N_FORGED, forged.summary()
+    assert c["probe_reset"] == N_FORGED, forged.summary()
     linger = target.run_fault("rst_before_accept", method="linger", connections=10)
     assert linger.counts["rst_sent"] == 10 and linger.counts["rst_effective"] == 10
 
     _, conns = finish(target)
-    assert len(conns) == 31, show(conns)  # 20 + 10 + the oracle's liveness request
-    dead = conns[:30]
+    assert len(conns) == N_FORGED + 11, show(conns)  # + 10 linger + the oracle's request
+    dead = conns[: N_FORGED + 10]
     for conn in dead:
         # accept() succeeded (Linux hands out reset sockets); the very first thing the server
         # learnt about the fd was EPOLLHUP|EPOLLERR, and no read or write ever worked on it.
@@ -311,9 +318,10 @@ def test_rst_before_accept_hands_the_server_dead_sockets(
         assert conn.closed, show(dead)
     # Which RSTs beat accept() is a race with the server's accept loop: the shim stamps each
     # accept4() on entry, so an accept that began after the RST was sent took a dead socket.
-    assert len(fired) == 20
-    before = sum(conn.accept.t_ns > t for conn, t in zip(conns[:20], fired, strict=True))
-    assert before >= 1, f"no RST beat accept(): {[c.accept.t_ns - t for c, t in zip(conns, fired)]}"
+    # Measured on a loaded 2-CPU VM: from 8 of 50 to 50 of 50.
+    assert len(fired) == N_FORGED
+    lead_ns = [conn.accept.t_ns - t for conn, t in zip(conns[:N_FORGED], fired, strict=True)]
+    assert sum(lead > 0 for lead in lead_ns) >= 1, f"no RST beat accept(); lead (ns): {lead_ns}"
 
 
 # --------------------------------------------------------------------------- rst_mid_response
@@ -414,9 +422,9 @@ def test_without_root_the_fault_says_so(name: str, monkeypatch: pytest.MonkeyPat
 
 def test_without_scapy_the_fault_says_pip_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    real = pk.importlib_util.find_spec
+    real = importlib.util.find_spec
     monkeypatch.setattr(
-        pk.importlib_util,
+        importlib.util,
         "find_spec",
         lambda name, *a: None if name == "scapy" else real(name, *a),
     )

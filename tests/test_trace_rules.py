@@ -546,6 +546,28 @@ def test_stale_rearm_by_add_without_free() -> None:
     assert counts(v) == {V.STALE_REARM: 1}
 
 
+def test_stale_add_not_reported_when_the_owner_add_raced_its_close() -> None:
+    """T2's ADD of A for 7#1 is still in flight when T1 gets 7#1's event, closes 7#1 and frees
+    A -- before the shim's ADD wrapper learned that A is epoll data, so the free leaves no
+    record.  malloc then hands A out again for 7#2: that is reuse, not a stale re-arm."""
+    t = TraceBuilder()
+    server(t)
+    t.accept(tid=2, ret=7)
+    add = t.begin(t.ctl_add, tid=2, epfd=EP, fd=7, data=A)
+    t.wait(tid=1, epfd=EP, events=[(IN | HUP, A)])
+    t.read(tid=1, fd=7, err=104)  # ECONNRESET
+    t.ctl_del(tid=1, epfd=EP, fd=7)
+    t.close(tid=1, fd=7)  # ... and free(A), unrecorded
+    t.end(add)
+    t.accept(tid=2, ret=7)
+    t.ctl_add(tid=2, epfd=EP, fd=7, data=A)
+    t.wait(tid=1, epfd=EP, events=[(IN, A)])
+    t.read(tid=1, fd=7)
+    v = t.check()
+    assert counts(v) == {}, v.render()
+    assert not v.warnings, v.warnings
+
+
 def test_stale_add_not_checked_without_free_tracking() -> None:
     t = TraceBuilder(free_tracking=False)
     server(t)
@@ -584,12 +606,54 @@ def test_wrong_incarnation_double_close_never_revealed() -> None:
     t = TraceBuilder()
     server(t)
     conn(t, 7, A)
+    t.wait(tid=2, epfd=EP, events=[(IN | RDHUP, A)])  # T2 owns 7#1: its event, its EOF
+    t.read(tid=2, fd=7, ret=0)
     t.close(tid=2, fd=7)
     t.accept(tid=1, ret=7)
     t.close(tid=2, fd=7)
     v = t.check()
     assert counts(v) == {V.WRONG_INCARNATION: 1}
     assert "closed fd 7 twice" in v.violations[0].summary
+
+
+def test_close_only_thread_closing_each_handed_over_fd_is_fine() -> None:
+    """A closer/logger thread that is handed fds through a queue (invisible in the trace) and
+    only ever closes them: closing 7#1 and then 7#2 is two hand-offs, not a double close."""
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A)
+    t.dup(tid=1, fd=7, ret=8)  # the logger's reference to the connection
+    t.ctl_del(tid=1, epfd=EP, fd=7)
+    t.close(tid=1, fd=7)
+    t.close(tid=2, fd=8)  # logger: 8#1
+    conn(t, 7, B)
+    t.dup(tid=1, fd=7, ret=8)  # 8#2, handed to the logger in turn
+    t.ctl_del(tid=1, epfd=EP, fd=7)
+    t.close(tid=1, fd=7)
+    t.close(tid=2, fd=8)  # logger: 8#2
+    conn(t, 9, C)
+    t.close(tid=2, fd=9)  # a lingering close of 9#1, handed over still registered
+    conn(t, 9, C2)
+    t.close(tid=2, fd=9)  # and of 9#2
+    assert counts(t.check()) == {}
+
+
+def test_event_while_its_add_is_in_flight_is_not_unattributed() -> None:
+    """The kernel may deliver an event for a new registration before epoll_ctl(ADD) returns to
+    the shim: the event's seq_out is then below the ADD's.  It is not a registration made
+    behind the shim's back."""
+    t = TraceBuilder()
+    server(t)
+    t.accept(tid=2, ret=7)
+    add = t.begin(t.ctl_add, tid=2, epfd=EP, fd=7, data=A)
+    t.wait(tid=1, epfd=EP, events=[(IN, A)])
+    t.end(add)
+    t.read(tid=1, fd=7)
+    v = t.check()
+    assert counts(v) == {}
+    assert not any("no traced epoll_ctl set" in w for w in v.warnings), v.warnings
+    t.wait(tid=1, epfd=EP, events=[(IN, B)])  # B: set by nothing at all
+    assert any("1 epoll events carried data" in w for w in t.check().warnings)
 
 
 def test_wrong_incarnation_own_event() -> None:

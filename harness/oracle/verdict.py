@@ -9,6 +9,7 @@ CRASH = "crash"
 LIVENESS = "liveness"
 CROSS_TALK = "cross-talk"
 FD_LEAK = "fd-leak"
+BUSY_LOOP = "busy-loop"
 EVENT_AFTER_CLOSE = "event-after-close"
 USE_AFTER_CLOSE = "use-after-close"
 STALE_REARM = "stale-rearm"
@@ -22,6 +23,7 @@ RULES: dict[str, str] = {
     LIVENESS: "after the scenario, a fresh request did not get a correct answer",
     CROSS_TALK: "a client received bytes it never asked for",
     FD_LEAK: "a connection whose peer is gone was never closed by the target",
+    BUSY_LOOP: "the target burnt CPU while its clients were idle (e.g. spinning on EMFILE)",
     EVENT_AFTER_CLOSE: "epoll returned an event for an fd incarnation closed before the wait began",
     USE_AFTER_CLOSE: "an operation on an fd number whose incarnation was already closed (EBADF)",
     STALE_REARM: "epoll_ctl re-armed a reused fd number with the data of a closed incarnation",

@@ -224,6 +224,9 @@ class _Thread:
     acted: dict[int, _Acted] = field(default_factory=dict)
     run: list[tuple[int, int, Finding | None]] = field(default_factory=list)
     reported_batch: set[tuple[int, int]] = field(default_factory=set)
+    # fd -> index of this thread's last close of it, when the thread had acted on the
+    # incarnation it closed (created it, got an event for it, did I/O or epoll_ctl on it).
+    owned_close: dict[int, int] = field(default_factory=dict)
 
 
 # -- the pass --------------------------------------------------------------------------------
@@ -516,6 +519,9 @@ class _Checker:
         self.res[idx] = inc
         if certain and not inc.unknown and not self._double_close(idx, r, t, inc):
             self._own_event(idx, r, t, inc)
+        prev = t.last_op.get(fd)
+        if prev is not None and prev[1] is inc and prev[0] != Op.CLOSE:
+            t.owned_close[fd] = idx
         self._remember(idx, r, t, inc, certain)
 
     def _close_range(self, idx: int, r: Record, t: _Thread) -> None:
@@ -671,10 +677,14 @@ class _Checker:
     # -- wrong-incarnation shapes ------------------------------------------------------
 
     def _double_close(self, idx: int, r: Record, t: _Thread, j: Incarnation) -> bool:
-        """(a) T closed N (i), another thread was handed N (j), T closes N again having done
-        nothing else on N in between: T's second close was meant for i."""
+        """(a) T acted on i (number N) and closed it, another thread was handed N (j), T closes
+        N again having done nothing else on N in between: T's second close was meant for i.
+
+        A thread that only ever closes N -- a closer or logger thread handed each fd through
+        a queue, which the trace cannot see -- proves nothing by closing N twice: each close
+        may be a new hand-off."""
         lo = t.last_op.get(j.fd)
-        if lo is None or lo[0] != Op.CLOSE:
+        if lo is None or lo[0] != Op.CLOSE or t.owned_close.get(j.fd) != lo[2]:
             return False
         i = lo[1]
         if i is None or i is j or i.unknown or i.end_idx != lo[2] or i.id > j.id:
@@ -819,6 +829,11 @@ class _Checker:
                 return None
             if owner.set_idx in self.stale_sets:
                 return None
+            if owner.set_out > i.end_in:
+                # The call that set d returned only after its target began closing: whoever
+                # closed it may have freed d before the shim knew d was epoll data (it learns
+                # that when epoll_ctl returns), so a missing FREE proves nothing.
+                return None
             fr = self.freed.get(r.pid, {}).get(d)
             if fr is not None and self.recs[fr].seq_in > owner.set_in:
                 return None
@@ -932,7 +947,12 @@ class _Checker:
         reg = inst.data_map.get(d)
         self.res[idx] = reg
         if reg is None:
-            self.unattributed[r.pid] = self.unattributed.get(r.pid, 0) + 1
+            # An ADD/MOD of d still in flight (began before the wait returned, returned after
+            # it: records are applied in seq_out order) explains the event; anything else is
+            # a registration the shim never saw.
+            sets = self.m.set_between(r.pid, d, -1, r.seq_out)
+            if not any(self.recs[s].seq_out > r.seq_out for s in sets):
+                self.unattributed[r.pid] = self.unattributed.get(r.pid, 0) + 1
             return
         i = reg.target
         if reg.events & EPOLLONESHOT and reg.armed:

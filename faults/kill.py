@@ -1,0 +1,135 @@
+"""kill: kill the target (in the middle of a storm), start it again, and check it came back.
+
+The fault sends ``signal`` (SIGKILL by default) to every process of the target, by host PID
+(so it works the same for a process and for a container), waits for it to die, and starts the
+same launch plan again through the run's runner: same port, same workdir, same trace folder.
+The new target replaces the old one in the run, so the oracle judges it (crash, liveness,
+fd-leak, the trace) and the harness stops it at the end.  The old one's output is kept as
+``target.stdout.killed-N`` / ``target.stderr.killed-N``.
+
+"Came back" is checked black-box: the oracle's liveness check asks the restarted target
+(it must answer again), and every path the manifest lists in ``restart_keeps`` must answer
+as it did before the kill (the target promises that this state survives a crash: a
+``liveness`` violation names the path and both answers).  Under the Docker runner the
+restart is a fresh container of the same image: only what the target keeps in its
+bind-mounted workdir (or the manifest's folder) survives, as with ``docker run --rm`` after
+a crash.
+
+With the preload tracer under the Docker runner both incarnations are PID 1 of their
+containers and write to one trace folder, so the trace model sees one process whose fd numbers
+came back without a traced close: it says so in a warning and skips its own fd-leak
+accounting for that PID (the black-box fd-leak check still judges the restarted target).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from afterclose.faults import target_base as tb
+from afterclose.faults.base import FaultReport, param
+from afterclose.harness import httpclient
+from afterclose.harness.errors import AftercloseError, TargetStartError
+from afterclose.harness.oracle import verdict
+
+if TYPE_CHECKING:
+    from afterclose.harness.runners.base import RunningTarget
+    from afterclose.harness.session import TargetRun
+
+SIGNALS = ("SIGKILL", "SIGTERM", "SIGINT", "SIGQUIT", "SIGABRT", "SIGSEGV")
+DEATH_WAIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Kill(tb.TargetFault):
+    """Kill the target mid-storm and restart it: it must answer again and keep its state."""
+
+    name: ClassVar[str] = "kill"
+
+    signal: str = param("SIGKILL", choices=SIGNALS, doc="what to kill it with")
+    storm_s: float = param(1.0, lo=0, hi=600, doc="the storm the kill falls into (0: none)")
+    rate_per_s: float = param(200.0, lo=1, hi=100_000, doc="storm: new connections per second")
+    concurrency: int = param(16, lo=1, hi=1024, doc="storm: most connections open at once")
+
+    def _storm(self) -> tb.Storm:
+        return tb.Storm(self.storm_s, self.rate_per_s, self.concurrency)
+
+    def plan(self, rng: random.Random) -> list[str]:
+        return self._schedule(*self._draw(rng))
+
+    def _draw(self, rng: random.Random) -> tuple[float, int]:
+        return round(self.storm_s * rng.uniform(0.3, 0.6), 3), rng.getrandbits(64)
+
+    def _schedule(self, at: float, seed: int) -> list[str]:
+        return [
+            f"{self.signal} at {at:g}s into a {self.storm_s:g}s storm, restart, probe",
+            *self._storm().plan(seed),
+        ]
+
+    def run(self, run: TargetRun, rng: random.Random, deadline: float) -> FaultReport:
+        self.check_runner(run)
+        at, seed = self._draw(rng)
+        report = FaultReport(self.name, schedule=self._schedule(at, seed))
+        started = time.monotonic()
+        kept = {path: _answer(run, path) for path in run.manifest.restart_keeps}
+        storm = tb.Background(self._storm(), run, seed, deadline)
+        try:
+            time.sleep(max(storm.started + at - time.monotonic(), 0.0))
+            old = run.target
+            if old.exit_status() is not None:
+                report.count("died_before_kill")  # the crash rule speaks for it
+                return report
+            sig = signal.Signals[self.signal]
+            tb.signal_target(old, sig)
+            if not tb.wait_for(lambda: old.exit_status() is not None, DEATH_WAIT_S):
+                report.count("survived_signal")
+                if sig != signal.SIGKILL:
+                    tb.signal_target(old, signal.SIGKILL)
+            status = old.stop()
+            if status is not None:
+                report.count(f"exit:{status.describe().replace(' ', '_')}")
+            _keep_logs(old, len(run.reports) + 1)
+            restarted = time.monotonic()
+            try:
+                new = run.harness.runner.start(old.plan)
+            except AftercloseError as exc:
+                raise TargetStartError(
+                    f"target {run.manifest.name!r} did not come back after {self.signal}: "
+                    f"{exc.message}",
+                    where=exc.where,
+                    details=exc.details,
+                    hint=exc.hint,
+                ) from None
+            run.replace_target(new)
+            report.count("restart_ms", round((time.monotonic() - restarted) * 1000))
+        finally:
+            tb.add_storm(report, storm.join(deadline))
+        for path, before in kept.items():
+            after = _answer(run, path)
+            if after != before:
+                report.add_anomaly(
+                    verdict.LIVENESS,
+                    f"lost state across {self.signal} and a restart: GET {path} answered "
+                    f"{before} before, {after} after (the manifest lists it in restart_keeps)",
+                )
+        report.elapsed_s = time.monotonic() - started
+        return report
+
+
+def _answer(run: TargetRun, path: str) -> str:
+    """What GET ``path`` answers, as one comparable line."""
+    try:
+        response = httpclient.get(run.host, run.port, path, timeout_s=3.0)
+    except (OSError, httpclient.HttpClientError) as exc:
+        return f"no answer ({type(exc).__name__})"
+    return f"{response.status} {response.body[:200]!r}"
+
+
+def _keep_logs(old: RunningTarget, n: int) -> None:
+    for path in (old.plan.stdout_path, old.plan.stderr_path):
+        with contextlib.suppress(OSError):
+            path.rename(path.with_name(f"{path.name}.killed-{n}"))

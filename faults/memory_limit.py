@@ -1,0 +1,120 @@
+"""memory_limit: cap the container's memory a little above what it uses, then storm it.
+
+Under memory pressure ``malloc`` fails or the kernel reclaims the target's page cache and
+socket buffers; at the cap the cgroup's OOM killer ends it.  A server with a per-connection
+allocation that grows under a storm (buffers, queues) must stay within bounds or refuse work.
+
+The fault sets the live container's memory limit (the engine's ``docker update --memory``
+with ``--memory-swap`` equal to it, the same cgroup setting as ``docker run --memory``) to
+what the container uses now plus ``spare_mb``, checks the cgroup says so (count
+``memory_max_kib``), storms the target, and reports its peak use and the cgroup's
+allocation failures and OOM kills.  An OOM kill is a ``crash`` (the engine reports the
+container ``OOMKilled``); the oracle judges the rest under the limit.
+
+The process runner has no cgroup of its own for the target, and ``RLIMIT_AS`` (the rlimit
+analogue) caps address space, not memory use (thread stacks and mappings count in full):
+this fault needs ``--runner=docker``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from afterclose.faults import target_base as tb
+from afterclose.faults.base import FaultReport, param
+from afterclose.harness.errors import ScenarioError
+
+if TYPE_CHECKING:
+    from afterclose.harness.session import TargetRun
+
+MIB = 1024 * 1024
+MIN_LIMIT = 8 * MIB  # the engine refuses less than 6 MiB
+
+
+@dataclass(frozen=True)
+class MemoryLimit(tb.TargetFault):
+    """Cap the container's memory at its current use + ``spare_mb``, then storm it."""
+
+    name: ClassVar[str] = "memory_limit"
+    runners: ClassVar[tuple[str, ...]] = ("docker",)
+    runner_note: ClassVar[str] = (
+        "the memory limit is a cgroup setting of the container (the process runner gives the "
+        "target no cgroup of its own, and RLIMIT_AS caps address space, not memory use)"
+    )
+
+    spare_mb: float = param(32.0, lo=1, hi=1_000_000, doc="MiB it may use beyond its current use")
+    storm_s: float = param(1.0, lo=0, hi=600, doc="storm under the limit (0: none)")
+    rate_per_s: float = param(300.0, lo=1, hi=100_000, doc="storm: new connections per second")
+    concurrency: int = param(32, lo=1, hi=1024, doc="storm: most connections open at once")
+
+    def _storm(self) -> tb.Storm:
+        return tb.Storm(self.storm_s, self.rate_per_s, self.concurrency)
+
+    def plan(self, rng: random.Random) -> list[str]:
+        return self._schedule(rng.getrandbits(64))
+
+    def _schedule(self, seed: int) -> list[str]:
+        return [
+            f"memory.max = use now + {self.spare_mb:g} MiB (no swap); storm {self.storm_s:g}s",
+            *self._storm().plan(seed),
+        ]
+
+    def run(self, run: TargetRun, rng: random.Random, deadline: float) -> FaultReport:
+        self.check_runner(run)
+        seed = rng.getrandbits(64)
+        report = FaultReport(self.name, schedule=self._schedule(seed))
+        started = time.monotonic()
+        pids = run.target.host_pids()
+        where = f"{run.test_name}: fault {self.name!r}"
+        if not pids:
+            raise ScenarioError(f"fault {self.name!r}: the target is not running", where=where)
+        pid = pids[0]
+        used = _number(pid, "memory.usage_in_bytes", "memory.current")
+        if used is None:
+            raise ScenarioError(
+                f"fault {self.name!r}: cannot read the container's memory use from its cgroup",
+                where=where,
+                hint="is the memory cgroup controller enabled for containers on this host?",
+            )
+        limit = max(used + round(self.spare_mb * MIB), MIN_LIMIT)
+        tb.update_container(run, self.name, Memory=limit, MemorySwap=limit)
+        shown = _number(pid, "memory.limit_in_bytes", "memory.max")
+        if shown != limit:
+            raise ScenarioError(
+                f"fault {self.name!r}: set the memory limit to {limit} bytes, but the "
+                f"container's cgroup says {shown}",
+                where=where,
+            )
+        report.count("memory_before_kib", used // 1024)
+        report.count("memory_max_kib", limit // 1024)
+        failed_before = _failures(pid)
+        ooms_before = _oom_kills(pid)
+        tb.add_storm(report, self._storm().run(run, seed, deadline))
+        if run.target.exit_status() is None:
+            peak = _number(pid, "memory.max_usage_in_bytes", "memory.peak")
+            if peak is not None:
+                report.count("memory_peak_kib", peak // 1024)
+            report.count("charge_failures", _failures(pid) - failed_before)
+            report.count("oom_kills", _oom_kills(pid) - ooms_before)
+        report.elapsed_s = time.monotonic() - started
+        return report
+
+
+def _number(pid: int, v1_name: str, v2_name: str) -> int | None:
+    text = tb.cgroup_value(pid, "memory", v1_name, v2_name)
+    return int(text) if text and text.isdigit() else None
+
+
+def _failures(pid: int) -> int:
+    """Times the cgroup hit its limit (v1 ``memory.failcnt``; v2 ``memory.events`` max)."""
+    v1 = _number(pid, "memory.failcnt", "memory.failcnt")
+    if v1 is not None:
+        return v1
+    return tb.cgroup_key(pid, "memory", "memory.events", "memory.events", "max") or 0
+
+
+def _oom_kills(pid: int) -> int:
+    return tb.cgroup_key(pid, "memory", "memory.oom_control", "memory.events", "oom_kill") or 0

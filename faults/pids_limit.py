@@ -1,0 +1,106 @@
+"""pids_limit: cap the container's tasks (threads + processes), then storm it.
+
+A server that starts a thread or a process per connection, or a pool that grows under load,
+gets ``EAGAIN`` from ``clone()``/``fork()`` once the cgroup's ``pids.max`` is reached.  It must
+refuse or queue the work, not crash, hang or leak the connection it was starting the task for.
+
+The fault sets the live container's pids limit (the engine's ``docker update --pids-limit``,
+the same cgroup setting as ``docker run --pids-limit``) to the tasks it runs now plus
+``spare_pids``, checks the cgroup's ``pids.max`` says so (count ``pids_max``), storms the
+target, and counts the tasks it refused (``pids.events``: ``forks_refused``).  The oracle then
+judges the run under the limit: crash, liveness, fd-leak, cross-talk.
+
+The process runner has no cgroup of its own for the target, and ``RLIMIT_NPROC`` (the rlimit
+analogue) counts every process of the user and does not bind root: this fault needs
+``--runner=docker``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from afterclose.faults import target_base as tb
+from afterclose.faults.base import FaultReport, param
+from afterclose.harness.errors import ScenarioError
+
+if TYPE_CHECKING:
+    from afterclose.harness.session import TargetRun
+
+
+@dataclass(frozen=True)
+class PidsLimit(tb.TargetFault):
+    """Cap the container's tasks at those it runs now + ``spare_pids``, then storm it."""
+
+    name: ClassVar[str] = "pids_limit"
+    runners: ClassVar[tuple[str, ...]] = ("docker",)
+    runner_note: ClassVar[str] = (
+        "the pids limit is a cgroup setting of the container (the process runner gives the "
+        "target no cgroup of its own, and RLIMIT_NPROC does not bind root)"
+    )
+
+    spare_pids: int = param(4, lo=0, hi=100_000, doc="tasks it may start beyond its current ones")
+    storm_s: float = param(1.0, lo=0, hi=600, doc="storm under the limit (0: none)")
+    rate_per_s: float = param(300.0, lo=1, hi=100_000, doc="storm: new connections per second")
+    concurrency: int = param(32, lo=1, hi=1024, doc="storm: most connections open at once")
+
+    def _storm(self) -> tb.Storm:
+        return tb.Storm(self.storm_s, self.rate_per_s, self.concurrency)
+
+    def plan(self, rng: random.Random) -> list[str]:
+        return self._schedule(rng.getrandbits(64))
+
+    def _schedule(self, seed: int) -> list[str]:
+        return [
+            f"pids.max = tasks now + {self.spare_pids}; storm {self.storm_s:g}s",
+            *self._storm().plan(seed),
+        ]
+
+    def run(self, run: TargetRun, rng: random.Random, deadline: float) -> FaultReport:
+        self.check_runner(run)
+        seed = rng.getrandbits(64)
+        report = FaultReport(self.name, schedule=self._schedule(seed))
+        started = time.monotonic()
+        pids = run.target.host_pids()
+        where = f"{run.test_name}: fault {self.name!r}"
+        if not pids:
+            raise ScenarioError(f"fault {self.name!r}: the target is not running", where=where)
+        current = tb.cgroup_value(pids[0], "pids", "pids.current", "pids.current")
+        tasks = int(current) if current and current.isdigit() else _tasks(pids)
+        limit = tasks + self.spare_pids
+        tb.update_container(run, self.name, PidsLimit=limit)
+        shown = tb.cgroup_value(pids[0], "pids", "pids.max", "pids.max")
+        if shown != str(limit):
+            raise ScenarioError(
+                f"fault {self.name!r}: set the pids limit to {limit}, but the container's "
+                f"cgroup says pids.max = {shown}",
+                where=where,
+                hint="is the pids cgroup controller enabled for containers on this host?",
+            )
+        report.count("tasks_before", tasks)
+        report.count("pids_max", limit)
+        refused_before = _refused(pids[0])
+        tb.add_storm(report, self._storm().run(run, seed, deadline))
+        report.count("forks_refused", _refused(pids[0]) - refused_before)
+        after = tb.cgroup_value(pids[0], "pids", "pids.current", "pids.current")
+        if after and after.isdigit():
+            report.count("tasks_after", int(after))
+        report.elapsed_s = time.monotonic() - started
+        return report
+
+
+def _tasks(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            total += len(os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            continue
+    return total
+
+
+def _refused(pid: int) -> int:
+    return tb.cgroup_key(pid, "pids", "pids.events", "pids.events", "max") or 0

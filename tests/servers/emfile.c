@@ -1,0 +1,320 @@
+/*
+ * emfile: a small single-threaded epoll HTTP server that runs out of file descriptors in one
+ * of three ways.  Used by tests/test_container_faults.py to show that the fd_limit fault
+ * tells a server that survives EMFILE from one that spins or leaks on it.
+ *
+ *   usage: emfile HOST PORT MODE      (prints READY on stdout once listening)
+ *
+ * It answers "GET /path HTTP/1.x" with 200 and body "/path\n" (keep-alive, "Connection:
+ * close"); a malformed request gets 400 and a close.  Like a static file server, it opens a
+ * file for every request (/dev/null stands in for it), so a request can fail with EMFILE too.
+ * The epoll set is level-triggered.  SIGTERM/SIGINT exit 0.
+ *
+ * MODE:
+ *   ok     EMFILE from accept4: stop watching the listener for 100 ms.  EMFILE opening the
+ *          file: answer 503 and close the connection.
+ *   spin   EMFILE from accept4: straight back to epoll_wait.  The level-triggered listener is
+ *          readable again at once (the connection is still in the backlog), so the loop spins
+ *          at 100% CPU until some fd is freed.  Requests as in ok.
+ *   leak   accepts as in ok, but EMFILE opening the file drops the connection from epoll
+ *          without close(): CLOSE_WAIT once its peer leaves, and one fd fewer for good.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAXFD 65536
+#define BUFSZ 8192
+#define PAUSE_MS 100
+
+enum mode { M_OK, M_SPIN, M_LEAK };
+
+struct conn {
+    size_t len;
+    char buf[BUFSZ];
+};
+
+static volatile sig_atomic_t stop_flag;
+static enum mode mode;
+static int epfd, lfd;
+static struct conn *conns[MAXFD]; /* non-NULL = open and watched */
+static int64_t paused_until;      /* listener not watched until then (ms); 0 = watched */
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    stop_flag = 1;
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w > 0) {
+            p += w;
+            n -= (size_t)w;
+        } else if (w < 0 && errno == EINTR) {
+            continue;
+        } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+            if (poll(&pfd, 1, 1000) <= 0)
+                return;
+        } else {
+            return;
+        }
+    }
+}
+
+static void forget(int fd)
+{
+    epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL);
+    free(conns[fd]);
+    conns[fd] = NULL;
+}
+
+static void conn_close(int fd)
+{
+    forget(fd);
+    close(fd);
+}
+
+static const char RESP_400[] = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                               "Content-Length: 12\r\nConnection: close\r\n\r\nbad request\n";
+static const char RESP_503[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                               "Content-Length: 7\r\nConnection: close\r\n\r\nEMFILE\n";
+
+/* -1 malformed, else 0 with path/close filled in */
+static int parse(const char *p, size_t n, const char **path, size_t *path_len, int *close_it)
+{
+    const char *eol = memmem(p, n, "\r\n", 2);
+    const char *s = p, *h;
+    if (!eol)
+        return -1;
+    while (s < eol && *s >= 'A' && *s <= 'Z')
+        s++;
+    if (s == p || s >= eol || *s != ' ' || s + 1 >= eol || s[1] != '/')
+        return -1;
+    *path = ++s;
+    while (s < eol && *s > ' ' && *s < 0x7f)
+        s++;
+    *path_len = (size_t)(s - *path);
+    if (eol - s != 9 || memcmp(s, " HTTP/1.", 8) != 0)
+        return -1;
+    *close_it = s[8] == '0';
+    for (h = eol + 2; h < p + n;) {
+        const char *le = memmem(h, (size_t)(p + n - h), "\r\n", 2);
+        if (!le || le == h)
+            break;
+        if ((size_t)(le - h) >= 11 && strncasecmp(h, "connection:", 11) == 0)
+            for (const char *v = h + 11; v + 5 <= le; v++)
+                if (strncasecmp(v, "close", 5) == 0)
+                    *close_it = 1;
+        h = le + 2;
+    }
+    return 0;
+}
+
+static void serve(int fd)
+{
+    struct conn *c = conns[fd];
+    size_t off = 0;
+    for (;;) {
+        const char *end = memmem(c->buf + off, c->len - off, "\r\n\r\n", 4);
+        const char *path;
+        size_t path_len;
+        int close_it = 0, h, file;
+        char out[BUFSZ + 256];
+        if (!end) {
+            if (off == 0 && c->len == sizeof c->buf) {
+                write_all(fd, RESP_400, sizeof RESP_400 - 1);
+                conn_close(fd);
+                return;
+            }
+            break;
+        }
+        if (parse(c->buf + off, (size_t)(end + 4 - c->buf - off), &path, &path_len,
+                  &close_it) < 0) {
+            write_all(fd, RESP_400, sizeof RESP_400 - 1);
+            conn_close(fd);
+            return;
+        }
+        file = open("/dev/null", O_RDONLY | O_CLOEXEC); /* the file this request serves */
+        if (file < 0) {
+            if (mode == M_LEAK) {
+                forget(fd); /* the bug: no close(fd), no answer */
+                return;
+            }
+            write_all(fd, RESP_503, sizeof RESP_503 - 1);
+            conn_close(fd);
+            return;
+        }
+        close(file);
+        h = snprintf(out, sizeof out,
+                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n%s\r\n",
+                     path_len + 1, close_it ? "Connection: close\r\n" : "");
+        memcpy(out + h, path, path_len);
+        out[(size_t)h + path_len] = '\n';
+        write_all(fd, out, (size_t)h + path_len + 1);
+        off = (size_t)(end + 4 - c->buf);
+        if (close_it) {
+            shutdown(fd, SHUT_WR);
+            conn_close(fd);
+            return;
+        }
+    }
+    memmove(c->buf, c->buf + off, c->len - off);
+    c->len -= off;
+}
+
+static void on_readable(int fd)
+{
+    struct conn *c = conns[fd];
+    ssize_t n = read(fd, c->buf + c->len, sizeof c->buf - c->len);
+    if (n > 0) {
+        c->len += (size_t)n;
+        serve(fd);
+    } else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+        conn_close(fd);
+    }
+}
+
+static void listener_watch(uint32_t events)
+{
+    struct epoll_event ev = {.events = events, .data.fd = lfd};
+    epoll_ctl(epfd, EPOLL_CTL_MOD, lfd, &ev);
+}
+
+static void on_accept(void)
+{
+    for (;;) {
+        struct epoll_event ev = {.events = EPOLLIN};
+        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return;
+            if (mode == M_SPIN)
+                return; /* the bug: the listener is still readable, epoll_wait returns at once */
+            listener_watch(0);
+            paused_until = now_ms() + PAUSE_MS;
+            return;
+        }
+        if (fd >= MAXFD || !(conns[fd] = calloc(1, sizeof(struct conn)))) {
+            close(fd);
+            continue;
+        }
+        ev.data.fd = fd;
+        epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
+    }
+}
+
+static int listen_on(const char *host, const char *port)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *res, *ai;
+    int fd = -1, one = 1, rc = getaddrinfo(host, port, &hints, &res);
+    if (rc != 0) {
+        fprintf(stderr, "emfile: %s:%s: %s\n", host, port, gai_strerror(rc));
+        return -1;
+    }
+    for (ai = res; ai; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+            continue;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 1024) == 0)
+            break;
+        close(fd);
+        fd = -1;
+    }
+    if (fd < 0)
+        fprintf(stderr, "emfile: cannot listen on %s:%s: %s\n", host, port, strerror(errno));
+    freeaddrinfo(res);
+    return fd;
+}
+
+int main(int argc, char **argv)
+{
+    struct sigaction sa;
+    struct epoll_event ev = {.events = EPOLLIN};
+
+    if (argc != 4) {
+        fprintf(stderr, "usage: %s HOST PORT ok|spin|leak\n", argv[0]);
+        return 2;
+    }
+    if (strcmp(argv[3], "ok") == 0)
+        mode = M_OK;
+    else if (strcmp(argv[3], "spin") == 0)
+        mode = M_SPIN;
+    else if (strcmp(argv[3], "leak") == 0)
+        mode = M_LEAK;
+    else {
+        fprintf(stderr, "emfile: unknown mode %s\n", argv[3]);
+        return 2;
+    }
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    lfd = listen_on(argv[1], argv[2]);
+    if (lfd < 0)
+        return 1;
+    epfd = epoll_create1(EPOLL_CLOEXEC);
+    ev.data.fd = lfd;
+    if (epfd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev) < 0) {
+        perror("epoll");
+        return 1;
+    }
+    printf("READY\n");
+    fflush(stdout);
+
+    while (!stop_flag) {
+        struct epoll_event events[64];
+        int timeout = 300, n;
+        if (paused_until) {
+            int64_t left = paused_until - now_ms();
+            if (left <= 0) {
+                paused_until = 0;
+                listener_watch(EPOLLIN);
+            } else if (left < timeout) {
+                timeout = (int)left;
+            }
+        }
+        n = epoll_wait(epfd, events, 64, timeout);
+        for (int k = 0; k < n; k++) {
+            int fd = events[k].data.fd;
+            if (fd == lfd)
+                on_accept();
+            else if (conns[fd])
+                on_readable(fd);
+        }
+    }
+    for (int fd = 0; fd < MAXFD; fd++)
+        if (conns[fd])
+            conn_close(fd);
+    return 0;
+}

@@ -1,0 +1,548 @@
+"""Target-side faults (fd_limit, pause, kill, pids_limit, memory_limit) on real targets under
+both runners, parallel xdist workers that never see each other's traffic, and the built-in
+suite giving the same verdicts under --runner=process and --runner=docker.
+
+The servers: ``seed-fixed`` (must survive everything), ``tests/servers/emfile.c`` (spins or
+leaks on EMFILE, by mode) and a small Python server that keeps, or loses, a state token across
+a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from afterclose import faults
+from afterclose.faults import target_base as tb
+from afterclose.faults.base import FaultReport
+from afterclose.harness import httpclient
+from afterclose.harness.errors import ScenarioError
+from afterclose.harness.oracle import verdict
+from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
+
+ROOT = Path(__file__).resolve().parent.parent
+EMFILE = ROOT / "tests" / "servers" / "emfile.c"
+DOCKER_ECHO = ROOT / "tests" / "docker_programs" / "target.toml"
+RUNNERS = ["process", pytest.param("docker", marks=pytest.mark.docker)]
+RACE_TESTS = ("test_shutdown_race", "test_connection_storm")
+# Quick settings: EMFILE is reached within a fraction of a second of holding.
+FD_QUICK: dict[str, object] = {
+    "storm_s": 0.5,
+    "rate_per_s": 200,
+    "concurrency": 24,
+    "window_s": 0.5,
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def docker_ok() -> None:
+    from afterclose.harness.errors import TargetStartError
+    from afterclose.harness.runners.docker import connect
+
+    try:
+        connect(timeout=30).close()
+    except TargetStartError as exc:
+        pytest.skip(f"Docker engine not reachable (`docker info` fails): {exc.message}")
+
+
+@pytest.fixture(params=RUNNERS)
+def runner(request: pytest.FixtureRequest) -> str:
+    name = str(request.param)
+    if name == "docker":
+        request.getfixturevalue("docker_ok")
+    return name
+
+
+def harness(target: str | Path, runner: str = "process", tracer: str = "off") -> Harness:
+    return Harness(
+        Settings(
+            target=str(target),
+            rootdir=ROOT,
+            run_id=uuid.uuid4().hex,
+            runner=runner,
+            tracer=tracer,
+        )
+    )
+
+
+def emfile_manifest(folder: Path, mode: str) -> Path:
+    path = folder / f"emfile-{mode}.toml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            name = "emfile-{mode}"
+            command = ["{{build}}", "{{host}}", "{{port}}", "{mode}"]
+            echo_path = true
+            fd_grace_s = 0.5
+            [compile]
+            sources = ["{EMFILE}"]
+            cflags = ["-O2", "-Wall"]
+            [ready]
+            log = "READY"
+            """
+        )
+    )
+    return path
+
+
+STATEFUL = """\
+import http.server, pathlib, sys, uuid
+host, port, mode, workdir = sys.argv[1:5]
+state = pathlib.Path(workdir) / "state"
+if mode == "persist" and state.exists():
+    token = state.read_text()
+else:
+    token = uuid.uuid4().hex
+    if mode == "persist":
+        state.write_text(token)
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ((token if self.path == "/state" else self.path) + "\\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer((host, int(port)), Handler)
+print("READY", flush=True)
+server.serve_forever()
+"""
+
+
+def stateful_manifest(folder: Path, mode: str) -> Path:
+    script = folder / "stateful.py"
+    script.write_text(STATEFUL)
+    path = folder / f"stateful-{mode}.toml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            name = "stateful-{mode}"
+            command = ["{sys.executable}", "{script}", "{{host}}", "{{port}}", "{mode}",
+                       "{{workdir}}"]
+            echo_path = true
+            restart_keeps = ["/state"]
+            [ready]
+            log = "READY"
+            """
+        )
+    )
+    return path
+
+
+def rules(outcome: Outcome) -> set[str]:
+    return {v.rule for v in outcome.violations}
+
+
+def rendered(outcome: Outcome) -> str:
+    return "\n".join(v.render() for v in outcome.violations)
+
+
+def nofile_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no 'Max open files' line")
+
+
+@pytest.fixture
+def numbers(request: pytest.FixtureRequest) -> Iterator[dict[str, object]]:
+    """Numbers a test measured, shown in the report (``-rA`` or a failure)."""
+    found: dict[str, object] = {}
+    yield found
+    if found:
+        request.node.add_report_section("call", "numbers", json.dumps(found, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def test_registry_lists_both_kinds_and_keeps_them_apart() -> None:
+    target_side = {"fd_limit", "kill", "memory_limit", "pause", "pids_limit"}
+    assert target_side <= set(faults.available())
+    assert set(faults.available("target")) == target_side
+    assert not target_side & set(faults.available("client"))
+    assert "connection_storm" in faults.available("client")
+    for name in target_side:
+        cls = faults.get_target(name)
+        assert cls.name == name and cls.describe_params()
+        assert faults.kind(name) == "target"
+    with pytest.raises(ScenarioError) as err:
+        faults.get("pause", where="scenarios/x.toml")  # what a scenario phase asks for
+    assert "target-side" in err.value.message and "run_fault('pause'" in str(err.value.hint)
+    with pytest.raises(ScenarioError) as err:
+        faults.create_target("fd_limit", {"spare_fd": 3}, where="w")
+    assert "did you mean 'spare_fds'" in str(err.value.hint)
+    with pytest.raises(ScenarioError):
+        faults.create_target("kill", {"signal": "SIGHUP"}, where="w")
+    with pytest.raises(ScenarioError):
+        faults.get_target("reset_peer")
+    # The schedule is a function of the seed, as for client faults.
+    import random
+
+    pause = faults.create_target("pause", {"storm_s": 0.5}, where="w")
+    assert pause.plan(random.Random(7)) == pause.plan(random.Random(7))
+
+
+def test_cgroup_faults_need_the_docker_runner(tmp_path: Path) -> None:
+    with harness("seed-fixed").start(tmp_path / "run", "cgroup") as run:
+        for name in ("pids_limit", "memory_limit"):
+            with pytest.raises(ScenarioError) as err:
+                run.run_fault(name)
+            assert "needs --runner=docker" in err.value.message
+            assert "--runner=docker" in str(err.value.hint)
+        assert run.finish().ok
+
+
+# --------------------------------------------------------------------------- fd_limit
+
+
+def test_fd_limit_seed_fixed_survives_emfile(
+    tmp_path: Path, runner: str, numbers: dict[str, object]
+) -> None:
+    with harness("seed-fixed", runner).start(tmp_path / "run", "fd") as run:
+        pid = run.target.host_pids()[0]
+        before = nofile_of(pid)
+        report = run.run_fault("fd_limit", **FD_QUICK)
+        # The limit reached the live process (a container's too) and stays for the test.
+        assert nofile_of(pid) == report.counts["nofile"] < before
+        outcome = run.finish()
+    numbers.update(_fd_numbers(report))
+    assert outcome.ok, rendered(outcome)
+    assert report.counts["reached_limit"] == 1, report.summary()
+    assert report.counts["hold_cpu_pct"] < 20, report.summary()
+    assert report.counts["responses"] > 0
+
+
+def test_fd_limit_finds_a_server_spinning_on_emfile(
+    tmp_path: Path, numbers: dict[str, object]
+) -> None:
+    manifest = emfile_manifest(tmp_path, "spin")
+    with harness(manifest).start(tmp_path / "run", "spin") as run:
+        report = run.run_fault("fd_limit", **FD_QUICK)
+        outcome = run.finish()
+    numbers.update(_fd_numbers(report))
+    assert rules(outcome) == {verdict.BUSY_LOOP}, rendered(outcome)
+    busy = next(v for v in outcome.violations if v.rule == verdict.BUSY_LOOP)
+    assert "at its fd limit" in busy.summary and "EMFILE" in busy.summary
+    assert report.counts["hold_cpu_pct"] > 50, report.summary()
+    # It recovers once an fd is free: no leak, and it answers.
+
+
+@pytest.mark.slow  # a server that stops answering costs the liveness check's timeouts
+def test_fd_limit_finds_a_server_leaking_on_emfile(
+    tmp_path: Path, numbers: dict[str, object]
+) -> None:
+    manifest = emfile_manifest(tmp_path, "leak")
+    with harness(manifest).start(tmp_path / "run", "leak") as run:
+        report = run.run_fault("fd_limit", **FD_QUICK)
+        outcome = run.finish()
+    numbers.update(_fd_numbers(report))
+    # Each request that found no fd left cost one for good: CLOSE_WAIT, and once all are gone
+    # it stops answering too (liveness), depending on how many the storm hit.
+    assert verdict.FD_LEAK in rules(outcome), rendered(outcome)
+    assert rules(outcome) <= {verdict.FD_LEAK, verdict.LIVENESS}, rendered(outcome)
+    leak = next(v for v in outcome.violations if v.rule == verdict.FD_LEAK)
+    assert "CLOSE_WAIT" in leak.summary
+    assert report.counts["close_wait_after"] > 0
+
+
+def _fd_numbers(report: FaultReport) -> dict[str, object]:
+    keys = ("nofile", "idle_cpu_pct", "hold_cpu_pct", "hold_cpu_used_pct", "after_cpu_pct")
+    return {k: report.counts.get(k, 0) for k in keys}
+
+
+# --------------------------------------------------------------------------- pause
+
+
+def test_pause_mid_storm_and_resume(tmp_path: Path, runner: str) -> None:
+    with harness("seed-fixed", runner, tracer="auto").start(tmp_path / "run", "pause") as run:
+        report = run.run_fault("pause", pause_s=0.8, storm_s=1.5)
+        assert run.target.exit_status() is None
+        assert httpclient.get(run.host, run.port, "/after-pause", timeout_s=3).status == 200
+        outcome = run.finish()
+    assert outcome.ok, rendered(outcome)
+    counts = report.counts
+    assert counts["frozen"] == 1, report.summary()
+    assert counts["answered_while_paused"] == 0, report.summary()
+    assert counts["cpu_ms_while_paused"] == 0, report.summary()
+    assert counts["paused_ms"] >= 800
+    assert counts["responses"] > 0 and not report.anomalies
+
+
+# --------------------------------------------------------------------------- kill
+
+
+def test_kill_restarts_and_answers(tmp_path: Path, runner: str) -> None:
+    with harness("seed-fixed", runner, tracer="auto").start(tmp_path / "run", "kill") as run:
+        old = run.target
+        old_pid = old.host_pids()[0]
+        report = run.run_fault("kill", storm_s=0.8)
+        assert run.target is not old and old.exit_status() is not None
+        assert run.target.host_pids()[0] != old_pid
+        assert run.target.port == old.port
+        body = httpclient.get(run.host, run.port, "/after-kill", timeout_s=3).body
+        assert b"/after-kill" in body
+        outcome = run.finish()
+    assert outcome.ok, rendered(outcome)
+    assert report.counts["exit:killed_by_SIGKILL"] == 1, report.summary()
+    assert report.counts["restart_ms"] > 0
+    assert (tmp_path / "run" / "target.stdout.killed-1").read_text().startswith("READY")
+    if runner == "docker":
+        assert run.target.container_id != old.container_id  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("mode", "keeps"), [("persist", True), ("memory", False)])
+def test_kill_checks_the_state_the_manifest_promises(
+    tmp_path: Path, mode: str, keeps: bool
+) -> None:
+    manifest = stateful_manifest(tmp_path, mode)
+    with harness(manifest).start(tmp_path / "run", f"state-{mode}") as run:
+        run.run_fault("kill", storm_s=0)
+        outcome = run.finish()
+    if keeps:
+        assert outcome.ok, rendered(outcome)
+        return
+    assert rules(outcome) == {verdict.LIVENESS}, rendered(outcome)
+    assert "lost state across SIGKILL" in outcome.violations[0].summary
+    assert "GET /state" in outcome.violations[0].summary
+
+
+# --------------------------------------------------------------------------- cgroup limits
+
+
+def _cgroup(run: TargetRun, controller: str, v1: str, v2: str) -> str | None:
+    return tb.cgroup_value(run.target.host_pids()[0], controller, v1, v2)
+
+
+@pytest.mark.docker
+def test_pids_limit_takes_effect_and_seed_fixed_survives(docker_ok: None, tmp_path: Path) -> None:
+    with harness("seed-fixed", "docker").start(tmp_path / "run", "pids") as run:
+        report = run.run_fault("pids_limit", spare_pids=2, storm_s=0.8)
+        assert _cgroup(run, "pids", "pids.max", "pids.max") == str(report.counts["pids_max"])
+        container = tb.container_of(run)
+        assert container is not None
+        attrs = container.api.inspect_container(container.container_id)
+        assert attrs["HostConfig"]["PidsLimit"] == report.counts["pids_max"]
+        outcome = run.finish()
+    assert outcome.ok, rendered(outcome)
+    assert report.counts["responses"] > 0
+
+
+@pytest.mark.docker
+def test_pids_limit_refuses_a_fork(docker_ok: None, tmp_path: Path) -> None:
+    # The docker-echo server forks a sleeper on GET /fork: at pids.max the fork fails.
+    with harness(DOCKER_ECHO, "docker").start(tmp_path / "run", "fork") as run:
+        report = run.run_fault("pids_limit", spare_pids=0, storm_s=0)
+        refused = tb.cgroup_key(
+            run.target.host_pids()[0], "pids", "pids.events", "pids.events", "max"
+        )
+        response = httpclient.get(run.host, run.port, "/fork", timeout_s=3)
+        assert response.status == 200
+        after = tb.cgroup_key(
+            run.target.host_pids()[0], "pids", "pids.events", "pids.events", "max"
+        )
+        assert refused is not None and after is not None and after > refused
+        assert len(run.target.host_pids()) == 1  # no sleeper
+        outcome = run.finish()
+    assert outcome.ok, rendered(outcome)
+    assert report.counts["pids_max"] == report.counts["tasks_before"]
+
+
+@pytest.mark.docker
+def test_memory_limit_takes_effect_and_seed_fixed_survives(docker_ok: None, tmp_path: Path) -> None:
+    with harness("seed-fixed", "docker").start(tmp_path / "run", "memory") as run:
+        report = run.run_fault("memory_limit", spare_mb=16, storm_s=0.8)
+        limit = _cgroup(run, "memory", "memory.limit_in_bytes", "memory.max")
+        assert limit == str(report.counts["memory_max_kib"] * 1024)
+        container = tb.container_of(run)
+        assert container is not None
+        attrs = container.api.inspect_container(container.container_id)
+        assert attrs["HostConfig"]["Memory"] == int(limit)
+        assert attrs["HostConfig"]["MemorySwap"] == int(limit)  # no swap
+        outcome = run.finish()
+    assert outcome.ok, rendered(outcome)
+    assert report.counts["memory_peak_kib"] <= report.counts["memory_max_kib"]
+    assert report.counts["responses"] > 0
+
+
+# --------------------------------------------------------------------------- xdist
+
+
+WORKER_TEST = '''\
+import json, os, socket, time
+from pathlib import Path
+
+import pytest
+from afterclose.harness import httpclient
+
+SHARED = Path(os.environ["AC_SHARED"])
+
+
+def rendezvous(name):
+    """Both workers start their storms together, so their traffic overlaps."""
+    worker = os.environ["PYTEST_XDIST_WORKER"]
+    (SHARED / f"{name}.{worker}").touch()
+    deadline = time.monotonic() + 60
+    while len(list(SHARED.glob(f"{name}.*"))) < 2:
+        assert time.monotonic() < deadline, "the other worker never arrived"
+        time.sleep(0.01)
+    return worker
+
+
+def own_requests(target, worker, n):
+    """Keep-alive requests naming this worker; every body must name the request."""
+    bad = []
+    with socket.create_connection((target.host, target.port), timeout=5) as sock:
+        reader = httpclient.ResponseReader(sock)
+        for k in range(n):
+            path = f"/own/{worker}/{k}"
+            sock.sendall(httpclient.build_get(path, target.host, target.port))
+            response = reader.read_response(time.monotonic() + 5)
+            if response.body.strip() != path.encode():
+                bad.append((path, response.body[:80]))
+    return bad
+
+
+@pytest.mark.parametrize("round_", [0, 1])
+def test_storm(target, round_):
+    worker = rendezvous(f"round{round_}")
+    started = time.time()
+    report = target.run_fault(
+        "connection_storm", rate_per_s=400, concurrency=16, duration_s=0.5,
+        mix={"keepalive": 3, "close": 1, "idle_drop": 1},
+    )
+    bad = own_requests(target, worker, 30)
+    ended = time.time()
+    record = {
+        "worker": worker,
+        "round": round_,
+        "port": target.port,
+        "pids": target.target.host_pids(),
+        "workdir": str(target.workdir),
+        "trace_dir": str(target.tracer.trace_dir),
+        "started": started,
+        "ended": ended,
+        "responses": report.counts["responses"],
+        "anomalies": [a.detail for a in report.anomalies],
+        "bad": [repr(b) for b in bad],
+    }
+    (SHARED / f"{worker}-{round_}.json").write_text(json.dumps(record))
+    assert not report.anomalies and not bad
+'''
+
+
+def test_parallel_workers_never_see_each_others_traffic(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = pytester.path / "shared"
+    shared.mkdir()
+    pytester.makepyfile(test_workers=WORKER_TEST)
+    monkeypatch.setenv("AC_SHARED", str(shared))  # the workers inherit it
+    result = pytester.runpytest_subprocess(
+        "--target=seed-fixed",
+        "--no-builtin-suite",
+        "-n",
+        "2",
+        "--dist",
+        "each",
+        "-p",
+        "no:cacheprovider",
+        timeout=240,
+    )
+    result.assert_outcomes(passed=4)
+    records = [json.loads(p.read_text()) for p in sorted(shared.glob("gw*-*.json"))]
+    assert {r["worker"] for r in records} == {"gw0", "gw1"} and len(records) == 4
+    for round_ in (0, 1):
+        a, b = (r for r in records if r["round"] == round_)
+        # The two storms overlapped in time, on two targets of their own.
+        assert a["started"] < b["ended"] and b["started"] < a["ended"]
+        assert a["port"] != b["port"]
+        assert not set(a["pids"]) & set(b["pids"])
+        assert a["responses"] > 50 and b["responses"] > 50
+        assert a["anomalies"] == b["anomalies"] == [] and a["bad"] == b["bad"] == []
+    # Every test had its own workdir and trace folder.
+    assert len({r["workdir"] for r in records}) == 4
+    assert len({r["trace_dir"] for r in records}) == 4
+    for r in records:
+        assert r["trace_dir"].startswith(r["workdir"])
+
+
+# --------------------------------------------------------------------------- same verdicts
+
+
+def _suite_verdicts(
+    pytester: pytest.Pytester, target: str, runner: str, select: str | None = None
+) -> dict[str, str]:
+    """Per-test verdicts (``passed``/``failed``/...) of the built-in suite, run in a fresh
+    pytest with two workers (or one test with ``select``)."""
+    xml = pytester.path / f"{target}-{runner}-{uuid.uuid4().hex[:6]}.xml"
+    args = [f"--target={target}", f"--runner={runner}", "-p", "no:cacheprovider"]
+    args += [f"--junitxml={xml}"]
+    args += ["-k", select] if select else ["-n", "2"]
+    result = pytester.runpytest_subprocess(*args, timeout=300)
+    assert xml.exists(), result.stdout.str()[-3000:]
+    verdicts: dict[str, str] = {}
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        kinds = {child.tag for child in case}
+        state = (
+            "failed"
+            if "failure" in kinds
+            else "error"
+            if "error" in kinds
+            else "skipped"
+            if "skipped" in kinds
+            else "passed"
+        )
+        verdicts[str(case.get("name"))] = state
+    return verdicts
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_builtin_suite_gives_the_same_verdicts_under_both_runners(
+    docker_ok: None, pytester: pytest.Pytester
+) -> None:
+    runners = ("process", "docker")
+    table: dict[str, dict[str, dict[str, str]]] = {}
+    for target in ("seed-fixed", "seed-buggy"):
+        table[target] = {runner: _suite_verdicts(pytester, target, runner) for runner in runners}
+    retries: list[str] = []
+    for target, by_runner in table.items():
+        names = set().union(*by_runner.values())
+        for name in sorted(names):
+            states = {r: by_runner[r].get(name, "missing") for r in runners}
+            want_fail = target == "seed-buggy" and name in RACE_TESTS
+            for runner in runners:
+                # A race not hit is a pass by luck: try it again, up to 3 times.
+                tries = 0
+                while (
+                    states[runner] == "passed"
+                    and tries < 3
+                    and (want_fail or "failed" in states.values())
+                ):
+                    tries += 1
+                    retries.append(f"{target} {runner} {name}")
+                    again = _suite_verdicts(pytester, target, runner, select=name)
+                    states[runner] = again.get(name, "missing")
+            by_runner_final = dict(states)
+            assert len(set(by_runner_final.values())) == 1, (
+                f"{target} {name}: {by_runner_final} (retried: {retries})"
+            )
+            if target == "seed-fixed":
+                assert by_runner_final["process"] == "passed", f"{name}: {by_runner_final}"
+            if want_fail:
+                assert by_runner_final["process"] == "failed", f"{name}: {by_runner_final}"
+    print(json.dumps({"verdicts": table, "retried": retries}, indent=1))
