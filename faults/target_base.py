@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import dataclasses
 import os
 import random
 import socket
@@ -390,8 +389,3 @@ def idle_connections(host: str, port: int, count: int, timeout_s: float = 2.0) -
     finally:
         for sock in socks:
             sock.close()
-
-
-def params_of(fault: object) -> dict[str, object]:
-    """The fault's parameters, for its schedule's first line."""
-    return {f.name: getattr(fault, f.name) for f in dataclasses.fields(typing.cast(Any, fault))}

@@ -9,7 +9,9 @@ a restart.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import subprocess
 import sys
 import textwrap
 import uuid
@@ -484,46 +486,49 @@ def test_parallel_workers_never_see_each_others_traffic(
 
 
 def _suite_verdicts(
-    pytester: pytest.Pytester, target: str, runner: str, select: str | None = None
+    folder: Path, target: str, runner: str, select: str | None = None
 ) -> dict[str, str]:
-    """Per-test verdicts (``passed``/``failed``/...) of the built-in suite, run in a fresh
-    pytest with two workers (or one test with ``select``)."""
-    xml = pytester.path / f"{target}-{runner}-{uuid.uuid4().hex[:6]}.xml"
-    args = [f"--target={target}", f"--runner={runner}", "-p", "no:cacheprovider"]
+    """Per-test verdicts (``passed``/``failed``/...) of the built-in suite, run by a fresh
+    pytest in ``folder`` with two workers (or just the test ``select``)."""
+    xml = folder / f"{target}-{runner}-{uuid.uuid4().hex[:8]}.xml"
+    args = [f"--target={target}", f"--runner={runner}", "-p", "no:cacheprovider", "-q"]
     args += [f"--junitxml={xml}"]
     args += ["-k", select] if select else ["-n", "2"]
-    result = pytester.runpytest_subprocess(*args, timeout=300)
-    assert xml.exists(), result.stdout.str()[-3000:]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", *args],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert xml.exists(), result.stdout[-3000:] + result.stderr[-3000:]
     verdicts: dict[str, str] = {}
     for case in ET.parse(xml).getroot().iter("testcase"):
         kinds = {child.tag for child in case}
-        state = (
-            "failed"
-            if "failure" in kinds
-            else "error"
-            if "error" in kinds
-            else "skipped"
-            if "skipped" in kinds
-            else "passed"
-        )
-        verdicts[str(case.get("name"))] = state
+        state = next((k for k in ("failure", "error", "skipped") if k in kinds), "passed")
+        verdicts[str(case.get("name"))] = {"failure": "failed", "error": "error"}.get(state, state)
     return verdicts
 
 
 @pytest.mark.slow
 @pytest.mark.docker
 def test_builtin_suite_gives_the_same_verdicts_under_both_runners(
-    docker_ok: None, pytester: pytest.Pytester
+    docker_ok: None, tmp_path: Path
 ) -> None:
     runners = ("process", "docker")
     table: dict[str, dict[str, dict[str, str]]] = {}
     for target in ("seed-fixed", "seed-buggy"):
-        table[target] = {runner: _suite_verdicts(pytester, target, runner) for runner in runners}
+        # Both runners at once: the same machine load for both.
+        with concurrent.futures.ThreadPoolExecutor(len(runners)) as pool:
+            futures = {r: pool.submit(_suite_verdicts, tmp_path, target, r) for r in runners}
+            table[target] = {r: future.result() for r, future in futures.items()}
     retries: list[str] = []
     for target, by_runner in table.items():
         names = set().union(*by_runner.values())
+        assert all(set(v) == names for v in by_runner.values()), by_runner
         for name in sorted(names):
-            states = {r: by_runner[r].get(name, "missing") for r in runners}
+            states = {r: by_runner[r][name] for r in runners}
             want_fail = target == "seed-buggy" and name in RACE_TESTS
             for runner in runners:
                 # A race not hit is a pass by luck: try it again, up to 3 times.
@@ -535,14 +540,11 @@ def test_builtin_suite_gives_the_same_verdicts_under_both_runners(
                 ):
                     tries += 1
                     retries.append(f"{target} {runner} {name}")
-                    again = _suite_verdicts(pytester, target, runner, select=name)
+                    again = _suite_verdicts(tmp_path, target, runner, select=name)
                     states[runner] = again.get(name, "missing")
-            by_runner_final = dict(states)
-            assert len(set(by_runner_final.values())) == 1, (
-                f"{target} {name}: {by_runner_final} (retried: {retries})"
-            )
+            assert len(set(states.values())) == 1, f"{target} {name}: {states} (retried: {retries})"
             if target == "seed-fixed":
-                assert by_runner_final["process"] == "passed", f"{name}: {by_runner_final}"
+                assert states["process"] == "passed", f"{name}: {states}"
             if want_fail:
-                assert by_runner_final["process"] == "failed", f"{name}: {by_runner_final}"
-    print(json.dumps({"verdicts": table, "retried": retries}, indent=1))
+                assert states["process"] == "failed", f"{name}: {states}"
+    print(json.dumps({"verdicts": table, "retried": retries}, indent=1, sort_keys=True))

@@ -33,6 +33,10 @@ RULES: dict[str, str] = {
 }
 
 
+# Judged from outside only: the trace checker has no say on these.
+BLACKBOX_ONLY = frozenset((CRASH, LIVENESS, CROSS_TALK, BUSY_LOOP))
+
+
 @dataclass(frozen=True)
 class Violation:
     """One finding.  ``summary`` is one line; ``details`` may hold a multi-line timeline."""

@@ -827,6 +827,13 @@ class _Checker:
             # value whose last setter was itself a stale re-arm has no trustworthy owner.
             if d < SMALL_DATA or not self._free_tracking(r.pid, complete=True):
                 return None
+            if prior is None and self._created_by(j, r):
+                # The first ADD of a connection by the thread that just created it: the value
+                # is that thread's fresh choice for the new connection.  Servers that keep
+                # connections in a pool (nginx: a preallocated array with a free list, and
+                # the pointer's low "instance" bit as tag) hand the same value to the next
+                # connection on the same number without any free().
+                return None
             if owner.set_idx in self.stale_sets:
                 return None
             if owner.set_out > i.end_in:
@@ -862,6 +869,12 @@ class _Checker:
         )
         self._attribute(idx, r, t, i, j)
         return f
+
+    def _created_by(self, inc: Incarnation, r: Record) -> bool:
+        if inc.created_idx < 0:
+            return False
+        created = self.recs[inc.created_idx]
+        return created.pid == r.pid and created.tid == r.tid
 
     def _attribute(self, idx: int, r: Record, t: _Thread, i: Incarnation, j: Incarnation) -> None:
         """(d) A stale re-arm proves T acts for i: its earlier ops on j, with no event for j
