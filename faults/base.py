@@ -34,6 +34,7 @@ from afterclose.harness.errors import ScenarioError
 from afterclose.harness.oracle import verdict
 
 MAX_ANOMALIES = 100
+GONE_POLL_S = 0.05
 _SHOWN_BYTES = 120
 
 
@@ -45,6 +46,9 @@ class Endpoint:
     port: int
     echo_path: bool = False
     io_timeout_s: float = 3.0
+    # Asked (at most every GONE_POLL_S) before each new connection: True once the target has
+    # exited, so a fault stops hammering a dead port instead of running out its duration.
+    gone: Callable[[], bool] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -685,6 +689,16 @@ def drive(
     failures: list[BaseException] = []
     workers = [FaultReport(fault) for _ in range(max(min(concurrency, len(actions)), 0))]
     started = [0] * len(workers)
+    gone = [False, 0.0]  # target gone?, when last asked
+
+    def target_gone() -> bool:
+        if endpoint.gone is None:
+            return False
+        with lock:
+            now = time.monotonic()
+            if not gone[0] and now - float(gone[1]) >= GONE_POLL_S:
+                gone[0], gone[1] = endpoint.gone(), now
+            return bool(gone[0])
 
     def work(slot: int) -> None:
         tally = workers[slot]
@@ -699,7 +713,7 @@ def drive(
                     if at >= stop:
                         return
                     time.sleep(max(at - time.monotonic(), 0.0))  # read the clock once
-                if time.monotonic() >= stop:
+                if time.monotonic() >= stop or target_gone():
                     return
                 started[slot] += 1
                 conn = Conn(target, i, tally, deadline)
@@ -727,6 +741,8 @@ def drive(
     report.elapsed_s = time.monotonic() - start
     report.count("stuck_workers", stuck)
     report.count("not_started", len(actions) - sum(started))
+    if gone[0]:
+        report.count("stopped_target_gone")
     if failures:
         raise failures[0]
     return report

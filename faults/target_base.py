@@ -304,7 +304,7 @@ def signal_target(target: RunningTarget, signum: int) -> None:
 
 
 def endpoint_of(run: TargetRun) -> Endpoint:
-    return Endpoint(run.host, run.port, echo_path=run.manifest.echo_path)
+    return run.endpoint()
 
 
 @dataclass(frozen=True)

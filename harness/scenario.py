@@ -506,7 +506,7 @@ def run_scenario(run: TargetRun, scen: Scenario, default_budget_s: float) -> Sce
     """Run ``scen`` against ``run``'s target; its reports join ``run.reports`` (judged by the
     oracle) and its schedule ``run.schedule`` (also written to ``schedule.txt``)."""
     seed = scen.seed if scen.seed is not None else run.seed
-    endpoint = Endpoint(run.host, run.port, echo_path=run.manifest.echo_path)
+    endpoint = run.endpoint()
     start = time.monotonic()
     phases: list[PhaseReport] = []
     schedule: list[str] = []

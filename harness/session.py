@@ -25,7 +25,7 @@ from afterclose.harness.oracle.verdict import Violation
 from afterclose.harness.runners.base import Runner, RunningTarget
 
 if TYPE_CHECKING:
-    from afterclose.faults.base import FaultReport
+    from afterclose.faults.base import Endpoint, FaultReport
     from afterclose.harness.scenario import Scenario, ScenarioReport
 
 RUNNERS = ("process", "docker")
@@ -195,13 +195,23 @@ class TargetRun:
     def manifest(self) -> Manifest:
         return self.harness.manifest
 
+    def endpoint(self) -> Endpoint:
+        """Where client-side faults connect; tells them when the target has died."""
+        from afterclose.faults.base import Endpoint
+
+        return Endpoint(
+            self.host,
+            self.port,
+            echo_path=self.manifest.echo_path,
+            gone=lambda: self.target.exit_status() is not None,
+        )
+
     def url(self, path: str = "/") -> str:
         return f"http://{self.host}:{self.port}{path}"
 
     def run_fault(self, name: str, /, **params: object) -> FaultReport:
         """Run the fault registered as ``name`` with ``params`` (bounded by FAULT_BUDGET_S)."""
         from afterclose import faults
-        from afterclose.faults.base import Endpoint
 
         where = f"{self.test_name}: fault {name!r}"
         deadline = time.monotonic() + FAULT_BUDGET_S
@@ -209,7 +219,7 @@ class TargetRun:
             report = faults.create_target(name, params, where).run(self, self.rng, deadline)
         else:
             fault = faults.create(name, params, where=where)
-            endpoint = Endpoint(self.host, self.port, echo_path=self.manifest.echo_path)
+            endpoint = self.endpoint()
             report = fault.run(endpoint, self.rng, deadline)
         self.reports.append(report)
         self.schedule.extend(f"{name}: {line}" for line in report.schedule)

@@ -347,7 +347,7 @@ def test_scenario_file_errors_fail_collection(pytester: pytest.Pytester) -> None
             "*ERROR collecting scenarios/typo.toml*",
             "scenarios/typo.toml: phase[[]2[]].conections: unknown key 'conections' "
             "for fault 'shutdown_race'",
-            "Hint: did you mean 'connections'? (allowed keys with shutdown_race: connections, *)",
+            "Hint: did you mean 'connections'? (allowed keys with shutdown_race: *connections*)",
             "*ERROR collecting scenarios/unknown.toml*",
             "scenarios/unknown.toml: phase[[]0[]].fault: unknown fault 'shutdown_rase'",
             "Hint: did you mean 'shutdown_race'? (faults: *)",
