@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import _common as c
+
 from afterclose import faults
 from afterclose.faults.base import Endpoint
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import _common as c
+
 from afterclose.harness import cli
 from afterclose.harness.oracle import verdict
 from afterclose.harness.runners.base import RunningTarget

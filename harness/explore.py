@@ -34,15 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from afterclose import faults
-from afterclose.faults.base import Spec
-from afterclose.harness.scenario import Scenario, make_phase, scenario
-from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
 from hypothesis import HealthCheck, Verbosity, given, settings
 from hypothesis import Phase as HPhase
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.errors import Flaky
+
+from afterclose import faults
+from afterclose.faults.base import Spec
+from afterclose.harness.scenario import Scenario, make_phase, scenario
+from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
 
 # Upper bounds of the explored space, by parameter name (a fault's own range still applies).
 LIMITS: dict[str, float] = {

@@ -10,6 +10,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
 from afterclose.harness import options
 
 if TYPE_CHECKING:
@@ -30,7 +31,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--no-builtin-suite",
         action="store_true",
         default=False,
-        help="with --target, run only your own tests, not the built-in scenario suite",
+        help="with --target, run only your own tests, not the built-in scenario suite "
+        "(the suite is left out anyway when test paths are given)",
     )
 
 
@@ -97,7 +99,10 @@ def pytest_configure(config: pytest.Config) -> None:
     except AftercloseError as exc:
         raise pytest.UsageError(exc.render()) from None
     config.stash[HARNESS_KEY] = harness
-    if not config.getoption("no_builtin_suite"):
+    # Paths on the command line mean "run these": the suite joins only a plain `pytest
+    # --target=X` (testpaths or the current folder), unless --no-builtin-suite says otherwise.
+    explicit = config.args_source == pytest.Config.ArgsSource.ARGS
+    if not explicit and not config.getoption("no_builtin_suite"):
         suite = str(_suite_path())
         if suite not in config.args:
             config.args.append(suite)

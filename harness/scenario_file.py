@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from afterclose.harness.errors import AftercloseError, ScenarioError
 from afterclose.harness.scenario import PHASE_KEYS, Scenario, make_phase
 from afterclose.harness.session import TargetRun

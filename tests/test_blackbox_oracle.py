@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from afterclose.harness.oracle import verdict
 from afterclose.harness.session import Harness, Outcome, Settings
 

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from afterclose import faults
 from afterclose.faults import target_base as tb
 from afterclose.faults.base import FaultReport

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from afterclose.harness.errors import BuildError, ManifestError, TargetStartError
 from afterclose.harness.launch import build_target, make_plan
 from afterclose.harness.manifest import DockerSpec, Manifest, load_manifest

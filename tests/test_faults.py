@@ -13,12 +13,13 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from pyservers import EchoServer
+
 from afterclose import faults
 from afterclose.faults.base import Anomaly, Endpoint, FaultReport
 from afterclose.harness import httpclient
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.oracle import verdict
-from pyservers import EchoServer
 
 HOST = "127.0.0.1"
 CROSS = verdict.CROSS_TALK
@@ -402,7 +403,10 @@ def test_direct_construction_is_validated_too() -> None:
 
 
 def test_registry() -> None:
-    assert faults.available() == ["connection_storm", "half_close", "reset_peer", "shutdown_race"]
+    names = faults.available()
+    assert {"connection_storm", "half_close", "reset_peer", "shutdown_race"} <= set(names)
+    assert names == sorted(names) and "base" not in names
+    assert not any(name.startswith("_") for name in names)
     for name in faults.available():
         cls = faults.get(name)
         assert cls.name == name and cls.describe_params()

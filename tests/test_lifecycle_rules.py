@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
+
 from afterclose.harness.oracle import verdict as V
 from afterclose.harness.session import Harness, Outcome, Settings
 from afterclose.harness.trace import reader, rules
@@ -110,9 +111,7 @@ def test_event_after_close_dup_keeps_the_registration(tmp_path: Path) -> None:
     """loop event-after-close: close() without EPOLL_CTL_DEL while the logger's dup holds the
     file.  The clients half-close, so the fd stays readable after the server's close and the
     surviving registration keeps firing for the closed incarnation."""
-    outcome = judge(
-        tmp_path, "loop", "event-after-close", [("half_close", {"connections": 5})]
-    )
+    outcome = judge(tmp_path, "loop", "event-after-close", [("half_close", {"connections": 5})])
     assert rules_of(outcome) == {V.EVENT_AFTER_CLOSE}, explain(outcome)
     v = violation(outcome, V.EVENT_AFTER_CLOSE)
     assert "still refers to the same open file" in v.summary
@@ -163,12 +162,8 @@ def test_event_for_freed_data_close_deferred(tmp_path: Path) -> None:
     """loop event-for-freed-data: on EOF the client is freed at once and the fd closed later
     by the logger, still registered; the EOF keeps it readable, so epoll hands back the freed
     pointer.  The free of a registered pointer is its cause: freed-while-registered too."""
-    outcome = judge(
-        tmp_path, "loop", "event-for-freed-data", [("half_close", {"connections": 5})]
-    )
-    assert rules_of(outcome) == {V.EVENT_FOR_FREED_DATA, V.FREED_WHILE_REGISTERED}, explain(
-        outcome
-    )
+    outcome = judge(tmp_path, "loop", "event-for-freed-data", [("half_close", {"connections": 5})])
+    assert rules_of(outcome) == {V.EVENT_FOR_FREED_DATA, V.FREED_WHILE_REGISTERED}, explain(outcome)
     v = violation(outcome, V.EVENT_FOR_FREED_DATA)
     assert "a pointer freed at seq" in v.summary
     assert "not registered again since" in v.summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from afterclose.harness.errors import ManifestError
 from afterclose.harness.manifest import (
     available_targets,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+
 from afterclose import faults
 from afterclose.faults import _packets as pk
 from afterclose.faults.base import Endpoint, FaultReport

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from afterclose.harness import launch, ports
 from afterclose.harness.errors import TargetStartError
 from afterclose.harness.manifest import load_manifest

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from afterclose.harness import httpclient, procfs
 from afterclose.harness.errors import TargetStartError
 from afterclose.harness.session import Harness, Settings, TargetRun
@@ -168,15 +169,6 @@ def test_uvloop_missing_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert "pip install uvloop" in text
 
 
-# Tracer reports on these targets that were investigated and found to be false positives of
-# the trace rules (see docs/real-servers.md); each entry names the rule and why it is wrong.
-TRACER_FALSE_POSITIVES = {
-    "nginx": "stale-rearm on the first EPOLL_CTL_ADD of a just-accepted connection: nginx "
-    "reuses its preallocated connection structs (free list, pointer | instance bit as epoll "
-    "data), which the rule takes for a closed connection's stale data",
-}
-
-
 def run_suite(pytester: pytest.Pytester, name: str, tracer: str) -> None:
     require(name)
     result = pytester.runpytest_subprocess(
@@ -195,16 +187,10 @@ def test_builtin_suite_passes(name: str, pytester: pytest.Pytester) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(reason=TRACER_FALSE_POSITIVES[n], strict=False))
-        if n in TRACER_FALSE_POSITIVES
-        else n
-        for n in NAMES
-    ],
-)
+@pytest.mark.parametrize("name", NAMES)
 def test_builtin_suite_passes_traced(name: str, pytester: pytest.Pytester) -> None:
+    # Every report the trace rules made on these servers was a false positive of the rules
+    # (docs/real-servers.md lists them and why); none may come back.
     run_suite(pytester, name, "preload")
 
 

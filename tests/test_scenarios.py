@@ -13,13 +13,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.explore import param_strategy, scenarios
 from afterclose.harness.scenario import Scenario, scenario
 from afterclose.harness.scenario_file import load_scenario, parse_scenario
 from afterclose.harness.session import Harness, Settings
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGEST = re.compile(r"scenario '([^']+)' seed (\d+): .*schedule (sha256:[0-9a-f]+)")

@@ -29,6 +29,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+
 from afterclose.harness.compile import CBuild, build
 
 ROOT = Path(__file__).resolve().parent.parent

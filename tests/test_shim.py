@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytest
+
 from afterclose.harness import compile as cbuild
 from afterclose.harness.errors import BuildError, TraceError
 from afterclose.harness.trace import shim

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
+
 from afterclose.harness import cli, syscall_faults, tracers
 from afterclose.harness import compile as cbuild
 from afterclose.harness.errors import ScenarioError

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tracebuild import EBADF, IN, ONESHOT, RDHUP, TraceBuilder
+from tracebuild import ET as EPOLLET_
+
 from afterclose.harness import cli
 from afterclose.harness import compile as cbuild
 from afterclose.harness.oracle import verdict as V
@@ -27,8 +30,6 @@ from afterclose.harness.trace.reader import read_trace_dir, read_trace_files
 from afterclose.harness.trace.rules import Finding, TraceVerdict, check
 from afterclose.harness.trace.svg import MAX_FILES_PER_RULE, render_svg, write_report
 from afterclose.harness.tracers import PreloadTracer
-from tracebuild import EBADF, IN, ONESHOT, RDHUP, TraceBuilder
-from tracebuild import ET as EPOLLET_
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 LISTEN, EP = 3, 5

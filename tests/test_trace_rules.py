@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tracebuild import EBADF, ENOENT, ENOTSOCK, ET, HUP, IN, ONESHOT, OUT, RDHUP, TraceBuilder
+
 from afterclose.harness.oracle import verdict as V
 from afterclose.harness.trace.format import Header, HeaderFlag, IoKind, Record
 from afterclose.harness.trace.rules import TraceVerdict, check, check_trace
-from tracebuild import EBADF, ENOENT, ENOTSOCK, ET, HUP, IN, ONESHOT, OUT, RDHUP, TraceBuilder
 
 LISTEN, EP = 3, 5
 A, B, C, C2 = 0x55D0C2A0, 0x55D0C400, 0x7F00AA10, 0x7F00BB20

@@ -8,7 +8,12 @@ with the tracer, the fd-lifecycle rules).
 from __future__ import annotations
 
 import pytest
+
+from afterclose.faults._packets import unavailable_reason
 from afterclose.harness.session import TargetRun
+
+# Forged segments need root and scapy; without them these scenarios skip and say why.
+_PACKETS = pytest.mark.skipif(unavailable_reason() is not None, reason=unavailable_reason() or "")
 
 pytestmark = pytest.mark.afterclose_scenario
 
@@ -84,3 +89,29 @@ def test_syscall_faults(target: TargetRun) -> None:
         mix={"keepalive": 4, "close": 2, "reset_peer": 1, "half_close": 1, "shutdown_race": 2},
     )
     assert report.counts["connections"] > 0
+
+
+@_PACKETS
+@pytest.mark.parametrize("phase", ["idle", "after-request"])
+def test_forged_rst(target: TargetRun, phase: str) -> None:
+    report = target.run_fault("forged_rst", phase=phase, connections=20, concurrency=4)
+    assert report.counts["rst_forged"] > 0
+
+
+@_PACKETS
+@pytest.mark.parametrize("variant", ["single", "duplicate"])
+def test_forged_fin(target: TargetRun, variant: str) -> None:
+    report = target.run_fault("forged_fin", variant=variant, connections=20, concurrency=4)
+    assert report.counts["fin_forged"] > 0
+
+
+@_PACKETS
+def test_rst_before_accept(target: TargetRun) -> None:
+    report = target.run_fault("rst_before_accept", method="random", connections=60)
+    assert report.counts["rst_forged"] + report.counts["rst_sent"] > 0
+
+
+@_PACKETS
+def test_rst_mid_response(target: TargetRun) -> None:
+    report = target.run_fault("rst_mid_response", connections=4, concurrency=2)
+    assert report.counts["rst_forged"] + report.counts["rst_sent"] > 0
