@@ -6,8 +6,10 @@ when asked for, so a broken fault module breaks only the scenarios that use it.
 
 Target-side faults (``fd_limit``, ``pause``, ``kill``, ...) act on the running target instead
 of through clients: their module defines one :class:`~afterclose.faults.target_base.TargetFault`.
-``available()`` lists both kinds; ``get``/``create`` give client-side faults only (what scenario
-phases run), ``get_target``/``create_target`` target-side ones, ``lookup`` either.
+``available()``/``get()``/``create()`` mean client-side faults, as scenario phases and the
+explorer need them (a target-side name gets an error that says so); ``available("target")``,
+``get_target()`` and ``create_target()`` the target-side ones; ``available("all")`` and
+``get_any()`` both.  ``TargetRun.run_fault`` runs either kind (``kind()`` tells them apart).
 """
 
 from __future__ import annotations
@@ -29,31 +31,35 @@ __all__ = [
     "create",
     "create_target",
     "get",
+    "get_any",
     "get_target",
     "kind",
-    "lookup",
 ]
 
 Kind = Literal["client", "target"]
 _NOT_FAULTS = frozenset({"base", "target_base"})
 
 
-def available(kind: Kind | None = None) -> list[str]:
-    """Names of every fault (client- and target-side), or of one ``kind``, sorted."""
-    names = sorted(
+def _names() -> list[str]:
+    return sorted(
         m.name
         for m in pkgutil.iter_modules(__path__)
         if not m.ispkg and not m.name.startswith("_") and m.name not in _NOT_FAULTS
     )
-    if kind is None:
+
+
+def available(kind: Kind | Literal["all"] = "client") -> list[str]:
+    """Names of the client-side faults (or the ``"target"``-side ones, or ``"all"``), sorted."""
+    names = _names()
+    if kind == "all":
         return names
-    return [name for name in names if _kind_of(lookup(name)) == kind]
+    return [name for name in names if _kind_of(get_any(name)) == kind]
 
 
-def lookup(name: str, where: str | None = None) -> type[Fault] | type[TargetFault]:
+def get_any(name: str, where: str | None = None) -> type[Fault] | type[TargetFault]:
     """The fault class registered as ``name``, of either kind; ScenarioError (with a
     suggestion) if none is."""
-    names = available()
+    names = _names()
     if name not in names:
         match = suggest(name, names) if isinstance(name, str) else None
         listing = ", ".join(names)
@@ -82,28 +88,27 @@ def _kind_of(cls: type[Fault] | type[TargetFault]) -> Kind:
 
 def kind(name: str, where: str | None = None) -> Kind:
     """``"client"`` (acts through connections) or ``"target"`` (acts on the running target)."""
-    return _kind_of(lookup(name, where))
+    return _kind_of(get_any(name, where))
 
 
 def get(name: str, where: str | None = None) -> type[Fault]:
     """The client-side Fault class registered as ``name``; ScenarioError (with a suggestion)
     if none is, or if ``name`` is a target-side fault (it needs the running target)."""
-    cls = lookup(name, where)
+    cls = get_any(name, where)
     if issubclass(cls, TargetFault):
-        clients = ", ".join(available("client"))
         raise ScenarioError(
             f"fault {name!r} acts on the running target itself (a target-side fault), "
             "not through client connections",
             where=where,
             hint=f"call it from a test: target.run_fault({name!r}, ...); "
-            f"client-side faults: {clients}",
+            f"client-side faults: {', '.join(available())}",
         )
     return cls
 
 
 def get_target(name: str, where: str | None = None) -> type[TargetFault]:
     """The target-side fault class registered as ``name`` (ScenarioError otherwise)."""
-    cls = lookup(name, where)
+    cls = get_any(name, where)
     if not issubclass(cls, TargetFault):
         raise ScenarioError(
             f"fault {name!r} is a client-side fault, not a target-side one",

@@ -56,7 +56,7 @@ class Kill(tb.TargetFault):
     concurrency: int = param(16, lo=1, hi=1024, doc="storm: most connections open at once")
 
     def _storm(self) -> tb.Storm:
-        return tb.Storm(self.storm_s, self.rate_per_s, self.concurrency)
+        return tb.Storm(self.storm_s, self.rate_per_s, self.concurrency, through_restarts=True)
 
     def plan(self, rng: random.Random) -> list[str]:
         return self._schedule(*self._draw(rng))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import os
 import random
 import socket
@@ -303,8 +304,11 @@ def signal_target(target: RunningTarget, signum: int) -> None:
 # --------------------------------------------------------------------------- clients
 
 
-def endpoint_of(run: TargetRun) -> Endpoint:
-    return run.endpoint()
+def endpoint_of(run: TargetRun, *, through_restarts: bool = False) -> Endpoint:
+    """Where the storm connects.  ``through_restarts``: keep going while the target is down
+    (the ``kill`` fault restarts it; the run's endpoint would stop at its death)."""
+    endpoint = run.endpoint()
+    return dataclasses.replace(endpoint, gone=None) if through_restarts else endpoint
 
 
 @dataclass(frozen=True)
@@ -314,6 +318,7 @@ class Storm:
     duration_s: float
     rate_per_s: float
     concurrency: int
+    through_restarts: bool = False
 
     def fault(self) -> Fault:
         from afterclose import faults
@@ -334,7 +339,8 @@ class Storm:
     def run(self, run: TargetRun, seed: int, deadline: float) -> FaultReport:
         if self.duration_s <= 0:
             return FaultReport("connection_storm")
-        return self.fault().run(endpoint_of(run), random.Random(seed), deadline)
+        endpoint = endpoint_of(run, through_restarts=self.through_restarts)
+        return self.fault().run(endpoint, random.Random(seed), deadline)
 
 
 def add_storm(report: FaultReport, storm: FaultReport) -> None:

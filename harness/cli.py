@@ -121,8 +121,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
 def cmd_faults(args: argparse.Namespace) -> int:
     from afterclose import faults
 
-    for name in faults.available():
-        cls = faults.lookup(name)  # client- and target-side faults
+    for name in faults.available("all"):
+        cls = faults.get_any(name)
         doc = (cls.__doc__ or "").strip().splitlines()
         side = " (target-side)" if faults.kind(name) == "target" else ""
         print(f"{name}{side}: {doc[0] if doc else ''}")

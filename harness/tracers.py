@@ -1,4 +1,4 @@
-"""Tracer back-ends behind one small interface: off, the LD_PRELOAD shim, (later) eBPF.
+"""Tracer back-ends behind one small interface: off, the LD_PRELOAD shim, eBPF (bpftrace).
 
 A runner asks the tracer for environment variables before start and tells it the target's
 PIDs after; the oracle asks it for a cut-off point and then for its verdict.
@@ -123,14 +123,15 @@ def choose_tracer(requested: str, manifest: Manifest, runner: str) -> str:
     if manifest.tracer == "off" and requested == "auto":
         return "off"
     mode = manifest.tracer if requested == "auto" else requested
-    if mode == "auto":
-        mode = "preload"
-    if mode == "ebpf":
-        raise AftercloseError(
-            "the eBPF tracer is not available in this version",
-            where=manifest.path,
-            hint="use --tracer=preload (dynamic binaries) or --tracer=off",
-        )
+    if mode in ("auto", "ebpf"):
+        from afterclose.harness.trace import ebpf
+
+        missing = ebpf.unavailable()
+        if mode == "auto":
+            # The shim for what it can see (dynamic binaries), eBPF for static and Go ones.
+            mode = "ebpf" if missing is None and ebpf.prefers_ebpf(manifest) else "preload"
+        elif missing is not None:
+            raise AftercloseError(missing[0], where=manifest.path, hint=missing[1])
     return mode
 
 
@@ -171,4 +172,8 @@ def target_env(
 def open_tracer(mode: str, workdir: Path, sanitizer: str) -> TracerSession:
     if mode == "off":
         return NoTracer()
+    if mode == "ebpf":
+        from afterclose.harness.trace.ebpf import EbpfTracer
+
+        return EbpfTracer(workdir / "trace")
     return PreloadTracer(workdir / "trace", sanitizer)

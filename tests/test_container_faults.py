@@ -17,7 +17,7 @@ import sys
 import textwrap
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -161,13 +161,20 @@ def nofile_of(pid: int) -> int:
     raise AssertionError("no 'Max open files' line")
 
 
+Show = Callable[[FaultReport], None]
+
+
 @pytest.fixture
-def numbers(request: pytest.FixtureRequest) -> Iterator[dict[str, object]]:
-    """Numbers a test measured, shown in the report (``-rA`` or a failure)."""
-    found: dict[str, object] = {}
-    yield found
-    if found:
-        request.node.add_report_section("call", "numbers", json.dumps(found, sort_keys=True))
+def show_cpu(request: pytest.FixtureRequest) -> Show:
+    """Put an fd_limit report's numbers (limit, CPU at idle, held at the limit, after) in the
+    test's report: ``pytest -rA`` prints them."""
+
+    def show(report: FaultReport) -> None:
+        keys = ("nofile", "idle_cpu_pct", "hold_cpu_pct", "hold_cpu_used_pct", "after_cpu_pct")
+        found = {k: report.counts.get(k, 0) for k in keys}
+        request.node.add_report_section("call", "numbers", json.dumps(found))
+
+    return show
 
 
 # --------------------------------------------------------------------------- the registry
@@ -175,14 +182,15 @@ def numbers(request: pytest.FixtureRequest) -> Iterator[dict[str, object]]:
 
 def test_registry_lists_both_kinds_and_keeps_them_apart() -> None:
     target_side = {"fd_limit", "kill", "memory_limit", "pause", "pids_limit"}
-    assert target_side <= set(faults.available())
+    assert target_side <= set(faults.available("all"))
     assert set(faults.available("target")) == target_side
-    assert not target_side & set(faults.available("client"))
+    # Plain "faults" stay the client-side ones: what scenario phases and the explorer run.
+    assert not target_side & set(faults.available())
     assert "connection_storm" in faults.available("client")
     for name in target_side:
         cls = faults.get_target(name)
         assert cls.name == name and cls.describe_params()
-        assert faults.kind(name) == "target"
+        assert faults.kind(name) == "target" and faults.get_any(name) is cls
     with pytest.raises(ScenarioError) as err:
         faults.get("pause", where="scenarios/x.toml")  # what a scenario phase asks for
     assert "target-side" in err.value.message and "run_fault('pause'" in str(err.value.hint)
@@ -213,9 +221,7 @@ def test_cgroup_faults_need_the_docker_runner(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- fd_limit
 
 
-def test_fd_limit_seed_fixed_survives_emfile(
-    tmp_path: Path, runner: str, numbers: dict[str, object]
-) -> None:
+def test_fd_limit_seed_fixed_survives_emfile(tmp_path: Path, runner: str, show_cpu: Show) -> None:
     with harness("seed-fixed", runner).start(tmp_path / "run", "fd") as run:
         pid = run.target.host_pids()[0]
         before = nofile_of(pid)
@@ -223,21 +229,19 @@ def test_fd_limit_seed_fixed_survives_emfile(
         # The limit reached the live process (a container's too) and stays for the test.
         assert nofile_of(pid) == report.counts["nofile"] < before
         outcome = run.finish()
-    numbers.update(_fd_numbers(report))
+    show_cpu(report)
     assert outcome.ok, rendered(outcome)
     assert report.counts["reached_limit"] == 1, report.summary()
     assert report.counts["hold_cpu_pct"] < 20, report.summary()
     assert report.counts["responses"] > 0
 
 
-def test_fd_limit_finds_a_server_spinning_on_emfile(
-    tmp_path: Path, numbers: dict[str, object]
-) -> None:
+def test_fd_limit_finds_a_server_spinning_on_emfile(tmp_path: Path, show_cpu: Show) -> None:
     manifest = emfile_manifest(tmp_path, "spin")
     with harness(manifest).start(tmp_path / "run", "spin") as run:
         report = run.run_fault("fd_limit", **FD_QUICK)
         outcome = run.finish()
-    numbers.update(_fd_numbers(report))
+    show_cpu(report)
     assert rules(outcome) == {verdict.BUSY_LOOP}, rendered(outcome)
     busy = next(v for v in outcome.violations if v.rule == verdict.BUSY_LOOP)
     assert "at its fd limit" in busy.summary and "EMFILE" in busy.summary
@@ -245,15 +249,13 @@ def test_fd_limit_finds_a_server_spinning_on_emfile(
     # It recovers once an fd is free: no leak, and it answers.
 
 
-def test_fd_limit_finds_a_server_leaking_on_emfile(
-    tmp_path: Path, numbers: dict[str, object]
-) -> None:
+def test_fd_limit_finds_a_server_leaking_on_emfile(tmp_path: Path, show_cpu: Show) -> None:
     manifest = emfile_manifest(tmp_path, "leak")
     with harness(manifest).start(tmp_path / "run", "leak") as run:
         # One fd left to the storm: the first request finds none for its file and leaks.
         report = run.run_fault("fd_limit", **{**FD_QUICK, "slots": 1})
         outcome = run.finish()
-    numbers.update(_fd_numbers(report))
+    show_cpu(report)
     # Each request that found no fd left cost one for good: CLOSE_WAIT (and, if every fd the
     # idle clients gave back afterwards leaked too, it stops answering: liveness).
     assert verdict.FD_LEAK in rules(outcome), rendered(outcome)
@@ -261,11 +263,6 @@ def test_fd_limit_finds_a_server_leaking_on_emfile(
     leak = next(v for v in outcome.violations if v.rule == verdict.FD_LEAK)
     assert "CLOSE_WAIT" in leak.summary
     assert report.counts["close_wait_after"] > 0
-
-
-def _fd_numbers(report: FaultReport) -> dict[str, object]:
-    keys = ("nofile", "idle_cpu_pct", "hold_cpu_pct", "hold_cpu_used_pct", "after_cpu_pct")
-    return {k: report.counts.get(k, 0) for k in keys}
 
 
 # --------------------------------------------------------------------------- pause

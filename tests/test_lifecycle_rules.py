@@ -23,6 +23,10 @@ from afterclose.harness.trace import reader, rules
 
 LIFECYCLE = Path(__file__).parent / "lifecycle"
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-pthread")
+# The servers' logger closes its dups in batches, and on a loaded machine one census of the
+# target's sockets can take a second: the fd-leak oracle must be able to look twice.  (Only a
+# target that does leak waits this long.)
+FD_GRACE_S = 3.0
 
 Faults = Sequence[tuple[str, Mapping[str, object]]]
 
@@ -33,7 +37,7 @@ def harness_for(
     mode: str,
     *,
     env: Mapping[str, str] | None = None,
-    fd_grace_s: float = 1.0,
+    fd_grace_s: float = FD_GRACE_S,
 ) -> Harness:
     manifest = tmp_path / f"{server}-{mode}.toml"
     env_lines = "".join(f'{key} = "{value}"\n' for key, value in (env or {}).items())
@@ -64,7 +68,7 @@ def judge(
     faults: Faults,
     *,
     env: Mapping[str, str] | None = None,
-    fd_grace_s: float = 1.0,
+    fd_grace_s: float = FD_GRACE_S,
 ) -> Outcome:
     harness = harness_for(tmp_path, server, mode, env=env, fd_grace_s=fd_grace_s)
     assert harness.tracer_mode == "preload"
