@@ -40,6 +40,10 @@ def socket_inodes(pid: int) -> dict[int, int]:
     return result
 
 
+def socket_fd_count(pids: list[int]) -> int:
+    return sum(len(socket_inodes(pid)) for pid in pids)
+
+
 @dataclass(frozen=True)
 class TcpSocket:
     local_port: int
@@ -95,6 +99,7 @@ def census(pids: list[int], port: int) -> SocketCensus:
         owned = socket_inodes(pid)
         fds += len(owned)
         inodes.update(owned.values())
+    # Only the target's own sockets count: the table also holds every client's.
     states: Counter[str] = Counter()
     if pids:
         for sock in tcp_sockets(pids[0]):

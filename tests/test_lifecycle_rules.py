@@ -119,7 +119,7 @@ def test_event_after_close_dup_keeps_the_registration(tmp_path: Path) -> None:
     assert rules_of(outcome) == {V.EVENT_AFTER_CLOSE}, explain(outcome)
     v = violation(outcome, V.EVENT_AFTER_CLOSE)
     assert "still refers to the same open file" in v.summary
-    assert "created by dup" in v.details or "dup(" in v.details, v.details
+    assert "dup(" in v.details, v.details  # the timeline shows the logger's dup
     assert not outcome.warnings, explain(outcome)
 
 
@@ -193,9 +193,10 @@ def test_freed_while_registered_by_another_thread(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_stale_rearm_batched_rearm_after_the_accept_batch(tmp_path: Path) -> None:
-    """pool stale-rearm: a re-arm queued for a connection that then closed is applied right
-    after the next accept batch, which was handed the same (lowest free) fd number: the MOD
-    succeeds on the stranger's connection with the closed client's pointer.
+    """pool stale-rearm: answering "Connection: close" queues the connection's re-arm, then
+    closes it; the queue is applied right after the next accept batch, which was handed the same
+    (lowest free) fd number: the MOD succeeds on the stranger's connection with the closed
+    client's pointer.
 
     One connection at a time, so each new connection reuses the number of the last one.  When
     the event thread serves the new connection before the acceptor's notification arrives, the
@@ -205,7 +206,7 @@ def test_stale_rearm_batched_rearm_after_the_accept_batch(tmp_path: Path) -> Non
         tmp_path,
         "pool",
         "stale-rearm",
-        [("half_close", {"connections": 12, "concurrency": 1, "requests_per_connection": 1})],
+        [("connection_storm", storm({"close": 1}, concurrency=1, duration_s=0.06))],
     )
     assert V.STALE_REARM in rules_of(outcome), explain(outcome)
     assert rules_of(outcome) <= {V.STALE_REARM, V.USE_AFTER_CLOSE}, explain(outcome)
@@ -295,7 +296,7 @@ def test_lost_records_are_reported_loudly(tmp_path: Path) -> None:
         ],
         env=env,
     )
-    assert outcome.reports[0].counts["responses"] == 15_000, explain(outcome)
+    assert outcome.reports[0].counts["responses"] > 10_000, explain(outcome)
     text = "\n".join(outcome.warnings)
     assert "trace incomplete" in text and "records were lost" in text, explain(outcome)
     assert "records lost" in text, explain(outcome)  # the per-process line

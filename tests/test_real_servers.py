@@ -43,7 +43,7 @@ SERVERS = {
         Server("nginx", binary="/usr/sbin/nginx", processes=3),
         Server("lighttpd", binary="/usr/sbin/lighttpd"),
         # num-threads 2 in one process, plus the crash-report helper h2o forks at start-up
-        Server("h2o", binary="/usr/bin/h2o", processes=2, threads=3),
+        Server("h2o", binary="/usr/bin/h2o", processes=2, threads=2),
         Server("asyncio"),
         Server("uvloop", module="uvloop"),
     )

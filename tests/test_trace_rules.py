@@ -548,20 +548,21 @@ def test_stale_rearm_by_add_without_free() -> None:
 
 
 def test_stale_add_not_reported_when_the_owner_add_raced_its_close() -> None:
-    """T2's ADD of A for 7#1 is still in flight when T1 gets 7#1's event, closes 7#1 and frees
-    A -- before the shim's ADD wrapper learned that A is epoll data, so the free leaves no
-    record.  malloc then hands A out again for 7#2: that is reuse, not a stale re-arm."""
+    """T3 registers what the acceptor T2 accepts.  Its ADD of A for 7#1 is still in flight when
+    T1 gets 7#1's event, closes 7#1 and frees A -- before the shim's ADD wrapper learned that A
+    is epoll data, so the free leaves no record.  malloc then hands A out again for 7#2: that
+    is reuse, not a stale re-arm."""
     t = TraceBuilder()
     server(t)
     t.accept(tid=2, ret=7)
-    add = t.begin(t.ctl_add, tid=2, epfd=EP, fd=7, data=A)
+    add = t.begin(t.ctl_add, tid=3, epfd=EP, fd=7, data=A)
     t.wait(tid=1, epfd=EP, events=[(IN | HUP, A)])
     t.read(tid=1, fd=7, err=104)  # ECONNRESET
     t.ctl_del(tid=1, epfd=EP, fd=7)
     t.close(tid=1, fd=7)  # ... and free(A), unrecorded
     t.end(add)
     t.accept(tid=2, ret=7)
-    t.ctl_add(tid=2, epfd=EP, fd=7, data=A)
+    t.ctl_add(tid=3, epfd=EP, fd=7, data=A)
     t.wait(tid=1, epfd=EP, events=[(IN, A)])
     t.read(tid=1, fd=7)
     v = t.check()

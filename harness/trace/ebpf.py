@@ -99,10 +99,12 @@ __all__ = [
 
 BT_SOURCE = Path(__file__).resolve().parent / "afterclose.bt"
 SEED_MARK = "/*@SEED@*/"
+DEDUP_MARK = "/*@DEDUP_IO@*/"
 ENV_RING_PAGES = "BPFTRACE_PERF_RB_PAGES"
 ENV_MAP_KEYS = "BPFTRACE_MAP_KEYS_MAX"
 ENV_GUARD_NS = "AFTERCLOSE_EBPF_GUARD_NS"
 ENV_BPFTRACE = "AFTERCLOSE_BPFTRACE"  # the bpftrace binary to run (default: the one on PATH)
+ENV_ALL_IO = "AFTERCLOSE_EBPF_ALL_IO"  # 1: print every read/write (no de-duplication)
 DEFAULT_RING_PAGES = 1024  # per CPU; the default (64) loses events under a storm
 DEFAULT_MAP_KEYS = 16384  # one key per traced process and per thread in a syscall
 ATTACH_TIMEOUT_S = 120.0
@@ -195,13 +197,16 @@ def ensure_tracefs() -> None:
 # -- the program -----------------------------------------------------------------------------
 
 
-def program_text(pids: Iterable[int], source: Path = BT_SOURCE) -> str:
-    """``afterclose.bt`` with the traced pids seeded into its BEGIN block."""
+def program_text(pids: Iterable[int], source: Path = BT_SOURCE, *, dedup_io: bool = True) -> str:
+    """``afterclose.bt`` with the traced pids seeded into its BEGIN block and its I/O
+    de-duplication switched on or off (see the program's header)."""
     text = source.read_text()
     if SEED_MARK not in text:
         raise TraceError(f"the eBPF program has no {SEED_MARK} placeholder", where=source)
     seeds = " ".join(f"@t[{int(p)}] = 1;" for p in sorted(set(pids)))
-    return text.replace(SEED_MARK, seeds)
+    if DEDUP_MARK not in text:
+        raise TraceError(f"the eBPF program has no {DEDUP_MARK} placeholder", where=source)
+    return text.replace(SEED_MARK, seeds).replace(DEDUP_MARK, "1" if dedup_io else "0")
 
 
 def _die_with_parent() -> None:
@@ -227,7 +232,14 @@ atexit.register(_stop_all_at_exit)
 class BpftraceRun:
     """One bpftrace process: started attached (``begin_ns`` known), stopped once."""
 
-    def __init__(self, folder: Path, pids: Sequence[int], env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        pids: Sequence[int],
+        env: Mapping[str, str] | None = None,
+        *,
+        dedup_io: bool | None = None,
+    ) -> None:
         exe = bpftrace_path()
         if exe is None:
             missing = unavailable()
@@ -241,12 +253,15 @@ class BpftraceRun:
         self.program = folder / PROGRAM_NAME
         self.output = folder / OUTPUT_NAME
         self.log = folder / LOG_NAME
-        self.program.write_text(program_text(pids))
-        self.pids = list(pids)
         full_env = dict(os.environ)
         full_env.setdefault(ENV_RING_PAGES, str(DEFAULT_RING_PAGES))
         full_env.setdefault(ENV_MAP_KEYS, str(DEFAULT_MAP_KEYS))
         full_env.update(env or {})
+        if dedup_io is None:
+            dedup_io = full_env.get(ENV_ALL_IO, "") not in ("1", "yes", "true")
+        self.dedup_io = dedup_io
+        self.program.write_text(program_text(pids, dedup_io=dedup_io))
+        self.pids = list(pids)
         self.ring_pages = full_env[ENV_RING_PAGES]
         self.begin_ns = 0
         self.returncode: int | None = None
@@ -449,7 +464,13 @@ def parse_output(path: Path) -> ParsedOutput:
             except ValueError:
                 out.malformed += 1
                 continue
-            append((op, pid, tid, si, so, fl, fd, arg, data, ev, ret))
+            if op == Op.EPOLL_WAIT:
+                # The wait line carries its first event (one perf-buffer write less).
+                append((op, pid, tid, si, so, fl, fd, arg, 0, 0, ret))
+                if ret > 0:
+                    append((Op.EPOLL_EVENT, pid, tid, si, so, 0, fd, 0, data, ev, 0))
+            else:
+                append((op, pid, tid, si, so, fl, fd, arg, data, ev, ret))
         elif line.startswith(b"B "):
             out.begin_ns = int(line[2:])
         elif line.startswith(b"Lost "):
@@ -730,6 +751,7 @@ def guard_ns_from_env() -> int:
 _ELF_MAGIC = b"\x7fELF"
 _PT_INTERP = 3
 _GO_BUILDINFO = b"\xff Go buildinf:"
+_GO_BUILD = re.compile(r"(^|[\s;&|(])go\s+build\b")  # "go build" inside a shell command
 
 
 def elf_kind(path: Path) -> str:
@@ -785,7 +807,8 @@ def prefers_ebpf(manifest: Manifest) -> bool:
     program = _program_of(manifest)
     if program is not None and program.is_file():
         return elf_kind(program) in ("static", "go")
-    return manifest.build is not None and any(Path(a).name == "go" for a in manifest.build)
+    build = manifest.build or ()
+    return any(Path(a).name == "go" or _GO_BUILD.search(a) for a in build)
 
 
 # -- the tracer session ----------------------------------------------------------------------

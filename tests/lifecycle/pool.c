@@ -14,23 +14,25 @@
  *   - the acceptor thread A polls the listener, accepts every pending connection and registers
  *     each EPOLLIN|EPOLLONESHOT with data.ptr = a new struct client, then tells the event thread
  *     how many it accepted through an eventfd that is in the same epoll set;
- *   - the event thread E serves requests.  Once it answered a request it queues the connection's
- *     re-arm (EPOLL_CTL_MOD) and goes on reading; the queue is applied in one pass right after
- *     an accept batch (when the eventfd fires), or when its oldest entry is REARM_MAX_MS old;
+ *   - the event thread E serves requests, reading until EAGAIN.  As soon as it answered a
+ *     request it queues the connection's re-arm (EPOLL_CTL_MOD), and it queues one when a read
+ *     finds nothing more; the queue is applied in one pass right after an accept batch (when the
+ *     eventfd fires), or when its oldest entry is REARM_MAX_MS old;
  *   - E closes connections itself (EOF, error, 400, "Connection: close"): conn_close() =
  *     EPOLL_CTL_DEL, close(); the client is freed then, or by the re-arm pass if a re-arm of it
  *     is still queued.
  *
  * MODE (one bug each):
  *   none               correct
- *   stale-rearm        the re-arm pass does not look at whether the client was closed meanwhile:
- *                      it relies on EPOLL_CTL_MOD failing for a closed fd (and frees the client
- *                      when it does).  But the pass runs right after an accept batch, and the
- *                      acceptor was just handed the lowest free fd number -- the closed one.  The
- *                      MOD succeeds on the stranger's connection, whose registration now carries
- *                      the old client.  (Nothing crashes: the old client object goes on serving
- *                      the new connection through the reused fd number; the new connection's own
- *                      client object never gets an event.)
+ *   stale-rearm        the re-arm pass does not look at whether the client was closed meanwhile
+ *                      (after "Connection: close", say, the re-arm is queued and then the
+ *                      connection closed): it relies on EPOLL_CTL_MOD failing for a closed fd,
+ *                      and frees the client when it does.  But the pass runs right after an
+ *                      accept batch, and the acceptor was just handed the lowest free fd number
+ *                      -- the closed one.  The MOD succeeds on the stranger's connection, whose
+ *                      registration now carries the old client.  (Nothing crashes: the old
+ *                      client object goes on serving the new connection through the reused fd
+ *                      number; the new connection's own client object never gets an event.)
  *   wrong-incarnation  on a read/write error the helper closes the fd; the caller then reports
  *                      the error -- slowly, REPORT_US -- and closes the fd again "to be sure".
  *                      Meanwhile the acceptor was handed that number: the second close silently
@@ -317,6 +319,7 @@ static int serve(struct client *c)
             conn_error(c, errno);
             return 1;
         }
+        queue_rearm(c); /* answered: it may read again (re-arms are applied in batches) */
         off = (size_t)(end + 4 - c->buf);
         if (close_it) {
             shutdown(c->fd, SHUT_WR);
@@ -338,7 +341,6 @@ static void on_event(struct client *c)
             c->len += (size_t)n;
             if (serve(c))
                 return;
-            queue_rearm(c);
         } else if (n == 0) {
             conn_close(c);
             return;

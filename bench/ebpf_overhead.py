@@ -1,0 +1,193 @@
+"""What the eBPF tracer costs a server: wrk requests/s of seed-fixed untraced, traced by the
+shim, traced by eBPF (bpftrace), and under strace -f, in one run.
+
+    python3 bench/ebpf_overhead.py [--seconds 10] [--cycles 2] [--warmup 1]
+                                   [--threads 2] [--connections 50]
+
+Needs root, bpftrace, wrk and strace.  Four seed-fixed servers are started together (idle,
+they cost nothing): ``off`` (untraced), ``preload`` (the afterclose shim through
+``LD_PRELOAD``), ``ebpf`` (untraced until its burst: bpftrace attaches to its PID right
+before and detaches right after, so its probes never run during the other modes' bursts)
+and ``strace`` (``strace -f -qq -o /dev/null``).  Each cycle measures every server with one
+keep-alive wrk burst (``wrk -tT -cC -dNs``), in an order rotated by one per cycle; each server
+first gets an uncounted ``--warmup`` burst.  A ratio is the median over cycles of that
+cycle's traced / untraced requests/s.
+
+The eBPF figure counts the events bpftrace lost (perf buffer full: a lossy trace flatters
+the tracer, and is flagged) and the records it printed per request.  The CPU columns are the
+server's own CPU time per request (user + system, from ``/proc``: in-kernel BPF time is the
+server's system time) and, for eBPF, bpftrace's own CPU time per request on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import _common as c
+from afterclose.harness.trace import ebpf
+
+MODES = ("off", "preload", "ebpf", "strace")
+COLUMNS = (
+    *c.CONTEXT_COLUMNS,
+    "seed-fixed req/s: off / preload / ebpf / strace",
+    "ratio preload / off",
+    "ratio ebpf / off",
+    "ratio strace / off",
+    "CPU µs/request: off / preload / ebpf (+ bpftrace) / strace",
+    "eBPF: records/request, events lost",
+)
+
+
+@dataclass
+class Sample:
+    mode: str
+    cycle: int
+    rps: float
+    cpu_us: float  # the server's CPU time per request
+    tracer_cpu_us: float  # bpftrace's CPU time per request (eBPF only)
+    records: int
+    lost: int
+    requests: int
+
+
+def burst(server: c.Started, args: argparse.Namespace, seconds: float) -> c.WrkStats:
+    argv = c.wrk_argv(
+        server.url, threads=args.threads, connections=args.connections, seconds=seconds
+    )
+    return c.wrk_stats(c.run_tool(argv, timeout_s=seconds + 20).check("wrk"))
+
+
+def measure(
+    server: c.Started, mode: str, cycle: int, args: argparse.Namespace, folder: Path
+) -> Sample:
+    pids = server.target.host_pids()
+    run: ebpf.BpftraceRun | None = None
+    if mode == "ebpf":
+        run = ebpf.BpftraceRun(folder / f"ebpf-{cycle}", pids)
+    try:
+        cpu0 = c.cpu_seconds(pids)
+        tracer0 = c.cpu_seconds([run.pid]) if run else 0.0
+        stats = burst(server, args, args.seconds)
+        cpu = c.cpu_seconds(pids) - cpu0
+        tracer = (c.cpu_seconds([run.pid]) - tracer0) if run else 0.0
+    finally:
+        if run is not None:
+            run.stop()
+    records = lost = 0
+    if run is not None:
+        parsed = ebpf.parse_output(run.output)
+        records, lost = len(parsed.records), parsed.lost
+        c.remove(run.folder)
+    n = max(stats.requests, 1)
+    return Sample(
+        mode, cycle, stats.rps, cpu / n * 1e6, tracer / n * 1e6, records, lost, stats.requests
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per burst")
+    parser.add_argument("--cycles", type=int, default=2, help="bursts per server")
+    parser.add_argument("--warmup", type=float, default=1.0, help="uncounted first burst, s")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=50)
+    args = parser.parse_args()
+    command = c.command_line(
+        "ebpf_overhead.py",
+        [
+            f"--seconds={args.seconds:g}",
+            f"--cycles={args.cycles}",
+            f"--warmup={args.warmup:g}",
+            f"--threads={args.threads}",
+            f"--connections={args.connections}",
+        ],
+    )
+    c.require("wrk", "strace")
+    missing = ebpf.unavailable()
+    if missing is not None:
+        raise SystemExit(f"bench: {missing[0]}\nHint: {missing[1]}")
+    load_before = c.load()
+    c.warm_shim()
+    seed = c.seed_manifest("seed-fixed")
+    artefact = c.build(seed)
+    samples: list[Sample] = []
+    with c.scratch("ebpf-overhead") as scratch, contextlib.ExitStack() as stack:
+        servers: dict[str, c.Started] = {}
+        for mode in MODES:
+            start_mode = "off" if mode == "ebpf" else mode
+            servers[mode] = stack.enter_context(
+                c.started(seed, artefact, start_mode, scratch / mode)
+            )
+        if args.warmup > 0:
+            for mode in MODES:
+                burst(servers[mode], args, args.warmup)
+        for cycle in range(args.cycles):
+            for mode in c.rotated(MODES, cycle):
+                s = measure(servers[mode], mode, cycle, args, scratch)
+                samples.append(s)
+                extra = (
+                    f", bpftrace {s.tracer_cpu_us:.1f} µs CPU/req, {s.records} records, "
+                    f"{s.lost} lost"
+                    if mode == "ebpf"
+                    else ""
+                )
+                print(
+                    f"cycle {cycle + 1} {mode:7}: {s.rps:9.0f} req/s; {s.requests} requests, "
+                    f"{s.cpu_us:.1f} µs CPU/req{extra}; load {c.load()}"
+                )
+        dead = [mode for mode, server in servers.items() if not server.alive()]
+
+    def of(mode: str) -> list[Sample]:
+        return [s for s in samples if s.mode == mode]
+
+    def rps(mode: str) -> float:
+        return c.median([s.rps for s in of(mode)])
+
+    def cpu(mode: str) -> float:
+        return c.median([s.cpu_us for s in of(mode)])
+
+    def ratio(mode: str) -> float:
+        by_cycle = {(s.mode, s.cycle): s.rps for s in samples}
+        return c.median(
+            [c.ratio(by_cycle[mode, k], by_cycle["off", k]) for k in range(args.cycles)]
+        )
+
+    traced = of("ebpf")
+    lost = sum(s.lost for s in traced)
+    per_request = sum(s.records for s in traced) / max(sum(s.requests for s in traced), 1)
+    tracer_cpu = c.median([s.tracer_cpu_us for s in traced])
+    flag = "" if lost == 0 else " (a lossy trace: eBPF ratio flattered)"
+    c.append_row(
+        "ebpf-overhead",
+        COLUMNS,
+        [
+            *c.context_cells(command, load_before),
+            " / ".join(f"{rps(m):.0f}" for m in MODES)
+            + (f" (died: {', '.join(dead)})" if dead else ""),
+            f"{ratio('preload'):.2f}",
+            f"{ratio('ebpf'):.2f}",
+            f"{ratio('strace'):.2f}",
+            f"{cpu('off'):.1f} / {cpu('preload'):.1f} / {cpu('ebpf'):.1f} "
+            f"(+ {tracer_cpu:.1f}) / {cpu('strace'):.1f}",
+            f"{per_request:.1f}, {lost} lost{flag}",
+        ],
+        title="eBPF tracer overhead: requests/s untraced, shim, eBPF, strace",
+    )
+    if dead:
+        print(f"WARNING: died during the benchmark: {', '.join(dead)}")
+    print(
+        "seed-fixed: "
+        + ", ".join(f"{m} {rps(m):.0f} req/s ({cpu(m):.1f} µs CPU/req)" for m in MODES)
+        + f"; bpftrace {tracer_cpu:.1f} µs CPU/req, {per_request:.1f} records/req, {lost} lost"
+    )
+    print(
+        f"ratios traced/untraced: preload {ratio('preload'):.2f}, ebpf {ratio('ebpf'):.2f}, "
+        f"strace {ratio('strace'):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+module afterclose.example/goepoll
+
+go 1.19
