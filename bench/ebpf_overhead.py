@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import _common as c
+
 from afterclose.harness.trace import ebpf
 
 MODES = ("off", "preload", "ebpf", "strace")

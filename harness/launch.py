@@ -7,6 +7,7 @@ import hashlib
 import os
 import shlex
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def make_plan(
         "build": str(artefact) if artefact else "",
         "workdir": str(workdir),
         "manifest_dir": str(manifest.folder),
+        # The interpreter running the harness: Python targets then run in the same virtual
+        # environment whether or not it is activated.
+        "python": sys.executable,
     }
     argv = [
         manifest.render(part, values, f"command[{i}]") for i, part in enumerate(manifest.command)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from afterclose.harness.errors import ManifestError
 
 MANIFEST_FILE = "target.toml"
-PLACEHOLDERS = ("host", "port", "build", "workdir", "manifest_dir")
+PLACEHOLDERS = ("host", "port", "build", "workdir", "manifest_dir", "python")
 TRACER_MODES = ("auto", "preload", "ebpf", "off")
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGKILL")
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +92,28 @@ class SocketCensus:
     def describe(self) -> str:
         states = ", ".join(f"{k} {v}" for k, v in sorted(self.states.items())) or "none"
         return f"{self.socket_fds} socket fds; connections on the port: {states}"
+
+
+def settled_census(
+    pids: Callable[[], list[int]], port: int, quiet_s: float = 0.25, cap_s: float = 3.0
+) -> SocketCensus:
+    """The census once the target's processes and socket fds stopped changing for ``quiet_s``.
+
+    A server that is ready may still be settling: nginx's workers pass channel fds between
+    each other for a moment after the first one answers.  A baseline taken then is wrong.
+    """
+    deadline = time.monotonic() + cap_s
+    last: tuple[tuple[int, ...], int] | None = None
+    since = time.monotonic()
+    while True:
+        now_pids = pids()
+        state = (tuple(sorted(now_pids)), socket_fd_count(now_pids))
+        now = time.monotonic()
+        if state != last:
+            last, since = state, now
+        elif now - since >= quiet_s or now >= deadline:
+            return census(now_pids, port)
+        time.sleep(0.02)
 
 
 def census(pids: list[int], port: int) -> SocketCensus:

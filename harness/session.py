@@ -178,7 +178,7 @@ class TargetRun:
             self.target: RunningTarget = harness.runner.start(plan)
             self._stack.callback(self.target.stop)
             self.tracer.started(self.target)
-            self.baseline = procfs.census(self.target.host_pids(), self.target.port)
+            self.baseline = procfs.settled_census(self.target.host_pids, self.target.port)
         except BaseException:
             self._stack.close()
             raise
@@ -231,7 +231,7 @@ class TargetRun:
         self._stack.callback(target.stop)
         self.target = target
         self.tracer.started(target)
-        self.baseline = procfs.census(target.host_pids(), target.port)
+        self.baseline = procfs.settled_census(target.host_pids, target.port)
 
     def run_scenario(self, scenario: Scenario) -> ScenarioReport:
         """Run ``scenario``'s phases in order (seed: its own, else this test's seed)."""

@@ -109,9 +109,20 @@ class ProcessTarget(RunningTarget):
     def _signal_group(self, sig: signal.Signals, pids: list[int]) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
+        # Members of the group got it already; a second copy can kill a server that is in
+        # the middle of its graceful stop (and has restored the default action).
         for pid in pids:
+            if _pgid(pid) == self.proc.pid:
+                continue
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def _alive(pid: int) -> bool:
