@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--tracer", default="auto", choices=("auto", "preload", "off"))
+        p.add_argument("--tracer", default="auto", choices=("auto", "preload", "ebpf", "off"))
         p.add_argument("--sanitize", default="none", choices=("none", "address", "undefined"))
         p.add_argument("--seed", type=int, default=None, help="fault seed (default: random)")
         p.add_argument(

@@ -38,6 +38,22 @@ Attaching late
     kernel when tracing attached (an ``epoll_wait`` blocked in the loop thread, typically) has
     no entry record and is not printed.
 
+Which processes
+    The pids the runner reports (host PID namespace, so a container's processes too), and
+    every child they fork afterwards (``sched_process_fork`` adds it before it can run; a
+    thread is no child).  A FORK record in the parent copies its table to the child's, as
+    with the shim.
+
+Cost
+    Every traced call costs the target two BPF programs and, for each printed line, a
+    perf-buffer write and a wake-up of bpftrace, which formats the line in user space.  The
+    program therefore prints a repeated read/write (same thread, same fd, same epoll batch,
+    no fd change in the process since) and a MOD that re-sets a registration's own data only
+    once (``AFTERCLOSE_EBPF_ALL_IO=1`` prints them all; see ``afterclose.bt``).  The perf
+    buffer is ``BPFTRACE_PERF_RB_PAGES`` pages per CPU (1024 unless set); events it drops are
+    counted from bpftrace's "Lost N events" lines and every report says the trace is
+    incomplete.
+
 What it does not see: ``free()`` (the two free rules are not checked; every report says so),
 io_uring, fds passed over unix sockets (SCM_RIGHTS: the receiver's ``recvmsg`` creates fds
 the model does not learn about; they are of unknown origin), and execve's close-on-exec sweep.
@@ -666,7 +682,8 @@ def build_trace_files(
         by_pid.setdefault(r[1], []).append(r)
     snaps = {s.pid: s for s in snapshots}
     first_in = min((r[3] for r in parsed.records), default=0)
-    t0 = min(x for x in (first_in, parsed.begin_ns, *(s.start_ns for s in snapshots)) if x > 0)
+    starts = (first_in, parsed.begin_ns, *(s.start_ns for s in snapshots))
+    t0 = min((x for x in starts if x > 0), default=1 << 62)
     forks: dict[int, tuple[int, int]] = {}  # child -> (parent, fork seq_in)
     for r in parsed.records:
         if r[0] == Op.FORK and r[10] > 0:
@@ -824,6 +841,7 @@ class EbpfTracer(TracerSession):
     def __init__(self, trace_dir: Path, env: Mapping[str, str] | None = None) -> None:
         trace_dir.mkdir(parents=True, exist_ok=True)
         self.trace_dir = trace_dir
+        self._folder = trace_dir
         self._env = dict(env or {})
         self.guard_ns = guard_ns_from_env()
         self._run: BpftraceRun | None = None
@@ -839,7 +857,7 @@ class EbpfTracer(TracerSession):
                 hint="it exited right after becoming ready; see its log",
             )
         t = time.monotonic()
-        self._run = BpftraceRun(self.trace_dir, pids, self._env)
+        self._run = BpftraceRun(self._folder, pids, self._env)
         self.attach_s = time.monotonic() - t
         try:
             for pid in pids:
