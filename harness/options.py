@@ -61,6 +61,19 @@ def kernel(value: str) -> str:
     return value.strip()
 
 
+def kernel_timeout(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 10 <= seconds <= 86_400:
+        raise pytest.UsageError(
+            f"--kernel-timeout={value!r} is not valid; give seconds between 10 and 86400 "
+            "(the time limit of one kernel's whole guest run)"
+        )
+    return seconds
+
+
 # (option name, ini name, validator, help)
 OPTIONS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     (
@@ -86,7 +99,14 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
         "--kernel",
         "afterclose_kernel",
         kernel,
-        "run the scenarios under another Linux kernel (a version or a kernel image path)",
+        "run the tests inside qemu guests booted on other Linux kernels: versions (6.1,6.12),"
+        " Debian package names, .deb files or kernel image paths, comma-separated",
+    ),
+    (
+        "--kernel-timeout",
+        "afterclose_kernel_timeout",
+        kernel_timeout,
+        "time limit in seconds of one kernel's guest run (default: 600 + 120 per test)",
     ),
     (
         "--chaos",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -14,12 +15,14 @@ import pytest
 from afterclose.harness import options
 
 if TYPE_CHECKING:
+    from afterclose.harness.kernel.matrix import KernelMatrix
     from afterclose.harness.session import Harness, TargetRun
 
 SUITE_MODULE = "afterclose.harness.suite.scenarios"
 SUITE_NODEID = "afterclose/scenarios.py"
 HARNESS_KEY = pytest.StashKey["Harness | None"]()
 RUN_KEY = pytest.StashKey["TargetRun"]()
+MATRIX_KEY = pytest.StashKey["KernelMatrix"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -60,19 +63,30 @@ def pytest_configure(config: pytest.Config) -> None:
         "syscall_faults(**calls): syscall faults the shim injects into the target, e.g. "
         "read={'eagain': 0.05}, write={'short': 0.1} (see afterclose.harness.syscall_faults)",
     )
-    target = _setting(config, "--target")
-    if target is None:
-        config.stash[HARNESS_KEY] = None
-        return
-    from afterclose.harness.errors import AftercloseError
-    from afterclose.harness.session import Harness, Settings
-
+    harness = _make_harness(config)
+    config.stash[HARNESS_KEY] = harness
     kernel = _setting(config, "--kernel")
     if kernel is not None:
-        raise pytest.UsageError(
-            f"--kernel={kernel}: the kernel (VM) runner is not available in this version; "
-            "run without --kernel to test on the host's kernel"
-        )
+        config.stash[MATRIX_KEY] = _make_matrix(config, str(kernel), harness)
+    if harness is None:
+        return
+    # Paths on the command line mean "run these": the suite joins only a plain `pytest
+    # --target=X` (testpaths or the current folder), unless --no-builtin-suite says otherwise.
+    explicit = config.args_source == pytest.Config.ArgsSource.ARGS
+    if not explicit and not config.getoption("no_builtin_suite"):
+        suite = str(_suite_path())
+        if suite not in config.args:
+            config.args.append(suite)
+
+
+def _make_harness(config: pytest.Config) -> Harness | None:
+    target = _setting(config, "--target")
+    if target is None:
+        return None
+    from afterclose.harness.errors import AftercloseError
+    from afterclose.harness.kernel.guest import GUEST_KERNEL_ENV
+    from afterclose.harness.session import Harness, Settings
+
     # Chaos is done by the shim; with --tracer=off the shim is preloaded just to perturb.
     chaos = _setting(config, "--chaos") or "off"
     seed = _setting(config, "--fault-seed")
@@ -88,6 +102,8 @@ def pytest_configure(config: pytest.Config) -> None:
         run_id=run_id,
         runner=str(_setting(config, "--runner") or "process"),
         tracer=str(_setting(config, "--tracer") or "auto"),
+        # Inside a kernel-matrix guest: replay commands name the guest's kernel.
+        kernel=_setting(config, "--kernel") or os.environ.get(GUEST_KERNEL_ENV),  # type: ignore[arg-type]
         fault_seed=int(str(seed)),
         sanitize=str(_setting(config, "--sanitize") or "none"),
         chaos=str(chaos),
@@ -98,26 +114,73 @@ def pytest_configure(config: pytest.Config) -> None:
         harness.tracer_mode  # noqa: B018
     except AftercloseError as exc:
         raise pytest.UsageError(exc.render()) from None
-    config.stash[HARNESS_KEY] = harness
-    # Paths on the command line mean "run these": the suite joins only a plain `pytest
-    # --target=X` (testpaths or the current folder), unless --no-builtin-suite says otherwise.
-    explicit = config.args_source == pytest.Config.ArgsSource.ARGS
-    if not explicit and not config.getoption("no_builtin_suite"):
-        suite = str(_suite_path())
-        if suite not in config.args:
-            config.args.append(suite)
+    return harness
+
+
+def _make_matrix(config: pytest.Config, spec: str, harness: Harness | None) -> KernelMatrix:
+    from afterclose.harness.errors import AftercloseError
+    from afterclose.harness.kernel.matrix import KernelMatrix, inner_args
+
+    if harness is not None and harness.settings.runner != "process":
+        raise pytest.UsageError(
+            f"--kernel={spec} with --runner={harness.settings.runner}: inside a kernel guest "
+            "targets run as processes\nHint: drop --runner, or drop --kernel"
+        )
+    timeout = _setting(config, "--kernel-timeout")
+    try:
+        return KernelMatrix.from_spec(
+            spec,
+            args=inner_args(
+                config.invocation_params.args,
+                xdist=config.pluginmanager.hasplugin("xdist"),
+                fault_seed=harness.settings.fault_seed if harness else None,
+            ),
+            cwd=config.invocation_params.dir,
+            timeout_s=float(str(timeout)) if timeout is not None else None,
+        )
+    except AftercloseError as exc:
+        raise pytest.UsageError(exc.render()) from None
+
+
+def prepare_for_guest(config: pytest.Config) -> None:
+    """Called on the host before a kernel guest boots: build what the guest will run."""
+    harness = config.stash.get(HARNESS_KEY, None)
+    if harness is None:
+        return
+    from afterclose.harness.errors import AftercloseError
+
+    try:
+        harness.prebuild()
+    except AftercloseError as exc:
+        pytest.fail(exc.render(), pytrace=False)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    matrix = config.stash.get(MATRIX_KEY, None)
+    if matrix is not None:
+        # Every test becomes one item per kernel, run inside that kernel's guest.
+        items[:] = matrix.wrap(items)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    lines = []
     harness = config.stash.get(HARNESS_KEY, None)
-    if harness is None:
-        return None
-    s = harness.settings
-    return [
-        f"afterclose: target {harness.manifest.name} ({harness.manifest.path}), runner {s.runner},"
-        f" tracer {harness.tracer_mode}, sanitizer {s.sanitize}, fault seed {s.fault_seed}"
-        f", chaos {s.chaos}"
-    ]
+    if harness is not None:
+        s = harness.settings
+        lines.append(
+            f"afterclose: target {harness.manifest.name} ({harness.manifest.path}), runner "
+            f"{s.runner}, tracer {harness.tracer_mode}, sanitizer {s.sanitize}, fault seed "
+            f"{s.fault_seed}, chaos {s.chaos}"
+        )
+    matrix = config.stash.get(MATRIX_KEY, None)
+    if matrix is not None:
+        lines.append(
+            "afterclose: kernels "
+            + ", ".join(f"{k.label} ({k.describe()})" for k in matrix.sources)
+            + ", each test run inside a qemu guest"
+        )
+    return lines or None
 
 
 class BuiltinSuite(pytest.Module):

@@ -106,6 +106,14 @@ class Harness:
     def artefact(self) -> Path | None:
         return launch.build_target(self.manifest, self.settings.sanitize, self.settings.run_id)
 
+    def prebuild(self) -> None:
+        """Build the target and the shim now: a guest would compile them under emulation."""
+        self.artefact  # noqa: B018
+        if self.tracer_mode == "preload" or self.settings.chaos != "off":
+            from afterclose.harness.trace import shim
+
+            shim.shim_path()
+
     @cached_property
     def runner(self) -> Runner:
         return make_runner(self.settings.runner)

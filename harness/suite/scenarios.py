@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import pytest
 
+from afterclose.faults import netem
 from afterclose.faults._packets import unavailable_reason
 from afterclose.harness.session import TargetRun
 
 # Forged segments need root and scapy; without them these scenarios skip and say why.
 _PACKETS = pytest.mark.skipif(unavailable_reason() is not None, reason=unavailable_reason() or "")
+
+# netem needs sch_netem: the kernel matrix's guests have it, many hosts do not.
+_NETEM = pytest.mark.skipif(
+    netem.unavailable_reason() is not None, reason=netem.unavailable_reason() or ""
+)
 
 pytestmark = pytest.mark.afterclose_scenario
 
@@ -115,3 +121,9 @@ def test_rst_before_accept(target: TargetRun) -> None:
 def test_rst_mid_response(target: TargetRun) -> None:
     report = target.run_fault("rst_mid_response", connections=4, concurrency=2)
     assert report.counts["rst_forged"] + report.counts["rst_sent"] > 0
+
+
+@_NETEM
+def test_netem(target: TargetRun) -> None:
+    report = target.run_fault("netem", storm_s=2.0, rate_per_s=150, concurrency=20)
+    assert report.counts["netem_packets"] > 0
