@@ -1,7 +1,7 @@
 """New connections per second: afterclose's storm vs siege vs wrk, against seed-fixed.
 
     python3 bench/storm_rate.py [--seconds 5] [--rounds 2] [--concurrency 100]
-                                [--tracer off|preload]
+                                [--processes N] [--tracer off|preload]
 
 One seed-fixed (untraced by default: this measures the load generators, not the target) runs
 for the whole benchmark; every generator hammers the same process, at the same concurrency:
@@ -9,18 +9,20 @@ for the whole benchmark; every generator hammers the same process, at the same c
 * ``storm close``: ``connection_storm`` with ``mix={"close": 1}`` (one request with
   ``Connection: close`` per connection), rate unthrottled (``rate_per_s=100000``);
 * ``storm default``: ``connection_storm`` with its default mix (keep-alive, close, resets,
-  half-closes, shutdown races, idle drops), unthrottled;
+  half-closes, shutdown races, idle drops, malformed requests, slow senders), unthrottled;
 * ``siege``: ``siege -b -c C -t Ns -H 'Connection: close'`` (its rc also says
   ``connection = close``);
 * ``wrk``: ``wrk -t2 -cC -dNs -H 'Connection: close'`` (wrk reconnects after every answer).
 
-Rounds interleave the four (each round starts with a different one).  Each one's rate is what
-it reports itself (connections established / elapsed for the storm, transactions / elapsed for
-siege, requests / elapsed for wrk); beside it, the kernel's count of accepted connections per
-second (``PassiveOpens`` in ``/proc/net/snmp``) from 1 s after the start to 0.5 s before the
-nominal end: the steady state, the same window for every tool, system-wide (other work on the
-machine adds to it).  The ratios are the medians over rounds of the per-round ratios of the
-tools' own rates.
+The storm runs on asyncio (uvloop when installed) in ``--processes`` worker processes (default:
+the fault's default, min(2, cores)), which share the concurrency.  Rounds interleave the four
+(each round starts with a different one).  Each one's rate is what it reports itself
+(connections established / elapsed for the storm, transactions / elapsed for siege, requests /
+elapsed for wrk); beside it, the kernel's count of accepted connections per second
+(``PassiveOpens`` in ``/proc/net/snmp``) from 1 s after the start to 0.5 s before the nominal
+end: the steady state, the same window for every tool, system-wide (other work on the machine
+adds to it).  The ratios are the medians over rounds of the per-round ratios of the tools' own
+rates.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 import _common as c
 
 from afterclose import faults
+from afterclose.faults import _storm_engine
 from afterclose.faults.base import Endpoint
 
 TARGET = "seed-fixed"
@@ -70,7 +73,11 @@ def measure(tool: str, run: Callable[[], tuple[float, str]], seconds: float) -> 
 
 
 def storm(
-    endpoint: Endpoint, seconds: float, concurrency: int, mix: dict[str, float] | None
+    endpoint: Endpoint,
+    seconds: float,
+    concurrency: int,
+    processes: int,
+    mix: dict[str, float] | None,
 ) -> Callable[[], tuple[float, str]]:
     # The plan (one drawn action per connection) is made before the first connect: keep it
     # to what the run can use, and say so if the storm ran out of it.
@@ -82,6 +89,7 @@ def storm(
             "concurrency": concurrency,
             "duration_s": seconds,
             "max_connections": planned,
+            "processes": processes,
         }
         if mix is not None:
             params["mix"] = mix
@@ -89,7 +97,10 @@ def storm(
         report = fault.run(endpoint, random.Random(), time.monotonic() + seconds + 30)
         made = report.counts["connections"]
         errors = sum(n for k, n in report.counts.items() if k.startswith("errors:"))
-        note = f"{made} connections in {report.elapsed_s:.2f} s, {errors} errors"
+        note = (
+            f"{made} connections in {report.elapsed_s:.2f} s, {errors} errors, "
+            f"{report.counts['storm_processes']} process(es) on {_storm_engine.loop_name()}"
+        )
         if report.counts["not_started"] == 0:  # every planned connection was started
             note += f" (RAN OUT OF ITS {planned}-CONNECTION PLAN: raise STORM_MAX_PER_S)"
         return made / report.elapsed_s, note
@@ -131,6 +142,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per tool per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=_storm_engine.DEFAULT_PROCESSES,
+        help="the storm's worker processes",
+    )
     parser.add_argument("--tracer", choices=("off", "preload"), default="off")
     args = parser.parse_args()
     command = c.command_line(
@@ -139,6 +156,7 @@ def main() -> None:
             f"--seconds={args.seconds:g}",
             f"--rounds={args.rounds}",
             f"--concurrency={args.concurrency}",
+            f"--processes={args.processes}",
             f"--tracer={args.tracer}",
         ],
     )
@@ -152,8 +170,12 @@ def main() -> None:
         with c.started(manifest, artefact, args.tracer, scratch / "target") as target:
             endpoint = Endpoint(target.target.host, target.target.port, echo_path=True)
             runs = {
-                "storm close": storm(endpoint, args.seconds, args.concurrency, {"close": 1}),
-                "storm default": storm(endpoint, args.seconds, args.concurrency, None),
+                "storm close": storm(
+                    endpoint, args.seconds, args.concurrency, args.processes, {"close": 1}
+                ),
+                "storm default": storm(
+                    endpoint, args.seconds, args.concurrency, args.processes, None
+                ),
                 "siege": siege(target.url, args.seconds, args.concurrency, rc),
                 "wrk": wrk(target.url, args.seconds, args.concurrency),
             }

@@ -5,7 +5,9 @@ A fault is a frozen dataclass holding its parameters (:class:`Fault`).  ``run()`
 The plan alone makes the report's ``schedule``, so the same parameters and seed always give the
 same schedule however the run goes.  :func:`drive` then performs the actions on worker threads,
 each on a fresh :class:`Conn`, which tallies what it did and saw into a :class:`FaultReport` and
-turns bytes the client never asked for into cross-talk anomalies.
+turns bytes the client never asked for into cross-talk anomalies.  That bookkeeping lives in
+:class:`ConnState`, which ``connection_storm``'s asyncio connections share (its engine runs in
+worker processes: ``_storm_engine.py``).
 
 Every blocking socket call runs under a timeout bounded by the run's deadline (and by the
 endpoint's ``io_timeout_s``), so a run returns within milliseconds of its deadline.
@@ -319,7 +321,7 @@ class Fault(abc.ABC):
         return cls(**values)
 
     @abc.abstractmethod
-    def plan(self, rng: random.Random) -> Sequence[Action]:
+    def plan(self, rng: random.Random) -> Sequence[Planned]:
         """What each connection will do, drawn from ``rng`` alone (no I/O, no clock)."""
 
     def schedule(self, rng: random.Random) -> list[str]:
@@ -367,8 +369,9 @@ def _errno_name(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, type(exc).__name__).lower()
 
 
-class Conn:
-    """One client connection: blocking socket calls under deadlines, tallied into a report.
+class ConnState:
+    """What one client connection did and saw, without the I/O: the bookkeeping that the
+    blocking :class:`Conn` and the storm's asyncio connection share.
 
     ``awaiting`` lists the requests sent and not yet answered, oldest first: a path (answer
     required, body checked when the target echoes paths) or None (a malformed request, whose
@@ -382,14 +385,11 @@ class Conn:
         self.report = report
         self.deadline = deadline
         self.sock: socket.socket | None = None
-        self.reader: httpclient.ResponseReader | None = None
         self.awaiting: deque[str | None] = deque()
         self.sent_any = False
         self.last_answered: str | None = None
         self.gone = False  # the peer closed or reset the connection
         self._next_req = 0
-
-    # -- helpers
 
     def _label(self) -> str:
         return f"{self.target.fault} conn {self.index}"
@@ -400,10 +400,20 @@ class Conn:
             raise DeadlineReached
         return min(self.deadline, now + self.endpoint.io_timeout_s)
 
-    def _arm(self) -> socket.socket:
-        assert self.sock is not None, "connect() first"
-        self.sock.settimeout(max(self._op_deadline() - time.monotonic(), 0.001))
-        return self.sock
+    def _new_socket(self) -> socket.socket:
+        sock = socket.socket(self.target.family, socket.SOCK_STREAM)
+        # Without TCP_NODELAY, Nagle holds a small write back while an earlier one is unACKed,
+        # and the peer delays its ACK (up to 40 ms on Linux): requests written one at a time
+        # would reach the server late and coalesced, not in the order and timing we planned.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _connected(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.report.count("connections")
+
+    def _connect_failed(self, exc: OSError) -> None:
+        self.report.count(f"errors:connect_{_errno_name(exc)}")
 
     def _timed_out(self, what: str) -> None:
         if time.monotonic() >= self.deadline - 0.002:
@@ -434,33 +444,6 @@ class Conn:
             f"{data[:_SHOWN_BYTES]!r}",
         )
 
-    # -- actions
-
-    def connect(self) -> bool:
-        sock = socket.socket(self.target.family, socket.SOCK_STREAM)
-        # Without TCP_NODELAY, Nagle holds a small write back while an earlier one is unACKed,
-        # and the peer delays its ACK (up to 40 ms on Linux): requests written one at a time
-        # would reach the server late and coalesced, not in the order and timing we planned.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            sock.settimeout(max(self._op_deadline() - time.monotonic(), 0.001))
-            sock.connect(self.target.sockaddr)
-        except TimeoutError:
-            sock.close()
-            self._timed_out("connect")
-            return False
-        except OSError as exc:
-            sock.close()
-            self.report.count(f"errors:connect_{_errno_name(exc)}")
-            return False
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self.reader = httpclient.ResponseReader(sock)
-        self.report.count("connections")
-        return True
-
     def next_path(self) -> str:
         """A fresh path naming the next request of this connection."""
         path = self.target.paths.path(self.index, self._next_req)
@@ -473,65 +456,43 @@ class Conn:
         host = self.endpoint.host
         return path, httpclient.build_get(path, host, self.endpoint.port, close=close)
 
-    def send(self, data: bytes, completes: Sequence[str | None] = ()) -> bool:
-        """Send ``data``; ``completes`` are the requests it finishes (see ``awaiting``).
+    def new_requests(self, count: int, *, close_last: bool = False) -> tuple[bytes, list[str]]:
+        """``count`` GETs to pipeline in one write, and their paths."""
+        reqs = [self.new_request(close=close_last and i == count - 1) for i in range(count)]
+        return b"".join(r for _, r in reqs), [p for p, _ in reqs]
 
-        False if the peer is gone (counted as ``reset_by_peer``) or on any other error.
-        """
-        try:
-            self._arm().sendall(data)
-        except TimeoutError:
-            self._timed_out("send")
-            return False
-        except (ConnectionResetError, BrokenPipeError):
-            # EPIPE means the socket is already fully shut, which for a connection we never
-            # shut ourselves means the peer's RST arrived first.  (Python ignores SIGPIPE, so
-            # this is an error, not a signal.)
-            self._peer_gone(True)
-            return False
-        except OSError as exc:
-            self.report.count(f"errors:send_{_errno_name(exc)}")
-            return False
+    def _sent(self, completes: Sequence[str | None]) -> None:
         self.sent_any = True
         for path in completes:
             self.awaiting.append(path)
             if path is not None:
                 self.report.count("requests")
-        return True
 
-    def send_requests(self, count: int, *, close_last: bool = False) -> bool:
-        """Pipeline ``count`` GETs in one write."""
-        reqs = [self.new_request(close=close_last and i == count - 1) for i in range(count)]
-        return self.send(b"".join(r for _, r in reqs), [p for p, _ in reqs])
+    def _send_failed(self, exc: OSError) -> None:
+        if isinstance(exc, ConnectionResetError | BrokenPipeError):
+            # EPIPE means the socket is already fully shut, which for a connection we never
+            # shut ourselves means the peer's RST arrived first.  (Python ignores SIGPIPE, so
+            # this is an error, not a signal.)
+            self._peer_gone(True)
+        else:
+            self.report.count(f"errors:send_{_errno_name(exc)}")
 
-    def read_response(self) -> httpclient.Response | None:
-        """The answer to the oldest request in ``awaiting``, or None (failure counted)."""
-        assert self.reader is not None, "connect() first"
-        expected = self.awaiting.popleft() if self.awaiting else None
-        try:
-            response = self.reader.read_response(self._op_deadline())
-        except httpclient.NoAnswer as exc:
-            if expected is not None:
-                self.awaiting.appendleft(expected)
-            if exc.partial:
-                self.report.count("truncated_responses")
-            self._peer_gone(exc.reset)
-            return None
-        except httpclient.HttpTimeout:
-            self._timed_out("response")
-            return None
-        except httpclient.GarbageResponse as exc:
-            self.report.count("errors:garbage")
-            self._unsolicited_garbage(exc, expected)
-            return None
+    def _no_answer(self, exc: httpclient.NoAnswer, expected: str | None) -> None:
+        if expected is not None:
+            self.awaiting.appendleft(expected)
+        if exc.partial:
+            self.report.count("truncated_responses")
+        self._peer_gone(exc.reset)
+
+    def _answered(self, response: httpclient.Response, expected: str | None) -> None:
         self.report.count("responses")
         self.report.count(f"status:{response.status}")
         if expected is not None:
             self.last_answered = expected
             self._check_echo(expected, response)
-        return response
 
     def _unsolicited_garbage(self, exc: httpclient.GarbageResponse, expected: str | None) -> None:
+        self.report.count("errors:garbage")
         # Not HTTP is not proof of cross-talk by itself, but bytes naming another request are.
         owners = [p for p in httpclient.paths_in(exc.partial) if p != expected]
         if owners:
@@ -553,6 +514,114 @@ class Conn:
             f"{self._label()}: the {response.status} response to {path} carries {whose}: "
             f"body {response.body[:_SHOWN_BYTES]!r}",
         )
+
+    def _shutdown_failed(self, exc: OSError) -> None:
+        if exc.errno in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE):
+            # ENOTCONN here means the peer's RST already tore the connection down.
+            self._peer_gone(True)
+        else:
+            self.report.count(f"errors:shutdown_{_errno_name(exc)}")
+
+    def shutdown_write(self) -> bool:
+        """Half-close: send a FIN but keep reading (never blocks)."""
+        assert self.sock is not None, "connect() first"
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._shutdown_failed(exc)
+            return False
+        self.report.count("fin_sent")
+        return True
+
+    def rst(self) -> None:
+        """Abort the connection with a RST (SO_LINGER {1, 0}); the fault meant it."""
+        if self.sock is not None:
+            httpclient.rst_close(self.sock)
+            self.sock = None
+            self.awaiting.clear()
+            self.report.count("rst_sent")
+
+    def close(self) -> None:
+        """A plain close().  Linux sends a FIN, unless received bytes are still unread: then
+        it sends a RST instead (RFC 2525 2.17), since the peer's data was never consumed.
+        """
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class Conn(ConnState):
+    """One client connection: blocking socket calls under deadlines, tallied into a report."""
+
+    def __init__(self, target: Target, index: int, report: FaultReport, deadline: float) -> None:
+        super().__init__(target, index, report, deadline)
+        self.reader: httpclient.ResponseReader | None = None
+
+    def _arm(self) -> socket.socket:
+        assert self.sock is not None, "connect() first"
+        self.sock.settimeout(max(self._op_deadline() - time.monotonic(), 0.001))
+        return self.sock
+
+    # -- actions
+
+    def connect(self) -> bool:
+        sock = self._new_socket()
+        try:
+            sock.settimeout(max(self._op_deadline() - time.monotonic(), 0.001))
+            sock.connect(self.target.sockaddr)
+        except TimeoutError:
+            sock.close()
+            self._timed_out("connect")
+            return False
+        except OSError as exc:
+            sock.close()
+            self._connect_failed(exc)
+            return False
+        except BaseException:
+            sock.close()
+            raise
+        self.reader = httpclient.ResponseReader(sock)
+        self._connected(sock)
+        return True
+
+    def send(self, data: bytes, completes: Sequence[str | None] = ()) -> bool:
+        """Send ``data``; ``completes`` are the requests it finishes (see ``awaiting``).
+
+        False if the peer is gone (counted as ``reset_by_peer``) or on any other error.
+        """
+        try:
+            self._arm().sendall(data)
+        except TimeoutError:
+            self._timed_out("send")
+            return False
+        except OSError as exc:
+            self._send_failed(exc)
+            return False
+        self._sent(completes)
+        return True
+
+    def send_requests(self, count: int, *, close_last: bool = False) -> bool:
+        """Pipeline ``count`` GETs in one write."""
+        data, paths = self.new_requests(count, close_last=close_last)
+        return self.send(data, paths)
+
+    def read_response(self) -> httpclient.Response | None:
+        """The answer to the oldest request in ``awaiting``, or None (failure counted)."""
+        assert self.reader is not None, "connect() first"
+        expected = self.awaiting.popleft() if self.awaiting else None
+        try:
+            response = self.reader.read_response(self._op_deadline())
+        except httpclient.NoAnswer as exc:
+            self._no_answer(exc, expected)
+            return None
+        except httpclient.HttpTimeout:
+            self._timed_out("response")
+            return None
+        except httpclient.GarbageResponse as exc:
+            self._unsolicited_garbage(exc, expected)
+            return None
+        self._answered(response, expected)
+        return response
 
     def read_some(self, max_bytes: int) -> bytes:
         """One recv() of at most ``max_bytes`` of the answers, or b"" (EOF/RST/timeout counted)."""
@@ -615,44 +684,17 @@ class Conn:
             self._unsolicited(data, "while waiting for the close")
         self._peer_gone(reset)
 
-    def shutdown_write(self) -> bool:
-        """Half-close: send a FIN but keep reading."""
-        assert self.sock is not None, "connect() first"
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE):
-                # ENOTCONN here means the peer's RST already tore the connection down.
-                self._peer_gone(True)
-            else:
-                self.report.count(f"errors:shutdown_{_errno_name(exc)}")
-            return False
-        self.report.count("fin_sent")
-        return True
 
-    def rst(self) -> None:
-        """Abort the connection with a RST (SO_LINGER {1, 0}); the fault meant it."""
-        if self.sock is not None:
-            httpclient.rst_close(self.sock)
-            self.sock = None
-            self.awaiting.clear()
-            self.report.count("rst_sent")
-
-    def close(self) -> None:
-        """A plain close().  Linux sends a FIN, unless received bytes are still unread: then
-        it sends a RST instead (RFC 2525 2.17), since the peer's data was never consumed.
-        """
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-
-class Action(Protocol):
-    """What one connection does; drawn from the rng before the run, performed on a thread."""
+class Planned(Protocol):
+    """One connection's share of a plan, as the schedule shows it."""
 
     def describe(self) -> str:
         """A compact, timing-free description for the schedule."""
         ...
+
+
+class Action(Planned, Protocol):
+    """What one connection does; drawn from the rng before the run, performed on a thread."""
 
     def perform(self, conn: Conn) -> None: ...
 
@@ -660,7 +702,7 @@ class Action(Protocol):
 # --------------------------------------------------------------------------- driving
 
 
-def schedule_of(actions: Sequence[Action]) -> list[str]:
+def schedule_of(actions: Sequence[Planned]) -> list[str]:
     return [f"conn {i}: {a.describe()}" for i, a in enumerate(actions)]
 
 

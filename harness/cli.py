@@ -4,6 +4,7 @@ afterclose demo                      find the bug in seed-buggy, pass seed-fixed
 afterclose targets                   list the targets it can find
 afterclose faults                    list the faults and their parameters
 afterclose run --target X FAULT k=v  run one fault against a target and judge it
+afterclose run --target X FILE.toml  run a scenario file against a target and judge it
 afterclose explore --target X        search fault sequences for a violation, shrink it
 afterclose trace show DIR|FILE       print a saved trace's verdict and timelines
 """
@@ -11,19 +12,25 @@ afterclose trace show DIR|FILE       print a saved trace's verdict and timelines
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
+import shlex
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from afterclose.harness.errors import AftercloseError
 
 if TYPE_CHECKING:
-    from afterclose.harness.session import TargetRun
+    from afterclose.faults._storm_engine import StormProgress
+    from afterclose.harness.scenario import PhaseEvent
+    from afterclose.harness.session import Harness, Outcome, TargetRun
 
 DEMO_BUDGET_S = 60.0
 
@@ -118,6 +125,15 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from afterclose.harness.kernel import fetch
+
+    for line in fetch.listing():
+        print(line)
+    print("use: pytest --target=NAME --kernel=6.1,6.12   (see docs/kernels.md)")
+    return 0
+
+
 def cmd_faults(args: argparse.Namespace) -> int:
     from afterclose import faults
 
@@ -146,15 +162,126 @@ def _parse_params(items: list[str]) -> dict[str, object]:
     return params
 
 
+class ProgressView:
+    """Live progress on ``stream`` (stderr): a bar redrawn in place with ``\\r`` when it is a
+    terminal, else one line a second, so that logs stay readable.  Storms in parallel phases
+    report from their own threads, hence the lock."""
+
+    BAR_WIDTH = 24
+
+    def __init__(self, stream: TextIO, tty: bool | None = None, every_s: float = 1.0) -> None:
+        self.stream = stream
+        self.tty = stream.isatty() if tty is None else tty
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._last_line = 0.0
+        self._open = 0  # characters of an unfinished \r line on a terminal
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+    def _line(self, text: str) -> None:
+        """A whole line, after ending any bar drawn in place."""
+        if self._open:
+            self._write("\n")
+            self._open = 0
+        self._write(text + "\n")
+
+    @staticmethod
+    def render(p: StormProgress) -> str:
+        by_time = p.elapsed_s / p.duration_s if p.duration_s else 0.0
+        by_count = p.started / p.planned if p.planned else 1.0
+        share = 1.0 if p.finished else min(max(by_time, by_count), 1.0)
+        filled = int(share * ProgressView.BAR_WIDTH)
+        bar = "#" * filled + "." * (ProgressView.BAR_WIDTH - filled)
+        return (
+            f"{p.fault} [{bar}] {share * 100:3.0f}% {p.connections}/{p.planned} conn, "
+            f"{p.rate_per_s:.0f}/s (target {p.target_rate_per_s:g}/s), {p.errors} errors, "
+            f"{p.processes} process(es) on {p.loop}, {p.elapsed_s:.1f}/{p.duration_s:g} s"
+            + (" - done" if p.finished else "")
+        )
+
+    def storm(self, p: StormProgress) -> None:
+        with self._lock:
+            text = self.render(p)
+            if self.tty:
+                self._write("\r" + text.ljust(self._open))
+                self._open = len(text)
+                if p.finished:
+                    self._write("\n")
+                    self._open = 0
+                return
+            now = time.monotonic()
+            if p.finished or now - self._last_line >= self.every_s:
+                self._last_line = now
+                self._write(text + "\n")
+
+    def phase(self, event: PhaseEvent) -> None:
+        with self._lock:
+            phase = event.phase
+            label = f"phase[{event.index}] {phase.name}"
+            if event.report is None:
+                rep = ""
+                if phase.repeat > 1:
+                    rep = f" (repetition {event.repetition + 1}/{phase.repeat})"
+                self._line(f"{label}{rep}: {' + '.join(phase.faults)} ...")
+            else:
+                self._line(f"{label} done: {event.report.summary()}")
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        from afterclose.faults import _storm_engine
+        from afterclose.harness import scenario
+
+        with _storm_engine.watch(self.storm), scenario.watch_phases(self.phase):
+            yield
+
+
+def _looks_like_file(word: str) -> bool:
+    return word.endswith(".toml") or "/" in word
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    scenario_file: str | None = args.scenario
+    if scenario_file is None and args.fault is not None and _looks_like_file(args.fault):
+        scenario_file = args.fault
+    elif scenario_file is not None and args.fault is not None:
+        raise AftercloseError(
+            f"both a scenario file ({scenario_file}) and {args.fault!r} given",
+            hint="run either one fault with key=value parameters or one scenario file",
+        )
+    if scenario_file is not None:
+        if args.params:
+            raise AftercloseError(
+                f"a scenario file takes no key=value parameters (got {' '.join(args.params)})",
+                where=scenario_file,
+                hint="write the parameters into the file's [[phase]] tables",
+            )
+        return _run_scenario_file(Path(scenario_file), args)
+    if args.fault is None:
+        raise AftercloseError(
+            "nothing to run: give a fault and its parameters, or a scenario file",
+            hint="e.g. afterclose run --target=seed-fixed reset_peer connections=50, "
+            "or afterclose run --target=seed-fixed scenarios/NAME.toml",
+        )
+    return _run_fault(args)
+
+
+def _run_fault(args: argparse.Namespace) -> int:
+    from afterclose import faults
     from afterclose.harness.session import Harness, Settings
 
+    params = _parse_params(args.params)
+    faults.get_any(args.fault, where="afterclose run")  # a typo fails before the target starts
     settings = _settings(args.target, args)
     assert isinstance(settings, Settings)
     harness = Harness(settings)
     base = Path(tempfile.mkdtemp(prefix=f"afterclose-run-{harness.manifest.name}-"))
+    view = ProgressView(sys.stderr)
     with harness.start(base, f"run-{args.fault}") as run:
-        report = run.run_fault(args.fault, **_parse_params(args.params))
+        with view.watching():
+            report = run.run_fault(args.fault, **params)
         print(report.summary())
         outcome = run.finish()
     for warning in outcome.warnings:
@@ -164,6 +291,62 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     print(run.failure_message(outcome))
     return 1
+
+
+def _replay_run(harness: Harness, path: Path) -> str:
+    """The ``afterclose run`` command that replays this run's client-side schedule."""
+    settings = harness.settings
+    argv = ["afterclose", "run", f"--target={settings.target}", f"--seed={settings.fault_seed}"]
+    if settings.tracer != "auto":
+        argv.append(f"--tracer={settings.tracer}")
+    if settings.sanitize != "none":
+        argv.append(f"--sanitize={settings.sanitize}")
+    if settings.chaos != "off":
+        argv.append(f"--chaos={settings.chaos}")
+    return shlex.join([*argv, str(path)])
+
+
+def _run_scenario_file(path: Path, args: argparse.Namespace) -> int:
+    from afterclose.harness.scenario_file import load_scenario
+    from afterclose.harness.session import Harness, Settings
+
+    scen = load_scenario(path)  # every mistake is reported before the target starts
+    settings = _settings(args.target, args)
+    assert isinstance(settings, Settings)
+    harness = Harness(settings)
+    base = Path(tempfile.mkdtemp(prefix=f"afterclose-run-{harness.manifest.name}-"))
+    print(
+        f"scenario {scen.name!r} ({path}, {len(scen.phases)} phase(s)) against "
+        f"{harness.manifest.name!r}, tracer {harness.tracer_mode}, fault seed {settings.fault_seed}"
+    )
+    view = ProgressView(sys.stderr)
+    # The test name pytest gives the file's test: the same seed, the same schedule.
+    with harness.start(base, scen.name) as run:
+        run.replay_nodeid = f"{path}::{scen.name}"
+        with view.watching():
+            result = run.run_scenario(scen)
+        outcome = run.finish()
+    _summary(run, outcome, result.summary(), _replay_run(harness, path))
+    return 0 if outcome.ok else 1
+
+
+def _summary(run: TargetRun, outcome: Outcome, phases: str, replay: str) -> None:
+    print("\n== summary")
+    if outcome.ok:
+        print("verdict: PASS - no rule violated")
+    else:
+        rules = ", ".join(dict.fromkeys(v.rule for v in outcome.violations))
+        print(f"verdict: FAIL - {len(outcome.violations)} rule(s) violated: {rules}")
+        for violation in outcome.violations:
+            print(violation.render())
+    print(phases)
+    for warning in outcome.warnings:
+        print(f"WARNING: {warning}")
+    settings = run.harness.settings
+    print(f"seed: fault seed {settings.fault_seed}, scenario seed {run.scenarios[-1].seed}")
+    print(f"artifacts: {run.workdir}")
+    print(f"replay: {replay}")
+    print(f"   or: {run.harness.replay_command(run.test_name, run.replay_nodeid)}")
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
@@ -258,10 +441,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("targets", help="list targets").set_defaults(func=cmd_targets)
     sub.add_parser("faults", help="list faults").set_defaults(func=cmd_faults)
-    run = sub.add_parser("run", help="run one fault against a target")
+    sub.add_parser(
+        "kernels", help="kernels --kernel can boot: versions apt offers, and cached ones"
+    ).set_defaults(func=cmd_kernels)
+    run = sub.add_parser(
+        "run",
+        help="run one fault, or a scenario file, against a target",
+        description="Run one fault (FAULT key=value ...) or a scenario file (FILE.toml, or "
+        "--scenario FILE) against a freshly started target and judge it: exit 0 when no rule "
+        "is violated, 1 when one is, 2 on bad input.",
+    )
     common(run)
     run.add_argument("--target", required=True)
-    run.add_argument("fault")
+    run.add_argument("--scenario", default=None, metavar="FILE", help="a scenario file")
+    run.add_argument("fault", nargs="?", help="a fault name, or a scenario file (*.toml)")
     run.add_argument("params", nargs="*", help="fault parameters as key=value")
     run.set_defaults(func=cmd_run)
     explore = sub.add_parser("explore", help="search fault sequences for a violation")

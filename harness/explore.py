@@ -54,6 +54,7 @@ LIMITS: dict[str, float] = {
     "max_connections": 200,
     "rate_per_s": 400.0,
     "duration_s": 0.5,
+    "processes": 2,
 }
 INT_SPAN = 50  # parameters not in LIMITS: at most this far above their lower bound
 FLOAT_SPAN = 1.0

@@ -20,6 +20,7 @@ is validated when its phase is added (errors name the scenario, ``phase[i]`` and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -45,11 +46,13 @@ if TYPE_CHECKING:
 __all__ = [
     "FaultCall",
     "Phase",
+    "PhaseEvent",
     "PhaseReport",
     "Scenario",
     "ScenarioReport",
     "run_scenario",
     "scenario",
+    "watch_phases",
 ]
 
 # Keys of a phase that are not fault parameters (in the Python API and in scenario files).
@@ -502,6 +505,41 @@ def _run_parallel(
     return out
 
 
+@dataclass(frozen=True)
+class PhaseEvent:
+    """A phase repetition starting (``report`` None) or a whole phase done (its merged report)."""
+
+    index: int
+    phase: Phase
+    repetition: int
+    report: FaultReport | None = None
+
+
+PhaseListener = Callable[[PhaseEvent], None]
+_phase_listeners: list[PhaseListener] = []
+_phase_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def watch_phases(listener: PhaseListener) -> Iterator[None]:
+    """Call ``listener`` as the phases of any scenario start and end (the command line's
+    progress), from the thread that runs the scenario."""
+    with _phase_lock:
+        _phase_listeners.append(listener)
+    try:
+        yield
+    finally:
+        with _phase_lock:
+            _phase_listeners.remove(listener)
+
+
+def _tell(event: PhaseEvent) -> None:
+    with _phase_lock:
+        listeners = list(_phase_listeners)
+    for listener in listeners:
+        listener(event)
+
+
 def run_scenario(run: TargetRun, scen: Scenario, default_budget_s: float) -> ScenarioReport:
     """Run ``scen`` against ``run``'s target; its reports join ``run.reports`` (judged by the
     oracle) and its schedule ``run.schedule`` (also written to ``schedule.txt``)."""
@@ -515,6 +553,7 @@ def run_scenario(run: TargetRun, scen: Scenario, default_budget_s: float) -> Sce
         deadline = phase_start + (phase.budget_s or default_budget_s)
         reports: list[FaultReport] = []
         for rep in range(phase.repeat):
+            _tell(PhaseEvent(index, phase, rep))
             jobs = [(slot, rng_for(seed, index, rep, slot)) for slot in range(len(phase.calls))]
             if phase.parallel:
                 got = _run_parallel(phase, jobs, endpoint, deadline)
@@ -530,6 +569,7 @@ def run_scenario(run: TargetRun, scen: Scenario, default_budget_s: float) -> Sce
             merged.merge(report)
         merged.elapsed_s = time.monotonic() - phase_start
         phases.append(PhaseReport(index, phase.name, merged, tuple(reports)))
+        _tell(PhaseEvent(index, phase, phase.repeat - 1, merged))
     result = ScenarioReport(scen, seed, tuple(phases), tuple(schedule), time.monotonic() - start)
     run.schedule.extend(schedule)
     _write_schedule(run.workdir, result)

@@ -97,8 +97,13 @@ def load_scenario(path: Path, source: str | None = None) -> Scenario:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
+        hint = (
+            f"no such file: give the path of a scenario file (e.g. {SCENARIO_FOLDER}/NAME.toml)"
+            if isinstance(exc, FileNotFoundError)
+            else None
+        )
         raise ScenarioError(
-            f"cannot read the scenario file: {exc.strerror}", where=source
+            f"cannot read the scenario file: {exc.strerror}", where=source, hint=hint
         ) from None
     except UnicodeDecodeError as exc:
         raise ScenarioError(f"not UTF-8 text: {exc.reason}", where=source) from None

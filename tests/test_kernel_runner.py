@@ -223,3 +223,18 @@ def test_interrupt_stops_the_guest(pytester: pytest.Pytester) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@needs_apt
+def test_kernels_command_lists_what_apt_offers() -> None:
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "afterclose.harness.cli", "kernels"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert f"host kernel: {os.uname().release}" in out
+    assert re.search(r"^  6\.\d+\s+6\.\d+\.\d+\s+linux-image-\S+$", out, re.M)

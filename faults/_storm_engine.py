@@ -1,0 +1,508 @@
+"""The storm engine: a drawn plan of connections, performed by asyncio loops (uvloop when it is
+installed) in several worker processes, at a target rate, under a concurrency cap.
+
+The parent draws nothing and decides nothing at run time: the plan (one action per connection)
+is made before, from the seed, and the schedule is the plan.  Connection ``i`` is performed by
+worker ``i % processes`` and starts no earlier than ``start + i / rate_per_s``, so each worker
+takes an equal share of the plan and of the rate; the concurrency cap is split between the
+workers (their shares add up to it).  Nothing new starts after ``duration_s``, the deadline, or
+once the target is gone; every socket operation is bounded by the deadline.
+
+Workers are forked (a fresh interpreter would cost a third of a second per process) and then
+cut loose from the parent's state: see :func:`_isolate`.  They send their
+:class:`~afterclose.faults.base.FaultReport` back over a pipe and publish live counts in a
+shared anonymous mapping, which the parent turns into :class:`StormProgress` snapshots for
+whoever :func:`watch`-es (the command line's progress bar).  Whatever happens in the parent
+(an exception, Ctrl-C, a worker stuck past the deadline), every worker is killed and reaped
+before :func:`run_storm` returns or raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import mmap
+import os
+import signal
+import threading
+import time
+import traceback
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing import connection as mpc
+from typing import Any, Protocol
+
+from afterclose.faults._storm_conn import AsyncConn
+from afterclose.faults.base import (
+    GONE_POLL_S,
+    DeadlineReached,
+    Endpoint,
+    FaultReport,
+    Target,
+)
+
+try:  # imported before any fork, so that no child has to import it
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is in the test extras
+    uvloop = None  # type: ignore[assignment]
+
+LOOP_ENV = "AFTERCLOSE_STORM_LOOP"  # "asyncio" forces the standard loop even with uvloop
+DEFAULT_PROCESSES = max(1, min(2, len(os.sched_getaffinity(0))))
+PROGRESS_INTERVAL_S = 0.1
+COUNTERS_INTERVAL_S = 0.05
+READY_TIMEOUT_S = 10.0
+WORKER_GRACE_S = 2.0  # past the deadline before a worker counts as stuck and is killed
+SLEEP_SLICE_S = 0.05  # longest sleep between two looks at the stop flag
+RATE_WINDOW_S = 1.0
+# Shared counters: slot 0 is the stop flag, then these per worker.
+_FIELDS = ("started", "done", "connections", "errors")
+_PR_SET_PDEATHSIG = 1
+
+
+class StormAction(Protocol):
+    """What one storm connection does; drawn before the run, performed on a worker's loop."""
+
+    def describe(self) -> str:
+        """A compact, timing-free description for the schedule."""
+        ...
+
+    async def perform(self, conn: AsyncConn) -> None: ...
+
+
+@dataclass(frozen=True)
+class StormProgress:
+    """A live snapshot of a storm, as :func:`watch` callbacks get it.
+
+    ``rate_per_s`` is the rate of new connections over the last second; ``per_process`` the
+    connections each worker has made so far.
+    """
+
+    fault: str
+    planned: int
+    started: int
+    done: int
+    connections: int
+    errors: int
+    elapsed_s: float
+    rate_per_s: float
+    target_rate_per_s: float
+    duration_s: float
+    processes: int
+    pids: tuple[int, ...]
+    per_process: tuple[int, ...]
+    loop: str
+    finished: bool = False
+
+
+Listener = Callable[[StormProgress], None]
+_listeners: list[Listener] = []
+_listeners_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def watch(listener: Listener) -> Iterator[None]:
+    """Call ``listener`` with a :class:`StormProgress` about every PROGRESS_INTERVAL_S while any
+    storm runs (from the thread running it), and once more when it ends."""
+    with _listeners_lock:
+        _listeners.append(listener)
+    try:
+        yield
+    finally:
+        with _listeners_lock:
+            _listeners.remove(listener)
+
+
+def _publish(progress: StormProgress) -> None:
+    with _listeners_lock:
+        listeners = list(_listeners)
+    for listener in listeners:
+        listener(progress)
+
+
+def loop_name() -> str:
+    """The event loop the workers will run: ``uvloop`` when importable, else ``asyncio``."""
+    if uvloop is not None and os.environ.get(LOOP_ENV, "").lower() != "asyncio":
+        return "uvloop"
+    return "asyncio"
+
+
+@dataclass(frozen=True)
+class StormJob:
+    """Everything a worker needs; inherited through fork, never pickled."""
+
+    fault: str
+    target: Target
+    actions: Sequence[StormAction]
+    processes: int
+    concurrency: int
+    rate_per_s: float
+    duration_s: float
+    deadline: float
+
+    def caps(self) -> list[int]:
+        """Each worker's share of the concurrency cap (they add up to it)."""
+        share, extra = divmod(self.concurrency, self.processes)
+        return [share + (w < extra) for w in range(self.processes)]
+
+
+def effective_processes(processes: int, concurrency: int, planned: int) -> int:
+    """Workers actually started: a worker needs one connection slot and one connection."""
+    return max(1, min(processes, concurrency, planned))
+
+
+# --------------------------------------------------------------------------- the parent
+
+
+@dataclass
+class _Worker:
+    index: int
+    pid: int
+    chan: mpc.Connection
+    reaped: bool = False
+    result: FaultReport | None = None
+
+
+@dataclass
+class _Rate:
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def add(self, now: float, count: int) -> float:
+        self.samples.append((now, count))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= RATE_WINDOW_S:
+            self.samples.popleft()
+        t0, c0 = self.samples[0]
+        return (count - c0) / (now - t0) if now > t0 else 0.0
+
+
+def run_storm(job: StormJob, endpoint: Endpoint, schedule: list[str]) -> FaultReport:
+    """Perform ``job`` and return its merged report (``schedule`` is the plan's)."""
+    report = FaultReport(job.fault, schedule=schedule)
+    slots = 1 + len(_FIELDS) * job.processes
+    shared = mmap.mmap(-1, 8 * slots)  # anonymous, MAP_SHARED: the children see our writes
+    counters = memoryview(shared).cast("q")
+    workers: list[_Worker] = []
+    clean = False
+    try:
+        for w in range(job.processes):
+            workers.append(_fork(job, w, counters))
+        start = _start_all(job, workers)
+        if start is None:  # the deadline passed before every worker was ready
+            report.count("not_started", len(job.actions))
+        else:
+            _collect(job, endpoint, workers, counters, start, report)
+        clean = True
+    finally:
+        _reap(workers, kill=not clean)
+        counters.release()
+        shared.close()
+        for worker in workers:
+            worker.chan.close()
+    return report
+
+
+def _fork(job: StormJob, index: int, counters: memoryview) -> _Worker:
+    parent_end, child_end = mpc.Pipe(duplex=True)
+    with warnings.catch_warnings():
+        # Python >= 3.12 warns about fork() in a process with threads; the child only runs
+        # code that takes none of the locks another thread could hold (see _isolate).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: never return into the caller's stack
+        code = 1
+        try:
+            code = _child(job, index, child_end, counters)
+        finally:
+            os._exit(code)
+    child_end.close()
+    return _Worker(index, pid, parent_end)
+
+
+def _start_all(job: StormJob, workers: list[_Worker]) -> float | None:
+    """Wait until every worker is ready, then give them one common start time."""
+    waiting = {w.chan: w for w in workers}
+    until = min(job.deadline, time.monotonic() + READY_TIMEOUT_S)
+    while waiting:
+        left = until - time.monotonic()
+        if left <= 0:
+            for worker in workers:
+                with contextlib.suppress(OSError):
+                    worker.chan.send(("stop",))
+            return None
+        for chan in mpc.wait(list(waiting), timeout=left):
+            worker = waiting.pop(_as_conn(chan))
+            _expect(worker, _receive(worker), "ready")
+    # A common start a little ahead, so that connection 0 of every worker is on time.
+    start = time.monotonic() + 0.002
+    for worker in workers:
+        worker.chan.send(("go", start))
+    return start
+
+
+def _as_conn(chan: object) -> mpc.Connection:
+    assert isinstance(chan, mpc.Connection)
+    return chan
+
+
+def _receive(worker: _Worker) -> tuple[Any, ...]:
+    try:
+        message = worker.chan.recv()
+    except (EOFError, OSError):
+        return ("lost",)
+    assert isinstance(message, tuple)
+    return message
+
+
+def _expect(worker: _Worker, message: tuple[Any, ...], kind: str) -> None:
+    if message[0] == "error":
+        raise RuntimeError(f"storm worker {worker.index} (pid {worker.pid}) failed:\n{message[1]}")
+    if message[0] != kind:
+        raise RuntimeError(f"storm worker {worker.index} (pid {worker.pid}) sent {message[0]!r}")
+
+
+def _collect(
+    job: StormJob,
+    endpoint: Endpoint,
+    workers: list[_Worker],
+    counters: memoryview,
+    start: float,
+    report: FaultReport,
+) -> None:
+    pending = {w.chan: w for w in workers}
+    rate = _Rate()
+    gone = False
+    asked_gone = 0.0
+    give_up = job.deadline + WORKER_GRACE_S
+    stuck = 0
+    planned = len(job.actions)
+    name = loop_name()
+
+    def snapshot(finished: bool) -> StormProgress:
+        now = time.monotonic()
+        totals = [0] * len(_FIELDS)
+        per_process = []
+        for w in range(job.processes):
+            base = 1 + len(_FIELDS) * w
+            for k in range(len(_FIELDS)):
+                totals[k] += counters[base + k]
+            per_process.append(counters[base + 2])
+        started, done, made, errors = totals
+        return StormProgress(
+            fault=job.fault,
+            planned=planned,
+            started=started,
+            done=done,
+            connections=made,
+            errors=errors,
+            elapsed_s=max(now - start, 0.0),
+            rate_per_s=rate.add(now, made),
+            target_rate_per_s=job.rate_per_s,
+            duration_s=job.duration_s,
+            processes=job.processes,
+            pids=tuple(w.pid for w in workers),
+            per_process=tuple(per_process),
+            loop=name,
+            finished=finished,
+        )
+
+    while pending:
+        now = time.monotonic()
+        if now >= give_up:
+            stuck = len(pending)
+            break
+        ready = mpc.wait(list(pending), timeout=min(PROGRESS_INTERVAL_S, give_up - now))
+        for chan in ready:
+            worker = pending.pop(_as_conn(chan))
+            message = _receive(worker)
+            if message[0] == "lost":  # killed from outside (OOM killer, a stray signal)
+                report.count("errors:storm_worker_lost")
+                continue
+            _expect(worker, message, "done")
+            worker.result = message[1]
+        now = time.monotonic()
+        if endpoint.gone is not None and not gone and now - asked_gone >= GONE_POLL_S:
+            gone, asked_gone = endpoint.gone(), now
+            if gone:
+                counters[0] = 1  # the workers start nothing new
+        _publish(snapshot(False))
+    last = snapshot(True)
+    for worker in workers:
+        if worker.result is not None:
+            report.merge(worker.result)
+    report.fault = job.fault
+    report.elapsed_s = time.monotonic() - start
+    report.count("storm_processes", job.processes)
+    report.count("stuck_workers", stuck)
+    if gone:
+        report.count("stopped_target_gone")
+    _publish(last)
+
+
+def _reap(workers: list[_Worker], *, kill: bool) -> None:
+    """Wait for every worker to exit; SIGKILL those that do not within a second (or at once
+    with ``kill``: the parent is unwinding from an error or Ctrl-C)."""
+    live = [w for w in workers if not w.reaped]
+    if kill:
+        for worker in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGKILL)
+    until = time.monotonic() + 1.0
+    while live:
+        for worker in list(live):
+            try:
+                pid, _ = os.waitpid(worker.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone else's os.wait()
+                pid = worker.pid
+            if pid == worker.pid:
+                worker.reaped = True
+                live.remove(worker)
+        if not live:
+            break
+        if time.monotonic() >= until:
+            for worker in live:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
+            for worker in live:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(worker.pid, 0)
+                worker.reaped = True
+            break
+        time.sleep(0.005)
+
+
+# --------------------------------------------------------------------------- the children
+
+
+def _isolate(keep_fd: int) -> None:
+    """Cut a freshly forked worker loose from its parent's state.
+
+    * Ctrl-C reaches the whole foreground process group: the workers ignore SIGINT and the
+      parent, which gets KeyboardInterrupt, kills them.  SIGTERM keeps its default action.
+    * PR_SET_PDEATHSIG: if the parent dies without reaping us (SIGKILL), the kernel kills us.
+    * Every inherited fd but stdio and our pipe is closed.  A socket is only shut down when
+      its *last* fd is closed, so a worker holding copies of the parent's sockets (another
+      fault running in parallel, a test's in-process server) would delay every FIN and RST
+      the parent sends on them until the worker exits.
+    * Objects inherited from the parent are frozen out of the cyclic GC: one of them (a
+      socket whose fd we just closed) being finalised later would close whatever fd of ours
+      has reused its number.  The signal wakeup fd is dropped for the same reason: Python
+      would write a byte into it on every signal.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    gc.freeze()
+    low = 3
+    for fd in sorted({keep_fd}):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, max(os.sysconf("SC_OPEN_MAX"), 1024))
+
+
+def _child(job: StormJob, index: int, chan: mpc.Connection, counters: memoryview) -> int:
+    try:
+        _isolate(chan.fileno())
+        factory = uvloop.new_event_loop if loop_name() == "uvloop" else asyncio.new_event_loop
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.get_loop()  # made before "ready", so that it costs nothing after the start
+            chan.send(("ready", os.getpid()))
+            message = chan.recv()
+            if message[0] != "go":
+                return 0
+            report = runner.run(_work(job, index, counters, float(message[1])))
+        chan.send(("done", report))
+        return 0
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            chan.send(("error", traceback.format_exc()))
+        return 1
+
+
+async def _sleep_until(at: float, counters: memoryview) -> bool:
+    """Sleep until ``at`` (monotonic); False if the stop flag went up meanwhile."""
+    while True:
+        left = at - time.monotonic()
+        if left <= 0:
+            return not counters[0]
+        await asyncio.sleep(min(left, SLEEP_SLICE_S))
+        if counters[0]:
+            return False
+
+
+async def _work(job: StormJob, index: int, counters: memoryview, start: float) -> FaultReport:
+    """Worker ``index``'s share: connections ``index``, ``index + processes``, ..."""
+    loop = asyncio.get_running_loop()
+    report = FaultReport(job.fault)
+    mine = range(index, len(job.actions), job.processes)
+    stop = min(job.deadline, start + job.duration_s)
+    slots = asyncio.Semaphore(job.caps()[index])
+    tasks: set[asyncio.Task[None]] = set()
+    failures: list[BaseException] = []
+    base = 1 + len(_FIELDS) * index
+    tally = {"started": 0, "done": 0}
+
+    def publish() -> None:
+        counts = report.counts
+        errors = sum(n for k, n in counts.items() if k.startswith("errors:"))
+        values = (tally["started"], tally["done"], counts["connections"], errors)
+        for k, value in enumerate(values):
+            counters[base + k] = value
+
+    async def publisher() -> None:
+        while True:
+            publish()
+            await asyncio.sleep(COUNTERS_INTERVAL_S)
+
+    async def one(i: int) -> None:
+        conn = AsyncConn(job.target, i, report, job.deadline, loop)
+        try:
+            await job.actions[i].perform(conn)
+        except (DeadlineReached, asyncio.CancelledError):
+            report.count("cut_by_deadline")
+        except Exception as exc:  # a bug in an action: stop starting, re-raised below
+            failures.append(exc)
+        finally:
+            conn.close()
+            slots.release()
+            tally["done"] += 1
+
+    ticker = loop.create_task(publisher())
+    try:
+        for i in mine:
+            at = start + i / job.rate_per_s
+            if at >= stop or failures or not await _sleep_until(at, counters):
+                break
+            await slots.acquire()
+            if time.monotonic() >= stop or counters[0] or failures:
+                slots.release()
+                break
+            tally["started"] += 1
+            task = loop.create_task(one(i))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.wait(set(tasks), timeout=max(job.deadline - time.monotonic(), 0) + 0.05)
+        for task in list(tasks):
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+    if failures:
+        raise failures[0]
+    report.count("not_started", len(mine) - tally["started"])
+    publish()
+    return report
