@@ -10,10 +10,11 @@ kernel boots once per session whichever worker gets there first.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,8 +175,7 @@ class KernelMatrix:
 
     def wrap(self, items: list[pytest.Item]) -> list[pytest.Item]:
         wrapped: list[pytest.Item] = []
-        # Test by test, each on every kernel in turn: xdist's scheduler hands items out round
-        # robin, so with as many workers as kernels each worker boots a different kernel.
+        # Test by test, each on every kernel in turn: a failure shows next to its twins.
         for item in items:
             assert item.parent is not None  # every collected test item has one
             for source in self.sources:
@@ -193,20 +193,48 @@ class KernelMatrix:
         return wrapped
 
     def outcome(self, source: KernelSource, shared: Path, prepare: Any) -> KernelOutcome:
-        """This kernel's guest run: done once per session, shared by every xdist worker."""
+        """This kernel's guest run: done once per session, shared by every xdist worker.
+
+        A worker that finds the kernel it needs already booting elsewhere boots another
+        kernel nobody has started yet before it waits: xdist hands out items in consecutive
+        chunks, so without this two workers would queue on the same kernel in turn."""
         if source.label in self._outcomes:
             return self._outcomes[source.label]
+        if not self._run_if_free(source, shared, prepare):
+            for other in self.sources:
+                if other.label != source.label and other.label not in self._outcomes:
+                    self._run_if_free(other, shared, prepare)
         folder = shared / f"kernel-{source.label}"
-        folder.mkdir(parents=True, exist_ok=True)
-        with (shared / f"kernel-{source.label}.lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self._lock(shared, source, blocking=True):
             done = folder / "done.json"
-            if not done.exists():
-                error = self._run_guest(source, folder, prepare)
-                done.write_text(json.dumps({"error": error}))
+            if not done.exists():  # the worker that held the lock died before finishing
+                self._run_and_mark(source, folder, prepare)
             outcome = self._load(source, folder, json.loads(done.read_text()).get("error"))
         self._outcomes[source.label] = outcome
         return outcome
+
+    def _run_if_free(self, source: KernelSource, shared: Path, prepare: Any) -> bool:
+        """Run this kernel's guest unless it is done or running; False if another has it."""
+        folder = shared / f"kernel-{source.label}"
+        try:
+            with self._lock(shared, source, blocking=False):
+                if not (folder / "done.json").exists():
+                    self._run_and_mark(source, folder, prepare)
+        except BlockingIOError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def _lock(self, shared: Path, source: KernelSource, *, blocking: bool) -> Iterator[None]:
+        shared.mkdir(parents=True, exist_ok=True)
+        with (shared / f"kernel-{source.label}.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            yield
+
+    def _run_and_mark(self, source: KernelSource, folder: Path, prepare: Any) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        error = self._run_guest(source, folder, prepare)
+        (folder / "done.json").write_text(json.dumps({"error": error}))
 
     def _run_guest(self, source: KernelSource, folder: Path, prepare: Any) -> str | None:
         try:
