@@ -99,6 +99,16 @@ class Netem(tb.TargetFault):
     rate_per_s: float = param(200.0, lo=1, hi=100_000, doc="storm: new connections per second")
     concurrency: int = param(32, lo=1, hi=1024, doc="storm: most connections open at once")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reorder_pct and not self.delay_ms:
+            raise ScenarioError(
+                "reorder_pct needs delay_ms > 0: netem reorders by sending some packets "
+                "without the delay the others get",
+                where=f"fault {self.name}",
+                hint="set delay_ms (e.g. 5), or reorder_pct = 0",
+            )
+
     def _storm(self) -> tb.Storm:
         return tb.Storm(self.storm_s, self.rate_per_s, self.concurrency)
 
@@ -129,13 +139,6 @@ class Netem(tb.TargetFault):
         reason = unavailable_reason()
         if reason is not None:
             raise ScenarioError(reason, where=f"{run.test_name}: fault {self.name!r}")
-        if self.reorder_pct and not self.delay_ms:
-            raise ScenarioError(
-                "reorder_pct needs delay_ms > 0: netem reorders by sending some packets "
-                "without the delay the others get",
-                where=f"{run.test_name}: fault {self.name!r}",
-                hint="set delay_ms (e.g. 5), or reorder_pct = 0",
-            )
         seed = rng.getrandbits(64)
         report = FaultReport(self.name, schedule=self._schedule(seed))
         started = time.monotonic()

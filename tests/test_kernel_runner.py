@@ -238,3 +238,32 @@ def test_kernels_command_lists_what_apt_offers() -> None:
     ).stdout
     assert f"host kernel: {os.uname().release}" in out
     assert re.search(r"^  6\.\d+\s+6\.\d+\.\d+\s+linux-image-\S+$", out, re.M)
+
+
+def test_netem_bad_parameters_are_named() -> None:
+    from afterclose import faults
+    from afterclose.harness.errors import ScenarioError
+
+    with pytest.raises(ScenarioError) as info:
+        faults.create_target("netem", {"loss_pct": 150}, where="s.toml: phase 1")
+    assert "loss_pct" in info.value.render()
+    with pytest.raises(ScenarioError) as info:
+        faults.create_target("netem", {"delay_ms": 0, "reorder_pct": 20}, where="s.toml")
+    assert "reorder_pct needs delay_ms > 0" in info.value.render()
+    with pytest.raises(ScenarioError) as info:
+        faults.create_target("netem", {"dealy_ms": 5}, where="s.toml")
+    assert "delay_ms" in info.value.render()  # the did-you-mean hint
+
+
+def test_netem_on_a_host_without_it_skips_and_says_where_it_runs(
+    pytester: pytest.Pytester,
+) -> None:
+    from afterclose.faults import netem
+
+    result = pytester.runpytest_subprocess("--target=seed-fixed", "-k", "netem", "-rs")
+    if netem.unavailable_reason() is None:
+        result.assert_outcomes(passed=1)  # this kernel has netem: the scenario runs
+        return
+    result.assert_outcomes(skipped=1)
+    assert "tc netem is not available in this kernel" in result.stdout.str()
+    assert "--kernel=6.1" in result.stdout.str()
