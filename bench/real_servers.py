@@ -1,17 +1,22 @@
 """Run the built-in scenario suite N times against each real-server target and tabulate it.
 
-    python bench/real_servers.py --runs 10 [--tracer preload|off] [--targets nginx,lighttpd]
-                                 [--time-cap 3600] [--output docs/real-servers.md]
+    python bench/real_servers.py --runs 10 [--tracer preload|off] [--runner process|docker]
+                                 [--targets nginx,lighttpd] [--time-cap 3600]
+                                 [--output docs/real-servers.md]
 
-Every run is an inner ``pytest --target=NAME --tracer=... --fault-seed=S`` (a fresh seed per
-run) in its own folder, so a run is exactly what a user would type.  Runs go round-robin over
-the targets (run 1 of each, then run 2, ...) so a time cap leaves every target with about the
-same number of runs; no run starts after the cap, and each run has its own timeout.
+Every run is an inner ``pytest --target=NAME --runner=... --tracer=... --fault-seed=S`` (a
+fresh seed per run) in its own folder, so a run is exactly what a user would type.  Runs go
+round-robin over the targets (run 1 of each, then run 2, ...) so a time cap leaves every
+target with about the same number of runs; no run starts after the cap, and each run has its
+own timeout.
 
-The markdown table (server, version, process model, runs, scenarios per run, violations, wall
-time) is printed and written between the ``<!-- bench:real-servers:TRACER:start/end -->``
-markers of the output file, one section per tracer mode (the rest of the file is kept; a
-missing file or missing markers get a fresh section at the end).
+The markdown table (server, version, process model, runner, runs, scenarios per run,
+violations, wall time) is printed and written between the
+``<!-- bench:real-servers:KEY:start/end -->`` markers of the output file, one section per
+runner and tracer mode (KEY is the tracer for the process runner, ``docker-TRACER`` for
+Docker; the rest of the file is kept; a missing file or missing markers get a fresh section at
+the end).  With ``--runner docker`` the containers the runs left behind (label
+``afterclose=1``) are counted at the end: there must be none.
 Below it come the rules reported, with the replay command and artifacts of each failed test.
 Passing runs' folders are deleted; failing ones are kept (``--keep`` keeps all).
 """
@@ -38,9 +43,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "docs" / "real-servers.md"
 TARGETS = ("nginx", "lighttpd", "h2o", "asyncio", "uvloop")
-# One section per tracer mode, so the tables with and without the tracer live side by side.
-MARK_START = "<!-- bench:real-servers:{tracer}:start -->"
-MARK_END = "<!-- bench:real-servers:{tracer}:end -->"
+# One section per runner and tracer mode, so the tables live side by side.
+MARK_START = "<!-- bench:real-servers:{key}:start -->"
+MARK_END = "<!-- bench:real-servers:{key}:end -->"
 RUN_TIMEOUT_S = 900
 PROCESS_MODEL = {
     "nginx": "master + 2 worker processes, one epoll loop each",
@@ -48,6 +53,12 @@ PROCESS_MODEL = {
     "h2o": "1 process, 2 event-loop threads (+ crash-report helper process)",
     "asyncio": "1 process, 1 thread (selector loop on epoll)",
     "uvloop": "1 process, 1 thread (libuv loop on epoll)",
+}
+# In a closure image h2o's crash-report helper (a script that execs perl) exits at start-up:
+# perl is not in the image.
+PROCESS_MODEL_DOCKER = {
+    **PROCESS_MODEL,
+    "h2o": "1 process, 2 event-loop threads (the crash-report helper exits: no perl in the image)",
 }
 VIOLATED = re.compile(r"afterclose: (\d+) rule\(s\) violated by target")
 RULE = re.compile(r"^\[([a-z-]+)\] ", re.MULTILINE)
@@ -138,8 +149,37 @@ def parse_junit(path: Path) -> tuple[int, list[tuple[str, str]]]:
     return tests, failed
 
 
+def section_key(runner: str, tracer: str) -> str:
+    return tracer if runner == "process" else f"{runner}-{tracer}"
+
+
+def docker_problem() -> str | None:
+    """Why the Docker runner cannot work here, or None."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=30)
+        client.ping()
+        client.close()
+    except Exception as exc:
+        return f"the Docker engine is not reachable ({exc}); start it (scripts/start-dockerd)"
+    return None
+
+
+def leftover_containers() -> list[str]:
+    """Names of containers the harness labelled and nobody removed."""
+    import docker
+
+    client = docker.from_env(timeout=30)
+    try:
+        found = client.containers.list(all=True, filters={"label": "afterclose=1"})
+        return [str(c.name) for c in found]
+    finally:
+        client.close()
+
+
 def run_once(
-    name: str, tracer: str, seed: int, folder: Path, extra: list[str]
+    name: str, runner: str, tracer: str, seed: int, folder: Path, extra: list[str]
 ) -> tuple[int, list[Failure], str]:
     """One inner pytest run; returns (tests, failures, problem text if it did not run)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -151,6 +191,7 @@ def run_once(
         "-p",
         "no:cacheprovider",
         f"--target={name}",
+        f"--runner={runner}",
         f"--tracer={tracer}",
         f"--fault-seed={seed}",
         f"--basetemp={folder / 'tmp'}",
@@ -202,16 +243,17 @@ def fmt_seconds(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def table(stats: list[TargetStats]) -> str:
+def table(stats: list[TargetStats], runner: str) -> str:
+    model = PROCESS_MODEL_DOCKER if runner == "docker" else PROCESS_MODEL
     lines = [
-        "| server | version | process model | runs | scenarios (tests per run) "
+        "| server | version | process model | runner | runs | scenarios (tests per run) "
         "| violations (total) | wall time |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for s in stats:
         if s.skipped:
             lines.append(
-                f"| {s.name} | - | {PROCESS_MODEL[s.name]} | 0 | - | - | skipped: {s.skipped} |"
+                f"| {s.name} | - | {model[s.name]} | {runner} | 0 | - | - | skipped: {s.skipped} |"
             )
             continue
         per_run = "/".join(str(n) for n in sorted(s.tests_per_run)) or "-"
@@ -219,7 +261,8 @@ def table(stats: list[TargetStats]) -> str:
         if s.errors:
             violations += f" (+{s.errors} failed without a verdict)"
         lines.append(
-            f"| {s.name} | {s.version} | {PROCESS_MODEL[s.name]} | {s.runs} | {per_run} "
+            f"| {s.name} | {s.version} | {model[s.name]} | {runner} | {s.runs} "
+            f"| {per_run} "
             f"| {violations} | {fmt_seconds(s.wall_s)} |"
         )
     return "\n".join(lines)
@@ -246,28 +289,37 @@ def details(stats: list[TargetStats]) -> str:
     return "\n".join(out)
 
 
-def section(stats: list[TargetStats], args: argparse.Namespace, elapsed: float) -> str:
+def section(
+    stats: list[TargetStats],
+    args: argparse.Namespace,
+    elapsed: float,
+    leftovers: list[str] | None = None,
+) -> str:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = shlex.join(["python", "bench/real_servers.py", *sys.argv[1:]])
     machine = f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs"
+    key = section_key(args.runner, args.tracer)
     parts = [
-        MARK_START.format(tracer=args.tracer),
-        f"### Tracer `{args.tracer}`",
+        MARK_START.format(key=key),
+        f"### Runner `{args.runner}`, tracer `{args.tracer}`",
         "",
-        f"Measured {when} on {machine} with `{command}` (tracer `{args.tracer}`, "
-        f"{fmt_seconds(elapsed)} in all):",
+        f"Measured {when} on {machine} with `{command}` (runner `{args.runner}`, tracer "
+        f"`{args.tracer}`, {fmt_seconds(elapsed)} in all):",
         "",
-        table(stats),
+        table(stats, args.runner),
     ]
     more = details(stats)
     parts += ["", "Failed tests:", "", more] if more else ["", "No test failed."]
-    parts.append(MARK_END.format(tracer=args.tracer))
+    if leftovers is not None:
+        left = ", ".join(f"`{n}`" for n in leftovers) if leftovers else "none"
+        parts += ["", f"Containers left behind (label `afterclose=1`) after all runs: {left}."]
+    parts.append(MARK_END.format(key=key))
     return "\n".join(parts) + "\n"
 
 
-def write_doc(path: Path, text: str, tracer: str) -> None:
+def write_doc(path: Path, text: str, key: str) -> None:
     old = path.read_text() if path.is_file() else ""
-    start, end = MARK_START.format(tracer=tracer), MARK_END.format(tracer=tracer)
+    start, end = MARK_START.format(key=key), MARK_END.format(key=key)
     if start in old and end in old:
         head, _, rest = old.partition(start)
         _, _, tail = rest.partition(end)
@@ -283,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10, help="suite runs per target")
     parser.add_argument("--tracer", choices=("preload", "off"), default="preload")
+    parser.add_argument(
+        "--runner",
+        choices=("process", "docker"),
+        default="process",
+        help="where the targets run (docker: images built offline, see docker/README.md)",
+    )
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated names")
     parser.add_argument(
         "--time-cap", type=float, default=3600, help="start no run after this many seconds"
@@ -303,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in TARGETS]
     if unknown or args.runs < 1:
         parser.error(f"unknown target(s) {unknown}; known: {', '.join(TARGETS)}; runs >= 1")
+    if args.runner == "docker" and (problem := docker_problem()) is not None:
+        parser.error(problem)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="afterclose-bench-"))
     stats = {n: TargetStats(n) for n in names}
     for s in stats.values():
@@ -323,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
             seed = random.getrandbits(32)
             folder = workdir / s.name / f"run-{i + 1}"
             t0 = time.monotonic()
-            tests, failures, problem = run_once(s.name, args.tracer, seed, folder, args.pytest_arg)
+            tests, failures, problem = run_once(
+                s.name, args.runner, args.tracer, seed, folder, args.pytest_arg
+            )
             s.wall_s += time.monotonic() - t0
             s.runs += 1
             if problem:
@@ -350,14 +412,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"time cap of {args.time_cap:g} s reached: no more runs", flush=True)
             break
     elapsed = time.monotonic() - start
-    text = section(list(stats.values()), args, elapsed)
+    leftovers = leftover_containers() if args.runner == "docker" else None
+    text = section(list(stats.values()), args, elapsed, leftovers)
     print()
     print(text)
     if not args.no_write:
-        write_doc(args.output, text, args.tracer)
+        write_doc(args.output, text, section_key(args.runner, args.tracer))
         print(f"written to {args.output}")
     print(f"run folders: {workdir}")
-    return 1 if any(s.violations or s.errors for s in stats.values()) else 0
+    failed = any(s.violations or s.errors for s in stats.values())
+    return 1 if failed or leftovers else 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ import subprocess
 import tarfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -258,6 +260,225 @@ def closure_files(
     return list(seen.values())
 
 
+# ------------------------------------------------------------- host files a plan names
+
+
+@dataclass(frozen=True)
+class HostFiles:
+    """What the target needs from the host besides ``command[0]`` and the tracer shim."""
+
+    programs: tuple[Path, ...] = ()  # ELF files: copied with the libraries they load
+    libraries: tuple[Path, ...] = ()  # shared objects (a closure already): copied as they are
+    data: tuple[Path, ...] = ()  # other files: copied as they are
+    mounts: tuple[Path, ...] = ()  # folders bind-mounted read-only at their host path
+
+
+# Kernel filesystems and scratch folders: the container has its own, a named one is never
+# copied from the host.
+NOT_COPIED = tuple(Path(p) for p in ("/proc", "/sys", "/dev", "/run", "/tmp", "/var/tmp"))
+MAX_NAMED_FOLDER_FILES = 1000
+# An absolute path in a command line, a shell script or a config file; the look-behind keeps
+# "text/plain" and "$HOME/x" out.
+_NAMED_PATH = re.compile(r"(?<![\w.~$}-])/[\w.+@-]+(?:/[\w.+@-]+)*/?")
+_PYTHON_NAME = re.compile(r"python\d*(\.\d+)?")
+_PYTHON_PATHS = "import json, sys; print(json.dumps({'prefix': sys.prefix, 'path': sys.path[1:]}))"
+
+
+def _inside(path: Path, folders: Sequence[Path]) -> bool:
+    return any(path == f or path.is_relative_to(f) for f in folders)
+
+
+def named_paths(texts: Sequence[str], skip: Sequence[Path]) -> list[Path]:
+    """Existing host files and folders that ``texts`` name by absolute path, outside ``skip``
+    and the kernel and scratch folders, in order, without repeats.
+
+    A path keeps the spelling it was named by (``..`` folded, symlinks not resolved): the
+    target opens that spelling, so that is where the image must have it."""
+    found: dict[str, Path] = {}
+    for text in texts:
+        for match in _NAMED_PATH.finditer(text):
+            path = Path(os.path.normpath(match.group(0)))
+            if str(path) in found or path == Path("/") or _inside(path, (*skip, *NOT_COPIED)):
+                continue
+            if path.is_file() or path.is_dir():
+                found[str(path)] = path
+    return list(found.values())
+
+
+def _folder_files(folder: Path) -> list[Path] | None:
+    """The regular files under ``folder`` (None if there are too many to copy)."""
+    files: list[Path] = []
+    for root, _dirs, names in os.walk(folder):
+        for name in sorted(names):
+            path = Path(root) / name
+            if path.is_file():
+                files.append(path)
+                if len(files) > MAX_NAMED_FOLDER_FILES:
+                    return None
+    return sorted(files)
+
+
+def _outermost(folders: Sequence[Path]) -> list[Path]:
+    ordered = sorted(
+        {Path(os.path.normpath(f)) for f in folders}, key=lambda p: (len(p.parts), str(p))
+    )
+    kept: list[Path] = []
+    for folder in ordered:
+        if not _inside(folder, kept):
+            kept.append(folder)
+    return kept
+
+
+def _libraries_of_many(paths: Sequence[Path]) -> list[Path]:
+    """The shared objects a set of extension modules load: one ``ldd`` for many files.  A
+    module whose libraries are missing on the host is left out (it cannot be imported here
+    either); its siblings are still served."""
+    ldd = shutil.which("ldd")
+    if ldd is None or not paths:
+        return []
+    found: dict[str, Path] = {}
+    for start in range(0, len(paths), 100):
+        chunk = [str(p) for p in paths[start : start + 100]]
+        try:
+            proc = subprocess.run(
+                [ldd, *chunk],
+                capture_output=True,
+                text=True,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
+                timeout=LDD_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise TargetStartError(
+                f"ldd of {len(chunk)} extension modules did not finish within {LDD_TIMEOUT_S:.0f} s"
+            ) from None
+        libs, _missing = parse_ldd(proc.stdout)
+        for lib in libs:
+            found.setdefault(str(lib), lib)
+    return list(found.values())
+
+
+def _extension_modules(folder: Path, path_folders: Sequence[Path]) -> list[Path]:
+    """The ELF shared objects under ``folder``, except in package folders the interpreter does
+    not search: a venv's standard-library folder holds the base installation's
+    ``site-packages`` (hundreds of modules there, none importable from the venv)."""
+    wanted = {str(f) for f in path_folders}
+    found: list[Path] = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if d not in ("site-packages", "dist-packages") or os.path.join(root, d) in wanted
+        )
+        for name in sorted(names):
+            path = Path(root) / name
+            if ".so" in name and path.is_file() and _is_elf(path):
+                found.append(path)
+    return found
+
+
+_PYTHON_MEMO: dict[tuple[str, tuple[tuple[str, str], ...]], HostFiles] = {}
+_PYTHON_LOCK = threading.Lock()
+
+
+def python_runtime(program: Path, env: Mapping[str, str], *, where: str | Path | None) -> HostFiles:
+    """What a Python interpreter needs beyond its ELF closure: the folders of its module path
+    (the standard library, the virtual environment's site-packages), bind-mounted read-only
+    since they are far too big to copy (1.1 GB for a pyenv build here), a venv's
+    ``pyvenv.cfg`` (without it the interpreter does not know it runs in the venv and leaves
+    the venv's site-packages off its path), and the libraries its extension modules load
+    (``_ssl`` needs libssl, a manylinux wheel may need libpthread), which must be in the
+    image itself."""
+    # The interpreter is asked with the target's environment (PYTHONPATH and the like) but
+    # without the tracer: this probe is not the target.
+    probe_env = {
+        k: v for k, v in env.items() if k != "LD_PRELOAD" and not k.startswith("AFTERCLOSE_")
+    }
+    probe_env.setdefault("PATH", os.environ.get("PATH", "/usr/bin:/bin"))
+    key = (str(program), tuple(sorted(probe_env.items())))
+    with _PYTHON_LOCK:
+        cached = _PYTHON_MEMO.get(key)
+    if cached is not None:
+        return cached
+    try:
+        proc = subprocess.run(
+            [str(program), "-c", _PYTHON_PATHS],
+            capture_output=True,
+            text=True,
+            env=probe_env,
+            timeout=LDD_TIMEOUT_S,
+            check=False,
+        )
+        info = json.loads(proc.stdout) if proc.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        info = None
+    if not isinstance(info, dict):
+        raise TargetStartError(
+            f"cannot ask the Python interpreter {program} for its module path",
+            where=where,
+            hint="the target must run on this host first (try --runner=process)",
+        )
+    folders = [Path(p) for p in info["path"] if p and os.path.isabs(p) and os.path.isdir(p)]
+    data = [Path(p) for p in info["path"] if p and os.path.isabs(p) and os.path.isfile(p)]
+    venv_cfg = Path(info["prefix"]) / "pyvenv.cfg"
+    if venv_cfg.is_file():
+        data.append(venv_cfg)
+    mounts = _outermost(folders)
+    modules = [m for folder in mounts for m in _extension_modules(folder, folders)]
+    result = HostFiles(
+        libraries=tuple(_libraries_of_many(modules)), data=tuple(data), mounts=tuple(mounts)
+    )
+    with _PYTHON_LOCK:
+        _PYTHON_MEMO[key] = result
+    return result
+
+
+def is_python(program: Path) -> bool:
+    return bool(_PYTHON_NAME.fullmatch(Path(os.path.realpath(program)).name))
+
+
+def host_files(
+    program: Path,
+    texts: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    skip: Sequence[Path],
+    where: str | Path | None = None,
+) -> HostFiles:
+    """The host files a closure image needs besides ``program`` and the tracer shim: every
+    existing file or folder that ``texts`` (the command line, the environment, the rendered
+    ``[files]``) names by absolute path outside ``skip`` (the bind-mounted folders) — a
+    launcher script's ``exec /usr/bin/h2o``, lighttpd's ``server.modules-dir`` — and, when
+    ``program`` is a Python interpreter, its module path (``python_runtime``)."""
+    programs: list[Path] = []
+    data: list[Path] = []
+    for path in named_paths(texts, skip):
+        if path.is_dir():
+            files = _folder_files(path)
+            if files is None:
+                warnings.warn(
+                    f"afterclose: {path} (named by the target's command, environment or "
+                    f"files) holds more than {MAX_NAMED_FOLDER_FILES} files: not copied into "
+                    "the image",
+                    stacklevel=2,
+                )
+                continue
+        else:
+            files = [path]
+        for file in files:
+            (programs if _is_elf(file) else data).append(file)
+    named = HostFiles(programs=tuple(programs), data=tuple(data))
+    if not is_python(program):
+        return named
+    runtime = python_runtime(program, env, where=where)
+    return HostFiles(
+        programs=named.programs,
+        libraries=runtime.libraries,
+        data=(*named.data, *runtime.data),
+        mounts=runtime.mounts,
+    )
+
+
 def _file_digest(path: Path) -> str:
     cached = _HASH_MEMO.get(path)
     if cached is not None:
@@ -406,9 +627,20 @@ def _run_build(
 
 
 def closure_image(
-    client: Any, manifest: Manifest, programs: Sequence[Path], env: Mapping[str, str]
+    client: Any,
+    manifest: Manifest,
+    programs: Sequence[Path],
+    env: Mapping[str, str],
+    extra: Sequence[Path] = (),
 ) -> ImageChoice:
+    """``extra``: files copied as they are, after the programs' closure (data files, the
+    libraries of extension modules that ``python_runtime`` found)."""
     files = closure_files(programs, env, where=manifest.path)
+    seen = {str(f) for f in files}
+    for path in extra:
+        if str(path) not in seen:
+            seen.add(str(path))
+            files.append(path)
     tag = f"{repo_name(manifest.name)}:{closure_key(files)}"
     if image_exists(client, tag):
         return ImageChoice(tag, "closure", built=False)

@@ -770,11 +770,30 @@ class ContainerTarget(RunningTarget):
         _unregister(self.container_name)
 
 
+def plan_host_files(plan: LaunchPlan) -> images.HostFiles:
+    """Host files a closure image needs besides command[0], the {build} artefact and the
+    tracer shim: those the plan names by absolute path (argv, environment, rendered files) and
+    a Python interpreter's module path."""
+    program = images.resolve_program(plan.argv[0], plan.env)
+    if program is None:
+        return images.HostFiles()
+    texts = [*plan.argv[1:], *(v for k, v in plan.env.items() if k != "LD_PRELOAD")]
+    for name in plan.manifest.files:
+        rendered = plan.workdir / name
+        if rendered.is_file():
+            texts.append(rendered.read_text(errors="replace"))
+    skip = [plan.workdir, plan.manifest.folder]
+    if plan.trace_dir is not None:
+        skip.append(plan.trace_dir)
+    return images.host_files(program, texts, plan.env, skip=skip, where=plan.manifest.path)
+
+
 def _start_hint(image: ImageChoice) -> str:
     if image.kind == "closure":
         return (
-            "the image holds only the target's binaries and libraries; a program that execs "
-            "others or reads files outside the workdir and manifest folder needs "
+            "the image holds only the target's binaries and libraries and the files its "
+            "command, environment and rendered files name by absolute path; name what else it "
+            "execs or reads outside the workdir and manifest folder, or use "
             "[docker] dockerfile = ..."
         )
     return f"command[0] must exist and be executable inside {image.tag}"
@@ -811,7 +830,14 @@ class DockerRunner(Runner):
     def image_for(self, plan: LaunchPlan) -> ImageChoice:
         spec = plan.manifest.docker
         if spec is None:
-            return images.closure_image(self.client, plan.manifest, self._programs(plan), plan.env)
+            needs = self.host_files(plan)
+            return images.closure_image(
+                self.client,
+                plan.manifest,
+                [*self._programs(plan), *needs.programs],
+                plan.env,
+                [*needs.libraries, *needs.data],
+            )
         if spec.image is not None:
             return images.local_image(self.client, plan.manifest)
         return images.dockerfile_image(self.client, plan.manifest)
@@ -828,6 +854,9 @@ class DockerRunner(Runner):
         for path in (program, *plan.binaries, *images.preload_paths(plan.env)):
             found.setdefault(str(path), path)
         return list(found.values())
+
+    def host_files(self, plan: LaunchPlan) -> images.HostFiles:
+        return plan_host_files(plan)
 
     # -- container
 
@@ -847,7 +876,10 @@ class DockerRunner(Runner):
             plan.trace_dir.mkdir(parents=True, exist_ok=True)
             bind(plan.trace_dir, read_only=False)
         bind(plan.manifest.folder, read_only=True)
-        if image.kind != "closure":
+        if image.kind == "closure":
+            for folder in self.host_files(plan).mounts:
+                bind(folder, read_only=True)
+        else:
             # A user image lacks the host files the plan names: the {build} artefact and the
             # tracer shim.  They work in it if the image's libc is compatible (docker.libc).
             for path in (*plan.binaries, *images.preload_paths(plan.env)):

@@ -279,10 +279,10 @@ async def serve(args: argparse.Namespace, name: str, loop_name: str) -> None:
     logs.note(f"{name} ({loop_name}) listening on {args.host}:{args.port}")
     print("READY", flush=True)
     await stop.wait()
-    # The process runner signals the process group and then each of its processes, so a
-    # second SIGTERM follows the first within microseconds.  Closing the loop below restores
-    # the default action, which would let that one kill us mid-shutdown: block both signals
-    # instead (a pending blocked signal is discarded when the process exits).
+    # A second SIGTERM or SIGINT may follow the first (a runner that signals the process
+    # group and then its members, a user's Ctrl-C during the stop).  Closing the loop below
+    # restores the default action, which would let that one kill us mid-shutdown: block both
+    # signals instead (a pending blocked signal is discarded when the process exits).
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     logs.note("stopping")
     server.close()

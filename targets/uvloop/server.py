@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parent.parent / "asyncio" / "server.py"
+# The manifest names the file in the environment (so that a container image gets it too).
+SHARED = Path(
+    os.environ.get("AFTERCLOSE_ASYNCIO_SERVER")
+    or Path(__file__).resolve().parent.parent / "asyncio" / "server.py"
+)
 
 
 def main() -> int:
