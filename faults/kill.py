@@ -16,9 +16,12 @@ bind-mounted workdir (or the manifest's folder) survives, as with ``docker run -
 a crash.
 
 With the preload tracer under the Docker runner both incarnations are PID 1 of their
-containers and write to one trace folder, so the trace model sees one process whose fd numbers
-came back without a traced close: it says so in a warning and skips its own fd-leak
-accounting for that PID (the black-box fd-leak check still judges the restarted target).
+containers and write to one trace folder.  Read as they are, the new one's files would look
+like an exec of the old PID 1 (one process whose fd numbers come back without a traced close,
+and whose threads act on each other's connections).  So, once the old container is dead and
+before the new one starts, its trace files are relabelled with the host PIDs its processes
+had (read from ``NSpid`` in ``/proc/PID/status`` before the kill), and each incarnation is
+judged as a process of its own.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from afterclose.faults import target_base as tb
@@ -84,6 +88,7 @@ class Kill(tb.TargetFault):
                 report.count("died_before_kill")  # the crash rule speaks for it
                 return report
             sig = signal.Signals[self.signal]
+            inner_pids = _namespace_pids(old.host_pids())
             tb.signal_target(old, sig)
             if not tb.wait_for(lambda: old.exit_status() is not None, DEATH_WAIT_S):
                 report.count("survived_signal")
@@ -93,6 +98,7 @@ class Kill(tb.TargetFault):
             if status is not None:
                 report.count(f"exit:{status.describe().replace(' ', '_')}")
             _keep_logs(old, len(run.reports) + 1)
+            _relabel_trace(run, inner_pids)
             restarted = time.monotonic()
             try:
                 new = run.harness.runner.start(old.plan)
@@ -118,6 +124,32 @@ class Kill(tb.TargetFault):
                 )
         report.elapsed_s = time.monotonic() - started
         return report
+
+
+def _namespace_pids(host_pids: list[int]) -> dict[int, int]:
+    """PID inside the target's PID namespace -> host PID, for processes where they differ
+    (a container's); read before the kill, while /proc still has them."""
+    found: dict[int, int] = {}
+    for pid in host_pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("NSpid:"):
+                    ids = [int(x) for x in line.split()[1:]]
+                    if len(ids) > 1 and ids[-1] != pid:
+                        found[ids[-1]] = pid
+    return found
+
+
+def _relabel_trace(run: TargetRun, inner_pids: dict[int, int]) -> None:
+    """The restarted container's processes get the same namespace PIDs (PID 1 again): the
+    dead ones' trace files take their host PIDs, so the model keeps the two apart."""
+    trace_dir = run.tracer.trace_dir
+    if trace_dir is None or not inner_pids:
+        return
+    from afterclose.harness.trace import shim
+
+    for inner, host in inner_pids.items():
+        shim.relabel_pid(trace_dir, inner, host)
 
 
 def _answer(run: TargetRun, path: str) -> str:

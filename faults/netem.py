@@ -9,8 +9,9 @@ It needs the kernel's ``sch_netem`` (``tc qdisc ... netem``), which the host ker
 not carry; the kernel matrix's guests load it, so the scenario runs under ``--kernel``.  Only
 the target's port is affected: a ``prio`` qdisc on ``lo`` with a fourth band, unused by the
 default priority map, holds the netem qdisc, and two ``u32`` filters (source and destination
-port) send the target's packets there.  ``lo`` has one root qdisc for the whole network
-namespace, so netem faults take a machine-wide lock and run one at a time.
+port) send the target's packets there; resets pass untouched (see ``_netem_on_port``).
+``lo`` has one root qdisc for the whole network namespace, so netem faults take a
+machine-wide lock and run one at a time.
 """
 
 from __future__ import annotations
@@ -159,9 +160,18 @@ def _netem_on_port(port: int, netem: list[str]) -> Iterator[Callable[[], dict[st
         try:
             _tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "prio", "bands", "4")
             _tc("qdisc", "add", "dev", "lo", "parent", NETEM_BAND, "handle", "40:", "netem", *netem)
+            # Resets skip netem: TCP never retransmits a RST, so a lost one would leave the
+            # server a half-open connection that only a timeout ends, and fd-leak would blame
+            # any server without one.  Loopback IPv4 has no IP options: the TCP flags byte is
+            # at offset 20 + 13.
+            _tc(
+                "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1",
+                "u32", "match", "ip", "protocol", "6", "0xff", "match", "u8", "0x04", "0x04",
+                "at", "33", "flowid", "1:1",
+            )  # fmt: skip
             for direction in ("dport", "sport"):
                 _tc(
-                    "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1",
+                    "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "2",
                     "u32", "match", "ip", direction, str(port), "0xffff", "flowid", NETEM_BAND,
                 )  # fmt: skip
             yield _stats

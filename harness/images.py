@@ -273,9 +273,11 @@ class HostFiles:
     mounts: tuple[Path, ...] = ()  # folders bind-mounted read-only at their host path
 
 
-# Kernel filesystems and scratch folders: the container has its own, a named one is never
-# copied from the host.
-NOT_COPIED = tuple(Path(p) for p in ("/proc", "/sys", "/dev", "/run", "/tmp", "/var/tmp"))
+# Kernel filesystems: the container has its own, nothing under them is copied from the host.
+# Scratch folders: the container has its own too, but files under them are copied when named
+# (a project checked out under /tmp names its own files there).
+NOT_COPIED = tuple(Path(p) for p in ("/proc", "/sys", "/dev", "/run"))
+SCRATCH = tuple(Path(p) for p in ("/tmp", "/var/tmp"))
 MAX_NAMED_FOLDER_FILES = 1000
 # An absolute path in a command line, a shell script or a config file; the look-behind keeps
 # "text/plain" and "$HOME/x" out.
@@ -298,7 +300,11 @@ def named_paths(texts: Sequence[str], skip: Sequence[Path]) -> list[Path]:
     for text in texts:
         for match in _NAMED_PATH.finditer(text):
             path = Path(os.path.normpath(match.group(0)))
-            if str(path) in found or path == Path("/") or _inside(path, (*skip, *NOT_COPIED)):
+            if (
+                str(path) in found
+                or path in (Path("/"), *SCRATCH)
+                or _inside(path, (*skip, *NOT_COPIED))
+            ):
                 continue
             if path.is_file() or path.is_dir():
                 found[str(path)] = path

@@ -112,7 +112,14 @@ def server_conns(trace_dir: Path | None) -> list[ServerConn]:
     conns: list[ServerConn] = []
     by_fd: dict[tuple[int, int], ServerConn] = {}
     by_data: dict[tuple[int, int], ServerConn] = {}  # epoll data pointer -> connection
-    for r in trace.records:
+    # An fd number changes hands inside the calls: close() frees it between its entry and its
+    # exit, and accept() takes it between its own.  Another thread's accept can therefore
+    # start before a close and return the same number before that close returns; ordered by
+    # accept's exit and close's entry, each close meets its own incarnation.
+    def when(r: Record) -> int:
+        return r.seq_out if r.op == Op.ACCEPT else r.seq_in
+
+    for r in sorted(trace.records, key=when):
         key = (r.pid, r.fd)
         if r.op == Op.ACCEPT and r.ret >= 0:
             conn = ServerConn(r.pid, r.ret, r)

@@ -76,12 +76,6 @@ def test_target_fixture_skips_without_target(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*no target: run with --target=NAME*"])
 
 
-def test_kernel_not_available_yet(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest("--target=seed-fixed", "--kernel=6.1")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--kernel=6.1*not available*"])
-
-
 def test_user_test_with_manifest_outside_package(pytester: pytest.Pytester) -> None:
     manifest = echo_manifest(pytester.path)
     pytester.makepyfile(

@@ -188,3 +188,48 @@ def read_seq(trace_dir: Path) -> int:
         return 0  # created but not yet sized by the first traced process
     value: int = struct.unpack("<Q", raw)[0]
     return value
+
+
+def relabel_pid(trace_dir: Path, inner_pid: int, host_pid: int) -> list[Path]:
+    """Give a dead process's trace files its host PID instead of its PID-namespace one.
+
+    A restarted container's first process is PID 1 again, and its trace files would be read
+    as an exec of the old PID 1: one process whose fds came back from nowhere.  Relabelled
+    with the old process's host PID (header, every chunk, the file name), the old incarnation
+    stays a process of its own.  Only for files of processes known to be dead."""
+    from afterclose.harness.trace.format import (
+        CHUNK_HEADER_SIZE,
+        CHUNK_HEADER_STRUCT,
+        HEADER_SIZE,
+        HEADER_STRUCT,
+        RECORD_SIZE,
+    )
+
+    moved: list[Path] = []
+    for path in sorted(trace_dir.glob(f"trace.{inner_pid}.*.bin")):
+        with path.open("r+b") as f:
+            fields = HEADER_STRUCT.unpack(f.read(HEADER_STRUCT.size))
+            chunk_records, n_chunks, pid = fields[4], fields[5], fields[6]
+            if pid != inner_pid:
+                continue
+            f.seek(28)
+            f.write(struct.pack("<I", host_pid))
+            chunk_bytes = CHUNK_HEADER_SIZE + chunk_records * RECORD_SIZE
+            for index in range(n_chunks):
+                offset = HEADER_SIZE + index * chunk_bytes
+                f.seek(offset)
+                head = f.read(CHUNK_HEADER_STRUCT.size)
+                if len(head) < CHUNK_HEADER_STRUCT.size:
+                    break
+                _tid, chunk_pid, count = CHUNK_HEADER_STRUCT.unpack(head)
+                if count and chunk_pid == inner_pid:
+                    f.seek(offset + 4)
+                    f.write(struct.pack("<I", host_pid))
+        n = int(path.name.split(".")[2])
+        target = trace_dir / f"trace.{host_pid}.{n}.bin"
+        while target.exists():
+            n += 1
+            target = trace_dir / f"trace.{host_pid}.{n}.bin"
+        path.rename(target)
+        moved.append(target)
+    return moved
