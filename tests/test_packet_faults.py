@@ -112,6 +112,7 @@ def server_conns(trace_dir: Path | None) -> list[ServerConn]:
     conns: list[ServerConn] = []
     by_fd: dict[tuple[int, int], ServerConn] = {}
     by_data: dict[tuple[int, int], ServerConn] = {}  # epoll data pointer -> connection
+
     # An fd number changes hands inside the calls: close() frees it between its entry and its
     # exit, and accept() takes it between its own.  Another thread's accept can therefore
     # start before a close and return the same number before that close returns; ordered by
