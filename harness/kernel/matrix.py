@@ -14,7 +14,8 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,9 @@ class KernelMatrix:
                 )
         return wrapped
 
-    def outcome(self, source: KernelSource, shared: Path, prepare: Any) -> KernelOutcome:
+    def outcome(
+        self, source: KernelSource, shared: Path, prepare: Callable[[], None]
+    ) -> KernelOutcome:
         """This kernel's guest run: done once per session, shared by every xdist worker.
 
         A worker that finds the kernel it needs already booting elsewhere boots another
@@ -213,7 +216,7 @@ class KernelMatrix:
         self._outcomes[source.label] = outcome
         return outcome
 
-    def _run_if_free(self, source: KernelSource, shared: Path, prepare: Any) -> bool:
+    def _run_if_free(self, source: KernelSource, shared: Path, prepare: Callable[[], None]) -> bool:
         """Run this kernel's guest unless it is done or running; False if another has it."""
         folder = shared / f"kernel-{source.label}"
         try:
@@ -231,12 +234,16 @@ class KernelMatrix:
             fcntl.flock(lock, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
             yield
 
-    def _run_and_mark(self, source: KernelSource, folder: Path, prepare: Any) -> None:
+    def _run_and_mark(
+        self, source: KernelSource, folder: Path, prepare: Callable[[], None]
+    ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         error = self._run_guest(source, folder, prepare)
         (folder / "done.json").write_text(json.dumps({"error": error}))
 
-    def _run_guest(self, source: KernelSource, folder: Path, prepare: Any) -> str | None:
+    def _run_guest(
+        self, source: KernelSource, folder: Path, prepare: Callable[[], None]
+    ) -> str | None:
         try:
             kernel = fetch.fetch(source)
             prepare()
@@ -248,7 +255,7 @@ class KernelMatrix:
             timeout = self.timeout_s or BASE_TIMEOUT_S + PER_TEST_TIMEOUT_S * len(nodeids)
             run = vm.run(
                 kernel,
-                [_python(), "-m", "afterclose.harness.kernel.guest",
+                [sys.executable, "-m", "afterclose.harness.kernel.guest",
                  vm.GUEST_RESULTS],
                 folder,
                 timeout_s=timeout,
@@ -289,12 +296,6 @@ class KernelMatrix:
                 else:
                     outcome.results[record["nodeid"]] = TestResult.from_record(record)
         return outcome
-
-
-def _python() -> str:
-    import sys
-
-    return sys.executable
 
 
 def kernel_item_name(name: str, label: str) -> str:
