@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -90,7 +91,33 @@ class CBuild:
         for src in self.sources:
             h.update(src.name.encode())
             h.update(src.read_bytes())
+        # An edited header of the target's own must rebuild it too.
+        for header in local_includes(self.sources):
+            h.update(str(header).encode())
+            h.update(header.read_bytes())
         return h.hexdigest()[:20]
+
+
+_QUOTED_INCLUDE = re.compile(rb'^\s*#\s*include\s*"([^"]+)"', re.M)
+
+
+def local_includes(sources: Sequence[Path]) -> list[Path]:
+    """Files pulled in by ``#include "..."`` (found next to the including file), recursively;
+    system headers (``<...>``) belong to the compiler's identity, not to the target."""
+    found: dict[Path, None] = {}
+    todo = list(sources)
+    while todo:
+        current = todo.pop()
+        try:
+            text = current.read_bytes()
+        except OSError:
+            continue
+        for name in _QUOTED_INCLUDE.findall(text):
+            header = (current.parent / name.decode(errors="replace")).resolve()
+            if header.is_file() and header not in found:
+                found[header] = None
+                todo.append(header)
+    return sorted(found)
 
 
 def build(spec: CBuild, *, extra_deps: Sequence[Path] = ()) -> Path:

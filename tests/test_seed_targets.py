@@ -767,3 +767,18 @@ if __name__ == "__main__":
     parser.add_argument("--limit", type=float, default=20.0, metavar="SECONDS")
     args = parser.parse_args()
     measure(args.measure, args.limit)
+
+
+def test_build_key_follows_local_headers(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "main.c").write_text(
+        '#include "sub/a.h"\n#include <stdio.h>\nint main(void){return A;}\n'
+    )
+    (tmp_path / "sub" / "a.h").write_text('#include "b.h"\n')
+    (tmp_path / "sub" / "b.h").write_text("#define A 0\n")
+    spec = CBuild(name="hdr", sources=(tmp_path / "main.c",))
+    before = spec.key("cc")
+    (tmp_path / "sub" / "b.h").write_text("#define A 1\n")  # two includes deep
+    assert spec.key("cc") != before
+    built = build(spec)
+    assert subprocess.run([str(built)], check=False).returncode == 1

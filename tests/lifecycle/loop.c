@@ -59,6 +59,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "../servers/listen_on.h"
+
 #define BUFSZ 8192
 #define LIVE_SLOTS 16384   /* power of two; at most LIVE_MAX live clients */
 #define LIVE_MAX 8192
@@ -505,32 +507,6 @@ static void on_accept(void)
     }
 }
 
-static int listen_on(const char *host, const char *port)
-{
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
-    struct addrinfo *res, *ai;
-    int fd = -1, one = 1, rc = getaddrinfo(host, port, &hints, &res);
-    if (rc != 0) {
-        fprintf(stderr, "loop: %s:%s: %s\n", host, port, gai_strerror(rc));
-        return -1;
-    }
-    for (ai = res; ai; ai = ai->ai_next) {
-        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd < 0)
-            continue;
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 1024) == 0)
-            break;
-        close(fd);
-        fd = -1;
-    }
-    if (fd < 0)
-        fprintf(stderr, "loop: cannot listen on %s:%s: %s\n", host, port, strerror(errno));
-    freeaddrinfo(res);
-    return fd;
-}
-
 int main(int argc, char **argv)
 {
     struct sigaction sa;
@@ -559,7 +535,7 @@ int main(int argc, char **argv)
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    lfd = listen_on(argv[1], argv[2]);
+    lfd = listen_on("loop", argv[1], argv[2]);
     if (lfd < 0)
         return 1;
     epfd = epoll_create1(EPOLL_CLOEXEC);
