@@ -7,10 +7,12 @@ one) and run part of the built-in suite in it.  The kernel they use is
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -267,3 +269,55 @@ def test_netem_on_a_host_without_it_skips_and_says_where_it_runs(
     result.assert_outcomes(skipped=1)
     assert "tc netem is not available in this kernel" in result.stdout.str()
     assert "--kernel=6.1" in result.stdout.str()
+
+
+def test_archive_layouts_split_and_single(tmp_path: Path) -> None:
+    from afterclose.harness.kernel import archive
+
+    def pkg(name: str, version: str) -> dict[str, str]:
+        return {"Version": version, "Filename": f"pool/{name}.deb", "SHA256": "0" * 64, "Size": "1"}
+
+    packages = {
+        # 7.x: image, modules and config in three packages; all three must be there.
+        "linux-binary-7.2.13+deb14-amd64": pkg("b", "7.2.13-1"),
+        "linux-modules-7.2.13+deb14-amd64": pkg("m", "7.2.13-1"),
+        "linux-base-7.2.13+deb14-amd64": pkg("c", "7.2.13-1"),
+        "linux-binary-7.3.1+deb14-amd64": pkg("b2", "7.3.1-1"),  # no modules package: left out
+        "linux-binary-7.2.13+deb14-cloud-amd64": pkg("cl", "7.2.13-1"),  # cloud: no 9p
+        "linux-image-6.12.117+deb13-amd64-unsigned": pkg("i", "6.12.117-1"),
+    }
+    (tmp_path / "archive-sid.json").write_text(
+        json.dumps({"fetched": time.time(), "packages": packages})
+    )
+    found = {k.name: k for k in archive.kernels("sid", tmp_path)}
+    assert set(found) == {
+        "linux-binary-7.2.13+deb14-amd64",
+        "linux-image-6.12.117+deb13-amd64-unsigned",
+    }
+    assert [f.filename for f in found["linux-binary-7.2.13+deb14-amd64"].files] == [
+        "pool/b.deb", "pool/m.deb", "pool/c.deb",
+    ]  # fmt: skip
+    assert len(found["linux-image-6.12.117+deb13-amd64-unsigned"].files) == 1
+
+
+@needs_apt
+def test_a_version_apt_lacks_comes_from_the_signed_archive(tmp_path: Path) -> None:
+    from afterclose.harness.kernel import archive
+
+    try:
+        packages = archive.index("sid", tmp_path)  # fetched, gpgv-checked, SHA256-checked
+    except archive.ArchiveError as exc:
+        pytest.skip(f"the Debian archive is not reachable from here: {exc}")
+    kernels = archive.kernels("sid", tmp_path)
+    assert kernels, f"sid lists no generic amd64 kernel among {len(packages)} packages"
+    newest = max(kernels, key=lambda k: [int(x) for x in re.findall(r"\d+", k.version)])
+    series = ".".join(newest.version.split(".")[:2])
+    apt_has = subprocess.run(
+        ["apt-cache", "pkgnames", "linux-image-"], capture_output=True, text=True, check=True
+    ).stdout
+    if f"-{series}." in apt_has or f"-{series}-" in apt_has:
+        pytest.skip(f"apt here already offers {series}: the archive is not asked")
+    source = fetch.resolve(series)
+    assert source.suite in archive.SUITES and source.files, source
+    assert all(len(f.sha256) == 64 for f in source.files)
+    assert f"Debian {source.suite} " in source.describe()

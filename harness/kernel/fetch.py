@@ -24,9 +24,10 @@ from pathlib import Path
 
 from afterclose.harness import compile as cbuild
 from afterclose.harness.errors import AftercloseError
+from afterclose.harness.kernel import archive
 from afterclose.harness.kernel import modules as kmodules
 
-VERSION_RE = re.compile(r"^\d+\.\d+(\.\d+)?$")
+VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}$")
 PACKAGE_RE = re.compile(r"^linux-image-[0-9][\w.+~-]*$")
 # Generic amd64 images: unsigned first (same kernel as the signed one, no Secure Boot wrapper).
 GENERIC_PATTERNS = (
@@ -50,10 +51,13 @@ class KernelSource:
     package: str | None = None
     version: str | None = None  # Debian version of the package
     path: Path | None = None  # a .deb, an unpacked package folder or a kernel image
+    suite: str | None = None  # a Debian suite apt does not list: fetched from the archive
+    files: tuple[archive.ArchiveFile, ...] = ()
 
     def describe(self) -> str:
         if self.package:
-            return f"Debian {self.package} {self.version}"
+            where = f"Debian {self.suite} " if self.suite else "Debian "
+            return f"{where}{self.package} {self.version}"
         return str(self.path)
 
 
@@ -168,18 +172,52 @@ def resolve(spec: str) -> KernelSource:
         if _upstream(ver) == spec or _upstream(ver).startswith(spec + ".")
     }
     if not matching:
-        have = sorted({_upstream(v) for v in candidates.values()}, key=_version_key)
-        tried = "apt-cache pkgnames linux-image-, names matching " + " or ".join(GENERIC_PATTERNS)
-        raise KernelError(
-            f"--kernel={spec}: no Debian kernel package of version {spec} "
-            f"(tried: {tried}; generic amd64 flavour only)",
-            details="versions apt offers: " + (", ".join(have) if have else "none"),
-            hint="pick one of those versions, add a Debian suite that has it to the apt "
-            "sources (then apt-get update), or pass a .deb or a kernel image path",
-        )
+        return _from_archive(spec, candidates)
     best = _best(matching)
     return KernelSource(
         spec=spec, label=_upstream(matching[best]), package=best, version=matching[best]
+    )
+
+
+def _from_archive(spec: str, apt_candidates: dict[str, str]) -> KernelSource:
+    """A version apt does not have: the newest match in the archive's suites, or KernelError
+    naming everything that was tried."""
+    found: list[archive.ArchiveKernel] = []
+    offered: dict[str, list[str]] = {}
+    problems: list[str] = []
+    for suite in archive.SUITES:
+        try:
+            kernels = archive.kernels(suite, kernel_cache())
+        except archive.ArchiveError as exc:
+            problems.append(str(exc))
+            continue
+        offered[suite] = sorted({_upstream(k.version) for k in kernels}, key=_version_key)
+        found += [
+            k
+            for k in kernels
+            if _upstream(k.version) == spec or _upstream(k.version).startswith(spec + ".")
+        ]
+    if found:
+        best = max(found, key=lambda k: (_version_key(k.version), k.suite == archive.SUITES[0]))
+        return KernelSource(
+            spec=spec,
+            label=_upstream(best.version),
+            package=best.name,
+            version=best.version,
+            suite=best.suite,
+            files=best.files,
+        )
+    have = sorted({_upstream(v) for v in apt_candidates.values()}, key=_version_key)
+    tried = "apt-cache pkgnames linux-image-, names matching " + " or ".join(GENERIC_PATTERNS)
+    suites = ", ".join(archive.SUITES)
+    details = ["versions apt offers: " + (", ".join(have) if have else "none")]
+    details += [f"versions Debian {s} offers: {', '.join(v) or 'none'}" for s, v in offered.items()]
+    details += [f"Debian archive: {p}" for p in problems]
+    raise KernelError(
+        f"--kernel={spec}: no Debian kernel package of version {spec} (tried: {tried}; then "
+        f"the Debian archive's {suites} indices; generic amd64 flavour only)",
+        details="\n".join(details),
+        hint="pick one of those versions, or pass a .deb or a kernel image path",
     )
 
 
@@ -220,8 +258,17 @@ def fetch(source: KernelSource) -> Kernel:
         if not marker.exists() or marker.read_text() != wanted:
             shutil.rmtree(tree, ignore_errors=True)
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                deb = source.path if source.path else _download(source, Path(tmp))
-                _unpack(deb, Path(tmp) / "x")
+                if source.files:
+                    try:
+                        debs = archive.download(source.files, Path(tmp))
+                    except archive.ArchiveError as exc:
+                        raise KernelError(
+                            str(exc), hint="check the connection to the Debian archive"
+                        ) from None
+                else:
+                    debs = [source.path if source.path else _download(source, Path(tmp))]
+                for deb in debs:
+                    _unpack(deb, Path(tmp) / "x")
                 _keep_needed(Path(tmp) / "x", tree)
             marker.write_text(wanted)
     return _from_tree_or_image(source, tree)
@@ -286,6 +333,10 @@ def _keep_needed(unpacked: Path, tree: Path) -> None:
             builtin = release_dir / "modules.builtin"
             if builtin.is_file():
                 shutil.copy(builtin, kept / "modules.builtin")
+            # The 7.x split layout keeps the image and config beside the modules.
+            for name, dest in (("vmlinuz", "vmlinuz-"), ("config", "config-")):
+                if (release_dir / name).is_file():
+                    shutil.move(str(release_dir / name), tree / "boot" / (dest + release_dir.name))
             for name, data in kmodules.select(kmodules.ModuleTree(release_dir)):
                 (kept / "kernel" / f"{name}.ko").write_bytes(data)
         if root.is_dir():
@@ -351,6 +402,15 @@ def listing() -> list[str]:
         for series in sorted(by_series, key=_version_key):
             pkg = _best(by_series[series])
             lines.append(f"  {series:<6} {_upstream(by_series[series][pkg]):<10} {pkg}")
+    for suite in archive.SUITES:
+        try:
+            kernels = archive.kernels(suite, kernel_cache())
+        except archive.ArchiveError as exc:
+            lines.append(f"Debian {suite}: {exc}")
+            continue
+        lines.append(f"from the Debian archive, {suite} (used when apt lacks the version):")
+        for k in sorted(kernels, key=lambda k: _version_key(k.version)):
+            lines.append(f"  {_upstream(k.version):<17} {k.name}")
     cached = cached_kernels()
     lines.append("cached:" if cached else "cached: none")
     lines.extend(f"  {p.name}" for p in cached)
