@@ -149,13 +149,11 @@ class KernelMatrix:
         args: Sequence[str],
         cwd: Path,
         timeout_s: float | None,
-        accel: str = "auto",
     ) -> None:
         self.sources = sources
         self.args = list(args)
         self.cwd = cwd
         self.timeout_s = timeout_s
-        self.accel = accel
         self.nodeids: dict[str, list[str]] = {s.label: [] for s in sources}
         self._outcomes: dict[str, KernelOutcome] = {}
 
@@ -259,7 +257,6 @@ class KernelMatrix:
                  vm.GUEST_RESULTS],
                 folder,
                 timeout_s=timeout,
-                accel=self.accel,
             )  # fmt: skip
             (folder / "run.json").write_text(
                 json.dumps({"accel": run.accel, "elapsed_s": run.elapsed_s,
