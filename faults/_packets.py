@@ -48,6 +48,7 @@ closed; its next segment meets a RST.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import errno
@@ -60,16 +61,18 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import util as importlib_util
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from afterclose.faults.base import (
     Conn,
     DeadlineReached,
     Endpoint,
+    Fault,
     FaultReport,
+    Target,
     drive,
 )
 from afterclose.harness import httpclient
@@ -130,15 +133,9 @@ def loopback_ipv4(fault: str, endpoint: Endpoint) -> str:
 
     Forged segments only ever go to 127.0.0.0/8 on ``lo``: the target must listen there.
     """
-    try:
-        infos = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise ScenarioError(
-            f"cannot resolve {endpoint.host!r}: {exc}", where=f"fault {fault}"
-        ) from None
-    family, _, _, _, sockaddr = infos[0]
-    host = str(sockaddr[0])
-    if family != socket.AF_INET or not ipaddress.ip_address(host).is_loopback:
+    target = Target.resolve(fault, endpoint)
+    host = str(target.sockaddr[0])
+    if target.family != socket.AF_INET or not ipaddress.ip_address(host).is_loopback:
         raise ScenarioError(
             f"packet faults forge segments on the IPv4 loopback interface only; "
             f"the target listens on {host}",
@@ -161,9 +158,11 @@ class FourTuple:
     server_port: int
 
     @classmethod
-    def of(cls, sock: socket.socket) -> FourTuple:
+    def of(cls, sock: socket.socket, peer: Sequence[Any] | None = None) -> FourTuple:
+        """The 4-tuple of a connected ``sock``, or of a bound one that will connect to
+        ``peer``."""
         cip, cport = sock.getsockname()[:2]
-        sip, sport = sock.getpeername()[:2]
+        sip, sport = (sock.getpeername() if peer is None else peer)[:2]
         return cls(str(cip), int(cport), str(sip), int(sport))
 
     def __str__(self) -> str:
@@ -355,6 +354,15 @@ def fin_took(state: str | None) -> bool:
     return state in FIN_TAKEN
 
 
+def verify_reset(conn: Conn, tup: FourTuple, timeout_s: float) -> bool:
+    """Whether the server's socket of ``tup`` leaves the kernel's tables within
+    ``timeout_s`` (what an accepted RST does); counts ``rst_effective`` if it does."""
+    if reset_took(wait_server_state(tup, reset_took, timeout_s)):
+        conn.report.count("rst_effective")
+        return True
+    return False
+
+
 # --------------------------------------------------------------------------- forging
 
 
@@ -525,9 +533,7 @@ def connect(
         if before_connect is not None:
             before_connect(sock)
         if on_connected is not None:
-            ip, port = sock.getsockname()[:2]
-            server_ip, server_port = conn.target.sockaddr[:2]
-            tup = FourTuple(str(ip), int(port), str(server_ip), int(server_port))
+            tup = FourTuple.of(sock, conn.target.sockaddr)
         sock.settimeout(timeout)
         # On loopback the whole handshake typically runs inside this call (the softirqs run on
         # the way out of the SYN's transmission): when it returns, the server's kernel has
@@ -558,12 +564,17 @@ def connect(
     return tup
 
 
-def keepalive_exchanges(conn: Conn, count: int) -> bool:
-    """``count`` request/response round trips on the open connection; False on any failure."""
-    for _ in range(count):
+def connect_keepalive(conn: Conn, exchanges: int) -> tuple[FourTuple, socket.socket] | None:
+    """:func:`connect`, then ``exchanges`` request/response round trips on the connection: its
+    4-tuple and the client socket, or None on any failure (counted)."""
+    tup = connect(conn)
+    if tup is None:
+        return None
+    for _ in range(exchanges):
         if not conn.send_requests(1) or conn.read_response() is None:
-            return False
-    return True
+            return None
+    assert conn.sock is not None
+    return tup, conn.sock
 
 
 # Client-side outcomes of an aftermath, counted as "<prefix>_<outcome>".
@@ -678,6 +689,13 @@ def short_io(conn: Conn, seconds: float) -> Iterator[None]:
         conn.endpoint = real
 
 
+def late_probe(conn: Conn, observe_s: float) -> str:
+    """:func:`probe` once the fault is done, each blocking call bounded by ``observe_s`` but
+    no less than half a second."""
+    with short_io(conn, max(observe_s, 0.5)):
+        return probe(conn)
+
+
 def send_then_fire(conn: Conn, path: str, request: bytes, forger: Forger, raw: bytes) -> bool:
     """Send one whole request, then fire ``raw`` with nothing in between (a few microseconds,
     where :meth:`Conn.send` and its bookkeeping would take tens): the forged segment lands
@@ -739,8 +757,7 @@ def forge_rst(
         conn.report.count(RST_FORGED)
         if attempt:
             conn.report.count("rst_retried")
-        if reset_took(wait_server_state(tup, reset_took, verify_s)):
-            conn.report.count("rst_effective")
+        if verify_reset(conn, tup, verify_s):
             return True
         if seq_offset:
             break
@@ -790,6 +807,46 @@ def run_packet_fault(
     finally:
         for forger in forgers:
             forger.close()
+
+
+@dataclass(frozen=True)
+class ForgingAction:
+    """Base of a packet fault's actions: the run's :class:`Forger` (keyword-only, after the
+    subclass's own fields), and :meth:`needs_forger`."""
+
+    forger: Forger = field(default_factory=Forger, compare=False, repr=False, kw_only=True)
+
+    def needs_forger(self) -> bool:
+        return True
+
+
+ActionT = TypeVar("ActionT", bound=PacketAction)
+
+
+class PacketFault(Fault, Generic[ActionT]):
+    """Base of the packet faults: a plan of one :meth:`action` per connection, all sharing one
+    :class:`Forger`, run by :func:`run_packet_fault`.  Subclasses declare the ``connections``
+    and ``concurrency`` parameters (with their own defaults and docs)."""
+
+    connections: int
+    concurrency: int
+
+    @abc.abstractmethod
+    def action(self, rng: random.Random, forger: Forger) -> ActionT:
+        """One connection's action, drawn from ``rng`` alone."""
+
+    def plan(self, rng: random.Random) -> list[ActionT]:
+        forger = Forger()  # shared by the run; opens its raw socket only when used
+        return [self.action(rng, forger) for _ in range(self.connections)]
+
+    def run(self, endpoint: Endpoint, rng: random.Random, deadline: float) -> FaultReport:
+        return run_packet_fault(
+            self.name,
+            endpoint,
+            self.plan(rng),
+            concurrency=self.concurrency,
+            deadline=deadline,
+        )
 
 
 def draw_isn(rng: random.Random) -> int:

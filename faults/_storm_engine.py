@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
 import mmap
 import os
@@ -44,6 +43,7 @@ from afterclose.faults.base import (
     FaultReport,
     Target,
 )
+from afterclose.harness.orphans import die_with_parent
 
 try:  # imported before any fork, so that no child has to import it
     import uvloop
@@ -60,7 +60,6 @@ SLEEP_SLICE_S = 0.05  # longest sleep between two looks at the stop flag
 RATE_WINDOW_S = 1.0
 # Shared counters: slot 0 is the stop flag, then these per worker.
 _FIELDS = ("started", "done", "connections", "errors")
-_PR_SET_PDEATHSIG = 1
 
 
 class StormAction(Protocol):
@@ -396,9 +395,7 @@ def _isolate(keep_fd: int) -> None:
     with contextlib.suppress(ValueError):
         signal.set_wakeup_fd(-1)
     parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    die_with_parent()
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
     gc.freeze()

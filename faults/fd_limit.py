@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import random
 import resource
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from afterclose.faults import target_base as tb
 from afterclose.faults.base import FaultReport, param
 from afterclose.harness import procfs
-from afterclose.harness.errors import ScenarioError
 from afterclose.harness.oracle import verdict
 
 if TYPE_CHECKING:
@@ -49,15 +47,15 @@ MAX_HELD = 4000  # idle connections the fault opens at most
 
 
 @dataclass(frozen=True)
-class FdLimit(tb.TargetFault):
+class FdLimit(tb.StormFault):
     """Lower the target's nofile limit, storm it into EMFILE, hold it there: no spin, no leak."""
 
     name: ClassVar[str] = "fd_limit"
 
     spare_fds: int = param(16, lo=1, hi=2000, doc="fds the target may open beyond its current ones")
-    storm_s: float = param(1.0, lo=0, hi=600, doc="storm under the limit (0: none)")
-    rate_per_s: float = param(400.0, lo=1, hi=100_000, doc="storm: new connections per second")
-    concurrency: int = param(48, lo=1, hi=1024, doc="storm: most connections open at once")
+    storm_s: float = tb.storm_s_param(1.0, "storm under the limit (0: none)")
+    rate_per_s: float = tb.rate_param(400.0)
+    concurrency: int = tb.concurrency_param(48)
     slots: int = param(4, lo=1, hi=1000, doc="fds left to the storm, the rest held by idle clients")
     waiting: int = param(8, lo=1, hi=1000, doc="connections left in the backlog while held")
     window_s: float = param(1.0, lo=0.1, hi=60, doc="each CPU measuring window")
@@ -65,31 +63,16 @@ class FdLimit(tb.TargetFault):
         0.2, lo=0.01, hi=1.0, doc="most CPU (fraction of a core) above idle with idle clients"
     )
 
-    def _storm(self) -> tb.Storm:
-        return tb.Storm(self.storm_s, self.rate_per_s, self.concurrency)
-
-    def plan(self, rng: random.Random) -> list[str]:
-        return self._schedule(rng.getrandbits(64))
-
-    def _schedule(self, seed: int) -> list[str]:
-        return [
+    def headline(self, at: float) -> str:
+        return (
             f"nofile = highest open fd + 1 + {self.spare_fds}; storm {self.storm_s:g}s; "
-            f"hold with {self.waiting} waiting for {self.window_s:g}s; idle {self.window_s:g}s",
-            *self._storm().plan(seed),
-        ]
+            f"hold with {self.waiting} waiting for {self.window_s:g}s; idle {self.window_s:g}s"
+        )
 
     def run(self, run: TargetRun, rng: random.Random, deadline: float) -> FaultReport:
-        self.check_runner(run)
-        seed = rng.getrandbits(64)
-        report = FaultReport(self.name, schedule=self._schedule(seed))
-        started = time.monotonic()
-        target = run.target
-        pids = target.host_pids()
-        if not pids:
-            raise ScenarioError(
-                f"fault {self.name!r}: the target is not running",
-                where=f"{run.test_name}: fault {self.name!r}",
-            )
+        begun = self.begin(run, rng)
+        report, target = begun.report, run.target
+        pids = self.live_pids(run)
         idle = tb.busy(pids, min(self.window_s, 0.5))
         report.count("idle_cpu_pct", _pct(idle.demand))
 
@@ -104,7 +87,7 @@ class FdLimit(tb.TargetFault):
         filler = min(max(free - self.slots, 0), MAX_HELD)
         with tb.idle_connections(run.host, run.port, filler) as filled:
             report.count("held_during_storm", filled)
-            tb.add_storm(report, self._storm().run(run, seed, deadline))
+            tb.add_storm(report, self._storm().run(run, begun.seed, deadline))
 
             # 2. Hold: fill the rest, and leave `waiting` more in the backlog.
             more = min(free - filled + self.waiting, MAX_HELD)
@@ -140,8 +123,7 @@ class FdLimit(tb.TargetFault):
         census = procfs.census(target.host_pids(), run.port)
         report.count("socket_fds_after", census.socket_fds)
         report.count("close_wait_after", census.close_wait)
-        report.elapsed_s = time.monotonic() - started
-        return report
+        return begun.finish()
 
     def _lower_limits(self, run: TargetRun, pids: list[int]) -> dict[int, int]:
         limits: dict[int, int] = {}
@@ -155,19 +137,16 @@ class FdLimit(tb.TargetFault):
             except ProcessLookupError:
                 continue
             except PermissionError:
-                raise ScenarioError(
-                    f"fault {self.name!r}: may not change the open-file limit of PID {pid}",
-                    where=f"{run.test_name}: fault {self.name!r}",
+                raise self.error(
+                    run,
+                    f"may not change the open-file limit of PID {pid}",
                     hint="prlimit on another process needs root (CAP_SYS_RESOURCE) or the "
                     "same user; run as root, or start the target with a low limit "
                     "([docker] run_args = ['--ulimit', 'nofile=64'])",
                 ) from None
             limits[pid] = limit
         if not limits:
-            raise ScenarioError(
-                f"fault {self.name!r}: the target's processes are gone",
-                where=f"{run.test_name}: fault {self.name!r}",
-            )
+            raise self.error(run, "the target's processes are gone")
         return limits
 
 

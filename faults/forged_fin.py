@@ -22,11 +22,11 @@ saw meanwhile), ``probe_reset`` / ``probe_answered`` (one more request afterward
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from afterclose.faults import _packets as pk
-from afterclose.faults.base import Conn, Endpoint, Fault, FaultReport, param
+from afterclose.faults.base import Conn, param
 
 VARIANTS = ("single", "duplicate")
 
@@ -38,30 +38,26 @@ _CLOSED = frozenset({"LAST_ACK", "CLOSING", "TIME_WAIT", None})
 
 
 @dataclass(frozen=True)
-class ForgedFinAction:
+class ForgedFinAction(pk.ForgingAction):
     variant: str
     requests_before: int
     idle_s: float
     gap_s: float
     observe_s: float
     probe: bool
-    forger: pk.Forger = field(default_factory=pk.Forger, compare=False, repr=False)
 
     def describe(self) -> str:
         return f"forged fin {self.variant} after {self.requests_before} exchanges"
 
-    def needs_forger(self) -> bool:
-        return True
-
     def perform(self, conn: Conn) -> None:
         forger = self.forger
-        tup = pk.connect(conn)
-        if tup is None or not pk.keepalive_exchanges(conn, self.requests_before):
+        opened = pk.connect_keepalive(conn, self.requests_before)
+        if opened is None:
             return
-        assert conn.sock is not None
+        tup, sock = opened
         pk.pause(conn, self.idle_s)
-        pk.flush_ack(conn.sock)
-        seqs = pk.read_seqs(conn.sock)
+        pk.flush_ack(sock)
+        seqs = pk.read_seqs(sock)
         # seq = the server's rcv_nxt: the FIN is the next thing in the stream.  ack = what the
         # server sent so far (the client read every answer): an ACK beyond the server's
         # snd_nxt would make its kernel drop the segment.
@@ -84,12 +80,11 @@ class ForgedFinAction:
         # dropped there: nothing to read, no EOF.
         pk.watch_quiet(conn, 0.0, "client")
         if self.probe:
-            with pk.short_io(conn, max(self.observe_s, 0.5)):
-                pk.probe(conn)
+            pk.late_probe(conn, self.observe_s)
 
 
 @dataclass(frozen=True)
-class ForgedFin(Fault):
+class ForgedFin(pk.PacketFault[ForgedFinAction]):
     """A forged FIN|ACK makes the server read EOF on a connection its client never closed."""
 
     name: ClassVar[str] = "forged_fin"
@@ -105,26 +100,13 @@ class ForgedFin(Fault):
     observe_ms: float = param(500.0, lo=1, hi=10_000, doc="wait for the server to react")
     probe: bool = param(True, doc="send one more request afterwards, to see what the client gets")
 
-    def plan(self, rng: random.Random) -> list[ForgedFinAction]:
-        forger = pk.Forger()  # shared by the run; opens its raw socket only when used
-        return [
-            ForgedFinAction(
-                rng.choice(VARIANTS) if self.variant == "random" else self.variant,
-                self.requests_before,
-                self.idle_ms / 1000,
-                self.duplicate_gap_ms / 1000,
-                self.observe_ms / 1000,
-                self.probe,
-                forger,
-            )
-            for _ in range(self.connections)
-        ]
-
-    def run(self, endpoint: Endpoint, rng: random.Random, deadline: float) -> FaultReport:
-        return pk.run_packet_fault(
-            self.name,
-            endpoint,
-            self.plan(rng),
-            concurrency=self.concurrency,
-            deadline=deadline,
+    def action(self, rng: random.Random, forger: pk.Forger) -> ForgedFinAction:
+        return ForgedFinAction(
+            rng.choice(VARIANTS) if self.variant == "random" else self.variant,
+            self.requests_before,
+            self.idle_ms / 1000,
+            self.duplicate_gap_ms / 1000,
+            self.observe_ms / 1000,
+            self.probe,
+            forger=forger,
         )

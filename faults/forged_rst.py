@@ -26,38 +26,34 @@ request on the connection).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from afterclose.faults import _packets as pk
-from afterclose.faults.base import Conn, Endpoint, Fault, FaultReport, param
+from afterclose.faults.base import Conn, param
 
 PHASES = ("idle", "after-request")
 
 
 @dataclass(frozen=True)
-class ForgedRstAction:
+class ForgedRstAction(pk.ForgingAction):
     phase: str
     requests_before: int
     idle_s: float
     seq_offset: int
     observe_s: float
     probe: bool
-    forger: pk.Forger = field(default_factory=pk.Forger, compare=False, repr=False)
 
     def describe(self) -> str:
         off = f" seq{self.seq_offset:+d}" if self.seq_offset else ""
         return f"forged rst {self.phase} after {self.requests_before} exchanges{off}"
 
-    def needs_forger(self) -> bool:
-        return True
-
     def perform(self, conn: Conn) -> None:
         forger = self.forger
-        tup = pk.connect(conn)
-        if tup is None or not pk.keepalive_exchanges(conn, self.requests_before):
+        opened = pk.connect_keepalive(conn, self.requests_before)
+        if opened is None:
             return
-        assert conn.sock is not None
+        tup, sock = opened
         if self.phase == "idle":
             pk.pause(conn, self.idle_s)
             pk.forge_rst(conn, forger, tup, seq_offset=self.seq_offset, verify_s=self.observe_s)
@@ -68,9 +64,9 @@ class ForgedRstAction:
             # The RST is built before the request is sent: on loopback the request is in the
             # server's receive queue when send() returns, so its rcv_nxt is then exactly the
             # client's snd_nxt + len(request).
-            pk.flush_ack(conn.sock)
+            pk.flush_ack(sock)
             raw = pk.rst_segment(
-                forger, tup, pk.read_seqs(conn.sock), extra=len(request) + self.seq_offset
+                forger, tup, pk.read_seqs(sock), extra=len(request) + self.seq_offset
             )
             if not pk.send_then_fire(conn, path, request, forger, raw):
                 return
@@ -88,8 +84,7 @@ class ForgedRstAction:
                 answered = pk.drain_responses(conn, prefix="after_rst")
             conn.report.count("answered_before_rst" if answered else "unanswered_after_rst")
         if self.probe:
-            with pk.short_io(conn, max(self.observe_s, 0.5)):
-                pk.probe(conn)
+            pk.late_probe(conn, self.observe_s)
 
 
 def draw(
@@ -103,11 +98,13 @@ def draw(
     forger: pk.Forger,
 ) -> ForgedRstAction:
     chosen = rng.choice(PHASES) if phase == "random" else phase
-    return ForgedRstAction(chosen, requests_before, idle_s, seq_offset, observe_s, probe, forger)
+    return ForgedRstAction(
+        chosen, requests_before, idle_s, seq_offset, observe_s, probe, forger=forger
+    )
 
 
 @dataclass(frozen=True)
-class ForgedRst(Fault):
+class ForgedRst(pk.PacketFault[ForgedRstAction]):
     """A forged in-window RST resets the server's side of live keep-alive connections."""
 
     name: ClassVar[str] = "forged_rst"
@@ -123,27 +120,14 @@ class ForgedRst(Fault):
     observe_ms: float = param(100.0, lo=1, hi=10_000, doc="wait for the RST to take effect")
     probe: bool = param(True, doc="send one more request afterwards, to see what the client gets")
 
-    def plan(self, rng: random.Random) -> list[ForgedRstAction]:
-        forger = pk.Forger()  # shared by the run; opens its raw socket only when used
-        return [
-            draw(
-                rng,
-                self.phase,
-                self.requests_before,
-                self.idle_ms / 1000,
-                self.seq_offset,
-                self.observe_ms / 1000,
-                self.probe,
-                forger,
-            )
-            for _ in range(self.connections)
-        ]
-
-    def run(self, endpoint: Endpoint, rng: random.Random, deadline: float) -> FaultReport:
-        return pk.run_packet_fault(
-            self.name,
-            endpoint,
-            self.plan(rng),
-            concurrency=self.concurrency,
-            deadline=deadline,
+    def action(self, rng: random.Random, forger: pk.Forger) -> ForgedRstAction:
+        return draw(
+            rng,
+            self.phase,
+            self.requests_before,
+            self.idle_ms / 1000,
+            self.seq_offset,
+            self.observe_ms / 1000,
+            self.probe,
+            forger,
         )

@@ -49,40 +49,28 @@ DEATH_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
-class Kill(tb.TargetFault):
+class Kill(tb.StormFault):
     """Kill the target mid-storm and restart it: it must answer again and keep its state."""
 
     name: ClassVar[str] = "kill"
+    through_restarts: ClassVar[bool] = True
+    strike_within: ClassVar[tuple[float, float] | None] = (0.3, 0.6)
 
     signal: str = param("SIGKILL", choices=SIGNALS, doc="what to kill it with")
-    storm_s: float = param(1.0, lo=0, hi=600, doc="the storm the kill falls into (0: none)")
-    rate_per_s: float = param(200.0, lo=1, hi=100_000, doc="storm: new connections per second")
-    concurrency: int = param(16, lo=1, hi=1024, doc="storm: most connections open at once")
+    storm_s: float = tb.storm_s_param(1.0, "the storm the kill falls into (0: none)")
+    rate_per_s: float = tb.rate_param(200.0)
+    concurrency: int = tb.concurrency_param(16)
 
-    def _storm(self) -> tb.Storm:
-        return tb.Storm(self.storm_s, self.rate_per_s, self.concurrency, through_restarts=True)
-
-    def plan(self, rng: random.Random) -> list[str]:
-        return self._schedule(*self._draw(rng))
-
-    def _draw(self, rng: random.Random) -> tuple[float, int]:
-        return round(self.storm_s * rng.uniform(0.3, 0.6), 3), rng.getrandbits(64)
-
-    def _schedule(self, at: float, seed: int) -> list[str]:
-        return [
-            f"{self.signal} at {at:g}s into a {self.storm_s:g}s storm, restart, probe",
-            *self._storm().plan(seed),
-        ]
+    def headline(self, at: float) -> str:
+        return f"{self.signal} at {at:g}s into a {self.storm_s:g}s storm, restart, probe"
 
     def run(self, run: TargetRun, rng: random.Random, deadline: float) -> FaultReport:
-        self.check_runner(run)
-        at, seed = self._draw(rng)
-        report = FaultReport(self.name, schedule=self._schedule(at, seed))
-        started = time.monotonic()
+        begun = self.begin(run, rng)
+        report = begun.report
         kept = {path: _answer(run, path) for path in run.manifest.restart_keeps}
-        storm = tb.Background(self._storm(), run, seed, deadline)
+        storm = tb.Background(self._storm(), run, begun.seed, deadline)
         try:
-            time.sleep(max(storm.started + at - time.monotonic(), 0.0))
+            time.sleep(max(storm.started + begun.at - time.monotonic(), 0.0))
             old = run.target
             if old.exit_status() is not None:
                 report.count("died_before_kill")  # the crash rule speaks for it
@@ -122,8 +110,7 @@ class Kill(tb.TargetFault):
                     f"lost state across {self.signal} and a restart: GET {path} answered "
                     f"{before} before, {after} after (the manifest lists it in restart_keeps)",
                 )
-        report.elapsed_s = time.monotonic() - started
-        return report
+        return begun.finish()
 
 
 def _namespace_pids(host_pids: list[int]) -> dict[int, int]:

@@ -19,13 +19,11 @@ this fault needs ``--runner=docker``.
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from afterclose.faults import target_base as tb
 from afterclose.faults.base import FaultReport, param
-from afterclose.harness.errors import ScenarioError
 
 if TYPE_CHECKING:
     from afterclose.harness.session import TargetRun
@@ -35,7 +33,7 @@ MIN_LIMIT = 8 * MIB  # the engine refuses less than 6 MiB
 
 
 @dataclass(frozen=True)
-class MemoryLimit(tb.TargetFault):
+class MemoryLimit(tb.StormFault):
     """Cap the container's memory at its current use + ``spare_mb``, then storm it."""
 
     name: ClassVar[str] = "memory_limit"
@@ -46,61 +44,44 @@ class MemoryLimit(tb.TargetFault):
     )
 
     spare_mb: float = param(32.0, lo=1, hi=1_000_000, doc="MiB it may use beyond its current use")
-    storm_s: float = param(1.0, lo=0, hi=600, doc="storm under the limit (0: none)")
-    rate_per_s: float = param(300.0, lo=1, hi=100_000, doc="storm: new connections per second")
-    concurrency: int = param(32, lo=1, hi=1024, doc="storm: most connections open at once")
+    storm_s: float = tb.storm_s_param(1.0, "storm under the limit (0: none)")
+    rate_per_s: float = tb.rate_param(300.0)
+    concurrency: int = tb.concurrency_param(32)
 
-    def _storm(self) -> tb.Storm:
-        return tb.Storm(self.storm_s, self.rate_per_s, self.concurrency)
-
-    def plan(self, rng: random.Random) -> list[str]:
-        return self._schedule(rng.getrandbits(64))
-
-    def _schedule(self, seed: int) -> list[str]:
-        return [
-            f"memory.max = use now + {self.spare_mb:g} MiB (no swap); storm {self.storm_s:g}s",
-            *self._storm().plan(seed),
-        ]
+    def headline(self, at: float) -> str:
+        return f"memory.max = use now + {self.spare_mb:g} MiB (no swap); storm {self.storm_s:g}s"
 
     def run(self, run: TargetRun, rng: random.Random, deadline: float) -> FaultReport:
-        self.check_runner(run)
-        seed = rng.getrandbits(64)
-        report = FaultReport(self.name, schedule=self._schedule(seed))
-        started = time.monotonic()
-        pids = run.target.host_pids()
-        where = f"{run.test_name}: fault {self.name!r}"
-        if not pids:
-            raise ScenarioError(f"fault {self.name!r}: the target is not running", where=where)
-        pid = pids[0]
+        begun = self.begin(run, rng)
+        report = begun.report
+        pid = self.live_pids(run)[0]
         used = _number(pid, "memory.usage_in_bytes", "memory.current")
         if used is None:
-            raise ScenarioError(
-                f"fault {self.name!r}: cannot read the container's memory use from its cgroup",
-                where=where,
+            raise self.error(
+                run,
+                "cannot read the container's memory use from its cgroup",
                 hint="is the memory cgroup controller enabled for containers on this host?",
             )
         limit = max(used + round(self.spare_mb * MIB), MIN_LIMIT)
         tb.update_container(run, self.name, Memory=limit, MemorySwap=limit)
         shown = _number(pid, "memory.limit_in_bytes", "memory.max")
         if shown != limit:
-            raise ScenarioError(
-                f"fault {self.name!r}: set the memory limit to {limit} bytes, but the "
-                f"container's cgroup says {shown}",
-                where=where,
+            raise self.error(
+                run,
+                f"set the memory limit to {limit} bytes, but the container's cgroup says {shown}",
             )
         report.count("memory_before_kib", used // 1024)
         report.count("memory_max_kib", limit // 1024)
         failed_before = _failures(pid)
         ooms_before = _oom_kills(pid)
-        tb.add_storm(report, self._storm().run(run, seed, deadline))
+        tb.add_storm(report, self._storm().run(run, begun.seed, deadline))
         if run.target.exit_status() is None:
             peak = _number(pid, "memory.max_usage_in_bytes", "memory.peak")
             if peak is not None:
                 report.count("memory_peak_kib", peak // 1024)
             report.count("charge_failures", _failures(pid) - failed_before)
             report.count("oom_kills", _oom_kills(pid) - ooms_before)
-        report.elapsed_s = time.monotonic() - started
-        return report
+        return begun.finish()
 
 
 def _number(pid: int, v1_name: str, v2_name: str) -> int | None:

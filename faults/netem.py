@@ -22,7 +22,6 @@ import os
 import random
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,7 +85,7 @@ def unavailable_reason() -> str | None:
 
 
 @dataclass(frozen=True)
-class Netem(tb.TargetFault):
+class Netem(tb.StormFault):
     """A storm while the target's packets are delayed, lost, reordered and duplicated."""
 
     name: ClassVar[str] = "netem"
@@ -96,9 +95,9 @@ class Netem(tb.TargetFault):
     loss_pct: float = param(2.0, lo=0, hi=100, doc="packets dropped")
     reorder_pct: float = param(10.0, lo=0, hi=100, doc="packets sent at once, ahead of others")
     duplicate_pct: float = param(2.0, lo=0, hi=100, doc="packets sent twice")
-    storm_s: float = param(2.0, lo=0.1, hi=600, doc="how long the storm runs under netem")
-    rate_per_s: float = param(200.0, lo=1, hi=100_000, doc="storm: new connections per second")
-    concurrency: int = param(32, lo=1, hi=1024, doc="storm: most connections open at once")
+    storm_s: float = tb.storm_s_param(2.0, "how long the storm runs under netem", lo=0.1)
+    rate_per_s: float = tb.rate_param(200.0)
+    concurrency: int = tb.concurrency_param(32)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -109,9 +108,6 @@ class Netem(tb.TargetFault):
                 where=f"fault {self.name}",
                 hint="set delay_ms (e.g. 5), or reorder_pct = 0",
             )
-
-    def _storm(self) -> tb.Storm:
-        return tb.Storm(self.storm_s, self.rate_per_s, self.concurrency)
 
     def netem_args(self) -> list[str]:
         args = ["delay", f"{self.delay_ms:g}ms"]
@@ -126,29 +122,23 @@ class Netem(tb.TargetFault):
             args += ["duplicate", f"{self.duplicate_pct:g}%"]
         return args
 
-    def plan(self, rng: random.Random) -> list[str]:
-        return self._schedule(rng.getrandbits(64))
+    def headline(self, at: float) -> str:
+        return f"netem {' '.join(self.netem_args())} on the target's port"
 
-    def _schedule(self, seed: int) -> list[str]:
-        return [
-            f"netem {' '.join(self.netem_args())} on the target's port",
-            *self._storm().plan(seed),
-        ]
-
-    def run(self, run: TargetRun, rng: random.Random, deadline: float) -> FaultReport:
-        self.check_runner(run)
+    def check_runner(self, run: TargetRun) -> None:
+        """The runner's check, then whether this kernel can run netem at all."""
+        super().check_runner(run)
         reason = unavailable_reason()
         if reason is not None:
-            raise ScenarioError(reason, where=f"{run.test_name}: fault {self.name!r}")
-        seed = rng.getrandbits(64)
-        report = FaultReport(self.name, schedule=self._schedule(seed))
-        started = time.monotonic()
+            raise ScenarioError(reason, where=self.where(run))
+
+    def run(self, run: TargetRun, rng: random.Random, deadline: float) -> FaultReport:
+        begun = self.begin(run, rng)
         with _netem_on_port(run.port, self.netem_args()) as stats:
-            tb.add_storm(report, self._storm().run(run, seed, deadline))
+            tb.add_storm(begun.report, self._storm().run(run, begun.seed, deadline))
             for key, value in stats().items():
-                report.count(key, value)
-        report.elapsed_s = time.monotonic() - started
-        return report
+                begun.report.count(key, value)
+        return begun.finish()
 
 
 @contextmanager

@@ -36,39 +36,25 @@ PROBE_PATH = "/afterclose-pause-probe"
 
 
 @dataclass(frozen=True)
-class Pause(tb.TargetFault):
+class Pause(tb.StormFault):
     """Freeze the target mid-storm for ``pause_s`` (SIGSTOP or docker pause), then resume it."""
 
     name: ClassVar[str] = "pause"
+    strike_within: ClassVar[tuple[float, float] | None] = (0.2, 0.4)
 
     pause_s: float = param(1.0, lo=0.05, hi=600, doc="how long the target stays frozen")
-    storm_s: float = param(2.0, lo=0, hi=600, doc="the storm the pause falls into (0: none)")
-    rate_per_s: float = param(300.0, lo=1, hi=100_000, doc="storm: new connections per second")
-    concurrency: int = param(32, lo=1, hi=1024, doc="storm: most connections open at once")
+    storm_s: float = tb.storm_s_param(2.0, "the storm the pause falls into (0: none)")
+    rate_per_s: float = tb.rate_param(300.0)
+    concurrency: int = tb.concurrency_param(32)
 
-    def _storm(self) -> tb.Storm:
-        return tb.Storm(self.storm_s, self.rate_per_s, self.concurrency)
-
-    def plan(self, rng: random.Random) -> list[str]:
-        return self._schedule(*self._draw(rng))
-
-    def _draw(self, rng: random.Random) -> tuple[float, int]:
-        at = round(self.storm_s * rng.uniform(0.2, 0.4), 3)
-        return at, rng.getrandbits(64)
-
-    def _schedule(self, at: float, seed: int) -> list[str]:
-        return [
-            f"freeze at {at:g}s into a {self.storm_s:g}s storm for {self.pause_s:g}s, resume",
-            *self._storm().plan(seed),
-        ]
+    def headline(self, at: float) -> str:
+        return f"freeze at {at:g}s into a {self.storm_s:g}s storm for {self.pause_s:g}s, resume"
 
     def run(self, run: TargetRun, rng: random.Random, deadline: float) -> FaultReport:
-        self.check_runner(run)
-        at, seed = self._draw(rng)
-        report = FaultReport(self.name, schedule=self._schedule(at, seed))
-        started = time.monotonic()
-        storm = tb.Background(self._storm(), run, seed, deadline)
-        time.sleep(max(storm.started + at - time.monotonic(), 0.0))
+        begun = self.begin(run, rng)
+        report = begun.report
+        storm = tb.Background(self._storm(), run, begun.seed, deadline)
+        time.sleep(max(storm.started + begun.at - time.monotonic(), 0.0))
         freezer = _Freezer(run)
         try:
             freezer.freeze()
@@ -83,8 +69,7 @@ class Pause(tb.TargetFault):
             freezer.thaw()
         report.count("paused_ms", round((time.monotonic() - frozen_at) * 1000))
         tb.add_storm(report, storm.join(deadline))
-        report.elapsed_s = time.monotonic() - started
-        return report
+        return begun.finish()
 
 
 class _Freezer:

@@ -19,20 +19,18 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from afterclose.faults import target_base as tb
 from afterclose.faults.base import FaultReport, param
-from afterclose.harness.errors import ScenarioError
 
 if TYPE_CHECKING:
     from afterclose.harness.session import TargetRun
 
 
 @dataclass(frozen=True)
-class PidsLimit(tb.TargetFault):
+class PidsLimit(tb.StormFault):
     """Cap the container's tasks at those it runs now + ``spare_pids``, then storm it."""
 
     name: ClassVar[str] = "pids_limit"
@@ -43,53 +41,38 @@ class PidsLimit(tb.TargetFault):
     )
 
     spare_pids: int = param(4, lo=0, hi=100_000, doc="tasks it may start beyond its current ones")
-    storm_s: float = param(1.0, lo=0, hi=600, doc="storm under the limit (0: none)")
-    rate_per_s: float = param(300.0, lo=1, hi=100_000, doc="storm: new connections per second")
-    concurrency: int = param(32, lo=1, hi=1024, doc="storm: most connections open at once")
+    storm_s: float = tb.storm_s_param(1.0, "storm under the limit (0: none)")
+    rate_per_s: float = tb.rate_param(300.0)
+    concurrency: int = tb.concurrency_param(32)
 
-    def _storm(self) -> tb.Storm:
-        return tb.Storm(self.storm_s, self.rate_per_s, self.concurrency)
-
-    def plan(self, rng: random.Random) -> list[str]:
-        return self._schedule(rng.getrandbits(64))
-
-    def _schedule(self, seed: int) -> list[str]:
-        return [
-            f"pids.max = tasks now + {self.spare_pids}; storm {self.storm_s:g}s",
-            *self._storm().plan(seed),
-        ]
+    def headline(self, at: float) -> str:
+        return f"pids.max = tasks now + {self.spare_pids}; storm {self.storm_s:g}s"
 
     def run(self, run: TargetRun, rng: random.Random, deadline: float) -> FaultReport:
-        self.check_runner(run)
-        seed = rng.getrandbits(64)
-        report = FaultReport(self.name, schedule=self._schedule(seed))
-        started = time.monotonic()
-        pids = run.target.host_pids()
-        where = f"{run.test_name}: fault {self.name!r}"
-        if not pids:
-            raise ScenarioError(f"fault {self.name!r}: the target is not running", where=where)
+        begun = self.begin(run, rng)
+        report = begun.report
+        pids = self.live_pids(run)
         current = tb.cgroup_value(pids[0], "pids", "pids.current", "pids.current")
         tasks = int(current) if current and current.isdigit() else _tasks(pids)
         limit = tasks + self.spare_pids
         tb.update_container(run, self.name, PidsLimit=limit)
         shown = tb.cgroup_value(pids[0], "pids", "pids.max", "pids.max")
         if shown != str(limit):
-            raise ScenarioError(
-                f"fault {self.name!r}: set the pids limit to {limit}, but the container's "
-                f"cgroup says pids.max = {shown}",
-                where=where,
+            raise self.error(
+                run,
+                f"set the pids limit to {limit}, but the container's cgroup says "
+                f"pids.max = {shown}",
                 hint="is the pids cgroup controller enabled for containers on this host?",
             )
         report.count("tasks_before", tasks)
         report.count("pids_max", limit)
         refused_before = _refused(pids[0])
-        tb.add_storm(report, self._storm().run(run, seed, deadline))
+        tb.add_storm(report, self._storm().run(run, begun.seed, deadline))
         report.count("forks_refused", _refused(pids[0]) - refused_before)
         after = tb.cgroup_value(pids[0], "pids", "pids.current", "pids.current")
         if after and after.isdigit():
             report.count("tasks_after", int(after))
-        report.elapsed_s = time.monotonic() - started
-        return report
+        return begun.finish()
 
 
 def _tasks(pids: list[int]) -> int:

@@ -32,23 +32,22 @@ from __future__ import annotations
 
 import random
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from afterclose.faults import _packets as pk
-from afterclose.faults.base import Conn, Endpoint, Fault, FaultReport, param
+from afterclose.faults.base import Conn, param
 from afterclose.harness import httpclient
 
 METHODS = ("forged", "linger")
 
 
 @dataclass(frozen=True)
-class RstBeforeAcceptAction:
+class RstBeforeAcceptAction(pk.ForgingAction):
     method: str
     isn: int  # the client's initial sequence number (forged)
     observe_s: float
     probe: bool
-    forger: pk.Forger = field(default_factory=pk.Forger, compare=False, repr=False)
 
     def describe(self) -> str:
         return f"rst before accept {self.method}"
@@ -74,8 +73,7 @@ class RstBeforeAcceptAction:
             return
         conn.sock = conn.reader = None  # closed by on_connected
         conn.report.count("rst_sent")
-        if pk.reset_took(pk.wait_server_state(tup, pk.reset_took, self.observe_s)):
-            conn.report.count("rst_effective")
+        pk.verify_reset(conn, tup, self.observe_s)
 
     def _forged(self, conn: Conn, forger: pk.Forger) -> None:
         prebuilt: list[bytes] = []
@@ -84,9 +82,7 @@ class RstBeforeAcceptAction:
             # Bound, not yet connected: the 4-tuple and the ISN are known, the RST can be
             # ready before the SYN leaves.  No ACK flag: in ESTABLISHED, a RST needs only
             # seq == rcv_nxt (= ISN + 1 before any data).
-            ip, port = sock.getsockname()[:2]
-            server_ip, server_port = conn.target.sockaddr[:2]
-            tup = pk.FourTuple(str(ip), int(port), str(server_ip), int(server_port))
+            tup = pk.FourTuple.of(sock, conn.target.sockaddr)
             prebuilt.append(forger.build(tup, "R", pk.seq_add(self.isn, 1)))
 
         def fire(_: socket.socket) -> None:
@@ -98,14 +94,11 @@ class RstBeforeAcceptAction:
         if tup is None:
             return
         conn.report.count(pk.RST_FORGED)
-        if pk.reset_took(pk.wait_server_state(tup, pk.reset_took, self.observe_s)):
-            conn.report.count("rst_effective")
-        else:
+        if not pk.verify_reset(conn, tup, self.observe_s):
             conn.report.count("rst_ignored")
         pk.watch_quiet(conn, 0.0, "client")
         if self.probe:
-            with pk.short_io(conn, max(self.observe_s, 0.5)):
-                pk.probe(conn)
+            pk.late_probe(conn, self.observe_s)
 
 
 def _close(sock: socket.socket) -> None:
@@ -113,7 +106,7 @@ def _close(sock: socket.socket) -> None:
 
 
 @dataclass(frozen=True)
-class RstBeforeAccept(Fault):
+class RstBeforeAccept(pk.PacketFault[RstBeforeAcceptAction]):
     """Connections reset right after the handshake, while they wait in the accept queue."""
 
     name: ClassVar[str] = "rst_before_accept"
@@ -126,23 +119,8 @@ class RstBeforeAccept(Fault):
     observe_ms: float = param(100.0, lo=1, hi=10_000, doc="wait for the RST to take effect")
     probe: bool = param(True, doc="forged: then send a request on the client socket")
 
-    def plan(self, rng: random.Random) -> list[RstBeforeAcceptAction]:
-        forger = pk.Forger()  # shared by the run; opens its raw socket only when used
-        actions = []
-        for _ in range(self.connections):
-            method = rng.choice(METHODS) if self.method == "random" else self.method
-            actions.append(
-                RstBeforeAcceptAction(
-                    method, pk.draw_isn(rng), self.observe_ms / 1000, self.probe, forger
-                )
-            )
-        return actions
-
-    def run(self, endpoint: Endpoint, rng: random.Random, deadline: float) -> FaultReport:
-        return pk.run_packet_fault(
-            self.name,
-            endpoint,
-            self.plan(rng),
-            concurrency=self.concurrency,
-            deadline=deadline,
+    def action(self, rng: random.Random, forger: pk.Forger) -> RstBeforeAcceptAction:
+        method = rng.choice(METHODS) if self.method == "random" else self.method
+        return RstBeforeAcceptAction(
+            method, pk.draw_isn(rng), self.observe_ms / 1000, self.probe, forger=forger
         )

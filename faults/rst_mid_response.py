@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from afterclose.faults import _packets as pk
-from afterclose.faults.base import Conn, DeadlineReached, Endpoint, Fault, FaultReport, param
+from afterclose.faults.base import Conn, DeadlineReached, param
 from afterclose.harness import httpclient
 
 # Requests joined into one send() buffer.
@@ -44,7 +44,7 @@ _BATCH = 16
 
 
 @dataclass(frozen=True)
-class RstMidResponseAction:
+class RstMidResponseAction(pk.ForgingAction):
     path_bytes: int
     max_pipeline_bytes: int
     rcvbuf_bytes: int
@@ -52,13 +52,9 @@ class RstMidResponseAction:
     stall_s: float
     drain_bytes: int
     observe_s: float
-    forger: pk.Forger = field(default_factory=pk.Forger, compare=False, repr=False)
 
     def describe(self) -> str:
         return f"rst mid-response path={self.path_bytes}B drain={self.drain_bytes}B"
-
-    def needs_forger(self) -> bool:
-        return True
 
     def perform(self, conn: Conn) -> None:
         forger = self.forger
@@ -162,7 +158,7 @@ class RstMidResponseAction:
 
 
 @dataclass(frozen=True)
-class RstMidResponse(Fault):
+class RstMidResponse(pk.PacketFault[RstMidResponseAction]):
     """A forged RST reaches the server while a large response is backed up in its buffers."""
 
     name: ClassVar[str] = "rst_mid_response"
@@ -191,27 +187,14 @@ class RstMidResponse(Fault):
     )
     observe_ms: float = param(200.0, lo=1, hi=10_000, doc="wait for the RST to take effect")
 
-    def plan(self, rng: random.Random) -> list[RstMidResponseAction]:
-        forger = pk.Forger()  # shared by the run; opens its raw socket only when used
-        return [
-            RstMidResponseAction(
-                self.path_bytes,
-                self.max_pipeline_bytes,
-                self.client_rcvbuf_bytes,
-                self.client_mss_bytes,
-                self.stall_ms / 1000,
-                rng.randint(0, self.drain_bytes),
-                self.observe_ms / 1000,
-                forger,
-            )
-            for _ in range(self.connections)
-        ]
-
-    def run(self, endpoint: Endpoint, rng: random.Random, deadline: float) -> FaultReport:
-        return pk.run_packet_fault(
-            self.name,
-            endpoint,
-            self.plan(rng),
-            concurrency=self.concurrency,
-            deadline=deadline,
+    def action(self, rng: random.Random, forger: pk.Forger) -> RstMidResponseAction:
+        return RstMidResponseAction(
+            self.path_bytes,
+            self.max_pipeline_bytes,
+            self.client_rcvbuf_bytes,
+            self.client_mss_bytes,
+            self.stall_ms / 1000,
+            rng.randint(0, self.drain_bytes),
+            self.observe_ms / 1000,
+            forger=forger,
         )

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-from afterclose.faults.base import Endpoint, Fault, FaultReport, _params_of, suggest
+from afterclose.faults.base import Endpoint, Fault, FaultReport, _params_of, param, suggest
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.oracle import verdict
 from afterclose.harness.oracle.verdict import Violation
@@ -93,10 +93,25 @@ class TargetFault(abc.ABC):
             raise ScenarioError(
                 f"needs {needs}, and this run uses --runner={runner}"
                 + (f": {self.runner_note}" if self.runner_note else ""),
-                where=f"{run.test_name}: fault {self.name!r}",
+                where=self.where(run),
                 hint=f"run with --runner={self.runners[0]}, or leave {self.name} out under "
                 f"--runner={runner}",
             )
+
+    def where(self, run: TargetRun) -> str:
+        """Where this fault's errors say they happened."""
+        return f"{run.test_name}: fault {self.name!r}"
+
+    def error(self, run: TargetRun, problem: str, hint: str | None = None) -> ScenarioError:
+        """A ScenarioError from this fault in ``run``: ``fault 'NAME': problem``."""
+        return ScenarioError(f"fault {self.name!r}: {problem}", where=self.where(run), hint=hint)
+
+    def live_pids(self, run: TargetRun) -> list[int]:
+        """The target's host PIDs; ScenarioError if it has none (it is not running)."""
+        pids = run.target.host_pids()
+        if not pids:
+            raise self.error(run, "the target is not running")
+        return pids
 
     @abc.abstractmethod
     def plan(self, rng: random.Random) -> list[str]:
@@ -378,6 +393,79 @@ class Background:
         if self.error is not None:
             raise self.error
         return self.result or FaultReport("connection_storm")
+
+
+def storm_s_param(default: float, doc: str, *, lo: float = 0) -> Any:
+    """The ``storm_s`` parameter of a :class:`StormFault`: how long its storm runs."""
+    return param(default, lo=lo, hi=600, doc=doc)
+
+
+def rate_param(default: float) -> Any:
+    """The ``rate_per_s`` parameter of a :class:`StormFault`."""
+    return param(default, lo=1, hi=100_000, doc="storm: new connections per second")
+
+
+def concurrency_param(default: int) -> Any:
+    """The ``concurrency`` parameter of a :class:`StormFault`."""
+    return param(default, lo=1, hi=1024, doc="storm: most connections open at once")
+
+
+class StormFault(TargetFault):
+    """A target-side fault that acts on the target while a :class:`Storm` runs against it.
+
+    Subclasses declare the storm's parameters ``storm_s``, ``rate_per_s`` and ``concurrency``
+    themselves (with :func:`storm_s_param`, :func:`rate_param`, :func:`concurrency_param`), so
+    that each keeps its own defaults and its own order of parameters: a dataclass base's
+    fields would come first.  ``through_restarts``: the storm goes on while the target is down.
+    ``strike_within``: the fault acts at a time drawn from the schedule's rng, this range of
+    fractions of ``storm_s``; None: it draws no time (``at`` is 0)."""
+
+    storm_s: float
+    rate_per_s: float
+    concurrency: int
+    through_restarts: ClassVar[bool] = False
+    strike_within: ClassVar[tuple[float, float] | None] = None
+
+    @abc.abstractmethod
+    def headline(self, at: float) -> str:
+        """The schedule's first line: what the fault does (``at`` seconds into the storm)."""
+
+    def plan(self, rng: random.Random) -> list[str]:
+        return self._schedule(*self._draw(rng))
+
+    def begin(self, run: TargetRun, rng: random.Random) -> Underway:
+        """Check the runner, draw the schedule from ``rng``, start the report and the clock."""
+        self.check_runner(run)
+        at, seed = self._draw(rng)
+        return Underway(FaultReport(self.name, schedule=self._schedule(at, seed)), at, seed)
+
+    def _storm(self) -> Storm:
+        return Storm(self.storm_s, self.rate_per_s, self.concurrency, self.through_restarts)
+
+    def _draw(self, rng: random.Random) -> tuple[float, int]:
+        at = 0.0
+        if self.strike_within is not None:
+            at = round(self.storm_s * rng.uniform(*self.strike_within), 3)
+        return at, rng.getrandbits(64)
+
+    def _schedule(self, at: float, seed: int) -> list[str]:
+        return [self.headline(at), *self._storm().plan(seed)]
+
+
+@dataclass
+class Underway:
+    """A :class:`StormFault`'s run: its report (with the schedule), when it acts (``at``,
+    seconds into the storm), the storm's seed, and when it began."""
+
+    report: FaultReport
+    at: float
+    seed: int
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    def finish(self) -> FaultReport:
+        """The report, its ``elapsed_s`` the time since the fault began."""
+        self.report.elapsed_s = time.monotonic() - self.started
+        return self.report
 
 
 @contextlib.contextmanager

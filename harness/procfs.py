@@ -52,6 +52,15 @@ class TcpSocket:
     remote_port: int
     state: str
     inode: int
+    local_addr: str = ""  # as the table spells it: hex, in the kernel's byte order
+    remote_addr: str = ""
+
+    def peer_key(self) -> tuple[str, int, str, int]:
+        """How the other end of this connection appears in the same table."""
+        return (self.remote_addr, self.remote_port, self.local_addr, self.local_port)
+
+    def key(self) -> tuple[str, int, str, int]:
+        return (self.local_addr, self.local_port, self.remote_addr, self.remote_port)
 
 
 def tcp_sockets(pid: int) -> list[TcpSocket]:
@@ -67,12 +76,16 @@ def tcp_sockets(pid: int) -> list[TcpSocket]:
             if len(fields) < 10:
                 continue
             local, remote, state, inode = fields[1], fields[2], int(fields[3], 16), int(fields[9])
+            local_addr, local_port = local.rsplit(":", 1)
+            remote_addr, remote_port = remote.rsplit(":", 1)
             out.append(
                 TcpSocket(
-                    local_port=int(local.rsplit(":", 1)[1], 16),
-                    remote_port=int(remote.rsplit(":", 1)[1], 16),
+                    local_port=int(local_port, 16),
+                    remote_port=int(remote_port, 16),
                     state=TCP_STATES.get(state, str(state)),
                     inode=inode,
+                    local_addr=local_addr,
+                    remote_addr=remote_addr,
                 )
             )
     return out
@@ -84,6 +97,9 @@ class SocketCensus:
 
     socket_fds: int
     states: Counter[str]
+    # ESTABLISHED on the target's side while the client's side is gone or closing: see
+    # ``census``.  Part of the ESTABLISHED count in ``states``.
+    stranded: int = 0
 
     @property
     def close_wait(self) -> int:
@@ -91,6 +107,8 @@ class SocketCensus:
 
     def describe(self) -> str:
         states = ", ".join(f"{k} {v}" for k, v in sorted(self.states.items())) or "none"
+        if self.stranded:
+            states += f" ({self.stranded} ESTABLISHED with the client's end gone)"
         return f"{self.socket_fds} socket fds; connections on the port: {states}"
 
 
@@ -125,8 +143,35 @@ def census(pids: list[int], port: int) -> SocketCensus:
         inodes.update(owned.values())
     # Only the target's own sockets count: the table also holds every client's.
     states: Counter[str] = Counter()
+    stranded = 0
     if pids:
-        for sock in tcp_sockets(pids[0]):
-            if sock.inode in inodes and sock.local_port == port and sock.state != "LISTEN":
-                states[sock.state] += 1
-    return SocketCensus(socket_fds=fds, states=states)
+        table = tcp_sockets(pids[0])
+        established = {s.key() for s in table if s.state == "ESTABLISHED"}
+        for sock in table:
+            if sock.inode not in inodes or sock.local_port != port or sock.state == "LISTEN":
+                continue
+            states[sock.state] += 1
+            # A connection stays ESTABLISHED on the server's side until a FIN or an RST from
+            # the client arrives.  When the network lost or reordered those (netem, forged
+            # packets; an RST behind delayed data meets RFC 5961's challenge ACK, and that can
+            # be lost too), the client's end is gone while the server was never told: no
+            # server can close what its kernel still calls live.  Loopback clients appear in
+            # this same table, so the peer is checked, not assumed.
+            if (
+                sock.state == "ESTABLISHED"
+                and _loopback(sock.remote_addr)
+                and sock.peer_key() not in established
+            ):
+                stranded += 1
+    return SocketCensus(socket_fds=fds, states=states, stranded=stranded)
+
+
+def _loopback(addr_hex: str) -> bool:
+    """``addr_hex`` as /proc/net/tcp{,6} spells it: 127.0.0.0/8, ::1 or ::ffff:127.x."""
+    if len(addr_hex) == 8:  # IPv4, little-endian on x86: the first octet is the last byte
+        return addr_hex[6:8] == "7F"
+    if len(addr_hex) == 32:
+        if addr_hex == "00000000000000000000000001000000":
+            return True
+        return addr_hex[:24] == "0" * 16 + "FFFF0000" and addr_hex[30:32] == "7F"
+    return False

@@ -264,7 +264,10 @@ class TargetRun:
                 (a.rule, a.detail) for report in self.reports for a in report.anomalies
             )
         )
-        checks.append(blackbox.check_fd_leak(target, self.baseline, self.manifest.fd_grace_s))
+        leak, stranded = blackbox.check_fd_leak(target, self.baseline, self.manifest.fd_grace_s)
+        checks.append(leak)
+        if stranded:
+            out.warnings.append(stranded)
         # What target-side faults found (busy-loop, liveness while limited or restarted).
         checks.extend(
             target_base.violations(

@@ -6,6 +6,8 @@ registry, exactly as the built-in suite uses them.
 
 from __future__ import annotations
 
+import os
+import socket
 import uuid
 from pathlib import Path
 
@@ -123,3 +125,46 @@ def test_fd_leak_counts_close_wait(tmp_path: Path) -> None:
     leak = [v for v in outcome.violations if v.rule == verdict.FD_LEAK]
     assert leak and "CLOSE_WAIT" in leak[0].details
     assert leak[0].count >= 6
+
+
+TCP_REPAIR = 19  # linux/tcp.h
+
+
+def connect_idle(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    return sock
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="TCP_REPAIR needs CAP_NET_ADMIN (run as root)")
+def test_fd_leak_sets_aside_connections_stranded_by_the_network(tmp_path: Path) -> None:
+    # A socket in repair mode closes without sending FIN or RST (CRIU relies on this), so the
+    # client's end vanishes while the server's kernel still calls the connection live: what a
+    # lost FIN or RST leaves behind.  A client that is merely still connected is not stranded.
+    harness = harness_for(tmp_path, "none")
+    with harness.start(tmp_path / "run", "stranded") as run:
+        port = run.target.port
+        gone = [connect_idle(port) for _ in range(3)]
+        for sock in gone:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+            sock.close()
+        outcome = run.finish()
+    assert outcome.ok, [v.render() for v in outcome.violations]
+    assert any("3 connection(s) still ESTABLISHED" in w for w in outcome.warnings), outcome.warnings
+
+    with harness.start(tmp_path / "run2", "still-connected") as run:
+        port = run.target.port
+        gone = [connect_idle(port) for _ in range(2)]
+        live = connect_idle(port)
+        for sock in gone:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+            sock.close()
+        try:
+            outcome = run.finish()
+        finally:
+            live.close()
+    leak = [v for v in outcome.violations if v.rule == verdict.FD_LEAK]
+    assert leak and leak[0].count == 1, [v.render() for v in outcome.violations]
+    assert "2 ESTABLISHED with the client's end gone" in leak[0].details
+    assert any("2 connection(s) still ESTABLISHED" in w for w in outcome.warnings), outcome.warnings

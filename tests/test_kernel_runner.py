@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import alive
 
 from afterclose.harness import compile as cbuild
 from afterclose.harness.kernel import fetch, initramfs, modules
@@ -197,7 +198,10 @@ def _children(pid: int) -> dict[int, str]:
 @needs_apt
 @needs_qemu
 @pytest.mark.slow
-def test_interrupt_stops_the_guest(pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_interrupt_stops_the_guest(pytester: pytest.Pytester, sig: str) -> None:
+    # SIGINT runs pytest's teardown; SIGKILL (like an unhandled SIGTERM) runs none, and only
+    # the kernel's parent-death signal stops qemu.
     import signal
     import sys
     import time
@@ -207,24 +211,26 @@ def test_interrupt_stops_the_guest(pytester: pytest.Pytester) -> None:
          "-k", "half_close", "-p", "no:cacheprovider"],
         cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
+    qemu: int | None = None
     try:
-        qemu = None
         deadline = time.monotonic() + 240
         while qemu is None and time.monotonic() < deadline and proc.poll() is None:
             qemu = next((p for p, cmd in _children(proc.pid).items() if "qemu-system" in cmd), None)
             time.sleep(0.2)
         assert qemu is not None, "the guest never started"
         time.sleep(2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.Signals[sig])
         proc.wait(timeout=60)
         gone = time.monotonic() + 10
-        while Path(f"/proc/{qemu}").exists() and time.monotonic() < gone:
+        while alive(qemu) and time.monotonic() < gone:
             time.sleep(0.1)
-        assert not Path(f"/proc/{qemu}").exists(), f"qemu {qemu} outlived the interrupted run"
+        assert not alive(qemu), f"qemu {qemu} outlived the run ended by {sig}"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if qemu is not None and alive(qemu):
+            os.kill(qemu, signal.SIGKILL)
 
 
 @needs_apt

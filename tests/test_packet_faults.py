@@ -116,9 +116,11 @@ def server_conns(trace_dir: Path | None) -> list[ServerConn]:
     # An fd number changes hands inside the calls: close() frees it between its entry and its
     # exit, and accept() takes it between its own.  Another thread's accept can therefore
     # start before a close and return the same number before that close returns; ordered by
-    # accept's exit and close's entry, each close meets its own incarnation.
+    # accept's exit and close's entry, each close meets its own incarnation.  An event exists
+    # from its epoll_wait's return: the epoll thread is often back inside epoll_wait, waiting
+    # for the next event, before a worker reads the last one.
     def when(r: Record) -> int:
-        return r.seq_out if r.op == Op.ACCEPT else r.seq_in
+        return r.seq_out if r.op in (Op.ACCEPT, Op.EPOLL_EVENT) else r.seq_in
 
     for r in sorted(trace.records, key=when):
         key = (r.pid, r.fd)

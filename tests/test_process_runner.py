@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import alive
 
 from afterclose.harness import launch, ports
 from afterclose.harness.errors import TargetStartError
@@ -48,14 +49,6 @@ def start(tmp_path: Path, **kwargs: str) -> ProcessTarget:
     target = ProcessRunner().start(plan)
     assert isinstance(target, ProcessTarget)
     return target
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 @pytest.mark.parametrize("ready", ['log = "READY"', "port = true", 'http = "/"'])

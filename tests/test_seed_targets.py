@@ -521,8 +521,9 @@ def test_sigterm_exits_zero(binaries: Binaries, launch: Launch, name: str) -> No
         idle.response()
         start = time.monotonic()
         assert server.terminate(timeout=3.0) == 0
-        # the epoll_wait timeout (300 ms) bounds how long the flag goes unnoticed
-        assert time.monotonic() - start < 1.5
+        # the epoll_wait timeout (300 ms) bounds how long the flag goes unnoticed; the rest
+        # is slack for a busy machine
+        assert time.monotonic() - start < 2.5
     finally:
         idle.close()
 

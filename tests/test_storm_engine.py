@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from procs import alive
 
 from afterclose import faults
 from afterclose.faults import _storm_engine as engine
@@ -56,15 +57,6 @@ def storm(
     return report, seen
 
 
-def gone(pid: int) -> bool:
-    """The process has exited (no /proc entry, or a zombie nobody reaped yet)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
 def test_runs_across_processes_and_reports_its_connections(fixed: TargetRun) -> None:
     params = {"rate_per_s": 400, "duration_s": 0.5, "concurrency": 16, "processes": 2}
     report, seen = storm(fixed, params)
@@ -76,7 +68,7 @@ def test_runs_across_processes_and_reports_its_connections(fixed: TargetRun) -> 
     # 200 planned; a loaded machine may not start them all within the half second.
     assert report.counts["connections"] >= 60, report.summary()
     assert report.counts["responses"] > 0 and report.anomalies == []
-    assert all(gone(pid) for pid in last.pids)  # reaped before run() returned
+    assert not any(alive(pid) for pid in last.pids)  # reaped before run() returned
 
 
 def test_rate_cap_is_honoured(fixed: TargetRun) -> None:
@@ -84,7 +76,7 @@ def test_rate_cap_is_honoured(fixed: TargetRun) -> None:
     params = {"rate_per_s": 200, "duration_s": 1.0, "concurrency": 32, "mix": {"close": 1}}
     report, seen = storm(fixed, params)
     made = report.counts["connections"]
-    assert 150 <= made <= 200 and 0.9 <= report.elapsed_s <= 2.5, report.summary()
+    assert 150 <= made <= 200 and 0.9 <= report.elapsed_s <= 4.0, report.summary()
     # Half-way through, about half had started (a storm ignoring its rate would be done).
     middle = min(seen, key=lambda p: abs(p.elapsed_s - 0.5))
     assert 40 <= middle.started <= 160, middle
@@ -159,7 +151,7 @@ def test_stops_when_the_target_is_gone(fixed: TargetRun) -> None:
     endpoint = replace(fixed.endpoint(), gone=lambda: time.monotonic() > cut)
     start = time.monotonic()
     report, _ = storm(fixed, {"rate_per_s": 200, "duration_s": 5}, endpoint=endpoint)
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 4.0  # not the 5 s the storm was given
     assert report.counts["stopped_target_gone"] == 1 and report.counts["not_started"] >= 700
 
 
@@ -184,7 +176,7 @@ def test_workers_are_killed_when_the_parent_fails(fixed: TargetRun) -> None:
     with engine.watch(fail), pytest.raises(RuntimeError, match="the listener broke"):
         fault.run(fixed.endpoint(), random.Random(1), time.monotonic() + 60)
     assert time.monotonic() - start < 5.0
-    assert pids and all(gone(pid) for pid in pids)
+    assert pids and not any(alive(pid) for pid in pids)
 
 
 CTRL_C_SCRIPT = """\
@@ -216,13 +208,13 @@ def test_ctrl_c_kills_the_workers(fixed: TargetRun, tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         pids = [int(p) for p in proc.stdout.readline().split()]
-        assert len(pids) == engine.DEFAULT_PROCESSES and not any(gone(p) for p in pids)
+        assert len(pids) == engine.DEFAULT_PROCESSES and all(alive(p) for p in pids)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends (to the parent; see _isolate)
         out, _ = proc.communicate(timeout=10)
     finally:
         proc.kill()
     assert "interrupted" in out
     deadline = time.monotonic() + 5
-    while not all(gone(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert all(gone(p) for p in pids)
+    assert not any(alive(p) for p in pids)

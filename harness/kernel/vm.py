@@ -27,6 +27,7 @@ from pathlib import Path
 from afterclose.harness import compile as cbuild
 from afterclose.harness.kernel import initramfs
 from afterclose.harness.kernel.fetch import Kernel, KernelError
+from afterclose.harness.orphans import die_with_parent
 
 GUEST_RESULTS = "/run/afterclose-results"
 KVM_PROBE_TIMEOUT_S = 20.0
@@ -132,7 +133,12 @@ def _boot(
     timed_out = False
     with (results / "qemu.log").open("wb") as log:
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         try:
             proc.wait(timeout=timeout_s)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -11,17 +10,8 @@ import time
 from pathlib import Path
 
 from afterclose.harness.errors import TargetStartError
+from afterclose.harness.orphans import die_with_parent
 from afterclose.harness.runners.base import ExitStatus, LaunchPlan, Runner, RunningTarget
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # If pytest is SIGKILLed no teardown runs; the kernel then SIGKILLs the target for us.
-    # PDEATHSIG fires when the *thread* that forked us exits, so targets are started from
-    # the main thread only.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def process_tree(root: int) -> list[int]:
@@ -149,7 +139,7 @@ class ProcessRunner(Runner):
                     stdout=out,
                     stderr=err,
                     start_new_session=True,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
             except OSError as exc:
                 raise TargetStartError(

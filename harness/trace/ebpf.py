@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import dataclasses
 import os
 import platform
@@ -80,6 +79,7 @@ from pathlib import Path
 
 from afterclose.harness.errors import AftercloseError, TraceError
 from afterclose.harness.manifest import Manifest
+from afterclose.harness.orphans import die_with_parent
 from afterclose.harness.runners.base import RunningTarget
 from afterclose.harness.trace.format import (
     CHUNK_HEADER_SIZE,
@@ -137,7 +137,6 @@ _TFD_RE = re.compile(
     r"^tfd:\s*(\d+)\s+events:\s*([0-9a-fA-F]+)\s+data:\s*([0-9a-fA-F]+).*?\bino:([0-9a-fA-F]+)"
 )
 _NOISE = (b"Attaching ", b"ERROR: Unknown error -1: couldn't set RLIMIT_MEMLOCK")
-PR_SET_PDEATHSIG = 1
 
 # Raw record: op, pid, tid, seq_in, seq_out, flags, fd, arg, data, events, ret (kernel result).
 RawRecord = tuple[int, int, int, int, int, int, int, int, int, int, int]
@@ -225,12 +224,6 @@ def program_text(pids: Iterable[int], source: Path = BT_SOURCE, *, dedup_io: boo
     return text.replace(SEED_MARK, seeds).replace(DEDUP_MARK, "1" if dedup_io else "0")
 
 
-def _die_with_parent() -> None:
-    # bpftrace must not outlive the harness: the kernel SIGKILLs it when we die.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 _RUNNING: set[BpftraceRun] = set()
 _RUNNING_LOCK = threading.Lock()
 
@@ -294,7 +287,7 @@ class BpftraceRun:
                     env=full_env,
                     cwd=folder,
                     start_new_session=True,  # a Ctrl-C of the harness must not stop it early
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
             except OSError as exc:
                 raise AftercloseError(
