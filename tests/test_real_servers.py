@@ -228,7 +228,7 @@ def test_docker_image_gets_what_the_commands_name(tmp_path: Path) -> None:
     assert Path("/usr/lib/lighttpd/mod_ssi.so") in lighttpd.programs
     assert lighttpd.data == lighttpd.mounts == ()
     h2o = docker_needs("h2o", tmp_path / "h2o")
-    assert {Path("/usr/bin/h2o"), Path("/usr/bin/id")} <= set(h2o.programs)
+    assert {Path("/usr/bin/h2o"), Path("/usr/bin/id"), Path("/bin/cat")} <= set(h2o.programs)
     assert Path("/usr/share/h2o/mruby/preloads.rb") in h2o.data
     nginx = docker_needs("nginx", tmp_path / "nginx")
     assert nginx == HostFiles(), "nginx.conf names only workdir paths"
@@ -276,6 +276,28 @@ def test_builtin_suite_passes_traced_in_docker(
     # the PID inside the container (the target is PID 1 there).
     traces = list(pytester.path.rglob("trace.1.*.bin"))
     assert traces, sorted(str(p) for p in pytester.path.rglob("*"))[:50]
+
+
+@pytest.mark.docker
+def test_h2o_in_docker_keeps_a_crash_report_helper(tmp_path: Path, docker_engine: Any) -> None:
+    # No perl in the image: the launcher names /bin/cat as the helper, which h2o forks at
+    # start-up and which must stay (a crash's backtrace is written to it).
+    require("h2o")
+    harness = Harness(
+        Settings(
+            target="h2o", rootdir=Path.cwd(), run_id=uuid.uuid4().hex, tracer="off",
+            runner="docker",
+        )
+    )  # fmt: skip
+    with harness.start(tmp_path / "work", "h2o-helper") as run:
+        assert httpclient.get(run.host, run.port, "/x").status == 200
+        pids = run.target.host_pids()
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] for pid in pids]
+        assert commands == [b"/usr/bin/h2o", b"/bin/cat"], commands
+        conf = (run.workdir / "h2o.conf").read_text()
+        assert "crash-handler: /bin/cat" in conf
+        outcome = run.finish()
+        assert outcome.ok, run.failure_message(outcome)
 
 
 def test_skip_reasons_are_clear(monkeypatch: pytest.MonkeyPatch) -> None:
