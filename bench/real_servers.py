@@ -54,11 +54,10 @@ PROCESS_MODEL = {
     "asyncio": "1 process, 1 thread (selector loop on epoll)",
     "uvloop": "1 process, 1 thread (libuv loop on epoll)",
 }
-# In a closure image h2o's crash-report helper (a script that execs perl) exits at start-up:
-# perl is not in the image.
+# A closure image has no perl for h2o's crash-report helper: its launcher names /bin/cat.
 PROCESS_MODEL_DOCKER = {
     **PROCESS_MODEL,
-    "h2o": "1 process, 2 event-loop threads (the crash-report helper exits: no perl in the image)",
+    "h2o": "1 process, 2 event-loop threads (+ crash-report helper /bin/cat: no perl in images)",
 }
 VIOLATED = re.compile(r"afterclose: (\d+) rule\(s\) violated by target")
 RULE = re.compile(r"^\[([a-z-]+)\] ", re.MULTILINE)
