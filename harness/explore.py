@@ -101,7 +101,7 @@ class ExploreResult:
     found: Found | None = None
     scenario: Scenario | None = None  # as written to ``path``
     path: Path | None = None
-    reproduced_on: int | None = None  # verification: the run that failed again (0: none did)
+    reproduced: int | None = None  # verification: how many of its runs failed again
 
 
 # --------------------------------------------------------------------------- the space
@@ -312,20 +312,24 @@ class _Explorer:
             no_violation()
 
     def verify(self, s: Scenario, label: str) -> int:
-        """The run (1-based) on which ``s`` failed again, or 0 if none of ``verify_runs`` did."""
+        """How many of ``verify_runs`` fresh runs of ``s`` failed again."""
+        failed = 0
         for k in range(self.options.verify_runs):
             got = self.run_once(s, f"{label}-verify{k}")
             if not got.outcome.ok:
+                failed += 1
                 shutil.rmtree(got.run.workdir, ignore_errors=True)
-                return k + 1
-        return 0
+        return failed
 
     def choose(self) -> tuple[Found, int | None] | None:
-        """The smallest failing example that fails again (tried smallest first), and the run
-        it failed again on; the smallest of all if none does (0) or without verification.
+        """The failing example to write, and how many verification runs it failed again.
 
-        Not simply the last failure: while shrinking, Hypothesis also runs larger examples
-        (a shortened choice sequence is completed with random choices).
+        The smallest that fails again in most of its verification runs (tried smallest
+        first); else the one that failed again most often; else the smallest.  A scenario the
+        search saw fail once may fail one run in ten: the shrinking accepts any failure, and a
+        regression test that rarely fails is worth little.  Not simply the last failure either:
+        while shrinking, Hypothesis also runs larger examples (a shortened choice sequence is
+        completed with random choices).
         """
         ranked: list[Found] = []
         for f in sorted(self.failures, key=lambda f: size(f.scenario)):
@@ -334,17 +338,18 @@ class _Explorer:
         if not ranked:
             return None
         chosen: tuple[Found, int | None] = (ranked[0], None)
-        if self.options.verify_runs:
+        runs = self.options.verify_runs
+        if runs:
             chosen = (ranked[0], 0)
             for n, candidate in enumerate(ranked[:VERIFY_CANDIDATES]):
                 again = self.verify(candidate.scenario, f"candidate{n}")
                 self.log(
-                    f"[{self.elapsed():6.1f}s] verify: "
-                    + (f"failed again on run {again}" if again else "did not fail again")
-                    + f" - {describe(candidate.scenario)}"
+                    f"[{self.elapsed():6.1f}s] verify: failed again in {again} of {runs} "
+                    f"run(s) - {describe(candidate.scenario)}"
                 )
-                if again:
+                if again > (chosen[1] or 0):
                     chosen = (candidate, again)
+                if 2 * again > runs:
                     break
         for f in self.failures:
             if f is not chosen[0]:
@@ -440,7 +445,7 @@ def explore(harness: Harness, options: ExploreOptions, log: Log = print) -> Expl
     verified = (
         "not verified"
         if reproduced is None
-        else f"failed again on run {reproduced} of up to {options.verify_runs}"
+        else f"failed again in {reproduced} of {options.verify_runs} fresh run(s)"
         if reproduced
         else f"did not fail again in {options.verify_runs} run(s): a rare race, run it repeatedly"
     )
@@ -462,7 +467,7 @@ def explore(harness: Harness, options: ExploreOptions, log: Log = print) -> Expl
         found=found,
         scenario=written,
         path=path,
-        reproduced_on=reproduced,
+        reproduced=reproduced,
     )
 
 
