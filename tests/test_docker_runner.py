@@ -38,19 +38,6 @@ SEED_FIXED = Path(__file__).resolve().parent.parent / "targets" / "seed-fixed" /
 
 
 @pytest.fixture(scope="module")
-def docker_client() -> Iterator[Any]:
-    try:
-        import docker
-
-        client = docker.from_env(timeout=60)
-        client.ping()
-    except Exception as exc:
-        pytest.skip(f"Docker engine not reachable (`docker info` fails): {exc}")
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
 def runner(docker_client: Any) -> Any:
     from afterclose.harness.runners.docker import DockerRunner
 

@@ -245,30 +245,17 @@ def test_docker_image_gets_what_the_commands_name(tmp_path: Path) -> None:
         assert Path(sys.prefix) / "pyvenv.cfg" in uv.data
 
 
-@pytest.fixture(scope="module")
-def docker_engine() -> Iterator[Any]:
-    try:
-        import docker
-
-        client = docker.from_env(timeout=60)
-        client.ping()
-    except Exception as exc:
-        pytest.skip(f"Docker engine not reachable (`docker info` fails): {exc}")
-    yield client
-    client.close()
-
-
 @pytest.mark.slow
 @pytest.mark.docker
 @pytest.mark.parametrize("name", NAMES)
 def test_builtin_suite_passes_traced_in_docker(
-    name: str, pytester: pytest.Pytester, docker_engine: Any
+    name: str, pytester: pytest.Pytester, docker_client: Any
 ) -> None:
     # Each target in a FROM-scratch image of its ldd closure plus the files its command
     # names (lighttpd's modules, h2o's share folder, the asyncio server for uvloop) and, for
     # the Python targets, the interpreter's module path mounted read-only.
     run_suite(pytester, name, "preload", runner="docker")
-    left = docker_engine.containers.list(
+    left = docker_client.containers.list(
         all=True, filters={"label": ["afterclose=1", f"afterclose.target={name}"]}
     )
     assert [c.name for c in left] == []
@@ -279,7 +266,7 @@ def test_builtin_suite_passes_traced_in_docker(
 
 
 @pytest.mark.docker
-def test_h2o_in_docker_keeps_a_crash_report_helper(tmp_path: Path, docker_engine: Any) -> None:
+def test_h2o_in_docker_keeps_a_crash_report_helper(tmp_path: Path, docker_client: Any) -> None:
     # No perl in the image: the launcher names /bin/cat as the helper, which h2o forks at
     # start-up and which must stay (a crash's backtrace is written to it).
     require("h2o")
