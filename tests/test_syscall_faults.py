@@ -8,7 +8,6 @@ saw as ``key=value`` lines, and the trace must show the same injections, flagged
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import textwrap
 import uuid
@@ -323,23 +322,6 @@ def test_chaos_delays_happen(tmp_path: Path) -> None:
     assert high["wait_ns"] > 20e6, high
     assert high["close_ns"] > 20e6, high
     assert high["wait_ns"] > 2 * off["wait_ns"], (off, high)
-
-
-def test_chaos_off_costs_nothing_measurable(tmp_path: Path) -> None:
-    # The same traced read loop with AFTERCLOSE_CHAOS unset and =off, interleaved.
-    times: dict[str, list[float]] = {"unset": [], "off": []}
-    for i in range(4):
-        for key in ("unset", "off") if i % 2 else ("off", "unset"):
-            proc = run(
-                [200_000],
-                trace_dir=tmp_path / f"{key}{i}",
-                chaos=None if key == "unset" else "off",
-                seed=None,
-                name="readloop",
-            )
-            times[key].append(float(proc.stdout.split("ns_per_call=")[1].split()[0]))
-    unset, off = statistics.median(times["unset"]), statistics.median(times["off"])
-    assert off < unset * 1.25 + 30, times
 
 
 # ------------------------------------------------------------------------ python side --
