@@ -4,10 +4,17 @@ Probing with ``bind(0)`` and releasing the port leaves a window in which another
 (or a client's ephemeral port) can take it.  So ports are drawn below the kernel's ephemeral
 range, where ``connect()`` never picks them, and each is held by an ``flock`` on a file in a
 shared folder for as long as the target uses it.
+
+The folder holds only the ports leased now (plus those of runs that were killed, until their
+port is leased again): a lease removes its file while still holding the lock. Removing a
+locked file races with a process that opened it just before: that process may lock the old,
+unlinked file. So a lease counts only once the locked file is still the one at its path.
+The folder is sticky and writable by all (1777), like /tmp, so that users share the range.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -46,6 +53,9 @@ class PortLease:
 
     def release(self) -> None:
         if not self._lock.closed:
+            # Unlinked while still locked: see the module's docstring.
+            with contextlib.suppress(OSError):
+                (LOCK_DIR / f"{self.port}.lock").unlink()
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
 
@@ -69,20 +79,44 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
+def _lock_dir() -> Path:
+    try:
+        LOCK_DIR.mkdir(parents=True)
+    except FileExistsError:
+        return LOCK_DIR
+    # mkdir's mode is cut by the umask (1755 under 022): set the sticky, world-writable mode.
+    LOCK_DIR.chmod(0o1777)
+    return LOCK_DIR
+
+
+def _try_lock(path: Path) -> IO[str] | None:
+    """The locked file at ``path``, or None if another lease holds it (or cannot be shared)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return None  # a file another user left behind: their port, as far as we can tell
+    lock = os.fdopen(fd, "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            return lock
+    except (BlockingIOError, FileNotFoundError):
+        pass  # held, or removed by its releasing lease after we opened it
+    lock.close()
+    return None
+
+
 def lease_port(host: str = "127.0.0.1", attempts: int = 200) -> PortLease:
-    LOCK_DIR.mkdir(mode=0o1777, parents=True, exist_ok=True)
+    folder = _lock_dir()
     low, high = _candidate_range()
     rng = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "little"))
     for _ in range(attempts):
         port = rng.randint(low, high)
-        lock = (LOCK_DIR / f"{port}.lock").open("w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
+        lock = _try_lock(folder / f"{port}.lock")
+        if lock is None:
             continue
+        lease = PortLease(port, lock)
         if _bindable(host, port):
-            return PortLease(port, lock)
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        lock.close()
+            return lease
+        lease.release()
     raise OSError(f"no free port found on {host} in {low}-{high} after {attempts} attempts")

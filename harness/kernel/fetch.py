@@ -51,8 +51,8 @@ class KernelSource:
     package: str | None = None
     version: str | None = None  # Debian version of the package
     path: Path | None = None  # a .deb, an unpacked package folder or a kernel image
-    suite: str | None = None  # a Debian suite apt does not list: fetched from the archive
-    files: tuple[archive.ArchiveFile, ...] = ()
+    suite: str | None = None  # a Debian suite apt does not list: fetched by a private apt
+    archive_packages: tuple[str, ...] = ()  # name=version of each package to download
 
     def describe(self) -> str:
         if self.package:
@@ -205,19 +205,26 @@ def _from_archive(spec: str, apt_candidates: dict[str, str]) -> KernelSource:
             package=best.name,
             version=best.version,
             suite=best.suite,
-            files=best.files,
+            archive_packages=best.packages,
         )
     have = sorted({_upstream(v) for v in apt_candidates.values()}, key=_version_key)
     tried = "apt-cache pkgnames linux-image-, names matching " + " or ".join(GENERIC_PATTERNS)
     suites = ", ".join(archive.SUITES)
     details = ["versions apt offers: " + (", ".join(have) if have else "none")]
     details += [f"versions Debian {s} offers: {', '.join(v) or 'none'}" for s, v in offered.items()]
-    details += [f"Debian archive: {p}" for p in problems]
+    details += [f"apt (private lists of {suites}): {p}" for p in problems]
+    hint = "pick one of those versions, or pass a .deb or a kernel image path"
+    if problems:
+        hint = (
+            f"apt could not list {suites} (see above): check the machine's apt sources and "
+            f"proxy, or name a Debian mirror with {archive.MIRROR_ENV}=URI; or pass a .deb "
+            "or a kernel image path"
+        )
     raise KernelError(
         f"--kernel={spec}: no Debian kernel package of version {spec} (tried: {tried}; then "
-        f"the Debian archive's {suites} indices; generic amd64 flavour only)",
+        f"{suites} on the machine's Debian mirror, through apt; generic amd64 flavour only)",
         details="\n".join(details),
-        hint="pick one of those versions, or pass a .deb or a kernel image path",
+        hint=hint,
     )
 
 
@@ -258,12 +265,15 @@ def fetch(source: KernelSource) -> Kernel:
         if not marker.exists() or marker.read_text() != wanted:
             shutil.rmtree(tree, ignore_errors=True)
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                if source.files:
+                if source.archive_packages:
                     try:
-                        debs = archive.download(source.files, Path(tmp))
+                        debs = archive.download(source.archive_packages, kernel_cache(), Path(tmp))
                     except archive.ArchiveError as exc:
                         raise KernelError(
-                            str(exc), hint="check the connection to the Debian archive"
+                            f"--kernel={source.spec}: downloading {source.describe()} failed",
+                            details=str(exc),
+                            hint="check the machine's apt sources and proxy (apt-get update "
+                            f"should work), or name a Debian mirror with {archive.MIRROR_ENV}",
                         ) from None
                 else:
                     debs = [source.path if source.path else _download(source, Path(tmp))]
@@ -408,7 +418,7 @@ def listing() -> list[str]:
         except archive.ArchiveError as exc:
             lines.append(f"Debian {suite}: {exc}")
             continue
-        lines.append(f"from the Debian archive, {suite} (used when apt lacks the version):")
+        lines.append(f"from Debian {suite} through apt (used when apt lacks the version):")
         for k in sorted(kernels, key=lambda k: _version_key(k.version)):
             lines.append(f"  {_upstream(k.version):<17} {k.name}")
     cached = cached_kernels()
