@@ -11,9 +11,10 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from afterclose.harness.errors import ManifestError
+from afterclose.harness.manifest_keys import KEYS
 
 MANIFEST_FILE = "target.toml"
 PLACEHOLDERS = ("host", "port", "build", "workdir", "manifest_dir", "python")
@@ -21,8 +22,6 @@ TRACER_MODES = ("auto", "preload", "ebpf", "off")
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGKILL")
 
 T = TypeVar("T")
-_NO_STRINGS: tuple[str, ...] = ()
-_NO_ENV: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -119,18 +118,14 @@ class _Table:
     def error(self, name: str, message: str, hint: str | None = None) -> ManifestError:
         return ManifestError(f"key {self.key(name)!r}: {message}", where=self.path, hint=hint)
 
-    def get(
-        self,
-        name: str,
-        kind: Callable[[Any], T],
-        default: T,
-        *,
-        describe: str,
-        required: bool = False,
-    ) -> T:
+    def get(self, name: str, kind: Callable[[Any], T]) -> T:
+        """The value of ``name``, checked by ``kind``; its default and description are the
+        ones ``manifest_keys.KEYS`` gives."""
+        spec = KEYS[self.key(name)]
+        describe, default = spec.value, cast(T, spec.default)
         self.seen.add(name)
         if name not in self.data:
-            if required:
+            if spec.required:
                 raise ManifestError(
                     f"missing required key {self.key(name)!r}",
                     where=self.path,
@@ -142,6 +137,11 @@ class _Table:
             return kind(value)
         except (TypeError, ValueError) as exc:
             raise self.error(name, f"expected {describe}, got {value!r}", str(exc) or None) from exc
+
+    def get_opt(self, name: str, kind: Callable[[Any], T]) -> T | None:
+        """Like ``get``, for a key whose default is "not given" (None)."""
+        assert KEYS[self.key(name)].default is None, name
+        return self.get(name, cast("Callable[[Any], T | None]", kind))
 
     def table(self, name: str) -> _Table | None:
         self.seen.add(name)
@@ -251,30 +251,28 @@ def load_manifest(path: Path) -> Manifest:
 
 def parse_manifest(data: Mapping[str, Any], path: Path) -> Manifest:
     top = _Table(data, path)
-    name = top.get("name", _str, "", describe="a target name", required=True)
+    name = top.get("name", _str)
     if not name or any(c.isspace() or c == "/" for c in name):
         raise top.error("name", f"{name!r} is not a usable name", "use letters, digits, - and _")
-    command = top.get("command", _command, _NO_STRINGS, describe="a list of strings", required=True)
-    description = top.get("description", _str, "", describe="a string")
-    build = top.get("build", _command, None, describe="a list of strings (a command)")
-    env = top.get("env", _str_map, dict(_NO_ENV), describe="a table of strings")
-    files = top.get(
-        "files", _str_map, dict(_NO_ENV), describe="a table of file name = template text"
-    )
+    command = top.get("command", _command)
+    description = top.get("description", _str)
+    build = top.get_opt("build", _command)
+    env = dict(top.get("env", _str_map))
+    files = dict(top.get("files", _str_map))
     for fname in files:
         if "/" in fname or fname in ("", ".", ".."):
             raise top.error("files", f"{fname!r} is not a plain file name", "no folders")
-    echo_path = top.get("echo_path", _bool, False, describe="true or false")
-    liveness_path = top.get("liveness_path", _url_path, "/", describe="an HTTP path")
-    liveness_status = top.get("liveness_status", _status, 200, describe="an HTTP status")
-    fd_grace_s = top.get("fd_grace_s", _positive, 2.0, describe="seconds (> 0)")
-    stop_signal = top.get("stop_signal", _choice(STOP_SIGNALS), "SIGTERM", describe="a signal")
-    stop_timeout_s = top.get("stop_timeout_s", _positive, 5.0, describe="seconds (> 0)")
-    tracer = top.get("tracer", _choice(TRACER_MODES), "auto", describe="a tracer mode")
+    echo_path = top.get("echo_path", _bool)
+    liveness_path = top.get("liveness_path", _url_path)
+    liveness_status = top.get("liveness_status", _status)
+    fd_grace_s = top.get("fd_grace_s", _positive)
+    stop_signal = top.get("stop_signal", _choice(STOP_SIGNALS))
+    stop_timeout_s = top.get("stop_timeout_s", _positive)
+    tracer = top.get("tracer", _choice(TRACER_MODES))
     compile_spec = _parse_compile(top.table("compile"), path.parent)
     ready = _parse_ready(top.table("ready"))
     docker = _parse_docker(top.table("docker"), path.parent)
-    restart_keeps = top.get("restart_keeps", _url_paths, _NO_STRINGS, describe="HTTP paths")
+    restart_keeps = top.get("restart_keeps", _url_paths)
     top.reject_unknown()
 
     if "{build}" in " ".join(command) and compile_spec is None:
@@ -322,11 +320,9 @@ def _status(value: Any) -> int:
 def _parse_compile(table: _Table | None, folder: Path) -> CompileSpec | None:
     if table is None:
         return None
-    sources = table.get(
-        "sources", _command, _NO_STRINGS, describe="a list of source files", required=True
-    )
-    cflags = table.get("cflags", _str_list, _NO_STRINGS, describe="a list of strings")
-    ldflags = table.get("ldflags", _str_list, _NO_STRINGS, describe="a list of strings")
+    sources = table.get("sources", _command)
+    cflags = table.get("cflags", _str_list)
+    ldflags = table.get("ldflags", _str_list)
     table.reject_unknown()
     paths = tuple((folder / s).resolve() for s in sources)
     for src, p in zip(sources, paths, strict=True):
@@ -338,10 +334,10 @@ def _parse_compile(table: _Table | None, folder: Path) -> CompileSpec | None:
 def _parse_ready(table: _Table | None) -> ReadySpec:
     if table is None:
         return ReadySpec(port=True)
-    log = table.get("log", _str, None, describe="a string to wait for in the output")
-    port = table.get("port", _bool, False, describe="true or false")
-    http = table.get("http", _url_path, None, describe="an HTTP path")
-    timeout_s = table.get("timeout_s", _positive, 10.0, describe="seconds (> 0)")
+    log = table.get_opt("log", _str)
+    port = table.get("port", _bool)
+    http = table.get_opt("http", _url_path)
+    timeout_s = table.get("timeout_s", _positive)
     table.reject_unknown()
     chosen = [k for k, v in (("log", log), ("port", port or None), ("http", http)) if v]
     if len(chosen) > 1:
@@ -354,11 +350,11 @@ def _parse_ready(table: _Table | None) -> ReadySpec:
 def _parse_docker(table: _Table | None, folder: Path) -> DockerSpec | None:
     if table is None:
         return None
-    image = table.get("image", _str, None, describe="an image name")
-    dockerfile = table.get("dockerfile", _str, None, describe="a path to a Dockerfile")
-    context = table.get("context", _str, None, describe="a build context folder")
-    run_args = table.get("run_args", _str_list, _NO_STRINGS, describe="a list of strings")
-    libc = table.get("libc", _choice(("glibc", "musl", "none")), "glibc", describe="a libc")
+    image = table.get_opt("image", _str)
+    dockerfile = table.get_opt("dockerfile", _str)
+    context = table.get_opt("context", _str)
+    run_args = table.get("run_args", _str_list)
+    libc = table.get("libc", _choice(("glibc", "musl", "none")))
     table.reject_unknown()
     if (image is None) == (dockerfile is None):
         raise table.error("image", "give exactly one of image or dockerfile", 'image = "name:tag"')

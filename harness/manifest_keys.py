@@ -1,0 +1,132 @@
+"""Every key a target manifest may hold: its expected value, default and meaning, once.
+
+The parser (``manifest.py``) takes each key's description and default from here, the README's
+manifest table and ``afterclose manifest --explain`` are printed from here, and a test checks
+that the parser reads exactly these keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Key:
+    """``name`` is dotted for keys in a table (``ready.log``); ``value`` says what it takes."""
+
+    name: str
+    value: str
+    default: object
+    meaning: str
+    required: bool = False
+
+    @property
+    def default_text(self) -> str:
+        if self.required:
+            return "required"
+        if self.default is None or self.default in ((), {}, ""):
+            return "none"
+        if isinstance(self.default, bool):
+            return "true" if self.default else "false"
+        if isinstance(self.default, str):
+            return f'"{self.default}"'
+        return str(self.default)
+
+
+KEYS: dict[str, Key] = {
+    k.name: k
+    for k in (
+        Key("name", "a target name", "", "the target's name in test ids and reports", True),
+        Key(
+            "command",
+            "a list of strings",
+            (),
+            "the server's command line, run in the manifest's folder: a program path with a "
+            "slash is relative to that folder, a bare name is found on PATH; placeholders "
+            "{host} {port} {build} {workdir} {manifest_dir} {python}",
+            True,
+        ),
+        Key("description", "a string", "", "one line for `afterclose targets`"),
+        Key(
+            "build",
+            "a list of strings (a command)",
+            None,
+            "run once per test run in the manifest's folder before the first start",
+        ),
+        Key("env", "a table of strings", {}, "environment of the server (placeholders apply)"),
+        Key(
+            "files",
+            "a table of file name = template text",
+            {},
+            "files written into the test's work folder before each start (placeholders apply)",
+        ),
+        Key(
+            "echo_path",
+            "true or false",
+            False,
+            "the server's 2xx bodies contain the request path: cross-talk is also checked by body",
+        ),
+        Key("liveness_path", "an HTTP path", "/", "what the liveness check asks for"),
+        Key("liveness_status", "an HTTP status", 200, "the status a live server answers it with"),
+        Key(
+            "fd_grace_s",
+            "seconds (> 0)",
+            2.0,
+            "how long after its last client left the server may take to close its sockets",
+        ),
+        Key("stop_signal", "a signal", "SIGTERM", "the signal that stops the server"),
+        Key("stop_timeout_s", "seconds (> 0)", 5.0, "how long to wait after it before SIGKILL"),
+        Key(
+            "tracer",
+            "a tracer mode",
+            "auto",
+            "the tracer this target needs (auto, preload, ebpf, off)",
+        ),
+        Key(
+            "restart_keeps",
+            "HTTP paths",
+            (),
+            "paths answered the same after the `kill` fault restarts the server",
+        ),
+        Key("compile.sources", "a list of source files", (), "C sources the harness builds", True),
+        Key("compile.cflags", "a list of strings", (), "extra compiler flags"),
+        Key("compile.ldflags", "a list of strings", (), "extra linker flags"),
+        Key("ready.log", "a string to wait for in the output", None, "ready once it is printed"),
+        Key(
+            "ready.port",
+            "true or false",
+            False,
+            "ready once the port accepts a connection; the strategy when none is given",
+        ),
+        Key(
+            "ready.http",
+            "an HTTP path",
+            None,
+            "ready once a GET of it is answered with a status below 500",
+        ),
+        Key("ready.timeout_s", "seconds (> 0)", 10.0, "how long the server may take to be ready"),
+        Key("docker.image", "an image name", None, "the image the Docker runner runs"),
+        Key("docker.dockerfile", "a path to a Dockerfile", None, "or: the image is built from it"),
+        Key("docker.context", "a build context folder", None, "the Dockerfile's build context"),
+        Key("docker.run_args", "a list of strings", (), "extra `docker run` options (a few)"),
+        Key("docker.libc", "a libc", "glibc", "the image's libc, for the shim (glibc, musl, none)"),
+    )
+}
+
+
+def markdown_table() -> str:
+    """The README's manifest table."""
+    lines = ["| key | value | default | meaning |", "| --- | --- | --- | --- |"]
+    for key in KEYS.values():
+        lines.append(f"| `{key.name}` | {key.value} | {key.default_text} | {key.meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def explain() -> str:
+    """The same, as plain text for the terminal."""
+    width = max(len(k.name) for k in KEYS.values())
+    lines = []
+    for key in KEYS.values():
+        lines.append(f"{key.name:<{width}}  {key.value} (default: {key.default_text})")
+        lines.append(f"{'':<{width}}  {key.meaning}")
+    return "\n".join(lines)
