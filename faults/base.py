@@ -29,11 +29,15 @@ import typing
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
 from afterclose.harness import httpclient
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.oracle import verdict
+from afterclose.harness.oracle.evidence import Observation
+
+if TYPE_CHECKING:
+    from afterclose.harness.control import ServerControl
 
 MAX_ANOMALIES = 100
 GONE_POLL_S = 0.05
@@ -91,6 +95,7 @@ class FaultReport:
     anomalies: list[Anomaly] = field(default_factory=list)
     schedule: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    observations: list[Observation] = field(default_factory=list)
 
     def count(self, key: str, n: int = 1) -> None:
         if n:
@@ -102,6 +107,13 @@ class FaultReport:
         else:
             self.counts["anomalies_dropped"] += 1
 
+    def observe(self, obs: Observation) -> None:
+        """Record a fact for the rules to judge (at most MAX_ANOMALIES; the rest counted)."""
+        if len(self.observations) < MAX_ANOMALIES:
+            self.observations.append(obs)
+        else:
+            self.counts["observations_dropped"] += 1
+
     def merge(self, other: FaultReport) -> None:
         """Add ``other`` into this report (counts add up, lists concatenate)."""
         if other.fault and other.fault not in self.fault.split("+"):
@@ -109,6 +121,8 @@ class FaultReport:
         self.counts.update(other.counts)
         for anomaly in other.anomalies:
             self.add_anomaly(anomaly.rule, anomaly.detail)
+        for obs in other.observations:
+            self.observe(obs)
         self.schedule.extend(other.schedule)
         self.elapsed_s += other.elapsed_s
 
@@ -289,10 +303,15 @@ def _params_of(cls: type[Fault]) -> dict[str, _Param]:
 
 class Fault(abc.ABC):
     """One kind of fault.  Subclasses are frozen dataclasses whose fields are the parameters
-    (declared with :func:`param`), registered under ``name`` = their module's name.
+    (declared with :func:`param`), registered under ``name`` = their module's name.  Client
+    faults override :meth:`run` (an :class:`Endpoint`); target-side faults set
+    ``needs_server`` and override :meth:`run_on` (a :class:`ServerControl`).
     """
 
     name: ClassVar[str]
+    # True: it acts on the started server (limits, signals, restarts) and overrides run_on();
+    # False: it acts through client connections to an endpoint and overrides run().
+    needs_server: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         where = f"fault {self.name}"
@@ -328,12 +347,24 @@ class Fault(abc.ABC):
         """The schedule a run with this ``rng`` state reports (consumes ``rng`` like run())."""
         return schedule_of(self.plan(rng))
 
-    @abc.abstractmethod
     def run(self, endpoint: Endpoint, rng: random.Random, deadline: float) -> FaultReport:
         """Do the fault against ``endpoint`` until done or ``deadline`` (``time.monotonic()``).
 
         ``rng`` is a seeded ``random.Random``; every random choice comes from it, before any I/O.
+        Every fault that acts through connections overrides this.
         """
+        raise ScenarioError(
+            f"fault {self.name!r} acts on the running server itself (a target-side fault), "
+            "not through client connections",
+            where=f"fault {self.name}",
+            hint=f"call it from a test: target.run_fault({self.name!r}, ...)",
+        )
+
+    def run_on(self, server: ServerControl, rng: random.Random, deadline: float) -> FaultReport:
+        """Do the fault to a started server (how a test's run calls every fault): a fault
+        that acts through connections runs against the server's endpoint; a target-side
+        fault (``needs_server``) overrides this and acts through ``server``."""
+        return self.run(server.endpoint(), rng, deadline)
 
 
 # --------------------------------------------------------------------------- connections

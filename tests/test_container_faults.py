@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 
 from afterclose import faults
-from afterclose.faults import target_base as tb
 from afterclose.faults.base import FaultReport
-from afterclose.harness import httpclient
+from afterclose.harness import httpclient, procfs
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.oracle import verdict
+from afterclose.harness.runners.docker import ContainerTarget
 from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -330,7 +330,7 @@ def test_kill_checks_the_state_the_manifest_promises(
 
 
 def _cgroup(run: TargetRun, controller: str, v1: str, v2: str) -> str | None:
-    return tb.cgroup_value(run.target.host_pids()[0], controller, v1, v2)
+    return procfs.cgroup_value(run.target.host_pids()[0], controller, v1, v2)
 
 
 @pytest.mark.docker
@@ -338,8 +338,8 @@ def test_pids_limit_takes_effect_and_seed_fixed_survives(docker_ok: None, tmp_pa
     with harness("seed-fixed", "docker").start(tmp_path / "run", "pids") as run:
         report = run.run_fault("pids_limit", spare_pids=2, storm_s=0.8)
         assert _cgroup(run, "pids", "pids.max", "pids.max") == str(report.counts["pids_max"])
-        container = tb.container_of(run)
-        assert container is not None
+        container = run.target
+        assert isinstance(container, ContainerTarget)
         attrs = container.api.inspect_container(container.container_id)
         assert attrs["HostConfig"]["PidsLimit"] == report.counts["pids_max"]
         outcome = run.finish()
@@ -352,12 +352,12 @@ def test_pids_limit_refuses_a_fork(docker_ok: None, tmp_path: Path) -> None:
     # The docker-echo server forks a sleeper on GET /fork: at pids.max the fork fails.
     with harness(DOCKER_ECHO, "docker").start(tmp_path / "run", "fork") as run:
         report = run.run_fault("pids_limit", spare_pids=0, storm_s=0)
-        refused = tb.cgroup_key(
+        refused = procfs.cgroup_key(
             run.target.host_pids()[0], "pids", "pids.events", "pids.events", "max"
         )
         response = httpclient.get(run.host, run.port, "/fork", timeout_s=3)
         assert response.status == 200
-        after = tb.cgroup_key(
+        after = procfs.cgroup_key(
             run.target.host_pids()[0], "pids", "pids.events", "pids.events", "max"
         )
         assert refused is not None and after is not None and after > refused
@@ -373,8 +373,8 @@ def test_memory_limit_takes_effect_and_seed_fixed_survives(docker_ok: None, tmp_
         report = run.run_fault("memory_limit", spare_mb=16, storm_s=0.8)
         limit = _cgroup(run, "memory", "memory.limit_in_bytes", "memory.max")
         assert limit == str(report.counts["memory_max_kib"] * 1024)
-        container = tb.container_of(run)
-        assert container is not None
+        container = run.target
+        assert isinstance(container, ContainerTarget)
         attrs = container.api.inspect_container(container.container_id)
         assert attrs["HostConfig"]["Memory"] == int(limit)
         assert attrs["HostConfig"]["MemorySwap"] == int(limit)  # no swap
