@@ -384,6 +384,56 @@ def test_memory_limit_takes_effect_and_seed_fixed_survives(docker_ok: None, tmp_
     assert report.counts["responses"] > 0
 
 
+# --------------------------------------------------------------------------- netem
+
+# Run in a network namespace of its own: the loopback there starts with the kernel's default
+# qdisc, and nothing this does reaches the host's.
+NETEM_OWNERSHIP = """
+import subprocess
+from afterclose.faults import netem
+from afterclose.harness.errors import ScenarioError
+
+def root():
+    out = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True)
+    return out.stdout.split("\\n")[0]
+
+subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", "handle", "9:", "pfifo"], check=True)
+try:
+    with netem._netem_on_port(8080, ["delay", "5ms"]):
+        print("ran")
+except ScenarioError as exc:
+    print("refused:", exc.message)
+print("root:", root())
+"""
+
+
+def test_netem_leaves_a_root_qdisc_it_did_not_add() -> None:
+    import os
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("tc") or not shutil.which("unshare"):
+        pytest.skip("needs root, tc and unshare (a network namespace of its own)")
+    probe = subprocess.run(
+        ["unshare", "--net", "tc", "qdisc", "add", "dev", "lo", "root", "handle", "9:", "pfifo"],
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"this kernel cannot add a pfifo qdisc: {probe.stderr.decode().strip()}")
+    result = subprocess.run(
+        ["unshare", "--net", sys.executable, "-c", NETEM_OWNERSHIP],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("refused: the loopback already has a root queueing discipline")
+    assert "qdisc pfifo 9: root" in lines[0]
+    assert lines[1].startswith("root: qdisc pfifo 9: root"), lines
+
+
 # --------------------------------------------------------------------------- xdist
 
 
