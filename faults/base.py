@@ -29,15 +29,13 @@ import typing
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
+from typing import Any, ClassVar, Protocol, Self
 
 from afterclose.harness import httpclient
+from afterclose.harness.control import ServerControl
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.oracle import verdict
 from afterclose.harness.oracle.evidence import Observation
-
-if TYPE_CHECKING:
-    from afterclose.harness.control import ServerControl
 
 MAX_ANOMALIES = 100
 GONE_POLL_S = 0.05
@@ -215,23 +213,15 @@ class _Param:
             if not isinstance(value, bool):
                 raise self._error(f"parameter {name!r} must be true or false, got {value!r}", where)
             return value
-        if self.kind is int:
-            if not isinstance(value, int) or isinstance(value, bool):
+        if self.kind in (int, float):
+            whole = self.kind is int
+            if not _is_number(value) or (whole and not isinstance(value, int)):
                 raise self._error(
-                    f"parameter {name!r} must be an integer in {spec.range_text()}, "
-                    f"got {value!r} ({type(value).__name__})",
+                    f"parameter {name!r} must be {'an integer' if whole else 'a number'} in "
+                    f"{spec.range_text()}, got {value!r} ({type(value).__name__})",
                     where,
                 )
-            self._check_range(name, value, where)
-            return value
-        if self.kind is float:
-            if not _is_number(value):
-                raise self._error(
-                    f"parameter {name!r} must be a number in {spec.range_text()}, "
-                    f"got {value!r} ({type(value).__name__})",
-                    where,
-                )
-            number = float(typing.cast(float, value))
+            number = typing.cast(float, value) if whole else float(typing.cast(float, value))
             self._check_range(name, number, where)
             return number
         if self.kind is str:
@@ -303,15 +293,11 @@ def _params_of(cls: type[Fault]) -> dict[str, _Param]:
 
 class Fault(abc.ABC):
     """One kind of fault.  Subclasses are frozen dataclasses whose fields are the parameters
-    (declared with :func:`param`), registered under ``name`` = their module's name.  Client
-    faults override :meth:`run` (an :class:`Endpoint`); target-side faults set
-    ``needs_server`` and override :meth:`run_on` (a :class:`ServerControl`).
+    (declared with :func:`param`), registered under ``name`` = their module's name.
     """
 
     name: ClassVar[str]
-    # True: it acts on the started server (limits, signals, restarts) and overrides run_on();
-    # False: it acts through client connections to an endpoint and overrides run().
-    needs_server: ClassVar[bool] = False
+    needs_server: ClassVar[bool] = False  # True: acts on the server itself, through run_on()
 
     def __post_init__(self) -> None:
         where = f"fault {self.name}"
@@ -351,19 +337,12 @@ class Fault(abc.ABC):
         """Do the fault against ``endpoint`` until done or ``deadline`` (``time.monotonic()``).
 
         ``rng`` is a seeded ``random.Random``; every random choice comes from it, before any I/O.
-        Every fault that acts through connections overrides this.
         """
-        raise ScenarioError(
-            f"fault {self.name!r} acts on the running server itself (a target-side fault), "
-            "not through client connections",
-            where=f"fault {self.name}",
-            hint=f"call it from a test: target.run_fault({self.name!r}, ...)",
-        )
+        raise TypeError(f"fault {self.name!r} acts on a server, not an endpoint: use run_on()")
 
     def run_on(self, server: ServerControl, rng: random.Random, deadline: float) -> FaultReport:
-        """Do the fault to a started server (how a test's run calls every fault): a fault
-        that acts through connections runs against the server's endpoint; a target-side
-        fault (``needs_server``) overrides this and acts through ``server``."""
+        """:meth:`run` against ``server``'s endpoint; a fault that ``needs_server`` overrides
+        this instead, and acts on ``server`` itself (limits, signals, restarts)."""
         return self.run(server.endpoint(), rng, deadline)
 
 

@@ -21,6 +21,7 @@ container is paused or limited, is the session's business, not the fault's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import resource
@@ -98,11 +99,7 @@ class ServerControl:
         """Where clients connect.  ``through_restarts``: clients keep going while the server
         is down (its death would otherwise stop them: a restart follows)."""
         endpoint = self._run.endpoint()
-        if not through_restarts:
-            return endpoint
-        import dataclasses
-
-        return dataclasses.replace(endpoint, gone=None)
+        return dataclasses.replace(endpoint, gone=None) if through_restarts else endpoint
 
     @property
     def where(self) -> str:
