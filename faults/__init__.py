@@ -4,12 +4,14 @@ A fault's name is its module's name (``reset_peer`` lives in ``reset_peer.py``),
 defines exactly one :class:`~afterclose.faults.base.Fault` subclass.  Modules are imported only
 when asked for, so a broken fault module breaks only the scenarios that use it.
 
-Target-side faults (``fd_limit``, ``pause``, ``kill``, ...) act on the running target instead
-of through clients: their module defines one :class:`~afterclose.faults.target_base.TargetFault`.
+Target-side faults (``fd_limit``, ``pause``, ``kill``, ...) are Faults too, with
+``needs_server`` set: they act on the started server through a
+:class:`~afterclose.harness.control.ServerControl` instead of through clients.
 ``available()``/``get()``/``create()`` mean client-side faults, as scenario phases and the
 explorer need them (a target-side name gets an error that says so); ``available("target")``,
 ``get_target()`` and ``create_target()`` the target-side ones; ``available("all")`` and
-``get_any()`` both.  ``TargetRun.run_fault`` runs either kind (``kind()`` tells them apart).
+``get_any()`` both.  ``TargetRun.run_fault`` runs either kind through ``Fault.run_on``
+(``kind()`` tells them apart).
 """
 
 from __future__ import annotations
@@ -21,12 +23,10 @@ from collections.abc import Mapping
 from typing import Literal
 
 from afterclose.faults.base import Fault, suggest
-from afterclose.faults.target_base import TargetFault
 from afterclose.harness.errors import ScenarioError
 
 __all__ = [
     "Fault",
-    "TargetFault",
     "available",
     "create",
     "create_target",
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 Kind = Literal["client", "target"]
-_NOT_FAULTS = frozenset({"base", "target_base"})
+_NOT_FAULTS = frozenset({"base"})
 
 
 def _names() -> list[str]:
@@ -56,7 +56,7 @@ def available(kind: Kind | Literal["all"] = "client") -> list[str]:
     return [name for name in names if _kind_of(get_any(name)) == kind]
 
 
-def get_any(name: str, where: str | None = None) -> type[Fault] | type[TargetFault]:
+def get_any(name: str, where: str | None = None) -> type[Fault]:
     """The fault class registered as ``name``, of either kind; ScenarioError (with a
     suggestion) if none is."""
     names = _names()
@@ -66,11 +66,11 @@ def get_any(name: str, where: str | None = None) -> type[Fault] | type[TargetFau
         hint = f"did you mean {match!r}? (faults: {listing})" if match else f"use one of: {listing}"
         raise ScenarioError(f"unknown fault {name!r}", where=where, hint=hint)
     module = importlib.import_module(f"{__name__}.{name}")
-    found: list[type[Fault] | type[TargetFault]] = [
+    found: list[type[Fault]] = [
         obj
         for obj in vars(module).values()
         if inspect.isclass(obj)
-        and issubclass(obj, Fault | TargetFault)
+        and issubclass(obj, Fault)
         and obj.__module__ == module.__name__
         and not inspect.isabstract(obj)
     ]
@@ -79,11 +79,16 @@ def get_any(name: str, where: str | None = None) -> type[Fault] | type[TargetFau
     cls = found[0]
     if cls.name != name:
         raise TypeError(f"{cls.__qualname__}.name is {cls.name!r}, expected {name!r}")
+    acts = "run_on" if cls.needs_server else "run"
+    if getattr(cls, acts) is getattr(Fault, acts):
+        raise TypeError(
+            f"{cls.__qualname__} must define {acts}() (needs_server={cls.needs_server})"
+        )
     return cls
 
 
-def _kind_of(cls: type[Fault] | type[TargetFault]) -> Kind:
-    return "target" if issubclass(cls, TargetFault) else "client"
+def _kind_of(cls: type[Fault]) -> Kind:
+    return "target" if cls.needs_server else "client"
 
 
 def kind(name: str, where: str | None = None) -> Kind:
@@ -95,7 +100,7 @@ def get(name: str, where: str | None = None) -> type[Fault]:
     """The client-side Fault class registered as ``name``; ScenarioError (with a suggestion)
     if none is, or if ``name`` is a target-side fault (it needs the running target)."""
     cls = get_any(name, where)
-    if issubclass(cls, TargetFault):
+    if cls.needs_server:
         raise ScenarioError(
             f"fault {name!r} acts on the running target itself (a target-side fault), "
             "not through client connections",
@@ -106,10 +111,10 @@ def get(name: str, where: str | None = None) -> type[Fault]:
     return cls
 
 
-def get_target(name: str, where: str | None = None) -> type[TargetFault]:
+def get_target(name: str, where: str | None = None) -> type[Fault]:
     """The target-side fault class registered as ``name`` (ScenarioError otherwise)."""
     cls = get_any(name, where)
-    if not issubclass(cls, TargetFault):
+    if not cls.needs_server:
         raise ScenarioError(
             f"fault {name!r} is a client-side fault, not a target-side one",
             where=where,
@@ -123,6 +128,6 @@ def create(name: str, params: Mapping[str, object], where: str) -> Fault:
     return get(name, where).from_params(params, where)
 
 
-def create_target(name: str, params: Mapping[str, object], where: str) -> TargetFault:
+def create_target(name: str, params: Mapping[str, object], where: str) -> Fault:
     """The target-side fault ``name`` built from ``params`` (validated)."""
     return get_target(name, where).from_params(params, where)

@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, Self
 
 from afterclose.harness import httpclient
+from afterclose.harness.control import ServerControl
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.oracle import verdict
+from afterclose.harness.oracle.evidence import Observation
 
 MAX_ANOMALIES = 100
 GONE_POLL_S = 0.05
@@ -91,6 +93,7 @@ class FaultReport:
     anomalies: list[Anomaly] = field(default_factory=list)
     schedule: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    observations: list[Observation] = field(default_factory=list)
 
     def count(self, key: str, n: int = 1) -> None:
         if n:
@@ -102,6 +105,13 @@ class FaultReport:
         else:
             self.counts["anomalies_dropped"] += 1
 
+    def observe(self, obs: Observation) -> None:
+        """Record a fact for the rules to judge (at most MAX_ANOMALIES; the rest counted)."""
+        if len(self.observations) < MAX_ANOMALIES:
+            self.observations.append(obs)
+        else:
+            self.counts["observations_dropped"] += 1
+
     def merge(self, other: FaultReport) -> None:
         """Add ``other`` into this report (counts add up, lists concatenate)."""
         if other.fault and other.fault not in self.fault.split("+"):
@@ -109,6 +119,8 @@ class FaultReport:
         self.counts.update(other.counts)
         for anomaly in other.anomalies:
             self.add_anomaly(anomaly.rule, anomaly.detail)
+        for obs in other.observations:
+            self.observe(obs)
         self.schedule.extend(other.schedule)
         self.elapsed_s += other.elapsed_s
 
@@ -201,23 +213,15 @@ class _Param:
             if not isinstance(value, bool):
                 raise self._error(f"parameter {name!r} must be true or false, got {value!r}", where)
             return value
-        if self.kind is int:
-            if not isinstance(value, int) or isinstance(value, bool):
+        if self.kind in (int, float):
+            whole = self.kind is int
+            if not _is_number(value) or (whole and not isinstance(value, int)):
                 raise self._error(
-                    f"parameter {name!r} must be an integer in {spec.range_text()}, "
-                    f"got {value!r} ({type(value).__name__})",
+                    f"parameter {name!r} must be {'an integer' if whole else 'a number'} in "
+                    f"{spec.range_text()}, got {value!r} ({type(value).__name__})",
                     where,
                 )
-            self._check_range(name, value, where)
-            return value
-        if self.kind is float:
-            if not _is_number(value):
-                raise self._error(
-                    f"parameter {name!r} must be a number in {spec.range_text()}, "
-                    f"got {value!r} ({type(value).__name__})",
-                    where,
-                )
-            number = float(typing.cast(float, value))
+            number = typing.cast(float, value) if whole else float(typing.cast(float, value))
             self._check_range(name, number, where)
             return number
         if self.kind is str:
@@ -293,6 +297,7 @@ class Fault(abc.ABC):
     """
 
     name: ClassVar[str]
+    needs_server: ClassVar[bool] = False  # True: acts on the server itself, through run_on()
 
     def __post_init__(self) -> None:
         where = f"fault {self.name}"
@@ -328,12 +333,17 @@ class Fault(abc.ABC):
         """The schedule a run with this ``rng`` state reports (consumes ``rng`` like run())."""
         return schedule_of(self.plan(rng))
 
-    @abc.abstractmethod
     def run(self, endpoint: Endpoint, rng: random.Random, deadline: float) -> FaultReport:
         """Do the fault against ``endpoint`` until done or ``deadline`` (``time.monotonic()``).
 
         ``rng`` is a seeded ``random.Random``; every random choice comes from it, before any I/O.
         """
+        raise TypeError(f"fault {self.name!r} acts on a server, not an endpoint: use run_on()")
+
+    def run_on(self, server: ServerControl, rng: random.Random, deadline: float) -> FaultReport:
+        """:meth:`run` against ``server``'s endpoint; a fault that ``needs_server`` overrides
+        this instead, and acts on ``server`` itself (limits, signals, restarts)."""
+        return self.run(server.endpoint(), rng, deadline)
 
 
 # --------------------------------------------------------------------------- connections

@@ -22,18 +22,19 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from afterclose.faults import target_base as tb
+from afterclose.faults import _server_side as ss
 from afterclose.faults.base import FaultReport, param
+from afterclose.harness import procfs
 
 if TYPE_CHECKING:
-    from afterclose.harness.session import TargetRun
+    from afterclose.harness.control import ServerControl
 
 MIB = 1024 * 1024
 MIN_LIMIT = 8 * MIB  # the engine refuses less than 6 MiB
 
 
 @dataclass(frozen=True)
-class MemoryLimit(tb.StormFault):
+class MemoryLimit(ss.StormFault):
     """Cap the container's memory at its current use + ``spare_mb``, then storm it."""
 
     name: ClassVar[str] = "memory_limit"
@@ -44,38 +45,36 @@ class MemoryLimit(tb.StormFault):
     )
 
     spare_mb: float = param(32.0, lo=1, hi=1_000_000, doc="MiB it may use beyond its current use")
-    storm_s: float = tb.storm_s_param(1.0, "storm under the limit (0: none)")
-    rate_per_s: float = tb.rate_param(300.0)
-    concurrency: int = tb.concurrency_param(32)
+    storm_s: float = ss.storm_s_param(1.0, "storm under the limit (0: none)")
+    rate_per_s: float = ss.rate_param(300.0)
+    concurrency: int = ss.concurrency_param(32)
 
     def headline(self, at: float) -> str:
         return f"memory.max = use now + {self.spare_mb:g} MiB (no swap); storm {self.storm_s:g}s"
 
-    def run(self, run: TargetRun, rng: random.Random, deadline: float) -> FaultReport:
-        begun = self.begin(run, rng)
+    def run_on(self, server: ServerControl, rng: random.Random, deadline: float) -> FaultReport:
+        begun = self.begin(server, rng)
         report = begun.report
-        pid = self.live_pids(run)[0]
+        pid = server.live_pids()[0]
         used = _number(pid, "memory.usage_in_bytes", "memory.current")
         if used is None:
-            raise self.error(
-                run,
+            raise server.error(
                 "cannot read the container's memory use from its cgroup",
                 hint="is the memory cgroup controller enabled for containers on this host?",
             )
         limit = max(used + round(self.spare_mb * MIB), MIN_LIMIT)
-        tb.update_container(run, self.name, Memory=limit, MemorySwap=limit)
+        server.update_cgroup(Memory=limit, MemorySwap=limit)
         shown = _number(pid, "memory.limit_in_bytes", "memory.max")
         if shown != limit:
-            raise self.error(
-                run,
+            raise server.error(
                 f"set the memory limit to {limit} bytes, but the container's cgroup says {shown}",
             )
         report.count("memory_before_kib", used // 1024)
         report.count("memory_max_kib", limit // 1024)
         failed_before = _failures(pid)
         ooms_before = _oom_kills(pid)
-        tb.add_storm(report, self._storm().run(run, begun.seed, deadline))
-        if run.target.exit_status() is None:
+        ss.add_storm(report, self._storm().run(server, begun.seed, deadline))
+        if server.alive():
             peak = _number(pid, "memory.max_usage_in_bytes", "memory.peak")
             if peak is not None:
                 report.count("memory_peak_kib", peak // 1024)
@@ -85,8 +84,7 @@ class MemoryLimit(tb.StormFault):
 
 
 def _number(pid: int, v1_name: str, v2_name: str) -> int | None:
-    text = tb.cgroup_value(pid, "memory", v1_name, v2_name)
-    return int(text) if text and text.isdigit() else None
+    return procfs.cgroup_number(pid, "memory", v1_name, v2_name)
 
 
 def _failures(pid: int) -> int:
@@ -94,8 +92,8 @@ def _failures(pid: int) -> int:
     v1 = _number(pid, "memory.failcnt", "memory.failcnt")
     if v1 is not None:
         return v1
-    return tb.cgroup_key(pid, "memory", "memory.events", "memory.events", "max") or 0
+    return procfs.cgroup_key(pid, "memory", "memory.events", "memory.events", "max") or 0
 
 
 def _oom_kills(pid: int) -> int:
-    return tb.cgroup_key(pid, "memory", "memory.oom_control", "memory.events", "oom_kill") or 0
+    return procfs.cgroup_key(pid, "memory", "memory.oom_control", "memory.events", "oom_kill") or 0

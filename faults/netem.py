@@ -11,7 +11,8 @@ the target's port is affected: a ``prio`` qdisc on ``lo`` with a fourth band, un
 default priority map, holds the netem qdisc, and two ``u32`` filters (source and destination
 port) send the target's packets there; resets pass untouched (see ``_netem_on_port``).
 ``lo`` has one root qdisc for the whole network namespace, so netem faults take a
-machine-wide lock and run one at a time.
+machine-wide lock and run one at a time; the fault adds its qdisc only where ``lo`` has the
+kernel's default one, and removes only the one it added.
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from afterclose.faults import target_base as tb
+from afterclose.faults import _server_side as ss
 from afterclose.faults.base import FaultReport, param
 from afterclose.harness.errors import ScenarioError
 
 if TYPE_CHECKING:
-    from afterclose.harness.session import TargetRun
+    from afterclose.harness.control import ServerControl
 
 LOCK_PATH = Path("/run/afterclose-netem.lock")
+ROOT_HANDLE = "1:"
 NETEM_BAND = "1:4"
 
 
@@ -85,7 +87,7 @@ def unavailable_reason() -> str | None:
 
 
 @dataclass(frozen=True)
-class Netem(tb.StormFault):
+class Netem(ss.StormFault):
     """A storm while the target's packets are delayed, lost, reordered and duplicated."""
 
     name: ClassVar[str] = "netem"
@@ -95,9 +97,9 @@ class Netem(tb.StormFault):
     loss_pct: float = param(2.0, lo=0, hi=100, doc="packets dropped")
     reorder_pct: float = param(10.0, lo=0, hi=100, doc="packets sent at once, ahead of others")
     duplicate_pct: float = param(2.0, lo=0, hi=100, doc="packets sent twice")
-    storm_s: float = tb.storm_s_param(2.0, "how long the storm runs under netem", lo=0.1)
-    rate_per_s: float = tb.rate_param(200.0)
-    concurrency: int = tb.concurrency_param(32)
+    storm_s: float = ss.storm_s_param(2.0, "how long the storm runs under netem", lo=0.1)
+    rate_per_s: float = ss.rate_param(200.0)
+    concurrency: int = ss.concurrency_param(32)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -125,20 +127,29 @@ class Netem(tb.StormFault):
     def headline(self, at: float) -> str:
         return f"netem {' '.join(self.netem_args())} on the target's port"
 
-    def check_runner(self, run: TargetRun) -> None:
+    def check_runner(self, server: ServerControl) -> None:
         """The runner's check, then whether this kernel can run netem at all."""
-        super().check_runner(run)
+        super().check_runner(server)
         reason = unavailable_reason()
         if reason is not None:
-            raise ScenarioError(reason, where=self.where(run))
+            raise ScenarioError(reason, where=server.where)
 
-    def run(self, run: TargetRun, rng: random.Random, deadline: float) -> FaultReport:
-        begun = self.begin(run, rng)
-        with _netem_on_port(run.port, self.netem_args()) as stats:
-            tb.add_storm(begun.report, self._storm().run(run, begun.seed, deadline))
+    def run_on(self, server: ServerControl, rng: random.Random, deadline: float) -> FaultReport:
+        begun = self.begin(server, rng)
+        with _netem_on_port(server.port, self.netem_args()) as stats:
+            ss.add_storm(begun.report, self._storm().run(server, begun.seed, deadline))
             for key, value in stats().items():
                 begun.report.count(key, value)
         return begun.finish()
+
+
+def _root_qdisc() -> list[str]:
+    """The words of the loopback's root qdisc line (``qdisc KIND HANDLE root ...``), or []."""
+    for line in _tc("qdisc", "show", "dev", "lo").stdout.splitlines():
+        words = line.split()
+        if len(words) > 3 and words[0] == "qdisc" and "root" in words:
+            return words
+    return []
 
 
 @contextmanager
@@ -146,9 +157,21 @@ def _netem_on_port(port: int, netem: list[str]) -> Iterator[Callable[[], dict[st
     LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
     with LOCK_PATH.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        _tc("qdisc", "del", "dev", "lo", "root", check=False)  # a crashed run's leftover
+        root = _root_qdisc()
+        # The kernel's own root qdisc (noqueue on lo) has handle 0:; any other was added by
+        # someone, and replacing it would change their traffic shaping.
+        if root and root[2] != "0:":
+            raise ScenarioError(
+                f"the loopback already has a root queueing discipline ({' '.join(root[:4])}); "
+                "netem would have to replace it",
+                where="fault netem",
+                hint="remove it if nothing needs it (tc qdisc del dev lo root), e.g. one an "
+                "interrupted netem run left behind (qdisc prio 1: root)",
+            )
+        created = False
         try:
-            _tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "prio", "bands", "4")
+            _tc("qdisc", "add", "dev", "lo", "root", "handle", ROOT_HANDLE, "prio", "bands", "4")
+            created = True
             _tc("qdisc", "add", "dev", "lo", "parent", NETEM_BAND, "handle", "40:", "netem", *netem)
             # Resets skip netem: TCP never retransmits a RST, so a lost one would leave the
             # server a half-open connection that only a timeout ends, and fd-leak would blame
@@ -166,7 +189,10 @@ def _netem_on_port(port: int, netem: list[str]) -> Iterator[Callable[[], dict[st
                 )  # fmt: skip
             yield _stats
         finally:
-            _tc("qdisc", "del", "dev", "lo", "root", check=False)
+            if created:
+                # With its handle named, the kernel deletes the root qdisc only if it is
+                # still this one (EINVAL otherwise): never someone else's.
+                _tc("qdisc", "del", "dev", "lo", "root", "handle", ROOT_HANDLE, check=False)
 
 
 def _stats() -> dict[str, int]:

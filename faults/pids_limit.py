@@ -17,20 +17,20 @@ analogue) counts every process of the user and does not bind root: this fault ne
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from afterclose.faults import target_base as tb
+from afterclose.faults import _server_side as ss
 from afterclose.faults.base import FaultReport, param
+from afterclose.harness import procfs
 
 if TYPE_CHECKING:
-    from afterclose.harness.session import TargetRun
+    from afterclose.harness.control import ServerControl
 
 
 @dataclass(frozen=True)
-class PidsLimit(tb.StormFault):
+class PidsLimit(ss.StormFault):
     """Cap the container's tasks at those it runs now + ``spare_pids``, then storm it."""
 
     name: ClassVar[str] = "pids_limit"
@@ -41,25 +41,24 @@ class PidsLimit(tb.StormFault):
     )
 
     spare_pids: int = param(4, lo=0, hi=100_000, doc="tasks it may start beyond its current ones")
-    storm_s: float = tb.storm_s_param(1.0, "storm under the limit (0: none)")
-    rate_per_s: float = tb.rate_param(300.0)
-    concurrency: int = tb.concurrency_param(32)
+    storm_s: float = ss.storm_s_param(1.0, "storm under the limit (0: none)")
+    rate_per_s: float = ss.rate_param(300.0)
+    concurrency: int = ss.concurrency_param(32)
 
     def headline(self, at: float) -> str:
         return f"pids.max = tasks now + {self.spare_pids}; storm {self.storm_s:g}s"
 
-    def run(self, run: TargetRun, rng: random.Random, deadline: float) -> FaultReport:
-        begun = self.begin(run, rng)
+    def run_on(self, server: ServerControl, rng: random.Random, deadline: float) -> FaultReport:
+        begun = self.begin(server, rng)
         report = begun.report
-        pids = self.live_pids(run)
-        current = tb.cgroup_value(pids[0], "pids", "pids.current", "pids.current")
-        tasks = int(current) if current and current.isdigit() else _tasks(pids)
+        pids = server.live_pids()
+        current = procfs.cgroup_number(pids[0], "pids", "pids.current", "pids.current")
+        tasks = current if current is not None else procfs.task_count(pids)
         limit = tasks + self.spare_pids
-        tb.update_container(run, self.name, PidsLimit=limit)
-        shown = tb.cgroup_value(pids[0], "pids", "pids.max", "pids.max")
+        server.update_cgroup(PidsLimit=limit)
+        shown = procfs.cgroup_value(pids[0], "pids", "pids.max", "pids.max")
         if shown != str(limit):
-            raise self.error(
-                run,
+            raise server.error(
                 f"set the pids limit to {limit}, but the container's cgroup says "
                 f"pids.max = {shown}",
                 hint="is the pids cgroup controller enabled for containers on this host?",
@@ -67,23 +66,13 @@ class PidsLimit(tb.StormFault):
         report.count("tasks_before", tasks)
         report.count("pids_max", limit)
         refused_before = _refused(pids[0])
-        tb.add_storm(report, self._storm().run(run, begun.seed, deadline))
+        ss.add_storm(report, self._storm().run(server, begun.seed, deadline))
         report.count("forks_refused", _refused(pids[0]) - refused_before)
-        after = tb.cgroup_value(pids[0], "pids", "pids.current", "pids.current")
-        if after and after.isdigit():
-            report.count("tasks_after", int(after))
+        after = procfs.cgroup_number(pids[0], "pids", "pids.current", "pids.current")
+        if after is not None:
+            report.count("tasks_after", after)
         return begun.finish()
 
 
-def _tasks(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            total += len(os.listdir(f"/proc/{pid}/task"))
-        except OSError:
-            continue
-    return total
-
-
 def _refused(pid: int) -> int:
-    return tb.cgroup_key(pid, "pids", "pids.events", "pids.events", "max") or 0
+    return procfs.cgroup_key(pid, "pids", "pids.events", "pids.events", "max") or 0

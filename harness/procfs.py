@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,3 +175,149 @@ def _loopback(addr_hex: str) -> bool:
             return True
         return addr_hex[:24] == "0" * 16 + "FFFF0000" and addr_hex[30:32] == "7F"
     return False
+
+
+# --------------------------------------------------------------------------- what faults read
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _read(path: Path | str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _stat_after_comm(pid: int) -> list[str] | None:
+    """``/proc/PID/stat`` from field 3 (state) on; None if the process is gone.  The command
+    name (field 2) may hold spaces and parentheses: split after its last ``)``."""
+    text = _read(f"/proc/{pid}/stat")
+    if not text:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU time of ``pids`` (all their threads), in seconds."""
+    ticks = 0
+    for pid in pids:
+        fields = _stat_after_comm(pid)
+        if fields is not None:
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / CLK_TCK
+
+
+def cpu_demand(pids: Iterable[int]) -> float | None:
+    """Time the threads of ``pids`` spent running *or runnable, waiting for a CPU*, in
+    seconds (``/proc/PID/task/TID/schedstat``); None if the kernel keeps no schedstats.
+
+    On a loaded machine a spinning thread gets only its share of a CPU, but it is runnable
+    all the time: its demand stays near 100% of the window however many others compete."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+            except FileNotFoundError:
+                continue  # the thread exited
+            except OSError:
+                return None
+            if len(fields) < 2:
+                return None
+            total += int(fields[0]) + int(fields[1])
+    return total / 1e9
+
+
+def open_fds(pid: int) -> list[int]:
+    """The fd numbers ``pid`` has open, sorted (empty if it is gone)."""
+    try:
+        return sorted(int(name) for name in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return []
+
+
+def task_state(pid: int) -> str:
+    """The state letter of ``pid`` (``R``, ``S``, ``T`` stopped, ...); ``X`` if it is gone."""
+    fields = _stat_after_comm(pid)
+    return fields[0] if fields else "X"
+
+
+def task_count(pids: Iterable[int]) -> int:
+    """Threads of ``pids``, all together."""
+    total = 0
+    for pid in pids:
+        try:
+            total += len(os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            continue
+    return total
+
+
+def namespace_pids(host_pids: Iterable[int]) -> dict[int, int]:
+    """PID inside its PID namespace -> host PID, for the processes where the two differ (a
+    container's); ``NSpid`` of ``/proc/PID/status`` lists the PID in each nested namespace."""
+    found: dict[int, int] = {}
+    for pid in host_pids:
+        for line in _read(f"/proc/{pid}/status").splitlines():
+            if line.startswith("NSpid:"):
+                ids = [int(x) for x in line.split()[1:]]
+                if len(ids) > 1 and ids[-1] != pid:
+                    found[ids[-1]] = pid
+    return found
+
+
+def cgroup_dir(pid: int, controller: str) -> tuple[Path, int] | None:
+    """The folder of ``pid``'s cgroup holding ``controller``'s files, and the cgroup version
+    (1: a v1 hierarchy of that controller; 2: the unified hierarchy)."""
+    lines = _read(f"/proc/{pid}/cgroup").splitlines()
+    if not lines:
+        return None
+    unified: str | None = None
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, rel = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            unified = rel
+        elif controller in controllers.split(","):
+            folder = CGROUP_ROOT / controllers / rel.lstrip("/")
+            if folder.is_dir():
+                return folder, 1
+    if unified is not None:
+        for base in (CGROUP_ROOT, CGROUP_ROOT / "unified"):
+            folder = base / unified.lstrip("/")
+            # cgroup.controllers: the controllers the parent enabled for this cgroup.
+            if controller in _read(folder / "cgroup.controllers").split():
+                return folder, 2
+    return None
+
+
+def cgroup_value(pid: int, controller: str, v1_name: str, v2_name: str) -> str | None:
+    """One cgroup file of ``pid`` (``v1_name`` or ``v2_name`` by version), stripped."""
+    found = cgroup_dir(pid, controller)
+    if found is None:
+        return None
+    folder, version = found
+    text = _read(folder / (v1_name if version == 1 else v2_name))
+    return text.strip() or None
+
+
+def cgroup_number(pid: int, controller: str, v1_name: str, v2_name: str) -> int | None:
+    """A cgroup file of ``pid`` that holds one number (``pids.current``, ``memory.max``)."""
+    text = cgroup_value(pid, controller, v1_name, v2_name)
+    return int(text) if text and text.isdigit() else None
+
+
+def cgroup_key(pid: int, controller: str, v1_name: str, v2_name: str, key: str) -> int | None:
+    """A ``key value`` line of a flat-keyed cgroup file (``pids.events``, ``memory.events``)."""
+    text = cgroup_value(pid, controller, v1_name, v2_name)
+    for line in (text or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return None

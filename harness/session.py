@@ -18,14 +18,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from afterclose.harness import launch, ports, procfs, tracers
-from afterclose.harness.errors import AftercloseError
+from afterclose.harness.errors import AftercloseError, TargetStartError
 from afterclose.harness.manifest import Manifest, load_manifest, resolve_target
 from afterclose.harness.oracle import blackbox
 from afterclose.harness.oracle.verdict import Violation
-from afterclose.harness.runners.base import Runner, RunningTarget
+from afterclose.harness.runners.base import ExitStatus, Runner, RunningTarget
 
 if TYPE_CHECKING:
     from afterclose.faults.base import Endpoint, FaultReport
+    from afterclose.harness.control import ServerControl
     from afterclose.harness.scenario import Scenario, ScenarioReport
 
 RUNNERS = ("process", "docker")
@@ -160,6 +161,7 @@ class TargetRun:
         self.scenarios: list[ScenarioReport] = []
         self.replay_nodeid: str | None = None  # set by scenario-file tests (replay by node id)
         self._finished: Outcome | None = None
+        self._restarts = 0
         self._stack = contextlib.ExitStack()
         manifest = harness.manifest
         try:
@@ -223,15 +225,49 @@ class TargetRun:
 
         where = f"{self.test_name}: fault {name!r}"
         deadline = time.monotonic() + FAULT_BUDGET_S
-        if faults.kind(name, where) == "target":  # acts on the running target itself
-            report = faults.create_target(name, params, where).run(self, self.rng, deadline)
-        else:
-            fault = faults.create(name, params, where=where)
-            endpoint = self.endpoint()
-            report = fault.run(endpoint, self.rng, deadline)
+        fault = faults.get_any(name, where).from_params(params, where)
+        report = fault.run_on(self.control(name), self.rng, deadline)
         self.reports.append(report)
         self.schedule.extend(f"{name}: {line}" for line in report.schedule)
         return report
+
+    def control(self, fault: str) -> ServerControl:
+        """The handle a fault acts on the server through (``fault``: its name, for errors)."""
+        from afterclose.harness.control import ServerControl
+
+        return ServerControl(self, fault)
+
+    def restart(self, why: str, namespace_pids: Mapping[int, int]) -> ExitStatus | None:
+        """Stop what is left of the server, keep its output as ``target.stdout.killed-N``,
+        and start the same plan again; the new server replaces it (:meth:`replace_target`).
+
+        ``namespace_pids``: PID in its namespace -> host PID of the old server's processes,
+        read before they died.  A container's processes get the same namespace PIDs again
+        (PID 1): read as they are, the new one's trace files would look like an exec of the
+        old PID 1, so the dead ones' files are relabelled with their host PIDs first."""
+        old = self.target
+        status = old.stop()
+        self._restarts += 1
+        for path in (old.plan.stdout_path, old.plan.stderr_path):
+            with contextlib.suppress(OSError):
+                path.rename(path.with_name(f"{path.name}.killed-{self._restarts}"))
+        trace_dir = self.tracer.trace_dir
+        if trace_dir is not None and namespace_pids:
+            from afterclose.harness.trace import shim
+
+            for inner, host in namespace_pids.items():
+                shim.relabel_pid(trace_dir, inner, host)
+        try:
+            new = self.harness.runner.start(old.plan)
+        except AftercloseError as exc:
+            raise TargetStartError(
+                f"target {self.manifest.name!r} did not come back after {why}: {exc.message}",
+                where=exc.where,
+                details=exc.details,
+                hint=exc.hint,
+            ) from None
+        self.replace_target(new)
+        return status
 
     def replace_target(self, target: RunningTarget) -> None:
         """Adopt ``target``, the same plan started again (the ``kill`` fault): it is stopped
@@ -251,7 +287,7 @@ class TargetRun:
 
     def finish(self) -> Outcome:
         """Judge the run: black-box rules, then the trace; stops the target."""
-        from afterclose.faults import target_base
+        from afterclose.harness.oracle import observed
 
         if self._finished is not None:
             return self._finished
@@ -268,12 +304,8 @@ class TargetRun:
         checks.append(leak)
         if stranded:
             out.warnings.append(stranded)
-        # What target-side faults found (busy-loop, liveness while limited or restarted).
-        checks.extend(
-            target_base.violations(
-                (a.rule, a.detail) for report in self.reports for a in report.anomalies
-            )
-        )
+        # What target-side faults saw (CPU while idle, state after a restart).
+        checks.extend(observed.judge(obs for report in self.reports for obs in report.observations))
         cutoff = self.tracer.cutoff()
         target.stop()
         traced = self.tracer.analyse(cutoff)

@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 
 from afterclose import faults
-from afterclose.faults import target_base as tb
 from afterclose.faults.base import FaultReport
-from afterclose.harness import httpclient
+from afterclose.harness import httpclient, procfs
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.oracle import verdict
+from afterclose.harness.runners.docker import ContainerTarget
 from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -330,7 +330,7 @@ def test_kill_checks_the_state_the_manifest_promises(
 
 
 def _cgroup(run: TargetRun, controller: str, v1: str, v2: str) -> str | None:
-    return tb.cgroup_value(run.target.host_pids()[0], controller, v1, v2)
+    return procfs.cgroup_value(run.target.host_pids()[0], controller, v1, v2)
 
 
 @pytest.mark.docker
@@ -338,8 +338,8 @@ def test_pids_limit_takes_effect_and_seed_fixed_survives(docker_ok: None, tmp_pa
     with harness("seed-fixed", "docker").start(tmp_path / "run", "pids") as run:
         report = run.run_fault("pids_limit", spare_pids=2, storm_s=0.8)
         assert _cgroup(run, "pids", "pids.max", "pids.max") == str(report.counts["pids_max"])
-        container = tb.container_of(run)
-        assert container is not None
+        container = run.target
+        assert isinstance(container, ContainerTarget)
         attrs = container.api.inspect_container(container.container_id)
         assert attrs["HostConfig"]["PidsLimit"] == report.counts["pids_max"]
         outcome = run.finish()
@@ -352,12 +352,12 @@ def test_pids_limit_refuses_a_fork(docker_ok: None, tmp_path: Path) -> None:
     # The docker-echo server forks a sleeper on GET /fork: at pids.max the fork fails.
     with harness(DOCKER_ECHO, "docker").start(tmp_path / "run", "fork") as run:
         report = run.run_fault("pids_limit", spare_pids=0, storm_s=0)
-        refused = tb.cgroup_key(
+        refused = procfs.cgroup_key(
             run.target.host_pids()[0], "pids", "pids.events", "pids.events", "max"
         )
         response = httpclient.get(run.host, run.port, "/fork", timeout_s=3)
         assert response.status == 200
-        after = tb.cgroup_key(
+        after = procfs.cgroup_key(
             run.target.host_pids()[0], "pids", "pids.events", "pids.events", "max"
         )
         assert refused is not None and after is not None and after > refused
@@ -373,8 +373,8 @@ def test_memory_limit_takes_effect_and_seed_fixed_survives(docker_ok: None, tmp_
         report = run.run_fault("memory_limit", spare_mb=16, storm_s=0.8)
         limit = _cgroup(run, "memory", "memory.limit_in_bytes", "memory.max")
         assert limit == str(report.counts["memory_max_kib"] * 1024)
-        container = tb.container_of(run)
-        assert container is not None
+        container = run.target
+        assert isinstance(container, ContainerTarget)
         attrs = container.api.inspect_container(container.container_id)
         assert attrs["HostConfig"]["Memory"] == int(limit)
         assert attrs["HostConfig"]["MemorySwap"] == int(limit)  # no swap
@@ -382,6 +382,56 @@ def test_memory_limit_takes_effect_and_seed_fixed_survives(docker_ok: None, tmp_
     assert outcome.ok, rendered(outcome)
     assert report.counts["memory_peak_kib"] <= report.counts["memory_max_kib"]
     assert report.counts["responses"] > 0
+
+
+# --------------------------------------------------------------------------- netem
+
+# Run in a network namespace of its own: the loopback there starts with the kernel's default
+# qdisc, and nothing this does reaches the host's.
+NETEM_OWNERSHIP = """
+import subprocess
+from afterclose.faults import netem
+from afterclose.harness.errors import ScenarioError
+
+def root():
+    out = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True)
+    return out.stdout.split("\\n")[0]
+
+subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", "handle", "9:", "pfifo"], check=True)
+try:
+    with netem._netem_on_port(8080, ["delay", "5ms"]):
+        print("ran")
+except ScenarioError as exc:
+    print("refused:", exc.message)
+print("root:", root())
+"""
+
+
+def test_netem_leaves_a_root_qdisc_it_did_not_add() -> None:
+    import os
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("tc") or not shutil.which("unshare"):
+        pytest.skip("needs root, tc and unshare (a network namespace of its own)")
+    probe = subprocess.run(
+        ["unshare", "--net", "tc", "qdisc", "add", "dev", "lo", "root", "handle", "9:", "pfifo"],
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"this kernel cannot add a pfifo qdisc: {probe.stderr.decode().strip()}")
+    result = subprocess.run(
+        ["unshare", "--net", sys.executable, "-c", NETEM_OWNERSHIP],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("refused: the loopback already has a root queueing discipline")
+    assert "qdisc pfifo 9: root" in lines[0]
+    assert lines[1].startswith("root: qdisc pfifo 9: root"), lines
 
 
 # --------------------------------------------------------------------------- xdist

@@ -44,7 +44,7 @@ class Observation:
     who: str
     detail: str
     data: bytes = b""
-    values: Mapping[str, float] = field(default=_NO_VALUES)
+    values: Mapping[str, float] = field(default_factory=lambda: _NO_VALUES)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
