@@ -16,7 +16,8 @@ from procs import alive
 from afterclose.harness import launch, ports
 from afterclose.harness.errors import TargetStartError
 from afterclose.harness.manifest import load_manifest
-from afterclose.harness.runners.process import ProcessRunner, ProcessTarget, process_tree
+from afterclose.harness.procfs import process_tree
+from afterclose.harness.runners.process import ProcessRunner, ProcessTarget
 
 ECHO = Path(__file__).parent / "programs" / "http_echo.py"
 
