@@ -241,7 +241,7 @@ class ContainerTarget(RunningTarget):
         for pump in self._pumps:
             pump.join(max(0.0, deadline - time.monotonic()))
         for pump in self._pumps:
-            if pump.isprocfs.alive():
+            if pump.is_alive():
                 pump.close()
 
     def _remove(self) -> None:
