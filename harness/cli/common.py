@@ -37,7 +37,10 @@ def add_run_options(parser: argparse.ArgumentParser, *, target: bool) -> None:
     (``--seed`` is pytest's ``--fault-seed``)."""
     if target:
         parser.add_argument(
-            options.TARGET.cli, required=True, type=_argparse_type(options.TARGET), help="target"
+            options.TARGET.cli,
+            required=True,
+            type=_argparse_type(options.TARGET),
+            help=options.TARGET.help,
         )
     for option in options.CLI_RUN_OPTIONS:
         parser.add_argument(
@@ -45,12 +48,17 @@ def add_run_options(parser: argparse.ArgumentParser, *, target: bool) -> None:
             dest=option.dest,
             default=option.default,
             type=_argparse_type(option),
-            metavar=option.dest.upper(),
+            metavar="LEVEL" if option is options.CHAOS else "{" + ",".join(option.choices) + "}",
             help=option.help,
         )
     seed = options.FAULT_SEED
     parser.add_argument(
-        seed.cli, dest=seed.dest, default=None, type=_argparse_type(seed), help=seed.help
+        seed.cli,
+        dest=seed.dest,
+        default=None,
+        type=_argparse_type(seed),
+        metavar="N",
+        help=seed.help,
     )
 
 
