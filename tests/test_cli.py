@@ -335,3 +335,33 @@ def test_a_printed_pytest_replay_reproduces_the_schedule(tmp_path: Path) -> None
     assert again.returncode == 0, again.stdout + again.stderr
     assert "1 passed" in again.stdout
     assert digest[0] in again.stdout, again.stdout
+
+
+def test_one_function_writes_every_replay_command() -> None:
+    from afterclose.harness import replay
+    from afterclose.harness.session import Settings
+
+    s = Settings(
+        target="seed-fixed",
+        rootdir=ROOT,
+        run_id="r",
+        runner="docker",
+        tracer="auto",
+        chaos="high",
+        fault_seed=7,
+        kernel="6.1",
+    )
+    assert replay.command(s, "pytest", ["-k", "test_x"]) == (
+        "pytest --target=seed-fixed --fault-seed=7 --runner=docker --chaos=high --kernel=6.1 "
+        "-k test_x"
+    )
+    # The command line has no --kernel; the demo runs its own two targets.
+    assert replay.command(s, "run", ["reset_peer", "mix={'a': 1}"]) == (
+        "afterclose run --target=seed-fixed --seed=7 --runner=docker --chaos=high reset_peer "
+        "'mix={'\"'\"'a'\"'\"': 1}'"
+    )
+    assert replay.command(s, "demo") == "afterclose demo --seed=7 --runner=docker --chaos=high"
+    assert replay.command(s, "pytest", ["--no-builtin-suite", "f.toml"], seed=False) == (
+        "pytest --target=seed-fixed --runner=docker --chaos=high --kernel=6.1 "
+        "--no-builtin-suite f.toml"
+    )
