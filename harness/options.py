@@ -27,12 +27,13 @@ SEED_LIMIT = 2**64  # seeds are unsigned 64-bit numbers
 @dataclass(frozen=True)
 class Option(Generic[T]):
     """One option.  ``parse(value, flag)`` checks a value given as ``flag`` (the spelling the
-    user typed: ``cli_flag`` on the command line) and returns it converted."""
+    user typed: ``cli_flag`` on the command line) and returns it converted.  ``about`` may
+    name ``{choices}`` and ``{default}``: :attr:`help` fills them in."""
 
     flag: str
     ini: str
     parse: Callable[[str, str], T]
-    help: str
+    about: str
     default: T
     choices: tuple[str, ...] = ()
     cli_flag: str | None = None  # the command line's spelling, when it differs
@@ -45,6 +46,10 @@ class Option(Generic[T]):
     @property
     def cli(self) -> str:
         return self.cli_flag or self.flag
+
+    @property
+    def help(self) -> str:
+        return self.about.format(choices=", ".join(self.choices), default=self.default)
 
     def check(self, value: str, flag: str | None = None) -> T:
         return self.parse(value, flag or self.flag)
@@ -114,7 +119,7 @@ RUNNER: Option[str] = Option(
     "--runner",
     "afterclose_runner",
     choice(RUNNER_CHOICES),
-    f"where the target runs: {', '.join(RUNNER_CHOICES)} (default: process)",
+    "where the target runs: {choices} (default: {default})",
     default="process",
     choices=RUNNER_CHOICES,
 )
@@ -122,7 +127,7 @@ TRACER: Option[str] = Option(
     "--tracer",
     "afterclose_tracer",
     choice(TRACER_CHOICES),
-    f"fd-lifecycle tracer: {', '.join(TRACER_CHOICES)} (default: auto)",
+    "fd-lifecycle tracer: {choices} (default: {default})",
     default="auto",
     choices=TRACER_CHOICES,
 )
@@ -145,7 +150,7 @@ CHAOS: Option[str] = Option(
     "--chaos",
     "afterclose_chaos",
     _chaos,
-    "schedule perturbation in the target: off, on, low, medium, high or 0-10 (default: off)",
+    "schedule perturbation in the target: off, on, low, medium, high or 0-10 (default: {default})",
     default="off",
     choices=CHAOS_CHOICES,
 )
@@ -161,7 +166,7 @@ SANITIZE: Option[str] = Option(
     "--sanitize",
     "afterclose_sanitize",
     choice(SANITIZE_CHOICES),
-    f"build [compile] targets with a sanitizer: {', '.join(SANITIZE_CHOICES)} (default: none)",
+    "build [compile] targets with a sanitizer: {choices} (default: {default})",
     default="none",
     choices=SANITIZE_CHOICES,
 )

@@ -32,9 +32,9 @@ from afterclose.harness import compile as cbuild
 from afterclose.harness.errors import BuildError, TargetStartError
 from afterclose.harness.manifest import Manifest
 from afterclose.harness.runners.docker.closure import closure_files, file_digest
+from afterclose.harness.runners.docker.reaper import LABEL
 
 IMAGE_REPO_PREFIX = "afterclose/"
-LABEL = "afterclose"
 BUILD_TIMEOUT_S = 600.0
 KEEP_IMAGES = 4  # closure images kept per target (sanitizer variants, recent rebuilds)
 # Bump when the layout of generated images changes: old tags are then never reused.
