@@ -3,7 +3,7 @@
     python3 bench/chaos_effect.py [--runs 10] [--chaos high] [--cap 60] [--keep]
 
 Each run is what ``afterclose demo`` does to seed-buggy (the demo's storm from
-``harness/cli.py``, on a fresh traced target per round, judged after each round) until a rule
+``harness/cli/demo.py``, on a fresh traced target per round, judged after each round) until a rule
 is violated, once without chaos and once with ``--chaos`` at the given level.  The two runs of
 a pair share the fault seed (same client-side schedule, same shim streams) and alternate which
 goes first; pairs are interleaved, so both sides see the same machine load.
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import _common as c
 
-from afterclose.harness import cli
+from afterclose.harness.cli import demo
 from afterclose.harness.runners.base import RunningTarget
 from afterclose.harness.session import Harness, Settings, TargetRun
 from afterclose.harness.trace import reader, rules
@@ -113,7 +113,7 @@ def hunt(chaos: str, seed: int, cap_s: float, workdir: Path) -> Hunt:
         with harness.start(workdir / name, name) as run:
             watch = DeathWatch(run.target, start)
             try:
-                cli._storm(run)
+                demo.storm(run)
             finally:
                 died = watch.stop()
             outcome = run.finish()

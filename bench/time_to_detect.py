@@ -4,7 +4,7 @@
                                     [--siege-concurrency 1000] [--budget 600] [--keep]
 
 afterclose side: exactly what ``afterclose demo`` does to seed-buggy (the demo's storm, from
-``harness/cli.py``, on a fresh traced target per round, judged after each round), until a rule
+``harness/cli/demo.py``, on a fresh traced target per round, judged after each round), until a rule
 is violated.  Recorded per run: the time to the first violation of any rule (the demo's "FOUND
 after"), the rules of that round (first = first in the report: black-box rules come before
 traced ones), and the time to the first *traced* rule (one only the tracer can report); the
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import _common as c
 
-from afterclose.harness import cli
+from afterclose.harness.cli import demo
 from afterclose.harness.oracle import verdict
 from afterclose.harness.runners.base import RunningTarget
 from afterclose.harness.session import Harness, Settings, TargetRun
@@ -94,8 +94,8 @@ class DeathWatch:
 
 
 def storm(run: TargetRun, rounds: int) -> None:
-    """The demo's storm, whatever the signature of ``cli._storm`` is today."""
-    fn = cli._storm
+    """The demo's storm, whatever the signature of ``demo.storm`` is today."""
+    fn = demo.storm
     if len(inspect.signature(fn).parameters) == 1:
         fn(run)  # type: ignore[arg-type,call-arg,unused-ignore]
     else:

@@ -54,3 +54,7 @@ class ScenarioError(AftercloseError):
 
 class TraceError(AftercloseError):
     """A trace file is missing, truncated or not a trace."""
+
+
+class OptionError(AftercloseError):
+    """A command-line or ini option has a value it does not accept."""

@@ -42,6 +42,7 @@ from hypothesis.errors import Flaky
 
 from afterclose import faults
 from afterclose.faults.base import Spec
+from afterclose.harness import replay
 from afterclose.harness.scenario import Scenario, make_phase, scenario
 from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
 
@@ -413,6 +414,11 @@ def _out_path(template: str, rule: str) -> Path:
     return candidate
 
 
+def run_it(settings: Settings, path: Path) -> str:
+    """The pytest command that runs a written scenario file: it carries its own seed."""
+    return replay.command(settings, "pytest", ["--no-builtin-suite", str(path)], seed=False)
+
+
 def explore(harness: Harness, options: ExploreOptions, log: Log = print) -> ExploreResult:
     """Search for a violation; write the shrunk scenario to ``options.out`` if one is found."""
     names = list(options.faults) or default_faults()
@@ -451,10 +457,10 @@ def explore(harness: Harness, options: ExploreOptions, log: Log = print) -> Expl
     )
     header = "\n".join(
         [
-            f"Found by `afterclose explore --target={harness.settings.target} --seed={seed}`"
+            f"Found by `{replay.command(harness.settings, 'explore')}`"
             " and shrunk (Hypothesis, then simplified).",
             f"Violated: {', '.join(found.rules)}; {verified}.",
-            f"Run it: pytest --target={harness.settings.target} --no-builtin-suite {path}",
+            f"Run it: {run_it(harness.settings, path)}",
         ]
     )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -495,5 +501,5 @@ def command(args: argparse.Namespace, settings_: Settings) -> int:
     print(result.found.run.failure_message(result.found.outcome))
     print(f"\nwrote {result.path}:\n")
     print(result.path.read_text(encoding="utf-8"))
-    print(f"run it: pytest --target={settings_.target} --no-builtin-suite {result.path}")
+    print(f"run it: {run_it(settings_, result.path)}")
     return 1

@@ -1,129 +1,188 @@
-"""Validators for the command-line and ini options; each raises ``pytest.UsageError``."""
+"""Every option of the harness, declared once: flag, ini name, choices, default and help.
+
+The pytest plugin, the command line (``afterclose run|explore|demo``), ``Settings`` and the
+replay commands all read this table, so a choice or a default is changed in one place.  Each
+option's ``parse`` checks a value and raises :class:`~afterclose.harness.errors.OptionError`;
+the plugin turns that into ``pytest.UsageError``, the command line into argparse's error.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
-import pytest
+from afterclose.harness.errors import OptionError
+
+T = TypeVar("T", covariant=True)
 
 RUNNER_CHOICES = ("process", "docker")
 TRACER_CHOICES = ("auto", "preload", "ebpf", "off")
 SANITIZE_CHOICES = ("none", "address", "undefined")
 CHAOS_LEVELS = ("off", "on", "low", "medium", "high")
+CHAOS_CHOICES = (*CHAOS_LEVELS, *map(str, range(11)))
+SEED_LIMIT = 2**64  # seeds are unsigned 64-bit numbers
 
 
-def _choice(option: str, choices: tuple[str, ...]) -> Callable[[str], str]:
-    def check(value: str) -> str:
+@dataclass(frozen=True)
+class Option(Generic[T]):
+    """One option.  ``parse(value, flag)`` checks a value given as ``flag`` (the spelling the
+    user typed: ``cli_flag`` on the command line) and returns it converted.  ``about`` may
+    name ``{choices}`` and ``{default}``: :attr:`help` fills them in."""
+
+    flag: str
+    ini: str
+    parse: Callable[[str, str], T]
+    about: str
+    default: T
+    choices: tuple[str, ...] = ()
+    cli_flag: str | None = None  # the command line's spelling, when it differs
+
+    @property
+    def dest(self) -> str:
+        """The attribute name argparse and pytest give the value."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def cli(self) -> str:
+        return self.cli_flag or self.flag
+
+    @property
+    def help(self) -> str:
+        return self.about.format(choices=", ".join(self.choices), default=self.default)
+
+    def check(self, value: str, flag: str | None = None) -> T:
+        return self.parse(value, flag or self.flag)
+
+
+def choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(value: str, flag: str) -> str:
         if value not in choices:
-            raise pytest.UsageError(
-                f"{option}={value!r} is not valid; choose one of: {', '.join(choices)}"
-            )
+            raise OptionError(f"{flag}={value!r} is not valid; choose one of: {', '.join(choices)}")
         return value
 
-    check.__name__ = option.lstrip("-")
-    return check
+    return parse
 
 
-runner = _choice("--runner", RUNNER_CHOICES)
-tracer = _choice("--tracer", TRACER_CHOICES)
-sanitize = _choice("--sanitize", SANITIZE_CHOICES)
+def _not_empty(what: str) -> Callable[[str, str], str | None]:
+    def parse(value: str, flag: str) -> str | None:
+        if not value.strip():
+            raise OptionError(f"{flag} is empty; give {what}")
+        return value.strip()
+
+    return parse
 
 
-def target(value: str) -> str:
-    if not value.strip():
-        raise pytest.UsageError("--target is empty; give a target name or a manifest path")
-    return value.strip()
-
-
-def chaos(value: str) -> str:
-    if value in CHAOS_LEVELS or (value.isdigit() and 0 <= int(value) <= 10):
+def _chaos(value: str, flag: str) -> str:
+    if value in CHAOS_CHOICES:
         return value
-    raise pytest.UsageError(
-        f"--chaos={value!r} is not valid; use off, on, low, medium, high or a level 0-10"
+    raise OptionError(
+        f"{flag}={value!r} is not valid; use off, on, low, medium, high or a level 0-10"
     )
 
 
-def fault_seed(value: str) -> int:
+def seed(value: str, flag: str = "--fault-seed") -> int | None:
+    """A fault seed: a whole number from 0 to 2**64-1 (decimal, or 0x... hex)."""
     try:
-        seed = int(value, 0)
+        number = int(value, 0)
     except ValueError:
-        raise pytest.UsageError(
-            f"--fault-seed={value!r} is not a whole number (the seed a failure report printed)"
+        raise OptionError(
+            f"{flag}={value!r} is not a whole number (the seed a failure report printed)"
         ) from None
-    if not 0 <= seed < 2**64:
-        raise pytest.UsageError(f"--fault-seed={value!r} must be between 0 and 2**64-1")
-    return seed
+    if not 0 <= number < SEED_LIMIT:
+        raise OptionError(f"{flag}={value!r} must be between 0 and 2**64-1")
+    return number
 
 
-def kernel(value: str) -> str:
-    if not value.strip():
-        raise pytest.UsageError("--kernel is empty; give a version such as 6.12, or a path")
-    return value.strip()
-
-
-def kernel_timeout(value: str) -> float:
+def _kernel_timeout(value: str, flag: str) -> float | None:
     try:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
     if not 10 <= seconds <= 86_400:
-        raise pytest.UsageError(
-            f"--kernel-timeout={value!r} is not valid; give seconds between 10 and 86400 "
+        raise OptionError(
+            f"{flag}={value!r} is not valid; give seconds between 10 and 86400 "
             "(the time limit of one kernel's whole guest run)"
         )
     return seconds
 
 
-# (option name, ini name, validator, help)
-OPTIONS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
-    (
-        "--target",
-        "afterclose_target",
-        target,
-        "target to test: a name (targets/NAME.toml, targets/NAME/target.toml, or built-in) "
-        "or a path to a manifest",
-    ),
-    (
-        "--runner",
-        "afterclose_runner",
-        runner,
-        f"where the target runs: {', '.join(RUNNER_CHOICES)} (default: process)",
-    ),
-    (
-        "--tracer",
-        "afterclose_tracer",
-        tracer,
-        f"fd-lifecycle tracer: {', '.join(TRACER_CHOICES)} (default: auto)",
-    ),
-    (
-        "--kernel",
-        "afterclose_kernel",
-        kernel,
-        "run the tests inside qemu guests booted on other Linux kernels: versions (6.1,6.12),"
-        " Debian package names, .deb files or kernel image paths, comma-separated",
-    ),
-    (
-        "--kernel-timeout",
-        "afterclose_kernel_timeout",
-        kernel_timeout,
-        "time limit in seconds of one kernel's guest run (default: 600 + 120 per test)",
-    ),
-    (
-        "--chaos",
-        "afterclose_chaos",
-        chaos,
-        "schedule perturbation in the target: off, on, low, medium, high or 0-10 (default: off)",
-    ),
-    (
-        "--fault-seed",
-        "afterclose_fault_seed",
-        fault_seed,
-        "seed of the client-side fault schedule (default: random, printed in the header)",
-    ),
-    (
-        "--sanitize",
-        "afterclose_sanitize",
-        sanitize,
-        f"build [compile] targets with a sanitizer: {', '.join(SANITIZE_CHOICES)}",
-    ),
+TARGET: Option[str | None] = Option(
+    "--target",
+    "afterclose_target",
+    _not_empty("a target name or a manifest path"),
+    "target to test: a name (targets/NAME.toml, targets/NAME/target.toml, or built-in) "
+    "or a path to a manifest",
+    default=None,
 )
+RUNNER: Option[str] = Option(
+    "--runner",
+    "afterclose_runner",
+    choice(RUNNER_CHOICES),
+    "where the target runs: {choices} (default: {default})",
+    default="process",
+    choices=RUNNER_CHOICES,
+)
+TRACER: Option[str] = Option(
+    "--tracer",
+    "afterclose_tracer",
+    choice(TRACER_CHOICES),
+    "fd-lifecycle tracer: {choices} (default: {default})",
+    default="auto",
+    choices=TRACER_CHOICES,
+)
+KERNEL: Option[str | None] = Option(
+    "--kernel",
+    "afterclose_kernel",
+    _not_empty("a version such as 6.12, or a path"),
+    "run the tests inside qemu guests booted on other Linux kernels: versions (6.1,6.12),"
+    " Debian package names, .deb files or kernel image paths, comma-separated",
+    default=None,
+)
+KERNEL_TIMEOUT: Option[float | None] = Option(
+    "--kernel-timeout",
+    "afterclose_kernel_timeout",
+    _kernel_timeout,
+    "time limit in seconds of one kernel's guest run (default: 600 + 120 per test)",
+    default=None,
+)
+CHAOS: Option[str] = Option(
+    "--chaos",
+    "afterclose_chaos",
+    _chaos,
+    "schedule perturbation in the target: off, on, low, medium, high or 0-10 (default: {default})",
+    default="off",
+    choices=CHAOS_CHOICES,
+)
+FAULT_SEED: Option[int | None] = Option(
+    "--fault-seed",
+    "afterclose_fault_seed",
+    seed,
+    "seed of the client-side fault schedule (default: random, printed in the header)",
+    default=None,
+    cli_flag="--seed",
+)
+SANITIZE: Option[str] = Option(
+    "--sanitize",
+    "afterclose_sanitize",
+    choice(SANITIZE_CHOICES),
+    "build [compile] targets with a sanitizer: {choices} (default: {default})",
+    default="none",
+    choices=SANITIZE_CHOICES,
+)
+
+# In the order pytest --help lists them.
+OPTIONS: tuple[Option[object], ...] = (
+    TARGET,
+    RUNNER,
+    TRACER,
+    KERNEL,
+    KERNEL_TIMEOUT,
+    CHAOS,
+    FAULT_SEED,
+    SANITIZE,
+)
+# What a run of a target depends on besides the target, in the order replay commands name
+# them (after --target and the seed); the command line has all but --kernel.
+RUN_OPTIONS: tuple[Option[object], ...] = (RUNNER, TRACER, SANITIZE, CHAOS, KERNEL)
+CLI_RUN_OPTIONS: tuple[Option[object], ...] = (RUNNER, TRACER, SANITIZE, CHAOS)

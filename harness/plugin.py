@@ -5,14 +5,15 @@ from __future__ import annotations
 import importlib
 import os
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pytest
 
 from afterclose.harness import options
+from afterclose.harness.errors import AftercloseError, OptionError
 
 if TYPE_CHECKING:
     from afterclose.harness.kernel.matrix import KernelMatrix
@@ -23,13 +24,14 @@ SUITE_NODEID = "afterclose/scenarios.py"
 HARNESS_KEY = pytest.StashKey["Harness | None"]()
 RUN_KEY = pytest.StashKey["TargetRun"]()
 MATRIX_KEY = pytest.StashKey["KernelMatrix"]()
+T = TypeVar("T")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("afterclose", "afterclose: fd-lifecycle testing of servers")
-    for flag, ini, check, help_text in options.OPTIONS:
-        group.addoption(flag, type=check, default=None, help=help_text)
-        parser.addini(ini, f"default for {flag}: {help_text}", default=None)
+    for option in options.OPTIONS:
+        group.addoption(option.flag, type=_checker(option), default=None, help=option.help)
+        parser.addini(option.ini, f"default for {option.flag}: {option.help}", default=None)
     group.addoption(
         "--no-builtin-suite",
         action="store_true",
@@ -39,15 +41,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def _setting(config: pytest.Config, flag: str) -> object:
-    for name, ini, check, _ in options.OPTIONS:
-        if name == flag:
-            value = config.getoption(name.lstrip("-").replace("-", "_"))
-            if value is None:
-                raw = config.getini(ini)
-                value = check(str(raw)) if raw not in (None, "", []) else None
-            return value
-    raise KeyError(flag)
+def _checker(option: options.Option[T]) -> Callable[[str], T]:
+    def check(value: str) -> T:
+        try:
+            return option.check(value)
+        except OptionError as exc:
+            raise pytest.UsageError(exc.message) from None
+
+    check.__name__ = option.dest
+    return check
+
+
+def _setting(config: pytest.Config, option: options.Option[T]) -> T:
+    """The option's value: the command line's, else the ini file's, else its default."""
+    value = config.getoption(option.dest)
+    if value is None:
+        raw = config.getini(option.ini)
+        if raw in (None, "", []):
+            return option.default
+        return _checker(option)(str(raw))
+    return cast(T, value)
 
 
 def _suite_path() -> Path:
@@ -65,9 +78,9 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     harness = _make_harness(config)
     config.stash[HARNESS_KEY] = harness
-    kernel = _setting(config, "--kernel")
+    kernel = _setting(config, options.KERNEL)
     if kernel is not None:
-        config.stash[MATRIX_KEY] = _make_matrix(config, str(kernel), harness)
+        config.stash[MATRIX_KEY] = _make_matrix(config, kernel, harness)
     if harness is None:
         return
     # Paths on the command line mean "run these": the suite joins only a plain `pytest
@@ -80,16 +93,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _make_harness(config: pytest.Config) -> Harness | None:
-    target = _setting(config, "--target")
+    target = _setting(config, options.TARGET)
     if target is None:
         return None
-    from afterclose.harness.errors import AftercloseError
     from afterclose.harness.kernel.guest import GUEST_KERNEL_ENV
     from afterclose.harness.session import Harness, Settings
 
-    # Chaos is done by the shim; with --tracer=off the shim is preloaded just to perturb.
-    chaos = _setting(config, "--chaos") or "off"
-    seed = _setting(config, "--fault-seed")
+    seed = _setting(config, options.FAULT_SEED)
     workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
     if seed is None:
         # Under xdist every worker must draw the same seed: the controller's run id is shared.
@@ -97,16 +107,17 @@ def _make_harness(config: pytest.Config) -> Harness | None:
         seed = int(base[:8], 16)
     run_id = workerinput["testrunuid"] if workerinput else uuid.uuid4().hex
     settings = Settings(
-        target=str(target),
+        target=target,
         rootdir=Path(config.rootpath),
         run_id=run_id,
-        runner=str(_setting(config, "--runner") or "process"),
-        tracer=str(_setting(config, "--tracer") or "auto"),
+        runner=_setting(config, options.RUNNER),
+        tracer=_setting(config, options.TRACER),
         # Inside a kernel-matrix guest: replay commands name the guest's kernel.
-        kernel=_setting(config, "--kernel") or os.environ.get(GUEST_KERNEL_ENV),  # type: ignore[arg-type]
-        fault_seed=int(str(seed)),
-        sanitize=str(_setting(config, "--sanitize") or "none"),
-        chaos=str(chaos),
+        kernel=_setting(config, options.KERNEL) or os.environ.get(GUEST_KERNEL_ENV),
+        fault_seed=seed,
+        sanitize=_setting(config, options.SANITIZE),
+        # Chaos is done by the shim; with --tracer=off the shim is preloaded just to perturb.
+        chaos=_setting(config, options.CHAOS),
     )
     harness = Harness(settings)
     try:
@@ -118,7 +129,6 @@ def _make_harness(config: pytest.Config) -> Harness | None:
 
 
 def _make_matrix(config: pytest.Config, spec: str, harness: Harness | None) -> KernelMatrix:
-    from afterclose.harness.errors import AftercloseError
     from afterclose.harness.kernel.matrix import KernelMatrix, inner_args
 
     if harness is not None and harness.settings.runner != "process":
@@ -126,7 +136,7 @@ def _make_matrix(config: pytest.Config, spec: str, harness: Harness | None) -> K
             f"--kernel={spec} with --runner={harness.settings.runner}: inside a kernel guest "
             "targets run as processes\nHint: drop --runner, or drop --kernel"
         )
-    timeout = _setting(config, "--kernel-timeout")
+    timeout = _setting(config, options.KERNEL_TIMEOUT)
     try:
         return KernelMatrix.from_spec(
             spec,
@@ -136,7 +146,7 @@ def _make_matrix(config: pytest.Config, spec: str, harness: Harness | None) -> K
                 fault_seed=harness.settings.fault_seed if harness else None,
             ),
             cwd=config.invocation_params.dir,
-            timeout_s=float(str(timeout)) if timeout is not None else None,
+            timeout_s=timeout,
         )
     except AftercloseError as exc:
         raise pytest.UsageError(exc.render()) from None
@@ -147,7 +157,6 @@ def prepare_for_guest(config: pytest.Config) -> None:
     harness = config.stash.get(HARNESS_KEY, None)
     if harness is None:
         return
-    from afterclose.harness.errors import AftercloseError
 
     try:
         harness.prebuild()
@@ -213,7 +222,6 @@ def afterclose_harness(request: pytest.FixtureRequest) -> Harness:
     harness = request.config.stash.get(HARNESS_KEY, None)
     if harness is None:
         pytest.skip("no target: run with --target=NAME or --target=path/to/target.toml")
-    from afterclose.harness.errors import AftercloseError
 
     try:
         harness.artefact  # noqa: B018 - build once per session, report errors cleanly
@@ -227,7 +235,6 @@ def target(
     request: pytest.FixtureRequest, afterclose_harness: Harness, tmp_path: Path
 ) -> Iterator[TargetRun]:
     """A started target for this test; judged by the oracle after the test body."""
-    from afterclose.harness.errors import AftercloseError
 
     try:
         extra_env: dict[str, str] = {}

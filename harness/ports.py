@@ -25,16 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from afterclose.harness import procfs
+
 LOCK_DIR = Path(tempfile.gettempdir()) / "afterclose-ports"
 DEFAULT_RANGE = (20000, 32000)
 
 
 def ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
+    return procfs.ephemeral_port_range() or (32768, 60999)
 
 
 def _candidate_range() -> tuple[int, int]:

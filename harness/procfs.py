@@ -1,8 +1,11 @@
-"""What the kernel says about a target's sockets: ``/proc/PID/fd`` and the TCP tables."""
+"""What the kernel says about a target's processes and sockets: every ``/proc`` file the
+harness reads (``stat``, ``status``, ``cgroup``, ``fd``, ``fdinfo``, the TCP tables) is
+parsed here and nowhere else."""
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -22,6 +25,222 @@ TCP_STATES = {
     10: "LISTEN",
     11: "CLOSING",
 }
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# One epoll registration in /proc/PID/fdinfo/<epfd>: "tfd: N events: E data: D ..."
+_TFD_RE = re.compile(
+    r"^tfd:\s*(\d+)\s+events:\s*([0-9a-fA-F]+)\s+data:\s*([0-9a-fA-F]+).*?\bino:([0-9a-fA-F]+)"
+)
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+def read(path: str | Path) -> str | None:
+    """A /proc (or /sys) file's text; None when it is gone (the process exited)."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _split_stat(text: str) -> list[str]:
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """``/proc/PID/stat`` from field 3 (state) on: [0] state, [1] ppid, [2] pgid,
+    [19] start time in clock ticks after boot; None if the process is gone."""
+    text = read(f"/proc/{pid}/stat")
+    return _split_stat(text) if text is not None else None
+
+
+def parent_pid(pid: int) -> int | None:
+    fields = stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
+def start_time(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks after boot): with the pid, names one process even
+    after its number is reused."""
+    fields = stat_fields(pid)
+    return fields[19] if fields else None
+
+
+def alive(pid: int, started: str | None = None) -> bool:
+    """``pid`` runs (not a zombie) and, if given, is the process that started at ``started``
+    (see :func:`start_time`), not a later one that reused its number."""
+    fields = stat_fields(pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return False
+    return started is None or fields[19] == started
+
+
+def exists(pid: int) -> bool:
+    """``pid`` has a /proc entry (a zombie too)."""
+    return Path(f"/proc/{pid}").exists()
+
+
+def exe(pid: int) -> str:
+    """The program ``pid`` runs; "" if it is gone or not ours to look at."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace, as ``pid:[inode]``."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "unknown"
+
+
+def boot_id() -> str:
+    """Changes at every boot: a process recorded under another boot id is gone."""
+    return (read("/proc/sys/kernel/random/boot_id") or "unknown").strip()
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its descendants, plus anything still in its process group."""
+    children: dict[int, list[int]] = {}
+    in_group: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        text = read(entry / "stat")
+        if text is None:
+            continue
+        fields = _split_stat(text)
+        pid, ppid, pgid = int(entry.name), int(fields[1]), int(fields[2])
+        children.setdefault(ppid, []).append(pid)
+        if pgid == root and pid != root:
+            in_group.append(pid)
+    seen: list[int] = []
+    stack = [root] if exists(root) else []
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.append(pid)
+        stack.extend(children.get(pid, ()))
+    seen.extend(p for p in in_group if p not in seen)
+    return seen
+
+
+def signal_dropped_by_init(pid: int, signum: int) -> bool:
+    """Whether the kernel would discard ``signum`` sent to ``pid``, a PID namespace's init.
+
+    Init only receives signals it handles or blocks (a signalfd loop blocks them); SIGKILL is
+    forced through.  Read from the SigBlk, SigIgn and SigCgt masks of ``/proc/PID/status``."""
+    text = read(f"/proc/{pid}/status")
+    if text is None:
+        return False
+    masks: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("SigBlk", "SigIgn", "SigCgt"):
+            masks[name] = int(value.strip(), 16)
+    if len(masks) != 3:
+        return False
+    bit = 1 << (signum - 1)
+    if masks["SigIgn"] & bit:
+        return True
+    return not (masks["SigBlk"] & bit or masks["SigCgt"] & bit)
+
+
+def in_cgroup(pid: int, name: str) -> bool:
+    """Whether a cgroup path of ``pid`` contains ``name`` (a container id)."""
+    return name in (read(f"/proc/{pid}/cgroup") or "")
+
+
+def cgroup_procs_file(pid: int, name: str) -> Path | None:
+    """The ``cgroup.procs`` file of ``pid``'s cgroup whose path contains ``name`` (a
+    container id): it lists every process in it, also those that are no descendants of
+    ``pid`` (``docker exec``).  cgroup v2 lines read ``0::/path``; v1 lines name their
+    controllers, mounted one folder each."""
+    text = read(f"/proc/{pid}/cgroup")
+    if text is None:
+        return None
+    for line in text.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, rel = rest.partition(":")
+        if name not in rel:
+            continue
+        rel = rel.lstrip("/")
+        if hierarchy == "0" and not controllers:
+            candidates = [CGROUP_ROOT / rel, CGROUP_ROOT / "unified" / rel]
+        else:
+            names = [c.removeprefix("name=") for c in controllers.split(",")]
+            candidates = [CGROUP_ROOT / controllers / rel, *(CGROUP_ROOT / n / rel for n in names)]
+        for candidate in candidates:
+            procs = candidate / "cgroup.procs"
+            content = read(procs)
+            if content is not None and str(pid) in content.split():
+                return procs
+    return None
+
+
+def pids_in(procs_file: Path) -> list[int]:
+    """The pids a ``cgroup.procs`` file lists (empty once the cgroup is gone)."""
+    content = read(procs_file)
+    return [int(p) for p in content.split()] if content is not None else []
+
+
+def ephemeral_port_range() -> tuple[int, int] | None:
+    """The kernel's range for ephemeral ports (net.ipv4.ip_local_port_range)."""
+    text = read("/proc/sys/net/ipv4/ip_local_port_range")
+    try:
+        low, high = (text or "").split()
+        return int(low), int(high)
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------------------ fd tables
+
+
+def fd_links(pid: int) -> dict[int, tuple[str, int]] | None:
+    """fd -> (readlink of /proc/PID/fd/N, inode) for one process; None if it is gone."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return None
+    out: dict[int, tuple[str, int]] = {}
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            link = os.readlink(fd_dir / name)
+            ino = os.stat(fd_dir / name).st_ino
+        except OSError:
+            continue  # closed while we looked
+        out[int(name)] = (link, ino)
+    return out
+
+
+def epoll_items(pid: int, epfd: int) -> list[tuple[int, int, int, int]] | None:
+    """(fd, events, data, inode) of each registration in epoll fd ``epfd`` of ``pid``, as
+    ``/proc/PID/fdinfo/EPFD`` lists them; None if it is gone."""
+    info = read(f"/proc/{pid}/fdinfo/{epfd}")
+    if info is None:
+        return None
+    items: list[tuple[int, int, int, int]] = []
+    for line in info.splitlines():
+        m = _TFD_RE.match(line)
+        if m is not None:
+            items.append(
+                (int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16), int(m.group(4), 16))
+            )
+    return items
+
+
+# ---------------------------------------------------------------------------------- sockets
 
 
 def socket_inodes(pid: int) -> dict[int, int]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import shlex
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from afterclose.harness import launch, ports, procfs, tracers
+from afterclose.harness import launch, options, ports, procfs, replay, tracers
 from afterclose.harness.errors import AftercloseError, TargetStartError
 from afterclose.harness.manifest import Manifest, load_manifest, resolve_target
 from afterclose.harness.oracle import blackbox
@@ -29,37 +28,23 @@ if TYPE_CHECKING:
     from afterclose.harness.control import ServerControl
     from afterclose.harness.scenario import Scenario, ScenarioReport
 
-RUNNERS = ("process", "docker")
-SANITIZERS = ("none", "address", "undefined")
 FAULT_BUDGET_S = 120.0
 
 
 @dataclass(frozen=True)
 class Settings:
+    """One session's options (defaults: :mod:`afterclose.harness.options`)."""
+
     target: str
     rootdir: Path
     run_id: str
-    runner: str = "process"
-    tracer: str = "auto"
-    kernel: str | None = None
-    chaos: str = "off"
+    runner: str = options.RUNNER.default
+    tracer: str = options.TRACER.default
+    kernel: str | None = options.KERNEL.default
+    chaos: str = options.CHAOS.default
     fault_seed: int = 0
-    sanitize: str = "none"
+    sanitize: str = options.SANITIZE.default
     host: str = "127.0.0.1"
-
-    def replay_args(self) -> list[str]:
-        args = [f"--target={self.target}", f"--fault-seed={self.fault_seed}"]
-        if self.runner != "process":
-            args.append(f"--runner={self.runner}")
-        if self.tracer != "auto":
-            args.append(f"--tracer={self.tracer}")
-        if self.sanitize != "none":
-            args.append(f"--sanitize={self.sanitize}")
-        if self.chaos != "off":
-            args.append(f"--chaos={self.chaos}")
-        if self.kernel:
-            args.append(f"--kernel={self.kernel}")
-        return args
 
 
 def make_runner(name: str) -> Runner:
@@ -77,7 +62,9 @@ def make_runner(name: str) -> Runner:
             ) from None
         runner: Runner = DockerRunner()
         return runner
-    raise AftercloseError(f"unknown runner {name!r}", hint=f"use one of {', '.join(RUNNERS)}")
+    raise AftercloseError(
+        f"unknown runner {name!r}", hint=f"use one of {', '.join(options.RUNNER_CHOICES)}"
+    )
 
 
 @dataclass
@@ -129,10 +116,10 @@ class Harness:
         return random.Random(f"{self.settings.fault_seed}:{test_name}").getrandbits(32)
 
     def replay_command(self, test_name: str, nodeid: str | None = None) -> str:
-        if nodeid is not None:  # a scenario file's test: select it alone, by node id
-            args = [*self.settings.replay_args(), "--no-builtin-suite", nodeid]
-            return shlex.join(["pytest", *args])
-        return shlex.join(["pytest", *self.settings.replay_args(), "-k", test_name])
+        """The pytest command that runs this test again (a scenario file's test: by node id)."""
+        if nodeid is not None:
+            return replay.command(self.settings, "pytest", ["--no-builtin-suite", nodeid])
+        return replay.command(self.settings, "pytest", ["-k", test_name])
 
     def start(
         self, workdir: Path, test_name: str, extra_env: Mapping[str, str] | None = None
@@ -317,6 +304,12 @@ class TargetRun:
         self._finished = out
         return out
 
+    def schedule_line(self) -> str:
+        """The client-side schedule in short: equal digests, equal schedules (for replays)."""
+        from afterclose.harness.scenario import schedule_digest
+
+        return f"{schedule_digest(self.schedule)}, {len(self.schedule)} connection(s) planned"
+
     def failure_message(self, outcome: Outcome, replay: str | None = None) -> str:
         harness = self.harness
         lines = [
@@ -329,6 +322,8 @@ class TargetRun:
         for report in outcome.reports:
             lines.append(f"fault {report.summary()}")
         lines.extend(f"WARNING: {w}" for w in outcome.warnings)
+        if self.schedule:
+            lines.append(f"schedule: {self.schedule_line()}")
         lines.append(f"artifacts: {self.workdir}")
         replay = replay or harness.replay_command(self.test_name, self.replay_nodeid)
         lines.append(f"replay: {replay}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,11 +14,14 @@ from pathlib import Path
 import pytest
 
 from afterclose.faults._storm_engine import StormProgress
-from afterclose.harness.cli import ProgressView
+from afterclose.harness.cli.progress import ProgressView
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGEST = re.compile(r"^scenario 'gentle' seed (\d+): .* schedule (sha256:[0-9a-f]+)$", re.M)
 REPLAY = re.compile(r"^replay: (afterclose run .*)$", re.M)
+SCHEDULE = re.compile(r"^schedule: fault seed (\d+), (sha256:[0-9a-f]+), (\d+) connection", re.M)
+PYTEST_REPLAY = re.compile(r"^   or: (pytest .*)$", re.M)
+ARTIFACTS = re.compile(r"(?:artifacts:? )(/\S+?)\)?$", re.M)
 
 GENTLE = """\
 name = "gentle"
@@ -56,6 +61,27 @@ def afterclose(*args: str, cwd: Path, timeout_s: float = 120) -> subprocess.Comp
         text=True,
         timeout=timeout_s,
     )
+
+
+def replay(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a printed replay command as printed (``afterclose`` and ``pytest`` from this venv)."""
+    argv = shlex.split(command)
+    program = {"afterclose": "afterclose.harness.cli", "pytest": "pytest"}[argv[0]]
+    return subprocess.run(
+        [sys.executable, "-m", program, *argv[1:]],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def remove_artifacts(*outputs: str) -> None:
+    """``afterclose run`` keeps each run's folder under the system's temp folder."""
+    for output in outputs:
+        for folder in ARTIFACTS.findall(output):
+            if Path(folder).name.startswith("afterclose-run-"):
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def write(folder: Path, name: str, text: str) -> Path:
@@ -138,6 +164,11 @@ def test_progress_is_one_line_a_second_when_not_a_terminal() -> None:
             ["takes no key=value parameters", "Hint: write the parameters into the file"],
         ),
         ([], ["nothing to run", "Hint: e.g. afterclose run"]),
+        # The values pytest refuses are refused here too, with the same words.
+        (["--seed=-1", "reset_peer"], ["--seed='-1' must be between 0 and 2**64-1"]),
+        (["--seed=x", "reset_peer"], ["--seed='x' is not a whole number"]),
+        (["--runner=vm", "reset_peer"], ["--runner='vm' is not valid; choose one of: process"]),
+        (["--chaos=11", "reset_peer"], ["--chaos='11' is not valid"]),
         (["reset_per"], ["unknown fault 'reset_per'", "did you mean 'reset_peer'?"]),
         (
             ["connection_storm", "processes=0"],
@@ -162,6 +193,20 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, args: list[str], expected: l
     for line in expected:
         assert line in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["demo", "run --target=x f", "explore --target=x"])
+def test_every_command_that_starts_a_target_takes_runner(command: str) -> None:
+    from afterclose.harness.cli import build_parser
+
+    args = build_parser().parse_args(command.split())
+    assert (args.runner, args.tracer, args.sanitize, args.chaos) == (
+        "process",
+        "auto",
+        "none",
+        "off",
+    )
+    assert build_parser().parse_args([*command.split(), "--runner=docker"]).runner == "docker"
 
 
 # --------------------------------------------------------------------------- runs
@@ -232,3 +277,91 @@ def test_a_scenario_file_fails_on_seed_buggy(tmp_path: Path) -> None:
         r"^replay: afterclose run --target=seed-buggy --seed=\d+ scenarios/", out, re.M
     )
     assert "scenario 'chaos' seed " in out and "schedule sha256:" in out
+
+
+# --------------------------------------------------------------------------- replays
+
+
+def test_a_printed_fault_replay_reproduces_the_run(tmp_path: Path) -> None:
+    first = afterclose(
+        "run",
+        "--target=seed-fixed",
+        "--tracer=off",
+        "reset_peer",
+        "connections=6",
+        "phase=after-request",
+        cwd=tmp_path,
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    line = REPLAY.search(first.stdout)
+    schedule = SCHEDULE.search(first.stdout)
+    assert line is not None and schedule is not None, first.stdout
+    seed = schedule[1]
+    assert line[1] == (
+        f"afterclose run --target=seed-fixed --seed={seed} --tracer=off reset_peer "
+        "connections=6 phase=after-request"
+    )
+    again = replay(line[1], tmp_path)
+    remove_artifacts(first.stdout, again.stdout)
+    assert again.returncode == 0, again.stdout + again.stderr
+    repeated = SCHEDULE.search(again.stdout)
+    assert repeated is not None and repeated.groups() == schedule.groups()
+    assert schedule[3] == "6" and "reset_peer: connections=6" in again.stdout
+
+
+def test_a_printed_pytest_replay_reproduces_the_schedule(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "small.toml",
+        """\
+        [[phase]]
+        fault = "reset_peer"
+        connections = 6
+        """,
+    )
+    first = afterclose(
+        "run", "--target=seed-fixed", "--tracer=off", "scenarios/small.toml", cwd=tmp_path
+    )
+    remove_artifacts(first.stdout)
+    assert first.returncode == 0, first.stdout + first.stderr
+    line = PYTEST_REPLAY.search(first.stdout)
+    digest = re.search(
+        r"^scenario 'small' seed (\d+): .* schedule (sha256:[0-9a-f]+)$", first.stdout, re.M
+    )
+    assert line is not None and digest is not None, first.stdout
+    assert line[1].startswith("pytest --target=seed-fixed --fault-seed=")
+    # -rP shows a passing test's output: the scenario's seed and schedule digest.
+    again = replay(f"{line[1]} -rP -p no:cacheprovider", tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 passed" in again.stdout
+    assert digest[0] in again.stdout, again.stdout
+
+
+def test_one_function_writes_every_replay_command() -> None:
+    from afterclose.harness import replay
+    from afterclose.harness.session import Settings
+
+    s = Settings(
+        target="seed-fixed",
+        rootdir=ROOT,
+        run_id="r",
+        runner="docker",
+        tracer="auto",
+        chaos="high",
+        fault_seed=7,
+        kernel="6.1",
+    )
+    assert replay.command(s, "pytest", ["-k", "test_x"]) == (
+        "pytest --target=seed-fixed --fault-seed=7 --runner=docker --chaos=high --kernel=6.1 "
+        "-k test_x"
+    )
+    # The command line has no --kernel; the demo runs its own two targets.
+    assert replay.command(s, "run", ["reset_peer", "mix={'a': 1}"]) == (
+        "afterclose run --target=seed-fixed --seed=7 --runner=docker --chaos=high reset_peer "
+        "'mix={'\"'\"'a'\"'\"': 1}'"
+    )
+    assert replay.command(s, "demo") == "afterclose demo --seed=7 --runner=docker --chaos=high"
+    assert replay.command(s, "pytest", ["--no-builtin-suite", "f.toml"], seed=False) == (
+        "pytest --target=seed-fixed --runner=docker --chaos=high --kernel=6.1 "
+        "--no-builtin-suite f.toml"
+    )

@@ -50,7 +50,7 @@ FD_QUICK: dict[str, object] = {
 @pytest.fixture(scope="module")
 def docker_ok() -> None:
     from afterclose.harness.errors import TargetStartError
-    from afterclose.harness.runners.docker import connect
+    from afterclose.harness.runners.docker.engine import connect
 
     try:
         connect(timeout=30).close()

@@ -104,7 +104,7 @@ def containers_labelled(client: Any, label: str) -> list[Any]:
 
 
 def own_label() -> str:
-    from afterclose.harness.runners.docker import process_label
+    from afterclose.harness.runners.docker.reaper import process_label
 
     return process_label()
 
@@ -305,7 +305,7 @@ def test_closure_image_is_cached_and_labelled(
 def test_dockerfile_target_builds_offline(
     docker_client: Any, runner: Any, make: PlanFactory, echo_manifest: Manifest, tmp_path: Path
 ) -> None:
-    from afterclose.harness import images
+    from afterclose.harness.runners.docker import images
 
     folder = tmp_path / "image"
     folder.mkdir()
@@ -461,13 +461,13 @@ def _dead_pid() -> int:
 
 
 def test_sweep_removes_only_our_orphans(docker_client: Any, runner: Any, make: PlanFactory) -> None:
-    from afterclose.harness.runners import docker as dockrun
+    from afterclose.harness.runners.docker import reaper
 
     tag = runner.image_for(make()).tag
     session = f"sweep-{uuid.uuid4().hex[:8]}"
-    mine = dockrun.owner_labels(session)
-    orphan = {**mine, dockrun.LABEL_PID: str(_dead_pid()), dockrun.LABEL_PID_START: ""}
-    foreign_ns = {**orphan, dockrun.LABEL_PIDNS: "pid:[1]"}
+    mine = reaper.owner_labels(session)
+    orphan = {**mine, reaper.LABEL_PID: str(_dead_pid()), reaper.LABEL_PID_START: ""}
+    foreign_ns = {**orphan, reaper.LABEL_PIDNS: "pid:[1]"}
     made = {
         "orphan": docker_client.containers.create(tag, ["/x"], labels=orphan),
         "alive": docker_client.containers.create(tag, ["/x"], labels=mine),
@@ -477,7 +477,7 @@ def test_sweep_removes_only_our_orphans(docker_client: Any, runner: Any, make: P
         ),
     }
     try:
-        dockrun.sweep_containers(session)
+        reaper.sweep_containers(session)
         left = {c.id for c in containers_labelled(docker_client, f"afterclose.session={session}")}
         assert made["orphan"].id not in left
         assert {made[k].id for k in ("alive", "foreign", "unlabelled")} <= left
@@ -632,7 +632,7 @@ def test_exit_without_stop_removes_container(docker_client: Any, tmp_path: Path)
 
 
 def test_container_of_a_sigkilled_process_is_swept(docker_client: Any, tmp_path: Path) -> None:
-    from afterclose.harness.runners.docker import sweep_containers
+    from afterclose.harness.runners.docker.reaper import sweep_containers
 
     session = f"kill9-{uuid.uuid4().hex[:12]}"
     marker = tmp_path / "started.marker"
@@ -707,7 +707,7 @@ def test_start_times(
     docker_client: Any, runner: Any, make: PlanFactory, echo_manifest: Manifest
 ) -> None:
     """First start (image build) and cached start; the numbers go into the test report."""
-    from afterclose.harness import images
+    from afterclose.harness.runners.docker import images
 
     manifest = dataclasses.replace(echo_manifest, name=f"docker-echo-time-{uuid.uuid4().hex[:6]}")
     try:

@@ -34,6 +34,7 @@ def echo_manifest(folder: Path, mode: str = "ok") -> Path:
         (["--runner=vm"], "--runner='vm' is not valid; choose one of: process, docker"),
         (["--tracer=strace"], "--tracer='strace' is not valid"),
         (["--fault-seed=abc"], "--fault-seed='abc' is not a whole number"),
+        (["--fault-seed=-1"], "--fault-seed='-1' must be between 0 and 2**64-1"),
         (["--chaos=extreme"], "--chaos='extreme' is not valid"),
         (["--sanitize=memory"], "--sanitize='memory' is not valid"),
         (["--target= "], "--target is empty"),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,10 +15,11 @@ from pathlib import Path
 import pytest
 from procs import alive
 
-from afterclose.harness import launch, ports
+from afterclose.harness import launch, ports, procfs
 from afterclose.harness.errors import TargetStartError
 from afterclose.harness.manifest import load_manifest
-from afterclose.harness.runners.process import ProcessRunner, ProcessTarget, process_tree
+from afterclose.harness.procfs import process_tree
+from afterclose.harness.runners.process import ProcessRunner, ProcessTarget
 
 ECHO = Path(__file__).parent / "programs" / "http_echo.py"
 
@@ -148,6 +151,37 @@ def test_crash_is_not_marked_as_stopped_by_harness(tmp_path: Path) -> None:
 
 def test_process_tree_of_missing_pid_is_empty() -> None:
     assert process_tree(2**22 + 12345) == []
+
+
+def test_procfs_tells_a_process_from_a_later_one_with_its_number() -> None:
+    me = os.getpid()
+    started = procfs.start_time(me)
+    assert started is not None and procfs.alive(me, started)
+    assert not procfs.alive(me, str(int(started) + 1))  # another process, same number
+    assert procfs.parent_pid(me) == os.getppid()
+    assert procfs.exe(me) == os.path.realpath(sys.executable)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert procfs.alive(child.pid) and child.pid in process_tree(me)
+    finally:
+        child.kill()
+        child.wait()
+    assert not procfs.alive(child.pid) and procfs.stat_fields(child.pid) is None
+
+
+def test_procfs_reads_fds_and_epoll_registrations() -> None:
+    with socket.socket() as sock, select.epoll() as ep:
+        ep.register(sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
+        links = procfs.fd_links(os.getpid())
+        assert links is not None
+        link, inode = links[sock.fileno()]
+        assert link == f"socket:[{inode}]"
+        assert links[ep.fileno()][0] == "anon_inode:[eventpoll]"
+        items = procfs.epoll_items(os.getpid(), ep.fileno())
+        assert items is not None
+        assert [(fd, ino) for fd, _, _, ino in items] == [(sock.fileno(), inode)]
+        assert items[0][1] & select.EPOLLIN and items[0][1] & select.EPOLLOUT
+    assert procfs.epoll_items(2**22 + 12345, 3) is None
 
 
 @pytest.mark.slow

@@ -25,10 +25,10 @@ import pytest
 
 from afterclose.harness import httpclient, procfs
 from afterclose.harness.errors import TargetStartError
-from afterclose.harness.images import HostFiles
 from afterclose.harness.launch import make_plan
 from afterclose.harness.manifest import builtin_targets_dir, load_manifest, resolve_target
-from afterclose.harness.runners.docker import plan_host_files
+from afterclose.harness.runners.docker.closure import HostFiles
+from afterclose.harness.runners.docker.runner import plan_host_files
 from afterclose.harness.session import Harness, Settings, TargetRun
 
 

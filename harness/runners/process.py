@@ -7,40 +7,11 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
+from afterclose.harness import procfs
 from afterclose.harness.errors import TargetStartError
 from afterclose.harness.orphans import die_with_parent
 from afterclose.harness.runners.base import ExitStatus, LaunchPlan, Runner, RunningTarget
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and its descendants, plus anything still in its process group."""
-    children: dict[int, list[int]] = {}
-    in_group: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        pid, ppid, pgid = int(entry.name), int(fields[1]), int(fields[2])
-        children.setdefault(ppid, []).append(pid)
-        if pgid == root and pid != root:
-            in_group.append(pid)
-    seen: list[int] = []
-    stack = [root] if Path(f"/proc/{root}").exists() else []
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.append(pid)
-        stack.extend(children.get(pid, ()))
-    seen.extend(p for p in in_group if p not in seen)
-    return seen
 
 
 class ProcessTarget(RunningTarget):
@@ -55,8 +26,8 @@ class ProcessTarget(RunningTarget):
 
     def host_pids(self) -> list[int]:
         if self.proc.poll() is not None:
-            return [p for p in process_tree(self.proc.pid) if p != self.proc.pid]
-        return process_tree(self.proc.pid)
+            return [p for p in procfs.process_tree(self.proc.pid) if p != self.proc.pid]
+        return procfs.process_tree(self.proc.pid)
 
     def _status(self, code: int, by_harness: bool) -> ExitStatus:
         if code < 0:
@@ -74,25 +45,25 @@ class ProcessTarget(RunningTarget):
 
     def stop(self) -> ExitStatus | None:
         status = self.exit_status()
-        leftovers = process_tree(self.proc.pid)
+        leftovers = procfs.process_tree(self.proc.pid)
         if status is None:
             sig = signal.Signals[self.plan.manifest.stop_signal]
             self._signal_group(sig, leftovers)
             try:
                 code = self.proc.wait(timeout=self.plan.manifest.stop_timeout_s)
             except subprocess.TimeoutExpired:
-                self._signal_group(signal.SIGKILL, process_tree(self.proc.pid))
+                self._signal_group(signal.SIGKILL, procfs.process_tree(self.proc.pid))
                 code = self.proc.wait(timeout=10)
             self._final = self._status(code, by_harness=True)
             status = self._final
         # Children that outlived the main process (or ignored the stop signal) go too.
-        rest = [p for p in process_tree(self.proc.pid) if p != self.proc.pid] or [
-            p for p in leftovers if p != self.proc.pid and Path(f"/proc/{p}").exists()
+        rest = [p for p in procfs.process_tree(self.proc.pid) if p != self.proc.pid] or [
+            p for p in leftovers if p != self.proc.pid and procfs.exists(p)
         ]
         if rest:
             self._signal_group(signal.SIGKILL, rest)
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and any(_alive(p) for p in rest):
+            while time.monotonic() < deadline and any(procfs.alive(p) for p in rest):
                 time.sleep(0.01)
         return status
 
@@ -113,14 +84,6 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except OSError:
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return state[state.rindex(")") + 2] != "Z"
 
 
 class ProcessRunner(Runner):

@@ -77,6 +77,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from afterclose.harness import procfs
 from afterclose.harness.errors import AftercloseError, TraceError
 from afterclose.harness.manifest import Manifest
 from afterclose.harness.orphans import die_with_parent
@@ -133,9 +134,6 @@ EINTR = 4
 # ERESTARTNOHAND, ERESTART_RESTARTBLOCK): the caller sees EINTR or the call runs again.
 _RESTART = {512, 513, 514, 516}
 _LOST_RE = re.compile(rb"^Lost (\d+) events")
-_TFD_RE = re.compile(
-    r"^tfd:\s*(\d+)\s+events:\s*([0-9a-fA-F]+)\s+data:\s*([0-9a-fA-F]+).*?\bino:([0-9a-fA-F]+)"
-)
 _NOISE = (b"Attaching ", b"ERROR: Unknown error -1: couldn't set RLIMIT_MEMLOCK")
 
 # Raw record: op, pid, tid, seq_in, seq_out, flags, fd, arg, data, events, ret (kernel result).
@@ -393,47 +391,20 @@ class ProcSnapshot:
 def scan_process(pid: int) -> ProcSnapshot | None:
     """Read ``/proc/PID/fd`` and each epoll fd's ``fdinfo``; None if the process is gone."""
     start = time.monotonic_ns()
-    base = Path(f"/proc/{pid}")
-    try:
-        stat = (base / "stat").read_text()
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        try:
-            exe = os.readlink(base / "exe")
-        except OSError:
-            exe = ""
-        names = os.listdir(base / "fd")
-    except (OSError, ValueError):
+    ppid = procfs.parent_pid(pid)
+    exe = procfs.exe(pid)
+    links = procfs.fd_links(pid)
+    if ppid is None or links is None:
         return None
     snap = ProcSnapshot(pid, ppid, exe, start, start)
-    for name in names:
-        if not name.isdigit():
-            continue
-        fd = int(name)
-        try:
-            link = os.readlink(base / "fd" / name)
-            ino = os.stat(base / "fd" / name).st_ino
-        except OSError:
-            continue  # closed while we looked
+    for fd, (link, ino) in links.items():
         snap.links[fd] = link
         snap.inodes[fd] = ino
         if link == "anon_inode:[eventpoll]":
-            regs: list[Registration] = []
-            try:
-                info = (base / "fdinfo" / name).read_text()
-            except OSError:
+            items = procfs.epoll_items(pid, fd)
+            if items is None:
                 continue
-            for line in info.splitlines():
-                m = _TFD_RE.match(line)
-                if m is not None:
-                    regs.append(
-                        Registration(
-                            int(m.group(1)),
-                            int(m.group(2), 16),
-                            int(m.group(3), 16),
-                            int(m.group(4), 16),
-                        )
-                    )
-            snap.epoll[fd] = regs
+            snap.epoll[fd] = [Registration(*item) for item in items]
     snap.end_ns = time.monotonic_ns()
     return snap
 
@@ -700,7 +671,7 @@ def build_trace_files(
         packed.extend(_pack(r, guard_ns) for r in by_pid.get(pid, ()))
         total += len(packed)
         parent, fork_seq = forks.get(pid, (snap.ppid if snap else 0, 0))
-        exe = snap.exe if snap else _exe_of(pid)
+        exe = snap.exe if snap else procfs.exe(pid)
         path = trace_dir / f"trace.{pid}.0.bin"
         _write_trace_file(
             path,
@@ -731,13 +702,6 @@ def build_trace_files(
 
 def _key(r: RawRecord, i: int) -> tuple[int, int, int, int]:
     return (r[4], r[3], r[2], i)
-
-
-def _exe_of(pid: int) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return ""
 
 
 def guard_ns_from_env() -> int:

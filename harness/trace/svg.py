@@ -23,15 +23,11 @@ The file needs nothing else: no script, no font, no stylesheet outside it.
 from __future__ import annotations
 
 import re
-from bisect import bisect_left
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from itertools import pairwise
 from pathlib import Path
 
 from afterclose.harness.oracle.verdict import RULES
-from afterclose.harness.trace.format import IoKind, Op, Record, epoll_events_str
-from afterclose.harness.trace.model import Incarnation, Registration
+from afterclose.harness.trace import svg_layout as layout
+from afterclose.harness.trace.model import Incarnation
 from afterclose.harness.trace.rules import Finding, TraceVerdict
 from afterclose.harness.trace.timeline import (
     MAX_LINES,
@@ -39,9 +35,6 @@ from afterclose.harness.trace.timeline import (
     TimelineContext,
     errname,
     fmt_data,
-    inc_label,
-    render_record,
-    select_records,
     thread_label,
 )
 
@@ -53,9 +46,6 @@ _MAX_TIP_CHARS = 2000
 
 # Layout (px).
 _MARGIN = 18
-_SLOT = 22  # distance between two consecutive sequence numbers on the x axis
-_PAD = _SLOT / 2 - 2  # a call's mark reaches this far beyond its seq_in and seq_out
-_GAP = 30  # extra room where related records were left out
 _LANE_H = 54
 _MARK_H = 20
 _BAR_H = 18
@@ -101,11 +91,6 @@ def _n(v: float) -> str:
     return f"{v:.1f}".rstrip("0").rstrip(".")
 
 
-def _text_w(text: str, size: float, *, mono: bool = False) -> float:
-    """A generous estimate of a text's width (no font metrics in here)."""
-    return len(text) * size * (0.61 if mono else 0.6)
-
-
 def _wrap(text: str, width_chars: int) -> list[str]:
     words = text.split()
     lines: list[str] = []
@@ -132,322 +117,7 @@ def _tint(colour: str, amount: float = 0.35) -> str:
     return "#" + "".join(f"{c:02x}" for c in mix)
 
 
-# Every kind (IoKind, DupKind, ctl op) fits in the low byte of ``flags``; the high bits are
-# markers (such as a syscall fault the shim injected) that do not change the call's name.
-_KIND_BITS = 0xFF
-_RECV = {IoKind.RECV.value, IoKind.RECVFROM.value, IoKind.RECVMSG.value}
-_SEND = {IoKind.SEND.value, IoKind.SENDTO.value, IoKind.SENDMSG.value}
-
-
-def _short(r: Record) -> str:
-    """A call's name in at most six characters, for its mark."""
-    op = r.op
-    kind = r.flags & _KIND_BITS
-    if op == Op.EPOLL_CTL:
-        return {1: "ADD", 2: "DEL", 3: "MOD"}.get(kind, "ctl")
-    if op == Op.READ:
-        return "recv" if kind in _RECV else "read"
-    if op == Op.WRITE:
-        if kind == IoKind.SENDFILE.value:
-            return "sendf"
-        return "send" if kind in _SEND else "write"
-    if op == Op.DUP:
-        return "dup2" if kind in (1, 2) else "dup"
-    return {
-        Op.SOCKET: "socket",
-        Op.ACCEPT: "accept",
-        Op.CLOSE: "close",
-        Op.SHUTDOWN: "shut",
-        Op.EPOLL_CREATE: "epoll",
-        Op.EPOLL_WAIT: "wait",
-        Op.FORK: "fork",
-        Op.FREE: "free",
-        Op.FDNEW: "open",
-        Op.CLOSE_RANGE: "crange",
-    }.get(op, op.name.lower()[:6])
-
-
-# -- what is drawn ---------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Event:
-    record: Record
-    text: str
-    inc: Incarnation | None
-
-
-@dataclass(slots=True)
-class _Item:
-    """One mark: a record, or a run of identical calls by one thread folded into one."""
-
-    num: int
-    first: int
-    last: int
-    key: tuple[int, int]
-    seq_in: int
-    seq_out: int
-    text: str
-    note: str | None
-    focus: bool
-    inc: Incarnation | None
-    hidden_before: int = 0
-    count: int = 1
-    name: str = ""  # what the mark says
-    events: list[_Event] = field(default_factory=list)
-
-
-def _focus_inc(ctx: TimelineContext, idx: int, pid: int, fd: int | None) -> Incarnation | None:
-    """The incarnation of the focus fd number that record ``idx`` acted on, if any."""
-    if fd is None:
-        return None
-    res = ctx.res[idx] if idx < len(ctx.res) else None
-    cand: Incarnation | None = None
-    if isinstance(res, Incarnation):
-        cand = res
-    elif isinstance(res, Registration):
-        cand = res.target
-    elif isinstance(res, tuple):
-        cand = next((i for i in res if i.fd == fd), None)
-    if cand is not None and cand.fd == fd and cand.pid == pid:
-        return cand
-    ended = ctx.dup_closed.get(idx)
-    if ended is not None and ended.fd == fd and ended.pid == pid:
-        return ended
-    return None
-
-
-def _events(
-    ctx: TimelineContext, idx: int, pid: int, fd: int | None, data: int | None
-) -> list[_Event]:
-    """The events of the epoll_wait at ``idx`` that are about fd/data."""
-    recs = ctx.records
-    r = recs[idx]
-    out: list[_Event] = []
-    j = idx + 1
-    while j < len(recs) and recs[j].op == Op.EPOLL_EVENT and recs[j].seq_in == r.seq_in:
-        ev = recs[j]
-        res = ctx.res[j] if j < len(ctx.res) else None
-        target = res.target if isinstance(res, Registration) else None
-        mine = (data is not None and ev.data == data) or (
-            fd is not None and target is not None and target.fd == fd and target.pid == pid
-        )
-        if mine:
-            text = f"event {epoll_events_str(ev.events)} data={fmt_data(ev.data)}"
-            text += f" -> {inc_label(target)}" if target is not None else " (registration unknown)"
-            inc = target if target is not None and target.fd == fd and target.pid == pid else None
-            out.append(_Event(ev, text, inc))
-        j += 1
-        if len(out) >= 8:
-            break
-    return out
-
-
-def _build_items(
-    ctx: TimelineContext, finding: Finding, notes: dict[int, str], max_lines: int
-) -> tuple[list[_Item], int, int]:
-    """The marks, plus how many related records were left out before the first and after the
-    last one."""
-    sel = select_records(
-        ctx,
-        pid=finding.pid,
-        fd=finding.fd,
-        data=finding.data,
-        focus=finding.index,
-        refs=finding.refs,
-        notes=notes,
-        max_lines=max_lines,
-    )
-    recs = ctx.records
-    pos = {i: p for p, i in enumerate(sel.candidates)}
-    items: list[_Item] = []
-    prev_pos: int | None = None
-    for i in sel.shown:
-        r = recs[i]
-        p = pos[i]
-        hidden = p - prev_pos - 1 if prev_pos is not None else 0
-        prev_pos = p
-        text = render_record(ctx, i, finding.fd, finding.data)
-        note = notes.get(i)
-        key = (r.pid, r.tid)
-        focus = i == finding.index
-        last = items[-1] if items else None
-        if (
-            last is not None
-            and not hidden
-            and not focus
-            and not note
-            and not last.focus
-            and not last.note
-            and last.key == key
-            and last.text == text
-        ):
-            last.count += 1
-            last.last = i
-            last.seq_out = r.seq_out
-            last.name = f"{_short(r)} \u00d7{last.count}"
-            continue
-        item = _Item(
-            num=len(items) + 1,
-            first=i,
-            last=i,
-            key=key,
-            seq_in=r.seq_in,
-            seq_out=r.seq_out,
-            text=text,
-            note=note,
-            focus=focus,
-            inc=_focus_inc(ctx, i, finding.pid, finding.fd),
-            hidden_before=hidden,
-            name=_short(r),
-        )
-        if r.op == Op.EPOLL_WAIT:
-            item.events = _events(ctx, i, finding.pid, finding.fd, finding.data)
-        items.append(item)
-    leading = pos[sel.shown[0]] if sel.shown else 0
-    trailing = len(sel.candidates) - 1 - prev_pos if prev_pos is not None else 0
-    return items, leading, trailing
-
-
-# -- geometry --------------------------------------------------------------------------------
-
-
-class _Axis:
-    """Sequence numbers to x: one slot per distinct number shown, extra room at gaps."""
-
-    def __init__(self, items: Sequence[_Item], x0: float) -> None:
-        self.values = sorted({v for it in items for v in (it.seq_in, it.seq_out)})
-        extra: dict[int, float] = {}
-        self.gaps: list[tuple[int, int]] = []  # (anchor value, hidden count)
-        for prev, nxt in pairwise(items):
-            if nxt.hidden_before:
-                anchor = nxt.seq_in if nxt.seq_in > prev.seq_out else nxt.seq_out
-                extra[anchor] = _GAP
-                self.gaps.append((anchor, nxt.hidden_before))
-        self.xs: dict[int, float] = {}
-        self._place(x0, extra)
-        # Widen the marks whose name does not fit: room goes in just before their seq_out, so
-        # nothing else gets narrower.
-        grown = False
-        for it in items:
-            need = _text_w(it.name, 10) + 8 - 2 * _PAD
-            span = self.xs[it.seq_out] - self.xs[it.seq_in]
-            if span < need:
-                extra[it.seq_out] = extra.get(it.seq_out, 0.0) + need - span
-                grown = True
-        if grown:
-            self._place(x0, extra)
-        self.left = x0 - _SLOT
-        self.right = (self.xs[self.values[-1]] if self.values else x0) + _SLOT
-
-    def _place(self, x0: float, extra: dict[int, float]) -> None:
-        x = x0
-        for k, v in enumerate(self.values):
-            if k:
-                x += _SLOT
-            x += extra.get(v, 0.0)
-            self.xs[v] = x
-
-    def at(self, seq: int) -> float:
-        vals = self.values
-        k = bisect_left(vals, seq)
-        if k < len(vals) and vals[k] == seq:
-            return self.xs[seq]
-        if k == 0:
-            return self.left
-        if k == len(vals):
-            return self.right
-        return (self.xs[vals[k - 1]] + self.xs[vals[k]]) / 2
-
-    def gap_x(self, anchor: int) -> float:
-        k = bisect_left(self.values, anchor)
-        if k == 0:
-            return self.left
-        return self.xs[self.values[k - 1]] + (_SLOT + _GAP) / 2
-
-
-@dataclass(slots=True)
-class _Bar:
-    inc: Incarnation
-    colour: str
-    x1: float
-    x2: float
-    open_left: bool
-    open_right: bool
-    label: str
-    tip: str
-    row: int = 0
-
-
-def _call_desc(ctx: TimelineContext, idx: int) -> str:
-    r = ctx.records[idx]
-    who = ctx.threads.get((r.pid, r.tid), f"tid {r.tid}")
-    return f"{render_record(ctx, idx)} by {who} at seq {r.seq_in}-{r.seq_out}"
-
-
-def _bars(
-    ctx: TimelineContext, incs: Sequence[Incarnation], colours: dict[int, str], axis: _Axis
-) -> list[_Bar]:
-    recs = ctx.records
-    lo, hi = (axis.values[0], axis.values[-1]) if axis.values else (0, 0)
-    bars: list[_Bar] = []
-    for inc in incs:
-        colour = colours[inc.id]
-        if inc.created_idx >= 0:
-            cr = recs[inc.created_idx]
-            open_left = cr.seq_out < lo
-            x1 = axis.left if open_left else (axis.at(cr.seq_in) + axis.at(cr.seq_out)) / 2
-            born = f"created: {_call_desc(ctx, inc.created_idx)}"
-        else:
-            open_left = True
-            x1 = axis.left
-            born = "created: outside the trace (or inherited at fork)"
-        if inc.open:
-            open_right = True
-            x2 = axis.right
-            died = "still open at the end of the trace"
-        elif inc.end_idx >= 0:
-            er = recs[inc.end_idx]
-            open_right = er.seq_in > hi
-            x2 = axis.right if open_right else (axis.at(er.seq_in) + axis.at(er.seq_out)) / 2
-            died = f"ended: {_call_desc(ctx, inc.end_idx)}"
-        else:
-            open_right = inc.end_in > hi
-            x2 = axis.right if open_right else axis.at(inc.end_in)
-            died = f"ended by something the shim did not see, before seq {inc.end_in}"
-        x2 = max(x2, x1 + 6)
-        label = f"fd {inc.label}"
-        if ctx.multi_process:
-            label += f" (pid {inc.pid})"
-        if inc.unknown:
-            label += " ?"
-        tip = f"{inc_label(inc, pid=ctx.multi_process)}\n{born}\n{died}"
-        bars.append(_Bar(inc, colour, x1, x2, open_left, open_right, label, tip))
-    # Pack the bars into as few rows as keep them (and their labels) apart.
-    ends: list[float] = []
-    for bar in sorted(bars, key=lambda b: b.x1):
-        reach = max(bar.x2, bar.x1 + _text_w(bar.label, 11) + 12) + 6
-        for row, end in enumerate(ends):
-            if end <= bar.x1:
-                bar.row = row
-                ends[row] = reach
-                break
-        else:
-            bar.row = len(ends)
-            ends.append(reach)
-    return bars
-
-
 # -- rendering -------------------------------------------------------------------------------
-
-
-def _lane_order(ctx: TimelineContext, keys: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    def order(key: tuple[int, int]) -> tuple[int, int, int]:
-        name = ctx.threads.get(key, "")
-        num = int(name[1:]) if name[1:].isdigit() else 1 << 30
-        return (num, key[0], key[1])
-
-    return sorted(set(keys), key=order)
 
 
 def render_svg(
@@ -466,7 +136,7 @@ def render_svg(
     for w in finding.followups:
         notes.setdefault(w, "delivered with the stale data")
     if ctx is not None and ctx.records:
-        items, leading, trailing = _build_items(ctx, finding, notes, max_lines)
+        items, leading, trailing = layout.build_items(ctx, finding, notes, max_lines)
     else:
         items, leading, trailing = [], 0, 0
     path = trace_path if trace_path is not None else (ctx.trace_path if ctx else None)
@@ -481,13 +151,13 @@ def render_svg(
     subject = " and ".join(about) or "the finding"
 
     # -- lanes, incarnations, axis --------------------------------------------------------
-    lanes = _lane_order(ctx, (it.key for it in items)) if ctx is not None else []
+    lanes = layout.lane_order(ctx, (it.key for it in items)) if ctx is not None else []
     lane_labels = {k: thread_label(ctx, k[0], k[1]) for k in lanes} if ctx is not None else {}
-    label_w = max([150.0, *(_text_w(t, 12) + 24 for t in lane_labels.values())])
-    x0 = _MARGIN + label_w + _SLOT + (_GAP if leading else 0)
-    axis = _Axis(items, x0)
+    label_w = max([150.0, *(layout.text_w(t, 12) + 24 for t in lane_labels.values())])
+    x0 = _MARGIN + label_w + layout.SLOT + (layout.GAP if leading else 0)
+    axis = layout.Axis(items, x0)
     if leading:
-        axis.left -= _GAP
+        axis.left -= layout.GAP
 
     incs: dict[int, Incarnation] = {}
     for it in items:
@@ -498,12 +168,12 @@ def render_svg(
                 incs.setdefault(ev.inc.id, ev.inc)
     ordered = sorted(incs.values(), key=lambda i: (i.pid, i.ordinal, i.id))
     colours = {inc.id: _PALETTE[n % len(_PALETTE)] for n, inc in enumerate(ordered)}
-    bars = _bars(ctx, ordered, colours, axis) if ctx is not None else []
+    bars = layout.bars(ctx, ordered, colours, axis) if ctx is not None else []
     bar_rows = max((b.row for b in bars), default=-1) + 1
 
     # -- the table's lines -----------------------------------------------------------------
     t0 = ctx.records[items[0].first].t_ns if ctx is not None and items else 0
-    rows: list[tuple[_Item | None, str]] = []
+    rows: list[tuple[layout.Item | None, str]] = []
     if leading:
         rows.append((None, f"… {leading} earlier related records not shown"))
     for it in items:
@@ -515,7 +185,7 @@ def render_svg(
     thread_w = max([6, *(len(t) for t in lane_labels.values())])
     seq_w = max([7, *(len(f"{it.seq_in}-{it.seq_out}") for it in items)])
 
-    def call_text(it: _Item) -> str:
+    def call_text(it: layout.Item) -> str:
         text = it.text
         if it.count > 1:
             text += f"  (\u00d7{it.count}: {it.count - 1} more identical calls)"
@@ -525,12 +195,12 @@ def render_svg(
 
     table_chars = max([60, *(len(_cut(call_text(it), _MAX_CALL_CHARS)) for it in items)])
     col_seq = _MARGIN + 44
-    col_us = col_seq + _text_w("x" * seq_w, 11, mono=True) + 14
-    col_thread = col_us + _text_w("x" * 10, 11, mono=True) + 14
-    col_call = col_thread + _text_w("x" * thread_w, 11, mono=True) + 14
-    table_right = col_call + 20 + _text_w("x" * table_chars, 11, mono=True) + _MARGIN
+    col_us = col_seq + layout.text_w("x" * seq_w, 11, mono=True) + 14
+    col_thread = col_us + layout.text_w("x" * 10, 11, mono=True) + 14
+    col_call = col_thread + layout.text_w("x" * thread_w, 11, mono=True) + 14
+    table_right = col_call + 20 + layout.text_w("x" * table_chars, 11, mono=True) + _MARGIN
 
-    width = max(940.0, axis.right + _MARGIN + (_GAP if trailing else 0), table_right)
+    width = max(940.0, axis.right + _MARGIN + (layout.GAP if trailing else 0), table_right)
     chars = int((width - 2 * _MARGIN) / (13 * 0.54))
 
     head: list[tuple[str, str]] = []  # (css-ish style key, text)
@@ -559,7 +229,7 @@ def render_svg(
     )
     desc = RULES.get(rule, "")
     if desc:
-        dx = _MARGIN + _text_w(rule, 20) + (_text_w(occ, 14) + 10 if occ else 0) + 16
+        dx = _MARGIN + layout.text_w(rule, 20) + (layout.text_w(occ, 14) + 10 if occ else 0) + 16
         if dx + len(desc) * 14 * 0.54 > width - _MARGIN:
             dx = _MARGIN
             y += 20
@@ -687,11 +357,15 @@ def render_svg(
         chart.append(_gap(gx, bands_top, lanes_bottom, f"{hidden} related records not shown"))
     if leading:
         chart.append(
-            _gap(axis.left + _GAP / 2, bands_top, lanes_bottom, f"{leading} earlier not shown")
+            _gap(
+                axis.left + layout.GAP / 2, bands_top, lanes_bottom, f"{leading} earlier not shown"
+            )
         )
     if trailing:
         chart.append(
-            _gap(axis.right + _GAP / 2, bands_top, lanes_bottom, f"{trailing} later not shown")
+            _gap(
+                axis.right + layout.GAP / 2, bands_top, lanes_bottom, f"{trailing} later not shown"
+            )
         )
     # Incarnation bars and their guide lines down through the lanes.
     for bar in bars:
@@ -711,7 +385,7 @@ def render_svg(
     if focus_item is not None:
         fx = (axis.at(focus_item.seq_in) + axis.at(focus_item.seq_out)) / 2
         fy = lane_y[focus_item.key] - _MARK_H / 2 - 14
-        cw = _text_w(rule, 12) + 20
+        cw = layout.text_w(rule, 12) + 20
         cx = min(max(fx - cw / 2, chart_left), width - _MARGIN - cw)
         chart.insert(
             behind,
@@ -740,7 +414,7 @@ def render_svg(
         )
         # Ticks at item starts, far enough apart for their numbers; the focus always has one.
         ticks: list[tuple[float, int]] = []
-        room = _text_w(str(items[-1].seq_out), 10) + 14
+        room = layout.text_w(str(items[-1].seq_out), 10) + 14
         for it in items:
             x = axis.at(it.seq_in)
             if ticks and x - ticks[-1][0] < room:
@@ -852,7 +526,7 @@ def _gap(x: float, top: float, bottom: float, tip: str) -> str:
     )
 
 
-def _bar(bar: _Bar, y: float) -> str:
+def _bar(bar: layout.Bar, y: float) -> str:
     x1, x2 = bar.x1, bar.x2
     parts = [f"<g><title>{_esc(_tip(bar.tip))}</title>"]
     parts.append(
@@ -870,7 +544,7 @@ def _bar(bar: _Bar, y: float) -> str:
             f'<polygon points="{_n(x2 + 7)},{_n(mid)} {_n(x2 - 1)},{_n(y)} '
             f'{_n(x2 - 1)},{_n(y + _BAR_H)}" fill="{bar.colour}"/>'
         )
-    lw = _text_w(bar.label, 11)
+    lw = layout.text_w(bar.label, 11)
     if x2 - x1 >= lw + 10:
         parts.append(
             f'<text x="{_n(x1 + 6)}" y="{_n(mid + 4)}" font-size="11" font-weight="bold" '
@@ -888,14 +562,14 @@ def _bar(bar: _Bar, y: float) -> str:
 
 def _mark(
     ctx: TimelineContext | None,
-    it: _Item,
-    axis: _Axis,
+    it: layout.Item,
+    axis: layout.Axis,
     cy: float,
     colours: dict[int, str],
     who: str,
 ) -> str:
-    x1 = axis.at(it.seq_in) - _PAD
-    x2 = axis.at(it.seq_out) + _PAD
+    x1 = axis.at(it.seq_in) - layout.PAD
+    x2 = axis.at(it.seq_out) + layout.PAD
     top = cy - _MARK_H / 2
     r = ctx.records[it.first] if ctx is not None else None
     if it.focus:

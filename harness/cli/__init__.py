@@ -1,0 +1,47 @@
+"""``afterclose``: the command line for work outside pytest.
+
+afterclose demo                      find the bug in seed-buggy, pass seed-fixed
+afterclose targets                   list the targets it can find
+afterclose faults                    list the faults and their parameters
+afterclose kernels                   list the kernels --kernel can boot
+afterclose run --target X FAULT k=v  run one fault against a target and judge it
+afterclose run --target X FILE.toml  run a scenario file against a target and judge it
+afterclose explore --target X        search fault sequences for a violation, shrink it
+afterclose trace show DIR|FILE       print a saved trace's verdict and timelines
+
+Each subcommand is one module here with an ``add_parser(sub)`` that registers it and sets
+its ``func``; the options of those that start a target come from ``common`` (and so from
+:mod:`afterclose.harness.options`, like pytest's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from afterclose.harness.cli import demo, explore, faults, kernels, run, targets, trace
+from afterclose.harness.errors import AftercloseError
+
+# The subcommands in the order ``afterclose --help`` lists them.  A new one (``rules``: the
+# rule registry, each rule's name and meaning) is a module with add_parser(), added here.
+SUBCOMMANDS = (demo, targets, faults, kernels, run, explore, trace)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="afterclose", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except AftercloseError as exc:
+        print(f"afterclose: error: {exc.render()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("afterclose: interrupted", file=sys.stderr)
+        return 130
