@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, ClassVar
 from afterclose.faults import target_base as tb
 from afterclose.faults.base import FaultReport, param
 from afterclose.harness import procfs
-from afterclose.harness.oracle import verdict
+from afterclose.harness.oracle.evidence import CPU_WHILE_IDLE, Observation
 
 if TYPE_CHECKING:
     from afterclose.harness.session import TargetRun
@@ -100,26 +100,32 @@ class FdLimit(tb.StormFault):
                 hold = tb.busy(target.host_pids(), self.window_s)
         report.count("hold_cpu_pct", _pct(hold.demand))
         report.count("hold_cpu_used_pct", _pct(hold.used))
-        if hold.demand > idle.demand + self.max_busy:
-            state = "at its fd limit" if at_limit else "near its fd limit"
-            report.add_anomaly(
-                verdict.BUSY_LOOP,
+        state = "at its fd limit" if at_limit else "near its fd limit"
+        report.observe(
+            Observation(
+                CPU_WHILE_IDLE,
+                self.name,
                 f"{state} (nofile {nofile}) with {held} idle client connections, "
                 f"{self.waiting} or so of them waiting to be accepted, target {target.name!r} "
                 f"{_describe(hold, idle)}: it keeps waking up for connections it cannot "
                 "accept (EMFILE on a level-triggered listener?)",
+                values=_cpu_values(hold, idle, self.max_busy),
             )
+        )
 
         # 3. After: every client gone.  Let the target settle, measure, and ask it again.
         tb.wait_for(lambda: _settled(run), timeout_s=min(run.manifest.fd_grace_s, 3.0))
         after = tb.busy(target.host_pids(), self.window_s)
         report.count("after_cpu_pct", _pct(after.demand))
-        if after.demand > idle.demand + self.max_busy:
-            report.add_anomaly(
-                verdict.BUSY_LOOP,
+        report.observe(
+            Observation(
+                CPU_WHILE_IDLE,
+                self.name,
                 f"after every client left, target {target.name!r} (nofile {nofile}) "
                 f"{_describe(after, idle)}",
+                values=_cpu_values(after, idle, self.max_busy),
             )
+        )
         census = procfs.census(target.host_pids(), run.port)
         report.count("socket_fds_after", census.socket_fds)
         report.count("close_wait_after", census.close_wait)
@@ -159,6 +165,10 @@ def _describe(busy: tb.Busy, idle: tb.Busy) -> str:
         f"wanted {busy.demand * 100:.0f}% of a CPU for {busy.window_s:.1f} s (running or "
         f"runnable; it got {busy.used * 100:.0f}%), against {idle.demand * 100:.0f}% when idle"
     )
+
+
+def _cpu_values(busy: tb.Busy, idle: tb.Busy, allowed: float) -> dict[str, float]:
+    return {"idle": idle.demand, "busy": busy.demand, "allowed": allowed, "window_s": busy.window_s}
 
 
 def _at_limit(limits: dict[int, int]) -> bool:

@@ -38,7 +38,7 @@ from afterclose.faults import target_base as tb
 from afterclose.faults.base import FaultReport, param
 from afterclose.harness import httpclient
 from afterclose.harness.errors import AftercloseError, TargetStartError
-from afterclose.harness.oracle import verdict
+from afterclose.harness.oracle.evidence import STATE_LOST_ON_RESTART, Observation
 
 if TYPE_CHECKING:
     from afterclose.harness.runners.base import RunningTarget
@@ -105,10 +105,13 @@ class Kill(tb.StormFault):
         for path, before in kept.items():
             after = _answer(run, path)
             if after != before:
-                report.add_anomaly(
-                    verdict.LIVENESS,
-                    f"lost state across {self.signal} and a restart: GET {path} answered "
-                    f"{before} before, {after} after (the manifest lists it in restart_keeps)",
+                report.observe(
+                    Observation(
+                        STATE_LOST_ON_RESTART,
+                        self.name,
+                        f"lost state across {self.signal} and a restart: GET {path} answered "
+                        f"{before} before, {after} after (the manifest lists it in restart_keeps)",
+                    )
                 )
         return begun.finish()
 

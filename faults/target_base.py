@@ -18,8 +18,8 @@ is what ``docker run --ulimit/--pids-limit/--memory`` would have set at start: t
 keeps the limit for the rest of the test, so the oracle's liveness and fd-leak checks run
 under it too.
 
-What a target-side fault finds goes into its report as anomalies named by a verdict rule
-(``busy-loop``, ``liveness``, ...); :func:`violations` turns them into the run's violations.
+What a target-side fault sees goes into its report as observations (CPU while idle, state
+lost on a restart); the rules in ``harness/oracle/rules/`` judge them.
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from afterclose.faults.base import Endpoint, Fault, FaultReport, _params_of, param, suggest
 from afterclose.harness.errors import ScenarioError
-from afterclose.harness.oracle import verdict
-from afterclose.harness.oracle.verdict import Violation
 
 if TYPE_CHECKING:
     from afterclose.harness.runners.base import RunningTarget
@@ -125,23 +123,6 @@ class TargetFault(abc.ABC):
 def _as_fault(cls: type[Any]) -> type[Fault]:
     # The parameter machinery of client faults only needs a dataclass with a ``name``.
     return typing.cast("type[Fault]", cls)
-
-
-# --------------------------------------------------------------------------- verdicts
-
-
-def violations(anomalies: Iterable[tuple[str, str]]) -> list[Violation]:
-    """One violation per rule (cross-talk excepted: the black-box check owns it), in order of
-    first appearance: what target-side faults found and put in their reports."""
-    by_rule: dict[str, list[str]] = {}
-    for rule, detail in anomalies:
-        if rule != verdict.CROSS_TALK:
-            by_rule.setdefault(rule, []).append(detail)
-    out = []
-    for rule, details in by_rule.items():
-        extra = "\n".join(details[1:10])
-        out.append(Violation(rule, details[0], details=extra, count=len(details)))
-    return out
 
 
 # --------------------------------------------------------------------------- the target
