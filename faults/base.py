@@ -36,7 +36,7 @@ from afterclose.harness.errors import ScenarioError
 from afterclose.harness.oracle import evidence
 from afterclose.harness.oracle.evidence import Observation
 
-MAX_ANOMALIES = 100
+MAX_OBSERVATIONS = 100
 GONE_POLL_S = 0.05
 _SHOWN_BYTES = 120
 
@@ -90,8 +90,8 @@ class FaultReport:
             self.counts[key] += n
 
     def observe(self, obs: Observation) -> None:
-        """Keep what was seen, up to MAX_ANOMALIES; beyond that only count it."""
-        if len(self.observations) < MAX_ANOMALIES:
+        """Keep what was seen, up to MAX_OBSERVATIONS; beyond that only count it."""
+        if len(self.observations) < MAX_OBSERVATIONS:
             self.observations.append(obs)
         else:
             self.counts["observations_dropped"] += 1
