@@ -37,9 +37,10 @@ from pathlib import Path
 import _common as c
 
 from afterclose.harness.cli import demo
+from afterclose.harness.oracle import judge
 from afterclose.harness.runners.base import RunningTarget
 from afterclose.harness.session import Harness, Settings, TargetRun
-from afterclose.harness.trace import reader, rules
+from afterclose.harness.trace import reader
 
 TARGET = "seed-buggy"
 MAX_RUNS = 30
@@ -88,7 +89,7 @@ class DeathWatch:
 def first_violation_ns(trace_dir: Path) -> int | None:
     """CLOCK_MONOTONIC time of the earliest record a traced rule blames."""
     trace = reader.read_trace_dir(trace_dir)
-    result = rules.check_trace(trace, cutoff_seq=None, trace_path=str(trace_dir))
+    result = judge.judge_trace(trace, cutoff_seq=None, trace_path=str(trace_dir))
     times = [result.records[f.index].t_ns for found in result.occurrences.values() for f in found]
     return min(times, default=None)
 

@@ -37,14 +37,14 @@ from pathlib import Path
 import _common as c
 
 from afterclose.harness.cli import demo
-from afterclose.harness.oracle import verdict
+from afterclose.harness.oracle import registry
 from afterclose.harness.runners.base import RunningTarget
 from afterclose.harness.session import Harness, Settings, TargetRun
 
 TARGET = "seed-buggy"
-BLACK_BOX = {verdict.CRASH, verdict.LIVENESS, verdict.CROSS_TALK, verdict.FD_LEAK}
+BLACK_BOX = {"crash", "liveness", "cross-talk", "fd-leak"}
 # Rules only the tracer can report (fd-leak is also checked black-box, so it is not counted).
-TRACED = set(verdict.RULES) - BLACK_BOX
+TRACED = {r.name for r in registry.RULES if r.traced is not None} - BLACK_BOX
 COLUMNS = (
     *c.CONTEXT_COLUMNS,
     "afterclose: runs: median / worst to the first report",

@@ -586,7 +586,7 @@ def _scratch(conn: Conn) -> Iterator[FaultReport]:
     """Run Conn calls against a scratch report: the fault killed this connection on purpose,
     so the resets, timeouts and unanswered requests that follow are outcomes (the caller counts
     them under its own names), not server failures.  Everything else (requests, responses,
-    statuses, cross-talk anomalies) is merged back.
+    statuses, observations) is merged back.
     """
     real = conn.report
     scratch = FaultReport(real.fault)
@@ -598,8 +598,8 @@ def _scratch(conn: Conn) -> Iterator[FaultReport]:
         for key, n in scratch.counts.items():
             if key not in _GONE_KEYS and not key.startswith("errors:timeout"):
                 real.count(key, n)
-        for anomaly in scratch.anomalies:
-            real.add_anomaly(anomaly.rule, anomaly.detail)
+        for obs in scratch.observations:
+            real.observe(obs)
 
 
 def _outcome(scratch: FaultReport, answered: bool) -> str:

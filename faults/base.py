@@ -5,9 +5,9 @@ A fault is a frozen dataclass holding its parameters (:class:`Fault`).  ``run()`
 The plan alone makes the report's ``schedule``, so the same parameters and seed always give the
 same schedule however the run goes.  :func:`drive` then performs the actions on worker threads,
 each on a fresh :class:`Conn`, which tallies what it did and saw into a :class:`FaultReport` and
-turns bytes the client never asked for into cross-talk anomalies.  That bookkeeping lives in
-:class:`ConnState`, which ``connection_storm``'s asyncio connections share (its engine runs in
-worker processes: ``_storm_engine.py``).
+records bytes the client never asked for as observations (the cross-talk rule judges them).
+That bookkeeping lives in :class:`ConnState`, which ``connection_storm``'s asyncio connections
+share (its engine runs in worker processes: ``_storm_engine.py``).
 
 Every blocking socket call runs under a timeout bounded by the run's deadline (and by the
 endpoint's ``io_timeout_s``), so a run returns within milliseconds of its deadline.
@@ -34,10 +34,10 @@ from typing import Any, ClassVar, Protocol, Self
 from afterclose.harness import httpclient
 from afterclose.harness.control import ServerControl
 from afterclose.harness.errors import ScenarioError
-from afterclose.harness.oracle import verdict
+from afterclose.harness.oracle import evidence
 from afterclose.harness.oracle.evidence import Observation
 
-MAX_ANOMALIES = 100
+MAX_OBSERVATIONS = 100
 GONE_POLL_S = 0.05
 _SHOWN_BYTES = 120
 
@@ -53,14 +53,6 @@ class Endpoint:
     # Asked (at most every GONE_POLL_S) before each new connection: True once the target has
     # exited, so a fault stops hammering a dead port instead of running out its duration.
     gone: Callable[[], bool] | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True)
-class Anomaly:
-    """Something a client saw that a correct server never causes; ``rule`` names a verdict rule."""
-
-    rule: str
-    detail: str
 
 
 # Keys shown first, in this order, by FaultReport.summary(); others follow sorted.
@@ -90,24 +82,17 @@ class FaultReport:
 
     fault: str
     counts: Counter[str] = field(default_factory=Counter)
-    anomalies: list[Anomaly] = field(default_factory=list)
+    observations: list[Observation] = field(default_factory=list)
     schedule: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
-    observations: list[Observation] = field(default_factory=list)
 
     def count(self, key: str, n: int = 1) -> None:
         if n:
             self.counts[key] += n
 
-    def add_anomaly(self, rule: str, detail: str) -> None:
-        if len(self.anomalies) < MAX_ANOMALIES:
-            self.anomalies.append(Anomaly(rule, detail))
-        else:
-            self.counts["anomalies_dropped"] += 1
-
     def observe(self, obs: Observation) -> None:
-        """Record a fact for the rules to judge (at most MAX_ANOMALIES; the rest counted)."""
-        if len(self.observations) < MAX_ANOMALIES:
+        """Keep what was seen, up to MAX_OBSERVATIONS; beyond that only count it."""
+        if len(self.observations) < MAX_OBSERVATIONS:
             self.observations.append(obs)
         else:
             self.counts["observations_dropped"] += 1
@@ -117,8 +102,6 @@ class FaultReport:
         if other.fault and other.fault not in self.fault.split("+"):
             self.fault = f"{self.fault}+{other.fault}" if self.fault else other.fault
         self.counts.update(other.counts)
-        for anomaly in other.anomalies:
-            self.add_anomaly(anomaly.rule, anomaly.detail)
         for obs in other.observations:
             self.observe(obs)
         self.schedule.extend(other.schedule)
@@ -128,7 +111,9 @@ class FaultReport:
         keys = [k for k in _SUMMARY_ORDER if self.counts.get(k)]
         keys += sorted(k for k in self.counts if k not in _SUMMARY_ORDER and self.counts[k])
         counts = ", ".join(f"{k}={self.counts[k]}" for k in keys) or "nothing done"
-        return f"{self.fault}: {counts}; {len(self.anomalies)} anomalies; {self.elapsed_s:.2f}s"
+        seen = Counter(o.kind for o in self.observations)
+        observed = ", ".join(f"{kind}={n}" for kind, n in sorted(seen.items())) or "no observation"
+        return f"{self.fault}: {counts}; {observed}; {self.elapsed_s:.2f}s"
 
 
 # --------------------------------------------------------------------------- parameters
@@ -448,10 +433,13 @@ class ConnState:
             context = when
         owners = httpclient.paths_in(data)
         whose = f" (mentions {', '.join(owners[:3])})" if owners else ""
-        self.report.add_anomaly(
-            verdict.CROSS_TALK,
-            f"{self._label()}: received {len(data)} unasked-for bytes {context}{whose}: "
-            f"{data[:_SHOWN_BYTES]!r}",
+        self.report.observe(
+            Observation(
+                evidence.UNSOLICITED_BYTES,
+                self._label(),
+                f"received {len(data)} unasked-for bytes {context}{whose}: {data[:_SHOWN_BYTES]!r}",
+                data=data[:_SHOWN_BYTES],
+            )
         )
 
     def next_path(self) -> str:
@@ -506,10 +494,14 @@ class ConnState:
         # Not HTTP is not proof of cross-talk by itself, but bytes naming another request are.
         owners = [p for p in httpclient.paths_in(exc.partial) if p != expected]
         if owners:
-            self.report.add_anomaly(
-                verdict.CROSS_TALK,
-                f"{self._label()}: waiting for the answer to {expected}, got non-HTTP bytes "
-                f"mentioning {', '.join(owners[:3])}: {exc.partial[:_SHOWN_BYTES]!r}",
+            self.report.observe(
+                Observation(
+                    evidence.FOREIGN_ANSWER,
+                    self._label(),
+                    f"waiting for the answer to {expected}, got non-HTTP bytes "
+                    f"mentioning {', '.join(owners[:3])}: {exc.partial[:_SHOWN_BYTES]!r}",
+                    data=exc.partial[:_SHOWN_BYTES],
+                )
             )
 
     def _check_echo(self, path: str, response: httpclient.Response) -> None:
@@ -519,10 +511,14 @@ class ConnState:
             return
         others = httpclient.paths_in(response.body)
         whose = f"the answer to {', '.join(others[:3])}" if others else "no request path"
-        self.report.add_anomaly(
-            verdict.CROSS_TALK,
-            f"{self._label()}: the {response.status} response to {path} carries {whose}: "
-            f"body {response.body[:_SHOWN_BYTES]!r}",
+        self.report.observe(
+            Observation(
+                evidence.FOREIGN_ANSWER,
+                self._label(),
+                f"the {response.status} response to {path} carries {whose}: "
+                f"body {response.body[:_SHOWN_BYTES]!r}",
+                data=response.body[:_SHOWN_BYTES],
+            )
         )
 
     def _shutdown_failed(self, exc: OSError) -> None:

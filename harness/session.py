@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from afterclose.harness import launch, options, ports, procfs, replay, tracers
 from afterclose.harness.errors import AftercloseError, TargetStartError
 from afterclose.harness.manifest import Manifest, load_manifest, resolve_target
-from afterclose.harness.oracle import blackbox
+from afterclose.harness.oracle import judge
 from afterclose.harness.oracle.verdict import Violation
 from afterclose.harness.runners.base import ExitStatus, Runner, RunningTarget
 
@@ -273,34 +273,25 @@ class TargetRun:
         return result
 
     def finish(self) -> Outcome:
-        """Judge the run: black-box rules, then the trace; stops the target."""
-        from afterclose.harness.oracle import observed
-
+        """Judge the run with every rule; stops the target."""
         if self._finished is not None:
             return self._finished
         out = Outcome(reports=list(self.reports), trace_dir=self.tracer.trace_dir)
-        target = self.target
-        checks: list[Violation | None] = [blackbox.check_crash(target)]
-        checks.append(blackbox.check_liveness(target))
-        checks.append(
-            blackbox.check_cross_talk(
-                (a.rule, a.detail) for report in self.reports for a in report.anomalies
-            )
+        evidence = judge.Evidence(
+            reports=self.reports,
+            server=self.target,
+            baseline=self.baseline,
+            fd_grace_s=self.manifest.fd_grace_s,
         )
-        leak, stranded = blackbox.check_fd_leak(target, self.baseline, self.manifest.fd_grace_s)
-        checks.append(leak)
-        if stranded:
-            out.warnings.append(stranded)
-        # What target-side faults saw (CPU while idle, state after a restart).
-        checks.extend(observed.judge(obs for report in self.reports for obs in report.observations))
-        cutoff = self.tracer.cutoff()
-        target.stop()
-        traced = self.tracer.analyse(cutoff)
-        crash_at_stop = blackbox.check_crash(target) if checks[0] is None else None
-        out.violations = [v for v in (*checks, crash_at_stop) if v is not None]
-        known = {v.rule for v in out.violations}
-        out.violations.extend(v for v in traced.violations if v.rule not in known)
-        out.warnings.extend(dict.fromkeys(traced.warnings))
+
+        def stop() -> tracers.TraceOutcome:
+            cutoff = self.tracer.cutoff()
+            self.target.stop()
+            return self.tracer.analyse(cutoff)
+
+        judged = judge.judge(evidence, stop)
+        out.violations = judged.violations
+        out.warnings.extend(judged.warnings)
         self._finished = out
         return out
 

@@ -76,7 +76,8 @@ class PreloadTracer(TracerSession):
         return shim.read_seq(self.trace_dir)
 
     def analyse(self, cutoff: int | None) -> TraceOutcome:
-        from afterclose.harness.trace import reader, rules
+        from afterclose.harness.oracle import judge
+        from afterclose.harness.trace import reader
 
         assert self.trace_dir is not None
         trace = reader.read_trace_dir(self.trace_dir)
@@ -89,7 +90,7 @@ class PreloadTracer(TracerSession):
                 ],
                 trace_dir=self.trace_dir,
             )
-        result = rules.check_trace(trace, cutoff_seq=cutoff, trace_path=str(self.trace_dir))
+        result = judge.judge_trace(trace, cutoff_seq=cutoff, trace_path=str(self.trace_dir))
         violations = list(result.violations)
         warnings = list(dict.fromkeys([*trace.warnings, *result.warnings]))  # no repeats
         if violations:

@@ -221,9 +221,9 @@ def test_crash_is_a_signal_not_stopped_by_harness(
         assert not status.stopped_by_harness
         assert status.describe() == "killed by SIGSEGV"
         assert "crashing on purpose" in target.stderr_text()
-        from afterclose.harness.oracle import blackbox
+        from afterclose.harness.oracle.rules import crash
 
-        violation = blackbox.check_crash(target)
+        violation = crash.check_crash(target)
         assert violation is not None and "SIGSEGV" in violation.render()
     finally:
         final = target.stop()

@@ -22,16 +22,15 @@ import pytest
 
 from afterclose.harness.errors import AftercloseError
 from afterclose.harness.manifest import Manifest, load_manifest, resolve_target
-from afterclose.harness.oracle.verdict import (
-    EVENT_AFTER_CLOSE,
-    EVENT_FOR_FREED_DATA,
-    FREED_WHILE_REGISTERED,
-    STALE_REARM,
-    USE_AFTER_CLOSE,
-    WRONG_INCARNATION,
-)
+from afterclose.harness.oracle import judge
+from afterclose.harness.oracle.rules.event_after_close import NAME as EVENT_AFTER_CLOSE
+from afterclose.harness.oracle.rules.event_for_freed_data import NAME as EVENT_FOR_FREED_DATA
+from afterclose.harness.oracle.rules.freed_while_registered import NAME as FREED_WHILE_REGISTERED
+from afterclose.harness.oracle.rules.stale_rearm import NAME as STALE_REARM
+from afterclose.harness.oracle.rules.use_after_close import NAME as USE_AFTER_CLOSE
+from afterclose.harness.oracle.rules.wrong_incarnation import NAME as WRONG_INCARNATION
 from afterclose.harness.session import Harness, Outcome, Settings
-from afterclose.harness.trace import ebpf, reader, rules
+from afterclose.harness.trace import ebpf, reader
 from afterclose.harness.trace.format import EPOLL_CTL_ADD, Op
 from afterclose.harness.tracers import choose_tracer
 
@@ -162,7 +161,7 @@ def test_trace_files_seed_what_attach_found(tmp_path: Path) -> None:
     assert (eintr.ret, eintr.err) == (-1, 4)
     last = real[-1]
     assert (last.op, last.ret, last.err) == (Op.CLOSE, -1, 9)
-    verdict = rules.check_trace(trace)
+    verdict = judge.judge_trace(trace)
     assert verdict.count(USE_AFTER_CLOSE) == 1
     assert "double close" in verdict.occurrences[USE_AFTER_CLOSE][0].summary
     # The listener's event maps to the seeded registration: no unattributed-event warning.
@@ -306,7 +305,7 @@ def test_static_and_go_targets_under_auto(target: str, buggy: bool, tmp_path: Pa
             # The trace folder holds standard trace files: `afterclose trace show` judges
             # them the same way.
             trace = reader.read_trace_dir(workdir / "trace")
-            again = {v.rule for v in rules.check_trace(trace).violations}
+            again = {v.rule for v in judge.judge_trace(trace).violations}
             assert found <= again
             return
     pytest.fail(f"{target}: no lifecycle rule in 3 runs:\n{describe(outcome)}")

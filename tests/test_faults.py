@@ -16,13 +16,14 @@ import pytest
 from pyservers import EchoServer
 
 from afterclose import faults
-from afterclose.faults.base import Anomaly, Endpoint, FaultReport
+from afterclose.faults.base import Endpoint, FaultReport
 from afterclose.harness import httpclient
 from afterclose.harness.errors import ScenarioError
-from afterclose.harness.oracle import verdict
+from afterclose.harness.oracle import evidence
+from afterclose.harness.oracle.evidence import Observation
 
 HOST = "127.0.0.1"
-CROSS = verdict.CROSS_TALK
+CROSS = (evidence.UNSOLICITED_BYTES, evidence.FOREIGN_ANSWER)
 
 
 def run_fault(
@@ -39,8 +40,8 @@ def run_fault(
     return fault.run(endpoint, random.Random(seed), time.monotonic() + budget_s)
 
 
-def cross_talk(report: FaultReport) -> list[Anomaly]:
-    return [a for a in report.anomalies if a.rule == CROSS]
+def cross_talk(report: FaultReport) -> list[Observation]:
+    return [o for o in report.observations if o.kind in CROSS]
 
 
 @pytest.fixture
@@ -175,7 +176,7 @@ def test_reset_after_request_is_a_reset_the_server_sees(serve: Callable[..., Ech
     assert report.counts["requests"] == 20
     assert report.counts["rst_sent"] == 20
     assert report.counts["closed_without_answer"] == 0  # we reset them on purpose
-    assert report.anomalies == []
+    assert report.observations == []
     records = server.wait_ended(20)
     assert len(records) == 20
     # The RST arrives after the request: the server reads it, then ECONNRESET (never EOF).
@@ -189,7 +190,7 @@ def test_reset_phases(serve: Callable[..., EchoServer], phase: str) -> None:
     report = run_fault("reset_peer", {"connections": 12, "phase": phase}, server.port)
     assert report.counts["connections"] == 12
     assert report.counts["rst_sent"] == 12
-    assert report.anomalies == []
+    assert report.observations == []
     records = server.wait_ended(12)
     assert {r.end for r in records} <= {"reset", "eof"}
     if phase == "before-request":
@@ -214,7 +215,7 @@ def test_half_close_gets_every_answer(serve: Callable[..., EchoServer]) -> None:
     assert report.counts["responses"] == report.counts["status:200"] == 60
     assert report.counts["fin_sent"] == report.counts["closed_by_peer"] == 20
     assert report.counts["closed_without_answer"] == 0
-    assert report.anomalies == []
+    assert report.observations == []
     records = server.wait_ended(20)
     assert [r.end for r in records] == ["eof"] * 20
     assert sum(len(r.requests) for r in records) == 60
@@ -230,7 +231,7 @@ def test_half_close_counts_requests_closed_without_answer(
     assert report.counts["requests"] >= 5
     assert report.counts["closed_without_answer"] == report.counts["requests"]
     assert report.counts["responses"] == 0
-    assert report.anomalies == []
+    assert report.observations == []
 
 
 # --------------------------------------------------------------------------- shutdown_race
@@ -246,7 +247,7 @@ def test_shutdown_race_fin_malformed_requests_get_400(serve: Callable[..., EchoS
     assert c["status:400"] == c["malformed_answered"] == 20  # this server always answers
     assert c["status:200"] == c["requests"]  # the valid requests sent first
     assert c["closed_without_answer"] == 0
-    assert report.anomalies == []
+    assert report.observations == []
     records = server.wait_ended(20)
     assert all(r.bad_requests == 1 for r in records)
 
@@ -255,7 +256,7 @@ def test_shutdown_race_rst(serve: Callable[..., EchoServer]) -> None:
     server = serve()
     report = run_fault("shutdown_race", {"connections": 20, "close_mode": "rst"}, server.port)
     assert report.counts["malformed_sent"] == report.counts["rst_sent"] == 20
-    assert report.anomalies == []
+    assert report.observations == []
     records = server.wait_ended(20)
     # Either the RST won (reset) or the server's 400-and-close did.
     assert {r.end for r in records} <= {"reset", "eof", "server-close"}
@@ -281,7 +282,7 @@ def test_no_cross_talk_against_a_correct_server(
 ) -> None:
     report = run_fault(name, params, serve().port)
     assert report.counts["connections"] >= 10
-    assert report.anomalies == [], report.anomalies
+    assert report.observations == [], report.observations
 
 
 @pytest.mark.parametrize("echo_path", [True, False])
@@ -289,7 +290,7 @@ def test_double_response_is_cross_talk(serve: Callable[..., EchoServer], echo_pa
     server = serve("double")
     params = {"connections": 4, "requests_per_connection": 2}
     report = run_fault("half_close", params, server.port, echo_path=echo_path)
-    assert len(cross_talk(report)) >= 4, report.anomalies
+    assert len(cross_talk(report)) >= 4, report.observations
     keepalive = {**STORM_SMALL, "mix": {"keepalive": 1}}
     report = run_fault("connection_storm", keepalive, server.port, echo_path=echo_path)
     found = cross_talk(report)
@@ -318,7 +319,7 @@ def test_wrong_body_is_cross_talk_only_when_the_target_echoes(
     found = cross_talk(report)
     assert len(found) == 6
     assert any("carries the answer to /ac/" in a.detail for a in found), found
-    assert run_fault("half_close", params, server.port, echo_path=False).anomalies == []
+    assert run_fault("half_close", params, server.port, echo_path=False).observations == []
 
 
 # --------------------------------------------------------------------------- replay
@@ -424,13 +425,15 @@ def test_registry() -> None:
 def test_report_merge_and_summary() -> None:
     a = FaultReport("reset_peer", Counter({"connections": 2}), schedule=["conn 0: rst x"])
     b = FaultReport("half_close", Counter({"connections": 3, "responses": 1}))
-    b.add_anomaly(CROSS, "boom")
+    boom = Observation(evidence.UNSOLICITED_BYTES, "conn 0", "boom")
+    b.observe(boom)
     a.merge(b)
     assert a.fault == "reset_peer+half_close"
     assert a.counts == Counter({"connections": 5, "responses": 1})
-    assert a.anomalies == [Anomaly(CROSS, "boom")] and a.schedule == ["conn 0: rst x"]
+    assert a.observations == [boom] and a.schedule == ["conn 0: rst x"]
     line = a.summary()
     assert "\n" not in line and line.startswith("reset_peer+half_close: connections=5")
+    assert "unsolicited-bytes=1" in line
 
 
 # --------------------------------------------------------------------------- storm
@@ -443,7 +446,7 @@ def test_storm_reaches_its_rate(fast_server: int) -> None:
     print(f"\nstorm: {rate:.0f} new connections/s ({report.summary()})")
     assert rate >= 300
     assert report.elapsed_s < 4.0  # a 1 s storm, on a machine that may be busy
-    assert report.anomalies == []
+    assert report.observations == []
 
 
 def test_storm_stops_by_its_deadline(fast_server: int) -> None:

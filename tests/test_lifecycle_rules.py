@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from afterclose.harness.oracle import verdict as V
+from afterclose.harness.oracle.judge import judge_trace
+from afterclose.harness.oracle.verdict import Violation
 from afterclose.harness.session import Harness, Outcome, Settings
-from afterclose.harness.trace import reader, rules
+from afterclose.harness.trace import reader
+from afterclose.harness.trace.findings import TraceVerdict
 
 LIFECYCLE = Path(__file__).parent / "lifecycle"
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-pthread")
@@ -90,17 +92,17 @@ def explain(outcome: Outcome) -> str:
     return "\n".join(lines)
 
 
-def violation(outcome: Outcome, rule: str) -> V.Violation:
+def violation(outcome: Outcome, rule: str) -> Violation:
     found = [v for v in outcome.violations if v.rule == rule]
     assert found, explain(outcome)
     return found[0]
 
 
-def retrace(outcome: Outcome) -> rules.TraceVerdict:
+def retrace(outcome: Outcome) -> TraceVerdict:
     """The trace judged again on its own (``finish()`` keeps only one violation per rule, and
     drops a traced rule the black-box oracle already reported)."""
     assert outcome.trace_dir is not None
-    return rules.check_trace(reader.read_trace_dir(outcome.trace_dir))
+    return judge_trace(reader.read_trace_dir(outcome.trace_dir))
 
 
 def storm(mix: Mapping[str, float], **params: object) -> dict[str, object]:
@@ -116,8 +118,8 @@ def test_event_after_close_dup_keeps_the_registration(tmp_path: Path) -> None:
     file.  The clients half-close, so the fd stays readable after the server's close and the
     surviving registration keeps firing for the closed incarnation."""
     outcome = judge(tmp_path, "loop", "event-after-close", [("half_close", {"connections": 5})])
-    assert rules_of(outcome) == {V.EVENT_AFTER_CLOSE}, explain(outcome)
-    v = violation(outcome, V.EVENT_AFTER_CLOSE)
+    assert rules_of(outcome) == {"event-after-close"}, explain(outcome)
+    v = violation(outcome, "event-after-close")
     assert "still refers to the same open file" in v.summary
     assert "dup(" in v.details, v.details  # the timeline shows the logger's dup
     assert not outcome.warnings, explain(outcome)
@@ -133,8 +135,8 @@ def test_use_after_close_double_close_on_the_error_path(tmp_path: Path) -> None:
         "use-after-close",
         [("reset_peer", {"phase": "after-request", "connections": 10, "concurrency": 2})],
     )
-    assert rules_of(outcome) == {V.USE_AFTER_CLOSE}, explain(outcome)
-    v = violation(outcome, V.USE_AFTER_CLOSE)
+    assert rules_of(outcome) == {"use-after-close"}, explain(outcome)
+    v = violation(outcome, "use-after-close")
     assert v.summary.startswith("double close: ")
     assert "the same thread closed it twice" in v.summary
     assert v.count >= 5, explain(outcome)
@@ -151,11 +153,11 @@ def test_fd_leak_eof_never_closed(tmp_path: Path) -> None:
         [("connection_storm", storm({"keepalive": 1}))],
         fd_grace_s=0.3,
     )
-    assert rules_of(outcome) == {V.FD_LEAK}, explain(outcome)
-    assert "CLOSE_WAIT" in violation(outcome, V.FD_LEAK).details
+    assert rules_of(outcome) == {"fd-leak"}, explain(outcome)
+    assert "CLOSE_WAIT" in violation(outcome, "fd-leak").details
     traced = retrace(outcome)
-    assert set(traced.occurrences) == {V.FD_LEAK}, traced.render()
-    leaks = traced.occurrences[V.FD_LEAK]
+    assert set(traced.occurrences) == {"fd-leak"}, traced.render()
+    leaks = traced.occurrences["fd-leak"]
     connections = outcome.reports[0].counts["connections"]
     assert len(leaks) >= connections, traced.render()
     assert all("its peer closed at seq" in f.summary for f in leaks), traced.render()
@@ -167,8 +169,8 @@ def test_event_for_freed_data_close_deferred(tmp_path: Path) -> None:
     by the logger, still registered; the EOF keeps it readable, so epoll hands back the freed
     pointer.  The free of a registered pointer is its cause: freed-while-registered too."""
     outcome = judge(tmp_path, "loop", "event-for-freed-data", [("half_close", {"connections": 5})])
-    assert rules_of(outcome) == {V.EVENT_FOR_FREED_DATA, V.FREED_WHILE_REGISTERED}, explain(outcome)
-    v = violation(outcome, V.EVENT_FOR_FREED_DATA)
+    assert rules_of(outcome) == {"event-for-freed-data", "freed-while-registered"}, explain(outcome)
+    v = violation(outcome, "event-for-freed-data")
     assert "a pointer freed at seq" in v.summary
     assert "not registered again since" in v.summary
 
@@ -184,8 +186,8 @@ def test_freed_while_registered_by_another_thread(tmp_path: Path) -> None:
         "freed-while-registered",
         [("connection_storm", storm({"close": 1}))],
     )
-    assert rules_of(outcome) == {V.FREED_WHILE_REGISTERED}, explain(outcome)
-    v = violation(outcome, V.FREED_WHILE_REGISTERED)
+    assert rules_of(outcome) == {"freed-while-registered"}, explain(outcome)
+    v = violation(outcome, "freed-while-registered")
     # Freed by the logger (T2) while the event thread (T1) waits.
     assert " in T2 at seq " in v.summary and "epoll_wait in T1 " in v.summary, v.summary
     assert "could return the freed pointer" in v.summary
@@ -208,9 +210,9 @@ def test_stale_rearm_batched_rearm_after_the_accept_batch(tmp_path: Path) -> Non
         "stale-rearm",
         [("connection_storm", storm({"close": 1}, concurrency=1, duration_s=0.06))],
     )
-    assert V.STALE_REARM in rules_of(outcome), explain(outcome)
-    assert rules_of(outcome) <= {V.STALE_REARM, V.USE_AFTER_CLOSE}, explain(outcome)
-    v = violation(outcome, V.STALE_REARM)
+    assert "stale-rearm" in rules_of(outcome), explain(outcome)
+    assert rules_of(outcome) <= {"stale-rearm", "use-after-close"}, explain(outcome)
+    v = violation(outcome, "stale-rearm")
     assert "MOD" in v.summary and "a different connection (accepted by T2" in v.summary
     # Nobody outside can tell: every client got its answer.
     report = outcome.reports[0]
@@ -235,10 +237,10 @@ def test_wrong_incarnation_double_close_silently_drops_a_stranger(tmp_path: Path
     )
     report = outcome.reports[0]
     assert report.counts["closed_without_answer"] > 0, explain(outcome)
-    assert not report.anomalies, explain(outcome)
-    assert V.WRONG_INCARNATION in rules_of(outcome), explain(outcome)
-    assert rules_of(outcome) <= {V.WRONG_INCARNATION, V.USE_AFTER_CLOSE}, explain(outcome)
-    v = violation(outcome, V.WRONG_INCARNATION)
+    assert not report.observations, explain(outcome)
+    assert "wrong-incarnation" in rules_of(outcome), explain(outcome)
+    assert rules_of(outcome) <= {"wrong-incarnation", "use-after-close"}, explain(outcome)
+    v = violation(outcome, "wrong-incarnation")
     assert "closed fd" in v.summary and "twice" in v.summary, v.summary
     assert "a double close that EBADF never revealed" in v.summary
     assert "accepted by T2" in v.summary, v.summary
@@ -269,7 +271,7 @@ def test_correct_server_has_no_report(tmp_path: Path, server: str, fault: str) -
     assert outcome.warnings == [], explain(outcome)
     for report in outcome.reports:
         assert report.counts["connections"] > 0, explain(outcome)
-        assert not report.anomalies, explain(outcome)
+        assert not report.observations, explain(outcome)
 
 
 # -- a trace that lost records says so ---------------------------------------------------------

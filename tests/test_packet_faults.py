@@ -192,7 +192,7 @@ def test_forged_rst_idle_resets_a_live_keepalive_connection(target: TargetRun) -
     # The client's kernel was told nothing: it saw no FIN or RST, and its next request met
     # the RST of a server kernel that no longer knows the connection.
     assert c["client_still_open"] == 4 and c["probe_reset"] == 4, report.summary()
-    assert c["responses"] == 8 and not report.anomalies, report.summary()
+    assert c["responses"] == 8 and not report.observations, report.summary()
 
     _, conns = finish(target)
     mine = fault_conns(conns, report)
@@ -213,7 +213,7 @@ def test_forged_rst_after_request_hits_the_server_mid_exchange(target: TargetRun
     # The RST lands microseconds behind the request: the server either answered first (the
     # answer then reached the client) or not; both are counted, together 6.
     assert c["answered_before_rst"] + c["unanswered_after_rst"] == 6, report.summary()
-    assert not report.anomalies
+    assert not report.observations
 
     _, conns = finish(target)
     mine = fault_conns(conns, report)
@@ -345,7 +345,7 @@ def test_rst_mid_response_resets_a_server_with_a_full_send_buffer(target: Target
     assert c["server_stalled"] == 4, report.summary()
     assert c["rst_effective"] == 4 and c["after_rst_reset"] == 4, report.summary()
     assert c["requests"] > 100 * 4, report.summary()  # a large pipelined backlog
-    assert not report.anomalies
+    assert not report.observations
 
     _, conns = finish(target)
     mine = fault_conns(conns, report)

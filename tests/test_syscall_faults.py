@@ -20,8 +20,9 @@ import pytest
 from afterclose.harness import cli, syscall_faults, tracers
 from afterclose.harness import compile as cbuild
 from afterclose.harness.errors import ScenarioError
+from afterclose.harness.oracle import judge
 from afterclose.harness.syscall_faults import SyscallFault
-from afterclose.harness.trace import rules, shim
+from afterclose.harness.trace import shim
 from afterclose.harness.trace.format import IoKind, Op, Record, RecordFlag, WaitKind
 from afterclose.harness.trace.reader import Trace, read_trace_dir
 
@@ -93,7 +94,7 @@ def injected(trace: Trace) -> list[Record]:
 
 
 def judged_clean(trace: Trace) -> None:
-    verdict = rules.check_trace(trace, cutoff_seq=None, trace_path="test")
+    verdict = judge.judge_trace(trace, cutoff_seq=None, trace_path="test")
     assert verdict.ok, verdict.render()
 
 

@@ -23,11 +23,12 @@ from tracebuild import ET as EPOLLET_
 
 from afterclose.harness import cli
 from afterclose.harness import compile as cbuild
-from afterclose.harness.oracle import verdict as V
+from afterclose.harness.oracle import registry
+from afterclose.harness.oracle.judge import judge_records as check
 from afterclose.harness.trace import shim
+from afterclose.harness.trace.findings import Finding, TraceVerdict
 from afterclose.harness.trace.format import Op, Record
 from afterclose.harness.trace.reader import read_trace_dir, read_trace_files
-from afterclose.harness.trace.rules import Finding, TraceVerdict, check
 from afterclose.harness.trace.svg import MAX_FILES_PER_RULE, render_svg, write_report
 from afterclose.harness.tracers import PreloadTracer
 
@@ -105,13 +106,13 @@ def counts(v: TraceVerdict) -> dict[str, int]:
 
 def test_svg_of_the_seed_race() -> None:
     v = seed_race().check(trace_path="/runs/x/trace")
-    finding = v.occurrences[V.STALE_REARM][0]
+    finding = v.occurrences["stale-rearm"][0]
     root = parse(render_svg(finding))
     words = texts(root)
     joined = "\n".join(words)
     # Header: the rule, its one-line meaning, why it is a bug, the trace.
     assert words[0] == "stale-rearm"
-    assert V.RULES[V.STALE_REARM] in words
+    assert registry.BY_NAME["stale-rearm"].plain_meaning in words
     assert "why it is a bug:" in joined and "trace: /runs/x/trace" in words
     # One lane per thread, labelled like the text timeline.
     for lane in ("T1 (tid 11)", "T2 (tid 12)", "T3 (tid 13)"):
@@ -143,7 +144,7 @@ def test_svg_of_the_seed_race() -> None:
 
 def test_svg_marks_each_rule_and_reports_one_file_per_rule(tmp_path: Path) -> None:
     v = seed_race().check(trace_path="/runs/x/trace")
-    assert counts(v) == {V.STALE_REARM: 1, V.WRONG_INCARNATION: 1, V.EVENT_FOR_FREED_DATA: 1}
+    assert counts(v) == {"stale-rearm": 1, "wrong-incarnation": 1, "event-for-freed-data": 1}
     paths = write_report(v, tmp_path / "out")
     # One per rule, in the verdict's (rule) order.
     assert [p.name for p in paths] == [f"timeline-{x.rule}.svg" for x in v.violations]
@@ -171,7 +172,7 @@ def test_write_report_every_occurrence_and_nothing_for_a_clean_trace(tmp_path: P
     t.shutdown(tid=13, fd=7)
     t.ctl_mod(tid=13, epfd=EP, fd=7, data=C, events=IN | ONESHOT | EPOLLET_)
     v = t.check()
-    assert counts(v)[V.STALE_REARM] == 2
+    assert counts(v)["stale-rearm"] == 2
     names = [p.name for p in write_report(v, tmp_path, every=True)]
     assert "timeline-stale-rearm.svg" in names and "timeline-stale-rearm-2.svg" in names
     second = (tmp_path / "timeline-stale-rearm-2.svg").read_text(encoding="utf-8")
@@ -188,10 +189,10 @@ def test_write_report_every_occurrence_and_nothing_for_a_clean_trace(tmp_path: P
 
 def test_svg_escapes_and_survives_a_finding_without_context() -> None:
     v = seed_race().check(trace_path="/runs/<&\"x'>\x01/\udcff/trace")
-    svg = render_svg(v.occurrences[V.STALE_REARM][0])
+    svg = render_svg(v.occurrences["stale-rearm"][0])
     words = texts(parse(svg))
     assert any(w.startswith("trace: /runs/<&\"x'>") for w in words)
-    bare = Finding(V.USE_AFTER_CLOSE, "close(3) <twice> & more", 0, 1, 100, 1, 3, None)
+    bare = Finding("use-after-close", "close(3) <twice> & more", 0, 1, 100, 1, 3, None)
     root = parse(render_svg(bare))
     joined = "\n".join(texts(root))
     assert "use-after-close" in joined and "close(3) <twice> & more" in joined
@@ -265,7 +266,7 @@ def test_svg_size_is_bounded_on_a_million_record_trace() -> None:
     # No call overlaps another: the records are already in seq_out order (no need to sort).
     v = check(t.records, t.headers(), trace_path="/runs/big/trace")
     assert v.stats.records > n
-    (finding,) = v.occurrences[V.USE_AFTER_CLOSE]
+    (finding,) = v.occurrences["use-after-close"]
     start = time.perf_counter()
     svg = render_svg(finding)
     elapsed = time.perf_counter() - start
@@ -428,7 +429,7 @@ def test_tracer_analyse_writes_the_timeline_beside_the_trace(
     tracer = PreloadTracer(tmp_path / "trace", "none")
     _run_traced(double_close.exe, tracer.env())
     outcome = tracer.analyse(None)
-    (violation,) = [v for v in outcome.violations if v.rule == V.USE_AFTER_CLOSE]
+    (violation,) = [v for v in outcome.violations if v.rule == "use-after-close"]
     picture = tmp_path / "timeline-use-after-close.svg"
     assert violation.artifacts == (str(tmp_path / "trace"), str(picture))
     assert f"see: {picture}" in violation.render()

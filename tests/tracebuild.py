@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from afterclose.harness.oracle.judge import judge_records
+from afterclose.harness.trace.findings import TraceVerdict
 from afterclose.harness.trace.format import (
     EPOLL_CTL_ADD,
     EPOLL_CTL_DEL,
@@ -35,7 +37,6 @@ from afterclose.harness.trace.format import (
     Op,
     Record,
 )
-from afterclose.harness.trace.rules import TraceVerdict, check
 
 IN, OUT, HUP, RDHUP, ONESHOT, ET = EPOLLIN, EPOLLOUT, EPOLLHUP, EPOLLRDHUP, EPOLLONESHOT, EPOLLET
 EBADF, ENOENT, EAGAIN, ENOTSOCK = 9, 2, 11, 88
@@ -53,7 +54,15 @@ __all__ = [
     "RDHUP",
     "Pending",
     "TraceBuilder",
+    "conn",
+    "counts",
+    "seed_race",
+    "server",
 ]
+
+# A listening socket, an epoll instance, and some epoll data pointers the scenarios use.
+LISTEN, EP = 3, 5
+A, B, C, C2 = 0x55D0C2A0, 0x55D0C400, 0x7F00AA10, 0x7F00BB20
 
 
 @dataclass(slots=True)
@@ -284,4 +293,42 @@ class TraceBuilder:
         return out
 
     def check(self, **kw: Any) -> TraceVerdict:
-        return check(self.sorted_records(), self.headers(), **kw)
+        return judge_records(self.sorted_records(), self.headers(), **kw)
+
+
+# -- scenarios shared by the rule tests ----------------------------------------------------
+
+
+def counts(v: TraceVerdict) -> dict[str, int]:
+    return {rule: len(occ) for rule, occ in v.occurrences.items()}
+
+
+def server(t: TraceBuilder, tid: int = 1) -> None:
+    """A listening socket on 3 and an epoll instance on 5 watching it."""
+    t.socket(tid=tid, ret=LISTEN)
+    t.epoll_create(tid=tid, ret=EP)
+    t.ctl_add(tid=tid, epfd=EP, fd=LISTEN, data=LISTEN)
+
+
+def conn(t: TraceBuilder, fd: int, data: int, *, tid: int = 1, events: int = IN) -> None:
+    t.accept(tid=tid, ret=fd)
+    t.ctl_add(tid=tid, epfd=EP, fd=fd, data=data, events=events)
+
+
+def seed_race() -> TraceBuilder:
+    """epoll thread T1 hands client c (7#1) to worker T2; error thread T3 holds c too."""
+    t = TraceBuilder()
+    server(t, tid=11)
+    t.accept(tid=11, ret=7)
+    t.ctl_add(tid=11, epfd=EP, fd=7, data=C, events=IN | ONESHOT | ET)
+    t.wait(tid=11, epfd=EP, events=[(IN | RDHUP, C)])
+    t.read(tid=12, fd=7, ret=0)  # T2: peer closed
+    t.free(tid=12, ptr=C)
+    t.close(tid=12, fd=7)
+    t.wait(tid=11, epfd=EP, events=[(IN, LISTEN)])
+    t.accept(tid=11, ret=7)  # 7#2: a stranger
+    t.ctl_add(tid=11, epfd=EP, fd=7, data=C2, events=IN | ONESHOT | ET)
+    t.shutdown(tid=13, fd=7)  # T3, still acting for c
+    t.ctl_mod(tid=13, epfd=EP, fd=7, data=C, events=IN | ONESHOT | ET)
+    t.wait(tid=11, epfd=EP, events=[(IN, C)])
+    return t

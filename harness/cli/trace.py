@@ -39,7 +39,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def show(args: argparse.Namespace) -> int:
     from afterclose.harness.errors import TraceError
-    from afterclose.harness.trace import reader, rules, svg
+    from afterclose.harness.oracle import judge
+    from afterclose.harness.trace import reader, svg
     from afterclose.harness.trace.format import TRACE_GLOB
 
     path = Path(args.path)
@@ -55,7 +56,7 @@ def show(args: argparse.Namespace) -> int:
             raise TraceError("no such trace folder or file", where=path, hint=hint)
     except OSError as exc:
         raise TraceError(f"cannot read: {exc.strerror or exc}", where=path, hint=hint) from exc
-    result = rules.check_trace(trace, cutoff_seq=args.cutoff, trace_path=str(path))
+    result = judge.judge_trace(trace, cutoff_seq=args.cutoff, trace_path=str(path))
     print(
         f"{path}: {len(trace.processes)} process(es), {len(trace.records)} records, "
         f"{trace.lost_records} lost" + ("" if trace.complete else " (incomplete)")

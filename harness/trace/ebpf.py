@@ -842,7 +842,8 @@ class EbpfTracer(TracerSession):
         return time.monotonic_ns()
 
     def analyse(self, cutoff: int | None) -> TraceOutcome:
-        from afterclose.harness.trace import reader, rules
+        from afterclose.harness.oracle import judge
+        from afterclose.harness.trace import reader
 
         self._done.set()
         assert self.trace_dir is not None
@@ -878,7 +879,7 @@ class EbpfTracer(TracerSession):
                 warnings=[*trace.warnings, "the eBPF tracer saw no fd-lifecycle syscall"],
                 trace_dir=self.trace_dir,
             )
-        result = rules.check_trace(trace, cutoff_seq=cutoff, trace_path=str(self.trace_dir))
+        result = judge.judge_trace(trace, cutoff_seq=cutoff, trace_path=str(self.trace_dir))
         violations = list(result.violations)
         out_warnings = list(dict.fromkeys([*trace.warnings, *result.warnings]))
         if violations:

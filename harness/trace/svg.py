@@ -25,13 +25,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from afterclose.harness.oracle.verdict import RULES
 from afterclose.harness.trace import svg_layout as layout
+from afterclose.harness.trace.findings import Finding, TraceVerdict
 from afterclose.harness.trace.model import Incarnation
-from afterclose.harness.trace.rules import Finding, TraceVerdict
 from afterclose.harness.trace.timeline import (
     MAX_LINES,
-    WHY,
     TimelineContext,
     errname,
     fmt_data,
@@ -206,8 +204,8 @@ def render_svg(
     head: list[tuple[str, str]] = []  # (css-ish style key, text)
     for n, line in enumerate(_wrap(f"what happened: {finding.summary}", chars)):
         head.append(("body" if n else "body-first", line))
-    if rule in WHY:
-        for n, line in enumerate(_wrap(f"why it is a bug: {WHY[rule]}", chars)):
+    if finding.why:
+        for n, line in enumerate(_wrap(f"why it is a bug: {finding.why}", chars)):
             head.append(("body" if n else "body-first", line))
     if path:
         head.append(("path", f"trace: {path}"))
@@ -227,7 +225,7 @@ def render_svg(
         + (f'<tspan dx="10" font-size="14" font-weight="normal">{_esc(occ)}</tspan>' if occ else "")
         + "</text>"
     )
-    desc = RULES.get(rule, "")
+    desc = finding.meaning
     if desc:
         dx = _MARGIN + layout.text_w(rule, 20) + (layout.text_w(occ, 14) + 10 if occ else 0) + 16
         if dx + len(desc) * 14 * 0.54 > width - _MARGIN:
@@ -642,11 +640,10 @@ def write_report(
     :data:`MAX_FILES_PER_RULE` occurrences each) into ``out_dir``; return their paths in
     rule order."""
     out_dir = Path(out_dir)
-    order = [r for r in RULES if r in verdict.occurrences]
-    order += sorted(r for r in verdict.occurrences if r not in RULES)
     written: list[Path] = []
-    for rule in order:
-        occ = verdict.occurrences[rule]
+    for rule, found in verdict.occurrences.items():
+        # A finding about the whole trace (index -1) has no timeline to draw.
+        occ = [f for f in found if f.index >= 0]
         if not occ:
             continue
         if not written:

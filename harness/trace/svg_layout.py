@@ -8,9 +8,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 
+from afterclose.harness.trace.findings import Finding
 from afterclose.harness.trace.format import IoKind, Op, Record, epoll_events_str
 from afterclose.harness.trace.model import Incarnation, Registration
-from afterclose.harness.trace.rules import Finding
 from afterclose.harness.trace.timeline import (
     TimelineContext,
     fmt_data,

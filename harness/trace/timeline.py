@@ -7,7 +7,6 @@ import errno
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from afterclose.harness.oracle.verdict import RULES
 from afterclose.harness.trace.format import (
     DupKind,
     IoKind,
@@ -24,38 +23,6 @@ MAX_LINES = 40
 _SCAN_BACK = 100_000
 _SCAN_FORWARD = 20_000
 _AFTER_FOCUS = 8  # relevant lines kept after the marked one, when there are more than fit
-
-WHY: dict[str, str] = {
-    "event-after-close": (
-        "epoll(7): closing an fd does not remove its registration while another fd (a dup or "
-        "a fork's copy) still refers to the same open file, so the program is handed events "
-        "for a connection it already closed."
-    ),
-    "use-after-close": (
-        "the fd was already closed when this call began; had another thread been handed the "
-        "number in between, the call would have hit a stranger's connection."
-    ),
-    "stale-rearm": (
-        "the fd number now belongs to a new connection, but its epoll data points at the old "
-        "connection's state (often freed memory): the next event is handled as the wrong "
-        "connection."
-    ),
-    "wrong-incarnation": (
-        "the fd number was closed and handed to a new connection; this thread still acts on "
-        "the old connection's behalf and so touches a stranger's connection."
-    ),
-    "freed-while-registered": (
-        "epoll can still return this pointer to a waiting thread, which will then use freed "
-        "memory: remove the registration (EPOLL_CTL_DEL or the last close) before free()."
-    ),
-    "event-for-freed-data": (
-        "epoll handed the event loop a pointer to memory that was already freed."
-    ),
-    "fd-leak": (
-        "the peer is gone, but the server keeps the fd (with its registration and memory) "
-        "open forever."
-    ),
-}
 
 
 @dataclass(slots=True)
@@ -370,7 +337,10 @@ def render_timeline(
     refs: Sequence[int] = (),
     notes: Mapping[int, str] | None = None,
     max_lines: int = MAX_LINES,
+    meaning: str = "",
+    why: str = "",
 ) -> str:
+    """``meaning`` and ``why``: the rule's meaning and why its pattern is a bug."""
     notes = notes or {}
     sel = select_records(
         ctx,
@@ -385,10 +355,10 @@ def render_timeline(
     shown, candidates, lo = sel.shown, sel.candidates, sel.lo
 
     lines: list[str] = []
-    lines.append(f"{rule}: {RULES.get(rule, '')}")
+    lines.append(f"{rule}: {meaning}")
     lines.append(f"  what happened: {summary}")
-    if rule in WHY:
-        lines.append(f"  why it is a bug: {WHY[rule]}")
+    if why:
+        lines.append(f"  why it is a bug: {why}")
     if ctx.trace_path:
         lines.append(f"  trace: {ctx.trace_path}")
     if ctx.incomplete:

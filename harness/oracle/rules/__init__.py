@@ -1,0 +1,1 @@
+"""One module per rule; :mod:`afterclose.harness.oracle.registry` lists them in order."""

@@ -1,0 +1,74 @@
+"""liveness: after the run, a fresh request gets a correct answer, and state the manifest says
+survives a restart did survive it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from afterclose.harness.oracle.evidence import STATE_LOST_ON_RESTART
+from afterclose.harness.oracle.rule import Rule
+from afterclose.harness.oracle.verdict import Violation
+from afterclose.harness.runners.base import RunningTarget
+
+if TYPE_CHECKING:
+    from afterclose.harness.oracle.judge import Evidence
+
+NAME = "liveness"
+
+
+def check_liveness(target: RunningTarget, timeout_s: float = 5.0) -> Violation | None:
+    from afterclose.harness import httpclient
+
+    if target.exit_status() is not None:
+        return None  # the crash rule already speaks for a dead target
+    manifest = target.plan.manifest
+    path = manifest.liveness_path
+    if manifest.echo_path:
+        path = f"{path.rstrip('/')}/afterclose-liveness-{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + timeout_s
+    problem = "no attempt"
+    while time.monotonic() < deadline:
+        try:
+            response = httpclient.get(target.host, target.port, path, timeout_s=2.0)
+        except (OSError, httpclient.HttpClientError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+            time.sleep(0.1)
+            continue
+        if response.status != manifest.liveness_status:
+            problem = f"status {response.status}, expected {manifest.liveness_status}"
+        elif manifest.echo_path and path.encode() not in response.body:
+            problem = f"the body {response.body[:80]!r} does not contain the path {path!r}"
+        else:
+            return None
+        break
+    return Violation(
+        NAME,
+        f"after the scenario, GET {path} on {target.host}:{target.port} failed: {problem}",
+    )
+
+
+def probe(ev: Evidence) -> Violation | None:
+    return check_liveness(ev.server)
+
+
+def decide(ev: Evidence) -> list[Violation]:
+    out: list[Violation] = []
+    fresh = ev.probes.get(NAME)
+    if isinstance(fresh, Violation):
+        out.append(fresh)
+    lost = ev.observations(STATE_LOST_ON_RESTART)
+    if lost:
+        extra = "\n".join(o.detail for o in lost[1:10])
+        out.append(Violation(NAME, lost[0].detail, details=extra, count=len(lost)))
+    return out
+
+
+RULE = Rule(
+    NAME,
+    "after the scenario, a fresh request did not get a correct answer, or a restart lost "
+    "state the manifest says it keeps (`restart_keeps`)",
+    decide=decide,
+    probe=probe,
+)

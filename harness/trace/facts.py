@@ -1,0 +1,293 @@
+"""The annotated trace model: what the builder's one walk over the records proved.
+
+:func:`afterclose.harness.trace.builder.build` replays the records through the fd model
+(:mod:`afterclose.harness.trace.model`) once and keeps, besides the final state, a *fact* for
+every call whose meaning depends on the state at that moment: which incarnation it touched,
+which registration an event belonged to, what the calling thread had been told about the
+number.  Every fact holds a snapshot of what it needs, so the rules
+(``harness/oracle/rules/``) read facts and the final model and keep no state of their own.
+
+Facts are listed in the order the walk proved them (:attr:`TraceModel.facts`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+from afterclose.harness.trace.findings import Finding
+from afterclose.harness.trace.format import Header, HeaderFlag, Record
+from afterclose.harness.trace.model import EndKind, Incarnation, Model, Origin
+from afterclose.harness.trace.timeline import TimelineContext, inc_label
+
+if TYPE_CHECKING:
+    from afterclose.harness.oracle.rule import Rule
+
+
+# -- facts -----------------------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class ClosedNumberUse:
+    """A call failed with EBADF on ``fd``, whose last incarnation ``last`` was closed (by a
+    traced call) before the call began; not part of a closefrom()-style sweep."""
+
+    idx: int
+    fd: int
+    last: Incarnation
+
+
+@dataclass(eq=False, slots=True)
+class SocketCallOnFile:
+    """A socket call failed with ENOTSOCK: the socket ``prev`` was closed and its number is
+    now ``cur``, a non-socket."""
+
+    idx: int
+    prev: Incarnation
+    cur: Incarnation
+
+
+@dataclass(eq=False, slots=True)
+class CloseAgainAfterReuse:
+    """A thread acted on ``first`` and closed it; another thread was handed the number (``now``);
+    the first thread closed the number again, having done nothing else on it in between."""
+
+    idx: int
+    first: Incarnation
+    now: Incarnation
+
+
+@dataclass(eq=False, slots=True)
+class ActAfterEvent:
+    """Since its last epoll_wait (``batch_idx``) the thread got an event for ``event_inc``
+    (in the wait at ``event_idx``); ``event_inc`` was then closed by another thread and its
+    number handed to ``now``, created by another thread; the thread then acted on ``now``."""
+
+    idx: int
+    event_inc: Incarnation
+    event_idx: int
+    now: Incarnation
+    batch_idx: int
+
+
+@dataclass(eq=False, slots=True)
+class ModOfReplaced:
+    """EPOLL_CTL_MOD failed with ENOENT on ``now`` (not registered), with the data that the
+    ADD/MOD at ``owner_set_idx`` had set for ``old``, an older, closed incarnation."""
+
+    idx: int
+    owner_set_idx: int
+    old: Incarnation
+    now: Incarnation
+
+
+@dataclass(eq=False, slots=True)
+class StaleData:
+    """An ADD/MOD on ``now`` set the data that the ADD/MOD at ``owner_set_idx`` had set for
+    ``old``, an older, closed incarnation of the same number (and, for an ADD, a value that
+    complete free tracking shows was not freed and set again since).  ``acted``: the thread's
+    earlier calls on ``now``, made with no event for it; ``followups``: waits that later
+    delivered the stale data."""
+
+    idx: int
+    owner_set_idx: int
+    old: Incarnation
+    now: Incarnation
+    data: int
+    acted: tuple[int, ...] = ()
+    followups: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False, slots=True)
+class EventOnClosed:
+    """The wait at ``wait_idx`` (in ``inc``'s process) returned an event for ``inc``, closed
+    before the wait began, through a live registration (added at ``added_idx``); ``holders``:
+    the incarnations still open on the same file at that moment."""
+
+    wait_idx: int
+    data: int
+    inc: Incarnation
+    added_idx: int
+    holders: tuple[Incarnation, ...]
+
+
+@dataclass(eq=False, slots=True)
+class EventFreedData:
+    """The wait at ``wait_idx`` returned ``data`` for ``target``: a pointer freed at
+    ``free_idx``, before the wait began, and not set again since by a sound ADD/MOD."""
+
+    wait_idx: int
+    data: int
+    target: Incarnation
+    free_idx: int
+    set_idx: int
+
+
+@dataclass(eq=False, slots=True)
+class FreeWhileArmed:
+    """free() at ``free_idx`` of the data of a live, armed registration of ``target`` (set
+    at ``set_idx``); the wait at ``wait_idx`` was in the kernel before the registration
+    stopped, so it could have returned the freed pointer."""
+
+    free_idx: int
+    target: Incarnation
+    set_idx: int
+    wait_idx: int
+
+
+Fact = (
+    ClosedNumberUse
+    | SocketCallOnFile
+    | CloseAgainAfterReuse
+    | ActAfterEvent
+    | ModOfReplaced
+    | StaleData
+    | EventOnClosed
+    | EventFreedData
+    | FreeWhileArmed
+)
+F = TypeVar("F")
+
+
+# -- the model -------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class TraceModel:
+    """The records, the fd model after the walk, and the facts proved on the way."""
+
+    records: Sequence[Record]
+    headers: Mapping[int, Header]
+    kernel: Model
+    ctx: TimelineContext
+    facts: list[Fact]
+    thread_names: Mapping[tuple[int, int], str]
+    pids: set[int]
+    # Where judging stops: the cut-off, else the last record's seq_out (0 without records).
+    end_seq: int
+    # pid -> fd numbers handed out again with no traced close of the previous incarnation.
+    untraced_closes: Mapping[int, int]
+    # pid -> epoll events whose data no traced epoll_ctl set.
+    unattributed: Mapping[int, int]
+    events: int
+    lost_records: int
+    # Why a trace with no lost records is nevertheless incomplete (a damaged file), if it is.
+    damaged: str | None
+    trace_path: str | None
+    # Paths of the per-process trace files, when known (pid -> path).
+    files: Mapping[int, str] = field(default_factory=dict)
+
+    def of(self, kind: type[F]) -> Iterator[F]:
+        """The facts of one kind, in the order the walk proved them."""
+        for fact in self.facts:
+            if isinstance(fact, kind):
+                yield fact
+
+    # -- words every rule uses ----------------------------------------------------------------
+
+    def tname(self, pid: int, tid: int) -> str:
+        return self.thread_names.get((pid, tid), f"tid {tid}")
+
+    def label(self, inc: Incarnation) -> str:
+        return inc_label(inc, pid=self.ctx.multi_process)
+
+    def created_desc(self, inc: Incarnation) -> str:
+        how = {
+            Origin.ACCEPT: "accepted",
+            Origin.SOCKET: "created by socket()",
+            Origin.DUP: "created by dup",
+            Origin.FDNEW: "opened",
+            Origin.EPOLL_CREATE: "created by epoll_create",
+            Origin.FORK: "inherited at fork",
+        }.get(inc.origin, "created")
+        if inc.created_idx < 0:
+            return how
+        return f"{how} by {self.tname(inc.pid, inc.creator_tid)} at seq {inc.created_out}"
+
+    def closed_desc(self, inc: Incarnation) -> str:
+        how = {EndKind.DUP2: "replaced by dup2", EndKind.CLOSE_RANGE: "closed by close_range"}
+        return (
+            f"{how.get(inc.end_kind, 'closed') if inc.end_kind else 'closed'} at seq "
+            f"{inc.end_out} by {self.tname(inc.pid, inc.end_tid)}"
+        )
+
+    def finding(
+        self,
+        rule: Rule,
+        summary: str,
+        idx: int,
+        fd: int | None,
+        data: int | None = None,
+        refs: Iterable[int] = (),
+        notes: dict[int, str] | None = None,
+        *,
+        pid: int | None = None,
+    ) -> Finding:
+        """A finding of ``rule`` at record ``idx`` (its timeline is drawn around it)."""
+        r = self.records[idx]
+        return Finding(
+            rule.name,
+            summary,
+            idx,
+            r.seq_in,
+            r.pid if pid is None else pid,
+            r.tid,
+            fd,
+            data,
+            tuple(i for i in refs if i >= 0),
+            notes or {},
+            _ctx=self.ctx,
+            meaning=rule.plain_meaning,
+            why=rule.why,
+        )
+
+    # -- how far the trace can be trusted -----------------------------------------------------
+
+    def warnings(self) -> list[str]:
+        """What the trace could not show, per process: each caveat limits some rule."""
+        out: list[str] = []
+        if self.lost_records:
+            out.append(
+                f"trace incomplete: {self.lost_records} records were lost (the shim ran out of "
+                "trace chunks); a missing record can hide a violation or explain one away"
+            )
+        elif self.damaged:
+            out.append(f"trace incomplete: {self.damaged}")
+        for pid, h in sorted(self.headers.items()):
+            if h.lost_records:
+                out.append(f"pid {pid}: {h.lost_records} records lost")
+            if h.flags & HeaderFlag.FREE_TABLE_FULL:
+                out.append(
+                    f"pid {pid}: the shim's table of epoll data pointers filled up; some free() "
+                    "calls were not recorded (free rules may miss findings; stale ADDs are not "
+                    "checked)"
+                )
+            if not h.flags & HeaderFlag.FREE_TRACKING:
+                out.append(
+                    f"pid {pid}: free() was not tracked: freed-while-registered and "
+                    "event-for-freed-data were not checked"
+                )
+            if h.flags & HeaderFlag.CRASHED:
+                out.append(
+                    f"pid {pid}: the shim saw a fatal signal; its trace may stop early "
+                    "(fd-leak is not checked for it)"
+                )
+            if h.ppid and h.fork_seq and h.ppid not in self.pids:
+                out.append(
+                    f"pid {pid}: forked from pid {h.ppid}, which is not in the trace: its "
+                    "inherited fds are of unknown origin"
+                )
+        for pid, n in sorted(self.untraced_closes.items()):
+            out.append(
+                f"pid {pid}: {n} fd numbers were handed out again with no traced close (a raw "
+                "close syscall, io_uring, or exec dropping close-on-exec fds): fd-leak is not "
+                "checked for it"
+            )
+        for pid, n in sorted(self.unattributed.items()):
+            out.append(
+                f"pid {pid}: {n} epoll events carried data that no traced epoll_ctl set "
+                "(registrations made behind the shim, e.g. through io_uring): those events "
+                "were not checked"
+            )
+        return out

@@ -1,0 +1,122 @@
+"""fd-leak: from the trace, an accepted connection whose peer is gone, still open at the end
+(or at the cut-off), not checked where closes are invisible; and the trace and the socket
+census judged together (the census itself, on real servers, in tests/test_blackbox_oracle.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from evidence_kit import evidence
+from tracebuild import EP, HUP, IN, RDHUP, A, B, C, TraceBuilder, conn, counts, server
+
+from afterclose.harness.oracle.rules import fd_leak
+from afterclose.harness.oracle.verdict import Violation
+
+
+def test_accept_racing_close_gets_the_number_the_close_released() -> None:
+    """accept() returns 7 inside close(7): the new incarnation must survive the close's return."""
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A)
+    c = t.begin(t.close, tid=2, fd=7)
+    t.accept(tid=1, ret=7)
+    t.end(c)
+    t.ctl_add(tid=1, epfd=EP, fd=7, data=B)
+    t.wait(tid=1, epfd=EP, events=[(IN, B)])
+    t.read(tid=1, fd=7)
+    t.read(tid=1, fd=7, ret=0)
+    v = t.check()
+    # 7#2 is open at the end with its peer gone: only possible if the close ended 7#1.
+    assert counts(v) == {"fd-leak": 1}, v.render()
+    assert "fd 7#2" in v.occurrences["fd-leak"][0].summary
+
+
+def test_close_range_cloexec_closes_nothing() -> None:
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A)
+    f = t.begin(t.close_range, tid=2, first=6)
+    t.end(f)
+    t.records[-1] = dataclasses.replace(t.records[-1], arg=4)  # CLOSE_RANGE_CLOEXEC
+    t.read(tid=3, fd=7)
+    t.read(tid=3, fd=7, ret=0)
+    v = t.check()
+    assert counts(v) == {"fd-leak": 1}  # 7#1 was never closed
+
+
+def test_fd_leak_after_read_zero_and_after_hup() -> None:
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A)
+    conn(t, 8, B)
+    conn(t, 9, C)
+    t.read(tid=1, fd=7, ret=0)
+    t.wait(tid=1, epfd=EP, events=[(IN | RDHUP | HUP, B)])
+    t.read(tid=1, fd=9, ret=0)
+    t.close(tid=1, fd=9)
+    v = t.check()
+    assert counts(v) == {"fd-leak": 2}
+    assert [f.fd for f in v.occurrences["fd-leak"]] == [7, 8]
+
+
+def test_fd_leak_not_checked_when_closes_are_invisible() -> None:
+    """libuv closes with syscall(SYS_close): the shim never sees it, but reuse proves it."""
+    t = TraceBuilder()
+    server(t)
+    t.accept(tid=1, ret=7)
+    t.read(tid=1, fd=7, ret=0)
+    t.accept(tid=1, ret=7)  # 7 handed out again: 7#1 was closed behind the shim's back
+    t.read(tid=1, fd=7, ret=0)
+    t.wait(tid=1, epfd=EP, events=[(IN, 0xDEAD000)])  # registered through io_uring
+    v = t.check()
+    assert counts(v) == {}
+    assert any("no traced close" in w for w in v.warnings)
+    assert any("1 epoll events carried data that no traced epoll_ctl set" in w for w in v.warnings)
+
+
+def test_fd_leak_cutoff() -> None:
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A)
+    t.read(tid=1, fd=7, ret=0)
+    cutoff = t.seq
+    t.skip(100)
+    t.close(tid=1, fd=7)
+    assert counts(t.check()) == {}
+    v = t.check(cutoff_seq=cutoff)
+    assert counts(v) == {"fd-leak": 1}
+    assert f"seq {cutoff}" in v.violations[0].summary
+
+
+# -- the trace and the socket census together ----------------------------------------------
+
+
+def _traced_leak() -> Violation:
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A)
+    t.read(tid=1, fd=7, ret=0)
+    (v,) = t.check(trace_path="/runs/1/trace").violations
+    return v
+
+
+def test_census_and_trace_make_one_violation_with_both() -> None:
+    traced = _traced_leak()
+    outside = Violation("fd-leak", "1 socket(s) still open 1 s after every client left", "now: x")
+    (v,) = fd_leak.decide(evidence(probes={"fd-leak": (outside, None)}, traced=[traced]))
+    assert v.summary == outside.summary
+    assert "now: x" in v.details and traced.summary in v.details
+    assert v.artifacts == ("/runs/1/trace",)
+
+
+def test_either_alone_is_reported_and_stranded_connections_are_a_warning() -> None:
+    traced = _traced_leak()
+    assert fd_leak.decide(evidence(probes={"fd-leak": (None, None)}, traced=[traced])) == [traced]
+    outside = Violation("fd-leak", "2 socket(s) still open")
+    ev = evidence(probes={"fd-leak": (outside, "1 connection(s) still ESTABLISHED")})
+    assert fd_leak.decide(ev) == [outside]
+    assert ev.warnings == ["1 connection(s) still ESTABLISHED"]
+
+
+def test_no_leak_seen_either_way_does_not_fire() -> None:
+    assert fd_leak.decide(evidence(probes={"fd-leak": (None, None)})) == []

@@ -1,0 +1,74 @@
+"""incomplete-evidence: a trace that lost records cannot pass, and says where and what to do."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from tracebuild import TraceBuilder, conn, counts, seed_race, server
+
+from afterclose.harness.oracle.judge import judge_trace
+from afterclose.harness.trace.format import Header, Record
+
+RULE = "incomplete-evidence"
+
+
+@dataclasses.dataclass
+class _Proc:
+    header: Header
+    path: Path
+
+
+@dataclasses.dataclass
+class _Trace:
+    processes: tuple[_Proc, ...]
+    records: tuple[Record, ...]
+    lost_records: int
+    warnings: tuple[str, ...] = ()
+    complete: bool = True
+
+
+def test_lost_records_are_reported_loudly() -> None:
+    t = seed_race()
+    v = t.check(lost_records=12)
+    assert not v.complete
+    assert any("12 records were lost" in w for w in v.warnings)
+    assert counts(v)[RULE] == 1
+    # Every other rule's timeline says its verdict may be wrong.
+    assert all(
+        "WARNING: the trace lost 12 records" in x.details for x in v.violations if x.rule != RULE
+    )
+    assert "WARNING" in v.render()
+
+
+def test_a_clean_looking_trace_that_lost_records_cannot_pass() -> None:
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, 0x55D0C2A0)
+    assert t.check().ok
+    v = t.check(lost_records=3)
+    assert counts(v) == {RULE: 1}
+    assert not v.ok
+    (only,) = v.violations
+    assert "lost 3 records" in only.summary and "AFTERCLOSE_TRACE_MB=" in only.summary
+
+
+def test_names_the_process_file_and_a_larger_size(tmp_path: Path) -> None:
+    t = seed_race()
+    hdr = dataclasses.replace(t.headers()[100], lost_records=40, n_chunks=1024, chunk_records=4096)
+    path = tmp_path / "trace.100.0.bin"
+    v = judge_trace(_Trace((_Proc(hdr, path),), tuple(t.sorted_records()), 40))
+    (finding,) = v.occurrences[RULE]
+    assert f"pid 100 ({path}): 40 lost" in finding.summary
+    # 1024 chunks of 4096 records of 64 bytes: a 256 MiB file; four times that is suggested.
+    assert "AFTERCLOSE_TRACE_MB=1024" in finding.summary
+    assert finding.timeline() == finding.summary  # about the whole trace: no timeline
+
+
+def test_a_complete_or_merely_damaged_trace_does_not_fire(tmp_path: Path) -> None:
+    t = seed_race()
+    assert RULE not in counts(t.check())
+    procs = tuple(_Proc(h, tmp_path / f"trace.{pid}.0.bin") for pid, h in t.headers().items())
+    damaged = _Trace(procs, tuple(t.sorted_records()), 0, ("trace.100.0.bin: truncated",), False)
+    v = judge_trace(damaged)
+    assert not v.complete and RULE not in counts(v)
