@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import platform
+import re
 import shutil
 import sys
 import uuid
@@ -32,7 +33,7 @@ from afterclose.harness.oracle.verdict import (
 )
 from afterclose.harness.session import Harness, Outcome, Settings
 from afterclose.harness.trace import ebpf, reader, rules
-from afterclose.harness.trace.format import EPOLL_CTL_ADD, Op
+from afterclose.harness.trace.format import EPOLL_CTL_ADD, IoKind, Op
 from afterclose.harness.tracers import choose_tracer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,6 +184,19 @@ def test_program_text_seeds_pids_and_dedup_switch() -> None:
     assert "#define DEDUP_IO 1" in text
     assert "#define DEDUP_IO 0" in ebpf.program_text([3], dedup_io=False)
     assert ebpf.SEED_MARK not in text and ebpf.DEDUP_MARK not in text
+    assert ebpf.FORMAT_MARK not in text
+
+
+def test_program_record_constants_come_from_format_py() -> None:
+    text = ebpf.program_text([1])
+    for op in Op:
+        assert f"#define OP_{op.name} {int(op)}\n" in text
+    for kind in IoKind:
+        assert f"#define IO_{kind.name} {int(kind)}\n" in text
+    # The program's own text names every record constant it prints: no bare op numbers.
+    source = ebpf.BT_SOURCE.read_text()
+    assert "#define OP_" not in source
+    assert not re.search(r'printf\("\d', source)
 
 
 def test_auto_prefers_ebpf_for_static_and_go_targets() -> None:

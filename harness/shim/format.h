@@ -40,6 +40,11 @@ enum { /* HeaderFlag */
     FLAG_CRASHED = 4,
 };
 
+enum { /* AcceptKind */
+    ACCEPTK_ACCEPT = 0,
+    ACCEPTK_ACCEPT4 = 4,
+};
+
 enum { /* DupKind */
     DUPK_DUP = 0,
     DUPK_DUP2 = 1,

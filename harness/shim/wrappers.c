@@ -52,14 +52,14 @@ int accept(int fd, struct sockaddr *addr, socklen_t *len)
 {
     fn_accept f = REAL(accept);
     NOSYS_IF_NULL(f);
-    TRACE_ACCEPT(f(fd, addr, len), 0, fd);
+    TRACE_ACCEPT(f(fd, addr, len), ACCEPTK_ACCEPT, fd);
 }
 
 int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
 {
     fn_accept4 f = REAL(accept4);
     NOSYS_IF_NULL(f);
-    TRACE_ACCEPT(f(fd, addr, len, flags), 4, fd);
+    TRACE_ACCEPT(f(fd, addr, len, flags), ACCEPTK_ACCEPT4, fd);
 }
 
 int close(int fd)

@@ -24,7 +24,13 @@ from afterclose.harness import syscall_faults
 from afterclose.harness.errors import BuildError
 from afterclose.harness.trace import format as fmt
 
-__all__ = ["SHIM_HEADER", "bpftrace_defines", "ensure_shim_header", "shim_header"]
+__all__ = [
+    "SHIM_HEADER",
+    "bpftrace_constants",
+    "bpftrace_defines",
+    "ensure_shim_header",
+    "shim_header",
+]
 
 SHIM_HEADER = Path(__file__).resolve().parent.parent / "shim" / "format.h"
 
@@ -41,6 +47,7 @@ _C_TYPES = {
 _ENUM_PREFIX: tuple[tuple[type[enum.IntEnum] | type[enum.IntFlag], str], ...] = (
     (fmt.Op, "OP_"),
     (fmt.HeaderFlag, "FLAG_"),
+    (fmt.AcceptKind, "ACCEPTK_"),
     (fmt.DupKind, "DUPK_"),
     (fmt.WaitKind, "WAITK_"),
     (fmt.IoKind, "IO_"),
@@ -160,13 +167,21 @@ def _fault_codes() -> list[str]:
     ]
 
 
-def bpftrace_defines() -> str:
-    """``#define`` lines of the record constants the eBPF program prints."""
-    lines = ["/* Generated from harness/trace/format.py by harness/trace/codegen.py. */"]
+def bpftrace_constants() -> dict[str, int]:
+    """The record constants the eBPF program prints, by the names the shim's C code uses."""
+    out: dict[str, int] = {}
     for cls, prefix in _ENUM_PREFIX:
-        if cls is fmt.HeaderFlag:
-            continue
-        lines += [f"#define {prefix}{m.name} {int(m.value)}" for m in cls]
+        if cls is not fmt.HeaderFlag:
+            out.update((f"{prefix}{m.name}", int(m.value)) for m in cls)
+    for name in ("EPOLL_CTL_ADD", "EPOLL_CTL_DEL", "EPOLL_CTL_MOD"):
+        out[name] = getattr(fmt, name)
+    return out
+
+
+def bpftrace_defines() -> str:
+    """``#define`` lines of :func:`bpftrace_constants` for the eBPF program."""
+    lines = ["/* Generated from harness/trace/format.py by harness/trace/codegen.py. */"]
+    lines += [f"#define {name} {value}" for name, value in bpftrace_constants().items()]
     return "\n".join(lines)
 
 

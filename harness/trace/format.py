@@ -105,7 +105,7 @@ class HeaderFlag(enum.IntFlag):
 
 
 class RecordFlag(enum.IntFlag):
-    """Bits of a record's ``flags`` above its kind (DupKind, WaitKind, IoKind, ...)."""
+    """Bits of a record's ``flags`` above its kind (AcceptKind, DupKind, WaitKind, IoKind, ...)."""
 
     # The shim injected this result (harness/syscall_faults.py): ret/err are what the target
     # saw, so the rules judge it like a real one.  See the Op table for the ops it marks.
@@ -120,7 +120,7 @@ class Op(enum.IntEnum):
 
     ============  ======================================================================
     SOCKET        ret = new fd
-    ACCEPT        fd = listening fd, ret = new fd (accept and accept4; flags = 4 for accept4)
+    ACCEPT        fd = listening fd, ret = new fd; flags = AcceptKind
     CLOSE         fd
     SHUTDOWN      fd, arg = how
     DUP           fd = old fd, arg = requested new fd (-1 for dup), ret = new fd;
@@ -163,6 +163,11 @@ class Op(enum.IntEnum):
     FREE = 13
     FDNEW = 14
     CLOSE_RANGE = 15
+
+
+class AcceptKind(enum.IntEnum):
+    ACCEPT = 0
+    ACCEPT4 = 4
 
 
 class DupKind(enum.IntEnum):
@@ -259,7 +264,7 @@ class Record:
 
     @property
     def kind(self) -> int:
-        """``flags`` without :class:`RecordFlag` bits: the DupKind/WaitKind/IoKind/ctl op."""
+        """``flags`` without :class:`RecordFlag` bits: the Accept/Dup/Wait/IoKind or ctl op."""
         return self.flags & _KIND_MASK
 
 
