@@ -1,4 +1,4 @@
-"""The eBPF tracer (``--tracer=ebpf``, harness/trace/ebpf.py and afterclose.bt).
+"""The eBPF tracer (``--tracer=ebpf``, harness/trace/ebpf/ and afterclose.bt).
 
 The first tests need nothing: they feed the parser and the trace writer made-up bpftrace
 output and check the records, the seeding from /proc and the choice of tracer.  The rest run
