@@ -6,6 +6,7 @@ preloaded into a fresh trace folder and checks exact facts in what the reader de
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -586,6 +587,20 @@ def test_shim_env_keeps_existing_preload_and_puts_asan_first(tmp_path: Path) -> 
         pytest.skip(f"no ASan runtime: {exc}")
     env = shim.shim_env(tmp_path, asan_runtime=True, base_env={"LD_PRELOAD": "/opt/a.so"})
     assert env["LD_PRELOAD"].split(":") == [asan, "/opt/a.so", so]
+
+
+def test_relabel_pid_moves_header_chunks_and_name(tmp_path: Path) -> None:
+    run_traced([program("readloop"), "20"], tmp_path, extra={"AFTERCLOSE_TRACE_CHUNK": "8"})
+    (before,) = read_trace_dir(tmp_path).processes
+    host = before.pid + 100000
+    moved = shim.relabel_pid(tmp_path, before.pid, host)
+    assert [p.name for p in moved] == [f"trace.{host}.0.bin"]
+    (after,) = read_trace_dir(tmp_path).processes
+    assert after.pid == after.header.pid == host
+    assert [dataclasses.replace(r, pid=before.pid) for r in after.records] == list(before.records)
+    with moved[0].open("rb") as f:
+        f.seek(HEADER_SIZE)
+        assert fmt.CHUNK_HEADER_STRUCT.unpack(f.read(fmt.CHUNK_HEADER_STRUCT.size))[1] == host
 
 
 def test_read_seq_without_a_counter(tmp_path: Path) -> None:
