@@ -1,7 +1,8 @@
 """Syscall faults and schedule perturbation ("chaos"), injected by the LD_PRELOAD shim.
 
-Both are declared here and carried to the target in its environment; the shim
-(``harness/shim/afterclose_shim.c``, section "syscall faults and chaos") does the work.
+Both are declared and validated here and carried to the target in its environment in an
+encoded form the shim reads without parsing any user syntax (:func:`to_env`, :func:`chaos_env`);
+the shim (``harness/shim/faults.c`` and ``chaos.c``) does the work.
 
 Syscall faults, per scenario with ``@pytest.mark.syscall_faults(read={"eagain": 0.05}, ...)``:
 
@@ -63,13 +64,20 @@ ENV_FAULTS = "AFTERCLOSE_SYSCALL_FAULTS"
 ENV_SEED = "AFTERCLOSE_FAULT_SEED"
 ENV_CHAOS = "AFTERCLOSE_CHAOS"
 
-# call -> the errors it may be given (keep in step with FAULT_OPTS in the shim).
+# call -> the errors it may be given.  Their codes in the encoded spec are their positions
+# (errors from 1, 0 being "none"); harness/shim/format.h is generated from them.
 CALLS: dict[str, tuple[str, ...]] = {
     "epoll_wait": ("eintr",),
     "read": ("eagain",),
     "write": ("short", "econnreset", "epipe"),
     "accept": ("emfile", "econnaborted"),
 }
+CALL_CODES: dict[str, int] = {call: n for n, call in enumerate(CALLS)}
+ERROR_CODES: dict[str, int] = {
+    error: n for n, error in enumerate((e for errs in CALLS.values() for e in errs), start=1)
+}
+# The shim compares a 32-bit draw with a threshold: probability p is threshold floor(p * 2**32).
+THRESHOLD_ONE = 1 << 32
 # Names a user may reach for, and the call that covers them.
 _COVERED_BY = {
     "epoll_pwait": "epoll_wait",
@@ -85,7 +93,7 @@ _COVERED_BY = {
     "sendfile": "write",
     "accept4": "accept",
 }
-# Level names of --chaos and the shim's AFTERCLOSE_CHAOS (keep in step with parse_chaos).
+# Level names of --chaos; the shim is given the level's number.
 CHAOS_LEVELS: dict[str, int] = {"off": 0, "low": 3, "on": 5, "medium": 5, "high": 8}
 MAX_CHAOS = 10
 
@@ -98,14 +106,20 @@ class SyscallFault:
     error: str
     probability: float
 
+    @property
+    def threshold(self) -> int:
+        """The probability as a threshold on the shim's 32-bit draws (0 to 2**32)."""
+        # Rounded to 12 decimal places first, finer than the 2**-32 steps: a probability
+        # written 0.05 gives the same threshold whatever its binary float.
+        whole, _, frac = f"{self.probability:.12f}".partition(".")
+        if int(whole) >= 1:
+            return THRESHOLD_ONE
+        scale: int = 10 ** len(frac)
+        return (int(frac or "0") << 32) // scale
+
     def env_item(self) -> str:
-        return f"{self.call}={self.error}:{_decimal(self.probability)}"
-
-
-def _decimal(p: float) -> str:
-    # The shim reads a plain decimal (no exponent); 12 places are finer than its 2**-32 steps.
-    text = f"{p:.12f}".rstrip("0").rstrip(".")
-    return text or "0"
+        """``call:error:threshold`` in codes: the form the shim reads."""
+        return f"{CALL_CODES[self.call]}:{ERROR_CODES[self.error]}:{self.threshold}"
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
@@ -138,6 +152,7 @@ def parse(spec: Mapping[str, object], *, where: str = "syscall_faults") -> tuple
                 hint=f"errors for {call}: {', '.join(allowed)}",
             )
         total = 0.0
+        thresholds = 0
         for error, probability in errors.items():
             key = f"{call}.{error}"
             if not isinstance(error, str) or error not in allowed:
@@ -158,8 +173,10 @@ def parse(spec: Mapping[str, object], *, where: str = "syscall_faults") -> tuple
                     hint="e.g. 0.05 for one call in twenty",
                 )
             total += float(probability)
-            faults.append(SyscallFault(call, error, float(probability)))
-        if total > 1 + 1e-9:
+            fault = SyscallFault(call, error, float(probability))
+            thresholds += fault.threshold
+            faults.append(fault)
+        if total > 1 + 1e-9 or thresholds > THRESHOLD_ONE:
             raise ScenarioError(
                 f"the probabilities of {call} add up to {total:g}, more than 1",
                 where=f"{where}: key {call!r}",
@@ -193,7 +210,9 @@ def _check_seed(seed: int) -> str:
 
 
 def to_env(specs: Iterable[SyscallFault], seed: int) -> dict[str, str]:
-    """The target environment that makes the shim inject ``specs`` (empty when none)."""
+    """The target environment that makes the shim inject ``specs`` (empty when none): the
+    encoded spec, ``call:error:threshold`` items in codes (:data:`CALL_CODES`,
+    :data:`ERROR_CODES`, :attr:`SyscallFault.threshold`) joined by commas, in order."""
     items = [s.env_item() for s in specs]
     if not items:
         return {}

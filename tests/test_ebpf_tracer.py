@@ -1,4 +1,4 @@
-"""The eBPF tracer (``--tracer=ebpf``, harness/trace/ebpf.py and afterclose.bt).
+"""The eBPF tracer (``--tracer=ebpf``, harness/trace/ebpf/ and afterclose.bt).
 
 The first tests need nothing: they feed the parser and the trace writer made-up bpftrace
 output and check the records, the seeding from /proc and the choice of tracer.  The rest run
@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import platform
+import re
 import shutil
 import sys
 import uuid
@@ -31,7 +32,7 @@ from afterclose.harness.oracle.rules.use_after_close import NAME as USE_AFTER_CL
 from afterclose.harness.oracle.rules.wrong_incarnation import NAME as WRONG_INCARNATION
 from afterclose.harness.session import Harness, Outcome, Settings
 from afterclose.harness.trace import ebpf, reader
-from afterclose.harness.trace.format import EPOLL_CTL_ADD, Op
+from afterclose.harness.trace.format import EPOLL_CTL_ADD, IoKind, Op
 from afterclose.harness.tracers import choose_tracer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,6 +183,19 @@ def test_program_text_seeds_pids_and_dedup_switch() -> None:
     assert "#define DEDUP_IO 1" in text
     assert "#define DEDUP_IO 0" in ebpf.program_text([3], dedup_io=False)
     assert ebpf.SEED_MARK not in text and ebpf.DEDUP_MARK not in text
+    assert ebpf.FORMAT_MARK not in text
+
+
+def test_program_record_constants_come_from_format_py() -> None:
+    text = ebpf.program_text([1])
+    for op in Op:
+        assert f"#define OP_{op.name} {int(op)}\n" in text
+    for kind in IoKind:
+        assert f"#define IO_{kind.name} {int(kind)}\n" in text
+    # The program's own text names every record constant it prints: no bare op numbers.
+    source = ebpf.BT_SOURCE.read_text()
+    assert "#define OP_" not in source
+    assert not re.search(r'printf\("\d', source)
 
 
 def test_auto_prefers_ebpf_for_static_and_go_targets() -> None:

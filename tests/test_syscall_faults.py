@@ -49,9 +49,13 @@ def run(
     chaos: str | None = None,
     seed: int | None = 1,
     raw_seed: str | None = None,
+    raw_faults: str | None = None,
     name: str = "faultprobe",
 ) -> subprocess.CompletedProcess[str]:
-    """Run a probe with the shim preloaded (traced into ``trace_dir`` unless None)."""
+    """Run a probe with the shim preloaded (traced into ``trace_dir`` unless None).
+
+    ``faults`` is written ``call=error:probability,...`` and encoded as the harness does;
+    ``raw_faults`` and ``chaos`` go into the environment as they are."""
     env = dict(os.environ)
     for var in ("LD_PRELOAD", "AFTERCLOSE_TRACE_DIR", *_PT_VARS):
         env.pop(var, None)
@@ -61,7 +65,11 @@ def run(
     else:
         env.update(shim.preload_env(base_env=env))
     if faults is not None:
-        env[syscall_faults.ENV_FAULTS] = faults
+        env[syscall_faults.ENV_FAULTS] = syscall_faults.to_env(spec(faults), 0)[
+            syscall_faults.ENV_FAULTS
+        ]
+    if raw_faults is not None:
+        env[syscall_faults.ENV_FAULTS] = raw_faults
     if chaos is not None:
         env[syscall_faults.ENV_CHAOS] = chaos
     if seed is not None or raw_seed is not None:
@@ -74,6 +82,16 @@ def run(
         timeout=60,
         check=False,
     )
+
+
+def spec(text: str) -> tuple[SyscallFault, ...]:
+    """``read=eagain:0.5,write=short:0.1`` as validated faults."""
+    calls: dict[str, dict[str, float]] = {}
+    for item in text.split(","):
+        call, _, rest = item.partition("=")
+        error, _, probability = rest.partition(":")
+        calls.setdefault(call, {})[error] = float(probability)
+    return syscall_faults.parse(calls)
 
 
 _PT_VARS = (syscall_faults.ENV_FAULTS, syscall_faults.ENV_CHAOS, syscall_faults.ENV_SEED)
@@ -258,36 +276,59 @@ def test_same_seed_same_injections(tmp_path: Path) -> None:
     assert runs["a"][1] != runs["c"][1]
 
 
-def test_bad_env_one_line_and_no_injection(tmp_path: Path) -> None:
-    proc = run(["read", 20], trace_dir=tmp_path, faults="read=eagian:1")
+def test_malformed_encoding_one_line_and_no_injection(tmp_path: Path) -> None:
+    # The user's syntax is not the shim's: only the encoded form of to_env() is read.
+    proc = run(["read", 20], trace_dir=tmp_path, raw_faults="read=eagain:1")
     v = values(proc)
     assert proc.stderr.splitlines() == [
-        "afterclose-shim: syscall faults disabled: AFTERCLOSE_SYSCALL_FAULTS: unknown error "
-        "for this call in 'read=eagian:1' (read: eagain)"
+        "afterclose-shim: syscall faults disabled: AFTERCLOSE_SYSCALL_FAULTS: not the encoded "
+        "spec of harness/syscall_faults.py at 'read=eagain:1' (call:error:threshold items in "
+        "codes; set syscall faults with @pytest.mark.syscall_faults)"
     ]
     assert v["read_eagain"] == 0 and v["read_got"] == 20
     trace = read_trace_dir(tmp_path)
     assert trace.records and not injected(trace)  # tracing went on
 
 
+READ, EAGAIN_CODE, SHORT = (
+    syscall_faults.CALL_CODES["read"],
+    syscall_faults.ERROR_CODES["eagain"],
+    syscall_faults.ERROR_CODES["short"],
+)
+
+
 @pytest.mark.parametrize(
     ("env", "says"),
     [
-        ({syscall_faults.ENV_FAULTS: "read=eagain:1.5"}, "probability above 1"),
-        ({syscall_faults.ENV_FAULTS: "reed=eagain:1"}, "unknown call"),
-        ({syscall_faults.ENV_FAULTS: "read"}, "expected call=error:probability"),
-        ({syscall_faults.ENV_CHAOS: "extreme"}, "chaos disabled: AFTERCLOSE_CHAOS: unknown level"),
+        ({"raw_faults": f"{READ}:{EAGAIN_CODE}:{2**32 + 1}"}, f"at '{READ}:{EAGAIN_CODE}:"),
+        ({"raw_faults": f"{READ}:{SHORT}:100"}, "not the encoded spec"),  # not an error of read
+        ({"raw_faults": f"{READ}:{EAGAIN_CODE}:5,{READ}:{EAGAIN_CODE}:5"}, "not the encoded"),
+        ({"raw_faults": f"9:{EAGAIN_CODE}:5"}, "not the encoded spec"),
+        ({"raw_faults": f"{READ}:{EAGAIN_CODE}"}, "not the encoded spec"),
+        ({"chaos": "extreme"}, "chaos disabled: AFTERCLOSE_CHAOS: unknown level 'extreme'"),
+        ({"chaos": "11"}, "chaos disabled: AFTERCLOSE_CHAOS: unknown level '11'"),
     ],
 )
-def test_bad_env_values(tmp_path: Path, env: Mapping[str, str], says: str) -> None:
-    proc = run(
-        ["read", 5],
-        trace_dir=tmp_path,
-        faults=env.get(syscall_faults.ENV_FAULTS),
-        chaos=env.get(syscall_faults.ENV_CHAOS),
-    )
-    values(proc)
+def test_malformed_env_values(tmp_path: Path, env: Mapping[str, str], says: str) -> None:
+    proc = run(["read", 5], trace_dir=tmp_path, **env)
+    assert values(proc)["read_eagain"] == 0
     assert len(proc.stderr.splitlines()) == 1 and says in proc.stderr, proc.stderr
+
+
+def test_encoded_spec_is_codes_and_thresholds() -> None:
+    faults = spec("read=eagain:0.05,write=short:0.1,write=econnreset:0.001")
+    assert syscall_faults.to_env(faults, 7) == {
+        "AFTERCLOSE_SYSCALL_FAULTS": "1:2:214748364,2:3:429496729,2:4:4294967",
+        "AFTERCLOSE_FAULT_SEED": "7",
+    }
+    # floor(p * 2**32) of the decimal probability, 1 being the whole scale.
+    assert [SyscallFault("read", "eagain", p).threshold for p in (0, 0.5, 1, 1e-3)] == [
+        0,
+        2**31,
+        2**32,
+        4294967,
+    ]
+    assert syscall_faults.CALL_CODES == {"epoll_wait": 0, "read": 1, "write": 2, "accept": 3}
 
 
 def test_seed_unset_is_zero_and_bad_seed_disables_both(tmp_path: Path) -> None:
@@ -337,14 +378,12 @@ def test_parse_and_env() -> None:
         SyscallFault("write", "short", 0.1),
         SyscallFault("write", "econnreset", 0.001),
     )
-    assert syscall_faults.to_env(specs, 7) == {
-        "AFTERCLOSE_SYSCALL_FAULTS": "read=eagain:0.05,write=short:0.1,write=econnreset:0.001",
-        "AFTERCLOSE_FAULT_SEED": "7",
-    }
+    assert syscall_faults.to_env(specs, 7)["AFTERCLOSE_FAULT_SEED"] == "7"
     assert syscall_faults.to_env((), 7) == {}
-    assert syscall_faults.to_env([SyscallFault("read", "eagain", 1)], 0)[
-        "AFTERCLOSE_SYSCALL_FAULTS"
-    ] == ("read=eagain:1")
+    assert (
+        syscall_faults.to_env([SyscallFault("read", "eagain", 1)], 0)["AFTERCLOSE_SYSCALL_FAULTS"]
+        == f"1:2:{2**32}"
+    )
     assert syscall_faults.chaos_env("off", 1) == {}
     assert syscall_faults.chaos_env("high", 1) == {
         "AFTERCLOSE_CHAOS": "8",

@@ -1,4 +1,7 @@
-"""The binary layout of a trace file, shared by the C shim (``harness/shim/``) and the reader.
+"""The binary layout of a trace file: the one source of the trace format.
+
+The reader (:mod:`.reader`) uses it directly; the C shim's ``harness/shim/format.h`` and the
+eBPF program's constants are generated from it (:mod:`.codegen`).
 
 One traced process writes one file, ``trace.<pid>.<n>.bin`` in the trace folder (``n`` counts
 execs of the same pid).  The file is a file-backed ``MAP_SHARED`` mapping, so whatever a thread
@@ -36,26 +39,63 @@ CHUNK_HEADER_SIZE = RECORD_SIZE
 SEQ_FILE = "seq.bin"
 TRACE_GLOB = "trace.*.bin"
 
-# Header fields at fixed offsets.
-#   0  magic[8]
-#   8  u32 version          12 u32 header_size
-#  16  u32 record_size      20 u32 chunk_records
-#  24  u32 n_chunks         28 u32 pid
-#  32  u32 ppid             36 u32 flags (HeaderFlag)
-#  40  u64 next_chunk       48 u64 lost_records
-#  56  u64 start_ns         64 u64 fork_seq (seq_out-less: seq_in of the parent's fork, 0 if none)
-#  72  u64 free_table_slots 80 u64 free_table_used
-# 256  char exe[256] (NUL-terminated)
-HEADER_STRUCT = struct.Struct("<8sIIIIIIIIQQQQQQ")
+# Field name and struct code of each layout, in order.  The C header of the shim
+# (``harness/shim/format.h``) and the eBPF program's constants are generated from this module by
+# :mod:`.codegen`; nothing else spells the layout out.
+Fields = tuple[tuple[str, str], ...]
+
+HEADER_FIELDS: Fields = (
+    ("magic", "8s"),
+    ("version", "I"),
+    ("header_size", "I"),
+    ("record_size", "I"),
+    ("chunk_records", "I"),
+    ("n_chunks", "I"),
+    ("pid", "I"),
+    ("ppid", "I"),
+    ("flags", "I"),  # HeaderFlag
+    ("next_chunk", "Q"),
+    ("lost_records", "Q"),
+    ("start_ns", "Q"),
+    ("fork_seq", "Q"),  # seq_in of the parent's fork, 0 if none
+    ("free_table_slots", "Q"),
+    ("free_table_used", "Q"),
+)
+# ... then, at EXE_OFFSET, char exe[EXE_SIZE] (NUL-terminated), zeros up to HEADER_SIZE.
+HEADER_STRUCT = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
 EXE_OFFSET = 256
 EXE_SIZE = 256
 
-# Chunk header: u32 tid, u32 pid, u64 count (records committed), then padding to 64 bytes.
-CHUNK_HEADER_STRUCT = struct.Struct("<IIQ")
+# Chunk header, then padding to CHUNK_HEADER_SIZE; ``count`` is the records committed.
+CHUNK_HEADER_FIELDS: Fields = (("tid", "I"), ("pid", "I"), ("count", "Q"))
+CHUNK_HEADER_STRUCT = struct.Struct("<" + "".join(code for _, code in CHUNK_HEADER_FIELDS))
 
-# Record: seq_in, seq_out, t_ns, tid, op, flags, fd, arg, data, events, err, ret.
-RECORD_STRUCT = struct.Struct("<QQQIHHiiQIiq")
+RECORD_FIELDS: Fields = (
+    ("seq_in", "Q"),
+    ("seq_out", "Q"),
+    ("t_ns", "Q"),
+    ("tid", "I"),
+    ("op", "H"),  # Op
+    ("flags", "H"),  # kind | RecordFlag
+    ("fd", "i"),
+    ("arg", "i"),
+    ("data", "Q"),
+    ("events", "I"),
+    ("err", "i"),
+    ("ret", "q"),
+)
+RECORD_STRUCT = struct.Struct("<" + "".join(code for _, code in RECORD_FIELDS))
 assert RECORD_STRUCT.size == RECORD_SIZE
+
+
+def field_offset(fields: Fields, name: str) -> int:
+    """Byte offset of ``name`` in a layout (little-endian, no padding: the C structs match)."""
+    offset = 0
+    for field_name, code in fields:
+        if field_name == name:
+            return offset
+        offset += struct.calcsize("<" + code)
+    raise KeyError(name)
 
 
 class HeaderFlag(enum.IntFlag):
@@ -65,7 +105,7 @@ class HeaderFlag(enum.IntFlag):
 
 
 class RecordFlag(enum.IntFlag):
-    """Bits of a record's ``flags`` above its kind (DupKind, WaitKind, IoKind, ...)."""
+    """Bits of a record's ``flags`` above its kind (AcceptKind, DupKind, WaitKind, IoKind, ...)."""
 
     # The shim injected this result (harness/syscall_faults.py): ret/err are what the target
     # saw, so the rules judge it like a real one.  See the Op table for the ops it marks.
@@ -80,7 +120,7 @@ class Op(enum.IntEnum):
 
     ============  ======================================================================
     SOCKET        ret = new fd
-    ACCEPT        fd = listening fd, ret = new fd (accept and accept4; flags = 4 for accept4)
+    ACCEPT        fd = listening fd, ret = new fd; flags = AcceptKind
     CLOSE         fd
     SHUTDOWN      fd, arg = how
     DUP           fd = old fd, arg = requested new fd (-1 for dup), ret = new fd;
@@ -123,6 +163,11 @@ class Op(enum.IntEnum):
     FREE = 13
     FDNEW = 14
     CLOSE_RANGE = 15
+
+
+class AcceptKind(enum.IntEnum):
+    ACCEPT = 0
+    ACCEPT4 = 4
 
 
 class DupKind(enum.IntEnum):
@@ -219,7 +264,7 @@ class Record:
 
     @property
     def kind(self) -> int:
-        """``flags`` without :class:`RecordFlag` bits: the DupKind/WaitKind/IoKind/ctl op."""
+        """``flags`` without :class:`RecordFlag` bits: the Accept/Dup/Wait/IoKind or ctl op."""
         return self.flags & _KIND_MASK
 
 

@@ -27,6 +27,7 @@ from afterclose.harness.trace.format import (
     HEADER_SIZE,
     HEADER_STRUCT,
     MAGIC,
+    RECORD_FIELDS,
     RECORD_SIZE,
     RECORD_STRUCT,
     TRACE_GLOB,
@@ -54,21 +55,7 @@ _BY_SEQ_OUT = attrgetter("seq_out")
 # object.__setattr__, which costs several microseconds a record.  Filling the slots through
 # their member descriptors builds the very same object about three times faster.  Used only
 # while Record keeps that shape (pid, then the wire fields in RECORD_STRUCT order).
-_RECORD_FIELDS = (
-    "pid",
-    "seq_in",
-    "seq_out",
-    "t_ns",
-    "tid",
-    "op",
-    "flags",
-    "fd",
-    "arg",
-    "data",
-    "events",
-    "err",
-    "ret",
-)
+_RECORD_FIELDS = ("pid", *(name for name, _ in RECORD_FIELDS))
 _FAST_RECORDS = tuple(f.name for f in fields(Record)) == _RECORD_FIELDS and all(
     isinstance(Record.__dict__.get(name), types.MemberDescriptorType) for name in _RECORD_FIELDS
 )

@@ -1,7 +1,8 @@
 """Build the LD_PRELOAD shim and describe the environment that makes a target traced.
 
-The shim (``harness/shim/afterclose_shim.c``) writes the files that :mod:`.reader` reads.
-Environment it understands:
+The shim is one library built from the C files of ``harness/shim/`` (their parts: ``shim.h``;
+the trace layout ``format.h`` is generated from :mod:`.format` by :mod:`.codegen` before every
+build).  It writes the files that :mod:`.reader` reads.  Environment it understands:
 
 ``AFTERCLOSE_TRACE_DIR``       folder for ``seq.bin`` and ``trace.<pid>.<n>.bin`` (required to
                               trace; unset, the shim only perturbs when asked to below, else it
@@ -10,14 +11,14 @@ Environment it understands:
 ``AFTERCLOSE_TRACE_CHUNK``     records per chunk (default 4096; small values for tests)
 ``AFTERCLOSE_FREE_TRACKING``   ``0`` stops recording free() of epoll data pointers
 ``AFTERCLOSE_CRASH_HANDLER``   ``0`` stops the shim installing its SIGSEGV/SIGABRT/... marker
-``AFTERCLOSE_SYSCALL_FAULTS``  syscall faults, ``call=error:probability,...``, e.g.
-                              ``epoll_wait=eintr:0.02,read=eagain:0.05,write=short:0.1``
-                              (see :mod:`afterclose.harness.syscall_faults`)
-``AFTERCLOSE_CHAOS``           schedule perturbation: ``off``, ``on``, ``low``, ``medium``, ``high``
-                              or a level ``0``-``10``
+``AFTERCLOSE_SYSCALL_FAULTS``  syscall faults, encoded by
+                              :func:`afterclose.harness.syscall_faults.to_env` (which validates
+                              the ``@pytest.mark.syscall_faults`` spec)
+``AFTERCLOSE_CHAOS``           schedule perturbation: a level ``0``-``10``
+                              (:func:`afterclose.harness.syscall_faults.chaos_env`)
 ``AFTERCLOSE_FAULT_SEED``      u64 seed of both (default 0)
 
-A bad value of the last three makes the shim print one line on stderr and leave that
+A malformed value of the last three makes the shim print one line on stderr and leave that
 perturbation off; tracing is not affected.
 """
 
@@ -32,10 +33,21 @@ from pathlib import Path
 
 from afterclose.harness import compile as cbuild
 from afterclose.harness.errors import BuildError, TraceError
-from afterclose.harness.trace.format import SEQ_FILE
+from afterclose.harness.trace import codegen
+from afterclose.harness.trace.format import (
+    CHUNK_HEADER_FIELDS,
+    CHUNK_HEADER_SIZE,
+    CHUNK_HEADER_STRUCT,
+    HEADER_FIELDS,
+    HEADER_SIZE,
+    HEADER_STRUCT,
+    RECORD_SIZE,
+    SEQ_FILE,
+    field_offset,
+)
 
 __all__ = [
-    "SHIM_SOURCE",
+    "SHIM_SOURCES",
     "asan_runtime_path",
     "preload_env",
     "read_seq",
@@ -44,7 +56,8 @@ __all__ = [
 ]
 
 SHIM_DIR = Path(__file__).resolve().parent.parent / "shim"
-SHIM_SOURCE = SHIM_DIR / "afterclose_shim.c"
+# Every C file of the folder is a part of the one library.
+SHIM_SOURCES = tuple(sorted(SHIM_DIR.glob("*.c")))
 CFLAGS = ("-O2", "-fPIC", "-pthread", "-Wall", "-Wextra")
 LDFLAGS = ("-ldl", "-pthread")
 
@@ -56,11 +69,13 @@ def shim_path(sanitizer: str = "none") -> Path:
     shim would itself need the sanitizer runtime preloaded first, also in uninstrumented
     children of the target.
     """
+    codegen.ensure_shim_header()
+    # The key covers every source and header: any change to a part rebuilds the library.
     headers = tuple(sorted(SHIM_DIR.glob("*.h")))
     return cbuild.build(
         cbuild.CBuild(
             name="afterclose_shim",
-            sources=(SHIM_SOURCE,),
+            sources=SHIM_SOURCES,
             cflags=CFLAGS,
             ldflags=LDFLAGS,
             kind="shared",
@@ -197,14 +212,8 @@ def relabel_pid(trace_dir: Path, inner_pid: int, host_pid: int) -> list[Path]:
     as an exec of the old PID 1: one process whose fds came back from nowhere.  Relabelled
     with the old process's host PID (header, every chunk, the file name), the old incarnation
     stays a process of its own.  Only for files of processes known to be dead."""
-    from afterclose.harness.trace.format import (
-        CHUNK_HEADER_SIZE,
-        CHUNK_HEADER_STRUCT,
-        HEADER_SIZE,
-        HEADER_STRUCT,
-        RECORD_SIZE,
-    )
-
+    header_pid_at = field_offset(HEADER_FIELDS, "pid")
+    chunk_pid_at = field_offset(CHUNK_HEADER_FIELDS, "pid")
     moved: list[Path] = []
     for path in sorted(trace_dir.glob(f"trace.{inner_pid}.*.bin")):
         with path.open("r+b") as f:
@@ -212,7 +221,7 @@ def relabel_pid(trace_dir: Path, inner_pid: int, host_pid: int) -> list[Path]:
             chunk_records, n_chunks, pid = fields[4], fields[5], fields[6]
             if pid != inner_pid:
                 continue
-            f.seek(28)
+            f.seek(header_pid_at)
             f.write(struct.pack("<I", host_pid))
             chunk_bytes = CHUNK_HEADER_SIZE + chunk_records * RECORD_SIZE
             for index in range(n_chunks):
@@ -223,7 +232,7 @@ def relabel_pid(trace_dir: Path, inner_pid: int, host_pid: int) -> list[Path]:
                     break
                 _tid, chunk_pid, count = CHUNK_HEADER_STRUCT.unpack(head)
                 if count and chunk_pid == inner_pid:
-                    f.seek(offset + 4)
+                    f.seek(offset + chunk_pid_at)
                     f.write(struct.pack("<I", host_pid))
         n = int(path.name.split(".")[2])
         target = trace_dir / f"trace.{host_pid}.{n}.bin"

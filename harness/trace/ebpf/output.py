@@ -1,0 +1,75 @@
+"""What bpftrace printed: the lines of ``afterclose.bt`` (see its header) parsed into raw
+records and the counts every report states (lost events, truncated waits, execs)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from afterclose.harness.errors import TraceError
+from afterclose.harness.trace.format import Op
+
+__all__ = ["ParsedOutput", "RawRecord", "parse_output"]
+
+_LOST_RE = re.compile(rb"^Lost (\d+) events")
+_ATTACHING = b"Attaching "
+
+# Raw record: op, pid, tid, seq_in, seq_out, flags, fd, arg, data, events, ret (kernel result).
+RawRecord = tuple[int, int, int, int, int, int, int, int, int, int, int]
+
+
+@dataclass
+class ParsedOutput:
+    records: list[RawRecord] = field(default_factory=list)
+    begin_ns: int = 0
+    lost: int = 0
+    truncated_waits: int = 0
+    execs: list[tuple[int, int, int]] = field(default_factory=list)  # pid, tid, ns
+    malformed: int = 0
+
+
+def parse_output(path: Path) -> ParsedOutput:
+    """Parse the lines of ``afterclose.bt`` (see its header); records keep their print order."""
+    out = ParsedOutput()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise TraceError(f"cannot read the eBPF trace: {exc.strerror}", where=path) from exc
+    append = out.records.append
+    for line in raw.split(b"\n"):
+        if not line:
+            continue
+        c = line[0]
+        if 0x30 <= c <= 0x39:  # a digit: a record
+            parts = line.split()
+            if len(parts) != 11:
+                out.malformed += 1
+                continue
+            try:
+                op, pid, tid, si, so, fl, fd, arg, data, ev, ret = map(int, parts)
+            except ValueError:
+                out.malformed += 1
+                continue
+            if op == Op.EPOLL_WAIT:
+                # The wait line carries its first event (one perf-buffer write less).
+                append((op, pid, tid, si, so, fl, fd, arg, 0, 0, ret))
+                if ret > 0:
+                    append((Op.EPOLL_EVENT, pid, tid, si, so, 0, fd, 0, data, ev, 0))
+            else:
+                append((op, pid, tid, si, so, fl, fd, arg, data, ev, ret))
+        elif line.startswith(b"B "):
+            out.begin_ns = int(line[2:])
+        elif line.startswith(b"Lost "):
+            m = _LOST_RE.match(line)
+            if m is not None:
+                out.lost += int(m.group(1))
+        elif line.startswith(b"T "):
+            out.truncated_waits += 1
+        elif line.startswith(b"X "):
+            parts = line.split()
+            if len(parts) == 4:
+                out.execs.append((int(parts[1]), int(parts[2]), int(parts[3])))
+        elif not line.startswith(_ATTACHING):
+            out.malformed += 1
+    return out

@@ -1,0 +1,159 @@
+"""``--tracer=ebpf``: bpftrace attached to the target's host PIDs after start, its output
+turned into trace files and judged like the shim's."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from afterclose.harness.errors import AftercloseError
+from afterclose.harness.runners.base import RunningTarget
+from afterclose.harness.trace.ebpf.bpftrace import ENV_RING_PAGES, BpftraceRun
+from afterclose.harness.trace.ebpf.output import parse_output
+from afterclose.harness.trace.ebpf.procscan import ProcSnapshot, scan_process
+from afterclose.harness.trace.ebpf.tracefiles import build_trace_files
+from afterclose.harness.tracers import TraceOutcome, TracerSession
+
+__all__ = ["ENV_GUARD_NS", "EbpfTracer", "guard_ns_from_env"]
+
+ENV_GUARD_NS = "AFTERCLOSE_EBPF_GUARD_NS"
+WATCHDOG_GRACE_S = 60.0
+
+
+def guard_ns_from_env() -> int:
+    raw = os.environ.get(ENV_GUARD_NS, "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise AftercloseError(
+            f"{ENV_GUARD_NS}={raw!r} is not a whole number of nanoseconds",
+            hint="unset it, or give e.g. 1000",
+        ) from None
+    if value < 0:
+        raise AftercloseError(f"{ENV_GUARD_NS}={raw!r} must not be negative")
+    return value
+
+
+class EbpfTracer(TracerSession):
+    """``--tracer=ebpf``: bpftrace attached to the target's host PIDs after start."""
+
+    name = "ebpf"
+
+    def __init__(self, trace_dir: Path, env: Mapping[str, str] | None = None) -> None:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        self.trace_dir = trace_dir
+        self._folder = trace_dir
+        self._env = dict(env or {})
+        self.guard_ns = guard_ns_from_env()
+        self._run: BpftraceRun | None = None
+        self._snapshots: list[ProcSnapshot] = []
+        self._done = threading.Event()
+        self.attach_s = 0.0
+
+    def started(self, target: RunningTarget) -> None:
+        pids = target.host_pids()
+        if not pids:
+            raise AftercloseError(
+                f"target {target.name!r} has no running process to trace",
+                hint="it exited right after becoming ready; see its log",
+            )
+        t = time.monotonic()
+        self._run = BpftraceRun(self._folder, pids, self._env)
+        self.attach_s = time.monotonic() - t
+        try:
+            for pid in pids:
+                snap = scan_process(pid)
+                if snap is not None:
+                    self._snapshots.append(snap)
+        except BaseException:
+            self._run.stop()
+            raise
+        run = self._run
+        threading.Thread(
+            target=self._watchdog, args=(target, run), name="afterclose-ebpf-watchdog", daemon=True
+        ).start()
+
+    def _watchdog(self, target: RunningTarget, run: BpftraceRun) -> None:
+        # A run abandoned without analyse() (an error between start and finish): stop
+        # bpftrace some time after the target is gone instead of tracing nothing forever.
+        while not self._done.wait(1.0):
+            if target.exit_status() is not None:
+                if not self._done.wait(WATCHDOG_GRACE_S):
+                    run.stop()
+                return
+
+    def cutoff(self) -> int | None:
+        return time.monotonic_ns()
+
+    def analyse(self, cutoff: int | None) -> TraceOutcome:
+        from afterclose.harness.oracle import judge
+        from afterclose.harness.trace import reader
+
+        self._done.set()
+        assert self.trace_dir is not None
+        run = self._run
+        if run is None:
+            return TraceOutcome(
+                warnings=["the eBPF tracer never attached: nothing was traced"],
+                trace_dir=self.trace_dir,
+            )
+        status = run.stop()
+        warnings: list[str] = []
+        if status not in (0, None, -signal.SIGINT):
+            warnings.append(
+                f"bpftrace exited with status {status}; the trace may be incomplete "
+                f"(log: {run.log})"
+            )
+        parsed = parse_output(run.output)
+        built = build_trace_files(parsed, self._snapshots, self.trace_dir, self.guard_ns)
+        if built.lost:
+            warnings.append(
+                f"eBPF tracer LOST {built.lost} EVENTS: bpftrace's perf buffer "
+                f"({ENV_RING_PAGES}={run.ring_pages} pages per CPU) overflowed, so the trace "
+                f"is incomplete and this verdict may be wrong; raise {ENV_RING_PAGES} or "
+                "lower the load"
+            )
+        warnings.extend(built.warnings)
+        trace = reader.read_trace_dir(self.trace_dir)
+        # The reader's lost-records advice is the shim's (AFTERCLOSE_TRACE_MB): ours is above.
+        kept = tuple(w for w in trace.warnings if "records lost (buffer full)" not in w)
+        trace = dataclasses.replace(trace, warnings=(*warnings, *kept))
+        if not trace.records:
+            return TraceOutcome(
+                warnings=[*trace.warnings, "the eBPF tracer saw no fd-lifecycle syscall"],
+                trace_dir=self.trace_dir,
+            )
+        result = judge.judge_trace(trace, cutoff_seq=cutoff, trace_path=str(self.trace_dir))
+        violations = list(result.violations)
+        out_warnings = list(dict.fromkeys([*trace.warnings, *result.warnings]))
+        if violations:
+            from afterclose.harness.trace import svg
+
+            try:
+                written = svg.write_report(result, self.trace_dir.parent)
+            except Exception as exc:  # the verdict matters more than its picture
+                out_warnings.append(
+                    f"could not draw the timelines in {self.trace_dir.parent}: {exc}"
+                )
+            else:
+                by_name = {p.name: str(p) for p in written}
+                for n, v in enumerate(violations):
+                    picture = by_name.get(svg.report_name(v.rule))
+                    if picture is not None:
+                        violations[n] = dataclasses.replace(v, artifacts=(*v.artifacts, picture))
+        stats = dataclasses.asdict(result.stats)
+        stats.update(ebpf_lost=built.lost, ebpf_seeded=built.seeded)
+        # The raw text is large and fully in the trace files now.
+        with contextlib.suppress(OSError):
+            run.output.unlink()
+        return TraceOutcome(
+            violations=violations, warnings=out_warnings, stats=stats, trace_dir=self.trace_dir
+        )
