@@ -365,3 +365,49 @@ def test_one_function_writes_every_replay_command() -> None:
         "pytest --target=seed-fixed --runner=docker --chaos=high --kernel=6.1 "
         "--no-builtin-suite f.toml"
     )
+
+
+def test_rules_lists_the_registry_and_its_markdown_is_the_readmes_table() -> None:
+    from afterclose.harness.oracle import registry
+
+    out = subprocess.run(
+        [sys.executable, "-m", "afterclose.harness.cli", "rules"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for rule in registry.RULES:
+        assert any(line.startswith(rule.name + " ") for line in out.splitlines()), rule.name
+    md = subprocess.run(
+        [sys.executable, "-m", "afterclose.harness.cli", "rules", "--markdown"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert md == registry.markdown_table()
+
+
+def test_manifest_explains_every_key_and_checks_one_manifest() -> None:
+    from afterclose.harness.manifest_keys import KEYS
+
+    out = subprocess.run(
+        [sys.executable, "-m", "afterclose.harness.cli", "manifest", "--explain"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert [line.split()[0] for line in out.splitlines() if not line.startswith(" ")] == list(KEYS)
+    bad = subprocess.run(
+        [sys.executable, "-m", "afterclose.harness.cli", "manifest", "--target", "nosuch"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.count("afterclose: error:") == 1
+
+
+def test_a_closed_pipe_ends_the_command_quietly() -> None:
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write: EPIPE at once
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "afterclose.harness.cli", "rules"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == ""

@@ -8,6 +8,8 @@ afterclose run --target X FAULT k=v  run one fault against a target and judge it
 afterclose run --target X FILE.toml  run a scenario file against a target and judge it
 afterclose explore --target X        search fault sequences for a violation, shrink it
 afterclose trace show DIR|FILE       print a saved trace's verdict and timelines
+afterclose rules                     list the rules a verdict can name
+afterclose manifest --explain        list every manifest key
 
 Each subcommand is one module here with an ``add_parser(sub)`` that registers it and sets
 its ``func``; the options of those that start a target come from ``common`` (and so from
@@ -17,14 +19,25 @@ its ``func``; the options of those that start a target come from ``common`` (and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from afterclose.harness.cli import demo, explore, faults, kernels, run, targets, trace
+from afterclose.harness.cli import (
+    demo,
+    explore,
+    faults,
+    kernels,
+    manifest,
+    rules,
+    run,
+    targets,
+    trace,
+)
 from afterclose.harness.errors import AftercloseError
 
-# The subcommands in the order ``afterclose --help`` lists them.  A new one (``rules``: the
-# rule registry, each rule's name and meaning) is a module with add_parser(), added here.
-SUBCOMMANDS = (demo, targets, faults, kernels, run, explore, trace)
+# The subcommands in the order ``afterclose --help`` lists them; a new one is a module with
+# add_parser(), added here.
+SUBCOMMANDS = (demo, targets, faults, kernels, run, explore, trace, rules, manifest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,3 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("afterclose: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`afterclose rules | head`): stop quietly, as `cat` would, and
+        # keep Python from complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
