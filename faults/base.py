@@ -1,16 +1,12 @@
-"""The fault interface, the report every fault returns, and the machinery they share.
+"""The fault interface, the report every fault returns, and the parameter machinery.
 
-A fault is a frozen dataclass holding its parameters (:class:`Fault`).  ``run()`` first draws a
-*plan* from the seeded ``rng``: one :class:`Action` per connection (e.g. "RST after the request").
-The plan alone makes the report's ``schedule``, so the same parameters and seed always give the
-same schedule however the run goes.  :func:`drive` then performs the actions on worker threads,
-each on a fresh :class:`Conn`, which tallies what it did and saw into a :class:`FaultReport` and
-turns bytes the client never asked for into cross-talk anomalies.  That bookkeeping lives in
-:class:`ConnState`, which ``connection_storm``'s asyncio connections share (its engine runs in
-worker processes: ``_storm_engine.py``).
-
-Every blocking socket call runs under a timeout bounded by the run's deadline (and by the
-endpoint's ``io_timeout_s``), so a run returns within milliseconds of its deadline.
+A fault is a frozen dataclass holding its parameters (:class:`Fault`, declared with
+:func:`param`).  ``run()`` first draws a *plan* from the seeded ``rng``: one action per
+connection (e.g. "RST after the request").  The plan alone makes the report's ``schedule``, so
+the same parameters and seed always give the same schedule however the run goes.  The client
+(:mod:`afterclose.harness.client`) then performs the actions, each on a fresh connection,
+which tallies what it did and saw into a :class:`FaultReport`: counts, and observations (facts
+such as bytes nobody asked for) that the rules judge.
 """
 
 from __future__ import annotations
@@ -18,26 +14,21 @@ from __future__ import annotations
 import abc
 import dataclasses
 import difflib
-import errno
 import functools
 import math
 import random
-import socket
-import threading
-import time
 import typing
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, Self
+from typing import Any, ClassVar, Self
 
-from afterclose.harness import httpclient
+from afterclose.harness.client.plan import Planned, schedule_of
 from afterclose.harness.errors import ScenarioError
-from afterclose.harness.oracle import verdict
+from afterclose.harness.oracle.evidence import Observation
 
-MAX_ANOMALIES = 100
+MAX_OBSERVATIONS = 100
 GONE_POLL_S = 0.05
-_SHOWN_BYTES = 120
 
 
 @dataclass(frozen=True)
@@ -51,14 +42,6 @@ class Endpoint:
     # Asked (at most every GONE_POLL_S) before each new connection: True once the target has
     # exited, so a fault stops hammering a dead port instead of running out its duration.
     gone: Callable[[], bool] | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True)
-class Anomaly:
-    """Something a client saw that a correct server never causes; ``rule`` names a verdict rule."""
-
-    rule: str
-    detail: str
 
 
 # Keys shown first, in this order, by FaultReport.summary(); others follow sorted.
@@ -82,13 +65,15 @@ class FaultReport:
     ``responses``, ``status:<code>``, ``rst_sent``, ``fin_sent`` (explicit ``shutdown(SHUT_WR)``),
     ``reset_by_peer`` (ECONNRESET/EPIPE), ``closed_by_peer`` (EOF), ``closed_without_answer``
     (whole requests never answered because the peer closed or reset, when the fault did not
-    cause it), ``cut_by_deadline``, ``not_started``, ``errors:<kind>``, plus per-fault keys.
+    cause it), ``cut_by_deadline``, ``not_started``, ``errors:<kind>``, plus per-fault keys
+    (``observations_dropped``: observations beyond MAX_OBSERVATIONS).
+    ``observations``: facts for the rules (:mod:`afterclose.harness.oracle.evidence`).
     ``schedule`` is the plan, one line per connection, independent of timing.
     """
 
     fault: str
     counts: Counter[str] = field(default_factory=Counter)
-    anomalies: list[Anomaly] = field(default_factory=list)
+    observations: list[Observation] = field(default_factory=list)
     schedule: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
 
@@ -96,19 +81,20 @@ class FaultReport:
         if n:
             self.counts[key] += n
 
-    def add_anomaly(self, rule: str, detail: str) -> None:
-        if len(self.anomalies) < MAX_ANOMALIES:
-            self.anomalies.append(Anomaly(rule, detail))
+    def observe(self, observation: Observation) -> None:
+        """Record a fact for the rules (the first MAX_OBSERVATIONS; the rest are counted)."""
+        if len(self.observations) < MAX_OBSERVATIONS:
+            self.observations.append(observation)
         else:
-            self.counts["anomalies_dropped"] += 1
+            self.counts["observations_dropped"] += 1
 
     def merge(self, other: FaultReport) -> None:
         """Add ``other`` into this report (counts add up, lists concatenate)."""
         if other.fault and other.fault not in self.fault.split("+"):
             self.fault = f"{self.fault}+{other.fault}" if self.fault else other.fault
         self.counts.update(other.counts)
-        for anomaly in other.anomalies:
-            self.add_anomaly(anomaly.rule, anomaly.detail)
+        for observation in other.observations:
+            self.observe(observation)
         self.schedule.extend(other.schedule)
         self.elapsed_s += other.elapsed_s
 
@@ -116,7 +102,9 @@ class FaultReport:
         keys = [k for k in _SUMMARY_ORDER if self.counts.get(k)]
         keys += sorted(k for k in self.counts if k not in _SUMMARY_ORDER and self.counts[k])
         counts = ", ".join(f"{k}={self.counts[k]}" for k in keys) or "nothing done"
-        return f"{self.fault}: {counts}; {len(self.anomalies)} anomalies; {self.elapsed_s:.2f}s"
+        return (
+            f"{self.fault}: {counts}; {len(self.observations)} observations; {self.elapsed_s:.2f}s"
+        )
 
 
 # --------------------------------------------------------------------------- parameters
@@ -334,457 +322,3 @@ class Fault(abc.ABC):
 
         ``rng`` is a seeded ``random.Random``; every random choice comes from it, before any I/O.
         """
-
-
-# --------------------------------------------------------------------------- connections
-
-
-class DeadlineReached(Exception):
-    """The run's deadline passed while a connection was in the middle of something."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """An endpoint resolved once per run, and the names of the run's requests."""
-
-    fault: str
-    endpoint: Endpoint
-    family: socket.AddressFamily
-    sockaddr: tuple[Any, ...]
-    paths: httpclient.PathGen
-
-    @classmethod
-    def resolve(cls, fault: str, endpoint: Endpoint, run_id: str | None = None) -> Target:
-        try:
-            infos = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise ScenarioError(
-                f"cannot resolve {endpoint.host!r}: {exc}", where=f"fault {fault}"
-            ) from None
-        family, _, _, _, sockaddr = infos[0]
-        return cls(fault, endpoint, family, tuple(sockaddr), httpclient.PathGen(run_id))
-
-
-def _errno_name(exc: OSError) -> str:
-    return errno.errorcode.get(exc.errno or 0, type(exc).__name__).lower()
-
-
-class ConnState:
-    """What one client connection did and saw, without the I/O: the bookkeeping that the
-    blocking :class:`Conn` and the storm's asyncio connection share.
-
-    ``awaiting`` lists the requests sent and not yet answered, oldest first: a path (answer
-    required, body checked when the target echoes paths) or None (a malformed request, whose
-    answer may be an error response or a close).
-    """
-
-    def __init__(self, target: Target, index: int, report: FaultReport, deadline: float) -> None:
-        self.target = target
-        self.endpoint = target.endpoint
-        self.index = index
-        self.report = report
-        self.deadline = deadline
-        self.sock: socket.socket | None = None
-        self.awaiting: deque[str | None] = deque()
-        self.sent_any = False
-        self.last_answered: str | None = None
-        self.gone = False  # the peer closed or reset the connection
-        self._next_req = 0
-
-    def _label(self) -> str:
-        return f"{self.target.fault} conn {self.index}"
-
-    def _op_deadline(self) -> float:
-        now = time.monotonic()
-        if now >= self.deadline:
-            raise DeadlineReached
-        return min(self.deadline, now + self.endpoint.io_timeout_s)
-
-    def _new_socket(self) -> socket.socket:
-        sock = socket.socket(self.target.family, socket.SOCK_STREAM)
-        # Without TCP_NODELAY, Nagle holds a small write back while an earlier one is unACKed,
-        # and the peer delays its ACK (up to 40 ms on Linux): requests written one at a time
-        # would reach the server late and coalesced, not in the order and timing we planned.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-
-    def _connected(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.report.count("connections")
-
-    def _connect_failed(self, exc: OSError) -> None:
-        self.report.count(f"errors:connect_{_errno_name(exc)}")
-
-    def _timed_out(self, what: str) -> None:
-        if time.monotonic() >= self.deadline - 0.002:
-            raise DeadlineReached
-        self.report.count(f"errors:timeout_{what}")
-
-    def _peer_gone(self, reset: bool) -> None:
-        self.gone = True
-        self.report.count("reset_by_peer" if reset else "closed_by_peer")
-        self._unanswered()
-
-    def _unanswered(self) -> None:
-        self.report.count("closed_without_answer", sum(p is not None for p in self.awaiting))
-        self.awaiting.clear()
-
-    def _unsolicited(self, data: bytes, when: str) -> None:
-        if not self.sent_any:
-            context = "before sending any request"
-        elif self.last_answered is not None and not self.awaiting:
-            context = f"after the response to {self.last_answered}, with no request outstanding"
-        else:
-            context = when
-        owners = httpclient.paths_in(data)
-        whose = f" (mentions {', '.join(owners[:3])})" if owners else ""
-        self.report.add_anomaly(
-            verdict.CROSS_TALK,
-            f"{self._label()}: received {len(data)} unasked-for bytes {context}{whose}: "
-            f"{data[:_SHOWN_BYTES]!r}",
-        )
-
-    def next_path(self) -> str:
-        """A fresh path naming the next request of this connection."""
-        path = self.target.paths.path(self.index, self._next_req)
-        self._next_req += 1
-        return path
-
-    def new_request(self, *, close: bool = False) -> tuple[str, bytes]:
-        """The next GET of this connection: ``(path, bytes)``."""
-        path = self.next_path()
-        host = self.endpoint.host
-        return path, httpclient.build_get(path, host, self.endpoint.port, close=close)
-
-    def new_requests(self, count: int, *, close_last: bool = False) -> tuple[bytes, list[str]]:
-        """``count`` GETs to pipeline in one write, and their paths."""
-        reqs = [self.new_request(close=close_last and i == count - 1) for i in range(count)]
-        return b"".join(r for _, r in reqs), [p for p, _ in reqs]
-
-    def _sent(self, completes: Sequence[str | None]) -> None:
-        self.sent_any = True
-        for path in completes:
-            self.awaiting.append(path)
-            if path is not None:
-                self.report.count("requests")
-
-    def _send_failed(self, exc: OSError) -> None:
-        if isinstance(exc, ConnectionResetError | BrokenPipeError):
-            # EPIPE means the socket is already fully shut, which for a connection we never
-            # shut ourselves means the peer's RST arrived first.  (Python ignores SIGPIPE, so
-            # this is an error, not a signal.)
-            self._peer_gone(True)
-        else:
-            self.report.count(f"errors:send_{_errno_name(exc)}")
-
-    def _no_answer(self, exc: httpclient.NoAnswer, expected: str | None) -> None:
-        if expected is not None:
-            self.awaiting.appendleft(expected)
-        if exc.partial:
-            self.report.count("truncated_responses")
-        self._peer_gone(exc.reset)
-
-    def _answered(self, response: httpclient.Response, expected: str | None) -> None:
-        self.report.count("responses")
-        self.report.count(f"status:{response.status}")
-        if expected is not None:
-            self.last_answered = expected
-            self._check_echo(expected, response)
-
-    def _unsolicited_garbage(self, exc: httpclient.GarbageResponse, expected: str | None) -> None:
-        self.report.count("errors:garbage")
-        # Not HTTP is not proof of cross-talk by itself, but bytes naming another request are.
-        owners = [p for p in httpclient.paths_in(exc.partial) if p != expected]
-        if owners:
-            self.report.add_anomaly(
-                verdict.CROSS_TALK,
-                f"{self._label()}: waiting for the answer to {expected}, got non-HTTP bytes "
-                f"mentioning {', '.join(owners[:3])}: {exc.partial[:_SHOWN_BYTES]!r}",
-            )
-
-    def _check_echo(self, path: str, response: httpclient.Response) -> None:
-        if not self.endpoint.echo_path or not 200 <= response.status < 300:
-            return
-        if httpclient.echoes(response.body, path):
-            return
-        others = httpclient.paths_in(response.body)
-        whose = f"the answer to {', '.join(others[:3])}" if others else "no request path"
-        self.report.add_anomaly(
-            verdict.CROSS_TALK,
-            f"{self._label()}: the {response.status} response to {path} carries {whose}: "
-            f"body {response.body[:_SHOWN_BYTES]!r}",
-        )
-
-    def _shutdown_failed(self, exc: OSError) -> None:
-        if exc.errno in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE):
-            # ENOTCONN here means the peer's RST already tore the connection down.
-            self._peer_gone(True)
-        else:
-            self.report.count(f"errors:shutdown_{_errno_name(exc)}")
-
-    def shutdown_write(self) -> bool:
-        """Half-close: send a FIN but keep reading (never blocks)."""
-        assert self.sock is not None, "connect() first"
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            self._shutdown_failed(exc)
-            return False
-        self.report.count("fin_sent")
-        return True
-
-    def rst(self) -> None:
-        """Abort the connection with a RST (SO_LINGER {1, 0}); the fault meant it."""
-        if self.sock is not None:
-            httpclient.rst_close(self.sock)
-            self.sock = None
-            self.awaiting.clear()
-            self.report.count("rst_sent")
-
-    def close(self) -> None:
-        """A plain close().  Linux sends a FIN, unless received bytes are still unread: then
-        it sends a RST instead (RFC 2525 2.17), since the peer's data was never consumed.
-        """
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-
-class Conn(ConnState):
-    """One client connection: blocking socket calls under deadlines, tallied into a report."""
-
-    def __init__(self, target: Target, index: int, report: FaultReport, deadline: float) -> None:
-        super().__init__(target, index, report, deadline)
-        self.reader: httpclient.ResponseReader | None = None
-
-    def _arm(self) -> socket.socket:
-        assert self.sock is not None, "connect() first"
-        self.sock.settimeout(max(self._op_deadline() - time.monotonic(), 0.001))
-        return self.sock
-
-    # -- actions
-
-    def connect(self) -> bool:
-        sock = self._new_socket()
-        try:
-            sock.settimeout(max(self._op_deadline() - time.monotonic(), 0.001))
-            sock.connect(self.target.sockaddr)
-        except TimeoutError:
-            sock.close()
-            self._timed_out("connect")
-            return False
-        except OSError as exc:
-            sock.close()
-            self._connect_failed(exc)
-            return False
-        except BaseException:
-            sock.close()
-            raise
-        self.reader = httpclient.ResponseReader(sock)
-        self._connected(sock)
-        return True
-
-    def send(self, data: bytes, completes: Sequence[str | None] = ()) -> bool:
-        """Send ``data``; ``completes`` are the requests it finishes (see ``awaiting``).
-
-        False if the peer is gone (counted as ``reset_by_peer``) or on any other error.
-        """
-        try:
-            self._arm().sendall(data)
-        except TimeoutError:
-            self._timed_out("send")
-            return False
-        except OSError as exc:
-            self._send_failed(exc)
-            return False
-        self._sent(completes)
-        return True
-
-    def send_requests(self, count: int, *, close_last: bool = False) -> bool:
-        """Pipeline ``count`` GETs in one write."""
-        data, paths = self.new_requests(count, close_last=close_last)
-        return self.send(data, paths)
-
-    def read_response(self) -> httpclient.Response | None:
-        """The answer to the oldest request in ``awaiting``, or None (failure counted)."""
-        assert self.reader is not None, "connect() first"
-        expected = self.awaiting.popleft() if self.awaiting else None
-        try:
-            response = self.reader.read_response(self._op_deadline())
-        except httpclient.NoAnswer as exc:
-            self._no_answer(exc, expected)
-            return None
-        except httpclient.HttpTimeout:
-            self._timed_out("response")
-            return None
-        except httpclient.GarbageResponse as exc:
-            self._unsolicited_garbage(exc, expected)
-            return None
-        self._answered(response, expected)
-        return response
-
-    def read_some(self, max_bytes: int) -> bytes:
-        """One recv() of at most ``max_bytes`` of the answers, or b"" (EOF/RST/timeout counted)."""
-        assert self.sock is not None and self.reader is not None, "connect() first"
-        data = self.reader.parser.take_buffered()[:max_bytes]
-        if data:
-            return data
-        try:
-            data = self._arm().recv(max_bytes)
-        except TimeoutError:
-            self._timed_out("response")
-            return b""
-        except ConnectionResetError:
-            self._peer_gone(True)
-            return b""
-        if not data:
-            self.reader.parser.feed_eof()
-            self._peer_gone(False)
-        return data
-
-    def check_quiet(self, wait_s: float = 0.0) -> bool:
-        """Expect no bytes now (none asked for): any is cross-talk.  Watches for up to
-        ``wait_s``; returns False if the peer closed or reset the connection meanwhile.
-        """
-        assert self.sock is not None and self.reader is not None, "connect() first"
-        extra = self.reader.parser.take_buffered()
-        alive = not self.reader.parser.eof
-        if not extra and alive:
-            wait = min(wait_s, max(self.deadline - time.monotonic(), 0.0))
-            # A zero timeout makes the socket non-blocking: recv() then only reports what the
-            # kernel already queued.
-            self.sock.settimeout(wait)
-            try:
-                extra = self.sock.recv(httpclient.RECV_SIZE)
-            except (BlockingIOError, TimeoutError):
-                extra = b""
-            except ConnectionResetError:
-                self._peer_gone(True)
-                return False
-            else:
-                if not extra:
-                    self.reader.parser.feed_eof()
-                    self._peer_gone(False)
-                    return False
-        if extra:
-            self._unsolicited(extra, "while no answer was due")
-        return alive
-
-    def read_to_eof(self) -> None:
-        """After the last answer, expect only EOF or RST: any byte before it is cross-talk."""
-        assert self.reader is not None, "connect() first"
-        try:
-            data, reset = self.reader.read_until_eof(self._op_deadline())
-        except httpclient.HttpTimeout as exc:
-            if exc.partial:
-                self._unsolicited(exc.partial, "while waiting for the close")
-            self._timed_out("close")
-            return
-        if data:
-            self._unsolicited(data, "while waiting for the close")
-        self._peer_gone(reset)
-
-
-class Planned(Protocol):
-    """One connection's share of a plan, as the schedule shows it."""
-
-    def describe(self) -> str:
-        """A compact, timing-free description for the schedule."""
-        ...
-
-
-class Action(Planned, Protocol):
-    """What one connection does; drawn from the rng before the run, performed on a thread."""
-
-    def perform(self, conn: Conn) -> None: ...
-
-
-# --------------------------------------------------------------------------- driving
-
-
-def schedule_of(actions: Sequence[Planned]) -> list[str]:
-    return [f"conn {i}: {a.describe()}" for i, a in enumerate(actions)]
-
-
-def drive(
-    fault: str,
-    endpoint: Endpoint,
-    actions: Sequence[Action],
-    *,
-    concurrency: int,
-    deadline: float,
-    rate_per_s: float | None = None,
-    duration_s: float | None = None,
-) -> FaultReport:
-    """Perform ``actions[i]`` on connection ``i``, ``concurrency`` at a time.
-
-    With ``rate_per_s``, connection ``i`` starts no earlier than ``i / rate_per_s`` after the
-    start; nothing new starts after ``duration_s`` or the deadline.  Every blocking call is
-    bounded by the deadline, so this returns shortly after it.
-    """
-    report = FaultReport(fault, schedule=schedule_of(actions))
-    target = Target.resolve(fault, endpoint)
-    start = time.monotonic()
-    stop = deadline if duration_s is None else min(deadline, start + duration_s)
-    indices = iter(range(len(actions)))
-    lock = threading.Lock()
-    failures: list[BaseException] = []
-    workers = [FaultReport(fault) for _ in range(max(min(concurrency, len(actions)), 0))]
-    started = [0] * len(workers)
-    gone = [False, 0.0]  # target gone?, when last asked
-
-    def target_gone() -> bool:
-        if endpoint.gone is None:
-            return False
-        with lock:
-            now = time.monotonic()
-            if not gone[0] and now - float(gone[1]) >= GONE_POLL_S:
-                gone[0], gone[1] = endpoint.gone(), now
-            return bool(gone[0])
-
-    def work(slot: int) -> None:
-        tally = workers[slot]
-        try:
-            while not failures:
-                with lock:
-                    i = next(indices, None)
-                if i is None:
-                    return
-                if rate_per_s:
-                    at = start + i / rate_per_s
-                    if at >= stop:
-                        return
-                    time.sleep(max(at - time.monotonic(), 0.0))  # read the clock once
-                if time.monotonic() >= stop or target_gone():
-                    return
-                started[slot] += 1
-                conn = Conn(target, i, tally, deadline)
-                try:
-                    actions[i].perform(conn)
-                except DeadlineReached:
-                    tally.count("cut_by_deadline")
-                finally:
-                    conn.close()
-        except BaseException as exc:  # a bug in an action: stop everyone, re-raise below
-            failures.append(exc)
-
-    threads = [
-        threading.Thread(target=work, args=(n,), name=f"{fault}-{n}", daemon=True)
-        for n in range(len(workers))
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=max(deadline + 1.0 - time.monotonic(), 0.1))
-    stuck = sum(t.is_alive() for t in threads)
-    for tally in workers:
-        report.merge(tally)
-    report.fault = fault
-    report.elapsed_s = time.monotonic() - start
-    report.count("stuck_workers", stuck)
-    report.count("not_started", len(actions) - sum(started))
-    if gone[0]:
-        report.count("stopped_target_gone")
-    if failures:
-        raise failures[0]
-    return report

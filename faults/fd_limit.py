@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, ClassVar
 from afterclose.faults import target_base as tb
 from afterclose.faults.base import FaultReport, param
 from afterclose.harness import procfs
-from afterclose.harness.oracle import verdict
+from afterclose.harness.oracle.evidence import CPU_WHILE_IDLE, Observation
 
 if TYPE_CHECKING:
     from afterclose.harness.session import TargetRun
@@ -102,12 +102,16 @@ class FdLimit(tb.StormFault):
         report.count("hold_cpu_used_pct", _pct(hold.used))
         if hold.demand > idle.demand + self.max_busy:
             state = "at its fd limit" if at_limit else "near its fd limit"
-            report.add_anomaly(
-                verdict.BUSY_LOOP,
-                f"{state} (nofile {nofile}) with {held} idle client connections, "
-                f"{self.waiting} or so of them waiting to be accepted, target {target.name!r} "
-                f"{_describe(hold, idle)}: it keeps waking up for connections it cannot "
-                "accept (EMFILE on a level-triggered listener?)",
+            report.observe(
+                _cpu_while_idle(
+                    hold,
+                    idle,
+                    self,
+                    f"{state} (nofile {nofile}) with {held} idle client connections, "
+                    f"{self.waiting} or so of them waiting to be accepted, target {target.name!r} "
+                    f"{_describe(hold, idle)}: it keeps waking up for connections it cannot "
+                    "accept (EMFILE on a level-triggered listener?)",
+                )
             )
 
         # 3. After: every client gone.  Let the target settle, measure, and ask it again.
@@ -115,10 +119,14 @@ class FdLimit(tb.StormFault):
         after = tb.busy(target.host_pids(), self.window_s)
         report.count("after_cpu_pct", _pct(after.demand))
         if after.demand > idle.demand + self.max_busy:
-            report.add_anomaly(
-                verdict.BUSY_LOOP,
-                f"after every client left, target {target.name!r} (nofile {nofile}) "
-                f"{_describe(after, idle)}",
+            report.observe(
+                _cpu_while_idle(
+                    after,
+                    idle,
+                    self,
+                    f"after every client left, target {target.name!r} (nofile {nofile}) "
+                    f"{_describe(after, idle)}",
+                )
             )
         census = procfs.census(target.host_pids(), run.port)
         report.count("socket_fds_after", census.socket_fds)
@@ -148,6 +156,16 @@ class FdLimit(tb.StormFault):
         if not limits:
             raise self.error(run, "the target's processes are gone")
         return limits
+
+
+def _cpu_while_idle(busy: tb.Busy, idle: tb.Busy, fault: FdLimit, detail: str) -> Observation:
+    values = {
+        "idle": idle.demand,
+        "busy": busy.demand,
+        "allowed": fault.max_busy,
+        "window_s": busy.window_s,
+    }
+    return Observation(kind=CPU_WHILE_IDLE, who=fault.name, detail=detail, values=values)
 
 
 def _pct(fraction: float) -> int:

@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 from afterclose.faults import target_base as tb
 from afterclose.faults.base import FaultReport, param
-from afterclose.harness import httpclient
 from afterclose.harness.errors import AftercloseError, TargetStartError
-from afterclose.harness.oracle import verdict
+from afterclose.harness.oracle.evidence import STATE_LOST_ON_RESTART, Observation
+from afterclose.harness.protocols import http
 
 if TYPE_CHECKING:
     from afterclose.harness.runners.base import RunningTarget
@@ -105,10 +105,14 @@ class Kill(tb.StormFault):
         for path, before in kept.items():
             after = _answer(run, path)
             if after != before:
-                report.add_anomaly(
-                    verdict.LIVENESS,
-                    f"lost state across {self.signal} and a restart: GET {path} answered "
-                    f"{before} before, {after} after (the manifest lists it in restart_keeps)",
+                report.observe(
+                    Observation(
+                        kind=STATE_LOST_ON_RESTART,
+                        who=self.name,
+                        detail=f"lost state across {self.signal} and a restart: GET {path} "
+                        f"answered {before} before, {after} after (the manifest lists it in "
+                        "restart_keeps)",
+                    )
                 )
         return begun.finish()
 
@@ -142,8 +146,8 @@ def _relabel_trace(run: TargetRun, inner_pids: dict[int, int]) -> None:
 def _answer(run: TargetRun, path: str) -> str:
     """What GET ``path`` answers, as one comparable line."""
     try:
-        response = httpclient.get(run.host, run.port, path, timeout_s=3.0)
-    except (OSError, httpclient.HttpClientError) as exc:
+        response = http.get(run.host, run.port, path, timeout_s=3.0)
+    except (OSError, http.ClientError) as exc:
         return f"no answer ({type(exc).__name__})"
     return f"{response.status} {response.body[:200]!r}"
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from afterclose.faults import target_base as tb
 from afterclose.faults.base import FaultReport, param
-from afterclose.harness import httpclient
+from afterclose.harness.protocols import http
 
 if TYPE_CHECKING:
     from afterclose.harness.session import TargetRun
@@ -116,7 +116,7 @@ def _answers(run: TargetRun, within_s: float) -> bool:
         return False
     with sock:
         try:
-            sock.sendall(httpclient.build_get(PROBE_PATH, run.host, run.port, close=True))
+            sock.sendall(http.build_get(PROBE_PATH, run.host, run.port, close=True))
             sock.settimeout(within_s)
             return bool(sock.recv(1))
         except OSError:

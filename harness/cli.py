@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, TextIO
 from afterclose.harness.errors import AftercloseError
 
 if TYPE_CHECKING:
-    from afterclose.faults._storm_engine import StormProgress
+    from afterclose.harness.client.engine import StormProgress
     from afterclose.harness.scenario import PhaseEvent
     from afterclose.harness.session import Harness, Outcome, TargetRun
 
@@ -231,10 +231,10 @@ class ProgressView:
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
-        from afterclose.faults import _storm_engine
         from afterclose.harness import scenario
+        from afterclose.harness.client import engine as storm_engine
 
-        with _storm_engine.watch(self.storm), scenario.watch_phases(self.phase):
+        with storm_engine.watch(self.storm), scenario.watch_phases(self.phase):
             yield
 
 

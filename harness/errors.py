@@ -54,3 +54,8 @@ class ScenarioError(AftercloseError):
 
 class TraceError(AftercloseError):
     """A trace file is missing, truncated or not a trace."""
+
+
+class HarnessResourceError(AftercloseError):
+    """The harness itself ran out of something (file descriptors, memory, ports): not the
+    target's fault."""

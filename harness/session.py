@@ -10,7 +10,7 @@ import contextlib
 import random
 import shlex
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from afterclose.harness import launch, ports, procfs, tracers
 from afterclose.harness.errors import AftercloseError
 from afterclose.harness.manifest import Manifest, load_manifest, resolve_target
-from afterclose.harness.oracle import blackbox
+from afterclose.harness.oracle import blackbox, evidence, verdict
 from afterclose.harness.oracle.verdict import Violation
 from afterclose.harness.runners.base import Runner, RunningTarget
 
@@ -259,21 +259,13 @@ class TargetRun:
         target = self.target
         checks: list[Violation | None] = [blackbox.check_crash(target)]
         checks.append(blackbox.check_liveness(target))
-        checks.append(
-            blackbox.check_cross_talk(
-                (a.rule, a.detail) for report in self.reports for a in report.anomalies
-            )
-        )
+        checks.append(blackbox.check_cross_talk(_findings(self.reports)))
         leak, stranded = blackbox.check_fd_leak(target, self.baseline, self.manifest.fd_grace_s)
         checks.append(leak)
         if stranded:
             out.warnings.append(stranded)
         # What target-side faults found (busy-loop, liveness while limited or restarted).
-        checks.extend(
-            target_base.violations(
-                (a.rule, a.detail) for report in self.reports for a in report.anomalies
-            )
-        )
+        checks.extend(target_base.violations(_findings(self.reports)))
         cutoff = self.tracer.cutoff()
         target.stop()
         traced = self.tracer.analyse(cutoff)
@@ -315,3 +307,17 @@ class TargetRun:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# Which rule reads each kind of observation (until the rules read observations themselves).
+_RULE_OF_KIND = {
+    evidence.UNSOLICITED_BYTES: verdict.CROSS_TALK,
+    evidence.FOREIGN_ANSWER: verdict.CROSS_TALK,
+    evidence.CPU_WHILE_IDLE: verdict.BUSY_LOOP,
+    evidence.STATE_LOST_ON_RESTART: verdict.LIVENESS,
+}
+
+
+def _findings(reports: Iterable[FaultReport]) -> list[tuple[str, str]]:
+    """``(rule, detail)`` of every observation the faults recorded."""
+    return [(_RULE_OF_KIND[o.kind], o.detail) for report in reports for o in report.observations]

@@ -25,9 +25,9 @@ import pytest
 from afterclose import faults
 from afterclose.faults import target_base as tb
 from afterclose.faults.base import FaultReport
-from afterclose.harness import httpclient
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.oracle import verdict
+from afterclose.harness.protocols import http
 from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -272,7 +272,7 @@ def test_pause_mid_storm_and_resume(tmp_path: Path, runner: str) -> None:
     with harness("seed-fixed", runner, tracer="auto").start(tmp_path / "run", "pause") as run:
         report = run.run_fault("pause", pause_s=0.8, storm_s=1.5)
         assert run.target.exit_status() is None
-        assert httpclient.get(run.host, run.port, "/after-pause", timeout_s=3).status == 200
+        assert http.get(run.host, run.port, "/after-pause", timeout_s=3).status == 200
         outcome = run.finish()
     assert outcome.ok, rendered(outcome)
     counts = report.counts
@@ -280,7 +280,7 @@ def test_pause_mid_storm_and_resume(tmp_path: Path, runner: str) -> None:
     assert counts["answered_while_paused"] == 0, report.summary()
     assert counts["cpu_ms_while_paused"] == 0, report.summary()
     assert counts["paused_ms"] >= 800
-    assert counts["responses"] > 0 and not report.anomalies
+    assert counts["responses"] > 0 and not report.observations
 
 
 # --------------------------------------------------------------------------- kill
@@ -294,7 +294,7 @@ def test_kill_restarts_and_answers(tmp_path: Path, runner: str) -> None:
         assert run.target is not old and old.exit_status() is not None
         assert run.target.host_pids()[0] != old_pid
         assert run.target.port == old.port
-        body = httpclient.get(run.host, run.port, "/after-kill", timeout_s=3).body
+        body = http.get(run.host, run.port, "/after-kill", timeout_s=3).body
         assert b"/after-kill" in body
         outcome = run.finish()
     assert outcome.ok, rendered(outcome)
@@ -355,7 +355,7 @@ def test_pids_limit_refuses_a_fork(docker_ok: None, tmp_path: Path) -> None:
         refused = tb.cgroup_key(
             run.target.host_pids()[0], "pids", "pids.events", "pids.events", "max"
         )
-        response = httpclient.get(run.host, run.port, "/fork", timeout_s=3)
+        response = http.get(run.host, run.port, "/fork", timeout_s=3)
         assert response.status == 200
         after = tb.cgroup_key(
             run.target.host_pids()[0], "pids", "pids.events", "pids.events", "max"
@@ -392,7 +392,8 @@ import json, os, socket, time
 from pathlib import Path
 
 import pytest
-from afterclose.harness import httpclient
+from afterclose.harness.protocols import base as proto
+from afterclose.harness.protocols import http
 
 SHARED = Path(os.environ["AC_SHARED"])
 
@@ -412,11 +413,11 @@ def own_requests(target, worker, n):
     """Keep-alive requests naming this worker; every body must name the request."""
     bad = []
     with socket.create_connection((target.host, target.port), timeout=5) as sock:
-        reader = httpclient.ResponseReader(sock)
+        parser = http.ResponseParser()
         for k in range(n):
             path = f"/own/{worker}/{k}"
-            sock.sendall(httpclient.build_get(path, target.host, target.port))
-            response = reader.read_response(time.monotonic() + 5)
+            sock.sendall(http.build_get(path, target.host, target.port))
+            response = proto.read_reply(sock, parser, time.monotonic() + 5)
             if response.body.strip() != path.encode():
                 bad.append((path, response.body[:80]))
     return bad
@@ -442,11 +443,11 @@ def test_storm(target, round_):
         "started": started,
         "ended": ended,
         "responses": report.counts["responses"],
-        "anomalies": [a.detail for a in report.anomalies],
+        "anomalies": [a.detail for a in report.observations],
         "bad": [repr(b) for b in bad],
     }
     (SHARED / f"{worker}-{round_}.json").write_text(json.dumps(record))
-    assert not report.anomalies and not bad
+    assert not report.observations and not bad
 '''
 
 

@@ -16,13 +16,14 @@ import pytest
 from pyservers import EchoServer
 
 from afterclose import faults
-from afterclose.faults.base import Anomaly, Endpoint, FaultReport
-from afterclose.harness import httpclient
+from afterclose.faults.base import Endpoint, FaultReport
 from afterclose.harness.errors import ScenarioError
-from afterclose.harness.oracle import verdict
+from afterclose.harness.oracle.evidence import FOREIGN_ANSWER, UNSOLICITED_BYTES, Observation
+from afterclose.harness.protocols import base as proto
+from afterclose.harness.protocols import http
 
 HOST = "127.0.0.1"
-CROSS = verdict.CROSS_TALK
+CROSS_TALK_KINDS = (UNSOLICITED_BYTES, FOREIGN_ANSWER)
 
 
 def run_fault(
@@ -39,8 +40,8 @@ def run_fault(
     return fault.run(endpoint, random.Random(seed), time.monotonic() + budget_s)
 
 
-def cross_talk(report: FaultReport) -> list[Anomaly]:
-    return [a for a in report.anomalies if a.rule == CROSS]
+def cross_talk(report: FaultReport) -> list[Observation]:
+    return [o for o in report.observations if o.kind in CROSS_TALK_KINDS]
 
 
 @pytest.fixture
@@ -75,11 +76,11 @@ def fast_server() -> Iterator[int]:
         proc.wait(timeout=5)
 
 
-# --------------------------------------------------------------------------- httpclient
+# --------------------------------------------------------------------------- protocols
 
 
 def test_parser_content_length_pipelined_and_leftovers() -> None:
-    p = httpclient.ResponseParser()
+    p = http.ResponseParser()
     one = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"
     p.feed(one + one[:10])
     r = p.next()
@@ -93,7 +94,7 @@ def test_parser_content_length_pipelined_and_leftovers() -> None:
 
 
 def test_parser_chunked_and_until_eof() -> None:
-    p = httpclient.ResponseParser()
+    p = http.ResponseParser()
     p.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n")
     assert p.next() is None
     p.feed(b"0\r\nTrailer: 1\r\n\r\nHTTP/1.0 200 OK\r\n\r\nto the end")
@@ -110,39 +111,39 @@ def test_parser_chunked_and_until_eof() -> None:
     [b"SSH-2.0-x\r\n", b"HTTP/1.1 abc\r\n\r\n", b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n"],
 )
 def test_parser_rejects_garbage(data: bytes) -> None:
-    p = httpclient.ResponseParser()
+    p = http.ResponseParser()
     p.feed(data)
-    with pytest.raises(httpclient.GarbageResponse):
+    with pytest.raises(proto.GarbageReply):
         p.next()
 
 
 def test_paths_are_unique_and_echo_is_exact() -> None:
-    gen = httpclient.PathGen("abc1")
-    assert gen.path(3, 0) == "/ac/abc1/3/0"
-    assert httpclient.parse_request_path("/ac/abc1/3/10") == ("abc1", 3, 10)
-    assert httpclient.parse_request_path("/other") is None
-    assert httpclient.echoes(b"/ac/abc1/1/1\n", "/ac/abc1/1/1")
-    assert not httpclient.echoes(b"/ac/abc1/1/10\n", "/ac/abc1/1/1")
-    assert httpclient.new_run_id() != httpclient.new_run_id()
-    assert httpclient.build_get("/x", "::1", 80, close=True) == (
+    gen = proto.Tags("abc1")
+    assert gen.tag(3, 0) == "/ac/abc1/3/0"
+    assert proto.parse_tag("/ac/abc1/3/10") == ("abc1", 3, 10)
+    assert proto.parse_tag("/other") is None
+    assert proto.carries(b"/ac/abc1/1/1\n", "/ac/abc1/1/1")
+    assert not proto.carries(b"/ac/abc1/1/10\n", "/ac/abc1/1/1")
+    assert proto.new_run_id() != proto.new_run_id()
+    assert http.build_get("/x", "::1", 80, close=True) == (
         b"GET /x HTTP/1.1\r\nHost: [::1]:80\r\nConnection: close\r\n\r\n"
     )
 
 
 def test_get_and_its_three_failures(serve: Callable[..., EchoServer]) -> None:
     ok = serve()
-    r = httpclient.get(HOST, ok.port, "/hello", timeout_s=2)
+    r = http.get(HOST, ok.port, "/hello", timeout_s=2)
     assert (r.status, r.body) == (200, b"/hello\n")
 
-    with pytest.raises(httpclient.NoAnswer) as no_answer:
-        httpclient.get(HOST, serve("silent_close").port, "/x", timeout_s=2)
+    with pytest.raises(proto.NoAnswer) as no_answer:
+        http.get(HOST, serve("silent_close").port, "/x", timeout_s=2)
     assert not no_answer.value.reset
 
     # A listener nobody accepts from: the kernel completes the handshake, nobody answers.
     with socket.create_server((HOST, 0)) as mute:
         start = time.monotonic()
-        with pytest.raises(httpclient.HttpTimeout):
-            httpclient.get(HOST, mute.getsockname()[1], "/x", timeout_s=0.3)
+        with pytest.raises(proto.ReplyTimeout):
+            http.get(HOST, mute.getsockname()[1], "/x", timeout_s=0.3)
         assert time.monotonic() - start < 10  # bounded, not waiting forever
 
     with socket.create_server((HOST, 0)) as liar:
@@ -155,14 +156,14 @@ def test_get_and_its_three_failures(serve: Callable[..., EchoServer]) -> None:
 
         t = threading.Thread(target=answer, daemon=True)
         t.start()
-        with pytest.raises(httpclient.GarbageResponse):
-            httpclient.get(HOST, liar.getsockname()[1], "/x", timeout_s=2)
+        with pytest.raises(proto.GarbageReply):
+            http.get(HOST, liar.getsockname()[1], "/x", timeout_s=2)
         t.join(timeout=3)
 
     with socket.create_server((HOST, 0)) as gone:
         port = gone.getsockname()[1]
-    with pytest.raises(httpclient.ConnectFailed):
-        httpclient.get(HOST, port, "/x", timeout_s=1)
+    with pytest.raises(proto.ConnectFailed):
+        http.get(HOST, port, "/x", timeout_s=1)
 
 
 # --------------------------------------------------------------------------- reset_peer
@@ -175,7 +176,7 @@ def test_reset_after_request_is_a_reset_the_server_sees(serve: Callable[..., Ech
     assert report.counts["requests"] == 20
     assert report.counts["rst_sent"] == 20
     assert report.counts["closed_without_answer"] == 0  # we reset them on purpose
-    assert report.anomalies == []
+    assert report.observations == []
     records = server.wait_ended(20)
     assert len(records) == 20
     # The RST arrives after the request: the server reads it, then ECONNRESET (never EOF).
@@ -189,7 +190,7 @@ def test_reset_phases(serve: Callable[..., EchoServer], phase: str) -> None:
     report = run_fault("reset_peer", {"connections": 12, "phase": phase}, server.port)
     assert report.counts["connections"] == 12
     assert report.counts["rst_sent"] == 12
-    assert report.anomalies == []
+    assert report.observations == []
     records = server.wait_ended(12)
     assert {r.end for r in records} <= {"reset", "eof"}
     if phase == "before-request":
@@ -214,7 +215,7 @@ def test_half_close_gets_every_answer(serve: Callable[..., EchoServer]) -> None:
     assert report.counts["responses"] == report.counts["status:200"] == 60
     assert report.counts["fin_sent"] == report.counts["closed_by_peer"] == 20
     assert report.counts["closed_without_answer"] == 0
-    assert report.anomalies == []
+    assert report.observations == []
     records = server.wait_ended(20)
     assert [r.end for r in records] == ["eof"] * 20
     assert sum(len(r.requests) for r in records) == 60
@@ -230,7 +231,7 @@ def test_half_close_counts_requests_closed_without_answer(
     assert report.counts["requests"] >= 5
     assert report.counts["closed_without_answer"] == report.counts["requests"]
     assert report.counts["responses"] == 0
-    assert report.anomalies == []
+    assert report.observations == []
 
 
 # --------------------------------------------------------------------------- shutdown_race
@@ -246,7 +247,7 @@ def test_shutdown_race_fin_malformed_requests_get_400(serve: Callable[..., EchoS
     assert c["status:400"] == c["malformed_answered"] == 20  # this server always answers
     assert c["status:200"] == c["requests"]  # the valid requests sent first
     assert c["closed_without_answer"] == 0
-    assert report.anomalies == []
+    assert report.observations == []
     records = server.wait_ended(20)
     assert all(r.bad_requests == 1 for r in records)
 
@@ -255,7 +256,7 @@ def test_shutdown_race_rst(serve: Callable[..., EchoServer]) -> None:
     server = serve()
     report = run_fault("shutdown_race", {"connections": 20, "close_mode": "rst"}, server.port)
     assert report.counts["malformed_sent"] == report.counts["rst_sent"] == 20
-    assert report.anomalies == []
+    assert report.observations == []
     records = server.wait_ended(20)
     # Either the RST won (reset) or the server's 400-and-close did.
     assert {r.end for r in records} <= {"reset", "eof", "server-close"}
@@ -281,7 +282,7 @@ def test_no_cross_talk_against_a_correct_server(
 ) -> None:
     report = run_fault(name, params, serve().port)
     assert report.counts["connections"] >= 10
-    assert report.anomalies == [], report.anomalies
+    assert report.observations == [], report.observations
 
 
 @pytest.mark.parametrize("echo_path", [True, False])
@@ -289,7 +290,7 @@ def test_double_response_is_cross_talk(serve: Callable[..., EchoServer], echo_pa
     server = serve("double")
     params = {"connections": 4, "requests_per_connection": 2}
     report = run_fault("half_close", params, server.port, echo_path=echo_path)
-    assert len(cross_talk(report)) >= 4, report.anomalies
+    assert len(cross_talk(report)) >= 4, report.observations
     keepalive = {**STORM_SMALL, "mix": {"keepalive": 1}}
     report = run_fault("connection_storm", keepalive, server.port, echo_path=echo_path)
     found = cross_talk(report)
@@ -318,7 +319,7 @@ def test_wrong_body_is_cross_talk_only_when_the_target_echoes(
     found = cross_talk(report)
     assert len(found) == 6
     assert any("carries the answer to /ac/" in a.detail for a in found), found
-    assert run_fault("half_close", params, server.port, echo_path=False).anomalies == []
+    assert run_fault("half_close", params, server.port, echo_path=False).observations == []
 
 
 # --------------------------------------------------------------------------- replay
@@ -424,11 +425,12 @@ def test_registry() -> None:
 def test_report_merge_and_summary() -> None:
     a = FaultReport("reset_peer", Counter({"connections": 2}), schedule=["conn 0: rst x"])
     b = FaultReport("half_close", Counter({"connections": 3, "responses": 1}))
-    b.add_anomaly(CROSS, "boom")
+    seen = Observation(UNSOLICITED_BYTES, "conn 0 (half_close)", "boom")
+    b.observe(seen)
     a.merge(b)
     assert a.fault == "reset_peer+half_close"
     assert a.counts == Counter({"connections": 5, "responses": 1})
-    assert a.anomalies == [Anomaly(CROSS, "boom")] and a.schedule == ["conn 0: rst x"]
+    assert a.observations == [seen] and a.schedule == ["conn 0: rst x"]
     line = a.summary()
     assert "\n" not in line and line.startswith("reset_peer+half_close: connections=5")
 
@@ -443,7 +445,7 @@ def test_storm_reaches_its_rate(fast_server: int) -> None:
     print(f"\nstorm: {rate:.0f} new connections/s ({report.summary()})")
     assert rate >= 300
     assert report.elapsed_s < 4.0  # a 1 s storm, on a machine that may be busy
-    assert report.anomalies == []
+    assert report.observations == []
 
 
 def test_storm_stops_by_its_deadline(fast_server: int) -> None:

@@ -235,7 +235,7 @@ def test_wrong_incarnation_double_close_silently_drops_a_stranger(tmp_path: Path
     )
     report = outcome.reports[0]
     assert report.counts["closed_without_answer"] > 0, explain(outcome)
-    assert not report.anomalies, explain(outcome)
+    assert not report.observations, explain(outcome)
     assert V.WRONG_INCARNATION in rules_of(outcome), explain(outcome)
     assert rules_of(outcome) <= {V.WRONG_INCARNATION, V.USE_AFTER_CLOSE}, explain(outcome)
     v = violation(outcome, V.WRONG_INCARNATION)
@@ -269,7 +269,7 @@ def test_correct_server_has_no_report(tmp_path: Path, server: str, fault: str) -
     assert outcome.warnings == [], explain(outcome)
     for report in outcome.reports:
         assert report.counts["connections"] > 0, explain(outcome)
-        assert not report.anomalies, explain(outcome)
+        assert not report.observations, explain(outcome)
 
 
 # -- a trace that lost records says so ---------------------------------------------------------

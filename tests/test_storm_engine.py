@@ -18,9 +18,9 @@ import pytest
 from procs import alive
 
 from afterclose import faults
-from afterclose.faults import _storm_engine as engine
 from afterclose.faults.base import Endpoint, FaultReport
 from afterclose.faults.connection_storm import BEHAVIOURS
+from afterclose.harness.client import engine
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.session import Harness, Settings, TargetRun
 
@@ -67,7 +67,7 @@ def test_runs_across_processes_and_reports_its_connections(fixed: TargetRun) -> 
     assert sum(last.per_process) == last.connections == report.counts["connections"]
     # 200 planned; a loaded machine may not start them all within the half second.
     assert report.counts["connections"] >= 60, report.summary()
-    assert report.counts["responses"] > 0 and report.anomalies == []
+    assert report.counts["responses"] > 0 and report.observations == []
     assert not any(alive(pid) for pid in last.pids)  # reaped before run() returned
 
 
@@ -93,7 +93,7 @@ def test_malformed_requests_get_a_400(fixed: TargetRun) -> None:
     assert sent >= 20, report.summary()  # of 100 planned (fewer start on a loaded machine)
     # seed-fixed answers every malformed request with a 400 and closes.
     assert report.counts["status:400"] == report.counts["malformed_answered"] == sent
-    assert report.counts["closed_by_peer"] == sent and report.anomalies == []
+    assert report.counts["closed_by_peer"] == sent and report.observations == []
 
 
 def test_slow_senders_are_answered(fixed: TargetRun) -> None:
@@ -102,7 +102,7 @@ def test_slow_senders_are_answered(fixed: TargetRun) -> None:
     slow = report.counts["slow_requests"]
     assert slow >= 20 and slow == report.counts["connections"], report.summary()
     assert report.counts["status:200"] == report.counts["responses"] == slow
-    assert report.anomalies == []
+    assert report.observations == []
     assert any("slow_sender" in line and "pieces" in line for line in report.schedule)
 
 
@@ -113,7 +113,7 @@ def test_every_behaviour_runs_without_anomalies(fixed: TargetRun) -> None:
     assert report.counts["connections"] >= 100, report.summary()
     for key in ("rst_sent", "fin_sent", "malformed_sent", "slow_requests", "partial_requests"):
         assert report.counts[key] > 0, key
-    assert report.anomalies == [] and seen[-1].errors == 0, report.summary()
+    assert report.observations == [] and seen[-1].errors == 0, report.summary()
 
 
 @pytest.mark.parametrize(
@@ -161,7 +161,7 @@ def test_the_standard_asyncio_loop_works_too(
     monkeypatch.setenv(engine.LOOP_ENV, "asyncio")
     report, seen = storm(fixed, {"rate_per_s": 400, "duration_s": 0.25, "concurrency": 16})
     assert seen[-1].loop == "asyncio"
-    assert report.counts["connections"] >= 20 and report.anomalies == [], report.summary()
+    assert report.counts["connections"] >= 20 and report.observations == [], report.summary()
 
 
 def test_workers_are_killed_when_the_parent_fails(fixed: TargetRun) -> None:
@@ -182,7 +182,7 @@ def test_workers_are_killed_when_the_parent_fails(fixed: TargetRun) -> None:
 CTRL_C_SCRIPT = """\
 import random, sys, time
 from afterclose import faults
-from afterclose.faults import _storm_engine as engine
+from afterclose.harness.client import engine
 from afterclose.faults.base import Endpoint
 
 def show(progress):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 # Bytes arrived on a connection that had no request outstanding (before any request, or after
 # the last answer).  Read by the cross-talk rule.
@@ -27,8 +26,6 @@ STATE_LOST_ON_RESTART = "state-lost-on-restart"
 
 KINDS = (UNSOLICITED_BYTES, FOREIGN_ANSWER, CPU_WHILE_IDLE, STATE_LOST_ON_RESTART)
 
-_NO_VALUES: Mapping[str, float] = MappingProxyType({})
-
 
 @dataclass(frozen=True)
 class Observation:
@@ -44,7 +41,9 @@ class Observation:
     who: str
     detail: str
     data: bytes = b""
-    values: Mapping[str, float] = field(default=_NO_VALUES)
+    # A plain dict: observations cross process boundaries (storm workers pickle their
+    # reports), and a mappingproxy cannot be pickled.
+    values: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
