@@ -465,3 +465,42 @@ def test_storm_stops_at_max_connections(fast_server: int) -> None:
     report = run_fault("connection_storm", params, fast_server)
     assert report.counts["connections"] == 50 and len(report.schedule) == 50
     assert time.monotonic() - start < 4.5  # not the 5 s the storm was given
+
+
+EMFILE_SCRIPT = """\
+import os, random, resource, sys, time
+from afterclose import faults
+from afterclose.faults.base import Endpoint
+from afterclose.harness.errors import HarnessResourceError
+
+name, port = sys.argv[1], int(sys.argv[2])
+params = {"connections": 200, "concurrency": 64}
+if name == "connection_storm":
+    params = {"rate_per_s": 2000, "duration_s": 0.5, "concurrency": 64, "processes": 1,
+              "mix": {"keepalive": 1}}
+fault = faults.create(name, params, "test")
+endpoint = Endpoint("127.0.0.1", port, io_timeout_s=2.0)
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+# A few fds beyond what is open: enough for the event loop, not for 64 connections.
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 12, hard))
+try:
+    report = fault.run(endpoint, random.Random(1), time.monotonic() + 10)
+except HarnessResourceError as exc:
+    print("harness:", exc.hint)
+else:
+    print("no error:", report.summary())
+"""
+
+
+@pytest.mark.parametrize("name", ["half_close", "connection_storm"])
+def test_the_harness_running_out_of_fds_is_its_own_error(fast_server: int, name: str) -> None:
+    """EMFILE on a client socket is the harness's trouble, not the target's: a dedicated
+    error with a hint, not a count or an observation in the report."""
+    result = subprocess.run(
+        [sys.executable, "-c", EMFILE_SCRIPT, name, str(fast_server)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.startswith("harness:"), result.stdout + result.stderr
+    assert "ulimit -n" in result.stdout

@@ -319,8 +319,9 @@ def _receive(worker: _Worker) -> tuple[Any, ...]:
 
 def _expect(worker: _Worker, message: tuple[Any, ...], kind: str) -> None:
     if message[0] == "error":
-        if isinstance(message[2], AftercloseError):  # the harness's own trouble, e.g. EMFILE
-            raise message[2]
+        if message[2] is not None:  # the harness's own trouble, e.g. EMFILE: as the worker said
+            kind, text, where, hint, details = message[2]
+            raise kind(text, where=where, hint=hint, details=details)
         raise RuntimeError(f"storm worker {worker.index} (pid {worker.pid}) failed:\n{message[1]}")
     if message[0] != kind:
         raise RuntimeError(f"storm worker {worker.index} (pid {worker.pid}) sent {message[0]!r}")
@@ -484,7 +485,11 @@ def _child(job: Job, index: int, chan: mpc.Connection, counters: memoryview) -> 
         chan.send(("done", report))
         return 0
     except BaseException as exc:
-        user = exc if isinstance(exc, AftercloseError) else None
+        # An AftercloseError (the harness's own trouble, e.g. EMFILE) goes back as its parts:
+        # pickling an exception keeps only its args, not where/hint/details.
+        user = None
+        if isinstance(exc, AftercloseError):
+            user = (type(exc), exc.message, exc.where, exc.hint, exc.details)
         with contextlib.suppress(BaseException):
             chan.send(("error", traceback.format_exc(), user))
         return 1
