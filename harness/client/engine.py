@@ -320,8 +320,8 @@ def _receive(worker: _Worker) -> tuple[Any, ...]:
 def _expect(worker: _Worker, message: tuple[Any, ...], kind: str) -> None:
     if message[0] == "error":
         if message[2] is not None:  # the harness's own trouble, e.g. EMFILE: as the worker said
-            kind, text, where, hint, details = message[2]
-            raise kind(text, where=where, hint=hint, details=details)
+            error_type, text, where, hint, details = message[2]
+            raise error_type(text, where=where, hint=hint, details=details)
         raise RuntimeError(f"storm worker {worker.index} (pid {worker.pid}) failed:\n{message[1]}")
     if message[0] != kind:
         raise RuntimeError(f"storm worker {worker.index} (pid {worker.pid}) sent {message[0]!r}")
