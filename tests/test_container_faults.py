@@ -443,7 +443,7 @@ def test_storm(target, round_):
         "started": started,
         "ended": ended,
         "responses": report.counts["responses"],
-        "anomalies": [a.detail for a in report.observations],
+        "observations": [o.detail for o in report.observations],
         "bad": [repr(b) for b in bad],
     }
     (SHARED / f"{worker}-{round_}.json").write_text(json.dumps(record))
@@ -479,7 +479,7 @@ def test_parallel_workers_never_see_each_others_traffic(
         assert a["port"] != b["port"]
         assert not set(a["pids"]) & set(b["pids"])
         assert a["responses"] > 50 and b["responses"] > 50
-        assert a["anomalies"] == b["anomalies"] == [] and a["bad"] == b["bad"] == []
+        assert a["observations"] == b["observations"] == [] and a["bad"] == b["bad"] == []
     # Every test had its own workdir and trace folder.
     assert len({r["workdir"] for r in records}) == 4
     assert len({r["trace_dir"] for r in records}) == 4

@@ -106,7 +106,7 @@ def test_slow_senders_are_answered(fixed: TargetRun) -> None:
     assert any("slow_sender" in line and "pieces" in line for line in report.schedule)
 
 
-def test_every_behaviour_runs_without_anomalies(fixed: TargetRun) -> None:
+def test_every_behaviour_runs_without_observations(fixed: TargetRun) -> None:
     mix = dict.fromkeys(BEHAVIOURS, 1)
     params = {"rate_per_s": 1000, "duration_s": 0.5, "concurrency": 64, "mix": mix}
     report, seen = storm(fixed, params)
