@@ -38,8 +38,8 @@ from pathlib import Path
 import _common as c
 
 from afterclose import faults
-from afterclose.faults import _storm_engine
 from afterclose.faults.base import Endpoint
+from afterclose.harness.client import engine
 
 TARGET = "seed-fixed"
 TOOLS = ("storm close", "storm default", "siege", "wrk")
@@ -99,7 +99,7 @@ def storm(
         errors = sum(n for k, n in report.counts.items() if k.startswith("errors:"))
         note = (
             f"{made} connections in {report.elapsed_s:.2f} s, {errors} errors, "
-            f"{report.counts['storm_processes']} process(es) on {_storm_engine.loop_name()}"
+            f"{report.counts['storm_processes']} process(es) on {engine.loop_name()}"
         )
         if report.counts["not_started"] == 0:  # every planned connection was started
             note += f" (RAN OUT OF ITS {planned}-CONNECTION PLAN: raise STORM_MAX_PER_S)"
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument(
         "--processes",
         type=int,
-        default=_storm_engine.DEFAULT_PROCESSES,
+        default=engine.DEFAULT_PROCESSES,
         help="the storm's worker processes",
     )
     parser.add_argument("--tracer", choices=("off", "preload"), default="off")

@@ -25,8 +25,10 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
+from afterclose.faults import _forging as fg
 from afterclose.faults import _packets as pk
-from afterclose.faults.base import Conn, param
+from afterclose.faults.base import param
+from afterclose.harness.client.conn import Conn
 
 VARIANTS = ("single", "duplicate")
 
@@ -49,15 +51,15 @@ class ForgedFinAction(pk.ForgingAction):
     def describe(self) -> str:
         return f"forged fin {self.variant} after {self.requests_before} exchanges"
 
-    def perform(self, conn: Conn) -> None:
+    async def perform(self, conn: Conn) -> None:
         forger = self.forger
-        opened = pk.connect_keepalive(conn, self.requests_before)
+        opened = await pk.connect_keepalive(conn, self.requests_before)
         if opened is None:
             return
         tup, sock = opened
-        pk.pause(conn, self.idle_s)
-        pk.flush_ack(sock)
-        seqs = pk.read_seqs(sock)
+        await conn.pause(self.idle_s)
+        fg.flush_ack(sock)
+        seqs = fg.read_seqs(sock)
         # seq = the server's rcv_nxt: the FIN is the next thing in the stream.  ack = what the
         # server sent so far (the client read every answer): an ACK beyond the server's
         # snd_nxt would make its kernel drop the segment.
@@ -65,22 +67,22 @@ class ForgedFinAction(pk.ForgingAction):
         forger.fire(raw)
         conn.report.count(pk.FIN_FORGED)
         if self.variant == "duplicate":
-            pk.pause(conn, self.gap_s)
+            await conn.pause(self.gap_s)
             forger.fire(raw)
             conn.report.count(pk.FIN_FORGED)
-        state = pk.wait_server_state(tup, pk.fin_took, self.observe_s)
-        if pk.fin_took(state):
+        state = await fg.wait_server_state(tup, fg.fin_took, self.observe_s)
+        if fg.fin_took(state):
             conn.report.count("fin_effective")
-            state = pk.wait_server_state(tup, lambda s: s in _CLOSED, self.observe_s)
+            state = await fg.wait_server_state(tup, lambda s: s in _CLOSED, self.observe_s)
             if state in _CLOSED:
                 conn.report.count("server_closed")
         else:
             conn.report.count("fin_ignored")
         # The server's FIN (if it closed) has reached the client's kernel by now, and was
         # dropped there: nothing to read, no EOF.
-        pk.watch_quiet(conn, 0.0, "client")
+        await pk.watch_quiet(conn, 0.0, "client")
         if self.probe:
-            pk.late_probe(conn, self.observe_s)
+            await pk.late_probe(conn, self.observe_s)
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class ForgedFin(pk.PacketFault[ForgedFinAction]):
     observe_ms: float = param(500.0, lo=1, hi=10_000, doc="wait for the server to react")
     probe: bool = param(True, doc="send one more request afterwards, to see what the client gets")
 
-    def action(self, rng: random.Random, forger: pk.Forger) -> ForgedFinAction:
+    def action(self, rng: random.Random, forger: fg.Forger) -> ForgedFinAction:
         return ForgedFinAction(
             rng.choice(VARIANTS) if self.variant == "random" else self.variant,
             self.requests_before,

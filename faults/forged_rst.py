@@ -2,7 +2,7 @@
 
 The RST does not come from the client socket: it is forged (raw socket on ``lo``, needs root
 and scapy) with the client's address and the exact sequence number the server expects next,
-read from the client socket with TCP_REPAIR (see ``_packets``).  The server's kernel drops
+read from the client socket with TCP_REPAIR (see ``_forging``).  The server's kernel drops
 the connection at once: its next read fails with ECONNRESET (after any bytes already
 queued), its next write with ECONNRESET or EPIPE, and epoll reports EPOLLIN|EPOLLHUP|EPOLLERR.
 The client's kernel is told nothing: it still thinks the connection is open, and its next
@@ -29,8 +29,10 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
+from afterclose.faults import _forging as fg
 from afterclose.faults import _packets as pk
-from afterclose.faults.base import Conn, param
+from afterclose.faults.base import param
+from afterclose.harness.client.conn import Conn
 
 PHASES = ("idle", "after-request")
 
@@ -48,29 +50,31 @@ class ForgedRstAction(pk.ForgingAction):
         off = f" seq{self.seq_offset:+d}" if self.seq_offset else ""
         return f"forged rst {self.phase} after {self.requests_before} exchanges{off}"
 
-    def perform(self, conn: Conn) -> None:
+    async def perform(self, conn: Conn) -> None:
         forger = self.forger
-        opened = pk.connect_keepalive(conn, self.requests_before)
+        opened = await pk.connect_keepalive(conn, self.requests_before)
         if opened is None:
             return
         tup, sock = opened
         if self.phase == "idle":
-            pk.pause(conn, self.idle_s)
-            pk.forge_rst(conn, forger, tup, seq_offset=self.seq_offset, verify_s=self.observe_s)
+            await conn.pause(self.idle_s)
+            await pk.forge_rst(
+                conn, forger, tup, seq_offset=self.seq_offset, verify_s=self.observe_s
+            )
             # The server's kernel forgot the connection silently: the client sees nothing.
-            pk.watch_quiet(conn, 0.0, "client")
+            await pk.watch_quiet(conn, 0.0, "client")
         else:
             path, request = conn.new_request()
             # The RST is built before the request is sent: on loopback the request is in the
             # server's receive queue when send() returns, so its rcv_nxt is then exactly the
             # client's snd_nxt + len(request).
-            pk.flush_ack(sock)
+            fg.flush_ack(sock)
             raw = pk.rst_segment(
-                forger, tup, pk.read_seqs(sock), extra=len(request) + self.seq_offset
+                forger, tup, fg.read_seqs(sock), extra=len(request) + self.seq_offset
             )
-            if not pk.send_then_fire(conn, path, request, forger, raw):
+            if not await pk.send_then_fire(conn, path, request, forger, raw):
                 return
-            pk.forge_rst(
+            await pk.forge_rst(
                 conn,
                 forger,
                 tup,
@@ -81,10 +85,10 @@ class ForgedRstAction(pk.ForgingAction):
             )
             # Whatever the server sent before the RST reached it is in our receive queue.
             with pk.short_io(conn, self.observe_s):
-                answered = pk.drain_responses(conn, prefix="after_rst")
+                answered = await pk.drain_responses(conn, prefix="after_rst")
             conn.report.count("answered_before_rst" if answered else "unanswered_after_rst")
         if self.probe:
-            pk.late_probe(conn, self.observe_s)
+            await pk.late_probe(conn, self.observe_s)
 
 
 def draw(
@@ -95,7 +99,7 @@ def draw(
     seq_offset: int,
     observe_s: float,
     probe: bool,
-    forger: pk.Forger,
+    forger: fg.Forger,
 ) -> ForgedRstAction:
     chosen = rng.choice(PHASES) if phase == "random" else phase
     return ForgedRstAction(
@@ -120,7 +124,7 @@ class ForgedRst(pk.PacketFault[ForgedRstAction]):
     observe_ms: float = param(100.0, lo=1, hi=10_000, doc="wait for the RST to take effect")
     probe: bool = param(True, doc="send one more request afterwards, to see what the client gets")
 
-    def action(self, rng: random.Random, forger: pk.Forger) -> ForgedRstAction:
+    def action(self, rng: random.Random, forger: fg.Forger) -> ForgedRstAction:
         return draw(
             rng,
             self.phase,

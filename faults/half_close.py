@@ -15,34 +15,9 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
-from afterclose.faults.base import Conn, Endpoint, Fault, FaultReport, drive, param
-
-
-@dataclass(frozen=True)
-class HalfCloseAction:
-    requests: int
-    one_write: bool
-
-    def describe(self) -> str:
-        return f"half_close x{self.requests} {'one-write' if self.one_write else 'per-request'}"
-
-    def perform(self, conn: Conn) -> None:
-        if not conn.connect():
-            return
-        if self.one_write:
-            sent = conn.send_requests(self.requests)
-        else:
-            sent = all(conn.send_requests(1) for _ in range(self.requests))
-        if not sent or not conn.shutdown_write():
-            return
-        while conn.awaiting:
-            if conn.read_response() is None:
-                return
-        conn.read_to_eof()
-
-
-def draw(rng: random.Random, requests: int) -> HalfCloseAction:
-    return HalfCloseAction(requests, one_write=rng.random() < 0.5)
+from afterclose.faults.base import Endpoint, Fault, FaultReport, param
+from afterclose.harness.client import engine
+from afterclose.harness.client.behaviours import HalfCloseAction, draw_half_close
 
 
 @dataclass(frozen=True)
@@ -56,8 +31,10 @@ class HalfClose(Fault):
     requests_per_connection: int = param(2, lo=1, hi=100, doc="requests before the FIN")
 
     def plan(self, rng: random.Random) -> list[HalfCloseAction]:
-        return [draw(rng, self.requests_per_connection) for _ in range(self.connections)]
+        return [draw_half_close(rng, self.requests_per_connection) for _ in range(self.connections)]
 
     def run(self, endpoint: Endpoint, rng: random.Random, deadline: float) -> FaultReport:
         actions = self.plan(rng)
-        return drive(self.name, endpoint, actions, concurrency=self.concurrency, deadline=deadline)
+        return engine.run_plan(
+            self.name, endpoint, actions, concurrency=self.concurrency, deadline=deadline
+        )

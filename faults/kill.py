@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 from afterclose.faults import _server_side as ss
 from afterclose.faults.base import FaultReport, param
-from afterclose.harness import httpclient
 from afterclose.harness.oracle.evidence import STATE_LOST_ON_RESTART, Observation
+from afterclose.harness.protocols import http
 
 if TYPE_CHECKING:
     from afterclose.harness.control import ServerControl
@@ -93,7 +93,7 @@ class Kill(ss.StormFault):
 def _answer(server: ServerControl, path: str) -> str:
     """What GET ``path`` answers, as one comparable line."""
     try:
-        response = httpclient.get(server.host, server.port, path, timeout_s=3.0)
-    except (OSError, httpclient.HttpClientError) as exc:
+        response = http.get(server.host, server.port, path, timeout_s=3.0)
+    except (OSError, http.ClientError) as exc:
         return f"no answer ({type(exc).__name__})"
     return f"{response.status} {response.body[:200]!r}"

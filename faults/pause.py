@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 from afterclose.faults import _server_side as ss
 from afterclose.faults.base import FaultReport, param
-from afterclose.harness import httpclient, procfs
+from afterclose.harness import procfs
+from afterclose.harness.protocols import http
 
 if TYPE_CHECKING:
     from afterclose.harness.control import ServerControl
@@ -79,7 +80,7 @@ def _answers(server: ServerControl, within_s: float) -> bool:
         return False
     with sock:
         try:
-            sock.sendall(httpclient.build_get(PROBE_PATH, host, port, close=True))
+            sock.sendall(http.build_get(PROBE_PATH, host, port, close=True))
             sock.settimeout(within_s)
             return bool(sock.recv(1))
         except OSError:

@@ -18,51 +18,10 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
-from afterclose.faults.base import Conn, Endpoint, Fault, FaultReport, drive, param
-
-PHASES = ("before-request", "mid-request", "after-request", "mid-response")
-
-
-@dataclass(frozen=True)
-class ResetAction:
-    """One connection reset at ``phase``; ``pipeline``/``read_bytes`` for mid-response."""
-
-    phase: str
-    pipeline: int = 1
-    read_bytes: int = 0
-
-    def describe(self) -> str:
-        if self.phase == "mid-response":
-            return f"rst mid-response pipeline={self.pipeline} read<={self.read_bytes}B"
-        return f"rst {self.phase}"
-
-    def perform(self, conn: Conn) -> None:
-        if not conn.connect():
-            return
-        if self.phase == "before-request":
-            conn.check_quiet()
-        elif self.phase == "mid-request":
-            _, request = conn.new_request()
-            if not conn.send(request[: len(request) // 2]):
-                return
-            conn.report.count("partial_requests")
-        elif self.phase == "after-request":
-            if not conn.send_requests(1):
-                return
-        else:
-            if not conn.send_requests(self.pipeline):
-                return
-            if not conn.read_some(self.read_bytes):
-                return
-        conn.rst()
-
-
-def draw(rng: random.Random, phase: str = "random") -> ResetAction:
-    """The action of one connection; ``phase`` is one of PHASES or ``random``."""
-    chosen = rng.choice(PHASES) if phase == "random" else phase
-    if chosen == "mid-response":
-        return ResetAction(chosen, pipeline=rng.randint(2, 8), read_bytes=rng.randint(1, 256))
-    return ResetAction(chosen)
+from afterclose.faults.base import Endpoint, Fault, FaultReport, param
+from afterclose.harness.client import engine
+from afterclose.harness.client.behaviours import RESET_PHASES as PHASES
+from afterclose.harness.client.behaviours import ResetAction, draw_reset
 
 
 @dataclass(frozen=True)
@@ -76,8 +35,10 @@ class ResetPeer(Fault):
     phase: str = param("random", choices=(*PHASES, "random"), doc="when the client sends the RST")
 
     def plan(self, rng: random.Random) -> list[ResetAction]:
-        return [draw(rng, self.phase) for _ in range(self.connections)]
+        return [draw_reset(rng, self.phase) for _ in range(self.connections)]
 
     def run(self, endpoint: Endpoint, rng: random.Random, deadline: float) -> FaultReport:
         actions = self.plan(rng)
-        return drive(self.name, endpoint, actions, concurrency=self.concurrency, deadline=deadline)
+        return engine.run_plan(
+            self.name, endpoint, actions, concurrency=self.concurrency, deadline=deadline
+        )

@@ -35,9 +35,10 @@ import socket
 from dataclasses import dataclass
 from typing import ClassVar
 
+from afterclose.faults import _forging as fg
 from afterclose.faults import _packets as pk
-from afterclose.faults.base import Conn, param
-from afterclose.harness import httpclient
+from afterclose.faults.base import param
+from afterclose.harness.client.conn import Conn, set_rst_on_close
 
 METHODS = ("forged", "linger")
 
@@ -55,35 +56,34 @@ class RstBeforeAcceptAction(pk.ForgingAction):
     def needs_forger(self) -> bool:
         return self.method == "forged"
 
-    def perform(self, conn: Conn) -> None:
+    async def perform(self, conn: Conn) -> None:
         if self.method == "linger":
-            self._linger(conn)
+            await self._linger(conn)
         else:
-            self._forged(conn, self.forger)
+            await self._forged(conn, self.forger)
 
-    def _linger(self, conn: Conn) -> None:
+    async def _linger(self, conn: Conn) -> None:
         # Set SO_LINGER before connect: after it, only close() is left to do.
         tup = pk.connect(
             conn,
-            before_connect=httpclient.set_rst_on_close,
+            before_connect=set_rst_on_close,
             on_connected=_close,
             realtime_hook=True,
         )
         if tup is None:
             return
-        conn.sock = conn.reader = None  # closed by on_connected
         conn.report.count("rst_sent")
-        pk.verify_reset(conn, tup, self.observe_s)
+        await pk.verify_reset(conn, tup, self.observe_s)
 
-    def _forged(self, conn: Conn, forger: pk.Forger) -> None:
+    async def _forged(self, conn: Conn, forger: fg.Forger) -> None:
         prebuilt: list[bytes] = []
 
         def build(sock: socket.socket) -> None:
             # Bound, not yet connected: the 4-tuple and the ISN are known, the RST can be
             # ready before the SYN leaves.  No ACK flag: in ESTABLISHED, a RST needs only
             # seq == rcv_nxt (= ISN + 1 before any data).
-            tup = pk.FourTuple.of(sock, conn.target.sockaddr)
-            prebuilt.append(forger.build(tup, "R", pk.seq_add(self.isn, 1)))
+            tup = fg.FourTuple.of(sock, conn.remote.sockaddr)
+            prebuilt.append(forger.build(tup, "R", fg.seq_add(self.isn, 1)))
 
         def fire(_: socket.socket) -> None:
             forger.fire(prebuilt[0])
@@ -94,11 +94,11 @@ class RstBeforeAcceptAction(pk.ForgingAction):
         if tup is None:
             return
         conn.report.count(pk.RST_FORGED)
-        if not pk.verify_reset(conn, tup, self.observe_s):
+        if not await pk.verify_reset(conn, tup, self.observe_s):
             conn.report.count("rst_ignored")
-        pk.watch_quiet(conn, 0.0, "client")
+        await pk.watch_quiet(conn, 0.0, "client")
         if self.probe:
-            pk.late_probe(conn, self.observe_s)
+            await pk.late_probe(conn, self.observe_s)
 
 
 def _close(sock: socket.socket) -> None:
@@ -119,7 +119,7 @@ class RstBeforeAccept(pk.PacketFault[RstBeforeAcceptAction]):
     observe_ms: float = param(100.0, lo=1, hi=10_000, doc="wait for the RST to take effect")
     probe: bool = param(True, doc="forged: then send a request on the client socket")
 
-    def action(self, rng: random.Random, forger: pk.Forger) -> RstBeforeAcceptAction:
+    def action(self, rng: random.Random, forger: fg.Forger) -> RstBeforeAcceptAction:
         method = rng.choice(METHODS) if self.method == "random" else self.method
         return RstBeforeAcceptAction(
             method, pk.draw_isn(rng), self.observe_ms / 1000, self.probe, forger=forger

@@ -35,9 +35,11 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
+from afterclose.faults import _forging as fg
 from afterclose.faults import _packets as pk
-from afterclose.faults.base import Conn, DeadlineReached, param
-from afterclose.harness import httpclient
+from afterclose.faults.base import param
+from afterclose.harness.client.conn import Conn, DeadlineReached
+from afterclose.harness.protocols.base import RECV_SIZE
 
 # Requests joined into one send() buffer.
 _BATCH = 16
@@ -56,39 +58,36 @@ class RstMidResponseAction(pk.ForgingAction):
     def describe(self) -> str:
         return f"rst mid-response path={self.path_bytes}B drain={self.drain_bytes}B"
 
-    def perform(self, conn: Conn) -> None:
+    async def perform(self, conn: Conn) -> None:
         forger = self.forger
         tup = pk.connect(conn, rcvbuf_bytes=self.rcvbuf_bytes, mss_bytes=self.mss_bytes)
         if tup is None:
             return
-        stalled = self._pipeline(conn)
+        stalled = await self._pipeline(conn)
         if stalled is None:
             return
         conn.report.count("server_stalled" if stalled else "not_stalled")
         assert conn.sock is not None
-        raw = pk.rst_segment(forger, tup, pk.read_seqs(conn.sock))
-        if self.drain_bytes and not self._drain(conn):
+        raw = pk.rst_segment(forger, tup, fg.read_seqs(conn.sock))
+        if self.drain_bytes and not await self._drain(conn):
             return
-        pk.forge_rst(conn, forger, tup, prebuilt=raw, verify_s=self.observe_s)
+        await pk.forge_rst(conn, forger, tup, prebuilt=raw, verify_s=self.observe_s)
         with pk.short_io(conn, self.observe_s):
-            pk.drain_responses(conn, "after_rst")
+            await pk.drain_responses(conn, "after_rst")
 
-    def _long_request(self, conn: Conn) -> tuple[str, bytes]:
-        # The path names the request (/ac/<run>/<conn>/<req>) and is padded after a "/": the
-        # echoed body still contains the name, followed by a non-alphanumeric character.
-        name = conn.next_path()
-        pad = self.path_bytes - len(name) - 1
-        path = f"{name}/{'x' * pad}" if pad > 0 else name
-        return name, httpclient.build_get(path, conn.endpoint.host, conn.endpoint.port)
+    def _large_request(self, conn: Conn) -> tuple[str, bytes]:
+        tag = conn.next_tag()
+        host, port = conn.endpoint.host, conn.endpoint.port
+        return tag, conn.protocol.large_request(tag, self.path_bytes, host, port)
 
-    def _pipeline(self, conn: Conn) -> bool | None:
+    async def _pipeline(self, conn: Conn) -> bool | None:
         """Send requests until send() stalls (True), the byte budget is spent (False), or the
         connection fails (None, counted)."""
         sock = conn.sock
         assert sock is not None
         sent_total = 0
         while sent_total < self.max_pipeline_bytes:
-            reqs = [self._long_request(conn) for _ in range(_BATCH)]
+            reqs = [self._large_request(conn) for _ in range(_BATCH)]
             buf = memoryview(b"".join(r for _, r in reqs))
             ends = []
             end = 0
@@ -96,53 +95,42 @@ class RstMidResponseAction(pk.ForgingAction):
                 end += len(r)
                 ends.append(end)
             off = 0
-            done = 0  # requests of this batch wholly written
             while off < len(buf):
                 left = conn.deadline - time.monotonic()
                 if left <= 0:
                     raise DeadlineReached
-                sock.settimeout(min(self.stall_s, left))
                 try:
                     off += sock.send(buf[off:])
-                except TimeoutError:
-                    if time.monotonic() >= conn.deadline:
-                        raise DeadlineReached from None
-                    self._completed(conn, reqs, ends, done, off)
-                    return True
+                    continue
+                except BlockingIOError:
+                    pass
                 except (ConnectionResetError, BrokenPipeError):
-                    self._completed(conn, reqs, ends, done, off)
+                    self._completed(conn, reqs, ends, off)
                     conn.report.count("errors:pipeline_reset")
                     return None
-                while done < len(ends) and ends[done] <= off:
-                    done += 1
-            self._completed(conn, reqs, ends, done, off)
+                if not await conn.writable(min(self.stall_s, left)):
+                    if time.monotonic() >= conn.deadline:
+                        raise DeadlineReached
+                    self._completed(conn, reqs, ends, off)
+                    return True
+            self._completed(conn, reqs, ends, off)
             sent_total += len(buf)
         return False
 
     @staticmethod
-    def _completed(
-        conn: Conn, reqs: list[tuple[str, bytes]], ends: list[int], done: int, off: int
-    ) -> None:
-        while done < len(ends) and ends[done] <= off:
-            done += 1
-        for name, _ in reqs[:done]:
-            conn.awaiting.append(name)
-        conn.report.count("requests", done)
+    def _completed(conn: Conn, reqs: list[tuple[str, bytes]], ends: list[int], off: int) -> None:
+        conn.sent([tag for (tag, _), end in zip(reqs, ends, strict=True) if end <= off])
         conn.sent_any = True
 
-    def _drain(self, conn: Conn) -> bool:
+    async def _drain(self, conn: Conn) -> bool:
         """Read up to ``drain_bytes`` of the answers into the parser (checked later)."""
-        sock, reader = conn.sock, conn.reader
-        assert sock is not None and reader is not None
         got = 0
         stop = min(conn.deadline, time.monotonic() + self.observe_s)
         while got < self.drain_bytes:
-            left = stop - time.monotonic()
-            if left <= 0:
+            if stop - time.monotonic() <= 0:
                 break
-            sock.settimeout(left)
             try:
-                data = sock.recv(min(self.drain_bytes - got, httpclient.RECV_SIZE))
+                data = await conn.recv(min(self.drain_bytes - got, RECV_SIZE), stop)
             except TimeoutError:
                 break
             except ConnectionResetError:
@@ -151,7 +139,7 @@ class RstMidResponseAction(pk.ForgingAction):
             if not data:
                 conn.report.count("errors:drain_eof")
                 return False
-            reader.parser.feed(data)
+            conn.parser.feed(data)
             got += len(data)
         conn.report.count("drained_bytes", got)
         return True
@@ -187,7 +175,7 @@ class RstMidResponse(pk.PacketFault[RstMidResponseAction]):
     )
     observe_ms: float = param(200.0, lo=1, hi=10_000, doc="wait for the RST to take effect")
 
-    def action(self, rng: random.Random, forger: pk.Forger) -> RstMidResponseAction:
+    def action(self, rng: random.Random, forger: fg.Forger) -> RstMidResponseAction:
         return RstMidResponseAction(
             self.path_bytes,
             self.max_pipeline_bytes,

@@ -58,3 +58,8 @@ class TraceError(AftercloseError):
 
 class OptionError(AftercloseError):
     """A command-line or ini option has a value it does not accept."""
+
+
+class HarnessResourceError(AftercloseError):
+    """The harness itself ran out of something (file descriptors, memory, ports): not the
+    target's fault."""

@@ -47,11 +47,11 @@ def port_probe(host: str, port: int) -> Probe:
 
 def http_probe(host: str, port: int, path: str) -> Probe:
     def check() -> bool:
-        from afterclose.harness import httpclient
+        from afterclose.harness.protocols import http
 
         try:
-            response = httpclient.get(host, port, path, timeout_s=1.0)
-        except (OSError, httpclient.HttpClientError):
+            response = http.get(host, port, path, timeout_s=1.0)
+        except (OSError, http.ClientError):
             return False
         return response.status < 500
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from afterclose.faults._storm_engine import StormProgress
 from afterclose.harness.cli.progress import ProgressView
+from afterclose.harness.client.engine import StormProgress
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGEST = re.compile(r"^scenario 'gentle' seed (\d+): .* schedule (sha256:[0-9a-f]+)$", re.M)

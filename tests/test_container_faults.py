@@ -24,8 +24,9 @@ import pytest
 
 from afterclose import faults
 from afterclose.faults.base import FaultReport
-from afterclose.harness import httpclient, procfs
+from afterclose.harness import procfs
 from afterclose.harness.errors import ScenarioError
+from afterclose.harness.protocols import http
 from afterclose.harness.runners.docker import ContainerTarget
 from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
 
@@ -271,7 +272,7 @@ def test_pause_mid_storm_and_resume(tmp_path: Path, runner: str) -> None:
     with harness("seed-fixed", runner, tracer="auto").start(tmp_path / "run", "pause") as run:
         report = run.run_fault("pause", pause_s=0.8, storm_s=1.5)
         assert run.target.exit_status() is None
-        assert httpclient.get(run.host, run.port, "/after-pause", timeout_s=3).status == 200
+        assert http.get(run.host, run.port, "/after-pause", timeout_s=3).status == 200
         outcome = run.finish()
     assert outcome.ok, rendered(outcome)
     counts = report.counts
@@ -293,7 +294,7 @@ def test_kill_restarts_and_answers(tmp_path: Path, runner: str) -> None:
         assert run.target is not old and old.exit_status() is not None
         assert run.target.host_pids()[0] != old_pid
         assert run.target.port == old.port
-        body = httpclient.get(run.host, run.port, "/after-kill", timeout_s=3).body
+        body = http.get(run.host, run.port, "/after-kill", timeout_s=3).body
         assert b"/after-kill" in body
         outcome = run.finish()
     assert outcome.ok, rendered(outcome)
@@ -354,7 +355,7 @@ def test_pids_limit_refuses_a_fork(docker_ok: None, tmp_path: Path) -> None:
         refused = procfs.cgroup_key(
             run.target.host_pids()[0], "pids", "pids.events", "pids.events", "max"
         )
-        response = httpclient.get(run.host, run.port, "/fork", timeout_s=3)
+        response = http.get(run.host, run.port, "/fork", timeout_s=3)
         assert response.status == 200
         after = procfs.cgroup_key(
             run.target.host_pids()[0], "pids", "pids.events", "pids.events", "max"
@@ -441,7 +442,8 @@ import json, os, socket, time
 from pathlib import Path
 
 import pytest
-from afterclose.harness import httpclient
+from afterclose.harness.protocols import base as proto
+from afterclose.harness.protocols import http
 
 SHARED = Path(os.environ["AC_SHARED"])
 
@@ -461,11 +463,11 @@ def own_requests(target, worker, n):
     """Keep-alive requests naming this worker; every body must name the request."""
     bad = []
     with socket.create_connection((target.host, target.port), timeout=5) as sock:
-        reader = httpclient.ResponseReader(sock)
+        parser = http.ResponseParser()
         for k in range(n):
             path = f"/own/{worker}/{k}"
-            sock.sendall(httpclient.build_get(path, target.host, target.port))
-            response = reader.read_response(time.monotonic() + 5)
+            sock.sendall(http.build_get(path, target.host, target.port))
+            response = proto.read_reply(sock, parser, time.monotonic() + 5)
             if response.body.strip() != path.encode():
                 bad.append((path, response.body[:80]))
     return bad
@@ -491,7 +493,7 @@ def test_storm(target, round_):
         "started": started,
         "ended": ended,
         "responses": report.counts["responses"],
-        "anomalies": [a.detail for a in report.observations],
+        "observations": [o.detail for o in report.observations],
         "bad": [repr(b) for b in bad],
     }
     (SHARED / f"{worker}-{round_}.json").write_text(json.dumps(record))
@@ -527,7 +529,7 @@ def test_parallel_workers_never_see_each_others_traffic(
         assert a["port"] != b["port"]
         assert not set(a["pids"]) & set(b["pids"])
         assert a["responses"] > 50 and b["responses"] > 50
-        assert a["anomalies"] == b["anomalies"] == [] and a["bad"] == b["bad"] == []
+        assert a["observations"] == b["observations"] == [] and a["bad"] == b["bad"] == []
     # Every test had its own workdir and trace folder.
     assert len({r["workdir"] for r in records}) == 4
     assert len({r["trace_dir"] for r in records}) == 4

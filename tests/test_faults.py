@@ -17,13 +17,13 @@ from pyservers import EchoServer
 
 from afterclose import faults
 from afterclose.faults.base import Endpoint, FaultReport
-from afterclose.harness import httpclient
 from afterclose.harness.errors import ScenarioError
-from afterclose.harness.oracle import evidence
-from afterclose.harness.oracle.evidence import Observation
+from afterclose.harness.oracle.evidence import FOREIGN_ANSWER, UNSOLICITED_BYTES, Observation
+from afterclose.harness.protocols import base as proto
+from afterclose.harness.protocols import http
 
 HOST = "127.0.0.1"
-CROSS = (evidence.UNSOLICITED_BYTES, evidence.FOREIGN_ANSWER)
+CROSS_TALK_KINDS = (UNSOLICITED_BYTES, FOREIGN_ANSWER)
 
 
 def run_fault(
@@ -41,7 +41,7 @@ def run_fault(
 
 
 def cross_talk(report: FaultReport) -> list[Observation]:
-    return [o for o in report.observations if o.kind in CROSS]
+    return [o for o in report.observations if o.kind in CROSS_TALK_KINDS]
 
 
 @pytest.fixture
@@ -76,11 +76,11 @@ def fast_server() -> Iterator[int]:
         proc.wait(timeout=5)
 
 
-# --------------------------------------------------------------------------- httpclient
+# --------------------------------------------------------------------------- protocols
 
 
 def test_parser_content_length_pipelined_and_leftovers() -> None:
-    p = httpclient.ResponseParser()
+    p = http.ResponseParser()
     one = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"
     p.feed(one + one[:10])
     r = p.next()
@@ -94,7 +94,7 @@ def test_parser_content_length_pipelined_and_leftovers() -> None:
 
 
 def test_parser_chunked_and_until_eof() -> None:
-    p = httpclient.ResponseParser()
+    p = http.ResponseParser()
     p.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n")
     assert p.next() is None
     p.feed(b"0\r\nTrailer: 1\r\n\r\nHTTP/1.0 200 OK\r\n\r\nto the end")
@@ -111,39 +111,39 @@ def test_parser_chunked_and_until_eof() -> None:
     [b"SSH-2.0-x\r\n", b"HTTP/1.1 abc\r\n\r\n", b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n"],
 )
 def test_parser_rejects_garbage(data: bytes) -> None:
-    p = httpclient.ResponseParser()
+    p = http.ResponseParser()
     p.feed(data)
-    with pytest.raises(httpclient.GarbageResponse):
+    with pytest.raises(proto.GarbageReply):
         p.next()
 
 
 def test_paths_are_unique_and_echo_is_exact() -> None:
-    gen = httpclient.PathGen("abc1")
-    assert gen.path(3, 0) == "/ac/abc1/3/0"
-    assert httpclient.parse_request_path("/ac/abc1/3/10") == ("abc1", 3, 10)
-    assert httpclient.parse_request_path("/other") is None
-    assert httpclient.echoes(b"/ac/abc1/1/1\n", "/ac/abc1/1/1")
-    assert not httpclient.echoes(b"/ac/abc1/1/10\n", "/ac/abc1/1/1")
-    assert httpclient.new_run_id() != httpclient.new_run_id()
-    assert httpclient.build_get("/x", "::1", 80, close=True) == (
+    gen = proto.Tags("abc1")
+    assert gen.tag(3, 0) == "/ac/abc1/3/0"
+    assert proto.parse_tag("/ac/abc1/3/10") == ("abc1", 3, 10)
+    assert proto.parse_tag("/other") is None
+    assert proto.carries(b"/ac/abc1/1/1\n", "/ac/abc1/1/1")
+    assert not proto.carries(b"/ac/abc1/1/10\n", "/ac/abc1/1/1")
+    assert proto.new_run_id() != proto.new_run_id()
+    assert http.build_get("/x", "::1", 80, close=True) == (
         b"GET /x HTTP/1.1\r\nHost: [::1]:80\r\nConnection: close\r\n\r\n"
     )
 
 
 def test_get_and_its_three_failures(serve: Callable[..., EchoServer]) -> None:
     ok = serve()
-    r = httpclient.get(HOST, ok.port, "/hello", timeout_s=2)
+    r = http.get(HOST, ok.port, "/hello", timeout_s=2)
     assert (r.status, r.body) == (200, b"/hello\n")
 
-    with pytest.raises(httpclient.NoAnswer) as no_answer:
-        httpclient.get(HOST, serve("silent_close").port, "/x", timeout_s=2)
+    with pytest.raises(proto.NoAnswer) as no_answer:
+        http.get(HOST, serve("silent_close").port, "/x", timeout_s=2)
     assert not no_answer.value.reset
 
     # A listener nobody accepts from: the kernel completes the handshake, nobody answers.
     with socket.create_server((HOST, 0)) as mute:
         start = time.monotonic()
-        with pytest.raises(httpclient.HttpTimeout):
-            httpclient.get(HOST, mute.getsockname()[1], "/x", timeout_s=0.3)
+        with pytest.raises(proto.ReplyTimeout):
+            http.get(HOST, mute.getsockname()[1], "/x", timeout_s=0.3)
         assert time.monotonic() - start < 10  # bounded, not waiting forever
 
     with socket.create_server((HOST, 0)) as liar:
@@ -156,14 +156,14 @@ def test_get_and_its_three_failures(serve: Callable[..., EchoServer]) -> None:
 
         t = threading.Thread(target=answer, daemon=True)
         t.start()
-        with pytest.raises(httpclient.GarbageResponse):
-            httpclient.get(HOST, liar.getsockname()[1], "/x", timeout_s=2)
+        with pytest.raises(proto.GarbageReply):
+            http.get(HOST, liar.getsockname()[1], "/x", timeout_s=2)
         t.join(timeout=3)
 
     with socket.create_server((HOST, 0)) as gone:
         port = gone.getsockname()[1]
-    with pytest.raises(httpclient.ConnectFailed):
-        httpclient.get(HOST, port, "/x", timeout_s=1)
+    with pytest.raises(proto.ConnectFailed):
+        http.get(HOST, port, "/x", timeout_s=1)
 
 
 # --------------------------------------------------------------------------- reset_peer
@@ -425,12 +425,12 @@ def test_registry() -> None:
 def test_report_merge_and_summary() -> None:
     a = FaultReport("reset_peer", Counter({"connections": 2}), schedule=["conn 0: rst x"])
     b = FaultReport("half_close", Counter({"connections": 3, "responses": 1}))
-    boom = Observation(evidence.UNSOLICITED_BYTES, "conn 0", "boom")
-    b.observe(boom)
+    seen = Observation(UNSOLICITED_BYTES, "conn 0 (half_close)", "boom")
+    b.observe(seen)
     a.merge(b)
     assert a.fault == "reset_peer+half_close"
     assert a.counts == Counter({"connections": 5, "responses": 1})
-    assert a.observations == [boom] and a.schedule == ["conn 0: rst x"]
+    assert a.observations == [seen] and a.schedule == ["conn 0: rst x"]
     line = a.summary()
     assert "\n" not in line and line.startswith("reset_peer+half_close: connections=5")
     assert "unsolicited-bytes=1" in line
@@ -466,3 +466,42 @@ def test_storm_stops_at_max_connections(fast_server: int) -> None:
     report = run_fault("connection_storm", params, fast_server)
     assert report.counts["connections"] == 50 and len(report.schedule) == 50
     assert time.monotonic() - start < 4.5  # not the 5 s the storm was given
+
+
+EMFILE_SCRIPT = """\
+import os, random, resource, sys, time
+from afterclose import faults
+from afterclose.faults.base import Endpoint
+from afterclose.harness.errors import HarnessResourceError
+
+name, port = sys.argv[1], int(sys.argv[2])
+params = {"connections": 200, "concurrency": 64}
+if name == "connection_storm":
+    params = {"rate_per_s": 2000, "duration_s": 0.5, "concurrency": 64, "processes": 1,
+              "mix": {"keepalive": 1}}
+fault = faults.create(name, params, "test")
+endpoint = Endpoint("127.0.0.1", port, io_timeout_s=2.0)
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+# A few fds beyond what is open: enough for the event loop, not for 64 connections.
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 12, hard))
+try:
+    report = fault.run(endpoint, random.Random(1), time.monotonic() + 10)
+except HarnessResourceError as exc:
+    print("harness:", exc.hint)
+else:
+    print("no error:", report.summary())
+"""
+
+
+@pytest.mark.parametrize("name", ["half_close", "connection_storm"])
+def test_the_harness_running_out_of_fds_is_its_own_error(fast_server: int, name: str) -> None:
+    """EMFILE on a client socket is the harness's trouble, not the target's: a dedicated
+    error with a hint, not a count or an observation in the report."""
+    result = subprocess.run(
+        [sys.executable, "-c", EMFILE_SCRIPT, name, str(fast_server)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.startswith("harness:"), result.stdout + result.stderr
+    assert "ulimit -n" in result.stdout

@@ -14,6 +14,7 @@ environment checks do not.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import random
@@ -28,7 +29,8 @@ from typing import TypeVar
 import pytest
 
 from afterclose import faults
-from afterclose.faults import _packets as pk
+from afterclose.faults import _capture
+from afterclose.faults import _forging as fg
 from afterclose.faults.base import Endpoint, FaultReport
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
@@ -225,7 +227,7 @@ def test_forged_rst_after_request_hits_the_server_mid_exchange(target: TargetRun
 @packet_test
 def test_forged_rst_one_off_the_exact_seq_gets_a_challenge_ack(target: TargetRun) -> None:
     """RFC 5961 3.2: an in-window RST that is not exactly at rcv_nxt must not reset."""
-    with pk.Capture(target.port) as capture:
+    with _capture.Capture(target.port) as capture:
         report = target.run_fault(
             "forged_rst", phase="idle", connections=2, concurrency=1, seq_offset=1, observe_ms=50
         )
@@ -301,13 +303,13 @@ def test_rst_before_accept_hands_the_server_dead_sockets(
     target: TargetRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fired: list[int] = []
-    real_fire = pk.Forger.fire
+    real_fire = fg.Forger.fire
 
-    def fire(self: pk.Forger, raw: bytes) -> None:
+    def fire(self: fg.Forger, raw: bytes) -> None:
         real_fire(self, raw)
         fired.append(time.monotonic_ns())  # the shim's t_ns is CLOCK_MONOTONIC too
 
-    monkeypatch.setattr(pk.Forger, "fire", fire)
+    monkeypatch.setattr(fg.Forger, "fire", fire)
     # Many connections: which RST beats accept() is a race (see below).
     forged = target.run_fault("rst_before_accept", method="forged", connections=N_FORGED)
     c = forged.counts
@@ -368,22 +370,22 @@ def test_tcp_repair_reads_exact_sequence_numbers_and_sets_the_isn() -> None:
         client = socket.socket()
         try:
             client.bind(("127.0.0.1", 0))
-            pk.set_isn(client, 1000)
+            fg.set_isn(client, 1000)
             client.connect(listener.getsockname())
             server, _ = listener.accept()
             with server:
-                assert pk.read_seqs(client).snd_nxt == 1001  # the SYN takes one
+                assert fg.read_seqs(client).snd_nxt == 1001  # the SYN takes one
                 client.sendall(b"hello")
                 server.sendall(b"world!")
                 assert server.recv(16) == b"hello" and client.recv(16) == b"world!"
-                mine, theirs = pk.read_seqs(client), pk.read_seqs(server)
+                mine, theirs = fg.read_seqs(client), fg.read_seqs(server)
                 assert mine.snd_nxt == 1006 == theirs.rcv_nxt
                 assert mine.rcv_nxt == theirs.snd_nxt and mine.unsent == 0
-                tup = pk.FourTuple.of(client)
-                assert pk.server_state(tup) == "ESTABLISHED"
-                assert pk._proc_state(tup) == "ESTABLISHED"  # the slow way agrees
+                tup = fg.FourTuple.of(client)
+                assert fg.server_state(tup) == "ESTABLISHED"
+                assert fg._proc_state(tup) == "ESTABLISHED"  # the slow way agrees
                 client.close()
-                assert pk.wait_server_state(tup, pk.fin_took, 1.0) == "CLOSE_WAIT"
+                assert asyncio.run(fg.wait_server_state(tup, fg.fin_took, 1.0)) == "CLOSE_WAIT"
         finally:
             client.close()
 
@@ -397,7 +399,10 @@ def test_flush_ack_sends_the_delayed_ack_at_once() -> None:
         port = listener.getsockname()[1]
         # Up to 3 connections: once, on a VM at load 40, the ACK still left ~20 ms late.
         for _ in range(3):
-            with pk.Capture(port) as capture, socket.create_connection(("127.0.0.1", port)) as c:
+            with (
+                _capture.Capture(port) as capture,
+                socket.create_connection(("127.0.0.1", port)) as c,
+            ):
                 server, _ = listener.accept()
                 with server:
                     for _ in range(5):  # enough round trips to leave quick-ACK mode
@@ -405,9 +410,9 @@ def test_flush_ack_sends_the_delayed_ack_at_once() -> None:
                         assert server.recv(16) == b"ping"
                         server.sendall(b"pong")
                         assert c.recv(16) == b"pong"
-                    pk.flush_ack(c)
+                    fg.flush_ack(c)
                     flushed = time.time()
-                    ack = (pk.read_seqs(c).rcv_nxt, c.getsockname()[1])
+                    ack = (fg.read_seqs(c).rcv_nxt, c.getsockname()[1])
                     time.sleep(0.1)
             acks = [s for s in capture.segments if (s.ack, s.src_port) == ack and s.flags == "A"]
             assert acks, capture.segments
@@ -478,7 +483,7 @@ def test_without_scapy_the_fault_says_pip_install(monkeypatch: pytest.MonkeyPatc
 def test_only_loopback_targets(monkeypatch: pytest.MonkeyPatch) -> None:
     fault = faults.create("forged_rst", {"connections": 1}, where="test")
     # No packet is sent: the address is refused before anything is opened.
-    monkeypatch.setattr(pk.Forger, "open", lambda self: pytest.fail("opened a raw socket"))
+    monkeypatch.setattr(fg.Forger, "open", lambda self: pytest.fail("opened a raw socket"))
     with pytest.raises(ScenarioError, match="IPv4 loopback interface only"):
         fault.run(Endpoint("192.0.2.1", 80), random.Random(1), time.monotonic() + 5)
 

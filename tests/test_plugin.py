@@ -81,10 +81,10 @@ def test_user_test_with_manifest_outside_package(pytester: pytest.Pytester) -> N
     manifest = echo_manifest(pytester.path)
     pytester.makepyfile(
         test_mine="""
-        from afterclose.harness import httpclient
+        from afterclose.harness.protocols import http
 
         def test_answers(target):
-            r = httpclient.get(target.host, target.port, "/mine", timeout_s=2)
+            r = http.get(target.host, target.port, "/mine", timeout_s=2)
             assert r.status == 200 and b"/mine" in r.body
         """
     )

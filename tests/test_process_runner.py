@@ -56,10 +56,10 @@ def start(tmp_path: Path, **kwargs: str) -> ProcessTarget:
 
 @pytest.mark.parametrize("ready", ['log = "READY"', "port = true", 'http = "/"'])
 def test_readiness_strategies(tmp_path: Path, ready: str) -> None:
-    from afterclose.harness import httpclient
+    from afterclose.harness.protocols import http
 
     with start(tmp_path, ready=ready) as target:
-        response = httpclient.get(target.host, target.port, "/hello", timeout_s=2)
+        response = http.get(target.host, target.port, "/hello", timeout_s=2)
         assert response.status == 200 and b"/hello" in response.body
         assert target.exit_status() is None
     status = target.exit_status()

@@ -23,10 +23,12 @@ from typing import Any
 
 import pytest
 
-from afterclose.harness import httpclient, procfs
+from afterclose.harness import procfs
 from afterclose.harness.errors import TargetStartError
 from afterclose.harness.launch import make_plan
 from afterclose.harness.manifest import builtin_targets_dir, load_manifest, resolve_target
+from afterclose.harness.protocols import base as proto
+from afterclose.harness.protocols import http
 from afterclose.harness.runners.docker.closure import HostFiles
 from afterclose.harness.runners.docker.runner import plan_host_files
 from afterclose.harness.session import Harness, Settings, TargetRun
@@ -99,18 +101,18 @@ def test_every_target_is_known() -> None:
 @pytest.mark.parametrize("started", NAMES, indirect=True)
 def test_get_answers_with_the_path(started: TargetRun) -> None:
     run = started
-    first = httpclient.request_path("realsrv", 1, 0)
-    second = httpclient.request_path("realsrv", 1, 1)
+    first = proto.make_tag("realsrv", 1, 0)
+    second = proto.make_tag("realsrv", 1, 1)
     # Two requests on one keep-alive connection, then one that closes it.
     with socket.create_connection((run.host, run.port), timeout=5) as sock:
-        reader = httpclient.ResponseReader(sock)
+        parser = http.ResponseParser()
         for path in (first, second):
-            sock.sendall(httpclient.build_get(path, run.host, run.port))
-            response = reader.read_response(time.monotonic() + 5)
+            sock.sendall(http.build_get(path, run.host, run.port))
+            response = proto.read_reply(sock, parser, time.monotonic() + 5)
             assert response.status == 200, response
-            assert httpclient.echoes(response.body, path), response.body
+            assert proto.carries(response.body, path), response.body
             assert response.keep_alive, f"{run.manifest.name} closed a keep-alive connection"
-    answer = httpclient.get(run.host, run.port, "/any/other/path?x=1")
+    answer = http.get(run.host, run.port, "/any/other/path?x=1")
     assert answer.status == 200
     assert b"/any/other/path" in answer.body
     outcome = run.finish()
@@ -121,8 +123,8 @@ def test_get_answers_with_the_path(started: TargetRun) -> None:
 @pytest.mark.parametrize("started", NAMES, indirect=True)
 def test_logs_and_state_stay_in_the_workdir(started: TargetRun) -> None:
     run = started
-    path = httpclient.request_path("logs", 7, 0)
-    assert httpclient.get(run.host, run.port, path).status == 200
+    path = proto.make_tag("logs", 7, 0)
+    assert http.get(run.host, run.port, path).status == 200
     run.finish()  # stops the server: its logs are complete
     access = run.workdir / "access.log"
     assert access.is_file(), sorted(p.name for p in run.workdir.iterdir())
@@ -277,7 +279,7 @@ def test_h2o_in_docker_keeps_a_crash_report_helper(tmp_path: Path, docker_client
         )
     )  # fmt: skip
     with harness.start(tmp_path / "work", "h2o-helper") as run:
-        assert httpclient.get(run.host, run.port, "/x").status == 200
+        assert http.get(run.host, run.port, "/x").status == 200
         pids = run.target.host_pids()
         commands = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] for pid in pids]
         assert commands == [b"/usr/bin/h2o", b"/bin/cat"], commands

@@ -18,9 +18,9 @@ import pytest
 from procs import alive
 
 from afterclose import faults
-from afterclose.faults import _storm_engine as engine
 from afterclose.faults.base import Endpoint, FaultReport
 from afterclose.faults.connection_storm import BEHAVIOURS
+from afterclose.harness.client import engine
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.session import Harness, Settings, TargetRun
 
@@ -106,7 +106,7 @@ def test_slow_senders_are_answered(fixed: TargetRun) -> None:
     assert any("slow_sender" in line and "pieces" in line for line in report.schedule)
 
 
-def test_every_behaviour_runs_without_anomalies(fixed: TargetRun) -> None:
+def test_every_behaviour_runs_without_observations(fixed: TargetRun) -> None:
     mix = dict.fromkeys(BEHAVIOURS, 1)
     params = {"rate_per_s": 1000, "duration_s": 0.5, "concurrency": 64, "mix": mix}
     report, seen = storm(fixed, params)
@@ -182,7 +182,7 @@ def test_workers_are_killed_when_the_parent_fails(fixed: TargetRun) -> None:
 CTRL_C_SCRIPT = """\
 import random, sys, time
 from afterclose import faults
-from afterclose.faults import _storm_engine as engine
+from afterclose.harness.client import engine
 from afterclose.faults.base import Endpoint
 
 def show(progress):

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from afterclose.faults._storm_engine import StormProgress
+    from afterclose.harness.client.engine import StormProgress
     from afterclose.harness.scenario import PhaseEvent
 
 
@@ -82,8 +82,8 @@ class ProgressView:
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
-        from afterclose.faults import _storm_engine
         from afterclose.harness import scenario
+        from afterclose.harness.client import engine as storm_engine
 
-        with _storm_engine.watch(self.storm), scenario.watch_phases(self.phase):
+        with storm_engine.watch(self.storm), scenario.watch_phases(self.phase):
             yield

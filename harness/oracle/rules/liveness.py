@@ -19,7 +19,7 @@ NAME = "liveness"
 
 
 def check_liveness(target: RunningTarget, timeout_s: float = 5.0) -> Violation | None:
-    from afterclose.harness import httpclient
+    from afterclose.harness.protocols import http
 
     if target.exit_status() is not None:
         return None  # the crash rule already speaks for a dead target
@@ -31,8 +31,8 @@ def check_liveness(target: RunningTarget, timeout_s: float = 5.0) -> Violation |
     problem = "no attempt"
     while time.monotonic() < deadline:
         try:
-            response = httpclient.get(target.host, target.port, path, timeout_s=2.0)
-        except (OSError, httpclient.HttpClientError) as exc:
+            response = http.get(target.host, target.port, path, timeout_s=2.0)
+        except (OSError, http.ClientError) as exc:
             problem = f"{type(exc).__name__}: {exc}"
             time.sleep(0.1)
             continue

@@ -1,5 +1,7 @@
-"""The storm engine: a drawn plan of connections, performed by asyncio loops (uvloop when it is
-installed) in several worker processes, at a target rate, under a concurrency cap.
+"""The engine: a drawn plan of connections, performed by asyncio loops (uvloop when it is
+installed), at a target rate (or all at once), under a concurrency cap: in this process
+(:func:`run_plan`, for the single client faults) or in several forked worker processes
+(:func:`run_storm`, for ``connection_storm``).  Both run the same worker loop (:func:`_work`).
 
 The parent draws nothing and decides nothing at run time: the plan (one action per connection)
 is made before, from the seed, and the schedule is the plan.  Connection ``i`` is performed by
@@ -28,21 +30,18 @@ import signal
 import threading
 import time
 import traceback
+import typing
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import connection as mpc
-from typing import Any, Protocol
+from typing import Any
 
-from afterclose.faults._storm_conn import AsyncConn
-from afterclose.faults.base import (
-    GONE_POLL_S,
-    DeadlineReached,
-    Endpoint,
-    FaultReport,
-    Target,
-)
+from afterclose.faults.base import GONE_POLL_S, Endpoint, FaultReport
+from afterclose.harness.client.conn import Conn, DeadlineReached, Remote
+from afterclose.harness.client.plan import Action, schedule_of
+from afterclose.harness.errors import AftercloseError
 from afterclose.harness.orphans import die_with_parent
 
 try:  # imported before any fork, so that no child has to import it
@@ -60,16 +59,6 @@ SLEEP_SLICE_S = 0.05  # longest sleep between two looks at the stop flag
 RATE_WINDOW_S = 1.0
 # Shared counters: slot 0 is the stop flag, then these per worker.
 _FIELDS = ("started", "done", "connections", "errors")
-
-
-class StormAction(Protocol):
-    """What one storm connection does; drawn before the run, performed on a worker's loop."""
-
-    def describe(self) -> str:
-        """A compact, timing-free description for the schedule."""
-        ...
-
-    async def perform(self, conn: AsyncConn) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -130,16 +119,18 @@ def loop_name() -> str:
 
 
 @dataclass(frozen=True)
-class StormJob:
-    """Everything a worker needs; inherited through fork, never pickled."""
+class Job:
+    """Everything a worker needs; inherited through fork, never pickled.  Without
+    ``rate_per_s`` every connection may start at once (up to the cap); without ``duration_s``
+    new ones start until the deadline."""
 
     fault: str
-    target: Target
-    actions: Sequence[StormAction]
+    remote: Remote
+    actions: Sequence[Action]
     processes: int
     concurrency: int
-    rate_per_s: float
-    duration_s: float
+    rate_per_s: float | None
+    duration_s: float | None
     deadline: float
 
     def caps(self) -> list[int]:
@@ -148,9 +139,80 @@ class StormJob:
         return [share + (w < extra) for w in range(self.processes)]
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    if loop_name() == "uvloop":
+        return typing.cast(Callable[[], asyncio.AbstractEventLoop], uvloop.new_event_loop)
+    return asyncio.new_event_loop
+
+
 def effective_processes(processes: int, concurrency: int, planned: int) -> int:
     """Workers actually started: a worker needs one connection slot and one connection."""
     return max(1, min(processes, concurrency, planned))
+
+
+# --------------------------------------------------------------------------- in this process
+
+
+def run_plan(
+    fault: str,
+    endpoint: Endpoint,
+    actions: Sequence[Action],
+    *,
+    concurrency: int,
+    deadline: float,
+    rate_per_s: float | None = None,
+    duration_s: float | None = None,
+) -> FaultReport:
+    """Perform ``actions[i]`` on connection ``i``, ``concurrency`` at a time, on a fresh event
+    loop in this thread; the synchronous entry for callers that are not async.
+
+    With ``rate_per_s``, connection ``i`` starts no earlier than ``i / rate_per_s`` after the
+    start; nothing new starts after ``duration_s``, the deadline, or once the target is gone.
+    """
+    job = Job(
+        fault=fault,
+        remote=Remote.resolve(fault, endpoint),
+        actions=actions,
+        processes=1,
+        concurrency=max(concurrency, 1),
+        rate_per_s=rate_per_s,
+        duration_s=duration_s,
+        deadline=deadline,
+    )
+    counters = memoryview(bytearray(8 * (1 + len(_FIELDS)))).cast("q")
+    start = time.monotonic()
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        result, gone = runner.run(_in_process(job, endpoint, counters, start))
+    report = FaultReport(fault, schedule=schedule_of(actions))
+    report.merge(result)
+    report.fault = fault
+    report.elapsed_s = time.monotonic() - start
+    if gone:
+        report.count("stopped_target_gone")
+    return report
+
+
+async def _in_process(
+    job: Job, endpoint: Endpoint, counters: memoryview, start: float
+) -> tuple[FaultReport, bool]:
+    """:func:`_work` with a watcher raising the stop flag once the target is gone."""
+    if endpoint.gone is None:
+        return await _work(job, 0, counters, start), False
+    ask = endpoint.gone
+
+    async def watch_gone() -> None:
+        while not ask():
+            await asyncio.sleep(GONE_POLL_S)
+        counters[0] = 1
+
+    watcher = asyncio.get_running_loop().create_task(watch_gone())
+    try:
+        report = await _work(job, 0, counters, start)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    return report, bool(counters[0])
 
 
 # --------------------------------------------------------------------------- the parent
@@ -177,7 +239,7 @@ class _Rate:
         return (count - c0) / (now - t0) if now > t0 else 0.0
 
 
-def run_storm(job: StormJob, endpoint: Endpoint, schedule: list[str]) -> FaultReport:
+def run_storm(job: Job, endpoint: Endpoint, schedule: list[str]) -> FaultReport:
     """Perform ``job`` and return its merged report (``schedule`` is the plan's)."""
     report = FaultReport(job.fault, schedule=schedule)
     slots = 1 + len(_FIELDS) * job.processes
@@ -203,7 +265,7 @@ def run_storm(job: StormJob, endpoint: Endpoint, schedule: list[str]) -> FaultRe
     return report
 
 
-def _fork(job: StormJob, index: int, counters: memoryview) -> _Worker:
+def _fork(job: Job, index: int, counters: memoryview) -> _Worker:
     parent_end, child_end = mpc.Pipe(duplex=True)
     with warnings.catch_warnings():
         # Python >= 3.12 warns about fork() in a process with threads; the child only runs
@@ -220,7 +282,7 @@ def _fork(job: StormJob, index: int, counters: memoryview) -> _Worker:
     return _Worker(index, pid, parent_end)
 
 
-def _start_all(job: StormJob, workers: list[_Worker]) -> float | None:
+def _start_all(job: Job, workers: list[_Worker]) -> float | None:
     """Wait until every worker is ready, then give them one common start time."""
     waiting = {w.chan: w for w in workers}
     until = min(job.deadline, time.monotonic() + READY_TIMEOUT_S)
@@ -257,13 +319,16 @@ def _receive(worker: _Worker) -> tuple[Any, ...]:
 
 def _expect(worker: _Worker, message: tuple[Any, ...], kind: str) -> None:
     if message[0] == "error":
+        if message[2] is not None:  # the harness's own trouble, e.g. EMFILE: as the worker said
+            error_type, text, where, hint, details = message[2]
+            raise error_type(text, where=where, hint=hint, details=details)
         raise RuntimeError(f"storm worker {worker.index} (pid {worker.pid}) failed:\n{message[1]}")
     if message[0] != kind:
         raise RuntimeError(f"storm worker {worker.index} (pid {worker.pid}) sent {message[0]!r}")
 
 
 def _collect(
-    job: StormJob,
+    job: Job,
     endpoint: Endpoint,
     workers: list[_Worker],
     counters: memoryview,
@@ -298,8 +363,8 @@ def _collect(
             errors=errors,
             elapsed_s=max(now - start, 0.0),
             rate_per_s=rate.add(now, made),
-            target_rate_per_s=job.rate_per_s,
-            duration_s=job.duration_s,
+            target_rate_per_s=job.rate_per_s or 0.0,
+            duration_s=job.duration_s or 0.0,
             processes=job.processes,
             pids=tuple(w.pid for w in workers),
             per_process=tuple(per_process),
@@ -407,11 +472,10 @@ def _isolate(keep_fd: int) -> None:
     os.closerange(low, max(os.sysconf("SC_OPEN_MAX"), 1024))
 
 
-def _child(job: StormJob, index: int, chan: mpc.Connection, counters: memoryview) -> int:
+def _child(job: Job, index: int, chan: mpc.Connection, counters: memoryview) -> int:
     try:
         _isolate(chan.fileno())
-        factory = uvloop.new_event_loop if loop_name() == "uvloop" else asyncio.new_event_loop
-        with asyncio.Runner(loop_factory=factory) as runner:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.get_loop()  # made before "ready", so that it costs nothing after the start
             chan.send(("ready", os.getpid()))
             message = chan.recv()
@@ -420,9 +484,14 @@ def _child(job: StormJob, index: int, chan: mpc.Connection, counters: memoryview
             report = runner.run(_work(job, index, counters, float(message[1])))
         chan.send(("done", report))
         return 0
-    except BaseException:
+    except BaseException as exc:
+        # An AftercloseError (the harness's own trouble, e.g. EMFILE) goes back as its parts:
+        # pickling an exception keeps only its args, not where/hint/details.
+        user = None
+        if isinstance(exc, AftercloseError):
+            user = (type(exc), exc.message, exc.where, exc.hint, exc.details)
         with contextlib.suppress(BaseException):
-            chan.send(("error", traceback.format_exc()))
+            chan.send(("error", traceback.format_exc(), user))
         return 1
 
 
@@ -437,12 +506,12 @@ async def _sleep_until(at: float, counters: memoryview) -> bool:
             return False
 
 
-async def _work(job: StormJob, index: int, counters: memoryview, start: float) -> FaultReport:
+async def _work(job: Job, index: int, counters: memoryview, start: float) -> FaultReport:
     """Worker ``index``'s share: connections ``index``, ``index + processes``, ..."""
     loop = asyncio.get_running_loop()
     report = FaultReport(job.fault)
     mine = range(index, len(job.actions), job.processes)
-    stop = min(job.deadline, start + job.duration_s)
+    stop = job.deadline if job.duration_s is None else min(job.deadline, start + job.duration_s)
     slots = asyncio.Semaphore(job.caps()[index])
     tasks: set[asyncio.Task[None]] = set()
     failures: list[BaseException] = []
@@ -462,12 +531,12 @@ async def _work(job: StormJob, index: int, counters: memoryview, start: float) -
             await asyncio.sleep(COUNTERS_INTERVAL_S)
 
     async def one(i: int) -> None:
-        conn = AsyncConn(job.target, i, report, job.deadline, loop)
+        conn = Conn(job.remote, i, report, job.deadline)
         try:
             await job.actions[i].perform(conn)
         except (DeadlineReached, asyncio.CancelledError):
             report.count("cut_by_deadline")
-        except Exception as exc:  # a bug in an action: stop starting, re-raised below
+        except Exception as exc:  # a bug, or the harness's own trouble: stop, re-raised below
             failures.append(exc)
         finally:
             conn.close()
@@ -477,7 +546,7 @@ async def _work(job: StormJob, index: int, counters: memoryview, start: float) -
     ticker = loop.create_task(publisher())
     try:
         for i in mine:
-            at = start + i / job.rate_per_s
+            at = start + i / job.rate_per_s if job.rate_per_s else start
             if at >= stop or failures or not await _sleep_until(at, counters):
                 break
             await slots.acquire()

@@ -1,0 +1,1 @@
+"""Request/answer formats the clients speak: :mod:`.base` is the interface, one module each."""
