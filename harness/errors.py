@@ -54,3 +54,7 @@ class ScenarioError(AftercloseError):
 
 class TraceError(AftercloseError):
     """A trace file is missing, truncated or not a trace."""
+
+
+class CampaignError(AftercloseError):
+    """A campaign's options, folder or shared store are unusable."""
