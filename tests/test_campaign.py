@@ -224,6 +224,10 @@ def test_soak_interrupted_resumes_from_its_folder(tmp_path: Path) -> None:
     # Generated and suite rounds alternate, across the interruption too.
     assert kinds[0] == "generated" and all(x != y for x, y in itertools.pairwise(kinds)), kinds
     assert json.loads((folder / "state.json").read_text())["invocations"] == 2
+    # The seed sequence goes on: the resumed campaign generates scenarios it had not run.
+    before = {r["scenario"] for r in rounds[:done] if r["kind"] == "generated"}
+    after = {r["scenario"] for r in rounds[done:] if r["kind"] == "generated"}
+    assert after and not before & after, (before, after)
 
     suite = ET.parse(report).getroot().find("testsuite")
     assert suite is not None
