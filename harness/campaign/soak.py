@@ -523,6 +523,8 @@ def command(args: argparse.Namespace, settings_: Settings) -> int:
         )
     result = soak.run()
     head = f"{result.ran} round(s) now, {result.rounds} in all ({format_duration(soak.spent())})"
+    if soak.shared is not None:
+        print(f"shared store: {soak.shared.round_trips} round trip(s) for {result.ran} round(s)")
     if result.stopped == "interrupted":
         print(
             f"interrupted after round {result.rounds}: {head}; the same command with "
