@@ -269,3 +269,44 @@ def test_campaign_folder_of_another_target_is_refused(tmp_path: Path) -> None:
     assert got.returncode == 2
     assert "holds a campaign against 'seed-buggy', not 'seed-fixed'" in got.stderr
     assert soak.default_folder("seed-fixed").name == "afterclose-campaign-seed-fixed"
+
+
+@pytest.mark.slow
+def test_xdist_gateways_each_write_their_artifacts(tmp_path: Path) -> None:
+    """Two explicit xdist gateways in folders of their own, as two hosts would be (popen here:
+    no SSH server on the test machine): both run the suite's test against their own started
+    target on ports they leased, each writes its artifacts under its own folder, and the
+    controller's JUnit XML has both results."""
+    specs = []
+    for name in ("hostA", "hostB"):
+        (tmp_path / name).mkdir()
+        specs += ["--tx", f"popen//chdir={tmp_path / name}//python={sys.executable}"]
+    base, report = tmp_path / "base", tmp_path / "suite.xml"
+    got = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--target=seed-fixed",
+            *specs,
+            "--dist=each",
+            "-k",
+            "test_keepalive_requests",
+            f"--basetemp={base}",
+            f"--junitxml={report}",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=tmp_path,
+    )
+    assert got.returncode == 0, got.stdout + got.stderr
+    cases = ET.parse(report).getroot().findall(".//testcase")
+    assert len(cases) == 2 and all(c.find("failure") is None for c in cases)
+    traces = []
+    for worker in ("popen-gw0", "popen-gw1"):
+        traces += list((base / worker / "test_keepalive_requests0" / "trace").glob("trace.*.bin"))
+    assert len({t.name for t in traces}) == 2, traces  # one target each, one trace each
