@@ -310,3 +310,42 @@ def test_xdist_gateways_each_write_their_artifacts(tmp_path: Path) -> None:
     for worker in ("popen-gw0", "popen-gw1"):
         traces += list((base / worker / "test_keepalive_requests0" / "trace").glob("trace.*.bin"))
     assert len({t.name for t in traces}) == 2, traces  # one target each, one trace each
+
+
+@pytest.mark.slow
+def test_explore_replays_what_another_explorer_saved(tmp_path: Path, redis_url: str) -> None:
+    """``explore`` with a shared store (``ExploreOptions.shared``, what ``--db`` sets): the
+    second explorer's first example is one the first explorer saw fail."""
+    import uuid
+
+    from afterclose.harness import explore
+    from afterclose.harness.session import Harness, Settings
+
+    def explorer(seed: int, log: list[str], budget_s: float) -> explore.ExploreResult:
+        settings = Settings(
+            target="seed-buggy", rootdir=tmp_path, run_id=uuid.uuid4().hex, fault_seed=seed
+        )
+        shared = SharedExamples(redis_url, "explore-test", log=log.append)
+        options = explore.ExploreOptions(
+            out=str(tmp_path / "found-{rule}.toml"),
+            max_examples=12,
+            budget_s=budget_s,
+            verify_runs=1,
+            faults=("shutdown_race",),
+            shared=shared,
+        )
+        try:
+            return explore.explore(Harness(settings), options, log.append)
+        finally:
+            shared.close()
+
+    first: list[str] = []
+    a = explorer(3, first, 40)
+    assert a.found is not None, "\n".join(first)
+    failed = {line.split(" - ", 1)[1] for line in first if ": VIOLATION " in line}
+    second: list[str] = []
+    explorer(4, second, 8)
+    replaying = next(i for i, line in enumerate(second) if "shared example(s)" in line)
+    (example1,) = [line for line in second if "] example 1: " in line]
+    assert second.index(example1) > replaying
+    assert example1.split(" - ", 1)[1] in failed, (example1, failed)
