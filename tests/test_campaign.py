@@ -349,3 +349,27 @@ def test_explore_replays_what_another_explorer_saved(tmp_path: Path, redis_url: 
     (example1,) = [line for line in second if "] example 1: " in line]
     assert second.index(example1) > replaying
     assert example1.split(" - ", 1)[1] in failed, (example1, failed)
+
+
+def test_status_line_in_place_on_a_terminal_and_by_line_in_a_log() -> None:
+    import io
+
+    from afterclose.harness.campaign.status import StatusLine
+
+    texts = iter(["round 1, 10 connections", "round 2", "round 2"])
+    tty = io.StringIO()
+    line = StatusLine(tty, lambda: next(texts), tty=True)
+    line.update()
+    line.update()  # shorter: padded over the longer one, on the same line
+    line.message("a finding")  # above it; the status line is drawn again under it
+    line.stop()
+    assert tty.getvalue() == (
+        "\rround 1, 10 connections"
+        "\rround 2" + " " * 16 + "\r" + " " * 7 + "\ra finding\n\rround 2\n"
+    )
+    log = io.StringIO()
+    line = StatusLine(log, lambda: "round 3", tty=False)
+    line.update()
+    line.message("done")
+    line.stop()
+    assert log.getvalue() == "round 3\ndone\n"

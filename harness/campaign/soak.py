@@ -82,12 +82,19 @@ def round_seed(campaign_seed: int, number: int) -> int:
 
 @contextlib.contextmanager
 def _sigint_deferred() -> Iterator[None]:
-    """Hold SIGINT while the campaign's files are written: an interrupt lands after them."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    """Hold SIGINT while the campaign's files are written: an interrupt lands after them.
+
+    A handler that takes note, not a blocked signal: the kernel delivers a process-wide
+    signal to any thread that does not block it, and Python raises KeyboardInterrupt in the
+    main thread whichever thread received it."""
+    noted: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        signal.signal(signal.SIGINT, old)
+        if noted and old is not signal.SIG_IGN:
+            raise KeyboardInterrupt
 
 
 class Soak:
@@ -188,10 +195,14 @@ class Soak:
         last = self.records[-1].kind if self.records else "suite"
         return "generated" if last == "suite" else "suite"
 
-    def _start(self, number: int, test_name: str, env: dict[str, str] | None = None) -> TargetRun:
+    def _seed(self, number: int) -> None:
+        """The round's fault seed: ``pytest --fault-seed=SEED -k NAME`` replays a suite round
+        (the harness mixes it with the test's name, as the plugin does)."""
         seed = round_seed(self.state.seed, number)
-        # The round's fault seed: pytest --fault-seed=SEED -k NAME replays a suite round.
         self.harness.settings = dataclasses.replace(self.base_settings, fault_seed=seed)
+
+    def _start(self, number: int, test_name: str, env: dict[str, str] | None = None) -> TargetRun:
+        self._seed(number)
         workdir = self.folder / "runs" / f"round-{number:05d}"
         shutil.rmtree(workdir, ignore_errors=True)  # a round interrupted earlier
         return self.harness.start(workdir, test_name, extra_env=env)
@@ -217,6 +228,7 @@ class Soak:
         self.current = f"round {number}: {entry.name}"
         began = time.monotonic()
         name = entry.name
+        self._seed(number)
         env = entry.target_env(self.harness.seed_for(name)) if entry.syscall_faults else None
         record = RoundRecord(number, name, "suite", 0, 0.0, scenario=name)
         run: TargetRun | None = None
