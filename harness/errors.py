@@ -63,3 +63,7 @@ class OptionError(AftercloseError):
 class HarnessResourceError(AftercloseError):
     """The harness itself ran out of something (file descriptors, memory, ports): not the
     target's fault."""
+
+
+class CampaignError(AftercloseError):
+    """A campaign's options, folder or shared store are unusable."""

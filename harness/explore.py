@@ -14,8 +14,9 @@ mostly tries candidates that pass, gets only so far within the budget: the searc
 scenario seen that fails again (``verify_runs``) is written as a scenario file (see
 docs/scenarios.md) the user can commit as a regression test.
 
-Generation is seeded by the fault seed (``--seed``), uses no example database and is bounded by
-``max_examples`` and ``budget_s`` (once spent, examples pass without running, which ends the
+Generation is seeded by the fault seed (``--seed``), uses no example database unless one is
+shared (``--db``, see harness/campaign/shared_db.py) and is bounded by ``max_examples`` and
+``budget_s`` (once spent, examples pass without running, which ends the
 search and the shrinking; verifying the result takes a few runs more).
 """
 
@@ -32,7 +33,7 @@ import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hypothesis import HealthCheck, Verbosity, given, settings
 from hypothesis import Phase as HPhase
@@ -45,6 +46,9 @@ from afterclose.faults.base import Spec
 from afterclose.harness import replay
 from afterclose.harness.scenario import Scenario, make_phase, scenario
 from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
+
+if TYPE_CHECKING:
+    from afterclose.harness.campaign.shared_db import SharedExamples
 
 # Upper bounds of the explored space, by parameter name (a fault's own range still applies).
 LIMITS: dict[str, float] = {
@@ -78,6 +82,7 @@ class ExploreOptions:
     max_phases: int = 3
     max_parallel: int = 2
     max_repeat: int = 2
+    shared: SharedExamples | None = None  # --db: examples shared with other workers
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ class ExploreResult:
     scenario: Scenario | None = None  # as written to ``path``
     path: Path | None = None
     reproduced: int | None = None  # verification: how many of its runs failed again
+    written_by: str | None = None  # --db: another worker wrote this scenario (who, where)
 
 
 # --------------------------------------------------------------------------- the space
@@ -295,9 +301,10 @@ class _Explorer:
         @settings(
             max_examples=o.max_examples,
             deadline=None,
-            database=None,
+            database=o.shared.database if o.shared else None,
             derandomize=False,
-            phases=(HPhase.generate, HPhase.shrink),
+            # Shared: replay what the workers saved before generating.
+            phases=((HPhase.reuse,) if o.shared else ()) + (HPhase.generate, HPhase.shrink),
             suppress_health_check=list(HealthCheck),
             report_multiple_bugs=False,
             verbosity=Verbosity.quiet,
@@ -463,6 +470,12 @@ def explore(harness: Harness, options: ExploreOptions, log: Log = print) -> Expl
             f"Run it: {run_it(harness.settings, path)}",
         ]
     )
+    owner = options.shared.claim(describe(written), str(path)) if options.shared else None
+    if owner is not None:
+        log(f"[{explorer.elapsed():6.1f}s] not written: another worker wrote it ({owner})")
+        return dataclasses.replace(
+            result, found=found, scenario=written, reproduced=reproduced, written_by=owner
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(written.to_toml(header), encoding="utf-8")
     found.run.replay_nodeid = str(path)
@@ -489,11 +502,25 @@ def command(args: argparse.Namespace, settings_: Settings) -> int:
         max_phases=args.max_phases,
     )
     harness = Harness(settings_)
-    result = explore(harness, options)
+    if getattr(args, "db", None):
+        from afterclose.harness.campaign.shared_db import SharedExamples, search_space
+
+        space = search_space("explore", settings_.target, options.faults or default_faults())
+        options = dataclasses.replace(
+            options, shared=SharedExamples(args.db, f"{space}:{options.max_phases}")
+        )
+    try:
+        result = explore(harness, options)
+    finally:
+        if options.shared is not None:
+            options.shared.close()
     summary = (
         f"{result.examples} example(s), {result.runs} run(s) in {result.elapsed_s:.1f} s "
         f"(seed {result.seed})"
     )
+    if result.found is not None and result.written_by is not None:
+        print(f"\nviolation found: {summary}; written by another worker: {result.written_by}")
+        return 1
     if result.found is None or result.path is None:
         print(f"no violation: {summary}")
         return 0

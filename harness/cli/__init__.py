@@ -7,6 +7,7 @@ afterclose kernels                   list the kernels --kernel can boot
 afterclose run --target X FAULT k=v  run one fault against a target and judge it
 afterclose run --target X FILE.toml  run a scenario file against a target and judge it
 afterclose explore --target X        search fault sequences for a violation, shrink it
+afterclose soak --target X --duration 8h   a long, resumable campaign of rounds
 afterclose trace show DIR|FILE       print a saved trace's verdict and timelines
 afterclose rules                     list the rules a verdict can name
 afterclose manifest --explain        list every manifest key
@@ -30,6 +31,7 @@ from afterclose.harness.cli import (
     manifest,
     rules,
     run,
+    soak,
     targets,
     trace,
 )
@@ -37,7 +39,7 @@ from afterclose.harness.errors import AftercloseError
 
 # The subcommands in the order ``afterclose --help`` lists them; a new one is a module with
 # add_parser(), added here.
-SUBCOMMANDS = (demo, targets, faults, kernels, run, explore, trace, rules, manifest)
+SUBCOMMANDS = (demo, targets, faults, kernels, run, explore, soak, trace, rules, manifest)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     explore.add_argument("--verify-runs", type=int, default=3, help="re-runs of the result")
     explore.add_argument("--faults", default="", help="comma-separated (default: all)")
     explore.add_argument("--max-phases", type=int, default=3)
+    from afterclose.harness.campaign.shared_db import add_db_argument
+
+    add_db_argument(explore)
     explore.set_defaults(func=run_explore)
 
 

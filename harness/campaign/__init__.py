@@ -1,0 +1,1 @@
+"""Campaigns: long soak runs and exploration shared between workers through Redis."""
