@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 
+import capabilities
 import pytest
 
 from afterclose import faults
@@ -49,13 +50,7 @@ FD_QUICK: dict[str, object] = {
 
 @pytest.fixture(scope="module")
 def docker_ok() -> None:
-    from afterclose.harness.errors import TargetStartError
-    from afterclose.harness.runners.docker import connect
-
-    try:
-        connect(timeout=30).close()
-    except TargetStartError as exc:
-        pytest.skip(f"Docker engine not reachable (`docker info` fails): {exc.message}")
+    capabilities.need("docker")
 
 
 @pytest.fixture(params=RUNNERS)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import capabilities
 import pytest
 from procs import alive
 
@@ -187,7 +188,7 @@ def test_exec_ed_process_is_in_host_pids(
     plan = make()
     with runner.start(plan) as target, lease_port() as other:
         if target._procs_file is None:
-            pytest.skip("the container's cgroup.procs is not readable here")
+            capabilities.lacking("docker", "the container's cgroup.procs is not readable here")
         exec_id = docker_client.api.exec_create(
             target.container_id, [str(echo_binary), "127.0.0.1", str(other.port)]
         )["Id"]
@@ -672,14 +673,11 @@ def test_container_of_a_sigkilled_process_is_swept(docker_client: Any, tmp_path:
 def test_preload_tracer_works_in_container(
     runner: Any, make: PlanFactory, tmp_path: Path, echo_binary: Path
 ) -> None:
-    try:
-        from afterclose.harness.trace import shim
+    from afterclose.harness.trace import shim
 
-        trace_dir = tmp_path / "trace"
-        trace_dir.mkdir()
-        env = shim.shim_env(trace_dir, base_env={})
-    except (ImportError, BuildError) as exc:
-        pytest.skip(f"the LD_PRELOAD shim is not available: {exc}")
+    trace_dir = tmp_path / "trace"
+    trace_dir.mkdir()
+    env = shim.shim_env(trace_dir, base_env={})
     plan = dataclasses.replace(make(extra_env=env), trace_dir=trace_dir)
     with runner.start(plan):
         assert http_get(plan.port, "/traced").endswith(b"/traced")
@@ -687,7 +685,6 @@ def test_preload_tracer_works_in_container(
     assert any(name.startswith("trace.") for name in written), written
 
 
-@pytest.mark.skipif(not SEED_FIXED.is_file(), reason="targets/seed-fixed is not there yet")
 def test_builtin_seed_fixed_in_container(docker_client: Any, runner: Any, tmp_path: Path) -> None:
     manifest = load_manifest(SEED_FIXED)
     artefact = build_target(manifest, "none", "test-docker-runner")

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import capabilities
 import pytest
 
 from afterclose.harness import compile as cbuild
@@ -437,7 +438,7 @@ def test_asan_target_runs_under_the_shim(tmp_path: Path) -> None:
         shim.asan_runtime_path()
         exe = program("lifecycle", sanitizer="address")
     except BuildError as exc:  # no ASan runtime on this machine
-        pytest.skip(f"no ASan toolchain: {exc}")
+        capabilities.lacking("asan", str(exc))
     proc = run_traced(
         [exe],
         tmp_path,
@@ -530,7 +531,7 @@ def test_shim_env_keeps_existing_preload_and_puts_asan_first(tmp_path: Path) -> 
     try:
         asan = str(shim.asan_runtime_path())
     except BuildError as exc:
-        pytest.skip(f"no ASan runtime: {exc}")
+        capabilities.lacking("asan", str(exc))
     env = shim.shim_env(tmp_path, asan_runtime=True, base_env={"LD_PRELOAD": "/opt/a.so"})
     assert env["LD_PRELOAD"].split(":") == [asan, "/opt/a.so", so]
 
