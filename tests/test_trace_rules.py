@@ -5,7 +5,6 @@ fork, dup, malloc reuse, fds the shim never saw)."""
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -925,8 +924,8 @@ def test_unsorted_input_is_sorted() -> None:
     assert counts(v) == counts(t.check())
 
 
-def test_many_connections_scale_linearly() -> None:
-    """~17k records: guards against quadratic scans (1M takes ~10 s, see the report)."""
+def test_many_connections_without_a_violation() -> None:
+    """~17k records of correct connections; how the checking time grows: bench/trace_scale.py."""
     t = TraceBuilder()
     server(t)
     for n in range(1500):
@@ -943,11 +942,8 @@ def test_many_connections_scale_linearly() -> None:
         t.free(tid=2, ptr=ptr)
     recs = t.sorted_records()
     assert len(recs) > 15_000
-    start = time.perf_counter()
-    v = check(recs, t.headers())
-    elapsed = time.perf_counter() - start
+    v = check(recs, t.headers())  # how the time grows with the trace: bench/trace_scale.py
     assert counts(v) == {}, v.render()
-    assert elapsed < 3.0
 
 
 @pytest.mark.parametrize("rule", sorted(set(V.RULES) - V.BLACKBOX_ONLY))
