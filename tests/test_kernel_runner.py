@@ -306,7 +306,7 @@ def test_a_version_apt_lacks_comes_from_the_signed_archive(tmp_path: Path) -> No
     try:
         packages = archive.index("sid", tmp_path)  # fetched, gpgv-checked, SHA256-checked
     except archive.ArchiveError as exc:
-        pytest.skip(f"the Debian archive is not reachable from here: {exc}")
+        capabilities.lacking("kernel", f"the Debian archive is not reachable from here: {exc}")
     kernels = archive.kernels("sid", tmp_path)
     assert kernels, f"sid lists no generic amd64 kernel among {len(packages)} packages"
     newest = max(kernels, key=lambda k: [int(x) for x in re.findall(r"\d+", k.version)])
