@@ -112,6 +112,7 @@ def main() -> None:
     c.warm_shim()
     read_s: dict[int, list[float]] = {1: [], 2: []}
     check_s: dict[int, list[float]] = {1: [], 2: []}
+    records: dict[int, int] = {}
     svg_s: list[float] = []
     with c.scratch("trace-scale") as scratch:
         for k in (1, 2):
@@ -121,11 +122,13 @@ def main() -> None:
             trace = read_trace_dir(
                 storm_trace("seed-fixed", k * args.connections, scratch / f"fixed{k}", k)
             )
+            records[k] = len(trace.records)
             for _ in range(args.rounds):
                 check_s[k].append(timed(lambda t=trace: check_trace(t)))
             print(
                 f"x{k}: read {k * args.records} calls {c.median(read_s[k]):.2f} s; "
-                f"check {k * args.connections} connections {c.median(check_s[k]):.2f} s; "
+                f"check {k * args.connections} connections ({records[k]} records) "
+                f"{c.median(check_s[k]):.2f} s; "
                 f"load {c.load()}"
             )
         finding = first_finding(scratch)
@@ -141,7 +144,8 @@ def main() -> None:
         [
             *c.context_cells(command, load_before),
             f"{c.median(read_s[1]):.2f} s / {c.median(read_s[2]):.2f} s",
-            f"{c.median(check_s[1]):.2f} s / {c.median(check_s[2]):.2f} s",
+            f"{c.median(check_s[1]):.2f} s / {c.median(check_s[2]):.2f} s "
+            f"({records[1]} / {records[2]} records)",
             svg,
             f"{read_ratio:.2f}, {check_ratio:.2f}",
         ],
