@@ -8,7 +8,8 @@ the benchmarks never run in parallel.  Not part of CI: nothing here passes or fa
 
 Budget (defaults): time_to_detect at most 600 s (its ``--budget``; about 7 minutes when
 seed-buggy is found in the first storm round, as usual), storm_rate about 1 minute,
-tracer_overhead about 2 minutes, suite_cost about 2 minutes: about 12 minutes in all.
+tracer_overhead about 2 minutes, suite_cost about 2 minutes, trace_scale and docker_start
+about a minute each: about 14 minutes in all.
 """
 
 from __future__ import annotations
@@ -19,13 +20,22 @@ import time
 
 import _common as c
 
-BENCHMARKS = ("time_to_detect", "storm_rate", "tracer_overhead", "suite_cost")
+BENCHMARKS = (
+    "time_to_detect",
+    "storm_rate",
+    "tracer_overhead",
+    "suite_cost",
+    "trace_scale",
+    "docker_start",
+)
 # Generous per-script timeouts: the scripts bound themselves; this only catches a wedge.
 TIMEOUT_S = {
     "time_to_detect": 720.0,
     "storm_rate": 240.0,
     "tracer_overhead": 300.0,
     "suite_cost": 300.0,
+    "trace_scale": 300.0,
+    "docker_start": 240.0,
 }
 
 

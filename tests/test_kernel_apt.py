@@ -13,14 +13,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import capabilities
 import pytest
 
 from afterclose.harness.kernel import archive, fetch
 
-pytestmark = pytest.mark.skipif(
-    not all(shutil.which(t) for t in ("apt-get", "gpg", "dpkg-deb", "dpkg-scanpackages")),
-    reason="needs apt-get, gpg, dpkg-deb and dpkg-scanpackages (Debian's apt, gnupg, dpkg-dev)",
-)
+pytestmark = capabilities.requires("apt-cache", "gpg", "dpkg-scanpackages")
 
 SPLIT = "9.9.1+deb99-amd64"
 SINGLE = "9.8.1+deb98-amd64"

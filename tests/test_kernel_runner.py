@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
+import capabilities
 import pytest
 from procs import alive
 
@@ -22,13 +22,8 @@ from afterclose.harness.kernel import fetch, initramfs, modules
 from afterclose.harness.kernel.matrix import inner_args, kernel_item_name
 
 TEST_KERNEL = os.environ.get("AFTERCLOSE_TEST_KERNEL", "6.1")
-needs_apt = pytest.mark.skipif(
-    shutil.which("apt-cache") is None, reason="kernels come from Debian packages: needs apt"
-)
-needs_qemu = pytest.mark.skipif(
-    shutil.which("qemu-system-x86_64") is None or os.uname().machine != "x86_64",
-    reason="needs qemu-system-x86_64 on x86_64 (apt-get install qemu-system-x86)",
-)
+needs_apt = capabilities.requires("apt-cache")  # kernels come from Debian packages
+needs_qemu = capabilities.requires("kernel")
 
 
 @pytest.fixture(autouse=True)
@@ -59,8 +54,7 @@ def test_item_names_carry_the_kernel() -> None:
 
 
 def test_cpio_archive_lists_with_cpio_tool(tmp_path: Path) -> None:
-    if shutil.which("cpio") is None:
-        pytest.skip("needs the cpio tool to read the archive back")
+    capabilities.need("cpio")  # reads the archive back
     w = initramfs.CpioWriter()
     w.directory("modules")
     w.file("modules/order", b"a.ko\n")
@@ -165,8 +159,7 @@ def test_seed_buggy_is_found_inside_a_guest(pytester: pytest.Pytester) -> None:
 @pytest.mark.slow
 @pytest.mark.root
 def test_seed_fixed_passes_inside_a_guest_with_netem(pytester: pytest.Pytester) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("netem and the packet faults need root")
+    capabilities.need("root")  # netem and the packet faults
     result = pytester.runpytest_subprocess(
         "--target=seed-fixed", f"--kernel={TEST_KERNEL}", "-k", "shutdown_race or netem", "-rA"
     )

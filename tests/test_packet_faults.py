@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import capabilities
 import pytest
 
 from afterclose import faults
@@ -47,12 +48,8 @@ PACKET_FAULTS = ("forged_rst", "forged_fin", "rst_before_accept", "rst_mid_respo
 ECONNRESET, EPIPE, EAGAIN = 104, 32, 11
 HUP_ERR = EPOLLHUP | EPOLLERR  # 0x18
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0, reason="packet faults need root (raw sockets, TCP_REPAIR): run as root"
-)
-needs_scapy = pytest.mark.skipif(
-    importlib.util.find_spec("scapy") is None, reason="packet faults need scapy: pip install scapy"
-)
+needs_root = capabilities.requires("root")  # raw sockets, TCP_REPAIR
+needs_scapy = capabilities.requires("packets")
 Test = TypeVar("Test", bound=Callable[..., None])
 
 

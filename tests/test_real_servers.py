@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import capabilities
 import pytest
 
 from afterclose.harness import procfs
@@ -70,7 +71,7 @@ def missing(name: str) -> str | None:
 def require(name: str) -> None:
     reason = missing(name)
     if reason is not None:
-        pytest.skip(f"target {name}: {reason}")
+        capabilities.lacking("servers", f"target {name}: {reason}")
 
 
 @pytest.fixture(autouse=True)

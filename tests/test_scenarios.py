@@ -6,7 +6,6 @@ import re
 import shlex
 import sys
 import textwrap
-import time
 import tomllib
 import typing
 import uuid
@@ -384,7 +383,6 @@ def test_load_scenario_names_the_file(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_explore_writes_a_shrunk_scenario_that_reproduces(pytester: pytest.Pytester) -> None:
-    start = time.monotonic()
     explored = pytester.run(
         sys.executable,
         "-m",
@@ -414,4 +412,3 @@ def test_explore_writes_a_shrunk_scenario_that_reproduces(pytester: pytest.Pytes
             break
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*rule(s) violated by target 'seed-buggy'*"])
-    assert time.monotonic() - start < 300  # bounded: the search has a 45 s budget

@@ -13,11 +13,11 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import capabilities
 import pytest
 
 from afterclose.harness import compile as cbuild
@@ -440,7 +440,7 @@ def test_asan_target_runs_under_the_shim(tmp_path: Path) -> None:
         shim.asan_runtime_path()
         exe = program("lifecycle", sanitizer="address")
     except BuildError as exc:  # no ASan runtime on this machine
-        pytest.skip(f"no ASan toolchain: {exc}")
+        capabilities.lacking("asan", str(exc))
     proc = run_traced(
         [exe],
         tmp_path,
@@ -584,7 +584,7 @@ def test_shim_env_keeps_existing_preload_and_puts_asan_first(tmp_path: Path) -> 
     try:
         asan = str(shim.asan_runtime_path())
     except BuildError as exc:
-        pytest.skip(f"no ASan runtime: {exc}")
+        capabilities.lacking("asan", str(exc))
     env = shim.shim_env(tmp_path, asan_runtime=True, base_env={"LD_PRELOAD": "/opt/a.so"})
     assert env["LD_PRELOAD"].split(":") == [asan, "/opt/a.so", so]
 
@@ -677,12 +677,10 @@ def test_missing_folder_is_a_trace_error(tmp_path: Path) -> None:
         read_trace_dir(tmp_path / "nope")
 
 
-def test_million_records_read_quickly(tmp_path: Path) -> None:
+def test_million_records_are_all_read(tmp_path: Path) -> None:
+    # How fast: bench/trace_scale.py.
     proc = run_traced([program("readloop"), 1_000_000], tmp_path)
     assert values(proc.stdout)["calls"] == 1_000_000
-    start = time.monotonic()
     trace = read_trace_dir(tmp_path)
-    elapsed = time.monotonic() - start
     reads = [r for r in trace.records if r.op is Op.READ]
     assert len(reads) == 1_000_000 and trace.complete
-    assert elapsed < 20, f"reading 1M records took {elapsed:.1f} s"

@@ -12,7 +12,6 @@ import gc
 import os
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,11 +266,8 @@ def test_svg_size_is_bounded_on_a_million_record_trace() -> None:
     v = check(t.records, t.headers(), trace_path="/runs/big/trace")
     assert v.stats.records > n
     (finding,) = v.occurrences["use-after-close"]
-    start = time.perf_counter()
-    svg = render_svg(finding)
-    elapsed = time.perf_counter() - start
+    svg = render_svg(finding)  # how fast: bench/trace_scale.py
     assert len(svg.encode()) < 120_000, len(svg)
-    assert elapsed < 5.0
     root = parse(svg)
     red = [tip for tip, r in marks(root) if r.attrib["fill"] == RED]
     assert len(red) == 1 and "read(7) = -1 EBADF (fd 7#1 was already closed)" in red[0]

@@ -31,25 +31,12 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
-#include <pthread.h>
-#include <signal.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <strings.h>
-#include <sys/epoll.h>
-#include <sys/socket.h>
 #include <time.h>
-#include <unistd.h>
 
-#define NWORKERS 4
-#define MAXEVENTS 256
-#define BUFSZ 8192
+#include "../seed-common/seed_server.h"
+
 #define ARM (EPOLLIN | EPOLLONESHOT | EPOLLET)
 
 struct client {
@@ -60,174 +47,16 @@ struct client {
     int closing;  /* answered "Connection: close": ignore input, wait for the peer's EOF */
 };
 
-struct item {
-    struct client *c;
-    uint32_t events;
-};
-
-struct queue {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    struct item *items;
-    size_t cap, head, n;
-    int closed;
-};
-
-static volatile sig_atomic_t stop_flag;
-static int epfd = -1;
-static int lfd = -1;
-static char listener_tag;
-static struct queue work_q, error_q;
-
-static const char RESP_400[] =
-    "HTTP/1.1 400 Bad Request\r\n"
-    "Content-Type: text/plain\r\n"
-    "Content-Length: 12\r\n"
-    "Connection: close\r\n"
-    "\r\n"
-    "bad request\n";
-
-/* ---- queue ------------------------------------------------------------------------------ */
-
-static void queue_init(struct queue *q)
+/* The seed has no way to go on without memory for its queue. */
+static void push(struct queue *q, struct client *c, uint32_t events)
 {
-    pthread_mutex_init(&q->mu, NULL);
-    pthread_cond_init(&q->cv, NULL);
-    q->cap = 1024;
-    q->items = malloc(q->cap * sizeof *q->items);
-    if (!q->items) {
+    if (queue_push(q, c, events) < 0) {
         perror("malloc");
         exit(1);
     }
 }
 
-static void queue_push(struct queue *q, struct client *c, uint32_t events)
-{
-    pthread_mutex_lock(&q->mu);
-    if (q->n == q->cap) {
-        size_t ncap = q->cap * 2;
-        struct item *ni = malloc(ncap * sizeof *ni);
-        if (!ni) {
-            perror("malloc");
-            exit(1);
-        }
-        for (size_t i = 0; i < q->n; i++)
-            ni[i] = q->items[(q->head + i) % q->cap];
-        free(q->items);
-        q->items = ni;
-        q->cap = ncap;
-        q->head = 0;
-    }
-    q->items[(q->head + q->n) % q->cap] = (struct item){c, events};
-    q->n++;
-    pthread_cond_signal(&q->cv);
-    pthread_mutex_unlock(&q->mu);
-}
-
-static int queue_pop(struct queue *q, struct item *out)
-{
-    pthread_mutex_lock(&q->mu);
-    while (q->n == 0 && !q->closed)
-        pthread_cond_wait(&q->cv, &q->mu);
-    if (q->closed) {
-        pthread_mutex_unlock(&q->mu);
-        return 0;
-    }
-    *out = q->items[q->head];
-    q->head = (q->head + 1) % q->cap;
-    q->n--;
-    pthread_mutex_unlock(&q->mu);
-    return 1;
-}
-
-static void queue_close(struct queue *q)
-{
-    pthread_mutex_lock(&q->mu);
-    q->closed = 1;
-    pthread_cond_broadcast(&q->cv);
-    pthread_mutex_unlock(&q->mu);
-}
-
 /* ---- HTTP ------------------------------------------------------------------------------- */
-
-struct request {
-    const char *path;
-    size_t path_len;
-    size_t content_length;
-    int close;
-};
-
-static int ci_contains(const char *s, size_t n, const char *word)
-{
-    size_t w = strlen(word);
-    for (size_t i = 0; i + w <= n; i++)
-        if (strncasecmp(s + i, word, w) == 0)
-            return 1;
-    return 0;
-}
-
-/* Parse one header block [p, p+n) ending in CRLFCRLF.  -1 = malformed. */
-static int parse_request(const char *p, size_t n, struct request *rq)
-{
-    const char *end = p + n;
-    const char *eol = memmem(p, n, "\r\n", 2);
-    const char *s = p;
-    int minor;
-    int keep_alive = 0, close_hdr = 0;
-
-    memset(rq, 0, sizeof *rq);
-    if (!eol)
-        return -1;
-    while (s < eol && *s >= 'A' && *s <= 'Z')
-        s++;
-    if (s == p || s >= eol || *s != ' ')
-        return -1;
-    s++;
-    if (s >= eol || *s != '/')
-        return -1;
-    rq->path = s;
-    while (s < eol && *s > ' ' && *s < 0x7f)
-        s++;
-    rq->path_len = (size_t)(s - rq->path);
-    if (s >= eol || *s != ' ')
-        return -1;
-    s++;
-    if (eol - s != 8 || memcmp(s, "HTTP/1.", 7) != 0 || s[7] < '0' || s[7] > '9')
-        return -1;
-    minor = s[7] - '0';
-
-    for (s = eol + 2; s < end;) {
-        const char *le = memmem(s, (size_t)(end - s), "\r\n", 2);
-        const char *colon;
-        if (!le || le == s)
-            break;
-        colon = memchr(s, ':', (size_t)(le - s));
-        if (!colon)
-            return -1;
-        if ((size_t)(colon - s) == 10 && strncasecmp(s, "connection", 10) == 0) {
-            if (ci_contains(colon + 1, (size_t)(le - colon - 1), "close"))
-                close_hdr = 1;
-            if (ci_contains(colon + 1, (size_t)(le - colon - 1), "keep-alive"))
-                keep_alive = 1;
-        } else if ((size_t)(colon - s) == 14 && strncasecmp(s, "content-length", 14) == 0) {
-            const char *v = colon + 1;
-            size_t cl = 0;
-            while (v < le && *v == ' ')
-                v++;
-            if (v == le)
-                return -1;
-            for (; v < le && *v != ' '; v++) {
-                if (*v < '0' || *v > '9' || cl > (SIZE_MAX - 9) / 10)
-                    return -1;
-                cl = cl * 10 + (size_t)(*v - '0');
-            }
-            rq->content_length = cl;
-        }
-        s = le + 2;
-    }
-    rq->close = close_hdr || (minor == 0 && !keep_alive);
-    return 0;
-}
 
 static int write_all(int fd, const char *p, size_t n)
 {
@@ -252,9 +81,7 @@ static int write_all(int fd, const char *p, size_t n)
 static void send_response(int fd, const struct request *rq)
 {
     char out[BUFSZ + 256];
-    int h = snprintf(out, sizeof out,
-                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n%s\r\n",
-                     rq->path_len + 1, rq->close ? "Connection: close\r\n" : "");
+    int h = response_head(out, sizeof out, rq);
     memcpy(out + h, rq->path, rq->path_len);
     out[(size_t)h + rq->path_len] = '\n';
     (void)write_all(fd, out, (size_t)h + rq->path_len + 1);
@@ -317,7 +144,7 @@ static void bad_request(struct client *c)
 {
     c->len = 0;
     c->skip = 0;
-    queue_push(&error_q, c, 0);
+    push(&error_q, c, 0);
     /* keep listening for the client while the error thread answers */
     rearm(c);
 }
@@ -447,7 +274,7 @@ static void *epoll_main(void *arg)
             if (events[i].data.ptr == &listener_tag)
                 accept_all();
             else
-                queue_push(&work_q, events[i].data.ptr, events[i].events);
+                push(&work_q, events[i].data.ptr, events[i].events);
         }
     }
     queue_close(&work_q);
@@ -457,75 +284,14 @@ static void *epoll_main(void *arg)
 
 /* ---- main ------------------------------------------------------------------------------- */
 
-static void on_signal(int sig)
-{
-    (void)sig;
-    stop_flag = 1;
-}
-
-static int listen_on(const char *host, const char *port)
-{
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
-    struct addrinfo *res, *ai;
-    int fd = -1, one = 1, rc = getaddrinfo(host, port, &hints, &res);
-
-    if (rc != 0) {
-        fprintf(stderr, "seed_buggy: %s:%s: %s\n", host, port, gai_strerror(rc));
-        return -1;
-    }
-    for (ai = res; ai; ai = ai->ai_next) {
-        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd < 0)
-            continue;
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 1024) == 0)
-            break;
-        close(fd);
-        fd = -1;
-    }
-    if (fd < 0)
-        fprintf(stderr, "seed_buggy: cannot listen on %s:%s: %s\n", host, port, strerror(errno));
-    freeaddrinfo(res);
-    return fd;
-}
-
 int main(int argc, char **argv)
 {
-    struct sigaction sa;
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &listener_tag};
-    pthread_t epoll_thread, error_thread, workers[NWORKERS];
+    struct seed_threads threads = {
+        .worker_main = worker_main, .error_main = error_main, .epoll_main = epoll_main};
+    int status = seed_serve(argc, argv, "seed_buggy", &threads);
 
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s HOST PORT\n", argv[0]);
-        return 2;
-    }
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
-
-    lfd = listen_on(argv[1], argv[2]);
-    if (lfd < 0)
-        return 1;
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (epfd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev) < 0) {
-        perror("epoll");
-        return 1;
-    }
-    queue_init(&work_q);
-    queue_init(&error_q);
-    for (int i = 0; i < NWORKERS; i++)
-        pthread_create(&workers[i], NULL, worker_main, NULL);
-    pthread_create(&error_thread, NULL, error_main, NULL);
-    pthread_create(&epoll_thread, NULL, epoll_main, NULL);
-
-    printf("READY\n");
-    fflush(stdout);
-
-    pthread_join(epoll_thread, NULL);
+    if (status != 0)
+        return status;
     /* The seed never tracked its connections, so there is nothing to tear down; _exit also
      * skips LeakSanitizer's exit-time listing of every still-open client under ASan. */
     _exit(0);

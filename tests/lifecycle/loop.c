@@ -59,10 +59,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "../servers/listen_on.h"
-
 #define BUFSZ 8192
-#include "http.h"
+#include "../servers/common.h"
+
 #define LIVE_SLOTS 16384   /* power of two; at most LIVE_MAX live clients */
 #define LIVE_MAX 8192
 #define LOG_BATCH_US 500
@@ -360,9 +359,7 @@ static int serve(struct client *c)
     size_t off = 0;
     for (;;) {
         const char *end = memmem(c->buf + off, c->len - off, "\r\n\r\n", 4);
-        const char *path;
-        size_t path_len;
-        int close_it = 0;
+        struct request rq;
         if (!end) {
             if (off == 0 && c->len == sizeof c->buf) {
                 write_all(c->fd, RESP_400, sizeof RESP_400 - 1);
@@ -371,19 +368,18 @@ static int serve(struct client *c)
             }
             break;
         }
-        if (parse(c->buf + off, (size_t)(end + 4 - c->buf - off), &path, &path_len,
-                  &close_it) < 0) {
+        if (parse_request(c->buf + off, (size_t)(end + 4 - c->buf - off), &rq) < 0) {
             write_all(c->fd, RESP_400, sizeof RESP_400 - 1);
             conn_end(c);
             return 1;
         }
         c->requests++;
-        if (respond(c->fd, path, path_len, close_it) < 0) {
+        if (respond(c->fd, &rq) < 0) {
             conn_error(c);
             return 1;
         }
         off = (size_t)(end + 4 - c->buf);
-        if (close_it) {
+        if (rq.close) {
             conn_linger(c);
             return 1;
         }

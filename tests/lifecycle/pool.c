@@ -56,10 +56,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../servers/listen_on.h"
-
 #define BUFSZ 8192
-#include "http.h"
+#include "../servers/common.h"
+
 #define REARM_MAX_MS 250
 #define REPORT_US 2000
 #define ARM (EPOLLIN | EPOLLONESHOT)
@@ -233,9 +232,7 @@ static int serve(struct client *c)
     size_t off = 0;
     for (;;) {
         const char *end = memmem(c->buf + off, c->len - off, "\r\n\r\n", 4);
-        const char *path;
-        size_t path_len;
-        int close_it = 0;
+        struct request rq;
         if (!end) {
             if (off == 0 && c->len == sizeof c->buf) {
                 write_all(c->fd, RESP_400, sizeof RESP_400 - 1);
@@ -244,19 +241,18 @@ static int serve(struct client *c)
             }
             break;
         }
-        if (parse(c->buf + off, (size_t)(end + 4 - c->buf - off), &path, &path_len,
-                  &close_it) < 0) {
+        if (parse_request(c->buf + off, (size_t)(end + 4 - c->buf - off), &rq) < 0) {
             write_all(c->fd, RESP_400, sizeof RESP_400 - 1);
             conn_close(c);
             return 1;
         }
-        if (respond(c->fd, path, path_len, close_it) < 0) {
+        if (respond(c->fd, &rq) < 0) {
             conn_error(c, errno);
             return 1;
         }
         queue_rearm(c); /* answered: it may read again (re-arms are applied in batches) */
         off = (size_t)(end + 4 - c->buf);
-        if (close_it) {
+        if (rq.close) {
             shutdown(c->fd, SHUT_WR);
             conn_close(c);
             return 1;

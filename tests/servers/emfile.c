@@ -35,10 +35,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "listen_on.h"
-
 #define MAXFD 65536
 #define BUFSZ 8192
+#include "common.h"
+
 #define PAUSE_MS 100
 
 enum mode { M_OK, M_SPIN, M_LEAK };
@@ -67,25 +67,6 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void write_all(int fd, const char *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w > 0) {
-            p += w;
-            n -= (size_t)w;
-        } else if (w < 0 && errno == EINTR) {
-            continue;
-        } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            struct pollfd pfd = {.fd = fd, .events = POLLOUT};
-            if (poll(&pfd, 1, 1000) <= 0)
-                return;
-        } else {
-            return;
-        }
-    }
-}
-
 static void forget(int fd)
 {
     epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL);
@@ -99,41 +80,8 @@ static void conn_close(int fd)
     close(fd);
 }
 
-static const char RESP_400[] = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
-                               "Content-Length: 12\r\nConnection: close\r\n\r\nbad request\n";
 static const char RESP_503[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
                                "Content-Length: 7\r\nConnection: close\r\n\r\nEMFILE\n";
-
-/* -1 malformed, else 0 with path/close filled in */
-static int parse(const char *p, size_t n, const char **path, size_t *path_len, int *close_it)
-{
-    const char *eol = memmem(p, n, "\r\n", 2);
-    const char *s = p, *h;
-    if (!eol)
-        return -1;
-    while (s < eol && *s >= 'A' && *s <= 'Z')
-        s++;
-    if (s == p || s >= eol || *s != ' ' || s + 1 >= eol || s[1] != '/')
-        return -1;
-    *path = ++s;
-    while (s < eol && *s > ' ' && *s < 0x7f)
-        s++;
-    *path_len = (size_t)(s - *path);
-    if (eol - s != 9 || memcmp(s, " HTTP/1.", 8) != 0)
-        return -1;
-    *close_it = s[8] == '0';
-    for (h = eol + 2; h < p + n;) {
-        const char *le = memmem(h, (size_t)(p + n - h), "\r\n", 2);
-        if (!le || le == h)
-            break;
-        if ((size_t)(le - h) >= 11 && strncasecmp(h, "connection:", 11) == 0)
-            for (const char *v = h + 11; v + 5 <= le; v++)
-                if (strncasecmp(v, "close", 5) == 0)
-                    *close_it = 1;
-        h = le + 2;
-    }
-    return 0;
-}
 
 static void serve(int fd)
 {
@@ -141,10 +89,8 @@ static void serve(int fd)
     size_t off = 0;
     for (;;) {
         const char *end = memmem(c->buf + off, c->len - off, "\r\n\r\n", 4);
-        const char *path;
-        size_t path_len;
-        int close_it = 0, h, file;
-        char out[BUFSZ + 256];
+        struct request rq;
+        int file;
         if (!end) {
             if (off == 0 && c->len == sizeof c->buf) {
                 write_all(fd, RESP_400, sizeof RESP_400 - 1);
@@ -153,8 +99,7 @@ static void serve(int fd)
             }
             break;
         }
-        if (parse(c->buf + off, (size_t)(end + 4 - c->buf - off), &path, &path_len,
-                  &close_it) < 0) {
+        if (parse_request(c->buf + off, (size_t)(end + 4 - c->buf - off), &rq) < 0) {
             write_all(fd, RESP_400, sizeof RESP_400 - 1);
             conn_close(fd);
             return;
@@ -170,14 +115,9 @@ static void serve(int fd)
             return;
         }
         close(file);
-        h = snprintf(out, sizeof out,
-                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n%s\r\n",
-                     path_len + 1, close_it ? "Connection: close\r\n" : "");
-        memcpy(out + h, path, path_len);
-        out[(size_t)h + path_len] = '\n';
-        write_all(fd, out, (size_t)h + path_len + 1);
+        respond(fd, &rq);
         off = (size_t)(end + 4 - c->buf);
-        if (close_it) {
+        if (rq.close) {
             shutdown(fd, SHUT_WR);
             conn_close(fd);
             return;

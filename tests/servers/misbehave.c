@@ -35,10 +35,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "listen_on.h"
-
 #define MAXFD 4096
 #define BUFSZ 8192
+#include "common.h"
 
 enum mode { M_NONE, M_CRASH, M_LEAK, M_CROSSTALK, M_DOUBLE, M_UNSOLICITED, M_WRONG_BODY,
             M_HANG, M_EXIT };
@@ -73,25 +72,6 @@ static void on_signal(int sig)
     stop_flag = 1;
 }
 
-static void write_all(int fd, const char *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w > 0) {
-            p += w;
-            n -= (size_t)w;
-        } else if (w < 0 && errno == EINTR) {
-            continue;
-        } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            struct pollfd pfd = {.fd = fd, .events = POLLOUT};
-            if (poll(&pfd, 1, 1000) <= 0)
-                return;
-        } else {
-            return;
-        }
-    }
-}
-
 static void drop(int fd)
 {
     epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL);
@@ -115,70 +95,32 @@ static void crash_now(void)
     *p = 42;
 }
 
-/* -1 malformed, else 0 with path/close filled in */
-static int parse(const char *p, size_t n, const char **path, size_t *path_len, int *close_it)
-{
-    const char *eol = memmem(p, n, "\r\n", 2);
-    const char *s = p, *hdrs;
-    if (!eol)
-        return -1;
-    while (s < eol && *s >= 'A' && *s <= 'Z')
-        s++;
-    if (s == p || s >= eol || *s != ' ' || s + 1 >= eol || s[1] != '/')
-        return -1;
-    *path = ++s;
-    while (s < eol && *s > ' ' && *s < 0x7f)
-        s++;
-    *path_len = (size_t)(s - *path);
-    if (eol - s != 9 || memcmp(s, " HTTP/1.", 8) != 0)
-        return -1;
-    *close_it = s[8] == '0';
-    for (hdrs = eol + 2; hdrs < p + n;) {
-        const char *le = memmem(hdrs, (size_t)(p + n - hdrs), "\r\n", 2);
-        if (!le || le == hdrs)
-            break;
-        if ((size_t)(le - hdrs) >= 11 && strncasecmp(hdrs, "connection:", 11) == 0) {
-            for (const char *v = hdrs + 11; v + 5 <= le; v++)
-                if (strncasecmp(v, "close", 5) == 0)
-                    *close_it = 1;
-        }
-        hdrs = le + 2;
-    }
-    return 0;
-}
-
-static void respond(int fd, const char *path, size_t path_len, int close_it)
+static void misbehave_respond(int fd, const struct request *rq)
 {
     char out[BUFSZ + 256];
-    const char *body = path;
-    size_t body_len = path_len;
+    struct request shown = *rq; /* what the answer says was asked */
     int target = fd;
     int h;
 
     if (mode == M_CRASH && served + 1 == 5)
         crash_now();
     if (mode == M_WRONG_BODY) {
-        body = "/nope";
-        body_len = 5;
+        shown.path = "/nope";
+        shown.path_len = 5;
     }
-    h = snprintf(out, sizeof out,
-                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n%s\r\n",
-                 body_len + 1, close_it ? "Connection: close\r\n" : "");
-    memcpy(out + h, body, body_len);
-    out[(size_t)h + body_len] = '\n';
+    h = response_head(out, sizeof out, &shown);
+    memcpy(out + h, shown.path, shown.path_len);
+    out[(size_t)h + shown.path_len] = '\n';
 
     served++;
     if (mode == M_CROSSTALK && served % 3 == 0 && last_fd >= 0 && last_fd != fd &&
         conns[last_fd])
         target = last_fd;
-    write_all(target, out, (size_t)h + body_len + 1);
+    write_all(target, out, (size_t)h + shown.path_len + 1);
     if (mode == M_DOUBLE)
-        write_all(target, out, (size_t)h + body_len + 1);
+        write_all(target, out, (size_t)h + shown.path_len + 1);
     last_fd = fd;
 }
-
-static const char RESP_400[] = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
-                               "Content-Length: 12\r\nConnection: close\r\n\r\nbad request\n";
 
 /* Answer complete requests; returns 1 if the connection was closed. */
 static int serve(int fd)
@@ -187,9 +129,7 @@ static int serve(int fd)
     size_t off = 0;
     for (;;) {
         const char *end = memmem(c->buf + off, c->len - off, "\r\n\r\n", 4);
-        const char *path;
-        size_t path_len;
-        int close_it = 0;
+        struct request rq;
         if (!end) {
             if (off == 0 && c->len == sizeof c->buf) {
                 write_all(fd, RESP_400, sizeof RESP_400 - 1);
@@ -198,15 +138,14 @@ static int serve(int fd)
             }
             break;
         }
-        if (parse(c->buf + off, (size_t)(end + 4 - c->buf - off), &path, &path_len,
-                  &close_it) < 0) {
+        if (parse_request(c->buf + off, (size_t)(end + 4 - c->buf - off), &rq) < 0) {
             write_all(fd, RESP_400, sizeof RESP_400 - 1);
             conn_close(fd);
             return 1;
         }
-        respond(fd, path, path_len, close_it);
+        misbehave_respond(fd, &rq);
         off = (size_t)(end + 4 - c->buf);
-        if (close_it) {
+        if (rq.close) {
             shutdown(fd, SHUT_WR);
             conn_close(fd);
             return 1;

@@ -1,0 +1,161 @@
+/* What seed-buggy and seed-fixed share besides HTTP (http_server.h): the architecture.  An
+ * epoll thread accepts and queues client events to NWORKERS workers; a separate error thread
+ * gets malformed requests through its own queue.  Each seed brings its own connection type,
+ * workers, error thread and epoll loop; the queues, the globals and main()'s start-up are
+ * here.  Include it after defining _GNU_SOURCE. */
+#ifndef AFTERCLOSE_SEED_SERVER_H
+#define AFTERCLOSE_SEED_SERVER_H
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+
+#include "http_server.h"
+
+#define NWORKERS 4
+#define MAXEVENTS 256
+#define BUFSZ 8192
+
+/* ---- queue ------------------------------------------------------------------------------ */
+
+struct item {
+    void *c; /* the seed's connection */
+    uint32_t events;
+};
+
+struct queue {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct item *items;
+    size_t cap, head, n;
+    int closed;
+};
+
+static void queue_init(struct queue *q)
+{
+    pthread_mutex_init(&q->mu, NULL);
+    pthread_cond_init(&q->cv, NULL);
+    q->cap = 1024;
+    q->items = malloc(q->cap * sizeof *q->items);
+    if (!q->items) {
+        perror("malloc");
+        exit(1);
+    }
+}
+
+/* -1: out of memory, nothing queued. */
+static int queue_push(struct queue *q, void *c, uint32_t events)
+{
+    pthread_mutex_lock(&q->mu);
+    if (q->n == q->cap) {
+        size_t ncap = q->cap * 2;
+        struct item *ni = malloc(ncap * sizeof *ni);
+        if (!ni) {
+            pthread_mutex_unlock(&q->mu);
+            return -1;
+        }
+        for (size_t i = 0; i < q->n; i++)
+            ni[i] = q->items[(q->head + i) % q->cap];
+        free(q->items);
+        q->items = ni;
+        q->cap = ncap;
+        q->head = 0;
+    }
+    q->items[(q->head + q->n) % q->cap] = (struct item){c, events};
+    q->n++;
+    pthread_cond_signal(&q->cv);
+    pthread_mutex_unlock(&q->mu);
+    return 0;
+}
+
+static int queue_pop(struct queue *q, struct item *out)
+{
+    pthread_mutex_lock(&q->mu);
+    while (q->n == 0 && !q->closed)
+        pthread_cond_wait(&q->cv, &q->mu);
+    if (q->closed) {
+        pthread_mutex_unlock(&q->mu);
+        return 0;
+    }
+    *out = q->items[q->head];
+    q->head = (q->head + 1) % q->cap;
+    q->n--;
+    pthread_mutex_unlock(&q->mu);
+    return 1;
+}
+
+static void queue_close(struct queue *q)
+{
+    pthread_mutex_lock(&q->mu);
+    q->closed = 1;
+    pthread_cond_broadcast(&q->cv);
+    pthread_mutex_unlock(&q->mu);
+}
+
+/* ---- start-up --------------------------------------------------------------------------- */
+
+static volatile sig_atomic_t stop_flag;
+static int epfd = -1;
+static int lfd = -1;
+static char listener_tag;
+static struct queue work_q, error_q;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    stop_flag = 1;
+}
+
+struct seed_threads {
+    void *(*worker_main)(void *);
+    void *(*error_main)(void *);
+    void *(*epoll_main)(void *);
+    pthread_t workers[NWORKERS], error_thread, epoll_thread;
+};
+
+/* main() up to the seed's own ending: signals, the listener, epoll, the queues, the threads,
+ * READY on stdout.  Returns 0 once the epoll thread ended (SIGTERM/SIGINT), else the exit
+ * status of a failed start. */
+static int seed_serve(int argc, char **argv, const char *prog, struct seed_threads *t)
+{
+    struct sigaction sa;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &listener_tag};
+
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s HOST PORT\n", argv[0]);
+        return 2;
+    }
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    lfd = listen_on(prog, argv[1], argv[2]);
+    if (lfd < 0)
+        return 1;
+    epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (epfd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev) < 0) {
+        perror("epoll");
+        return 1;
+    }
+    queue_init(&work_q);
+    queue_init(&error_q);
+    for (int i = 0; i < NWORKERS; i++)
+        pthread_create(&t->workers[i], NULL, t->worker_main, NULL);
+    pthread_create(&t->error_thread, NULL, t->error_main, NULL);
+    pthread_create(&t->epoll_thread, NULL, t->epoll_main, NULL);
+
+    printf("READY\n");
+    fflush(stdout);
+
+    pthread_join(t->epoll_thread, NULL);
+    return 0;
+}
+
+#endif
