@@ -1,12 +1,34 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 # capabilities: the `requires` marker and AFTERCLOSE_REQUIRE.
 pytest_plugins = ["pytester", "capabilities"]
+
+# tests/unit: fast, no server.  tests/integration/<part>: what each part needs from the machine
+# (a test may ask for more with its own `requires` marker).
+_INTEGRATION = Path(__file__).resolve().parent / "integration"
+PART_NEEDS = {
+    "process": (),
+    "docker": ("docker",),
+    "packets": ("root", "packets"),
+    "ebpf": ("root", "ebpf"),
+    "kernel": ("apt-cache",),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            part = item.path.resolve().relative_to(_INTEGRATION).parts[0]
+        except ValueError:
+            continue
+        if PART_NEEDS[part]:
+            item.add_marker(pytest.mark.requires(*PART_NEEDS[part]))
 
 
 @pytest.fixture(scope="module")

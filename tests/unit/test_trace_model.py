@@ -3,7 +3,6 @@ dup, fds the shim never saw) make no rule fire; threads, sorting, trace-like inp
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,8 +224,8 @@ def test_unsorted_input_is_sorted() -> None:
     assert counts(v) == counts(t.check())
 
 
-def test_many_connections_scale_linearly() -> None:
-    """~17k records: guards against quadratic scans (1M takes ~10 s, see the report)."""
+def test_many_connections_without_a_violation() -> None:
+    """~17k records of correct connections; how the checking time grows: bench/trace_scale.py."""
     t = TraceBuilder()
     server(t)
     for n in range(1500):
@@ -243,8 +242,5 @@ def test_many_connections_scale_linearly() -> None:
         t.free(tid=2, ptr=ptr)
     recs = t.sorted_records()
     assert len(recs) > 15_000
-    start = time.perf_counter()
     v = judge_records(recs, t.headers())
-    elapsed = time.perf_counter() - start
     assert counts(v) == {}, v.render()
-    assert elapsed < 3.0

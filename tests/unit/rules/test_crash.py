@@ -1,5 +1,5 @@
 """crash: what counts as a sanitizer report in the server's stderr (a real server that dies is
-tested in tests/test_blackbox_oracle.py)."""
+tested in tests/integration/process/test_blackbox_oracle.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """fd-leak: from the trace, an accepted connection whose peer is gone, still open at the end
 (or at the cut-off), not checked where closes are invisible; and the trace and the socket
-census judged together (the census itself, on real servers, in tests/test_blackbox_oracle.py)."""
+census judged together (the census itself, on real servers: in
+tests/integration/process/test_blackbox_oracle.py)."""
 
 from __future__ import annotations
 

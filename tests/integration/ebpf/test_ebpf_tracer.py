@@ -20,6 +20,7 @@ from pathlib import Path
 
 import capabilities
 import pytest
+from paths import ROOT_DIR
 
 from afterclose.harness.errors import AftercloseError
 from afterclose.harness.manifest import Manifest, load_manifest, resolve_target
@@ -35,7 +36,7 @@ from afterclose.harness.trace import ebpf, reader
 from afterclose.harness.trace.format import EPOLL_CTL_ADD, IoKind, Op
 from afterclose.harness.tracers import choose_tracer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = ROOT_DIR
 RUN_ID = uuid.uuid4().hex  # one build of each target for the whole module
 LIFECYCLE = {
     EVENT_AFTER_CLOSE,

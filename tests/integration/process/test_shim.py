@@ -19,6 +19,7 @@ from pathlib import Path
 
 import capabilities
 import pytest
+from paths import TESTS_DIR
 
 from afterclose.harness import compile as cbuild
 from afterclose.harness.errors import BuildError, TraceError
@@ -42,7 +43,7 @@ from afterclose.harness.trace.format import (
 )
 from afterclose.harness.trace.reader import Trace, read_trace_dir, read_trace_file
 
-PROGRAMS = Path(__file__).resolve().parent / "shim_programs"
+PROGRAMS = TESTS_DIR / "shim_programs"
 EBADF = 9
 ENOENT = 2
 EAGAIN = 11

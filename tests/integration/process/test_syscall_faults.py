@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
+from paths import ROOT_DIR, TESTS_DIR
 
 from afterclose.harness import cli, syscall_faults, tracers
 from afterclose.harness import compile as cbuild
@@ -26,7 +27,7 @@ from afterclose.harness.trace import shim
 from afterclose.harness.trace.format import IoKind, Op, Record, RecordFlag, WaitKind
 from afterclose.harness.trace.reader import Trace, read_trace_dir
 
-PROGRAMS = Path(__file__).resolve().parent / "shim_programs"
+PROGRAMS = TESTS_DIR / "shim_programs"
 EINTR, EAGAIN, EPIPE, EMFILE, ECONNABORTED, ECONNRESET = 4, 11, 32, 24, 103, 104
 
 
@@ -483,7 +484,7 @@ def test_seed_fixed_survives_the_builtin_syscall_fault_scenario(tmp_path: Path) 
     harness = Harness(
         Settings(
             target="seed-fixed",
-            rootdir=Path(__file__).resolve().parent.parent,
+            rootdir=ROOT_DIR,
             run_id=uuid.uuid4().hex,
             tracer="preload",
             fault_seed=2024,

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import ROOT_DIR
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = ROOT_DIR
 # The README's rule table: one row per rule, its name in backquotes.
 RULES = set(re.findall(r"^\| `([a-z][a-z-]*)` \|", (ROOT / "README.md").read_text(), re.M))
 

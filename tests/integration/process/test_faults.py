@@ -10,9 +10,9 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 
 import pytest
+from paths import TESTS_DIR
 from pyservers import EchoServer
 
 from afterclose import faults
@@ -62,7 +62,7 @@ def serve() -> Iterator[Callable[..., EchoServer]]:
 @pytest.fixture(scope="module")
 def fast_server() -> Iterator[int]:
     """The same server in its own process, so it does not share the GIL with the clients."""
-    script = Path(__file__).with_name("pyservers.py")
+    script = TESTS_DIR / "pyservers.py"
     proc = subprocess.Popen(
         [sys.executable, str(script), "--host", HOST], stdout=subprocess.PIPE, text=True
     )

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import capabilities
 import pytest
+from paths import TESTS_DIR
 
 from afterclose.harness.session import Harness, Outcome, Settings
 
-MISBEHAVE = Path(__file__).parent / "servers" / "misbehave.c"
+MISBEHAVE = TESTS_DIR / "servers" / "misbehave.c"
 
 
 def harness_for(tmp_path: Path, mode: str) -> Harness:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from paths import TESTS_DIR
 from procs import alive
 
 from afterclose.harness import launch, ports, procfs
@@ -21,7 +22,7 @@ from afterclose.harness.manifest import load_manifest
 from afterclose.harness.procfs import process_tree
 from afterclose.harness.runners.process import ProcessRunner, ProcessTarget
 
-ECHO = Path(__file__).parent / "programs" / "http_echo.py"
+ECHO = TESTS_DIR / "programs" / "http_echo.py"
 
 
 def manifest_file(

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
+from paths import TESTS_DIR
 
 from afterclose.harness.oracle.judge import judge_trace
 from afterclose.harness.oracle.verdict import Violation
@@ -23,7 +24,7 @@ from afterclose.harness.session import Harness, Outcome, Settings
 from afterclose.harness.trace import reader
 from afterclose.harness.trace.findings import TraceVerdict
 
-LIFECYCLE = Path(__file__).parent / "lifecycle"
+LIFECYCLE = TESTS_DIR / "lifecycle"
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-pthread")
 # The servers' logger closes its dups in batches, and on a loaded machine one census of the
 # target's sockets can take a second: the fd-leak oracle must be able to look twice.  (Only a

@@ -12,11 +12,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from paths import ROOT_DIR
 
 from afterclose.harness.cli.progress import ProgressView
 from afterclose.harness.client.engine import StormProgress
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = ROOT_DIR
 DIGEST = re.compile(r"^scenario 'gentle' seed (\d+): .* schedule (sha256:[0-9a-f]+)$", re.M)
 REPLAY = re.compile(r"^replay: (afterclose run .*)$", re.M)
 SCHEDULE = re.compile(r"^schedule: fault seed (\d+), (sha256:[0-9a-f]+), (\d+) connection", re.M)

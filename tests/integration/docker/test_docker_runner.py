@@ -19,6 +19,7 @@ from typing import Any
 
 import capabilities
 import pytest
+from paths import ROOT_DIR, TESTS_DIR
 from procs import alive
 
 from afterclose.harness.errors import BuildError, ManifestError, TargetStartError
@@ -29,10 +30,10 @@ from afterclose.harness.runners.base import LaunchPlan, RunningTarget
 
 pytestmark = pytest.mark.docker
 
-PROGRAMS = Path(__file__).resolve().parent / "docker_programs"
+PROGRAMS = TESTS_DIR / "docker_programs"
 ECHO_MANIFEST = PROGRAMS / "target.toml"
 ECHO_SOURCE = PROGRAMS / "echo_server.c"
-SEED_FIXED = Path(__file__).resolve().parent.parent / "targets" / "seed-fixed" / "target.toml"
+SEED_FIXED = ROOT_DIR / "targets" / "seed-fixed" / "target.toml"
 
 
 # --------------------------------------------------------------------------- fixtures

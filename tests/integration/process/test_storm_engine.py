@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from paths import ROOT_DIR
 from procs import alive
 
 from afterclose import faults
@@ -24,7 +25,7 @@ from afterclose.harness.client import engine
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.session import Harness, Settings, TargetRun
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = ROOT_DIR
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from paths import ROOT_DIR
 
 from afterclose.harness.compile import CBuild, build
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = ROOT_DIR
 HOST = "127.0.0.1"
 SOURCES = {
     "seed-buggy": ROOT / "targets" / "seed-buggy" / "seed_buggy.c",

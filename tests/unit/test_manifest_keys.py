@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from paths import ROOT_DIR
 
 from afterclose.harness import manifest as mf
 from afterclose.harness.errors import ManifestError
 from afterclose.harness.manifest_keys import KEYS, markdown_table
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = ROOT_DIR / "README.md"
 
 
 def _allowed(data: dict[str, object], tmp_path: Path, table: str | None) -> set[str]:

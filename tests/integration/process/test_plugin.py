@@ -7,8 +7,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from paths import TESTS_DIR
 
-ECHO = Path(__file__).parent / "programs" / "http_echo.py"
+ECHO = TESTS_DIR / "programs" / "http_echo.py"
 
 
 def echo_manifest(folder: Path, mode: str = "ok") -> Path:

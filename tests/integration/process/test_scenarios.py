@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from paths import ROOT_DIR
 
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.explore import param_strategy, scenarios
@@ -21,7 +22,7 @@ from afterclose.harness.scenario import Scenario, scenario
 from afterclose.harness.scenario_file import load_scenario, parse_scenario
 from afterclose.harness.session import Harness, Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = ROOT_DIR
 DIGEST = re.compile(r"scenario '([^']+)' seed (\d+): .*schedule (sha256:[0-9a-f]+)")
 REPLAY = re.compile(r"^replay: (pytest .*)$", re.MULTILINE)
 RULES = re.compile(r"^\[([a-z-]+)\] ", re.MULTILINE)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import capabilities
 import pytest
+from paths import ROOT_DIR
 
 from afterclose import faults
 from afterclose.faults.base import FaultReport
@@ -31,7 +32,7 @@ from afterclose.harness.protocols import http
 from afterclose.harness.runners.docker import ContainerTarget
 from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = ROOT_DIR
 EMFILE = ROOT / "tests" / "servers" / "emfile.c"
 DOCKER_ECHO = ROOT / "tests" / "docker_programs" / "target.toml"
 RUNNERS = ["process", pytest.param("docker", marks=pytest.mark.docker)]
