@@ -18,8 +18,9 @@ import uuid
 
 import _common as c
 
-from afterclose.harness import images, launch, ports
-from afterclose.harness.runners.docker import DockerRunner, connect
+from afterclose.harness import launch, ports
+from afterclose.harness.runners.docker import DockerRunner, images
+from afterclose.harness.runners.docker.engine import connect
 
 COLUMNS = (
     *c.CONTEXT_COLUMNS,

@@ -29,9 +29,10 @@ import _common as c
 from afterclose import faults
 from afterclose.faults.base import Endpoint
 from afterclose.harness import compile as cbuild
+from afterclose.harness.oracle.judge import judge_trace as check_trace
 from afterclose.harness.trace import shim
+from afterclose.harness.trace.findings import Finding
 from afterclose.harness.trace.reader import read_trace_dir
-from afterclose.harness.trace.rules import Finding, check_trace
 from afterclose.harness.trace.svg import render_svg
 
 COLUMNS = (
