@@ -33,7 +33,7 @@ from pathlib import Path
 
 from afterclose.harness import launch, ports
 from afterclose.harness.manifest import Manifest, ReadySpec, load_manifest, resolve_target
-from afterclose.harness.runners.base import RunningTarget
+from afterclose.harness.runners.base import Server
 from afterclose.harness.runners.process import ProcessRunner
 from afterclose.harness.trace import format as trace_format
 from afterclose.harness.trace import shim
@@ -478,7 +478,7 @@ def warm_shim() -> Path:
 
 @dataclass
 class Started:
-    target: RunningTarget
+    target: Server
     mode: str
     trace_dir: Path | None
 

@@ -38,7 +38,7 @@ import _common as c
 
 from afterclose.harness.cli import demo
 from afterclose.harness.oracle import judge
-from afterclose.harness.runners.base import RunningTarget
+from afterclose.harness.runners.base import Server
 from afterclose.harness.session import Harness, Settings, TargetRun
 from afterclose.harness.trace import reader
 
@@ -67,7 +67,7 @@ class Hunt:
 class DeathWatch:
     """When the target exits, on the run's clock (polled every 10 ms on a thread)."""
 
-    def __init__(self, target: RunningTarget, clock0: float) -> None:
+    def __init__(self, target: Server, clock0: float) -> None:
         self.died_s: float | None = None
         self._target, self._clock0 = target, clock0
         self._stop = threading.Event()
@@ -112,7 +112,7 @@ def hunt(chaos: str, seed: int, cap_s: float, workdir: Path) -> Hunt:
         name = f"bench-round-{result.rounds}"
         run: TargetRun
         with harness.start(workdir / name, name) as run:
-            watch = DeathWatch(run.target, start)
+            watch = DeathWatch(run.server, start)
             try:
                 demo.storm(run)
             finally:

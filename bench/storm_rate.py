@@ -168,7 +168,7 @@ def main() -> None:
     with c.scratch("storm-rate") as scratch:
         rc = c.siege_rc(scratch)
         with c.started(manifest, artefact, args.tracer, scratch / "target") as target:
-            endpoint = Endpoint(target.target.host, target.target.port, echo_path=True)
+            endpoint = Endpoint(target.server.host, target.server.port, echo_path=True)
             runs = {
                 "storm close": storm(
                     endpoint, args.seconds, args.concurrency, args.processes, {"close": 1}

@@ -38,7 +38,7 @@ import _common as c
 
 from afterclose.harness.cli import demo
 from afterclose.harness.oracle import registry
-from afterclose.harness.runners.base import RunningTarget
+from afterclose.harness.runners.base import Server
 from afterclose.harness.session import Harness, Settings, TargetRun
 
 TARGET = "seed-buggy"
@@ -73,7 +73,7 @@ class DeathWatch:
     clock: the storm goes on for its whole duration after a crash, and this shows how much
     of the time to detect that is."""
 
-    def __init__(self, target: RunningTarget, clock0: float) -> None:
+    def __init__(self, target: Server, clock0: float) -> None:
         self.died_s: float | None = None
         self._target = target
         self._clock0 = clock0
@@ -119,7 +119,7 @@ def hunt(cap_s: float, workdir: Path) -> HuntResult:
         result.rounds += 1
         name = f"bench-round-{result.rounds}"
         with harness.start(workdir / name, name) as run:
-            watch = DeathWatch(run.target, start)
+            watch = DeathWatch(run.server, start)
             try:
                 storm(run, result.rounds)
             finally:

@@ -36,8 +36,8 @@ from afterclose.harness.errors import ScenarioError
 
 if TYPE_CHECKING:
     from afterclose.faults.base import Endpoint, Fault, FaultReport
-    from afterclose.harness.runners.base import ExitStatus, RunningTarget
-    from afterclose.harness.runners.docker import ContainerTarget
+    from afterclose.harness.runners.base import ExitStatus, Server
+    from afterclose.harness.runners.docker import ContainerServer
     from afterclose.harness.session import TargetRun
 
 
@@ -113,8 +113,8 @@ class ServerControl:
     # -- its processes
 
     @property
-    def _server(self) -> RunningTarget:
-        return self._run.target
+    def _server(self) -> Server:
+        return self._run.server
 
     def pids(self) -> list[int]:
         """The server's host PIDs, main one first (empty once it is gone)."""
@@ -186,14 +186,14 @@ class ServerControl:
             ) from None
         return True
 
-    def _container(self) -> ContainerTarget | None:
+    def _container(self) -> ContainerServer | None:
         """The server as a container (Docker runner), else None."""
         if self.runner != "docker":
             return None
-        from afterclose.harness.runners.docker import ContainerTarget
+        from afterclose.harness.runners.docker import ContainerServer
 
         server = self._server
-        return server if isinstance(server, ContainerTarget) else None
+        return server if isinstance(server, ContainerServer) else None
 
     def update_cgroup(self, **resources: int) -> None:
         """Change the live container's cgroup limits through the engine (``docker update``):

@@ -21,7 +21,7 @@ from afterclose.harness.errors import AftercloseError, TargetStartError
 from afterclose.harness.manifest import Manifest, load_manifest, resolve_target
 from afterclose.harness.oracle import judge
 from afterclose.harness.oracle.verdict import Violation
-from afterclose.harness.runners.base import ExitStatus, Runner, RunningTarget
+from afterclose.harness.runners.base import ExitStatus, Runner, Server
 
 if TYPE_CHECKING:
     from afterclose.faults.base import Endpoint, FaultReport
@@ -172,21 +172,21 @@ class TargetRun:
                     extra=extra_env,
                 ),
             )
-            self.target: RunningTarget = harness.runner.start(plan)
-            self._stack.callback(self.target.stop)
-            self.tracer.started(self.target)
-            self.baseline = procfs.settled_census(self.target.host_pids, self.target.port)
+            self.server: Server = harness.runner.start(plan)
+            self._stack.callback(self.server.stop)
+            self.tracer.started(self.server)
+            self.baseline = procfs.settled_census(self.server.host_pids, self.server.port)
         except BaseException:
             self._stack.close()
             raise
 
     @property
     def host(self) -> str:
-        return self.target.host
+        return self.server.host
 
     @property
     def port(self) -> int:
-        return self.target.port
+        return self.server.port
 
     @property
     def manifest(self) -> Manifest:
@@ -200,7 +200,7 @@ class TargetRun:
             self.host,
             self.port,
             echo_path=self.manifest.echo_path,
-            gone=lambda: self.target.exit_status() is not None,
+            gone=lambda: self.server.exit_status() is not None,
         )
 
     def url(self, path: str = "/") -> str:
@@ -226,13 +226,13 @@ class TargetRun:
 
     def restart(self, why: str, namespace_pids: Mapping[int, int]) -> ExitStatus | None:
         """Stop what is left of the server, keep its output as ``target.stdout.killed-N``,
-        and start the same plan again; the new server replaces it (:meth:`replace_target`).
+        and start the same plan again; the new server replaces it (:meth:`replace_server`).
 
         ``namespace_pids``: PID in its namespace -> host PID of the old server's processes,
         read before they died.  A container's processes get the same namespace PIDs again
         (PID 1): read as they are, the new one's trace files would look like an exec of the
         old PID 1, so the dead ones' files are relabelled with their host PIDs first."""
-        old = self.target
+        old = self.server
         status = old.stop()
         self._restarts += 1
         for path in (old.plan.stdout_path, old.plan.stderr_path):
@@ -253,16 +253,21 @@ class TargetRun:
                 details=exc.details,
                 hint=exc.hint,
             ) from None
-        self.replace_target(new)
+        self.replace_server(new)
         return status
 
-    def replace_target(self, target: RunningTarget) -> None:
-        """Adopt ``target``, the same plan started again (the ``kill`` fault): it is stopped
+    @property
+    def target(self) -> Server:
+        """The started server: the older name of :attr:`server`, kept for existing tests."""
+        return self.server
+
+    def replace_server(self, server: Server) -> None:
+        """Adopt ``server``, the same plan started again (the ``kill`` fault): it is stopped
         at the end and judged instead of the one it replaces."""
-        self._stack.callback(target.stop)
-        self.target = target
-        self.tracer.started(target)
-        self.baseline = procfs.settled_census(target.host_pids, target.port)
+        self._stack.callback(server.stop)
+        self.server = server
+        self.tracer.started(server)
+        self.baseline = procfs.settled_census(server.host_pids, server.port)
 
     def run_scenario(self, scenario: Scenario) -> ScenarioReport:
         """Run ``scenario``'s phases in order (seed: its own, else this test's seed)."""
@@ -279,14 +284,14 @@ class TargetRun:
         out = Outcome(reports=list(self.reports), trace_dir=self.tracer.trace_dir)
         evidence = judge.Evidence(
             reports=self.reports,
-            server=self.target,
+            server=self.server,
             baseline=self.baseline,
             fd_grace_s=self.manifest.fd_grace_s,
         )
 
         def stop() -> tracers.TraceOutcome:
             cutoff = self.tracer.cutoff()
-            self.target.stop()
+            self.server.stop()
             return self.tracer.analyse(cutoff)
 
         judged = judge.judge(evidence, stop)

@@ -15,7 +15,7 @@ from pathlib import Path
 from afterclose.harness.errors import AftercloseError
 from afterclose.harness.manifest import Manifest
 from afterclose.harness.oracle.verdict import Violation
-from afterclose.harness.runners.base import RunningTarget
+from afterclose.harness.runners.base import Server
 
 TRACER_CHOICES = ("auto", "preload", "ebpf", "off")
 
@@ -35,7 +35,7 @@ class TracerSession(abc.ABC):
     def env(self) -> dict[str, str]:
         return {}
 
-    def started(self, target: RunningTarget) -> None:  # noqa: B027 - optional hook
+    def started(self, target: Server) -> None:  # noqa: B027 - optional hook
         """Called once the target runs (an eBPF tracer attaches to its PIDs here)."""
 
     def cutoff(self) -> int | None:

@@ -24,7 +24,7 @@ from afterclose.harness.trace.format import Header, Record
 if TYPE_CHECKING:
     from afterclose.faults.base import FaultReport
     from afterclose.harness.procfs import SocketCensus
-    from afterclose.harness.runners.base import RunningTarget
+    from afterclose.harness.runners.base import Server
     from afterclose.harness.tracers import TraceOutcome
 
 
@@ -152,7 +152,7 @@ class Evidence:
     while the server still ran; ``warnings`` collects what rules want said without failing."""
 
     reports: Sequence[FaultReport]
-    server: RunningTarget
+    server: Server
     baseline: SocketCensus
     fd_grace_s: float
     trace: TraceOutcome | None = None

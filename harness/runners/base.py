@@ -53,7 +53,7 @@ class ExitStatus:
         return f"exited with status {self.code}"
 
 
-class RunningTarget(abc.ABC):
+class Server(abc.ABC):
     """A started target; a context manager that always stops it."""
 
     def __init__(self, plan: LaunchPlan) -> None:
@@ -131,7 +131,7 @@ class RunningTarget(abc.ABC):
                 hint=_ready_hint(self.plan.manifest),
             ) from None
 
-    def __enter__(self) -> RunningTarget:
+    def __enter__(self) -> Server:
         return self
 
     def __exit__(
@@ -165,10 +165,10 @@ class Runner(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def launch(self, plan: LaunchPlan) -> RunningTarget:
+    def launch(self, plan: LaunchPlan) -> Server:
         """Start the target's processes; no readiness wait."""
 
-    def start(self, plan: LaunchPlan) -> RunningTarget:
+    def start(self, plan: LaunchPlan) -> Server:
         target = self.launch(plan)
         try:
             target.wait_ready()

@@ -11,10 +11,10 @@ import time
 from afterclose.harness import procfs
 from afterclose.harness.errors import TargetStartError
 from afterclose.harness.orphans import die_with_parent
-from afterclose.harness.runners.base import ExitStatus, LaunchPlan, Runner, RunningTarget
+from afterclose.harness.runners.base import ExitStatus, LaunchPlan, Runner, Server
 
 
-class ProcessTarget(RunningTarget):
+class ProcessServer(Server):
     def __init__(self, plan: LaunchPlan, proc: subprocess.Popen[bytes]) -> None:
         super().__init__(plan)
         self.proc = proc
@@ -89,7 +89,7 @@ def _pgid(pid: int) -> int | None:
 class ProcessRunner(Runner):
     name = "process"
 
-    def launch(self, plan: LaunchPlan) -> ProcessTarget:
+    def launch(self, plan: LaunchPlan) -> ProcessServer:
         env = {**os.environ, **plan.env}
         plan.workdir.mkdir(parents=True, exist_ok=True)
         with plan.stdout_path.open("wb") as out, plan.stderr_path.open("wb") as err:
@@ -112,4 +112,4 @@ class ProcessRunner(Runner):
                     hint="command[0] is resolved relative to the manifest's folder; "
                     "check that it exists and is executable (or add a build step)",
                 ) from None
-        return ProcessTarget(plan, proc)
+        return ProcessServer(plan, proc)

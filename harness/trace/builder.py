@@ -519,7 +519,7 @@ class _Walk:
         owner = inst.data_map.get(data)
         if owner is None:
             return None
-        i = owner.target
+        i = owner.incarnation
         if i is j or i.pid != j.pid or i.fd != j.fd or i.unknown or i.id > j.id:
             return None
         if not i.closed_before(seq_in):
@@ -580,7 +580,7 @@ class _Walk:
         owner = self._owner_of(inst, d, j, r.seq_in)
         if owner is None:
             return None
-        i = owner.target
+        i = owner.incarnation
         if add:
             # Re-adding a number with a value that was freed since it was set is what malloc
             # reuse looks like; without complete free tracking it cannot be told apart.  A
@@ -626,7 +626,7 @@ class _Walk:
         owner = self._owner_of(inst, r.data, j, r.seq_in)
         if owner is None:
             return
-        self.facts.append(ModOfReplaced(idx, owner.set_idx, owner.target, j))
+        self.facts.append(ModOfReplaced(idx, owner.set_idx, owner.incarnation, j))
 
     def _wait(self, idx: int, r: Record, t: _Thread) -> None:
         if r.err == EBADF:
@@ -656,7 +656,7 @@ class _Walk:
             if not any(self.recs[s].seq_out > r.seq_out for s in sets):
                 self.unattributed[r.pid] = self.unattributed.get(r.pid, 0) + 1
             return
-        i = reg.target
+        i = reg.incarnation
         if reg.events & EPOLLONESHOT and reg.armed:
             # epoll(7): with EPOLLONESHOT the item is disabled after one event until MOD.
             if self.pending_frees:
@@ -701,13 +701,13 @@ class _Walk:
         if not self._free_tracking(r.pid, complete=False):
             return
         for reg in self.m.live_regs_with_data(p):
-            if reg.setter_pid != r.pid or reg.target.unknown or reg.inst.dead:
+            if reg.setter_pid != r.pid or reg.incarnation.unknown or reg.inst.dead:
                 continue
             if reg.set_out > r.seq_in:
                 continue  # set while free() ran: not a state the free began in
             if not reg.armed and reg.disarm_out < r.seq_in:
                 continue  # EPOLLONESHOT already fired and was not re-armed: it cannot fire
-            if reg.target.ofd.refs <= 0:
+            if reg.incarnation.ofd.refs <= 0:
                 continue
             self.pending_frees.setdefault(reg.id, (reg, idx))
 
@@ -725,7 +725,7 @@ class _Walk:
         widx = self.m.wait_in_window(reg.inst, f.seq_in, stop)
         if widx < 0:
             return
-        self.facts.append(FreeWhileArmed(fidx, reg.target, reg.set_idx, widx))
+        self.facts.append(FreeWhileArmed(fidx, reg.incarnation, reg.set_idx, widx))
 
 
 def build(

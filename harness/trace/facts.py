@@ -114,24 +114,24 @@ class EventOnClosed:
 
 @dataclass(eq=False, slots=True)
 class EventFreedData:
-    """The wait at ``wait_idx`` returned ``data`` for ``target``: a pointer freed at
+    """The wait at ``wait_idx`` returned ``data`` for ``incarnation``: a pointer freed at
     ``free_idx``, before the wait began, and not set again since by a sound ADD/MOD."""
 
     wait_idx: int
     data: int
-    target: Incarnation
+    incarnation: Incarnation
     free_idx: int
     set_idx: int
 
 
 @dataclass(eq=False, slots=True)
 class FreeWhileArmed:
-    """free() at ``free_idx`` of the data of a live, armed registration of ``target`` (set
+    """free() at ``free_idx`` of the data of a live, armed registration of ``incarnation`` (set
     at ``set_idx``); the wait at ``wait_idx`` was in the kernel before the registration
     stopped, so it could have returned the freed pointer."""
 
     free_idx: int
-    target: Incarnation
+    incarnation: Incarnation
     set_idx: int
     wait_idx: int
 

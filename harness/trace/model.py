@@ -116,7 +116,7 @@ class Registration:
 
     id: int
     inst: EpollInstance
-    target: Incarnation  # the incarnation named by the ADD
+    incarnation: Incarnation  # the incarnation named by the ADD
     fd: int
     data: int
     events: int
@@ -135,7 +135,7 @@ class Registration:
 
     @property
     def key(self) -> tuple[int, int]:
-        return (self.target.ofd.id, self.fd)
+        return (self.incarnation.ofd.id, self.fd)
 
 
 @dataclass(eq=False, slots=True)
@@ -411,12 +411,12 @@ class Model:
         inst = reg.inst
         if inst.regs.get(reg.key) is reg:
             del inst.regs[reg.key]
-        reg.target.ofd.watchers.discard(reg)
+        reg.incarnation.ofd.watchers.discard(reg)
 
     def add(
-        self, inst: EpollInstance, target: Incarnation, idx: int, r: Record, inferred: bool = False
+        self, inst: EpollInstance, inc: Incarnation, idx: int, r: Record, inferred: bool = False
     ) -> Registration:
-        key = (target.ofd.id, r.fd)
+        key = (inc.ofd.id, r.fd)
         old = inst.regs.get(key)
         if old is not None:
             # The kernel would have said EEXIST: a DEL or a release is missing from the trace.
@@ -425,7 +425,7 @@ class Model:
         reg = Registration(
             self.registrations,
             inst,
-            target,
+            inc,
             r.fd,
             r.data,
             r.events,
@@ -437,17 +437,17 @@ class Model:
             inferred=inferred,
         )
         inst.regs[key] = reg
-        target.ofd.watchers.add(reg)
+        inc.ofd.watchers.add(reg)
         self._set_data(inst, reg, r.data)
-        if target.ofd.refs <= 0 or inst.dead:
+        if inc.ofd.refs <= 0 or inst.dead:
             # Raced a close: the file is already gone, so is the epitem.
             self.kill(reg, idx, r.seq_out)
         return reg
 
-    def mod(self, inst: EpollInstance, target: Incarnation, idx: int, r: Record) -> Registration:
-        reg = inst.regs.get((target.ofd.id, r.fd))
+    def mod(self, inst: EpollInstance, inc: Incarnation, idx: int, r: Record) -> Registration:
+        reg = inst.regs.get((inc.ofd.id, r.fd))
         if reg is None:
-            return self.add(inst, target, idx, r, inferred=True)
+            return self.add(inst, inc, idx, r, inferred=True)
         if self.on_stop is not None:
             self.on_stop(reg, r.seq_in)
         # EPOLL_CTL_MOD replaces data and events and re-arms a disarmed EPOLLONESHOT item.
@@ -460,8 +460,8 @@ class Model:
         self._set_data(inst, reg, r.data)
         return reg
 
-    def delete(self, inst: EpollInstance, target: Incarnation, idx: int, r: Record) -> None:
-        reg = inst.regs.get((target.ofd.id, r.fd))
+    def delete(self, inst: EpollInstance, inc: Incarnation, idx: int, r: Record) -> None:
+        reg = inst.regs.get((inc.ofd.id, r.fd))
         if reg is not None:
             self.kill(reg, idx, r.seq_out)
 

@@ -104,7 +104,7 @@ def focus_inc(ctx: TimelineContext, idx: int, pid: int, fd: int | None) -> Incar
     if isinstance(res, Incarnation):
         cand = res
     elif isinstance(res, Registration):
-        cand = res.target
+        cand = res.incarnation
     elif isinstance(res, tuple):
         cand = next((i for i in res if i.fd == fd), None)
     if cand is not None and cand.fd == fd and cand.pid == pid:
@@ -126,7 +126,7 @@ def events(
     while j < len(recs) and recs[j].op == Op.EPOLL_EVENT and recs[j].seq_in == r.seq_in:
         ev = recs[j]
         res = ctx.res[j] if j < len(ctx.res) else None
-        target = res.target if isinstance(res, Registration) else None
+        target = res.incarnation if isinstance(res, Registration) else None
         mine = (data is not None and ev.data == data) or (
             fd is not None and target is not None and target.fd == fd and target.pid == pid
         )

@@ -122,7 +122,7 @@ def result_str(r: Record) -> str:
 def _event_str(ev: Record, res: Resolved, multi: bool) -> str:
     text = f"{epoll_events_str(ev.events)} data={fmt_data(ev.data)}"
     if isinstance(res, Registration):
-        text += f" -> {inc_label(res.target, pid=multi and res.target.pid != ev.pid)}"
+        text += f" -> {inc_label(res.incarnation, pid=multi and res.incarnation.pid != ev.pid)}"
     else:
         text += " -> (registration not in the trace)"
     return text
@@ -180,8 +180,8 @@ def render_record(
             mine = (data is not None and ev.data == data) or (
                 fd is not None
                 and isinstance(er, Registration)
-                and er.target.fd == fd
-                and er.target.pid == r.pid
+                and er.incarnation.fd == fd
+                and er.incarnation.pid == r.pid
             )
             if mine or (fd is None and data is None):
                 evs.append(_event_str(ev, er, ctx.multi_process))
@@ -242,7 +242,7 @@ def _relevant(ctx: TimelineContext, idx: int, pid: int, fd: int | None, data: in
                 return True
             er = ctx.res[j] if j < len(ctx.res) else None
             if fd is not None and isinstance(er, Registration):
-                t = er.target
+                t = er.incarnation
                 if t.fd == fd and t.pid == pid:
                     return True
             j += 1

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from afterclose.harness.oracle.rule import Rule
 from afterclose.harness.oracle.verdict import Violation
-from afterclose.harness.runners.base import RunningTarget
+from afterclose.harness.runners.base import Server
 
 if TYPE_CHECKING:
     from afterclose.harness.oracle.judge import Evidence
@@ -32,7 +32,7 @@ def sanitizer_report(stderr: str) -> str | None:
     return "\n".join(quoted)
 
 
-def check_crash(target: RunningTarget) -> Violation | None:
+def check_crash(target: Server) -> Violation | None:
     """Judged once the server is stopped: an exit the harness did not cause, or a sanitizer
     report anywhere in its stderr (some are only written at exit)."""
     report = sanitizer_report(target.stderr_text())

@@ -15,14 +15,14 @@ def _finding(m: TraceModel, fact: EventFreedData) -> Finding:
     f = m.records[fact.free_idx]
     summary = (
         f"epoll_wait({wait.fd}) in {m.tname(wait.pid, wait.tid)} (began at seq {wait.seq_in}) "
-        f"returned data={fmt_data(fact.data)} (for {m.label(fact.target)}), a pointer freed at "
-        f"seq {f.seq_out} by {m.tname(f.pid, f.tid)} and not registered again since"
+        f"returned data={fmt_data(fact.data)} (for {m.label(fact.incarnation)}), a pointer "
+        f"freed at seq {f.seq_out} by {m.tname(f.pid, f.tid)} and not registered again since"
     )
     return m.finding(
         RULE,
         summary,
         fact.wait_idx,
-        fact.target.fd,
+        fact.incarnation.fd,
         fact.data,
         refs=(fact.free_idx, fact.set_idx),
         notes={fact.free_idx: "freed here"},

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from afterclose.harness import procfs
 from afterclose.harness.oracle.rule import Rule
 from afterclose.harness.oracle.verdict import Violation
-from afterclose.harness.runners.base import RunningTarget
+from afterclose.harness.runners.base import Server
 from afterclose.harness.trace.facts import TraceModel
 from afterclose.harness.trace.findings import Finding
 from afterclose.harness.trace.format import HeaderFlag, Op
@@ -32,7 +32,7 @@ NAME = "fd-leak"
 
 
 def check_fd_leak(
-    target: RunningTarget, baseline: procfs.SocketCensus, grace_s: float
+    target: Server, baseline: procfs.SocketCensus, grace_s: float
 ) -> tuple[Violation | None, str | None]:
     """After every client is gone the target's sockets must return to the baseline.
 

@@ -13,7 +13,7 @@ NAME = "freed-while-registered"
 def _finding(m: TraceModel, fact: FreeWhileArmed) -> Finding:
     f = m.records[fact.free_idx]
     w = m.records[fact.wait_idx]
-    i = fact.target
+    i = fact.incarnation
     summary = (
         f"free({fmt_data(f.data)}) in {m.tname(f.pid, f.tid)} at seq {f.seq_in} while it was "
         f"the data of a live, armed registration of {m.label(i)} in epoll fd {w.fd} (set at seq "

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from afterclose.harness.oracle.evidence import STATE_LOST_ON_RESTART
 from afterclose.harness.oracle.rule import Rule
 from afterclose.harness.oracle.verdict import Violation
-from afterclose.harness.runners.base import RunningTarget
+from afterclose.harness.runners.base import Server
 
 if TYPE_CHECKING:
     from afterclose.harness.oracle.judge import Evidence
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 NAME = "liveness"
 
 
-def check_liveness(target: RunningTarget, timeout_s: float = 5.0) -> Violation | None:
+def check_liveness(target: Server, timeout_s: float = 5.0) -> Violation | None:
     from afterclose.harness.protocols import http
 
     if target.exit_status() is not None:

@@ -4,7 +4,7 @@ registry, from the host's files), ``run_args`` (the manifest's ``docker run`` fl
 (the container's output into two files), ``engine`` (reaching dockerd) and ``reaper``
 (labels, and removing containers whose test process is gone)."""
 
-from afterclose.harness.runners.docker.container import ContainerTarget
+from afterclose.harness.runners.docker.container import ContainerServer
 from afterclose.harness.runners.docker.runner import DockerRunner
 
-__all__ = ["ContainerTarget", "DockerRunner"]
+__all__ = ["ContainerServer", "DockerRunner"]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from afterclose.harness import procfs
 from afterclose.harness.errors import TargetStartError
-from afterclose.harness.runners.base import ExitStatus, LaunchPlan, RunningTarget
+from afterclose.harness.runners.base import ExitStatus, LaunchPlan, Server
 from afterclose.harness.runners.docker import reaper
 from afterclose.harness.runners.docker.images import ImageChoice
 from afterclose.harness.runners.docker.logs import LogPump
@@ -34,7 +34,7 @@ def status_from_state(state: Mapping[str, Any], by_harness: bool) -> ExitStatus:
     return ExitStatus(code=code, signal=None, stopped_by_harness=by_harness)
 
 
-class ContainerTarget(RunningTarget):
+class ContainerServer(Server):
     def __init__(
         self,
         plan: LaunchPlan,
@@ -131,7 +131,7 @@ class ContainerTarget(RunningTarget):
             return None
         return dict(attrs.get("State") or {})
 
-    # -- RunningTarget
+    # -- Server
 
     def host_pids(self) -> list[int]:
         pid = self.main_pid

@@ -21,7 +21,7 @@ from typing import Any
 from afterclose.harness.errors import TargetStartError
 from afterclose.harness.runners.base import LaunchPlan, Runner
 from afterclose.harness.runners.docker import closure, images, reaper
-from afterclose.harness.runners.docker.container import ContainerTarget
+from afterclose.harness.runners.docker.container import ContainerServer
 from afterclose.harness.runners.docker.engine import Engine, connect, import_docker
 from afterclose.harness.runners.docker.images import ImageChoice
 from afterclose.harness.runners.docker.run_args import parse_run_args
@@ -145,7 +145,7 @@ class DockerRunner(Runner):
                 return str(resolved)
         return first
 
-    def launch(self, plan: LaunchPlan) -> ContainerTarget:
+    def launch(self, plan: LaunchPlan) -> ContainerServer:
         docker = import_docker()
         manifest = plan.manifest
         extra = parse_run_args(manifest.docker.run_args if manifest.docker else (), manifest)
@@ -169,7 +169,7 @@ class DockerRunner(Runner):
         # Registered before the create call: if Ctrl-C lands while the engine is creating
         # the container, the cleanup still knows its name.
         reaper.register(name, self._engine)
-        target: ContainerTarget | None = None
+        target: ContainerServer | None = None
         try:
             started = time.monotonic()
             api = self.client.api
@@ -213,7 +213,7 @@ class DockerRunner(Runner):
                     details=str(exc.explanation or exc),
                     hint="check [docker] run_args",
                 ) from None
-            target = ContainerTarget(plan, self, str(created["Id"]), name, image)
+            target = ContainerServer(plan, self, str(created["Id"]), name, image)
             target.timings["create_s"] = time.monotonic() - started
             target._begin()
         except BaseException:

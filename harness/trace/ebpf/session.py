@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from afterclose.harness.errors import AftercloseError
-from afterclose.harness.runners.base import RunningTarget
+from afterclose.harness.runners.base import Server
 from afterclose.harness.trace.ebpf.bpftrace import ENV_RING_PAGES, BpftraceRun
 from afterclose.harness.trace.ebpf.output import parse_output
 from afterclose.harness.trace.ebpf.procscan import ProcSnapshot, scan_process
@@ -58,7 +58,7 @@ class EbpfTracer(TracerSession):
         self._done = threading.Event()
         self.attach_s = 0.0
 
-    def started(self, target: RunningTarget) -> None:
+    def started(self, target: Server) -> None:
         pids = target.host_pids()
         if not pids:
             raise AftercloseError(
@@ -81,7 +81,7 @@ class EbpfTracer(TracerSession):
             target=self._watchdog, args=(target, run), name="afterclose-ebpf-watchdog", daemon=True
         ).start()
 
-    def _watchdog(self, target: RunningTarget, run: BpftraceRun) -> None:
+    def _watchdog(self, target: Server, run: BpftraceRun) -> None:
         # A run abandoned without analyse() (an error between start and finish): stop
         # bpftrace some time after the target is gone instead of tracing nothing forever.
         while not self._done.wait(1.0):

@@ -29,7 +29,7 @@ from afterclose.faults.base import FaultReport
 from afterclose.harness import procfs
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.protocols import http
-from afterclose.harness.runners.docker import ContainerTarget
+from afterclose.harness.runners.docker import ContainerServer
 from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
 
 ROOT = ROOT_DIR
@@ -237,7 +237,7 @@ def test_cgroup_faults_need_the_docker_runner(tmp_path: Path) -> None:
 
 def test_fd_limit_seed_fixed_survives_emfile(tmp_path: Path, runner: str, show_cpu: Show) -> None:
     with harness("seed-fixed", runner).start(tmp_path / "run", "fd") as run:
-        pid = run.target.host_pids()[0]
+        pid = run.server.host_pids()[0]
         before = nofile_of(pid)
         report = run.run_fault("fd_limit", **FD_QUICK)
         # The limit reached the live process (a container's too) and stays for the test.
@@ -285,7 +285,7 @@ def test_fd_limit_finds_a_server_leaking_on_emfile(tmp_path: Path, show_cpu: Sho
 def test_pause_mid_storm_and_resume(tmp_path: Path, runner: str) -> None:
     with harness("seed-fixed", runner, tracer="auto").start(tmp_path / "run", "pause") as run:
         report = run.run_fault("pause", pause_s=0.8, storm_s=1.5)
-        assert run.target.exit_status() is None
+        assert run.server.exit_status() is None
         assert http.get(run.host, run.port, "/after-pause", timeout_s=3).status == 200
         outcome = run.finish()
     assert outcome.ok, rendered(outcome)
@@ -302,12 +302,12 @@ def test_pause_mid_storm_and_resume(tmp_path: Path, runner: str) -> None:
 
 def test_kill_restarts_and_answers(tmp_path: Path, runner: str) -> None:
     with harness("seed-fixed", runner, tracer="auto").start(tmp_path / "run", "kill") as run:
-        old = run.target
+        old = run.server
         old_pid = old.host_pids()[0]
         report = run.run_fault("kill", storm_s=0.8)
-        assert run.target is not old and old.exit_status() is not None
-        assert run.target.host_pids()[0] != old_pid
-        assert run.target.port == old.port
+        assert run.server is not old and old.exit_status() is not None
+        assert run.server.host_pids()[0] != old_pid
+        assert run.server.port == old.port
         body = http.get(run.host, run.port, "/after-kill", timeout_s=3).body
         assert b"/after-kill" in body
         outcome = run.finish()
@@ -321,7 +321,7 @@ def test_kill_restarts_and_answers(tmp_path: Path, runner: str) -> None:
     assert report.counts["restart_ms"] > 0
     assert (tmp_path / "run" / "target.stdout.killed-1").read_text().startswith("READY")
     if runner == "docker":
-        assert run.target.container_id != old.container_id  # type: ignore[attr-defined]
+        assert run.server.container_id != old.container_id  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(("mode", "keeps"), [("persist", True), ("memory", False)])
@@ -344,7 +344,7 @@ def test_kill_checks_the_state_the_manifest_promises(
 
 
 def _cgroup(run: TargetRun, controller: str, v1: str, v2: str) -> str | None:
-    return procfs.cgroup_value(run.target.host_pids()[0], controller, v1, v2)
+    return procfs.cgroup_value(run.server.host_pids()[0], controller, v1, v2)
 
 
 @pytest.mark.docker
@@ -352,8 +352,8 @@ def test_pids_limit_takes_effect_and_seed_fixed_survives(docker_ok: None, tmp_pa
     with harness("seed-fixed", "docker").start(tmp_path / "run", "pids") as run:
         report = run.run_fault("pids_limit", spare_pids=2, storm_s=0.8)
         assert _cgroup(run, "pids", "pids.max", "pids.max") == str(report.counts["pids_max"])
-        container = run.target
-        assert isinstance(container, ContainerTarget)
+        container = run.server
+        assert isinstance(container, ContainerServer)
         attrs = container.api.inspect_container(container.container_id)
         assert attrs["HostConfig"]["PidsLimit"] == report.counts["pids_max"]
         outcome = run.finish()
@@ -367,15 +367,15 @@ def test_pids_limit_refuses_a_fork(docker_ok: None, tmp_path: Path) -> None:
     with harness(DOCKER_ECHO, "docker").start(tmp_path / "run", "fork") as run:
         report = run.run_fault("pids_limit", spare_pids=0, storm_s=0)
         refused = procfs.cgroup_key(
-            run.target.host_pids()[0], "pids", "pids.events", "pids.events", "max"
+            run.server.host_pids()[0], "pids", "pids.events", "pids.events", "max"
         )
         response = http.get(run.host, run.port, "/fork", timeout_s=3)
         assert response.status == 200
         after = procfs.cgroup_key(
-            run.target.host_pids()[0], "pids", "pids.events", "pids.events", "max"
+            run.server.host_pids()[0], "pids", "pids.events", "pids.events", "max"
         )
         assert refused is not None and after is not None and after > refused
-        assert len(run.target.host_pids()) == 1  # no sleeper
+        assert len(run.server.host_pids()) == 1  # no sleeper
         outcome = run.finish()
     assert outcome.ok, rendered(outcome)
     assert report.counts["pids_max"] == report.counts["tasks_before"]
@@ -387,8 +387,8 @@ def test_memory_limit_takes_effect_and_seed_fixed_survives(docker_ok: None, tmp_
         report = run.run_fault("memory_limit", spare_mb=16, storm_s=0.8)
         limit = _cgroup(run, "memory", "memory.limit_in_bytes", "memory.max")
         assert limit == str(report.counts["memory_max_kib"] * 1024)
-        container = run.target
-        assert isinstance(container, ContainerTarget)
+        container = run.server
+        assert isinstance(container, ContainerServer)
         attrs = container.api.inspect_container(container.container_id)
         assert attrs["HostConfig"]["Memory"] == int(limit)
         assert attrs["HostConfig"]["MemorySwap"] == int(limit)  # no swap
@@ -501,7 +501,7 @@ def test_storm(target, round_):
         "worker": worker,
         "round": round_,
         "port": target.port,
-        "pids": target.target.host_pids(),
+        "pids": target.server.host_pids(),
         "workdir": str(target.workdir),
         "trace_dir": str(target.tracer.trace_dir),
         "started": started,

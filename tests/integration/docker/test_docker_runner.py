@@ -26,7 +26,7 @@ from afterclose.harness.errors import BuildError, ManifestError, TargetStartErro
 from afterclose.harness.launch import build_target, make_plan
 from afterclose.harness.manifest import DockerSpec, Manifest, load_manifest
 from afterclose.harness.ports import PortLease, lease_port
-from afterclose.harness.runners.base import LaunchPlan, RunningTarget
+from afterclose.harness.runners.base import LaunchPlan, Server
 
 pytestmark = pytest.mark.docker
 
@@ -214,7 +214,7 @@ def test_crash_is_a_signal_not_stopped_by_harness(
     docker_client: Any, runner: Any, make: PlanFactory
 ) -> None:
     plan = make()
-    target: RunningTarget = runner.start(plan)
+    target: Server = runner.start(plan)
     try:
         with contextlib.suppress(OSError):  # EOF or a reset, never an answer
             assert b"HTTP" not in http_get(plan.port, "/crash")

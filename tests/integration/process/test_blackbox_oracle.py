@@ -144,7 +144,7 @@ def test_fd_leak_sets_aside_connections_stranded_by_the_network(tmp_path: Path) 
     # lost FIN or RST leaves behind.  A client that is merely still connected is not stranded.
     harness = harness_for(tmp_path, "none")
     with harness.start(tmp_path / "run", "stranded") as run:
-        port = run.target.port
+        port = run.server.port
         gone = [connect_idle(port) for _ in range(3)]
         for sock in gone:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
@@ -154,7 +154,7 @@ def test_fd_leak_sets_aside_connections_stranded_by_the_network(tmp_path: Path) 
     assert any("3 connection(s) still ESTABLISHED" in w for w in outcome.warnings), outcome.warnings
 
     with harness.start(tmp_path / "run2", "still-connected") as run:
-        port = run.target.port
+        port = run.server.port
         gone = [connect_idle(port) for _ in range(2)]
         live = connect_idle(port)
         for sock in gone:

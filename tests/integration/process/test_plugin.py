@@ -118,7 +118,7 @@ def test_violation_names_rule_target_seed_and_replay(pytester: pytest.Pytester) 
         import os, signal, time
 
         def test_crashes(target):
-            os.kill(target.target.host_pids()[0], signal.SIGSEGV)
+            os.kill(target.server.host_pids()[0], signal.SIGSEGV)
             time.sleep(0.3)
         """
     )

@@ -20,7 +20,7 @@ from afterclose.harness import launch, ports, procfs
 from afterclose.harness.errors import TargetStartError
 from afterclose.harness.manifest import load_manifest
 from afterclose.harness.procfs import process_tree
-from afterclose.harness.runners.process import ProcessRunner, ProcessTarget
+from afterclose.harness.runners.process import ProcessRunner, ProcessServer
 
 ECHO = TESTS_DIR / "programs" / "http_echo.py"
 
@@ -44,14 +44,14 @@ def manifest_file(
     return path
 
 
-def start(tmp_path: Path, **kwargs: str) -> ProcessTarget:
+def start(tmp_path: Path, **kwargs: str) -> ProcessServer:
     manifest = load_manifest(manifest_file(tmp_path, **kwargs))
     lease = ports.lease_port()
     plan = launch.make_plan(
         manifest, host="127.0.0.1", port=lease.port, workdir=tmp_path / "run", artefact=None
     )
     target = ProcessRunner().start(plan)
-    assert isinstance(target, ProcessTarget)
+    assert isinstance(target, ProcessServer)
     return target
 
 
@@ -191,7 +191,7 @@ def test_interrupted_pytest_leaves_no_target(tmp_path: Path) -> None:
     (tmp_path / "test_sleep.py").write_text(
         "import time\n\n"
         "def test_sleep(target):\n"
-        "    print('PIDS', target.target.host_pids(), flush=True)\n"
+        "    print('PIDS', target.server.host_pids(), flush=True)\n"
         "    time.sleep(60)\n"
     )
     proc = subprocess.Popen(

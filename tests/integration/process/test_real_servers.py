@@ -118,7 +118,7 @@ def test_get_answers_with_the_path(started: TargetRun) -> None:
     assert b"/any/other/path" in answer.body
     outcome = run.finish()
     assert outcome.ok, run.failure_message(outcome)
-    assert run.target.exit_status() is not None, "stopped by the harness"
+    assert run.server.exit_status() is not None, "stopped by the harness"
 
 
 @pytest.mark.parametrize("started", NAMES, indirect=True)
@@ -137,7 +137,7 @@ def test_logs_and_state_stay_in_the_workdir(started: TargetRun) -> None:
 def test_process_model(started: TargetRun) -> None:
     run = started
     server = SERVERS[run.manifest.name]
-    pids = run.target.host_pids()
+    pids = run.server.host_pids()
     assert len(pids) == server.processes, pids
     threads = len(os.listdir(f"/proc/{pids[0]}/task"))
     assert threads >= server.threads, f"{threads} threads in {pids[0]}"
@@ -151,11 +151,11 @@ def test_listens_on_loopback_only(name: str, tmp_path: Path) -> None:
     )
     with harness.start(tmp_path / "work", name) as run:
         inodes: set[int] = set()
-        for pid in run.target.host_pids():
+        for pid in run.server.host_pids():
             inodes.update(procfs.socket_inodes(pid).values())
         listening = [
             s
-            for s in procfs.tcp_sockets(run.target.host_pids()[0])
+            for s in procfs.tcp_sockets(run.server.host_pids()[0])
             if s.inode in inodes and s.state == "LISTEN"
         ]
         assert [s.local_port for s in listening] == [run.port]
@@ -281,7 +281,7 @@ def test_h2o_in_docker_keeps_a_crash_report_helper(tmp_path: Path, docker_client
     )  # fmt: skip
     with harness.start(tmp_path / "work", "h2o-helper") as run:
         assert http.get(run.host, run.port, "/x").status == 200
-        pids = run.target.host_pids()
+        pids = run.server.host_pids()
         commands = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] for pid in pids]
         assert commands == [b"/usr/bin/h2o", b"/bin/cat"], commands
         conf = (run.workdir / "h2o.conf").read_text()
