@@ -32,7 +32,7 @@
 
 struct conn {
     struct zh_conn z;
-    int reap; /* the updater found it abandoned */
+    int reap; /* the updater found it abandoned (and, with the bug, closed it) */
     struct conn *prev, *next;
 };
 
@@ -57,9 +57,11 @@ static void unlink_conn(struct conn *c)
 
 static void conn_close(struct conn *c)
 {
-    int zombie;
+    int zombie = 0;
     pthread_mutex_lock(&conns_mu);
-    zombie = c->reap;
+#ifndef ZOO_FIXED
+    zombie = c->reap; /* the updater closed it and unlinked it */
+#endif
     if (!zombie)
         unlink_conn(c);
     pthread_mutex_unlock(&conns_mu);
@@ -122,8 +124,6 @@ static void between_batches(void)
         pthread_mutex_lock(&conns_mu);
         for (c = conns; c && !c->reap; c = c->next)
             ;
-        if (c)
-            c->reap = 0; /* conn_close unlinks it */
         pthread_mutex_unlock(&conns_mu);
         if (!c)
             break;
