@@ -23,16 +23,18 @@ class Entry:
     name: str
     rule: str  # the traced rule that names the mechanism
     scenarios: str  # -k expression: the scenarios that find it within seconds
-    attempts: int = 1  # a race that shows in most runs, not in all
+    attempts: int = 2  # runs allowed: a race shows in most runs, not necessarily in all
 
 
+# Races: each shows in nearly every run of its scenarios; a miss is allowed before the
+# verdict counts.
 ZOO = (
-    Entry("h2o-1427", "use-after-close", "test_half_close or test_shutdown_race"),
+    Entry("h2o-1427", "use-after-close", "test_keepalive_requests or test_half_close"),
     Entry("libuv-968", "use-after-close", "test_connection_storm", attempts=3),
-    Entry("go-59545", "wrong-incarnation", "test_shutdown_race"),
-    Entry("envoy-20438", "use-after-close", "test_half_close"),
+    Entry("go-59545", "wrong-incarnation", "test_keepalive_requests"),
+    Entry("envoy-20438", "use-after-close", "test_keepalive_requests"),
     Entry("haproxy-1807", "use-after-close", "test_keepalive_requests"),
-    Entry("httpzig-216", "freed-while-registered", "test_shutdown_race"),
+    Entry("httpzig-216", "freed-while-registered", "test_keepalive_requests"),
 )
 IDS = [e.name for e in ZOO]
 

@@ -7,7 +7,6 @@
  * One thread, a libuv-style loop: epoll data is the fd number, and each event is dispatched
  * through a table of watchers indexed by fd (watchers[fd]).  An event whose number has no
  * watcher is "a descriptor we stopped watching": the loop disarms it with EPOLL_CTL_DEL.
- * The server keeps at most MAX_CONNS connections: when the listener is ready and the table is
  * The server keeps at most MAX_CONNS connections.  When the listener is ready it first
  * reclaims slots (connections whose peer is gone and that have nothing left to answer; if the
  * table is still full, idle keep-alive ones) and then accepts one connection.
