@@ -30,7 +30,7 @@ class Entry:
 # verdict counts.
 ZOO = (
     Entry("h2o-1427", "use-after-close", "test_keepalive_requests or test_half_close"),
-    Entry("libuv-968", "use-after-close", "test_connection_storm", attempts=3),
+    Entry("libuv-968", "use-after-close", "test_connection_storm or test_reset_peer"),
     Entry("go-59545", "wrong-incarnation", "test_keepalive_requests"),
     Entry("envoy-20438", "use-after-close", "test_keepalive_requests"),
     Entry("haproxy-1807", "use-after-close", "test_keepalive_requests"),
