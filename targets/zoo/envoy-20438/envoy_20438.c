@@ -27,6 +27,7 @@ struct conn {
     struct zh_conn z;
     int closed;
     int end_stream; /* our side is done: FIN once the answers are out */
+    int read_more;  /* reading stopped on back-pressure: with edge triggering, no new EPOLLIN */
     struct conn *next_deferred;
 };
 
@@ -51,8 +52,6 @@ static void conn_end(struct conn *c)
     conn_close(c);
 }
 
-static void on_write(struct conn *c);
-
 static void on_read(struct conn *c, uint32_t events)
 {
     int r;
@@ -71,7 +70,9 @@ static void on_read(struct conn *c, uint32_t events)
     r = zh_flush(&c->z);
     if (r < 0)
         conn_close(c);
-    else if (r == 1 && c->end_stream)
+    else if (r == 0)
+        c->read_more = 1;
+    else if (c->end_stream)
         conn_end(c);
 }
 
@@ -88,9 +89,10 @@ static void on_write(struct conn *c)
         conn_end(c);
         return;
     }
-    /* Reading may have stopped for back-pressure: with edge triggering, look again. */
-    if (c->z.inlen || c->z.skip)
+    if (c->read_more) {
+        c->read_more = 0;
         on_read(c, 0);
+    }
 }
 
 static void dispatch(struct conn *c, uint32_t events)
