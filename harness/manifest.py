@@ -380,6 +380,14 @@ def _candidates(name: str, folder: Path) -> list[Path]:
     return [folder / f"{name}.toml", folder / name / MANIFEST_FILE]
 
 
+def _is_target_name(spec: str, rootdir: Path | None) -> bool:
+    """Whether ``spec`` is group/name inside ``<rootdir>/targets/`` or the built-in targets
+    (a misspelt name in an existing group too, so that it gets the "did you mean" answer)."""
+    folders = [builtin_targets_dir()] + ([rootdir / "targets"] if rootdir is not None else [])
+    group = spec.split("/", 1)[0]
+    return bool(group) and any((folder / group).is_dir() for folder in folders)
+
+
 def available_targets(rootdir: Path | None) -> list[str]:
     names: set[str] = set()
     folders = [builtin_targets_dir()]
@@ -390,6 +398,10 @@ def available_targets(rootdir: Path | None) -> list[str]:
             continue
         names.update(p.stem for p in folder.glob("*.toml"))
         names.update(p.parent.name for p in folder.glob(f"*/{MANIFEST_FILE}"))
+        # Collections of targets one folder deeper (targets/zoo/<name>/) are named group/name.
+        names.update(
+            f"{p.parent.parent.name}/{p.parent.name}" for p in folder.glob(f"*/*/{MANIFEST_FILE}")
+        )
     return sorted(names)
 
 
@@ -399,6 +411,10 @@ def resolve_target(spec: str, rootdir: Path | None, cwd: Path | None = None) -> 
     if not spec:
         raise ManifestError("--target is empty", hint="--target=NAME or --target=path/to.toml")
     looks_like_path = "/" in spec or spec.endswith(".toml")
+    if looks_like_path and not spec.endswith(".toml") and not Path(spec).is_absolute():
+        # group/name (zoo/h2o-1427) is a built-in target's name unless such a path exists.
+        local = (cwd or Path.cwd()) / spec
+        looks_like_path = local.exists() or not _is_target_name(spec, rootdir)
     if looks_like_path:
         path = Path(spec)
         if not path.is_absolute():

@@ -1,0 +1,461 @@
+/*
+ * zoo_http.h: what every zoo target shares, so that each target's file holds only its
+ * mechanism: listening, accepting, and answering HTTP/1.1 GET requests on a non-blocking
+ * connection the way targets/seed-fixed does (200 with the path as the body, 400 and close on
+ * a malformed request, "Connection: close" and HTTP/1.0 honoured, EPOLLRDHUP means "answer
+ * what was received, then close").
+ *
+ * A connection's owner calls zh_handle(c, events) when epoll reported it; the answer says what
+ * to wait for next (ZH_READ, ZH_WRITE) or that the owner must now close it (ZH_CLOSE: the
+ * peer is done with it or it broke; the graceful FIN has already been sent).
+ */
+#ifndef ZOO_HTTP_H
+#define ZOO_HTTP_H
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define ZH_BUFSZ 8192
+#define ZH_ACCEPT_PAUSE_MS 100
+
+struct zh_conn {
+    int fd;
+    char in[ZH_BUFSZ];
+    size_t inlen;
+    size_t skip; /* request-body bytes still to discard */
+    char *out;
+    size_t outlen, outoff, outcap;
+    int peer_eof;          /* peer sent FIN: answer what we have, then close */
+    int close_after_flush; /* answered 400 or "Connection: close" */
+    unsigned long answered; /* requests answered so far */
+};
+
+enum zh_next { ZH_READ, ZH_WRITE, ZH_CLOSE };
+
+static volatile sig_atomic_t zh_stop;
+
+static const char ZH_RESP_400[] = "HTTP/1.1 400 Bad Request\r\n"
+                                  "Content-Type: text/plain\r\n"
+                                  "Content-Length: 12\r\n"
+                                  "Connection: close\r\n"
+                                  "\r\n"
+                                  "bad request\n";
+
+static inline int64_t zh_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static inline void zh_sleep_us(long us)
+{
+    struct timespec ts = {.tv_sec = us / 1000000, .tv_nsec = (us % 1000000) * 1000};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR && !zh_stop)
+        ;
+}
+
+static inline void zh_conn_init(struct zh_conn *c, int fd)
+{
+    memset(c, 0, sizeof *c);
+    c->fd = fd;
+}
+
+/* Frees what the connection holds besides itself (not the fd: closing is the owner's). */
+static inline void zh_conn_release(struct zh_conn *c)
+{
+    free(c->out);
+    c->out = NULL;
+    c->outlen = c->outoff = c->outcap = 0;
+}
+
+static inline int zh_out_append(struct zh_conn *c, const char *p, size_t n)
+{
+    if (c->outlen + n > c->outcap) {
+        size_t ncap = c->outcap ? c->outcap : 4096;
+        char *no;
+        while (ncap < c->outlen + n)
+            ncap *= 2;
+        no = realloc(c->out, ncap);
+        if (!no)
+            return -1;
+        c->out = no;
+        c->outcap = ncap;
+    }
+    memcpy(c->out + c->outlen, p, n);
+    c->outlen += n;
+    return 0;
+}
+
+static inline int zh_pending(const struct zh_conn *c)
+{
+    return c->outoff < c->outlen;
+}
+
+/* 1: all written, 0: would block, -1: connection broken. */
+static inline int zh_flush(struct zh_conn *c)
+{
+    while (c->outoff < c->outlen) {
+        ssize_t w = send(c->fd, c->out + c->outoff, c->outlen - c->outoff, MSG_NOSIGNAL);
+        if (w > 0)
+            c->outoff += (size_t)w;
+        else if (w < 0 && errno == EINTR)
+            continue;
+        else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return 0;
+        else
+            return -1;
+    }
+    c->outoff = c->outlen = 0;
+    return 1;
+}
+
+/* Graceful end after the last answer: FIN first, then discard what the peer already sent,
+ * so that close() does not turn into an RST that could destroy the answer in flight. */
+static inline void zh_finish(struct zh_conn *c)
+{
+    char sink[4096];
+    if (c->peer_eof)
+        return;
+    shutdown(c->fd, SHUT_WR);
+    for (int i = 0; i < 16; i++) {
+        ssize_t n = read(c->fd, sink, sizeof sink);
+        if (n <= 0 && !(n < 0 && errno == EINTR))
+            break;
+    }
+}
+
+/* ---- HTTP ------------------------------------------------------------------------------- */
+
+struct zh_request {
+    const char *path;
+    size_t path_len;
+    size_t content_length;
+    int close;
+};
+
+static inline int zh_ci_contains(const char *s, size_t n, const char *word)
+{
+    size_t w = strlen(word);
+    for (size_t i = 0; i + w <= n; i++)
+        if (strncasecmp(s + i, word, w) == 0)
+            return 1;
+    return 0;
+}
+
+/* Parse one header block [p, p+n) ending in CRLFCRLF.  -1 = malformed. */
+static inline int zh_parse(const char *p, size_t n, struct zh_request *rq)
+{
+    const char *end = p + n;
+    const char *eol = memmem(p, n, "\r\n", 2);
+    const char *s = p;
+    int minor, keep_alive = 0, close_hdr = 0;
+
+    memset(rq, 0, sizeof *rq);
+    if (!eol)
+        return -1;
+    while (s < eol && *s >= 'A' && *s <= 'Z')
+        s++;
+    if (s == p || s >= eol || *s != ' ')
+        return -1;
+    s++;
+    if (s >= eol || *s != '/')
+        return -1;
+    rq->path = s;
+    while (s < eol && *s > ' ' && *s < 0x7f)
+        s++;
+    rq->path_len = (size_t)(s - rq->path);
+    if (s >= eol || *s != ' ')
+        return -1;
+    s++;
+    if (eol - s != 8 || memcmp(s, "HTTP/1.", 7) != 0 || s[7] < '0' || s[7] > '9')
+        return -1;
+    minor = s[7] - '0';
+
+    for (s = eol + 2; s < end;) {
+        const char *le = memmem(s, (size_t)(end - s), "\r\n", 2);
+        const char *colon;
+        if (!le || le == s)
+            break;
+        colon = memchr(s, ':', (size_t)(le - s));
+        if (!colon)
+            return -1;
+        if ((size_t)(colon - s) == 10 && strncasecmp(s, "connection", 10) == 0) {
+            if (zh_ci_contains(colon + 1, (size_t)(le - colon - 1), "close"))
+                close_hdr = 1;
+            if (zh_ci_contains(colon + 1, (size_t)(le - colon - 1), "keep-alive"))
+                keep_alive = 1;
+        } else if ((size_t)(colon - s) == 14 && strncasecmp(s, "content-length", 14) == 0) {
+            const char *v = colon + 1;
+            size_t cl = 0;
+            while (v < le && *v == ' ')
+                v++;
+            if (v == le)
+                return -1;
+            for (; v < le && *v != ' '; v++) {
+                if (*v < '0' || *v > '9' || cl > (SIZE_MAX - 9) / 10)
+                    return -1;
+                cl = cl * 10 + (size_t)(*v - '0');
+            }
+            rq->content_length = cl;
+        }
+        s = le + 2;
+    }
+    rq->close = close_hdr || (minor == 0 && !keep_alive);
+    return 0;
+}
+
+static inline int zh_answer(struct zh_conn *c, const struct zh_request *rq)
+{
+    char head[160];
+    int h = snprintf(head, sizeof head,
+                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n%s\r\n",
+                     rq->path_len + 1, rq->close ? "Connection: close\r\n" : "");
+    if (zh_out_append(c, head, (size_t)h) < 0 || zh_out_append(c, rq->path, rq->path_len) < 0 ||
+        zh_out_append(c, "\n", 1) < 0)
+        return -1;
+    c->answered++;
+    return 0;
+}
+
+/* Answer every complete request in c->in into c->out.  -1: out of memory. */
+static inline int zh_serve(struct zh_conn *c)
+{
+    size_t off = 0;
+    int r = 0;
+
+    while (!c->close_after_flush) {
+        struct zh_request rq;
+        const char *hdr_end;
+
+        if (c->skip > 0) {
+            size_t k = c->inlen - off < c->skip ? c->inlen - off : c->skip;
+            off += k;
+            c->skip -= k;
+            if (c->skip > 0)
+                break;
+        }
+        hdr_end = memmem(c->in + off, c->inlen - off, "\r\n\r\n", 4);
+        if (!hdr_end) {
+            if (off == 0 && c->inlen == sizeof c->in) {
+                c->close_after_flush = 1; /* header block larger than the buffer */
+                r = zh_out_append(c, ZH_RESP_400, sizeof ZH_RESP_400 - 1);
+            }
+            break;
+        }
+        if (zh_parse(c->in + off, (size_t)(hdr_end + 4 - (c->in + off)), &rq) < 0) {
+            c->close_after_flush = 1;
+            r = zh_out_append(c, ZH_RESP_400, sizeof ZH_RESP_400 - 1);
+            break;
+        }
+        if (zh_answer(c, &rq) < 0) {
+            r = -1;
+            break;
+        }
+        off = (size_t)(hdr_end + 4 - c->in);
+        c->skip = rq.content_length;
+        if (rq.close)
+            c->close_after_flush = 1;
+    }
+    if (r < 0 || c->close_after_flush)
+        off = c->inlen;
+    memmove(c->in, c->in + off, c->inlen - off);
+    c->inlen -= off;
+    return r;
+}
+
+/* Read what is there and answer it into c->out.  0: fine (c->peer_eof may now be set),
+ * -1: the connection broke. */
+static inline int zh_read_serve(struct zh_conn *c)
+{
+    while (!c->close_after_flush) {
+        ssize_t n = read(c->fd, c->in + c->inlen, sizeof c->in - c->inlen);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
+        if (n < 0)
+            return -1;
+        if (n == 0) {
+            c->peer_eof = 1;
+            break;
+        }
+        c->inlen += (size_t)n;
+        if (zh_serve(c) < 0)
+            return -1;
+        if (c->outlen - c->outoff >= 64 * 1024) {
+            /* the client pipelines faster than it reads: stop reading until it drains */
+            int r = zh_flush(c);
+            if (r < 0)
+                return -1;
+            if (r == 0)
+                break;
+        }
+    }
+    return 0;
+}
+
+/* What to do after the answers are queued: write them, then close or wait for more. */
+static inline enum zh_next zh_settle(struct zh_conn *c)
+{
+    int r = zh_flush(c);
+    if (r < 0)
+        return ZH_CLOSE;
+    if (r == 0)
+        return ZH_WRITE;
+    if (c->close_after_flush || c->peer_eof) {
+        zh_finish(c);
+        return ZH_CLOSE;
+    }
+    return ZH_READ;
+}
+
+static inline enum zh_next zh_handle(struct zh_conn *c, uint32_t events)
+{
+    if (events & (EPOLLERR | EPOLLHUP))
+        return ZH_CLOSE; /* RST, or both directions shut: nothing can be delivered any more */
+    if (events & EPOLLRDHUP)
+        c->peer_eof = 1;
+    if (zh_pending(c)) {
+        int r = zh_flush(c);
+        if (r < 0)
+            return ZH_CLOSE;
+        if (r == 0)
+            return ZH_WRITE;
+    }
+    if (zh_read_serve(c) < 0)
+        return ZH_CLOSE;
+    return zh_settle(c);
+}
+
+/* ---- listening and accepting ------------------------------------------------------------ */
+
+static void zh_on_signal(int sig)
+{
+    (void)sig;
+    zh_stop = 1;
+}
+
+/* Parse the command line, install the signal handlers, listen.  Returns the listening fd
+ * (non-blocking unless blocking is asked for) or exits. */
+static inline int zh_start(int argc, char **argv, int blocking)
+{
+    struct sigaction sa;
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *res, *ai;
+    int fd = -1, one = 1, rc;
+
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s HOST PORT\n", argv[0]);
+        exit(2);
+    }
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = zh_on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    rc = getaddrinfo(argv[1], argv[2], &hints, &res);
+    if (rc != 0) {
+        fprintf(stderr, "%s: %s:%s: %s\n", argv[0], argv[1], argv[2], gai_strerror(rc));
+        exit(1);
+    }
+    for (ai = res; ai; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | (blocking ? 0 : SOCK_NONBLOCK),
+                    0);
+        if (fd < 0)
+            continue;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 1024) == 0)
+            break;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    if (fd < 0) {
+        fprintf(stderr, "%s: cannot listen on %s:%s: %s\n", argv[0], argv[1], argv[2],
+                strerror(errno));
+        exit(1);
+    }
+    return fd;
+}
+
+static inline void zh_ready(void)
+{
+    printf("READY\n");
+    fflush(stdout);
+}
+
+/* One accept.  >= 0: the new (non-blocking) fd; -1: nothing more to accept now; -2: out of
+ * fds or memory: the pending connection stays in the backlog, and a level-triggered listener
+ * would wake the loop again at once, so the caller stops watching it for ZH_ACCEPT_PAUSE_MS. */
+static inline int zh_accept(int lfd)
+{
+    for (;;) {
+        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0)
+            return fd;
+        if (errno == EINTR || errno == ECONNABORTED)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINVAL || errno == EBADF)
+            return -1;
+        return -2;
+    }
+}
+
+/* A listener registered in epoll that pauses itself while accept runs out of fds. */
+struct zh_listener {
+    int fd;
+    int epfd;
+    uint64_t data;
+    int64_t paused_until; /* 0 = accepting */
+};
+
+static inline int zh_listener_add(struct zh_listener *l, int epfd, int fd, uint64_t data)
+{
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = data};
+    l->fd = fd;
+    l->epfd = epfd;
+    l->data = data;
+    l->paused_until = 0;
+    return epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
+}
+
+static inline void zh_listener_pause(struct zh_listener *l)
+{
+    struct epoll_event ev = {.events = 0, .data.u64 = l->data};
+    epoll_ctl(l->epfd, EPOLL_CTL_MOD, l->fd, &ev);
+    l->paused_until = zh_now_ms() + ZH_ACCEPT_PAUSE_MS;
+}
+
+/* The epoll_wait timeout to use (at most max_ms), resuming the listener when its pause ends. */
+static inline int zh_listener_timeout(struct zh_listener *l, int max_ms)
+{
+    if (l->paused_until) {
+        int64_t left = l->paused_until - zh_now_ms();
+        if (left <= 0) {
+            struct epoll_event ev = {.events = EPOLLIN, .data.u64 = l->data};
+            l->paused_until = 0;
+            epoll_ctl(l->epfd, EPOLL_CTL_MOD, l->fd, &ev);
+        } else if (left < max_ms) {
+            return (int)left;
+        }
+    }
+    return max_ms;
+}
+
+#endif
