@@ -15,11 +15,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def list_targets(args: argparse.Namespace) -> int:
     from afterclose.harness.manifest import available_targets, load_manifest, resolve_target
 
-    for name in available_targets(Path.cwd()):
+    names = available_targets(Path.cwd())
+    width = max((len(name) for name in names), default=0)
+    for name in names:
         path = resolve_target(name, Path.cwd())
         try:
             description = load_manifest(path).description
         except AftercloseError as exc:
             description = f"(broken manifest: {exc.message})"
-        print(f"{name:16} {description}  [{path}]")
+        print(f"{name:{width}}  {description}  [{path}]")
     return 0
