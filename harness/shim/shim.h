@@ -127,6 +127,7 @@ struct tstate {
     uint8_t ordinal_set;
     uint8_t rng_ready;
     uint8_t pt_initialising;
+    uint8_t exit_watched; /* release_chunks is armed for this thread's exit */
 };
 extern TLS struct tstate t;
 
