@@ -26,6 +26,7 @@ class TraceOutcome:
     warnings: list[str] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
     trace_dir: Path | None = None
+    tracer: str = ""  # the back-end that traced: "preload", "ebpf" ("" when none did)
 
 
 class TracerSession(abc.ABC):
@@ -89,6 +90,7 @@ class PreloadTracer(TracerSession):
                     "(try --tracer=off, or --tracer=ebpf when available)"
                 ],
                 trace_dir=self.trace_dir,
+                tracer=self.name,
             )
         result = judge.judge_trace(trace, cutoff_seq=cutoff, trace_path=str(self.trace_dir))
         violations = list(result.violations)
@@ -112,6 +114,7 @@ class PreloadTracer(TracerSession):
             warnings=warnings,
             stats=dataclasses.asdict(result.stats),
             trace_dir=self.trace_dir,
+            tracer=self.name,
         )
 
 

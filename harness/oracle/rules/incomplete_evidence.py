@@ -1,16 +1,34 @@
-"""incomplete-evidence: the trace lost records, so the run cannot pass.
+"""incomplete-evidence: the trace lost records, or a process escaped the tracer, so the run
+cannot pass.
 
 A trace file is a fixed number of chunks; when they are all taken, the shim counts what it
 could not write in the file's header instead.  A missing close, epoll_ctl or free can hide a
 violation or explain one away, so a verdict over such a trace proves nothing either way.
+
+A process can also escape the preload tracer altogether: a wrapper that drops ``LD_PRELOAD``
+(``env -u LD_PRELOAD``), a setuid program (the loader ignores it), a statically linked one.
+When such a process holds the target's listening socket or a connection accepted on it, the
+calls that decide the verdict were never seen.  The probe looks at who holds the port's
+sockets while the server still runs (``/proc``); a holder that does not map the shim, or left
+no trace file, makes the evidence incomplete.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from afterclose.harness import procfs
 from afterclose.harness.oracle.rule import Rule
+from afterclose.harness.oracle.verdict import Violation
 from afterclose.harness.trace.ebpf import ENV_RING_PAGES
 from afterclose.harness.trace.facts import TraceModel
 from afterclose.harness.trace.findings import Finding
+from afterclose.harness.trace.shim import SHIM_NAME
+
+if TYPE_CHECKING:
+    from afterclose.harness.oracle.judge import Evidence
 
 NAME = "incomplete-evidence"
 # The shim's knob for the size of each trace file (harness/trace/shim.py), and its default.
@@ -44,9 +62,82 @@ def find(m: TraceModel) -> list[Finding]:
     return [Finding(NAME, summary, -1, 0, first_pid, 0, None, None, meaning=RULE.plain_meaning)]
 
 
+# -- processes that escaped the tracer -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PortHolder:
+    """A process holding sockets of the target's port, as the probe saw it."""
+
+    pid: int
+    exe: str
+    sockets: int
+    # Its PID in its own PID namespace (a container's), which names its trace file.
+    file_pid: int
+    # The shim's library is mapped into it: None when its maps could not be read.
+    shim_mapped: bool | None
+
+
+def probe(ev: Evidence) -> list[PortHolder]:
+    server = ev.server
+    owners = procfs.port_owners(server.host_pids(), server.port)
+    inner = {host: pid for pid, host in procfs.namespace_pids(owners).items()}
+    holders = []
+    for pid, n in sorted(owners.items()):
+        files = procfs.mapped_files(pid)
+        mapped = None if files is None else any(Path(f).name.startswith(SHIM_NAME) for f in files)
+        holders.append(PortHolder(pid, procfs.exe(pid), n, inner.get(pid, pid), mapped))
+    return holders
+
+
+def untraced_holders(holders: list[PortHolder], trace_dir: Path) -> list[PortHolder]:
+    """The holders the preload tracer did not trace: the shim is not in the process (its
+    current program, after any exec), or it left no trace file."""
+    out = []
+    for h in holders:
+        has_file = any(trace_dir.glob(f"trace.{h.file_pid}.*.bin"))
+        if h.shim_mapped is False or not has_file:
+            out.append(h)
+    return out
+
+
+def decide(ev: Evidence) -> list[Violation]:
+    found = ev.traced(NAME)
+    seen = ev.probes.get(NAME)
+    trace = ev.trace
+    if not isinstance(seen, list) or trace is None or trace.tracer != "preload":
+        return found
+    if trace.trace_dir is None:
+        return found
+    missing = untraced_holders(seen, trace.trace_dir)
+    if not missing:
+        return found
+    first = missing[0]
+    names = "; ".join(
+        f"pid {h.pid} ({h.exe or 'unknown program'}) holding {h.sockets} socket(s) of the "
+        "port" + (" (no trace file)" if h.shim_mapped else ", the shim not loaded")
+        for h in missing
+    )
+    found.append(
+        Violation(
+            NAME,
+            f"pid {first.pid} ({first.exe or 'unknown program'}) serves the target's port but "
+            "was not traced: its closes and epoll calls were never seen, so this run cannot "
+            "pass; run it with --tracer=ebpf, or keep LD_PRELOAD in its environment (a wrapper "
+            "such as `env -u LD_PRELOAD` or a setuid or static program drops the shim)",
+            details=f"untraced: {names}",
+            count=len(missing),
+        )
+    )
+    return found
+
+
 RULE = Rule(
     NAME,
-    "the trace lost records (a trace file filled up): a missing call could hide a violation, "
-    "so the run cannot pass",
+    "the trace lost records (a trace file filled up), or a process holding the target's "
+    "listening socket or its connections was not traced: a missing call could hide a "
+    "violation, so the run cannot pass",
     traced=find,
+    decide=decide,
+    probe=probe,
 )
