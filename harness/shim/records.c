@@ -393,6 +393,28 @@ static void crash_handler(int sig, siginfo_t *si, void *uc)
     raise(sig);
 }
 
+/* -------------------------------------------------------------- process exit -- */
+
+/* The process is ending (exit(), a return from main, _exit()): the kernel is about to close
+ * every fd it holds, so an fd still open in the trace after this point was not leaked.
+ * Other threads may still record after it; their records carry later numbers. */
+void mark_exit(void)
+{
+    struct ac_header *h = g_hdr;
+    if (!h || __atomic_load_n(&g_state, __ATOMIC_ACQUIRE) != ST_ON)
+        return;
+    if (__atomic_load_n(&h->flags, __ATOMIC_RELAXED) & FLAG_EXITED)
+        return;
+    __atomic_store_n(&h->exit_seq, seq_next(), __ATOMIC_RELAXED);
+    __atomic_fetch_or(&h->flags, (uint32_t)FLAG_EXITED, __ATOMIC_RELEASE);
+}
+
+/* exit() runs the library destructors; _exit() does not (wrappers.c marks it there). */
+__attribute__((destructor)) static void ac_destructor(void)
+{
+    mark_exit();
+}
+
 /* -------------------------------------------------------------------- chunks -- */
 
 #ifndef MADV_POPULATE_WRITE

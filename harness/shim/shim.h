@@ -160,6 +160,7 @@ int parse_u64(const char *s, uint64_t *out);
 int ensure_init(void);  /* 1 when tracing is on */
 void child_reset(void); /* in a fork child, before any user code */
 void atfork_once(void);
+void mark_exit(void); /* the process is ending: FLAG_EXITED and exit_seq in its header */
 struct ac_chunk *take_chunk(struct tlevel *lv);
 void lose(void);
 

@@ -60,6 +60,7 @@ HEADER_FIELDS: Fields = (
     ("fork_seq", "Q"),  # seq_in of the parent's fork, 0 if none
     ("free_table_slots", "Q"),
     ("free_table_used", "Q"),
+    ("exit_seq", "Q"),  # a sequence number taken as the process exited (HeaderFlag.EXITED), or 0
 )
 # ... then, at EXE_OFFSET, char exe[EXE_SIZE] (NUL-terminated), zeros up to HEADER_SIZE.
 HEADER_STRUCT = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
@@ -102,6 +103,9 @@ class HeaderFlag(enum.IntFlag):
     FREE_TRACKING = 1  # free() of registered data values is recorded
     FREE_TABLE_FULL = 2  # the registered-data table filled up: some frees were not recognised
     CRASHED = 4  # the shim saw a fatal signal (set from its handler, best effort)
+    # The process exited (exit(), _exit(), the eBPF tracer's sched_process_exit of its last
+    # thread) at ``exit_seq``: the kernel closed every fd it still held then.
+    EXITED = 8
 
 
 class RecordFlag(enum.IntFlag):
@@ -284,3 +288,4 @@ class Header:
     free_table_slots: int
     free_table_used: int
     exe: str
+    exit_seq: int = 0
