@@ -112,7 +112,8 @@ class RecordFlag(enum.IntFlag):
     """Bits of a record's ``flags`` above its kind (AcceptKind, DupKind, WaitKind, IoKind, ...)."""
 
     # The shim injected this result (harness/syscall_faults.py): ret/err are what the target
-    # saw, so the rules judge it like a real one.  See the Op table for the ops it marks.
+    # saw, so the rules judge it like a real one; on SHUTDOWN, the shim's own call, never judged
+    # as the server's.  See the Op table for the ops it marks.
     INJECTED = 0x8000
 
 
@@ -150,6 +151,11 @@ class Op(enum.IntEnum):
     nothing written, err EPIPE from the kernel after the shim shut the socket down, or a short
     write: ret = what the kernel moved of a shortened request, data = the byte count the caller
     asked for).  Use :attr:`Record.kind` for the flags without it.  The shim never injects EBADF.
+    On those records the call is the server's and the result the harness's choice.
+
+    SHUTDOWN | INJECTED (arg = SHUT_RDWR) is the harness's own call: the shutdown the shim makes
+    before an injected ECONNRESET/EPIPE, recorded on the server thread inside that write's
+    seq_in..seq_out.  Timelines mark it and the model never judges it as the server's.
     """
 
     SOCKET = 1
@@ -263,7 +269,7 @@ class Record:
 
     @property
     def injected(self) -> bool:
-        """The shim injected this result (a syscall fault)."""
+        """The harness injected this: a syscall fault's result, or (SHUTDOWN) its own call."""
         return bool(self.flags & RecordFlag.INJECTED)
 
     @property
