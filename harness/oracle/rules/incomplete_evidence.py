@@ -8,9 +8,9 @@ violation or explain one away, so a verdict over such a trace proves nothing eit
 A process can also escape the preload tracer altogether: a wrapper that drops ``LD_PRELOAD``
 (``env -u LD_PRELOAD``), a setuid program (the loader ignores it), a statically linked one.
 When such a process holds the target's listening socket or a connection accepted on it, the
-calls that decide the verdict were never seen.  The probe looks at who holds the port's
-sockets while the server still runs (``/proc``); a holder that does not map the shim, or left
-no trace file, makes the evidence incomplete.
+calls that decide the verdict were never seen.  Who holds the port's sockets is read from
+``/proc`` when the tracer attaches and again before the server is stopped; a holder that does
+not map the shim, or left no trace file, makes the evidence incomplete.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from afterclose.harness.trace.shim import SHIM_NAME
 
 if TYPE_CHECKING:
     from afterclose.harness.oracle.judge import Evidence
+    from afterclose.harness.runners.base import Server
 
 NAME = "incomplete-evidence"
 # The shim's knob for the size of each trace file (harness/trace/shim.py), and its default.
@@ -78,8 +79,10 @@ class PortHolder:
     shim_mapped: bool | None
 
 
-def probe(ev: Evidence) -> list[PortHolder]:
-    server = ev.server
+def port_holders(server: Server) -> list[PortHolder]:
+    """Who holds the server's port now.  Looked at twice: when the tracer attaches (the
+    preload tracer's ``started``: a server that dies during the scenario still held its
+    listening socket then) and by this rule's probe before the server is stopped."""
     owners = procfs.port_owners(server.host_pids(), server.port)
     inner = {host: pid for pid, host in procfs.namespace_pids(owners).items()}
     holders = []
@@ -90,26 +93,30 @@ def probe(ev: Evidence) -> list[PortHolder]:
     return holders
 
 
+def probe(ev: Evidence) -> list[PortHolder]:
+    return port_holders(ev.server)
+
+
 def untraced_holders(holders: list[PortHolder], trace_dir: Path) -> list[PortHolder]:
     """The holders the preload tracer did not trace: the shim is not in the process (its
     current program, after any exec), or it left no trace file."""
-    out = []
+    out: dict[int, PortHolder] = {}
     for h in holders:
         has_file = any(trace_dir.glob(f"trace.{h.file_pid}.*.bin"))
-        if h.shim_mapped is False or not has_file:
-            out.append(h)
-    return out
+        if (h.shim_mapped is False or not has_file) and h.pid not in out:
+            out[h.pid] = h
+    return list(out.values())
 
 
 def decide(ev: Evidence) -> list[Violation]:
     found = ev.traced(NAME)
-    seen = ev.probes.get(NAME)
     trace = ev.trace
-    if not isinstance(seen, list) or trace is None or trace.tracer != "preload":
+    if trace is None or trace.tracer != "preload" or trace.trace_dir is None:
         return found
-    if trace.trace_dir is None:
-        return found
-    missing = untraced_holders(seen, trace.trace_dir)
+    probed = ev.probes.get(NAME)
+    seen = [*trace.port_holders, *(probed if isinstance(probed, list) else ())]
+    holders = [h for h in seen if isinstance(h, PortHolder)]
+    missing = untraced_holders(holders, trace.trace_dir)
     if not missing:
         return found
     first = missing[0]

@@ -110,3 +110,14 @@ def test_only_the_preload_tracer_is_judged_by_its_trace_files(tmp_path: Path) ->
     holder = PortHolder(7, "/srv/server", 1, 7, False)
     assert _escaped(tmp_path, [holder], tracer="ebpf") == []
     assert _escaped(tmp_path, [holder], tracer="") == []
+
+
+def test_a_holder_seen_only_when_the_tracer_attached_still_counts(tmp_path: Path) -> None:
+    # The server died during the scenario: the probe at the end found nobody on the port.
+    ev = evidence(probes={RULE: []})
+    assert ev.trace is not None
+    ev.trace.tracer = "preload"
+    ev.trace.trace_dir = tmp_path
+    ev.trace.port_holders = [PortHolder(42, "/srv/server", 1, 42, False)]
+    (found,) = [v.summary for v in decide(ev) if v.rule == RULE]
+    assert "pid 42" in found
