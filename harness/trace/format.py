@@ -15,7 +15,10 @@ Layout (little-endian, sizes in bytes)::
 
 A thread takes a whole chunk for itself (``next_chunk`` is an atomic counter in the header), so
 the hot path takes no lock.  After filling a record it publishes it by storing the chunk's
-``count`` with release order; the reader trusts only ``count`` records of each chunk.  When no
+``count`` with release order; the reader trusts only ``count`` records of each chunk.  A thread
+that exits gives its chunks back (the shim keeps them on a spare stack) and the next thread to
+need one appends after its last published record, so the file fills with records, not with
+one chunk per thread ever started; ``tid`` in a chunk header names its latest owner.  When no
 chunk is left, records are counted in ``lost_records`` instead of written: a trace with lost
 records is incomplete and every report says so.
 
