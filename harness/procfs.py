@@ -310,6 +310,36 @@ def tcp_sockets(pid: int) -> list[TcpSocket]:
     return out
 
 
+def port_owners(pids: Iterable[int], port: int) -> dict[int, int]:
+    """pid -> how many sockets of ``port`` it holds (its listening socket and the connections
+    accepted on it), for the processes of ``pids`` holding any.  The table is read from the
+    first process's network namespace: all of a target's processes share it."""
+    pids = list(pids)
+    if not pids:
+        return {}
+    ours = {s.inode for s in tcp_sockets(pids[0]) if s.local_port == port and s.inode}
+    owners: dict[int, int] = {}
+    for pid in pids:
+        held = sum(ino in ours for ino in socket_inodes(pid).values())
+        if held:
+            owners[pid] = held
+    return owners
+
+
+def mapped_files(pid: int) -> set[str] | None:
+    """The paths of the files mapped into ``pid`` (its program and libraries); None when its
+    maps cannot be read (gone, or another user's)."""
+    text = read(f"/proc/{pid}/maps")
+    if text is None:
+        return None
+    out = set()
+    for line in text.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            out.add(fields[5])
+    return out
+
+
 @dataclass(frozen=True)
 class SocketCensus:
     """The target's open socket fds and the states of its TCP connections on its port."""

@@ -26,6 +26,9 @@ class TraceOutcome:
     warnings: list[str] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
     trace_dir: Path | None = None
+    tracer: str = ""  # the back-end that traced: "preload", "ebpf" ("" when none did)
+    # Who held the target's port when the tracer attached (incomplete_evidence.PortHolder).
+    port_holders: list[object] = field(default_factory=list)
 
 
 class TracerSession(abc.ABC):
@@ -62,12 +65,20 @@ class PreloadTracer(TracerSession):
 
         trace_dir.mkdir(parents=True, exist_ok=True)
         self.trace_dir = trace_dir
+        self._holders: list[object] = []
         self._env = shim.shim_env(
             trace_dir, free_tracking=free_tracking, asan_runtime=sanitizer == "address"
         )
 
     def env(self) -> dict[str, str]:
         return dict(self._env)
+
+    def started(self, target: Server) -> None:
+        # A process that escapes the shim is told apart by who holds the port (the
+        # incomplete-evidence rule); looked at now too, in case it dies before the end.
+        from afterclose.harness.oracle.rules.incomplete_evidence import port_holders
+
+        self._holders.extend(port_holders(target))
 
     def cutoff(self) -> int | None:
         from afterclose.harness.trace import shim
@@ -89,6 +100,8 @@ class PreloadTracer(TracerSession):
                     "(try --tracer=off, or --tracer=ebpf when available)"
                 ],
                 trace_dir=self.trace_dir,
+                tracer=self.name,
+                port_holders=list(self._holders),
             )
         result = judge.judge_trace(trace, cutoff_seq=cutoff, trace_path=str(self.trace_dir))
         violations = list(result.violations)
@@ -112,6 +125,8 @@ class PreloadTracer(TracerSession):
             warnings=warnings,
             stats=dataclasses.asdict(result.stats),
             trace_dir=self.trace_dir,
+            tracer=self.name,
+            port_holders=list(self._holders),
         )
 
 

@@ -81,6 +81,7 @@ class TraceBuilder:
         self.records: list[Record] = []
         self.pids: dict[int, tuple[int, int]] = {pid: (0, 0)}  # pid -> (ppid, fork_seq)
         self.flags = HeaderFlag.FREE_TRACKING if free_tracking else HeaderFlag(0)
+        self.exits: dict[int, int] = {}  # pid -> exit_seq (HeaderFlag.EXITED)
         self._begun: Pending | None = None
 
     # -- plumbing --------------------------------------------------------------------------
@@ -268,6 +269,12 @@ class TraceBuilder:
 
     # -- results ---------------------------------------------------------------------------
 
+    def exit(self, pid: int | None = None) -> int:
+        """The process ends here (exit, _exit, its last thread): its header says so."""
+        seq = self._next()
+        self.exits[self.pid if pid is None else pid] = seq
+        return seq
+
     def sorted_records(self) -> list[Record]:
         return sorted(self.records, key=lambda r: (r.seq_out, r.op == Op.EPOLL_EVENT, r.arg))
 
@@ -281,7 +288,7 @@ class TraceBuilder:
                 n_chunks=16,
                 pid=pid,
                 ppid=ppid,
-                flags=self.flags,
+                flags=self.flags | (HeaderFlag.EXITED if pid in self.exits else 0),
                 next_chunk=1,
                 lost_records=0,
                 start_ns=0,
@@ -289,6 +296,7 @@ class TraceBuilder:
                 free_table_slots=1024,
                 free_table_used=0,
                 exe="/synthetic",
+                exit_seq=self.exits.get(pid, 0),
             )
         return out
 

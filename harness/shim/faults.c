@@ -10,8 +10,8 @@
  *                        not registered edge-triggered without EPOLLONESHOT.
  *   write=short          write/writev/send/sendto/sendmsg/sendfile move 1..n-1 of the n bytes
  *                        asked (the real call, with a shortened count/iovec).
- *   write=econnreset     the socket is shut down both ways (raw shutdown, not recorded) and the
- *                        call fails with ECONNRESET without writing.
+ *   write=econnreset     the socket is shut down both ways (the shim's own shutdown, recorded as
+ *                        injected) and the call fails with ECONNRESET without writing.
  *   write=epipe          the socket is shut down both ways, then the real call runs: the kernel
  *                        itself answers EPIPE (and raises SIGPIPE unless MSG_NOSIGNAL/ignored).
  *   accept=emfile        accept/accept4 fail with EMFILE / ECONNABORTED without accepting: the
@@ -156,10 +156,18 @@ int fd_getfl(int fd)
     return (int)r;
 }
 
+/* The shim's own shutdown: recorded (inside the failing write's window, on its thread) as
+ * SHUTDOWN with REC_INJECTED, so timelines show why the connection went dead and the model
+ * never takes it for the server's call. */
 static void raw_shutdown(int fd)
 {
     int e = errno;
-    syscall(SYS_shutdown, fd, SHUT_RDWR);
+    struct call c;
+    int traced = trace_begin(&c);
+    long r = syscall(SYS_shutdown, fd, SHUT_RDWR);
+    int err = r < 0 ? errno : 0;
+    if (traced)
+        record(&c, OP_SHUTDOWN, REC_INJECTED, fd, SHUT_RDWR, 0, 0, r, err);
     errno = e;
 }
 

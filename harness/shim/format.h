@@ -38,6 +38,7 @@ enum { /* HeaderFlag */
     FLAG_FREE_TRACKING = 1,
     FLAG_FREE_TABLE_FULL = 2,
     FLAG_CRASHED = 4,
+    FLAG_EXITED = 8,
 };
 
 enum { /* AcceptKind */
@@ -92,7 +93,8 @@ struct ac_header {
     uint64_t fork_seq;
     uint64_t free_table_slots;
     uint64_t free_table_used;
-    char reserved[AC_EXE_OFFSET - 88];
+    uint64_t exit_seq;
+    char reserved[AC_EXE_OFFSET - 96];
     char exe[AC_EXE_SIZE];
     char tail[AC_HEADER_SIZE - AC_EXE_OFFSET - AC_EXE_SIZE];
 };
@@ -139,6 +141,7 @@ _Static_assert(offsetof(struct ac_header, start_ns) == 56, "ac_header.start_ns")
 _Static_assert(offsetof(struct ac_header, fork_seq) == 64, "ac_header.fork_seq");
 _Static_assert(offsetof(struct ac_header, free_table_slots) == 72, "ac_header.free_table_slots");
 _Static_assert(offsetof(struct ac_header, free_table_used) == 80, "ac_header.free_table_used");
+_Static_assert(offsetof(struct ac_header, exit_seq) == 88, "ac_header.exit_seq");
 _Static_assert(offsetof(struct ac_record, seq_in) == 0, "ac_record.seq_in");
 _Static_assert(offsetof(struct ac_record, seq_out) == 8, "ac_record.seq_out");
 _Static_assert(offsetof(struct ac_record, t_ns) == 16, "ac_record.t_ns");

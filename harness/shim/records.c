@@ -22,10 +22,20 @@ static uint32_t g_pid;
 static int g_warned;
 static int g_atfork_done;
 
+/* Chunks given back by threads that exited, with room left (see release_chunks).  Process-local:
+ * a fork child starts a file of its own, so it drops the list with the parent's mapping. */
+static uint32_t *g_spare;      /* stack of chunk indices, n_chunks entries (anonymous mapping) */
+static uint32_t g_spare_n;
+static size_t g_spare_size;
+static int g_spare_lock;
+static pthread_key_t g_exit_key;
+static int g_exit_key_ok;
+
 TLS struct tstate t;
 
 static void crash_handler(int sig, siginfo_t *si, void *uc);
 static void atfork_child(void);
+static void release_chunks(void *arg);
 
 /* ------------------------------------------------------------------ small helpers -- */
 
@@ -250,6 +260,12 @@ static int create_trace(const char *dir, uint32_t ppid, uint64_t fork_seq)
     g_n_chunks = (uint32_t)n_chunks;
     g_chunk_bytes = chunk_bytes;
     g_pid = pid;
+    g_spare_n = 0;
+    __atomic_store_n(&g_spare_lock, 0, __ATOMIC_RELEASE);
+    g_spare_size = ((size_t)n_chunks * sizeof(uint32_t) + 4095) & ~(size_t)4095;
+    void *sp = mmap(NULL, g_spare_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    /* Without it, chunks are simply never given back (the design before reuse). */
+    g_spare = sp == MAP_FAILED ? NULL : sp;
     return 1;
 }
 
@@ -304,6 +320,10 @@ __attribute__((noinline)) int ensure_init(void)
     else if (map_seq(dir))
         ok = create_trace(dir, (uint32_t)getppid(), 0);
     if (ok) {
+        /* A thread's chunks go back to the file when it exits (release_chunks), so the file
+         * fills with records, not with one chunk per thread a thread-per-connection server
+         * ever started.  Keys survive fork, so once per process image. */
+        g_exit_key_ok = pthread_key_create(&g_exit_key, release_chunks) == 0;
         atfork_once();
         install_crash_handlers();
         __atomic_store_n(&g_state, ST_ON, __ATOMIC_RELEASE);
@@ -340,6 +360,10 @@ void child_reset(void)
     g_hdr = NULL;
     g_chunks = NULL;
     munmap(old, old_size);
+    if (g_spare) {
+        munmap(g_spare, g_spare_size);
+        g_spare = NULL;
+    }
     int saved_inside = t.inside;
     int saved_errno = errno;
     t.inside = 1;
@@ -367,6 +391,28 @@ static void crash_handler(int sig, siginfo_t *si, void *uc)
     /* SA_RESETHAND restored SIG_DFL; the re-raised signal is blocked until we return, then
      * terminates the process with the original signal (and core dump, if enabled). */
     raise(sig);
+}
+
+/* -------------------------------------------------------------- process exit -- */
+
+/* The process is ending (exit(), a return from main, _exit()): the kernel is about to close
+ * every fd it holds, so an fd still open in the trace after this point was not leaked.
+ * Other threads may still record after it; their records carry later numbers. */
+void mark_exit(void)
+{
+    struct ac_header *h = g_hdr;
+    if (!h || __atomic_load_n(&g_state, __ATOMIC_ACQUIRE) != ST_ON)
+        return;
+    if (__atomic_load_n(&h->flags, __ATOMIC_RELAXED) & FLAG_EXITED)
+        return;
+    __atomic_store_n(&h->exit_seq, seq_next(), __ATOMIC_RELAXED);
+    __atomic_fetch_or(&h->flags, (uint32_t)FLAG_EXITED, __ATOMIC_RELEASE);
+}
+
+/* exit() runs the library destructors; _exit() does not (wrappers.c marks it there). */
+__attribute__((destructor)) static void ac_destructor(void)
+{
+    mark_exit();
 }
 
 /* -------------------------------------------------------------------- chunks -- */
@@ -408,11 +454,86 @@ void lose(void)
         __atomic_fetch_add(&h->lost_records, 1, __ATOMIC_RELAXED);
 }
 
+static void spare_lock(void)
+{
+    while (__atomic_exchange_n(&g_spare_lock, 1, __ATOMIC_ACQUIRE))
+        sched_yield();
+}
+
+static void spare_unlock(void)
+{
+    __atomic_store_n(&g_spare_lock, 0, __ATOMIC_RELEASE);
+}
+
+/* Ask for release_chunks at this thread's exit.  The value only has to be non-NULL; a key
+ * below PTHREAD_KEY_2NDLEVEL_SIZE (32) is a store into the thread descriptor, no allocation. */
+static void watch_exit(void)
+{
+    if (g_exit_key_ok && !t.exit_watched) {
+        t.exit_watched = 1;
+        pthread_setspecific(g_exit_key, (void *)1);
+    }
+}
+
+/* The thread is exiting (a pthread key destructor: after its start routine returned or it
+ * called pthread_exit; not at exit() or a fatal signal, when the process goes anyway).  Its
+ * chunks go on the spare stack with what they hold: the next owner appends after the last
+ * published record, so the reader, which trusts each chunk's count, needs no marker for an
+ * unused tail.  Signals are blocked so that no handler writes into a chunk while it changes
+ * hands.  A traced call made later in the exit path takes a chunk again and re-arms the key
+ * (glibc runs destructors again, up to PTHREAD_DESTRUCTOR_ITERATIONS rounds). */
+static void release_chunks(void *arg)
+{
+    (void)arg;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    t.exit_watched = 0;
+    if (t.depth == 0 && g_spare && g_hdr) {
+        spare_lock();
+        for (int d = 0; d < LEVELS; d++) {
+            struct tlevel *lv = &t.lv[d];
+            if (lv->chunk && lv->used < g_chunk_records && g_spare_n < g_n_chunks)
+                g_spare[g_spare_n++] = (uint32_t)(((char *)lv->chunk - g_chunks) / g_chunk_bytes);
+            lv->chunk = NULL;
+            lv->used = 0;
+        }
+        spare_unlock();
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+static struct ac_chunk *take_spare(struct tlevel *lv)
+{
+    if (!g_spare || __atomic_load_n(&g_spare_n, __ATOMIC_RELAXED) == 0)
+        return NULL;
+    /* A handler on this thread that took a chunk while we hold the lock would spin forever. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    struct ac_chunk *ch = NULL;
+    spare_lock();
+    if (g_spare_n)
+        ch = (struct ac_chunk *)(g_chunks + (size_t)g_spare[--g_spare_n] * g_chunk_bytes);
+    spare_unlock();
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!ch)
+        return NULL;
+    lv->used = (uint32_t)__atomic_load_n(&ch->count, __ATOMIC_ACQUIRE);
+    ch->tid = cur_tid();
+    lv->chunk = ch;
+    watch_exit();
+    return ch;
+}
+
 __attribute__((noinline)) struct ac_chunk *take_chunk(struct tlevel *lv)
 {
     struct ac_header *h = g_hdr;
     lv->chunk = NULL;
     lv->used = 0;
+    struct ac_chunk *spare = take_spare(lv);
+    if (spare)
+        return spare;
     if (!h || __atomic_load_n(&h->next_chunk, __ATOMIC_RELAXED) >= g_n_chunks)
         return NULL;
     uint64_t idx = __atomic_fetch_add(&h->next_chunk, 1, __ATOMIC_RELAXED);
@@ -424,5 +545,6 @@ __attribute__((noinline)) struct ac_chunk *take_chunk(struct tlevel *lv)
     ch->tid = cur_tid();
     ch->pid = g_pid;
     lv->chunk = ch;
+    watch_exit();
     return ch;
 }

@@ -127,6 +127,7 @@ struct tstate {
     uint8_t ordinal_set;
     uint8_t rng_ready;
     uint8_t pt_initialising;
+    uint8_t exit_watched; /* release_chunks is armed for this thread's exit */
 };
 extern TLS struct tstate t;
 
@@ -159,6 +160,7 @@ int parse_u64(const char *s, uint64_t *out);
 int ensure_init(void);  /* 1 when tracing is on */
 void child_reset(void); /* in a fork child, before any user code */
 void atfork_once(void);
+void mark_exit(void); /* the process is ending: FLAG_EXITED and exit_seq in its header */
 struct ac_chunk *take_chunk(struct tlevel *lv);
 void lose(void);
 

@@ -39,6 +39,7 @@ from afterclose.harness.trace.format import (
     IoKind,
     Op,
     Record,
+    RecordFlag,
 )
 from afterclose.harness.trace.model import (
     EBADF,
@@ -198,7 +199,7 @@ class _Walk:
             Op.SOCKET: self._socket,
             Op.ACCEPT: self._accept,
             Op.CLOSE: self._close,
-            Op.SHUTDOWN: self._io,
+            Op.SHUTDOWN: self._shutdown,
             Op.DUP: self._dup,
             Op.EPOLL_CREATE: self._epoll_create,
             Op.EPOLL_CTL: self._ctl,
@@ -414,6 +415,15 @@ class _Walk:
 
     # -- i/o ---------------------------------------------------------------------------
 
+    def _shutdown(self, idx: int, r: Record, t: _Thread) -> None:
+        if r.flags & RecordFlag.INJECTED:
+            # The shim's own shutdown(SHUT_RDWR), made inside a write it fails with
+            # ECONNRESET/EPIPE (a syscall fault): the harness's call on the fd the server
+            # named, never the server's act.  Resolved for the timeline only.
+            self.res[idx] = self.m.resolve(r, r.fd)[0]
+            return
+        self._io(idx, r, t)
+
     def _io(self, idx: int, r: Record, t: _Thread) -> None:
         fd = r.fd
         err = r.err
@@ -421,7 +431,8 @@ class _Walk:
             self._ebadf(idx, r, t, fd)
             return
         # An injected result (RecordFlag.INJECTED, syscall faults) is judged like a real one:
-        # it is what the server saw.  Compare kinds with r.kind, which drops that bit.
+        # the call is the server's and the result is what it saw.  (The shim's own injected
+        # shutdown never gets here: _shutdown.)  Compare kinds with r.kind, which drops that bit.
         if err == ENOTSOCK and (r.op == Op.SHUTDOWN or r.kind in _SOCKET_IO):
             self._enotsock(idx, r)
         # Fast path of Model.resolve: an incarnation open since before the call began.

@@ -15,7 +15,10 @@ Layout (little-endian, sizes in bytes)::
 
 A thread takes a whole chunk for itself (``next_chunk`` is an atomic counter in the header), so
 the hot path takes no lock.  After filling a record it publishes it by storing the chunk's
-``count`` with release order; the reader trusts only ``count`` records of each chunk.  When no
+``count`` with release order; the reader trusts only ``count`` records of each chunk.  A thread
+that exits gives its chunks back (the shim keeps them on a spare stack) and the next thread to
+need one appends after its last published record, so the file fills with records, not with
+one chunk per thread ever started; ``tid`` in a chunk header names its latest owner.  When no
 chunk is left, records are counted in ``lost_records`` instead of written: a trace with lost
 records is incomplete and every report says so.
 
@@ -60,6 +63,7 @@ HEADER_FIELDS: Fields = (
     ("fork_seq", "Q"),  # seq_in of the parent's fork, 0 if none
     ("free_table_slots", "Q"),
     ("free_table_used", "Q"),
+    ("exit_seq", "Q"),  # a sequence number taken as the process exited (HeaderFlag.EXITED), or 0
 )
 # ... then, at EXE_OFFSET, char exe[EXE_SIZE] (NUL-terminated), zeros up to HEADER_SIZE.
 HEADER_STRUCT = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
@@ -102,13 +106,17 @@ class HeaderFlag(enum.IntFlag):
     FREE_TRACKING = 1  # free() of registered data values is recorded
     FREE_TABLE_FULL = 2  # the registered-data table filled up: some frees were not recognised
     CRASHED = 4  # the shim saw a fatal signal (set from its handler, best effort)
+    # The process exited (exit(), _exit(), the eBPF tracer's sched_process_exit of its last
+    # thread) at ``exit_seq``: the kernel closed every fd it still held then.
+    EXITED = 8
 
 
 class RecordFlag(enum.IntFlag):
     """Bits of a record's ``flags`` above its kind (AcceptKind, DupKind, WaitKind, IoKind, ...)."""
 
     # The shim injected this result (harness/syscall_faults.py): ret/err are what the target
-    # saw, so the rules judge it like a real one.  See the Op table for the ops it marks.
+    # saw, so the rules judge it like a real one; on SHUTDOWN, the shim's own call, never judged
+    # as the server's.  See the Op table for the ops it marks.
     INJECTED = 0x8000
 
 
@@ -146,6 +154,11 @@ class Op(enum.IntEnum):
     nothing written, err EPIPE from the kernel after the shim shut the socket down, or a short
     write: ret = what the kernel moved of a shortened request, data = the byte count the caller
     asked for).  Use :attr:`Record.kind` for the flags without it.  The shim never injects EBADF.
+    On those records the call is the server's and the result the harness's choice.
+
+    SHUTDOWN | INJECTED (arg = SHUT_RDWR) is the harness's own call: the shutdown the shim makes
+    before an injected ECONNRESET/EPIPE, recorded on the server thread inside that write's
+    seq_in..seq_out.  Timelines mark it and the model never judges it as the server's.
     """
 
     SOCKET = 1
@@ -259,7 +272,7 @@ class Record:
 
     @property
     def injected(self) -> bool:
-        """The shim injected this result (a syscall fault)."""
+        """The harness injected this: a syscall fault's result, or (SHUTDOWN) its own call."""
         return bool(self.flags & RecordFlag.INJECTED)
 
     @property
@@ -284,3 +297,4 @@ class Header:
     free_table_slots: int
     free_table_used: int
     exe: str
+    exit_seq: int = 0

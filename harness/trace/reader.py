@@ -188,6 +188,7 @@ def _parse_header(raw: bytes, path: Path, size: int) -> Header:
         fork_seq,
         free_table_slots,
         free_table_used,
+        exit_seq,
     ) = fields
     if magic != MAGIC:
         if magic == b"\0" * len(MAGIC):
@@ -233,6 +234,7 @@ def _parse_header(raw: bytes, path: Path, size: int) -> Header:
         free_table_slots=free_table_slots,
         free_table_used=free_table_used,
         exe=exe,
+        exit_seq=exit_seq,
     )
 
 

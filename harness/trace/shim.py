@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 SHIM_DIR = Path(__file__).resolve().parent.parent / "shim"
+# The library's name: the built file is ``<SHIM_NAME>[-sanitizer].so`` (a traced process maps it).
+SHIM_NAME = "afterclose_shim"
 # Every C file of the folder is a part of the one library.
 SHIM_SOURCES = tuple(sorted(SHIM_DIR.glob("*.c")))
 CFLAGS = ("-O2", "-fPIC", "-pthread", "-Wall", "-Wextra")
@@ -74,7 +76,7 @@ def shim_path(sanitizer: str = "none") -> Path:
     headers = tuple(sorted(SHIM_DIR.glob("*.h")))
     return cbuild.build(
         cbuild.CBuild(
-            name="afterclose_shim",
+            name=SHIM_NAME,
             sources=SHIM_SOURCES,
             cflags=CFLAGS,
             ldflags=LDFLAGS,

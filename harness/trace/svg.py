@@ -55,6 +55,8 @@ _MONO = "DejaVu Sans Mono, Menlo, Consolas, monospace"
 _RED = "#d62728"
 _DARK_RED = "#8b0000"
 _GREY = "#9e9e9e"
+_INJECTED = "#6a3d9a"  # marks the harness injected (syscall faults, the shim's shutdown)
+_INJECTED_FILL = "#efe6f7"
 # Incarnation colours: distinct, none of them red (red is the violation).
 _PALETTE = (
     "#1f77b4",
@@ -579,6 +581,12 @@ def _mark(
         fill, stroke, text_fill, sw = "#eeeeee", _GREY, "#333333", 1.2
     failed = r is not None and r.ret < 0
     dash = ' stroke-dasharray="3 2"' if failed and not it.focus else ""
+    injected = r is not None and r.injected
+    if injected and not it.focus:
+        # The harness's doing (a syscall fault, the shim's own shutdown): never drawn as a
+        # plain server call.
+        fill, stroke, text_fill, sw = _INJECTED_FILL, _INJECTED, "#111111", 1.5
+        dash = ' stroke-dasharray="1 2"'
     tip = f"#{it.num}  {who}  seq {it.seq_in}-{it.seq_out}\n{it.text}"
     if it.count > 1:
         tip += f"\n(\u00d7{it.count} identical calls)"
@@ -601,10 +609,17 @@ def _mark(
         f'fill="{num_fill}"{" font-weight=" + chr(34) + "bold" + chr(34) if it.note else ""}>'
         f"{it.num}{'*' if it.note else ''}</text>"
     )
+    below = top + _MARK_H + 10
     if failed and r is not None:
         parts.append(
-            f'<text x="{_n((x1 + x2) / 2)}" y="{_n(top + _MARK_H + 10)}" font-size="9" '
+            f'<text x="{_n((x1 + x2) / 2)}" y="{_n(below)}" font-size="9" '
             f'text-anchor="middle" fill="{_DARK_RED}">{_esc(errname(r.err))}</text>'
+        )
+        below += 10
+    if injected:
+        parts.append(
+            f'<text x="{_n((x1 + x2) / 2)}" y="{_n(below)}" font-size="9" '
+            f'text-anchor="middle" fill="{_INJECTED}">injected</text>'
         )
     parts.append("</g>")
     # The events this wait returned about fd/data, under its right end.

@@ -111,12 +111,25 @@ def call_str(r: Record) -> str:
     return f"{name}({r.fd})"
 
 
+# What a timeline says after a record the harness injected (RecordFlag.INJECTED).
+INJECTED_CALL = "[injected: the harness's own call, not the server's]"
+INJECTED_RESULT = "[injected: a result the harness chose]"
+
+
+def injected_str(r: Record) -> str:
+    """The mark of an injected record: the shim's own shutdown() is the harness's call; a
+    syscall fault's result is the harness's choice, the call itself the server's."""
+    if not r.injected:
+        return ""
+    return " " + (INJECTED_CALL if r.op == Op.SHUTDOWN else INJECTED_RESULT)
+
+
 def result_str(r: Record) -> str:
     if r.ret < 0:
-        return f" = -1 {errname(r.err)}"
+        return f" = -1 {errname(r.err)}" + injected_str(r)
     if r.op in (Op.CLOSE, Op.SHUTDOWN, Op.EPOLL_CTL, Op.FREE, Op.CLOSE_RANGE):
-        return ""
-    return f" = {r.ret}"
+        return injected_str(r)
+    return f" = {r.ret}" + injected_str(r)
 
 
 def _event_str(ev: Record, res: Resolved, multi: bool) -> str:

@@ -88,6 +88,13 @@ def find(m: TraceModel) -> list[Finding]:
     # Nor does one that releases fds behind the shim's back (libuv closes with a raw
     # syscall(SYS_close), exec drops close-on-exec fds): an fd that looks open may not be.
     skip = {pid for pid, h in m.headers.items() if h.flags & HeaderFlag.CRASHED}
+    # Nor one that exited before the end of what is judged: the kernel closed every fd it
+    # still held (a worker that exits after its one connection leaked nothing).
+    skip.update(
+        pid
+        for pid, h in m.headers.items()
+        if h.flags & HeaderFlag.EXITED and h.exit_seq <= m.end_seq
+    )
     skip.update(m.untraced_closes)
     out = []
     for inc in m.kernel.accepted:

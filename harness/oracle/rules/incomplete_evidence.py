@@ -1,16 +1,35 @@
-"""incomplete-evidence: the trace lost records, so the run cannot pass.
+"""incomplete-evidence: the trace lost records, or a process escaped the tracer, so the run
+cannot pass.
 
 A trace file is a fixed number of chunks; when they are all taken, the shim counts what it
 could not write in the file's header instead.  A missing close, epoll_ctl or free can hide a
 violation or explain one away, so a verdict over such a trace proves nothing either way.
+
+A process can also escape the preload tracer altogether: a wrapper that drops ``LD_PRELOAD``
+(``env -u LD_PRELOAD``), a setuid program (the loader ignores it), a statically linked one.
+When such a process holds the target's listening socket or a connection accepted on it, the
+calls that decide the verdict were never seen.  Who holds the port's sockets is read from
+``/proc`` when the tracer attaches and again before the server is stopped; a holder that does
+not map the shim, or left no trace file, makes the evidence incomplete.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from afterclose.harness import procfs
 from afterclose.harness.oracle.rule import Rule
+from afterclose.harness.oracle.verdict import Violation
 from afterclose.harness.trace.ebpf import ENV_RING_PAGES
 from afterclose.harness.trace.facts import TraceModel
 from afterclose.harness.trace.findings import Finding
+from afterclose.harness.trace.shim import SHIM_NAME
+
+if TYPE_CHECKING:
+    from afterclose.harness.oracle.judge import Evidence
+    from afterclose.harness.runners.base import Server
 
 NAME = "incomplete-evidence"
 # The shim's knob for the size of each trace file (harness/trace/shim.py), and its default.
@@ -44,9 +63,88 @@ def find(m: TraceModel) -> list[Finding]:
     return [Finding(NAME, summary, -1, 0, first_pid, 0, None, None, meaning=RULE.plain_meaning)]
 
 
+# -- processes that escaped the tracer -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PortHolder:
+    """A process holding sockets of the target's port, as the probe saw it."""
+
+    pid: int
+    exe: str
+    sockets: int
+    # Its PID in its own PID namespace (a container's), which names its trace file.
+    file_pid: int
+    # The shim's library is mapped into it: None when its maps could not be read.
+    shim_mapped: bool | None
+
+
+def port_holders(server: Server) -> list[PortHolder]:
+    """Who holds the server's port now.  Looked at twice: when the tracer attaches (the
+    preload tracer's ``started``: a server that dies during the scenario still held its
+    listening socket then) and by this rule's probe before the server is stopped."""
+    owners = procfs.port_owners(server.host_pids(), server.port)
+    inner = {host: pid for pid, host in procfs.namespace_pids(owners).items()}
+    holders = []
+    for pid, n in sorted(owners.items()):
+        files = procfs.mapped_files(pid)
+        mapped = None if files is None else any(Path(f).name.startswith(SHIM_NAME) for f in files)
+        holders.append(PortHolder(pid, procfs.exe(pid), n, inner.get(pid, pid), mapped))
+    return holders
+
+
+def probe(ev: Evidence) -> list[PortHolder]:
+    return port_holders(ev.server)
+
+
+def untraced_holders(holders: list[PortHolder], trace_dir: Path) -> list[PortHolder]:
+    """The holders the preload tracer did not trace: the shim is not in the process (its
+    current program, after any exec), or it left no trace file."""
+    out: dict[int, PortHolder] = {}
+    for h in holders:
+        has_file = any(trace_dir.glob(f"trace.{h.file_pid}.*.bin"))
+        if (h.shim_mapped is False or not has_file) and h.pid not in out:
+            out[h.pid] = h
+    return list(out.values())
+
+
+def decide(ev: Evidence) -> list[Violation]:
+    found = ev.traced(NAME)
+    trace = ev.trace
+    if trace is None or trace.tracer != "preload" or trace.trace_dir is None:
+        return found
+    probed = ev.probes.get(NAME)
+    seen = [*trace.port_holders, *(probed if isinstance(probed, list) else ())]
+    holders = [h for h in seen if isinstance(h, PortHolder)]
+    missing = untraced_holders(holders, trace.trace_dir)
+    if not missing:
+        return found
+    first = missing[0]
+    names = "; ".join(
+        f"pid {h.pid} ({h.exe or 'unknown program'}) holding {h.sockets} socket(s) of the "
+        "port" + (" (no trace file)" if h.shim_mapped else ", the shim not loaded")
+        for h in missing
+    )
+    found.append(
+        Violation(
+            NAME,
+            f"pid {first.pid} ({first.exe or 'unknown program'}) serves the target's port but "
+            "was not traced: its closes and epoll calls were never seen, so this run cannot "
+            "pass; run it with --tracer=ebpf, or keep LD_PRELOAD in its environment (a wrapper "
+            "such as `env -u LD_PRELOAD` or a setuid or static program drops the shim)",
+            details=f"untraced: {names}",
+            count=len(missing),
+        )
+    )
+    return found
+
+
 RULE = Rule(
     NAME,
-    "the trace lost records (a trace file filled up): a missing call could hide a violation, "
-    "so the run cannot pass",
+    "the trace lost records (a trace file filled up), or a process holding the target's "
+    "listening socket or its connections was not traced: a missing call could hide a "
+    "violation, so the run cannot pass",
     traced=find,
+    decide=decide,
+    probe=probe,
 )

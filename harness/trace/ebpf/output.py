@@ -1,5 +1,6 @@
 """What bpftrace printed: the lines of ``afterclose.bt`` (see its header) parsed into raw
-records and the counts every report states (lost events, truncated waits, execs)."""
+records and the counts every report states (lost events, truncated waits, execs), and the
+processes that exited."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class ParsedOutput:
     lost: int = 0
     truncated_waits: int = 0
     execs: list[tuple[int, int, int]] = field(default_factory=list)  # pid, tid, ns
+    exits: dict[int, int] = field(default_factory=dict)  # pid -> ns its last thread exited
     malformed: int = 0
 
 
@@ -70,6 +72,12 @@ def parse_output(path: Path) -> ParsedOutput:
             parts = line.split()
             if len(parts) == 4:
                 out.execs.append((int(parts[1]), int(parts[2]), int(parts[3])))
+        elif line.startswith(b"E "):
+            parts = line.split()
+            if len(parts) == 3:
+                out.exits[int(parts[1])] = int(parts[2])
+            else:
+                out.malformed += 1
         elif not line.startswith(_ATTACHING):
             out.malformed += 1
     return out

@@ -22,6 +22,7 @@ from afterclose.harness.trace.format import (
     RECORD_SIZE,
     RECORD_STRUCT,
     VERSION,
+    HeaderFlag,
     Op,
 )
 
@@ -88,6 +89,7 @@ def _write_trace_file(
     start_ns: int,
     lost: int,
     packed: Sequence[Packed],
+    exit_seq: int = 0,
 ) -> None:
     n = len(packed)
     chunk_records = max(n, 1)
@@ -100,13 +102,14 @@ def _write_trace_file(
         1,  # n_chunks
         pid,
         ppid,
-        0,  # flags: no free() tracking
+        HeaderFlag.EXITED if exit_seq else 0,  # no free() tracking
         1,  # next_chunk
         lost,
         start_ns,
         fork_seq,
         0,
         0,
+        exit_seq,
     )
     head = bytearray(HEADER_SIZE)
     head[: len(header)] = header
@@ -178,6 +181,7 @@ def build_trace_files(
             snap.start_ns if snap else fork_seq,
             parsed.lost if pid == main_pid else 0,
             packed,
+            parsed.exits.get(pid, 0),
         )
         files.append(path)
     warnings = []

@@ -75,6 +75,7 @@ def test_parse_output(tmp_path: Path) -> None:
             "3 10 12 1500 1600 0 7 0 0 0 -9",
             "T 300",
             "X 10 10 1700",
+            "E 10 1800",
             "garbage",
         ],
     )
@@ -83,6 +84,7 @@ def test_parse_output(tmp_path: Path) -> None:
     assert parsed.lost == 17
     assert parsed.truncated_waits == 1
     assert parsed.execs == [(10, 10, 1700)]
+    assert parsed.exits == {10: 1800}
     assert parsed.malformed == 1
     ops = [r[0] for r in parsed.records]
     assert ops == [Op.ACCEPT, Op.EPOLL_WAIT, Op.EPOLL_EVENT, Op.EPOLL_EVENT, Op.CLOSE]

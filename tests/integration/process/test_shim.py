@@ -107,6 +107,11 @@ def calls(trace: Trace) -> list[tuple[int, int]]:
     return sorted({(r.seq_in, r.seq_out) for r in trace.records})
 
 
+def exit_seqs(trace: Trace) -> list[int]:
+    """The numbers the processes' exits took (a process that exited normally has one)."""
+    return [p.header.exit_seq for p in trace.processes if p.header.flags & HeaderFlag.EXITED]
+
+
 def assert_sequence_sane(trace: Trace) -> None:
     pairs = calls(trace)
     numbers = [n for pair in pairs for n in pair]
@@ -213,9 +218,12 @@ def test_lifecycle_free_of_registered_pointer_only(
 def test_lifecycle_sequence_numbers(lifecycle: tuple[Trace, dict[str, int], Path]) -> None:
     trace, _, trace_dir = lifecycle
     assert_sequence_sane(trace)
-    # Nothing else ran in this folder: the counter stopped at the last seq_out.
-    assert shim.read_seq(trace_dir) == max(r.seq_out for r in trace.records)
-    numbers = sorted(n for pair in calls(trace) for n in pair)
+    # Nothing else ran in this folder: the counter stopped at the last number handed out,
+    # each process's exit taking one too (HeaderFlag.EXITED).
+    exits = exit_seqs(trace)
+    assert len(exits) == len(trace.processes)
+    numbers = sorted([*(n for pair in calls(trace) for n in pair), *exits])
+    assert shim.read_seq(trace_dir) == numbers[-1]
     assert numbers == list(range(1, len(numbers) + 1))
 
 
@@ -359,7 +367,7 @@ def test_concurrent_processes_share_one_counter(tmp_path: Path) -> None:
     assert len(trace.processes) == 3 and trace.complete
     assert len(trace.records) == 3 * 4 * (2 + 2 * 5000 + 2)
     assert_sequence_sane(trace)
-    numbers = sorted(n for pair in calls(trace) for n in pair)
+    numbers = sorted([*(n for pair in calls(trace) for n in pair), *exit_seqs(trace)])
     assert numbers == list(range(1, len(numbers) + 1))
     assert shim.read_seq(tmp_path) == numbers[-1]
 

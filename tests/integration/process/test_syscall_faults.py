@@ -174,8 +174,15 @@ def test_write_errors_leave_the_connection_dead(tmp_path: Path, error: str, errn
     v = values(run(["write", 6], trace_dir=tmp_path, faults=f"write={error}:1"))
     assert v[f"write_{error}"] == 6 and v["write_sent"] == 0
     trace = read_trace_dir(tmp_path)
-    inj = injected(trace)
+    inj = [r for r in injected(trace) if r.op is Op.WRITE]
     assert len(inj) == 6 and all(r.ret == -1 and r.err == errno for r in inj)
+    # The shim's own shutdown that made each connection dead is in the trace, marked as the
+    # harness's: on the writing thread, inside the write it failed.
+    shutdowns = [r for r in injected(trace) if r.op is Op.SHUTDOWN]
+    assert len(shutdowns) == 6 and len(injected(trace)) == 12
+    for sd, w in zip(shutdowns, inj, strict=True):
+        assert (sd.tid, sd.fd, sd.arg, sd.ret) == (w.tid, w.fd, 2, 0)
+        assert w.seq_in < sd.seq_in < sd.seq_out < w.seq_out
     judged_clean(trace)
 
 

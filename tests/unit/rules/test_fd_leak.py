@@ -121,3 +121,28 @@ def test_either_alone_is_reported_and_stranded_connections_are_a_warning() -> No
 
 def test_no_leak_seen_either_way_does_not_fire() -> None:
     assert fd_leak.decide(evidence(probes={"fd-leak": (None, None)})) == []
+
+
+def test_a_process_that_exited_holding_fds_leaked_none() -> None:
+    """The kernel closes every fd of an exiting process: a connection its peer left, still open
+    in the trace when the process exited, was closed by the exit."""
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A)
+    t.read(tid=1, fd=7, ret=0)
+    assert counts(t.check()) == {"fd-leak": 1}
+    t.exit()
+    t.wait(tid=1, epfd=EP, events=[])  # later calls do not bring it back
+    assert counts(t.check()) == {}
+
+
+def test_an_exit_after_the_cutoff_does_not_excuse_a_leak() -> None:
+    """The harness stops the server after the scenario: an exit then ends a leak the
+    scenario already showed."""
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A)
+    t.read(tid=1, fd=7, ret=0)
+    cutoff = t.seq
+    t.exit()
+    assert counts(t.check(cutoff_seq=cutoff)) == {"fd-leak": 1}

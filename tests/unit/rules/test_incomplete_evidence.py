@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from evidence_kit import evidence
 from tracebuild import TraceBuilder, conn, counts, seed_race, server
 
 from afterclose.harness.oracle.judge import judge_trace
+from afterclose.harness.oracle.rules.incomplete_evidence import PortHolder, decide
 from afterclose.harness.trace.format import Header, Record
 
 RULE = "incomplete-evidence"
@@ -72,3 +74,50 @@ def test_a_complete_or_merely_damaged_trace_does_not_fire(tmp_path: Path) -> Non
     damaged = _Trace(procs, tuple(t.sorted_records()), 0, ("trace.100.0.bin: truncated",), False)
     v = judge_trace(damaged)
     assert not v.complete and RULE not in counts(v)
+
+
+# -- a process that escaped the tracer ------------------------------------------------------
+
+
+def _escaped(tmp_path: Path, holders: list[PortHolder], tracer: str = "preload") -> list[str]:
+    (tmp_path / "trace.100.0.bin").write_bytes(b"")
+    ev = evidence(probes={RULE: holders})
+    assert ev.trace is not None
+    ev.trace.tracer = tracer
+    ev.trace.trace_dir = tmp_path
+    return [v.summary for v in decide(ev) if v.rule == RULE]
+
+
+def test_a_port_holder_without_the_shim_makes_the_evidence_incomplete(tmp_path: Path) -> None:
+    # pid 100 has a trace file from before its exec, but its program now runs without the shim.
+    (found,) = _escaped(tmp_path, [PortHolder(100, "/srv/server", 3, 100, False)])
+    assert "pid 100 (/srv/server)" in found and "--tracer=ebpf" in found
+    assert "LD_PRELOAD" in found
+
+
+def test_a_port_holder_with_no_trace_file_makes_the_evidence_incomplete(tmp_path: Path) -> None:
+    (found,) = _escaped(tmp_path, [PortHolder(101, "/srv/worker", 1, 101, True)])
+    assert "pid 101" in found
+
+
+def test_traced_port_holders_leave_the_evidence_complete(tmp_path: Path) -> None:
+    # Holders in a container are named in its trace files by their PID in the container.
+    holders = [PortHolder(100, "/srv/server", 3, 100, True), PortHolder(5000, "/x", 1, 100, None)]
+    assert _escaped(tmp_path, holders) == []
+
+
+def test_only_the_preload_tracer_is_judged_by_its_trace_files(tmp_path: Path) -> None:
+    holder = PortHolder(7, "/srv/server", 1, 7, False)
+    assert _escaped(tmp_path, [holder], tracer="ebpf") == []
+    assert _escaped(tmp_path, [holder], tracer="") == []
+
+
+def test_a_holder_seen_only_when_the_tracer_attached_still_counts(tmp_path: Path) -> None:
+    # The server died during the scenario: the probe at the end found nobody on the port.
+    ev = evidence(probes={RULE: []})
+    assert ev.trace is not None
+    ev.trace.tracer = "preload"
+    ev.trace.trace_dir = tmp_path
+    ev.trace.port_holders = [PortHolder(42, "/srv/server", 1, 42, False)]
+    (found,) = [v.summary for v in decide(ev) if v.rule == RULE]
+    assert "pid 42" in found
