@@ -221,12 +221,17 @@ class CloseAfterOne:
         return "close"
 
     async def perform(self, conn: Conn) -> None:
-        if (
-            await conn.connect()
-            and await conn.send_requests(1, close_last=True)
-            and await conn.read_reply()
-        ):
+        if not (await conn.connect() and await conn.send_requests(1, close_last=True)):
+            return
+        reply = await conn.read_reply()
+        if reply is None:
+            return
+        if not reply.keep_alive:
             await conn.read_to_eof()
+        elif await conn.check_quiet():
+            # The protocol has no way to ask for a close (an echo, RESP, MQTT): the client
+            # closes instead.
+            conn.close()
 
 
 @dataclass(frozen=True)

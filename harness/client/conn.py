@@ -63,7 +63,8 @@ class Remote:
                 f"cannot resolve {endpoint.host!r}: {exc}", where=f"fault {fault}"
             ) from None
         family, _, _, _, sockaddr = infos[0]
-        return cls(fault, endpoint, family, tuple(sockaddr), proto.Tags(run_id))
+        protocol = endpoint.protocol or HTTP
+        return cls(fault, endpoint, family, tuple(sockaddr), proto.Tags(run_id), protocol)
 
 
 def errno_name(exc: OSError) -> str:
@@ -210,8 +211,15 @@ class Conn:
         return b"".join(r for _, r in reqs), [p for p, _ in reqs]
 
     def malformed_request(self, variant: str) -> bytes:
-        """The protocol's malformed request ``variant``, with a fresh tag where it has one."""
+        """The protocol's malformed request ``variant``, with a fresh tag where it has one.
+
+        Plans draw HTTP's variant names (so that seeded schedules stay what they were); a
+        protocol without that variant gets its own variant of the same rank."""
         host, port = self.endpoint.host, self.endpoint.port
+        own = sorted(self.protocol.malformed_variants)
+        if variant not in own:
+            rank = sorted(HTTP.malformed_variants).index(variant) if variant in HTTP.malformed_variants else 0
+            variant = own[rank % len(own)]
         return self.protocol.malformed(variant, self.next_tag(), host, port)
 
     def sent(self, completes: Sequence[str | None]) -> None:
@@ -338,7 +346,35 @@ class Conn:
             sock.close()
             raise
         self.adopt(sock)
+        return await self.open_session()
+
+    async def open_session(self) -> bool:
+        """Send the protocol's per-connection prologue and read its replies (none for most
+        protocols).  False if the server did not accept the session."""
+        prologue = self.protocol.prologue(self.remote.tags.tag(self.index, 0))
+        if not prologue:
+            return True
+        if not await self.send(prologue):
+            return False
+        self.sent_any = False  # the requests are what later checks speak of
+        for _ in range(self.protocol.prologue_replies):
+            reply = await self._read_one()
+            if reply is None or not 200 <= reply.status < 300:
+                self.report.count("errors:session_refused")
+                return False
         return True
+
+    async def _read_one(self) -> proto.Reply | None:
+        """One reply of the session prologue, or None (the failure counted)."""
+        try:
+            return await self._next_reply()
+        except proto.NoAnswer as exc:
+            self.peer_gone(exc.reset)
+        except TimeoutError:
+            self.timed_out("session")
+        except proto.GarbageReply:
+            self.report.count("errors:garbage")
+        return None
 
     async def send(self, data: bytes, completes: Sequence[str | None] = ()) -> bool:
         """Send ``data``; ``completes`` are the requests it finishes (see ``awaiting``).
@@ -373,22 +409,8 @@ class Conn:
     async def read_reply(self) -> proto.Reply | None:
         """The answer to the oldest request in ``awaiting``, or None (failure counted)."""
         expected = self.awaiting.popleft() if self.awaiting else None
-        parser = self.parser
         try:
-            while True:
-                reply = parser.next()
-                if reply is not None:
-                    break
-                if parser.eof:
-                    raise proto.NoAnswer("closed", reset=False, partial=parser.buffered)
-                try:
-                    data = await self.recv()
-                except ConnectionResetError:
-                    raise proto.NoAnswer("reset", reset=True, partial=parser.buffered) from None
-                if data:
-                    parser.feed(data)
-                else:
-                    parser.feed_eof()
+            reply = await self._next_reply()
         except proto.NoAnswer as exc:
             self._no_answer(exc, expected)
             return None
@@ -400,6 +422,23 @@ class Conn:
             return None
         self._answered(reply, expected)
         return reply
+
+    async def _next_reply(self) -> proto.Reply:
+        parser = self.parser
+        while True:
+            reply = parser.next()
+            if reply is not None:
+                return reply
+            if parser.eof:
+                raise proto.NoAnswer("closed", reset=False, partial=parser.buffered)
+            try:
+                data = await self.recv()
+            except ConnectionResetError:
+                raise proto.NoAnswer("reset", reset=True, partial=parser.buffered) from None
+            if data:
+                parser.feed(data)
+            else:
+                parser.feed_eof()
 
     async def read_some(self, max_bytes: int) -> bytes:
         """One recv of at most ``max_bytes`` of the answers, or b"" (EOF/RST/timeout counted)."""
