@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import errno
 import socket
+import ssl
 import struct
 import time
 from collections import deque
@@ -26,6 +27,7 @@ from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from afterclose.harness.client.tls_layer import TlsLayer
 from afterclose.harness.errors import HarnessResourceError, ScenarioError
 from afterclose.harness.oracle.evidence import FOREIGN_ANSWER, UNSOLICITED_BYTES, Observation
 from afterclose.harness.protocols import base as proto
@@ -125,6 +127,7 @@ class Conn:
         self.last_answered: str | None = None
         self.gone = False  # the peer closed or reset the connection
         self._next_req = 0
+        self.tls: TlsLayer | None = None
 
     # -- bookkeeping
 
@@ -290,7 +293,36 @@ class Conn:
             return await op
 
     async def recv(self, max_bytes: int = proto.RECV_SIZE, until: float | None = None) -> bytes:
-        """One recv under the op deadline; TimeoutError, ConnectionResetError pass through."""
+        """One recv under the op deadline; TimeoutError, ConnectionResetError pass through.
+        Over TLS: plaintext, b"" once the stream ended (a TLS error is counted and ends it)."""
+        if self.tls is None:
+            return await self._recv_raw(max_bytes, until)
+        while True:
+            plain = self._decrypt(max_bytes)
+            if plain is not None:
+                return plain
+            self.tls.feed(await self._recv_raw(proto.RECV_SIZE, until))
+
+    def recv_now(self, max_bytes: int) -> bytes:
+        """What the kernel already queued (plaintext over TLS); BlockingIOError if nothing."""
+        assert self.sock is not None, "connect() first"
+        if self.tls is None:
+            return self.sock.recv(max_bytes)
+        while True:
+            plain = self._decrypt(max_bytes)
+            if plain is not None:
+                return plain
+            self.tls.feed(self.sock.recv(proto.RECV_SIZE))
+
+    def _decrypt(self, max_bytes: int) -> bytes | None:
+        assert self.tls is not None
+        try:
+            return self.tls.decrypt(max_bytes)
+        except ssl.SSLError as exc:
+            self.report.count(f"errors:tls_{exc.reason or 'error'}".lower())
+            return b""
+
+    async def _recv_raw(self, max_bytes: int, until: float | None) -> bytes:
         assert self.sock is not None, "connect() first"
         try:  # what the kernel already queued (often the answer and the FIN), without a wait
             return self.sock.recv(max_bytes)
@@ -328,7 +360,8 @@ class Conn:
 
     # -- actions
 
-    async def connect(self) -> bool:
+    async def connect(self, *, session: bool = True) -> bool:
+        """Connect; then, with ``session``, the TLS handshake and the protocol's prologue."""
         sock = self.new_socket()
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
@@ -346,7 +379,41 @@ class Conn:
             sock.close()
             raise
         self.adopt(sock)
+        if not session:
+            return True
+        if self.endpoint.tls and not await self.handshake():
+            return False
         return await self.open_session()
+
+    async def handshake(self, *, stop_after_hello: bool = False) -> bool:
+        """The TLS handshake, at the TCP level like everything else.  ``stop_after_hello``:
+        send the ClientHello and return once the first bytes of the answer arrived (for a RST
+        in the middle of the handshake)."""
+        self.tls = TlsLayer(self.endpoint.host)
+        try:
+            while not self.tls.step():
+                if not await self.send_raw(self.tls.wire()):
+                    return False
+                try:
+                    raw = await self._recv_raw(proto.RECV_SIZE, None)
+                except TimeoutError:
+                    self.timed_out("handshake")
+                    return False
+                except ConnectionResetError:
+                    self.peer_gone(True)
+                    return False
+                if not raw:
+                    self.peer_gone(False)
+                    return False
+                if stop_after_hello:
+                    self.report.count("handshakes_cut")
+                    return True
+                self.tls.feed(raw)
+        except ssl.SSLError as exc:
+            self.report.count(f"errors:tls_{exc.reason or 'handshake'}".lower())
+            return False
+        self.report.count("handshakes")
+        return await self.send_raw(self.tls.wire())
 
     async def open_session(self) -> bool:
         """Send the protocol's per-connection prologue and read its replies (none for most
@@ -381,6 +448,14 @@ class Conn:
 
         False if the peer is gone (counted as ``reset_by_peer``) or on any other error.
         """
+        wire = data if self.tls is None else self.tls.encrypt(data)
+        if not await self.send_raw(wire):
+            return False
+        self.sent(completes)
+        return True
+
+    async def send_raw(self, data: bytes) -> bool:
+        """Send ``data`` as it is (ciphertext over TLS); False as :meth:`send`."""
         assert self.sock is not None, "connect() first"
         try:
             # The fast path: a small request nearly always fits the socket buffer at once, and
@@ -398,7 +473,6 @@ class Conn:
         except OSError as exc:
             self.send_failed(exc)
             return False
-        self.sent(completes)
         return True
 
     async def send_requests(self, count: int, *, close_last: bool = False) -> bool:
@@ -469,7 +543,7 @@ class Conn:
             try:
                 if wait_s <= 0:
                     # The socket is non-blocking: recv() only reports what the kernel queued.
-                    extra = self.sock.recv(proto.RECV_SIZE)
+                    extra = self.recv_now(proto.RECV_SIZE)
                 else:
                     until = min(self.deadline, time.monotonic() + wait_s)
                     extra = await self.recv(proto.RECV_SIZE, until)

@@ -32,7 +32,7 @@ MALFORMED: dict[str, bytes] = {
     "reserved-type": b"\x00\x00",
     "bad-length": b"\x30\xff\xff\xff\xff\x01",
     "bad-flags": b"\xc3\x00",
-    "not-mqtt": b"GARBAGE {tag}\r\n\r\n",
+    "auth-in-3.1.1": b"\xf0\x00",
 }
 
 

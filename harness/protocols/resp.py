@@ -23,7 +23,7 @@ MALFORMED: dict[str, bytes] = {
     "bad-length": b"*1\r\n$x{tag}\r\n",
     "wrong-arity": b"*1\r\n$3\r\nGET\r\n",
     "unterminated": b"*2\r\n$4\r\nECHO\r\n${n}\r\n{tag}XX",
-    "binary": b"*\xff\xfe\x00\r\n",
+    "bad-count": b"*x\r\n",
 }
 
 

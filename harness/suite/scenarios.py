@@ -54,6 +54,13 @@ def test_reset_peer(target: TargetRun, phase: str) -> None:
     assert report.counts["rst_sent"] > 0
 
 
+def test_reset_mid_handshake(target: TargetRun) -> None:
+    if not target.manifest.tls:
+        pytest.skip("the target does not speak TLS (tls = true in its manifest)")
+    report = target.run_fault("reset_peer", phase="mid-handshake", connections=60, concurrency=10)
+    assert report.counts["rst_sent"] > 0
+
+
 def test_half_close(target: TargetRun) -> None:
     needs_replies(target)
     report = target.run_fault(
