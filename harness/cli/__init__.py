@@ -41,7 +41,19 @@ from afterclose.harness.errors import AftercloseError
 
 # The subcommands in the order ``afterclose --help`` lists them; a new one is a module with
 # add_parser(), added here.
-SUBCOMMANDS = (demo, targets, faults, kernels, run, explore, soak, trace, rules, manifest, protocols)
+SUBCOMMANDS = (
+    demo,
+    targets,
+    faults,
+    kernels,
+    run,
+    explore,
+    soak,
+    trace,
+    rules,
+    manifest,
+    protocols,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -221,7 +221,8 @@ class Conn:
         host, port = self.endpoint.host, self.endpoint.port
         own = sorted(self.protocol.malformed_variants)
         if variant not in own:
-            rank = sorted(HTTP.malformed_variants).index(variant) if variant in HTTP.malformed_variants else 0
+            drawn_from = sorted(HTTP.malformed_variants)
+            rank = drawn_from.index(variant) if variant in drawn_from else 0
             variant = own[rank % len(own)]
         return self.protocol.malformed(variant, self.next_tag(), host, port)
 

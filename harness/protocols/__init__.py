@@ -35,8 +35,10 @@ def resolve(spec: str, folder: Path, where: Path | None = None) -> Protocol:
     if spec in BUILTIN:
         return builtin(spec)
     module, colon, cls = spec.partition(":")
-    hint = f"built-in protocols: {', '.join(BUILTIN)}; or module:Class with module.py beside " \
+    hint = (
+        f"built-in protocols: {', '.join(BUILTIN)}; or module:Class with module.py beside "
         "the manifest"
+    )
     if not colon or not module.isidentifier() or not cls.isidentifier():
         raise ManifestError(f"key 'protocol': unknown protocol {spec!r}", where=where, hint=hint)
     path = folder / f"{module}.py"
@@ -68,6 +70,7 @@ def resolve(spec: str, folder: Path, where: Path | None = None) -> Protocol:
         return made()
     except TypeError as exc:
         raise ManifestError(
-            f"key 'protocol': {cls}() failed: {exc}", where=where, hint="its class must be "
-            "abstract-free and take no arguments"
+            f"key 'protocol': {cls}() failed: {exc}",
+            where=where,
+            hint="its class must be abstract-free and take no arguments",
         ) from exc

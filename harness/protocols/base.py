@@ -232,9 +232,7 @@ class Protocol(abc.ABC):
         """The request that asks a live server for ``path`` (then closes)."""
         return self.request(path, host, port, close=True)
 
-    def ask(
-        self, host: str, port: int, path: str, timeout_s: float, *, tls: bool = False
-    ) -> Reply:
+    def ask(self, host: str, port: int, path: str, timeout_s: float, *, tls: bool = False) -> Reply:
         """One request on a fresh connection, its reply, all within ``timeout_s`` (blocking).
         Raises :class:`ClientError` subclasses."""
         deadline = time.monotonic() + timeout_s

@@ -21,8 +21,15 @@ CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
 SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = range(8, 15)
 # What a broker may send a client, and the fixed-header flags each must carry (None: any).
 _FROM_BROKER: dict[int, int | None] = {
-    CONNACK: 0, PUBLISH: None, PUBACK: 0, PUBREC: 0, PUBREL: 2, PUBCOMP: 0,
-    SUBACK: 0, UNSUBACK: 0, PINGRESP: 0,
+    CONNACK: 0,
+    PUBLISH: None,
+    PUBACK: 0,
+    PUBREC: 0,
+    PUBREL: 2,
+    PUBCOMP: 0,
+    SUBACK: 0,
+    UNSUBACK: 0,
+    PINGRESP: 0,
 }
 _NAMES = {CONNACK: "CONNACK", PUBLISH: "PUBLISH", PUBACK: "PUBACK", PUBREC: "PUBREC",
           PUBREL: "PUBREL", PUBCOMP: "PUBCOMP", SUBACK: "SUBACK", UNSUBACK: "UNSUBACK",

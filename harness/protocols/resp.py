@@ -73,7 +73,7 @@ class RespParser(base.ReplyParser):
     def _value(self, pos: int, depth: int) -> tuple[Frame, int]:
         if pos >= len(self._buf):
             raise _Short
-        kind = self._buf[pos : pos + 1]
+        kind = bytes(self._buf[pos : pos + 1])
         line, end = self._line(pos + 1)
         if kind == b"+":
             return Frame(200, line, kind="simple"), end
@@ -108,7 +108,7 @@ class RespParser(base.ReplyParser):
                 item, end = self._value(end, depth + 1)
                 parts.append(item.body)
             return Frame(200, b" ".join(parts), kind="array"), end
-        raise GarbageReply(f"not a RESP reply: {bytes(self._buf[pos:pos + 60])!r}", bytes(line))
+        raise GarbageReply(f"not a RESP reply: {bytes(self._buf[pos : pos + 60])!r}", bytes(line))
 
 
 class Resp(base.Protocol):

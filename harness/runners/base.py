@@ -115,9 +115,7 @@ class Server(abc.ABC):
         spec = self.plan.manifest.ready
         manifest = self.plan.manifest
         logs = (self.plan.stdout_path, self.plan.stderr_path)
-        probe = readiness.probe_for(
-            spec, self.host, self.port, logs, manifest.speaks, manifest.tls
-        )
+        probe = readiness.probe_for(spec, self.host, self.port, logs, manifest.speaks, manifest.tls)
 
         def gone() -> str | None:
             status = self.exit_status()
