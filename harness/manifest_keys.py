@@ -99,8 +99,8 @@ KEYS: dict[str, Key] = {
             "tls",
             "true or false",
             False,
-            "clients speak the protocol over TLS; the server gets a certificate made for the "
-            "run through {tls_cert} and {tls_key}",
+            "clients speak the protocol over TLS; the server gets the certificate the harness "
+            "makes, through {tls_cert} and {tls_key}",
         ),
         Key("compile.sources", "a list of source files", (), "C sources the harness builds", True),
         Key("compile.cflags", "a list of strings", (), "extra compiler flags"),
