@@ -380,8 +380,11 @@ class Conn:
             sock.close()
             raise
         self.adopt(sock)
-        if not session:
-            return True
+        return await self.start_session() if session else True
+
+    async def start_session(self) -> bool:
+        """On a connected socket: the TLS handshake (``tls = true``), then the protocol's
+        prologue.  False (counted) if either failed."""
         if self.endpoint.tls and not await self.handshake():
             return False
         return await self.open_session()
