@@ -198,7 +198,7 @@ async def connect_keepalive(conn: Conn, exchanges: int) -> tuple[FourTuple, sock
     """:func:`connect`, then ``exchanges`` request/response round trips on the connection: its
     4-tuple and the client socket, or None on any failure (counted)."""
     tup = connect(conn)
-    if tup is None:
+    if tup is None or not await conn.start_session():
         return None
     for _ in range(exchanges):
         if not await conn.send_requests(1) or await conn.read_reply() is None:

@@ -27,6 +27,7 @@ from afterclose.harness.client.plan import Planned, schedule_of
 from afterclose.harness.control import ServerControl
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.oracle.evidence import Observation
+from afterclose.harness.protocols.base import Protocol
 
 MAX_OBSERVATIONS = 100
 GONE_POLL_S = 0.05
@@ -43,6 +44,9 @@ class Endpoint:
     # Asked (at most every GONE_POLL_S) before each new connection: True once the target has
     # exited, so a fault stops hammering a dead port instead of running out its duration.
     gone: Callable[[], bool] | None = field(default=None, compare=False)
+    # What the clients speak (None: HTTP/1.1), and whether over TLS.
+    protocol: Protocol | None = None
+    tls: bool = False
 
 
 # Keys shown first, in this order, by FaultReport.summary(); others follow sorted.

@@ -72,15 +72,19 @@ class Pause(ss.StormFault):
 
 
 def _answers(server: ServerControl, within_s: float) -> bool:
-    """Whether a GET gets any byte of an answer within ``within_s`` (it must not: frozen)."""
+    """Whether a request in the target's protocol gets any byte of an answer within
+    ``within_s`` (it must not: frozen).  Plaintext even over TLS: any byte back, an alert
+    included, shows the server ran."""
     host, port = server.host, server.port
+    protocol = server.endpoint().protocol or http.HTTP
+    probe = protocol.prologue(PROBE_PATH) + protocol.request(PROBE_PATH, host, port, close=True)
     try:
         sock = socket.create_connection((host, port), timeout=within_s)
     except OSError:
         return False
     with sock:
         try:
-            sock.sendall(http.build_get(PROBE_PATH, host, port, close=True))
+            sock.sendall(probe)
             sock.settimeout(within_s)
             return bool(sock.recv(1))
         except OSError:

@@ -20,8 +20,8 @@ from typing import ClassVar
 
 from afterclose.faults.base import Endpoint, Fault, FaultReport, param
 from afterclose.harness.client import engine
+from afterclose.harness.client.behaviours import MID_HANDSHAKE, ResetAction, draw_reset
 from afterclose.harness.client.behaviours import RESET_PHASES as PHASES
-from afterclose.harness.client.behaviours import ResetAction, draw_reset
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,9 @@ class ResetPeer(Fault):
 
     connections: int = param(20, lo=1, hi=100_000, doc="connections to open, one after another")
     concurrency: int = param(4, lo=1, hi=1024, doc="connections open at once")
-    phase: str = param("random", choices=(*PHASES, "random"), doc="when the client sends the RST")
+    phase: str = param(
+        "random", choices=(*PHASES, MID_HANDSHAKE, "random"), doc="when the client sends the RST"
+    )
 
     def plan(self, rng: random.Random) -> list[ResetAction]:
         return [draw_reset(rng, self.phase) for _ in range(self.connections)]

@@ -61,7 +61,7 @@ class RstMidResponseAction(pk.ForgingAction):
     async def perform(self, conn: Conn) -> None:
         forger = self.forger
         tup = pk.connect(conn, rcvbuf_bytes=self.rcvbuf_bytes, mss_bytes=self.mss_bytes)
-        if tup is None:
+        if tup is None or not await conn.start_session():
             return
         stalled = await self._pipeline(conn)
         if stalled is None:
@@ -88,11 +88,14 @@ class RstMidResponseAction(pk.ForgingAction):
         sent_total = 0
         while sent_total < self.max_pipeline_bytes:
             reqs = [self._large_request(conn) for _ in range(_BATCH)]
-            buf = memoryview(b"".join(r for _, r in reqs))
+            # Over TLS each request is its own records, so a request is whole once its last
+            # ciphertext byte went out.
+            wires = [r if conn.tls is None else conn.tls.encrypt(r) for _, r in reqs]
+            buf = memoryview(b"".join(wires))
             ends = []
             end = 0
-            for _, r in reqs:
-                end += len(r)
+            for wire in wires:
+                end += len(wire)
                 ends.append(end)
             off = 0
             while off < len(buf):

@@ -112,7 +112,14 @@ def make_plan(
         # The interpreter running the harness: Python targets then run in the same virtual
         # environment whether or not it is activated.
         "python": sys.executable,
+        "tls_cert": "",
+        "tls_key": "",
     }
+    if manifest.tls:
+        from afterclose.harness.protocols import tls
+
+        cert, key = tls.certificate()
+        values.update(tls_cert=str(cert), tls_key=str(key))
     argv = [
         manifest.render(part, values, f"command[{i}]") for i, part in enumerate(manifest.command)
     ]

@@ -10,14 +10,18 @@ import difflib
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from afterclose.harness.errors import ManifestError
 from afterclose.harness.manifest_keys import KEYS
 
+if TYPE_CHECKING:
+    from afterclose.harness.protocols.base import Protocol
+
 MANIFEST_FILE = "target.toml"
-PLACEHOLDERS = ("host", "port", "build", "workdir", "manifest_dir", "python")
+PLACEHOLDERS = ("host", "port", "build", "workdir", "manifest_dir", "python", "tls_cert", "tls_key")
 TRACER_MODES = ("auto", "preload", "ebpf", "off")
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGKILL")
 
@@ -32,6 +36,7 @@ class ReadySpec:
     port: bool = False
     http: str | None = None
     timeout_s: float = 10.0
+    protocol: bool = False
 
     @property
     def strategy(self) -> str:
@@ -39,6 +44,8 @@ class ReadySpec:
             return "log"
         if self.http is not None:
             return "http"
+        if self.protocol:
+            return "protocol"
         return "port"
 
 
@@ -82,10 +89,19 @@ class Manifest:
     ready: ReadySpec = ReadySpec(port=True)
     docker: DockerSpec | None = None
     restart_keeps: tuple[str, ...] = ()  # paths answered the same after a kill and restart
+    protocol: str = "http"
+    tls: bool = False
 
     @property
     def folder(self) -> Path:
         return self.path.parent
+
+    @cached_property
+    def speaks(self) -> Protocol:
+        """The :class:`Protocol` named by ``protocol`` (a user's class imported once)."""
+        from afterclose.harness import protocols
+
+        return protocols.resolve(self.protocol, self.folder, self.path)
 
     def render(self, template: str, values: Mapping[str, str], key: str) -> str:
         """Substitute ``{host}``-style placeholders; a typo is named, not silently kept."""
@@ -273,6 +289,8 @@ def parse_manifest(data: Mapping[str, Any], path: Path) -> Manifest:
     ready = _parse_ready(top.table("ready"))
     docker = _parse_docker(top.table("docker"), path.parent)
     restart_keeps = top.get("restart_keeps", _url_paths)
+    protocol = top.get("protocol", _str)
+    tls = top.get("tls", _bool)
     top.reject_unknown()
 
     if "{build}" in " ".join(command) and compile_spec is None:
@@ -300,7 +318,10 @@ def parse_manifest(data: Mapping[str, Any], path: Path) -> Manifest:
         ready=ready,
         docker=docker,
         restart_keeps=restart_keeps,
+        protocol=protocol,
+        tls=tls,
     )
+    manifest.speaks  # noqa: B018  (an unknown protocol or a broken class is named now)
     probe = dict.fromkeys(PLACEHOLDERS, "x")
     for i, part in enumerate(command):
         manifest.render(part, probe, f"command[{i}]")
@@ -337,14 +358,18 @@ def _parse_ready(table: _Table | None) -> ReadySpec:
     log = table.get_opt("log", _str)
     port = table.get("port", _bool)
     http = table.get_opt("http", _url_path)
+    by_protocol = table.get("protocol", _bool)
     timeout_s = table.get("timeout_s", _positive)
     table.reject_unknown()
-    chosen = [k for k, v in (("log", log), ("port", port or None), ("http", http)) if v]
+    given = (("log", log), ("port", port or None), ("http", http), ("protocol", by_protocol))
+    chosen = [k for k, v in given if v]
     if len(chosen) > 1:
         raise table.error(chosen[1], f"choose one readiness strategy, not {' and '.join(chosen)}")
     if log == "":
         raise table.error("log", "the log line to wait for is empty")
-    return ReadySpec(log=log, port=port or not chosen, http=http, timeout_s=timeout_s)
+    return ReadySpec(
+        log=log, port=port or not chosen, http=http, timeout_s=timeout_s, protocol=by_protocol
+    )
 
 
 def _parse_docker(table: _Table | None, folder: Path) -> DockerSpec | None:

@@ -43,7 +43,7 @@ KEYS: dict[str, Key] = {
             (),
             "the server's command line, run in the manifest's folder: a program path with a "
             "slash is relative to that folder, a bare name is found on PATH; placeholders "
-            "{host} {port} {build} {workdir} {manifest_dir} {python}",
+            "{host} {port} {build} {workdir} {manifest_dir} {python} {tls_cert} {tls_key}",
             True,
         ),
         Key("description", "a string", "", "one line for `afterclose targets`"),
@@ -88,6 +88,20 @@ KEYS: dict[str, Key] = {
             (),
             "paths answered the same after the `kill` fault restarts the server",
         ),
+        Key(
+            "protocol",
+            "a protocol name, or module:Class",
+            "http",
+            "what clients speak: http, line, resp, memcached, mqtt, raw (`afterclose "
+            "protocols`), or a Protocol subclass in module.py beside the manifest",
+        ),
+        Key(
+            "tls",
+            "true or false",
+            False,
+            "clients speak the protocol over TLS; the server gets the certificate the harness "
+            "makes, through {tls_cert} and {tls_key}",
+        ),
         Key("compile.sources", "a list of source files", (), "C sources the harness builds", True),
         Key("compile.cflags", "a list of strings", (), "extra compiler flags"),
         Key("compile.ldflags", "a list of strings", (), "extra linker flags"),
@@ -103,6 +117,13 @@ KEYS: dict[str, Key] = {
             "an HTTP path",
             None,
             "ready once a GET of it is answered with a status below 500",
+        ),
+        Key(
+            "ready.protocol",
+            "true or false",
+            False,
+            "ready once a request of the manifest's protocol is answered (raw: a connection "
+            "is accepted and kept)",
         ),
         Key("ready.timeout_s", "seconds (> 0)", 10.0, "how long the server may take to be ready"),
         Key("docker.image", "an image name", None, "the image the Docker runner runs"),

@@ -1,4 +1,5 @@
-"""Readiness strategies (a log line, an open port, an HTTP answer) sharing one polling loop."""
+"""Readiness strategies (a log line, an open port, an HTTP answer, an answer in the target's
+protocol) sharing one polling loop."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from afterclose.harness.manifest import ReadySpec
+from afterclose.harness.protocols.base import Protocol
 
 POLL_INTERVAL_S = 0.02
 
@@ -45,12 +47,12 @@ def port_probe(host: str, port: int) -> Probe:
     return Probe(f"a listening socket on {host}:{port}", check)
 
 
-def http_probe(host: str, port: int, path: str) -> Probe:
+def http_probe(host: str, port: int, path: str, tls: bool = False) -> Probe:
     def check() -> bool:
         from afterclose.harness.protocols import http
 
         try:
-            response = http.get(host, port, path, timeout_s=1.0)
+            response = http.get(host, port, path, timeout_s=1.0, tls=tls)
         except (OSError, http.ClientError):
             return False
         return response.status < 500
@@ -58,11 +60,28 @@ def http_probe(host: str, port: int, path: str) -> Probe:
     return Probe(f"an HTTP answer to GET {path} on {host}:{port}", check)
 
 
-def probe_for(spec: ReadySpec, host: str, port: int, logs: tuple[Path, ...]) -> Probe:
+def protocol_probe(host: str, port: int, protocol: Protocol, tls: bool) -> Probe:
+    def check() -> bool:
+        return not protocol.liveness_problem(host, port, 1.0, tls=tls)
+
+    over = " over TLS" if tls else ""
+    return Probe(f"an answer in protocol {protocol.name!r}{over} on {host}:{port}", check)
+
+
+def probe_for(
+    spec: ReadySpec,
+    host: str,
+    port: int,
+    logs: tuple[Path, ...],
+    protocol: Protocol | None = None,
+    tls: bool = False,
+) -> Probe:
     if spec.log is not None:
         return log_line_probe(spec.log, logs)
     if spec.http is not None:
-        return http_probe(host, port, spec.http)
+        return http_probe(host, port, spec.http, tls)
+    if spec.protocol and protocol is not None:
+        return protocol_probe(host, port, protocol, tls)
     return port_probe(host, port)
 
 

@@ -201,6 +201,8 @@ class TargetRun:
             self.port,
             echo_path=self.manifest.echo_path,
             gone=lambda: self.server.exit_status() is not None,
+            protocol=self.manifest.speaks,
+            tls=self.manifest.tls,
         )
 
     def url(self, path: str = "/") -> str:

@@ -11,6 +11,7 @@ afterclose soak --target X --duration 8h   a long, resumable campaign of rounds
 afterclose trace show DIR|FILE       print a saved trace's verdict and timelines
 afterclose rules                     list the rules a verdict can name
 afterclose manifest --explain        list every manifest key
+afterclose protocols                 list the protocols a target may speak, and their keys
 
 Each subcommand is one module here with an ``add_parser(sub)`` that registers it and sets
 its ``func``; the options of those that start a target come from ``common`` (and so from
@@ -29,6 +30,7 @@ from afterclose.harness.cli import (
     faults,
     kernels,
     manifest,
+    protocols,
     rules,
     run,
     soak,
@@ -39,7 +41,19 @@ from afterclose.harness.errors import AftercloseError
 
 # The subcommands in the order ``afterclose --help`` lists them; a new one is a module with
 # add_parser(), added here.
-SUBCOMMANDS = (demo, targets, faults, kernels, run, explore, soak, trace, rules, manifest)
+SUBCOMMANDS = (
+    demo,
+    targets,
+    faults,
+    kernels,
+    run,
+    explore,
+    soak,
+    trace,
+    rules,
+    manifest,
+    protocols,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,9 @@ from afterclose.harness.client.conn import Conn
 from afterclose.harness.protocols.http import HTTP
 
 RESET_PHASES = ("before-request", "mid-request", "after-request", "mid-response")
+# Chosen by name only (a random phase draws from RESET_PHASES, as seeded schedules always did):
+# the RST right after the server's first handshake bytes (over TLS; else right after connect).
+MID_HANDSHAKE = "mid-handshake"
 CLOSE_MODES = ("rst", "fin", "mixed")
 # The malformed requests plans draw from: the protocol's variants, in a fixed order.
 MALFORMED_VARIANTS = tuple(sorted(HTTP.malformed_variants))
@@ -60,13 +63,21 @@ class ResetAction:
         return f"rst {self.phase}"
 
     async def perform(self, conn: Conn) -> None:
+        if self.phase == MID_HANDSHAKE:
+            if await conn.connect(session=False) and (
+                not conn.endpoint.tls or await conn.handshake(stop_after_hello=True)
+            ):
+                conn.rst()
+            return
         if not await conn.connect():
             return
         if self.phase == "before-request":
             await conn.check_quiet()
         elif self.phase == "mid-request":
             _, request = conn.new_request()
-            if not await conn.send(request[: len(request) // 2]):
+            # Over TLS the record is cut, not the plaintext: half of its ciphertext goes out.
+            wire = request if conn.tls is None else conn.tls.encrypt(request)
+            if not await conn.send_raw(wire[: len(wire) // 2]):
                 return
             conn.report.count("partial_requests")
         elif self.phase == "after-request":
@@ -221,12 +232,17 @@ class CloseAfterOne:
         return "close"
 
     async def perform(self, conn: Conn) -> None:
-        if (
-            await conn.connect()
-            and await conn.send_requests(1, close_last=True)
-            and await conn.read_reply()
-        ):
+        if not (await conn.connect() and await conn.send_requests(1, close_last=True)):
+            return
+        reply = await conn.read_reply()
+        if reply is None:
+            return
+        if not reply.keep_alive:
             await conn.read_to_eof()
+        elif await conn.check_quiet():
+            # The protocol has no way to ask for a close (an echo, RESP, MQTT): the client
+            # closes instead.
+            conn.close()
 
 
 @dataclass(frozen=True)

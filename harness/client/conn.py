@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import errno
 import socket
+import ssl
 import struct
 import time
 from collections import deque
@@ -26,6 +27,7 @@ from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from afterclose.harness.client.tls_layer import TlsLayer
 from afterclose.harness.errors import HarnessResourceError, ScenarioError
 from afterclose.harness.oracle.evidence import FOREIGN_ANSWER, UNSOLICITED_BYTES, Observation
 from afterclose.harness.protocols import base as proto
@@ -63,7 +65,8 @@ class Remote:
                 f"cannot resolve {endpoint.host!r}: {exc}", where=f"fault {fault}"
             ) from None
         family, _, _, _, sockaddr = infos[0]
-        return cls(fault, endpoint, family, tuple(sockaddr), proto.Tags(run_id))
+        protocol = endpoint.protocol or HTTP
+        return cls(fault, endpoint, family, tuple(sockaddr), proto.Tags(run_id), protocol)
 
 
 def errno_name(exc: OSError) -> str:
@@ -124,6 +127,7 @@ class Conn:
         self.last_answered: str | None = None
         self.gone = False  # the peer closed or reset the connection
         self._next_req = 0
+        self.tls: TlsLayer | None = None
 
     # -- bookkeeping
 
@@ -210,8 +214,16 @@ class Conn:
         return b"".join(r for _, r in reqs), [p for p, _ in reqs]
 
     def malformed_request(self, variant: str) -> bytes:
-        """The protocol's malformed request ``variant``, with a fresh tag where it has one."""
+        """The protocol's malformed request ``variant``, with a fresh tag where it has one.
+
+        Plans draw HTTP's variant names (so that seeded schedules stay what they were); a
+        protocol without that variant gets its own variant of the same rank."""
         host, port = self.endpoint.host, self.endpoint.port
+        own = sorted(self.protocol.malformed_variants)
+        if variant not in own:
+            drawn_from = sorted(HTTP.malformed_variants)
+            rank = drawn_from.index(variant) if variant in drawn_from else 0
+            variant = own[rank % len(own)]
         return self.protocol.malformed(variant, self.next_tag(), host, port)
 
     def sent(self, completes: Sequence[str | None]) -> None:
@@ -282,7 +294,36 @@ class Conn:
             return await op
 
     async def recv(self, max_bytes: int = proto.RECV_SIZE, until: float | None = None) -> bytes:
-        """One recv under the op deadline; TimeoutError, ConnectionResetError pass through."""
+        """One recv under the op deadline; TimeoutError, ConnectionResetError pass through.
+        Over TLS: plaintext, b"" once the stream ended (a TLS error is counted and ends it)."""
+        if self.tls is None:
+            return await self._recv_raw(max_bytes, until)
+        while True:
+            plain = self._decrypt(max_bytes)
+            if plain is not None:
+                return plain
+            self.tls.feed(await self._recv_raw(proto.RECV_SIZE, until))
+
+    def recv_now(self, max_bytes: int) -> bytes:
+        """What the kernel already queued (plaintext over TLS); BlockingIOError if nothing."""
+        assert self.sock is not None, "connect() first"
+        if self.tls is None:
+            return self.sock.recv(max_bytes)
+        while True:
+            plain = self._decrypt(max_bytes)
+            if plain is not None:
+                return plain
+            self.tls.feed(self.sock.recv(proto.RECV_SIZE))
+
+    def _decrypt(self, max_bytes: int) -> bytes | None:
+        assert self.tls is not None
+        try:
+            return self.tls.decrypt(max_bytes)
+        except ssl.SSLError as exc:
+            self.report.count(f"errors:tls_{exc.reason or 'error'}".lower())
+            return b""
+
+    async def _recv_raw(self, max_bytes: int, until: float | None) -> bytes:
         assert self.sock is not None, "connect() first"
         try:  # what the kernel already queued (often the answer and the FIN), without a wait
             return self.sock.recv(max_bytes)
@@ -320,7 +361,8 @@ class Conn:
 
     # -- actions
 
-    async def connect(self) -> bool:
+    async def connect(self, *, session: bool = True) -> bool:
+        """Connect; then, with ``session``, the TLS handshake and the protocol's prologue."""
         sock = self.new_socket()
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
@@ -338,13 +380,86 @@ class Conn:
             sock.close()
             raise
         self.adopt(sock)
+        return await self.start_session() if session else True
+
+    async def start_session(self) -> bool:
+        """On a connected socket: the TLS handshake (``tls = true``), then the protocol's
+        prologue.  False (counted) if either failed."""
+        if self.endpoint.tls and not await self.handshake():
+            return False
+        return await self.open_session()
+
+    async def handshake(self, *, stop_after_hello: bool = False) -> bool:
+        """The TLS handshake, at the TCP level like everything else.  ``stop_after_hello``:
+        send the ClientHello and return once the first bytes of the answer arrived (for a RST
+        in the middle of the handshake)."""
+        self.tls = TlsLayer(self.endpoint.host)
+        try:
+            while not self.tls.step():
+                if not await self.send_raw(self.tls.wire()):
+                    return False
+                try:
+                    raw = await self._recv_raw(proto.RECV_SIZE, None)
+                except TimeoutError:
+                    self.timed_out("handshake")
+                    return False
+                except ConnectionResetError:
+                    self.peer_gone(True)
+                    return False
+                if not raw:
+                    self.peer_gone(False)
+                    return False
+                if stop_after_hello:
+                    self.report.count("handshakes_cut")
+                    return True
+                self.tls.feed(raw)
+        except ssl.SSLError as exc:
+            self.report.count(f"errors:tls_{exc.reason or 'handshake'}".lower())
+            return False
+        self.report.count("handshakes")
+        return await self.send_raw(self.tls.wire())
+
+    async def open_session(self) -> bool:
+        """Send the protocol's per-connection prologue and read its replies (none for most
+        protocols).  False if the server did not accept the session."""
+        prologue = self.protocol.prologue(self.remote.tags.tag(self.index, 0))
+        if not prologue:
+            return True
+        if not await self.send(prologue):
+            return False
+        self.sent_any = False  # the requests are what later checks speak of
+        for _ in range(self.protocol.prologue_replies):
+            reply = await self._read_one()
+            if reply is None or not 200 <= reply.status < 300:
+                self.report.count("errors:session_refused")
+                return False
         return True
+
+    async def _read_one(self) -> proto.Reply | None:
+        """One reply of the session prologue, or None (the failure counted)."""
+        try:
+            return await self._next_reply()
+        except proto.NoAnswer as exc:
+            self.peer_gone(exc.reset)
+        except TimeoutError:
+            self.timed_out("session")
+        except proto.GarbageReply:
+            self.report.count("errors:garbage")
+        return None
 
     async def send(self, data: bytes, completes: Sequence[str | None] = ()) -> bool:
         """Send ``data``; ``completes`` are the requests it finishes (see ``awaiting``).
 
         False if the peer is gone (counted as ``reset_by_peer``) or on any other error.
         """
+        wire = data if self.tls is None else self.tls.encrypt(data)
+        if not await self.send_raw(wire):
+            return False
+        self.sent(completes)
+        return True
+
+    async def send_raw(self, data: bytes) -> bool:
+        """Send ``data`` as it is (ciphertext over TLS); False as :meth:`send`."""
         assert self.sock is not None, "connect() first"
         try:
             # The fast path: a small request nearly always fits the socket buffer at once, and
@@ -362,7 +477,6 @@ class Conn:
         except OSError as exc:
             self.send_failed(exc)
             return False
-        self.sent(completes)
         return True
 
     async def send_requests(self, count: int, *, close_last: bool = False) -> bool:
@@ -373,22 +487,8 @@ class Conn:
     async def read_reply(self) -> proto.Reply | None:
         """The answer to the oldest request in ``awaiting``, or None (failure counted)."""
         expected = self.awaiting.popleft() if self.awaiting else None
-        parser = self.parser
         try:
-            while True:
-                reply = parser.next()
-                if reply is not None:
-                    break
-                if parser.eof:
-                    raise proto.NoAnswer("closed", reset=False, partial=parser.buffered)
-                try:
-                    data = await self.recv()
-                except ConnectionResetError:
-                    raise proto.NoAnswer("reset", reset=True, partial=parser.buffered) from None
-                if data:
-                    parser.feed(data)
-                else:
-                    parser.feed_eof()
+            reply = await self._next_reply()
         except proto.NoAnswer as exc:
             self._no_answer(exc, expected)
             return None
@@ -400,6 +500,23 @@ class Conn:
             return None
         self._answered(reply, expected)
         return reply
+
+    async def _next_reply(self) -> proto.Reply:
+        parser = self.parser
+        while True:
+            reply = parser.next()
+            if reply is not None:
+                return reply
+            if parser.eof:
+                raise proto.NoAnswer("closed", reset=False, partial=parser.buffered)
+            try:
+                data = await self.recv()
+            except ConnectionResetError:
+                raise proto.NoAnswer("reset", reset=True, partial=parser.buffered) from None
+            if data:
+                parser.feed(data)
+            else:
+                parser.feed_eof()
 
     async def read_some(self, max_bytes: int) -> bytes:
         """One recv of at most ``max_bytes`` of the answers, or b"" (EOF/RST/timeout counted)."""
@@ -430,7 +547,7 @@ class Conn:
             try:
                 if wait_s <= 0:
                     # The socket is non-blocking: recv() only reports what the kernel queued.
-                    extra = self.sock.recv(proto.RECV_SIZE)
+                    extra = self.recv_now(proto.RECV_SIZE)
                 else:
                     until = min(self.deadline, time.monotonic() + wait_s)
                     extra = await self.recv(proto.RECV_SIZE, until)

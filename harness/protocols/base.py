@@ -17,7 +17,9 @@ import os
 import re
 import secrets
 import socket
+import ssl
 import time
+from dataclasses import dataclass
 from typing import ClassVar
 from typing import Protocol as Structural
 
@@ -72,6 +74,17 @@ class Reply(Structural):
         ...
 
 
+@dataclass(frozen=True)
+class Frame:
+    """One whole reply of a protocol without HTTP's shape: a success maps to status 200, a
+    miss to 404, an error reply to 400 (500 for a server error)."""
+
+    status: int
+    body: bytes
+    keep_alive: bool = True
+    kind: str = ""  # what the protocol calls it ("bulk", "PUBLISH"...), for messages
+
+
 # --------------------------------------------------------------------------- tags
 
 
@@ -102,6 +115,15 @@ def tags_in(data: bytes) -> list[str]:
 def carries(data: bytes, tag: str) -> bool:
     """Whether ``data`` contains exactly ``tag`` (``/ac/r/1/1`` does not match ``/ac/r/1/10``)."""
     return tag in tags_in(data)
+
+
+def session_of(tag: str) -> str:
+    """A name shared by every tag of one connection (``<run-id>-<conn#>``): the per-connection
+    key, topic or client id of protocols that keep state per connection."""
+    parsed = parse_tag(tag)
+    if parsed is None:
+        return tag.strip("/").replace("/", "-")
+    return f"{parsed[0]}-{parsed[1]}"
 
 
 class Tags:
@@ -163,6 +185,16 @@ class Protocol(abc.ABC):
 
     name: ClassVar[str]
     malformed_variants: ClassVar[tuple[str, ...]]
+    # False for a protocol the harness cannot read replies of (``raw``): only connection-level
+    # faults apply, and scenarios that judge replies skip with ``no_replies_reason``.
+    has_replies: ClassVar[bool] = True
+    no_replies_reason: ClassVar[str] = ""
+    # True when every successful reply repeats its request's tag by construction (an echo, a
+    # GET of the value just set, a message delivered back): cross-talk is then always checked,
+    # whatever the manifest's ``echo_path`` says.
+    tagged_replies: ClassVar[bool] = False
+    # How many replies the per-connection session prologue (see :meth:`prologue`) gets.
+    prologue_replies: ClassVar[int] = 0
 
     @abc.abstractmethod
     def request(self, tag: str, host: str, port: int, *, close: bool = False) -> bytes:
@@ -173,9 +205,16 @@ class Protocol(abc.ABC):
     def parser(self) -> ReplyParser:
         """A fresh parser for one connection's replies."""
 
+    def prologue(self, session: str) -> bytes:
+        """What a connection sends once, before its first request (MQTT's CONNECT and
+        SUBSCRIBE); ``session`` names the connection (unique per run).  Its
+        ``prologue_replies`` replies are read before any request's."""
+        return b""
+
     def answers(self, reply: Reply, tag: str, *, echoes: bool) -> bool:
         """Whether ``reply`` may answer the request tagged ``tag``.  With ``echoes`` (the
         target repeats the tag in its successful replies) a successful reply must carry it."""
+        echoes = echoes or self.tagged_replies
         if not echoes or not 200 <= reply.status < 300:
             return True
         return carries(reply.body, tag)
@@ -193,29 +232,44 @@ class Protocol(abc.ABC):
         """The request that asks a live server for ``path`` (then closes)."""
         return self.request(path, host, port, close=True)
 
-    def ask(self, host: str, port: int, path: str, timeout_s: float) -> Reply:
+    def ask(self, host: str, port: int, path: str, timeout_s: float, *, tls: bool = False) -> Reply:
         """One request on a fresh connection, its reply, all within ``timeout_s`` (blocking).
         Raises :class:`ClientError` subclasses."""
         deadline = time.monotonic() + timeout_s
-        sock = connect(host, port, timeout_s)
+        sock = connect(host, port, timeout_s, tls=tls)
         try:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            parser = self.parser()
             try:
-                sock.sendall(self.liveness_request(path, host, port))
+                sock.sendall(self.prologue(path) + self.liveness_request(path, host, port))
             except TimeoutError:
                 raise ReplyTimeout("request not sent before the deadline") from None
             except (ConnectionResetError, BrokenPipeError):
                 raise NoAnswer("connection reset while sending the request", reset=True) from None
-            return read_reply(sock, self.parser(), deadline)
+            for _ in range(self.prologue_replies):
+                read_reply(sock, parser, deadline)
+            return read_reply(sock, parser, deadline)
         finally:
             sock.close()
+
+    def liveness_problem(self, host: str, port: int, timeout_s: float, *, tls: bool) -> str:
+        """Why a fresh tagged request did not get its answer ("" when it did): the liveness
+        check of a protocol whose manifest keys (``liveness_path``...) are HTTP's."""
+        tag = make_tag(f"live{secrets.token_hex(3)}", 0, 0)
+        try:
+            reply = self.ask(host, port, tag, timeout_s, tls=tls)
+        except (OSError, ClientError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        if not self.answers(reply, tag, echoes=True):
+            return f"the reply {reply.body[:80]!r} does not answer {tag}"
+        return ""
 
 
 # --------------------------------------------------------------------------- blocking I/O
 
 
-def connect(host: str, port: int, timeout_s: float) -> socket.socket:
-    """A connected TCP socket, or :class:`ConnectFailed`."""
+def connect(host: str, port: int, timeout_s: float, *, tls: bool = False) -> socket.socket:
+    """A connected TCP socket (TLS-wrapped with ``tls``), or :class:`ConnectFailed`."""
     try:
         sock = socket.create_connection((host, port), timeout=timeout_s)
     except TimeoutError:
@@ -223,7 +277,15 @@ def connect(host: str, port: int, timeout_s: float) -> socket.socket:
     except OSError as exc:
         raise ConnectFailed(f"connect to {host}:{port} failed: {exc}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    if not tls:
+        return sock
+    from afterclose.harness.protocols.tls import client_context
+
+    try:
+        return client_context().wrap_socket(sock, server_hostname=host)
+    except (OSError, ssl.SSLError) as exc:
+        sock.close()
+        raise ConnectFailed(f"TLS handshake with {host}:{port} failed: {exc}") from None
 
 
 def read_reply(sock: socket.socket, parser: ReplyParser, deadline: float) -> Reply:
@@ -248,6 +310,8 @@ def read_reply(sock: socket.socket, parser: ReplyParser, deadline: float) -> Rep
             raise NoAnswer(
                 "connection reset by peer", reset=True, partial=parser.buffered
             ) from None
+        except ssl.SSLError as exc:
+            raise NoAnswer(f"TLS: {exc}", reset=False, partial=parser.buffered) from None
         if data:
             parser.feed(data)
         else:

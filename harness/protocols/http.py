@@ -200,8 +200,15 @@ class Http(base.Protocol):
 HTTP = Http()
 
 
-def get(host: str, port: int, path: str = "/", timeout_s: float = DEFAULT_TIMEOUT_S) -> Response:
+def get(
+    host: str,
+    port: int,
+    path: str = "/",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    *,
+    tls: bool = False,
+) -> Response:
     """One GET on a fresh connection (``Connection: close``), all of it within ``timeout_s``."""
-    reply = HTTP.ask(host, port, path, timeout_s)
+    reply = HTTP.ask(host, port, path, timeout_s, tls=tls)
     assert isinstance(reply, Response)
     return reply

@@ -113,9 +113,9 @@ class Server(abc.ABC):
 
     def wait_ready(self) -> float:
         spec = self.plan.manifest.ready
-        probe = readiness.probe_for(
-            spec, self.host, self.port, (self.plan.stdout_path, self.plan.stderr_path)
-        )
+        manifest = self.plan.manifest
+        logs = (self.plan.stdout_path, self.plan.stderr_path)
+        probe = readiness.probe_for(spec, self.host, self.port, logs, manifest.speaks, manifest.tls)
 
         def gone() -> str | None:
             status = self.exit_status()
@@ -152,6 +152,8 @@ def _ready_hint(manifest: Manifest) -> str:
         )
     if spec.http is not None:
         return f"the target must answer GET {spec.http} on {{host}}:{{port}}"
+    if spec.protocol:
+        return f"the target must answer a {manifest.protocol} request on {{host}}:{{port}}"
     return (
         "the target must listen on the {host} and {port} it is given on its command line "
         "or in its environment; raise [ready] timeout_s if it starts slowly"

@@ -24,7 +24,15 @@ _NETEM = pytest.mark.skipif(
 pytestmark = pytest.mark.afterclose_scenario
 
 
+def needs_replies(target: TargetRun) -> None:
+    """Skip a scenario that judges replies when the target's protocol has none (``raw``)."""
+    protocol = target.manifest.speaks
+    if not protocol.has_replies:
+        pytest.skip(protocol.no_replies_reason)
+
+
 def test_keepalive_requests(target: TargetRun) -> None:
+    needs_replies(target)
     report = target.run_fault(
         "connection_storm",
         rate_per_s=200,
@@ -40,11 +48,21 @@ def test_keepalive_requests(target: TargetRun) -> None:
     "phase", ["before-request", "mid-request", "after-request", "mid-response"]
 )
 def test_reset_peer(target: TargetRun, phase: str) -> None:
+    if phase == "mid-response":
+        needs_replies(target)
     report = target.run_fault("reset_peer", phase=phase, connections=60, concurrency=10)
     assert report.counts["rst_sent"] > 0
 
 
+def test_reset_mid_handshake(target: TargetRun) -> None:
+    if not target.manifest.tls:
+        pytest.skip("the target does not speak TLS (tls = true in its manifest)")
+    report = target.run_fault("reset_peer", phase="mid-handshake", connections=60, concurrency=10)
+    assert report.counts["rst_sent"] > 0
+
+
 def test_half_close(target: TargetRun) -> None:
+    needs_replies(target)
     report = target.run_fault(
         "half_close", connections=60, concurrency=10, requests_per_connection=2
     )
@@ -52,6 +70,7 @@ def test_half_close(target: TargetRun) -> None:
 
 
 def test_shutdown_race(target: TargetRun) -> None:
+    needs_replies(target)
     report = target.run_fault(
         "shutdown_race", connections=300, concurrency=20, close_mode="mixed", max_delay_us=500
     )
@@ -59,6 +78,7 @@ def test_shutdown_race(target: TargetRun) -> None:
 
 
 def test_connection_storm(target: TargetRun) -> None:
+    needs_replies(target)
     report = target.run_fault(
         "connection_storm",
         rate_per_s=800,
@@ -86,6 +106,7 @@ def test_connection_storm(target: TargetRun) -> None:
     accept={"emfile": 0.005, "econnaborted": 0.01},
 )
 def test_syscall_faults(target: TargetRun) -> None:
+    needs_replies(target)
     report = target.run_fault(
         "connection_storm",
         rate_per_s=400,
@@ -119,11 +140,13 @@ def test_rst_before_accept(target: TargetRun) -> None:
 
 @_PACKETS
 def test_rst_mid_response(target: TargetRun) -> None:
+    needs_replies(target)
     report = target.run_fault("rst_mid_response", connections=4, concurrency=2)
     assert report.counts["rst_forged"] + report.counts["rst_sent"] > 0
 
 
 @_NETEM
 def test_netem(target: TargetRun) -> None:
+    needs_replies(target)
     report = target.run_fault("netem", storm_s=2.0, rate_per_s=150, concurrency=20)
     assert report.counts["netem_packets"] > 0

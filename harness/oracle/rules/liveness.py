@@ -24,6 +24,8 @@ def check_liveness(target: Server, timeout_s: float = 5.0) -> Violation | None:
     if target.exit_status() is not None:
         return None  # the crash rule already speaks for a dead target
     manifest = target.plan.manifest
+    if manifest.protocol != "http":
+        return _check_protocol(target, timeout_s)
     path = manifest.liveness_path
     if manifest.echo_path:
         path = f"{path.rstrip('/')}/afterclose-liveness-{uuid.uuid4().hex[:8]}"
@@ -31,7 +33,7 @@ def check_liveness(target: Server, timeout_s: float = 5.0) -> Violation | None:
     problem = "no attempt"
     while time.monotonic() < deadline:
         try:
-            response = http.get(target.host, target.port, path, timeout_s=2.0)
+            response = http.get(target.host, target.port, path, timeout_s=2.0, tls=manifest.tls)
         except (OSError, http.ClientError) as exc:
             problem = f"{type(exc).__name__}: {exc}"
             time.sleep(0.1)
@@ -46,6 +48,25 @@ def check_liveness(target: Server, timeout_s: float = 5.0) -> Violation | None:
     return Violation(
         NAME,
         f"after the scenario, GET {path} on {target.host}:{target.port} failed: {problem}",
+    )
+
+
+def _check_protocol(target: Server, timeout_s: float) -> Violation | None:
+    """A fresh tagged request in the manifest's protocol is answered (raw: a connection is
+    accepted and kept)."""
+    manifest = target.plan.manifest
+    protocol = manifest.speaks
+    deadline = time.monotonic() + timeout_s
+    problem = "no attempt"
+    while time.monotonic() < deadline:
+        problem = protocol.liveness_problem(target.host, target.port, 2.0, tls=manifest.tls)
+        if not problem:
+            return None
+        time.sleep(0.1)
+    return Violation(
+        NAME,
+        f"after the scenario, a fresh {protocol.name} request on {target.host}:{target.port} "
+        f"failed: {problem}",
     )
 
 
