@@ -20,6 +20,7 @@ from afterclose import faults
 from afterclose.faults.base import Endpoint, FaultReport
 from afterclose.harness import protocols
 from afterclose.harness.manifest import load_manifest
+from afterclose.harness.oracle import registry
 from afterclose.harness.oracle.evidence import FOREIGN_ANSWER
 from afterclose.harness.ports import lease_port
 from afterclose.harness.protocols import tls
@@ -160,7 +161,7 @@ def test_raw_liveness_is_a_kept_connection(len_echo: int) -> None:
 
 
 RULES = re.compile(r"^\[([a-z-]+)\] ", re.MULTILINE)
-TRACED = {"use-after-close", "stale-rearm", "freed-while-registered", "double-close"}
+TRACED = {rule.name for rule in registry.RULES if rule.traced is not None}
 
 
 @pytest.mark.parametrize("name", ["line", "resp", "memcached"])
@@ -169,8 +170,13 @@ def test_the_seed_bug_behind_each_protocol_is_found_and_its_twin_passes(
 ) -> None:
     select = ["-k", "shutdown_race or connection_storm", "-p", "no:cacheprovider"]
     buggy = pytester.runpytest_subprocess(f"--target={SERVERS / f'{name}-buggy'}", *select)
-    found = set(RULES.findall(buggy.stdout.str()))
-    assert buggy.ret != 0 and found & TRACED, buggy.stdout.str()[-3000:]
+    out = buggy.stdout.str()
+    found = set(RULES.findall(out))
+    assert buggy.ret != 0, out[-3000:]
+    # The seed's error path has two owners: the bug shows as a traced rule, or, when the
+    # second owner's free() wins the race before anything traced gives it away, as glibc
+    # aborting on the double free (the crash rule quotes its message).
+    assert found & TRACED or ("crash" in found and "double free" in out), out[-3000:]
     fixed = pytester.runpytest_subprocess(f"--target={SERVERS / f'{name}-fixed'}", *select)
     fixed.assert_outcomes(passed=2)
 
