@@ -19,7 +19,8 @@ import dataclasses
 import random
 import socket
 import time
-from collections.abc import Iterator
+import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -125,6 +126,15 @@ class StormFault(Fault):
     storm_s: float
     rate_per_s: float
     concurrency: int
+
+    @classmethod
+    def stretched(cls, params: Mapping[str, object], seconds: float) -> dict[str, object]:
+        given = params.get("storm_s")
+        if given is None:
+            fields = dataclasses.fields(typing.cast(Any, cls))
+            given = next(f.default for f in fields if f.name == "storm_s")
+        assert isinstance(given, int | float)
+        return {**params, "storm_s": max(float(given), seconds)}
 
     @abc.abstractmethod
     def headline(self, at: float) -> str:

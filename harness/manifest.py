@@ -82,6 +82,9 @@ class Manifest:
     ready: ReadySpec = ReadySpec(port=True)
     docker: DockerSpec | None = None
     restart_keeps: tuple[str, ...] = ()  # paths answered the same after a kill and restart
+    request_headers: Mapping[str, str] = field(default_factory=dict)
+    large_path: str | None = None
+    idle_timeout_s: float | None = None
 
     @property
     def folder(self) -> Path:
@@ -222,6 +225,14 @@ def _url_path(value: Any) -> str:
     return text
 
 
+def _header_map(value: Any) -> dict[str, str]:
+    headers = _str_map(value)
+    for name, text in headers.items():
+        if not name or any(c in name for c in " :\t\r\n") or any(c in text for c in "\r\n"):
+            raise ValueError(f"{name!r} = {text!r} is not a request header (name: value)")
+    return headers
+
+
 def _url_paths(value: Any) -> tuple[str, ...]:
     return tuple(_url_path(v) for v in _str_list(value))
 
@@ -273,6 +284,9 @@ def parse_manifest(data: Mapping[str, Any], path: Path) -> Manifest:
     ready = _parse_ready(top.table("ready"))
     docker = _parse_docker(top.table("docker"), path.parent)
     restart_keeps = top.get("restart_keeps", _url_paths)
+    request_headers = top.get("request_headers", _header_map)
+    large_path = top.get_opt("large_path", _url_path)
+    idle_timeout_s = top.get_opt("idle_timeout_s", _positive)
     top.reject_unknown()
 
     if "{build}" in " ".join(command) and compile_spec is None:
@@ -300,6 +314,9 @@ def parse_manifest(data: Mapping[str, Any], path: Path) -> Manifest:
         ready=ready,
         docker=docker,
         restart_keeps=restart_keeps,
+        request_headers=request_headers,
+        large_path=large_path,
+        idle_timeout_s=idle_timeout_s,
     )
     probe = dict.fromkeys(PLACEHOLDERS, "x")
     for i, part in enumerate(command):

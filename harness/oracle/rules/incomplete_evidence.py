@@ -7,10 +7,17 @@ violation or explain one away, so a verdict over such a trace proves nothing eit
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from afterclose.harness.oracle.evidence import UNDER_DELIVERED
 from afterclose.harness.oracle.rule import Rule
+from afterclose.harness.oracle.verdict import Violation
 from afterclose.harness.trace.ebpf import ENV_RING_PAGES
 from afterclose.harness.trace.facts import TraceModel
 from afterclose.harness.trace.findings import Finding
+
+if TYPE_CHECKING:
+    from afterclose.harness.oracle.judge import Evidence
 
 NAME = "incomplete-evidence"
 # The shim's knob for the size of each trace file (harness/trace/shim.py), and its default.
@@ -44,9 +51,31 @@ def find(m: TraceModel) -> list[Finding]:
     return [Finding(NAME, summary, -1, 0, first_pid, 0, None, None, meaning=RULE.plain_meaning)]
 
 
+def decide(ev: Evidence) -> list[Violation]:
+    found = list(ev.traced(NAME))
+    short = ev.observations(UNDER_DELIVERED)
+    if short:
+        # The storms that fell short: their plan was the load the verdict would speak for.
+        shown = "\n".join(o.detail for o in short)
+        found.append(
+            Violation(
+                NAME,
+                f"{short[0].detail}; a pass would speak for load that never came: run fewer "
+                "connections (max_connections), a lower rate (rate_per_s) or more client "
+                "processes (processes), or a shorter --storm-duration",
+                details=shown if len(short) > 1 else "",
+                count=len(short),
+            )
+        )
+    return found
+
+
 RULE = Rule(
     NAME,
-    "the trace lost records (a trace file filled up): a missing call could hide a violation, "
-    "so the run cannot pass",
+    "the evidence is incomplete, so the run cannot pass: the trace lost records (a trace file "
+    "filled up: a missing call could hide a violation), or a storm started fewer than 90% of "
+    "its planned connections while the target accepted what it got (the harness could not "
+    "keep up; a target that refused them is judged by the other rules instead)",
     traced=find,
+    decide=decide,
 )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tracebuild import TraceBuilder, conn, counts, seed_race, server
 
+from afterclose.faults.base import FaultReport
 from afterclose.harness.oracle.judge import judge_trace
 from afterclose.harness.trace.format import Header, Record
 
@@ -72,3 +73,52 @@ def test_a_complete_or_merely_damaged_trace_does_not_fire(tmp_path: Path) -> Non
     damaged = _Trace(procs, tuple(t.sorted_records()), 0, ("trace.100.0.bin: truncated",), False)
     v = judge_trace(damaged)
     assert not v.complete and RULE not in counts(v)
+
+
+# --------------------------------------------------------------------------- under-delivered
+
+
+def _storm_report(planned: int, not_started: int, **counts: int) -> FaultReport:
+    from afterclose.harness.client import engine
+
+    report = FaultReport("connection_storm")
+    report.count("not_started", not_started)
+    for key, n in counts.items():
+        report.count(key.replace("__", ":"), n)
+    engine.note_shortfall(report, planned)
+    return report
+
+
+def test_a_storm_the_harness_could_not_deliver_fails_with_the_shortfall_and_a_hint() -> None:
+    from evidence_kit import evidence
+
+    from afterclose.harness.oracle.rules import incomplete_evidence
+
+    report = _storm_report(100_000, 78_929, connections=21_000)
+    (obs,) = report.observations
+    assert obs.values["not_started"] == 78_929 and obs.values["started"] == 21_071
+    (v,) = incomplete_evidence.decide(evidence(obs))
+    assert v.rule == RULE
+    assert "started 21071 of its 100000 planned connections" in v.summary
+    assert "lower rate" in v.summary and "processes" in v.summary
+
+
+def test_a_shortfall_within_the_threshold_is_no_observation() -> None:
+    assert _storm_report(1000, 100, connections=900).observations == []
+
+
+def test_a_target_that_refused_is_judged_by_the_other_rules_not_excused() -> None:
+    refused = _storm_report(1000, 500, errors__connect_econnrefused=400, connections=100)
+    assert refused.observations == []
+    reset = _storm_report(1000, 500, errors__connect_econnreset=200, connections=300)
+    assert reset.observations == []
+    gone = _storm_report(1000, 900, stopped_target_gone=1, connections=100)
+    assert gone.observations == []
+
+
+def test_no_observation_no_trace_loss_passes() -> None:
+    from evidence_kit import evidence
+
+    from afterclose.harness.oracle.rules import incomplete_evidence
+
+    assert incomplete_evidence.decide(evidence()) == []
