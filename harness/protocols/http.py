@@ -191,7 +191,8 @@ class Http(base.Protocol):
 
     def request(self, tag: str, host: str, port: int, *, close: bool = False) -> bytes:
         # Said explicitly: some servers keep an HTTP/1.1 connection open only when asked.
-        keep = () if close else (("Connection", "keep-alive"),)
+        named = any(name.lower() == "connection" for name, _ in self.headers)
+        keep = () if close or named else (("Connection", "keep-alive"),)
         return build_get(tag, host, port, close=close, extra_headers=(*keep, *self.headers))
 
     def path_request(self, path: str, tag: str, host: str, port: int) -> bytes:
