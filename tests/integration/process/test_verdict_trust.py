@@ -6,8 +6,19 @@ subprocess (pytester), as a user runs them."""
 
 from __future__ import annotations
 
+import random
+import socket
+import time
+import uuid
+from pathlib import Path
+
 import pytest
 from picky import picky_manifest
+
+from afterclose.faults.base import Endpoint
+from afterclose.faults.connection_storm import ConnectionStorm
+from afterclose.harness.oracle.evidence import UNDER_DELIVERED
+from afterclose.harness.session import Harness, Settings
 
 QUIET = ("-p", "no:cacheprovider", "-p", "no:xdist", "-rs")
 # The built-in tests a correct server must never fail, packets and netem aside (their own
@@ -109,3 +120,44 @@ def test_the_harness_running_out_of_fds_is_an_error_with_a_hint_not_a_failure(
         ]
     )
     assert "Traceback" not in out and "FAILED" not in out
+
+
+# --------------------------------------------------------------------------- under-delivered
+
+
+def _storm(**params: object) -> ConnectionStorm:
+    return ConnectionStorm.from_params(params, "test")
+
+
+def test_a_storm_the_harness_cannot_deliver_is_incomplete_evidence(tmp_path: Path) -> None:
+    # One connection at a time at 20,000/s: the client cannot start them as fast as planned.
+    manifest = picky_manifest(tmp_path, "small")
+    settings = Settings(target=str(manifest), rootdir=tmp_path, run_id=uuid.uuid4().hex)
+    with Harness(settings).start(tmp_path, "under_delivered") as run:
+        report = run.run_fault(
+            "connection_storm",
+            rate_per_s=20_000,
+            concurrency=1,
+            processes=1,
+            duration_s=0.5,
+            max_connections=10_000,
+            mix={"keepalive": 1},
+        )
+        outcome = run.finish()
+    assert report.counts["not_started"] > 1000, report.summary()
+    (v,) = [v for v in outcome.violations if v.rule == "incomplete-evidence"]
+    assert "planned connections" in v.summary and "lower rate" in v.summary
+    assert [v.rule for v in outcome.violations] == ["incomplete-evidence"]
+
+
+def test_a_target_that_refuses_is_not_excused_as_incomplete_evidence() -> None:
+    # Nothing listens on the port: every connect is refused, which is the target's doing.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    storm = _storm(rate_per_s=20_000, concurrency=1, processes=1, duration_s=0.5)
+    report = storm.run(Endpoint("127.0.0.1", port), random.Random(1), time.monotonic() + 30)
+    # As short of its plan as the harness-side case above, but for the target's reasons.
+    assert report.counts["not_started"] > 1000, report.summary()
+    assert report.counts["errors:connect_econnrefused"] > 0, report.summary()
+    assert not [o for o in report.observations if o.kind == UNDER_DELIVERED]

@@ -122,3 +122,13 @@ def test_no_observation_no_trace_loss_passes() -> None:
     from afterclose.harness.oracle.rules import incomplete_evidence
 
     assert incomplete_evidence.decide(evidence()) == []
+
+
+def test_the_storm_of_a_target_side_fault_may_fall_short_by_design() -> None:
+    from afterclose.faults._server_side import add_storm
+
+    storm = _storm_report(1000, 800, connections=200)
+    assert storm.observations
+    report = FaultReport("pause")
+    add_storm(report, storm)
+    assert report.observations == [] and report.counts["not_started"] == 800
