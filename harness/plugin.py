@@ -306,8 +306,9 @@ def pytest_runtest_makereport(
 
 
 def pytest_report_teststatus(
-    report: pytest.TestReport, config: pytest.Config
+    report: pytest.TestReport | pytest.CollectReport, config: pytest.Config
 ) -> tuple[str, str, str] | None:
-    if report.failed and HARNESS_ERROR in report.user_properties:
+    # Collection reports come here too, and have no user properties.
+    if report.failed and HARNESS_ERROR in getattr(report, "user_properties", ()):
         return "error", "E", "ERROR"
     return None
