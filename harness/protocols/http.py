@@ -219,8 +219,15 @@ class Http(base.Protocol):
 HTTP = Http()
 
 
-def get(host: str, port: int, path: str = "/", timeout_s: float = DEFAULT_TIMEOUT_S) -> Response:
-    """One GET on a fresh connection (``Connection: close``), all of it within ``timeout_s``."""
-    reply = HTTP.ask(host, port, path, timeout_s)
+def get(
+    host: str,
+    port: int,
+    path: str = "/",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    headers: tuple[tuple[str, str], ...] = (),
+) -> Response:
+    """One GET on a fresh connection (``Connection: close``), all of it within ``timeout_s``;
+    ``headers``: the manifest's ``request_headers``."""
+    reply = HTTP.configured(headers).ask(host, port, path, timeout_s)
     assert isinstance(reply, Response)
     return reply

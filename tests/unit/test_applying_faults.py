@@ -132,3 +132,8 @@ def test_an_answer_to_a_fixed_path_parses_as_usual() -> None:
     parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
     reply = parser.next()
     assert reply is not None and reply.body == b"abc" and reply.keep_alive
+
+
+def test_the_liveness_request_carries_the_manifest_headers_too() -> None:
+    raw = HTTP.configured((("Host", "example.org"),)).liveness_request("/", "127.0.0.1", 80)
+    assert b"Host: example.org\r\n" in raw and b"Connection: close\r\n" in raw
