@@ -361,8 +361,7 @@ class Fault(abc.ABC):
             or report.counts.get("stopped_target_gone")
         ):
             return ""
-        report.unapplied = (
-            f"fault {self.name!r} was not applied ({' + '.join(keys)} = 0; {report.summary()})"
-            + (f": {self.unapplied_hint}" if self.unapplied_hint else "")
+        report.unapplied = f"not applied ({' + '.join(keys)} = 0; {report.summary()})" + (
+            f": {self.unapplied_hint}" if self.unapplied_hint else ""
         )
         return report.unapplied

@@ -21,7 +21,7 @@ def test_a_forged_segment_with_no_kept_alive_connection_skips_with_the_key(
     result = pytester.runpytest_subprocess(f"--target={manifest}", "-k", "forged_rst", *QUIET)
     result.assert_outcomes(skipped=2)
     result.stdout.fnmatch_lines(
-        ["*fault 'forged_rst' was not applied (rst_forged = 0*not_kept_alive=*request_headers*"]
+        ["*fault 'forged_rst': not applied (rst_forged = 0*not_kept_alive=*request_headers*"]
     )
 
 
