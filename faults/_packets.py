@@ -201,7 +201,16 @@ async def connect_keepalive(conn: Conn, exchanges: int) -> tuple[FourTuple, sock
     if tup is None or not await conn.start_session():
         return None
     for _ in range(exchanges):
-        if not await conn.send_requests(1) or await conn.read_reply() is None:
+        if not await conn.send_requests(1):
+            return None
+        reply = await conn.read_reply()
+        if reply is None:
+            return None
+        if not reply.keep_alive:
+            # The server is closing this connection already: a forged segment would hit
+            # nothing it still serves.  Counted, so that the fault can say what was missing.
+            conn.report.count("not_kept_alive")
+            await conn.read_to_eof()
             return None
     assert conn.sock is not None
     return tup, conn.sock

@@ -33,6 +33,16 @@ MAX_OBSERVATIONS = 100
 GONE_POLL_S = 0.05
 
 
+def keepalive_hint(what: str) -> str:
+    """Why a fault that needs a connection kept open found none, and the manifest key that
+    helps."""
+    return (
+        f"no connection stayed open long enough for the {what}: the server closed each one "
+        "first; if it keeps a connection open only when a request asks for it, or needs some "
+        'header, set it in the manifest (request_headers = { Connection = "keep-alive" })'
+    )
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where the target listens.  ``echo_path``: its 2xx bodies contain the request path."""
@@ -41,6 +51,10 @@ class Endpoint:
     port: int
     echo_path: bool = False
     io_timeout_s: float = 3.0
+    # The manifest's ``request_headers`` (sent with every valid request) and ``large_path``
+    # (asked for by the mid-response faults, whose answer must back up in the server).
+    request_headers: tuple[tuple[str, str], ...] = ()
+    large_path: str | None = None
     # Asked (at most every GONE_POLL_S) before each new connection: True once the target has
     # exited, so a fault stops hammering a dead port instead of running out its duration.
     gone: Callable[[], bool] | None = field(default=None, compare=False)
@@ -81,6 +95,8 @@ class FaultReport:
     observations: list[Observation] = field(default_factory=list)
     schedule: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    # Why the fault could not be applied at all (set by Fault.check_applied), else "".
+    unapplied: str = ""
 
     def count(self, key: str, n: int = 1) -> None:
         if n:
@@ -102,6 +118,7 @@ class FaultReport:
             self.observe(obs)
         self.schedule.extend(other.schedule)
         self.elapsed_s += other.elapsed_s
+        self.unapplied = self.unapplied or other.unapplied
 
     def summary(self) -> str:
         keys = [k for k in _SUMMARY_ORDER if self.counts.get(k)]
@@ -279,6 +296,10 @@ class Fault(abc.ABC):
 
     name: ClassVar[str]
     needs_server: ClassVar[bool] = False  # True: acts on the server itself, through run_on()
+    # The counts that say the fault was applied: all of them 0 means it never was.
+    applied_when: ClassVar[tuple[str, ...]] = ()
+    # What was missing when it was not, and which manifest key fixes it.
+    unapplied_hint: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         where = f"fault {self.name}"
@@ -306,6 +327,12 @@ class Fault(abc.ABC):
             values[key] = p.check(value, where)
         return cls(**values)
 
+    @classmethod
+    def stretched(cls, params: Mapping[str, object], seconds: float) -> dict[str, object]:
+        """``params`` with the fault's storm lasting at least ``seconds`` at its own rate
+        (``--storm-duration``); a fault without a storm keeps them as they are."""
+        return dict(params)
+
     @abc.abstractmethod
     def plan(self, rng: random.Random) -> Sequence[Planned]:
         """What each connection will do, drawn from ``rng`` alone (no I/O, no clock)."""
@@ -325,3 +352,20 @@ class Fault(abc.ABC):
         """:meth:`run` against ``server``'s endpoint; a fault that ``needs_server`` overrides
         this instead, and acts on ``server`` itself (limits, signals, restarts)."""
         return self.run(server.endpoint(), rng, deadline)
+
+    def check_applied(self, report: FaultReport) -> str:
+        """Record in ``report`` (and return) why the fault was never applied, or "".
+
+        A fault that did nothing it exists for proves nothing about the server: the run is
+        judged as usual, and then skipped with this reason instead of passing or failing."""
+        keys = self.applied_when
+        if (
+            not keys
+            or any(report.counts.get(k) for k in keys)
+            or report.counts.get("stopped_target_gone")
+        ):
+            return ""
+        report.unapplied = f"not applied ({' + '.join(keys)} = 0; {report.summary()})" + (
+            f": {self.unapplied_hint}" if self.unapplied_hint else ""
+        )
+        return report.unapplied

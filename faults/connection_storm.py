@@ -86,6 +86,8 @@ class ConnectionStorm(Fault):
     """Many short connections at a steady rate, each doing one behaviour from ``mix``."""
 
     name: ClassVar[str] = "connection_storm"
+    applied_when: ClassVar[tuple[str, ...]] = ("connections",)
+    unapplied_hint: ClassVar[str] = "the target accepted no connection"
 
     rate_per_s: float = param(200.0, lo=0.1, hi=100_000, doc="new connections per second")
     concurrency: int = param(32, lo=1, hi=1024, doc="most connections open at once, in all")
@@ -101,6 +103,20 @@ class ConnectionStorm(Fault):
         doc="worker processes sharing the rate and the concurrency (at most one per "
         "connection slot)",
     )
+
+    @classmethod
+    def stretched(cls, params: Mapping[str, object], seconds: float) -> dict[str, object]:
+        defaults = cls()
+        duration = params.get("duration_s", defaults.duration_s)
+        rate = params.get("rate_per_s", defaults.rate_per_s)
+        most = params.get("max_connections", defaults.max_connections)
+        assert isinstance(duration, int | float) and isinstance(rate, int | float)
+        assert isinstance(most, int)
+        if duration >= seconds:
+            return dict(params)
+        # The cap grows with the duration, so the storm keeps its rate for the whole time.
+        needed = min(100_000, max(most, math.ceil(rate * seconds)))
+        return {**params, "duration_s": seconds, "max_connections": needed}
 
     def planned(self) -> int:
         """How many connections the plan holds: rate x duration, capped by max_connections."""

@@ -27,7 +27,7 @@ from typing import ClassVar
 
 from afterclose.faults import _forging as fg
 from afterclose.faults import _packets as pk
-from afterclose.faults.base import param
+from afterclose.faults.base import keepalive_hint, param
 from afterclose.harness.client.conn import Conn
 
 VARIANTS = ("single", "duplicate")
@@ -90,6 +90,8 @@ class ForgedFin(pk.PacketFault[ForgedFinAction]):
     """A forged FIN|ACK makes the server read EOF on a connection its client never closed."""
 
     name: ClassVar[str] = "forged_fin"
+    applied_when: ClassVar[tuple[str, ...]] = ("fin_forged",)
+    unapplied_hint: ClassVar[str] = keepalive_hint("forged FIN")
 
     connections: int = param(10, lo=1, hi=10_000, doc="connections, one forged close each")
     concurrency: int = param(2, lo=1, hi=64, doc="connections open at once")

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 from afterclose.faults import _forging as fg
 from afterclose.faults import _packets as pk
-from afterclose.faults.base import param
+from afterclose.faults.base import keepalive_hint, param
 from afterclose.harness.client.conn import Conn
 
 PHASES = ("idle", "after-request")
@@ -112,6 +112,8 @@ class ForgedRst(pk.PacketFault[ForgedRstAction]):
     """A forged in-window RST resets the server's side of live keep-alive connections."""
 
     name: ClassVar[str] = "forged_rst"
+    applied_when: ClassVar[tuple[str, ...]] = ("rst_forged",)
+    unapplied_hint: ClassVar[str] = keepalive_hint("forged RST")
 
     connections: int = param(10, lo=1, hi=10_000, doc="connections, one RST each")
     concurrency: int = param(2, lo=1, hi=64, doc="connections open at once")

@@ -25,6 +25,8 @@ class HalfClose(Fault):
     """Clients send requests, half-close (FIN), and expect every answer before EOF."""
 
     name: ClassVar[str] = "half_close"
+    applied_when: ClassVar[tuple[str, ...]] = ("connections",)
+    unapplied_hint: ClassVar[str] = "the target accepted no connection"
 
     connections: int = param(20, lo=1, hi=100_000, doc="connections to open")
     concurrency: int = param(4, lo=1, hi=1024, doc="connections open at once")

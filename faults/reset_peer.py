@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
-from afterclose.faults.base import Endpoint, Fault, FaultReport, param
+from afterclose.faults.base import Endpoint, Fault, FaultReport, keepalive_hint, param
 from afterclose.harness.client import engine
 from afterclose.harness.client.behaviours import MID_HANDSHAKE, ResetAction, draw_reset
 from afterclose.harness.client.behaviours import RESET_PHASES as PHASES
@@ -29,6 +29,11 @@ class ResetPeer(Fault):
     """Clients abort connections with a RST before, during or after their request."""
 
     name: ClassVar[str] = "reset_peer"
+    applied_when: ClassVar[tuple[str, ...]] = ("rst_sent",)
+    unapplied_hint: ClassVar[str] = (
+        keepalive_hint("reset")
+        + '; for mid-response, name a path with a large answer (large_path = "/big")'
+    )
 
     connections: int = param(20, lo=1, hi=100_000, doc="connections to open, one after another")
     concurrency: int = param(4, lo=1, hi=1024, doc="connections open at once")

@@ -78,6 +78,9 @@ class RstMidResponseAction(pk.ForgingAction):
     def _large_request(self, conn: Conn) -> tuple[str, bytes]:
         tag = conn.next_tag()
         host, port = conn.endpoint.host, conn.endpoint.port
+        if conn.endpoint.large_path is not None:  # the manifest names a path with a big answer
+            conn.unechoed.add(tag)
+            return tag, conn.protocol.path_request(conn.endpoint.large_path, tag, host, port)
         return tag, conn.protocol.large_request(tag, self.path_bytes, host, port)
 
     async def _pipeline(self, conn: Conn) -> bool | None:
@@ -153,6 +156,12 @@ class RstMidResponse(pk.PacketFault[RstMidResponseAction]):
     """A forged RST reaches the server while a large response is backed up in its buffers."""
 
     name: ClassVar[str] = "rst_mid_response"
+    applied_when: ClassVar[tuple[str, ...]] = ("rst_forged", "rst_sent")
+    unapplied_hint: ClassVar[str] = (
+        "no answer was large enough to back up in the server's buffers; name a path with an "
+        'answer of hundreds of KiB in the manifest (large_path = "/big"), or, for a server '
+        "that echoes the path, give it a longer request-head limit"
+    )
 
     connections: int = param(4, lo=1, hi=1_000, doc="connections, one RST each")
     concurrency: int = param(2, lo=1, hi=64, doc="connections open at once")

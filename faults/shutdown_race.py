@@ -28,6 +28,8 @@ class ShutdownRace(Fault):
     """Malformed requests raced with the client's own RST or FIN."""
 
     name: ClassVar[str] = "shutdown_race"
+    applied_when: ClassVar[tuple[str, ...]] = ("connections",)
+    unapplied_hint: ClassVar[str] = "the target accepted no connection"
 
     connections: int = param(20, lo=1, hi=100_000, doc="connections to open")
     concurrency: int = param(4, lo=1, hi=1024, doc="connections open at once")

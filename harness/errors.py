@@ -67,3 +67,10 @@ class HarnessResourceError(AftercloseError):
 
 class CampaignError(AftercloseError):
     """A campaign's options, folder or shared store are unusable."""
+
+
+class FaultNotApplied(AftercloseError):
+    """A fault ran but could not do what it exists for (no connection stayed open to reset,
+    no answer was large enough to interrupt): the run proves nothing either way.  Raised by
+    ``TargetRun.run_fault`` after the fault finished; the plugin judges the run first (a
+    violation still fails it) and then skips the test with this message and hint."""

@@ -66,7 +66,7 @@ FLOAT_SPAN = 1.0
 MAX_WEIGHT = 4
 SEARCH_SHARE = 0.7  # of the budget for Hypothesis; the rest simplifies what it found
 VERIFY_CANDIDATES = 3  # failing examples verified, smallest first, before giving up
-HEAVY_FAULTS = ("connection_storm",)  # drawn last, so shrinking prefers the others
+HEAVY_FAULTS = ("connection_storm", "idle_hold")  # drawn last: shrinking prefers the others
 
 Log = Callable[[str], None]
 

@@ -91,6 +91,9 @@ class Manifest:
     restart_keeps: tuple[str, ...] = ()  # paths answered the same after a kill and restart
     protocol: str = "http"
     tls: bool = False
+    request_headers: Mapping[str, str] = field(default_factory=dict)
+    large_path: str | None = None
+    idle_timeout_s: float | None = None
 
     @property
     def folder(self) -> Path:
@@ -238,6 +241,14 @@ def _url_path(value: Any) -> str:
     return text
 
 
+def _header_map(value: Any) -> dict[str, str]:
+    headers = _str_map(value)
+    for name, text in headers.items():
+        if not name or any(c in name for c in " :\t\r\n") or any(c in text for c in "\r\n"):
+            raise ValueError(f"{name!r} = {text!r} is not a request header (name: value)")
+    return headers
+
+
 def _url_paths(value: Any) -> tuple[str, ...]:
     return tuple(_url_path(v) for v in _str_list(value))
 
@@ -291,6 +302,9 @@ def parse_manifest(data: Mapping[str, Any], path: Path) -> Manifest:
     restart_keeps = top.get("restart_keeps", _url_paths)
     protocol = top.get("protocol", _str)
     tls = top.get("tls", _bool)
+    request_headers = top.get("request_headers", _header_map)
+    large_path = top.get_opt("large_path", _url_path)
+    idle_timeout_s = top.get_opt("idle_timeout_s", _positive)
     top.reject_unknown()
 
     if "{build}" in " ".join(command) and compile_spec is None:
@@ -320,6 +334,9 @@ def parse_manifest(data: Mapping[str, Any], path: Path) -> Manifest:
         restart_keeps=restart_keeps,
         protocol=protocol,
         tls=tls,
+        request_headers=request_headers,
+        large_path=large_path,
+        idle_timeout_s=idle_timeout_s,
     )
     manifest.speaks  # noqa: B018  (an unknown protocol or a broken class is named now)
     probe = dict.fromkeys(PLACEHOLDERS, "x")

@@ -102,6 +102,26 @@ KEYS: dict[str, Key] = {
             "clients speak the protocol over TLS; the server gets the certificate the harness "
             "makes, through {tls_cert} and {tls_key}",
         ),
+        Key(
+            "request_headers",
+            "a table of header name = value",
+            {},
+            'extra headers sent with every request, e.g. { Host = "example.org" }',
+        ),
+        Key(
+            "large_path",
+            "an HTTP path",
+            None,
+            "a path whose answer is large (hundreds of KiB): the mid-response faults ask for "
+            "it, so that a reset meets a response the server is still writing",
+        ),
+        Key(
+            "idle_timeout_s",
+            "seconds (> 0)",
+            None,
+            "the server's idle timeout: the suite then holds connections idle past it while "
+            "new connections reuse fd numbers (test_idle_timeout)",
+        ),
         Key("compile.sources", "a list of source files", (), "C sources the harness builds", True),
         Key("compile.cflags", "a list of strings", (), "extra compiler flags"),
         Key("compile.ldflags", "a list of strings", (), "extra linker flags"),

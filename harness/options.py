@@ -107,6 +107,19 @@ def _kernel_timeout(value: str, flag: str) -> float | None:
     return seconds
 
 
+def _storm_duration(value: str, flag: str) -> float | None:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0.1 <= seconds <= 3600:
+        raise OptionError(
+            f"{flag}={value!r} is not valid; give seconds between 0.1 and 3600 "
+            "(how long every storm of the suite keeps opening connections)"
+        )
+    return seconds
+
+
 TARGET: Option[str | None] = Option(
     "--target",
     "afterclose_target",
@@ -170,6 +183,15 @@ SANITIZE: Option[str] = Option(
     default="none",
     choices=SANITIZE_CHOICES,
 )
+STORM_DURATION: Option[float | None] = Option(
+    "--storm-duration",
+    "afterclose_storm_duration",
+    _storm_duration,
+    "stretch every storm (connection_storm, the idle scenario's churn, netem's) to at least "
+    "SECONDS, at its own rate: reaches bugs that need time, such as idle timers "
+    "(default: each storm's own duration)",
+    default=None,
+)
 
 # In the order pytest --help lists them.
 OPTIONS: tuple[Option[object], ...] = (
@@ -181,8 +203,16 @@ OPTIONS: tuple[Option[object], ...] = (
     CHAOS,
     FAULT_SEED,
     SANITIZE,
+    STORM_DURATION,
 )
 # What a run of a target depends on besides the target, in the order replay commands name
 # them (after --target and the seed); the command line has all but --kernel.
-RUN_OPTIONS: tuple[Option[object], ...] = (RUNNER, TRACER, SANITIZE, CHAOS, KERNEL)
-CLI_RUN_OPTIONS: tuple[Option[object], ...] = (RUNNER, TRACER, SANITIZE, CHAOS)
+RUN_OPTIONS: tuple[Option[object], ...] = (
+    RUNNER,
+    TRACER,
+    SANITIZE,
+    CHAOS,
+    KERNEL,
+    STORM_DURATION,
+)
+CLI_RUN_OPTIONS: tuple[Option[object], ...] = (RUNNER, TRACER, SANITIZE, CHAOS, STORM_DURATION)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import pytest
 
 from afterclose.harness import options
-from afterclose.harness.errors import AftercloseError, OptionError
+from afterclose.harness.errors import AftercloseError, FaultNotApplied, OptionError
 
 if TYPE_CHECKING:
     from afterclose.harness.kernel.matrix import KernelMatrix
@@ -118,6 +118,7 @@ def _make_harness(config: pytest.Config) -> Harness | None:
         sanitize=_setting(config, options.SANITIZE),
         # Chaos is done by the shim; with --tracer=off the shim is preloaded just to perturb.
         chaos=_setting(config, options.CHAOS),
+        storm_duration=_setting(config, options.STORM_DURATION),
     )
     harness = Harness(settings)
     try:
@@ -259,6 +260,15 @@ def target(
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     try:
         yield
+    except FaultNotApplied as exc:
+        # Judge first: a violation seen while trying still fails the test; else the run
+        # proves nothing either way and is skipped with what was missing.
+        run = item.stash.get(RUN_KEY, None)
+        if run is not None:
+            outcome = run.finish()
+            if not outcome.ok:
+                pytest.fail(run.failure_message(outcome), pytrace=False)
+        pytest.skip(exc.render())
     except BaseException:
         # The test body failed on its own: still judge the run, and show the verdict beside
         # the original error instead of replacing it.
@@ -276,3 +286,29 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
         item.add_report_section("call", "afterclose", f"WARNING: {warning}")
     if not outcome.ok:
         pytest.fail(run.failure_message(outcome), pytrace=False)
+
+
+HARNESS_ERROR = ("afterclose", "harness-error")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    exc = call.excinfo.value if call.excinfo is not None else None
+    if report.failed and isinstance(exc, AftercloseError):
+        # The harness's own trouble (EMFILE in the client, a bad fault parameter...) is no
+        # verdict on the target: an ERROR of the test, with the hint and no traceback.
+        report.longrepr = f"afterclose: harness error, not a verdict on the target\n{exc.render()}"
+        report.user_properties = [*report.user_properties, HARNESS_ERROR]
+    return report
+
+
+def pytest_report_teststatus(
+    report: pytest.TestReport | pytest.CollectReport, config: pytest.Config
+) -> tuple[str, str, str] | None:
+    # Collection reports come here too, and have no user properties.
+    if report.failed and HARNESS_ERROR in getattr(report, "user_properties", ()):
+        return "error", "E", "ERROR"
+    return None

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from afterclose.harness import launch, options, ports, procfs, replay, tracers
-from afterclose.harness.errors import AftercloseError, TargetStartError
+from afterclose.harness.errors import AftercloseError, FaultNotApplied, TargetStartError
 from afterclose.harness.manifest import Manifest, load_manifest, resolve_target
 from afterclose.harness.oracle import judge
 from afterclose.harness.oracle.verdict import Violation
@@ -45,6 +45,7 @@ class Settings:
     fault_seed: int = 0
     sanitize: str = options.SANITIZE.default
     host: str = "127.0.0.1"
+    storm_duration: float | None = options.STORM_DURATION.default
 
 
 def make_runner(name: str) -> Runner:
@@ -200,6 +201,8 @@ class TargetRun:
             self.host,
             self.port,
             echo_path=self.manifest.echo_path,
+            request_headers=tuple(self.manifest.request_headers.items()),
+            large_path=self.manifest.large_path,
             gone=lambda: self.server.exit_status() is not None,
             protocol=self.manifest.speaks,
             tls=self.manifest.tls,
@@ -214,10 +217,16 @@ class TargetRun:
 
         where = f"{self.test_name}: fault {name!r}"
         deadline = time.monotonic() + FAULT_BUDGET_S
-        fault = faults.get_any(name, where).from_params(params, where)
+        kind = faults.get_any(name, where)
+        stretch = self.harness.settings.storm_duration
+        if stretch is not None:  # --storm-duration: every storm lasts at least this long
+            params = kind.stretched(params, stretch)
+        fault = kind.from_params(params, where)
         report = fault.run_on(self.control(name), self.rng, deadline)
         self.reports.append(report)
         self.schedule.extend(f"{name}: {line}" for line in report.schedule)
+        if fault.check_applied(report):
+            raise FaultNotApplied(report.unapplied, where=where)
         return report
 
     def control(self, fault: str) -> ServerControl:

@@ -48,7 +48,11 @@ def add_run_options(parser: argparse.ArgumentParser, *, target: bool) -> None:
             dest=option.dest,
             default=option.default,
             type=_argparse_type(option),
-            metavar="LEVEL" if option is options.CHAOS else "{" + ",".join(option.choices) + "}",
+            metavar="LEVEL"
+            if option is options.CHAOS
+            else "{" + ",".join(option.choices) + "}"
+            if option.choices
+            else "SECONDS",
             help=option.help,
         )
     seed = options.FAULT_SEED
@@ -75,6 +79,7 @@ def settings(target: str, args: argparse.Namespace) -> Settings:
         sanitize=args.sanitize,
         fault_seed=args.fault_seed if args.fault_seed is not None else random.randrange(2**32),
         chaos=args.chaos,
+        storm_duration=args.storm_duration,
     )
 
 

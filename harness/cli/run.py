@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from afterclose.harness import replay
 from afterclose.harness.cli import common
 from afterclose.harness.cli.progress import ProgressView
-from afterclose.harness.errors import AftercloseError
+from afterclose.harness.errors import AftercloseError, FaultNotApplied
 
 if TYPE_CHECKING:
     from afterclose.harness.session import Outcome, TargetRun
@@ -72,16 +72,26 @@ def _run_fault(args: argparse.Namespace) -> int:
     harness = Harness(settings)
     base = Path(tempfile.mkdtemp(prefix=f"afterclose-run-{harness.manifest.name}-"))
     view = ProgressView(sys.stderr)
+    not_applied: FaultNotApplied | None = None
     # The test name gives the run its test seed: a replay with --seed draws the same one.
     with harness.start(base, f"run-{args.fault}") as run:
-        with view.watching():
-            report = run.run_fault(args.fault, **params)
+        try:
+            with view.watching():
+                report = run.run_fault(args.fault, **params)
+        except FaultNotApplied as exc:
+            not_applied = exc
+            report = run.reports[-1]
         print(report.summary())
         print(f"schedule: fault seed {settings.fault_seed}, {run.schedule_line()}")
         outcome = run.finish()
     for warning in outcome.warnings:
         print(f"WARNING: {warning}")
     again = replay.command(settings, "run", [args.fault, *args.params])
+    if outcome.ok and not_applied is not None:
+        # Judged first: nothing was violated, but nothing was proved either (a pytest SKIP).
+        print(f"not applied, nothing proved: {not_applied.render()}")
+        print(f"replay: {again}")
+        return 0
     if outcome.ok:
         print(f"no violation (artifacts: {base})")
         print(f"replay: {again}")

@@ -84,7 +84,8 @@ class ResetAction:
             if not await conn.send_requests(1):
                 return
         else:
-            if not await conn.send_requests(self.pipeline):
+            data, tags = conn.large_answer_requests(self.pipeline)
+            if not await conn.send(data, tags):
                 return
             if not await conn.read_some(self.read_bytes):
                 return
@@ -314,3 +315,33 @@ class SlowSender:
         conn.report.count("slow_requests")
         if await conn.read_reply() is not None:
             await conn.check_quiet()
+
+
+@dataclass(frozen=True)
+class IdleHold:
+    """Connect, optionally one request and its answer, then stay idle for ``hold_ms`` while
+    watching for unasked-for bytes: the server's idle timer is meant to close it meanwhile.
+    Counts ``idle_closed_by_server`` (it did) or ``idle_held`` (the hold ended first)."""
+
+    hold_ms: int
+    request: bool
+
+    def describe(self) -> str:
+        return f"idle_hold {self.hold_ms}ms{' after one request' if self.request else ''}"
+
+    async def perform(self, conn: Conn) -> None:
+        if not await conn.connect():
+            return
+        if self.request:
+            if not await conn.send_requests(1):
+                return
+            reply = await conn.read_reply()
+            if reply is None:
+                return
+            if not reply.keep_alive:
+                await conn.read_to_eof()
+                return
+        if await conn.check_quiet(self.hold_ms / 1000):
+            conn.report.count("idle_held")
+        elif conn.gone:
+            conn.report.count("idle_closed_by_server")

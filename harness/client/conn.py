@@ -31,7 +31,7 @@ from afterclose.harness.client.tls_layer import TlsLayer
 from afterclose.harness.errors import HarnessResourceError, ScenarioError
 from afterclose.harness.oracle.evidence import FOREIGN_ANSWER, UNSOLICITED_BYTES, Observation
 from afterclose.harness.protocols import base as proto
-from afterclose.harness.protocols.http import HTTP
+from afterclose.harness.protocols.http import HTTP, Http
 
 if TYPE_CHECKING:
     from afterclose.faults.base import Endpoint, FaultReport
@@ -66,6 +66,8 @@ class Remote:
             ) from None
         family, _, _, _, sockaddr = infos[0]
         protocol = endpoint.protocol or HTTP
+        if isinstance(protocol, Http):
+            protocol = protocol.configured(endpoint.request_headers)
         return cls(fault, endpoint, family, tuple(sockaddr), proto.Tags(run_id), protocol)
 
 
@@ -126,6 +128,7 @@ class Conn:
         self.sent_any = False
         self.last_answered: str | None = None
         self.gone = False  # the peer closed or reset the connection
+        self.unechoed: set[str] = set()  # requests for the fixed large_path: no echo expected
         self._next_req = 0
         self.tls: TlsLayer | None = None
 
@@ -213,6 +216,18 @@ class Conn:
         reqs = [self.new_request(close=close_last and i == count - 1) for i in range(count)]
         return b"".join(r for _, r in reqs), [p for p, _ in reqs]
 
+    def large_answer_requests(self, count: int) -> tuple[bytes, list[str]]:
+        """``count`` requests to pipeline whose answers are as large as the target has: the
+        manifest's ``large_path`` if it names one, else the usual requests."""
+        path = self.endpoint.large_path
+        if path is None:
+            return self.new_requests(count)
+        host, port = self.endpoint.host, self.endpoint.port
+        tags = [self.next_tag() for _ in range(count)]
+        self.unechoed.update(tags)
+        data = b"".join(self.protocol.path_request(path, tag, host, port) for tag in tags)
+        return data, tags
+
     def malformed_request(self, variant: str) -> bytes:
         """The protocol's malformed request ``variant``, with a fresh tag where it has one.
 
@@ -256,7 +271,8 @@ class Conn:
         if expected is None:
             return
         self.last_answered = expected
-        if self.protocol.answers(reply, expected, echoes=self.endpoint.echo_path):
+        echoes = self.endpoint.echo_path and expected not in self.unechoed
+        if self.protocol.answers(reply, expected, echoes=echoes):
             return
         others = proto.tags_in(reply.body)
         whose = f"the answer to {', '.join(others[:3])}" if others else "no request path"

@@ -42,6 +42,7 @@ from afterclose.faults.base import GONE_POLL_S, Endpoint, FaultReport
 from afterclose.harness.client.conn import Conn, DeadlineReached, Remote
 from afterclose.harness.client.plan import Action, schedule_of
 from afterclose.harness.errors import AftercloseError
+from afterclose.harness.oracle.evidence import UNDER_DELIVERED, Observation
 from afterclose.harness.orphans import die_with_parent
 
 try:  # imported before any fork, so that no child has to import it
@@ -57,6 +58,12 @@ READY_TIMEOUT_S = 10.0
 WORKER_GRACE_S = 2.0  # past the deadline before a worker counts as stuck and is killed
 SLEEP_SLICE_S = 0.05  # longest sleep between two looks at the stop flag
 RATE_WINDOW_S = 1.0
+# A storm that leaves more than this share of its plan unstarted, while the target took what it
+# got, under-delivered: its evidence is incomplete (the incomplete-evidence rule).
+SHORTFALL_ALLOWED = 0.10
+# More than this share of the started connections refused, reset or timed out at connect: the
+# shortfall is the target's doing, which the other rules judge.
+REFUSED_SHARE = 0.10
 # Shared counters: slot 0 is the stop flag, then these per worker.
 _FIELDS = ("started", "done", "connections", "errors")
 
@@ -255,6 +262,7 @@ def run_storm(job: Job, endpoint: Endpoint, schedule: list[str]) -> FaultReport:
             report.count("not_started", len(job.actions))
         else:
             _collect(job, endpoint, workers, counters, start, report)
+        note_shortfall(report, len(job.actions))
         clean = True
     finally:
         _reap(workers, kill=not clean)
@@ -263,6 +271,40 @@ def run_storm(job: Job, endpoint: Endpoint, schedule: list[str]) -> FaultReport:
         for worker in workers:
             worker.chan.close()
     return report
+
+
+def note_shortfall(report: FaultReport, planned: int) -> None:
+    """Record an ``UNDER_DELIVERED`` observation when the harness could not deliver the plan:
+    more than SHORTFALL_ALLOWED of it never started, though the target neither died nor
+    refused (a refusing target is judged by the other rules, not excused)."""
+    not_started = report.counts["not_started"]
+    if not planned or not_started <= SHORTFALL_ALLOWED * planned:
+        return
+    if report.counts["stopped_target_gone"]:
+        return
+    started = planned - not_started
+    refused = sum(
+        n
+        for key, n in report.counts.items()
+        if key.startswith("errors:connect_") or key == "errors:timeout_connect"
+    )
+    if started and refused > REFUSED_SHARE * started:
+        return
+    report.observe(
+        Observation(
+            kind=UNDER_DELIVERED,
+            who=report.fault,
+            detail=f"{report.fault} started {started} of its {planned} planned connections "
+            f"({not_started} never started, more than {SHORTFALL_ALLOWED:.0%} of the plan) "
+            "while the target accepted what it got: the harness could not keep up",
+            values={
+                "planned": planned,
+                "started": started,
+                "not_started": not_started,
+                "allowed": SHORTFALL_ALLOWED,
+            },
+        )
+    )
 
 
 def _fork(job: Job, index: int, counters: memoryview) -> _Worker:

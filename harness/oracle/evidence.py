@@ -24,7 +24,12 @@ CPU_WHILE_IDLE = "cpu-while-idle"
 # after the restart.  Read by the liveness rule.
 STATE_LOST_ON_RESTART = "state-lost-on-restart"
 
-KINDS = (UNSOLICITED_BYTES, FOREIGN_ANSWER, CPU_WHILE_IDLE, STATE_LOST_ON_RESTART)
+# A storm started fewer of its planned connections than the threshold allows while the target
+# took what it got (the harness could not keep up).  ``values``: ``planned``, ``started``,
+# ``not_started``, ``allowed`` (the share that may go unstarted).  Read by incomplete-evidence.
+UNDER_DELIVERED = "under-delivered"
+
+KINDS = (UNSOLICITED_BYTES, FOREIGN_ANSWER, CPU_WHILE_IDLE, STATE_LOST_ON_RESTART, UNDER_DELIVERED)
 
 
 @dataclass(frozen=True)

@@ -219,6 +219,15 @@ class Protocol(abc.ABC):
             return True
         return carries(reply.body, tag)
 
+    def configured(self, headers: tuple[tuple[str, str], ...]) -> Protocol:
+        """This protocol sending ``headers`` (the manifest's ``request_headers``) too."""
+        return self
+
+    def path_request(self, path: str, tag: str, host: str, port: int) -> bytes:
+        """A valid request for the fixed ``path`` (the manifest's ``large_path``) still
+        carrying ``tag``; its answer is not expected to echo the tag."""
+        raise NotImplementedError(f"protocol {self.name} cannot ask for a fixed path")
+
     @abc.abstractmethod
     def large_request(self, tag: str, size: int, host: str, port: int) -> bytes:
         """A request of about ``size`` bytes carrying ``tag`` whose reply is about as large

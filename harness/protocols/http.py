@@ -19,6 +19,7 @@ __all__ = ["HTTP", "ClientError", "Http", "Response", "ResponseParser", "build_g
 
 DEFAULT_TIMEOUT_S = 5.0
 MAX_HEADER_BYTES = 64 * 1024
+TAG_HEADER = "X-Afterclose-Tag"
 
 _STATUS_LINE = re.compile(rb"HTTP/(\d)\.(\d) (\d{3})(?: ([^\r\n]*))?")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -66,11 +67,15 @@ def build_get(
     close: bool = False,
     extra_headers: tuple[tuple[str, str], ...] = (),
 ) -> bytes:
-    """An HTTP/1.1 GET for ``path`` with a Host header (and ``Connection: close`` if asked)."""
+    """An HTTP/1.1 GET for ``path`` with a Host header (and ``Connection: close`` if asked).
+    An extra header named like one of these replaces it."""
     if not path.startswith("/") or any(c in path for c in " \r\n"):
         raise ValueError(f"not an origin-form path: {path!r}")
-    lines = [f"GET {path} HTTP/1.1", f"Host: {host_header(host, port)}"]
-    if close:
+    given = {name.lower() for name, _ in extra_headers}
+    lines = [f"GET {path} HTTP/1.1"]
+    if "host" not in given:
+        lines.append(f"Host: {host_header(host, port)}")
+    if close and "connection" not in given:
         lines.append("Connection: close")
     lines.extend(f"{name}: {value}" for name, value in extra_headers)
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -178,8 +183,22 @@ class Http(base.Protocol):
     name: ClassVar[str] = "http"
     malformed_variants: ClassVar[tuple[str, ...]] = tuple(MALFORMED)
 
+    def __init__(self, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        self.headers = headers  # the manifest's request_headers
+
+    def configured(self, headers: tuple[tuple[str, str], ...]) -> Http:
+        return Http(headers) if headers else self
+
     def request(self, tag: str, host: str, port: int, *, close: bool = False) -> bytes:
-        return build_get(tag, host, port, close=close)
+        # Said explicitly: some servers keep an HTTP/1.1 connection open only when asked.
+        named = any(name.lower() == "connection" for name, _ in self.headers)
+        keep = () if close or named else (("Connection", "keep-alive"),)
+        return build_get(tag, host, port, close=close, extra_headers=(*keep, *self.headers))
+
+    def path_request(self, path: str, tag: str, host: str, port: int) -> bytes:
+        # The tag travels in a header: the answer to a fixed path cannot echo it.
+        extra = (("Connection", "keep-alive"), *self.headers, (TAG_HEADER, tag))
+        return build_get(path, host, port, extra_headers=extra)
 
     def parser(self) -> ResponseParser:
         return ResponseParser()
@@ -189,7 +208,7 @@ class Http(base.Protocol):
         # a non-alphanumeric character, and is as long as the request.
         pad = size - len(tag) - 1
         path = f"{tag}/{'x' * pad}" if pad > 0 else tag
-        return build_get(path, host, port)
+        return build_get(path, host, port, extra_headers=self.headers)
 
     def malformed(self, variant: str, tag: str, host: str, port: int) -> bytes:
         template = MALFORMED[variant]
@@ -207,8 +226,10 @@ def get(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     *,
     tls: bool = False,
+    headers: tuple[tuple[str, str], ...] = (),
 ) -> Response:
-    """One GET on a fresh connection (``Connection: close``), all of it within ``timeout_s``."""
-    reply = HTTP.ask(host, port, path, timeout_s, tls=tls)
+    """One GET on a fresh connection (``Connection: close``), all of it within ``timeout_s``;
+    ``headers``: the manifest's ``request_headers``."""
+    reply = HTTP.configured(headers).ask(host, port, path, timeout_s, tls=tls)
     assert isinstance(reply, Response)
     return reply

@@ -11,7 +11,7 @@ import pytest
 
 from afterclose.faults import netem
 from afterclose.faults._packets import unavailable_reason
-from afterclose.harness.session import TargetRun
+from afterclose.harness.session import Harness, TargetRun
 
 # Forged segments need root and scapy; without them these scenarios skip and say why.
 _PACKETS = pytest.mark.skipif(unavailable_reason() is not None, reason=unavailable_reason() or "")
@@ -23,6 +23,27 @@ _NETEM = pytest.mark.skipif(
 
 pytestmark = pytest.mark.afterclose_scenario
 
+# A fault that could not do what it exists for (no connection stayed open to reset, no answer
+# was large enough) raises FaultNotApplied from run_fault: the plugin judges the run, then
+# skips the test with what was missing and the manifest key that fixes it.
+
+# How long past the manifest's idle_timeout_s the idle connections are held: timers are often
+# checked once a second, and a timer wheel may round the timeout up.
+IDLE_MARGIN_S = 1.0
+IDLE_MARGIN_SHARE = 0.2
+
+
+@pytest.fixture
+def idle_timeout_s(afterclose_harness: Harness) -> float:
+    """The manifest's idle timeout, or a skip (before the target starts) saying how to set it."""
+    timeout = afterclose_harness.manifest.idle_timeout_s
+    if timeout is None:
+        pytest.skip(
+            "the manifest declares no idle_timeout_s: connections are not held idle past the "
+            "server's idle timer; set idle_timeout_s = <seconds> in the manifest to run this"
+        )
+    return timeout
+
 
 def needs_replies(target: TargetRun) -> None:
     """Skip a scenario that judges replies when the target's protocol has none (``raw``)."""
@@ -33,7 +54,7 @@ def needs_replies(target: TargetRun) -> None:
 
 def test_keepalive_requests(target: TargetRun) -> None:
     needs_replies(target)
-    report = target.run_fault(
+    target.run_fault(
         "connection_storm",
         rate_per_s=200,
         concurrency=20,
@@ -41,7 +62,6 @@ def test_keepalive_requests(target: TargetRun) -> None:
         max_connections=200,
         mix={"keepalive": 1},
     )
-    assert report.counts["connections"] > 0
 
 
 @pytest.mark.parametrize(
@@ -50,36 +70,30 @@ def test_keepalive_requests(target: TargetRun) -> None:
 def test_reset_peer(target: TargetRun, phase: str) -> None:
     if phase == "mid-response":
         needs_replies(target)
-    report = target.run_fault("reset_peer", phase=phase, connections=60, concurrency=10)
-    assert report.counts["rst_sent"] > 0
+    target.run_fault("reset_peer", phase=phase, connections=60, concurrency=10)
 
 
 def test_reset_mid_handshake(target: TargetRun) -> None:
     if not target.manifest.tls:
         pytest.skip("the target does not speak TLS (tls = true in its manifest)")
-    report = target.run_fault("reset_peer", phase="mid-handshake", connections=60, concurrency=10)
-    assert report.counts["rst_sent"] > 0
+    target.run_fault("reset_peer", phase="mid-handshake", connections=60, concurrency=10)
 
 
 def test_half_close(target: TargetRun) -> None:
     needs_replies(target)
-    report = target.run_fault(
-        "half_close", connections=60, concurrency=10, requests_per_connection=2
-    )
-    assert report.counts["connections"] > 0
+    target.run_fault("half_close", connections=60, concurrency=10, requests_per_connection=2)
 
 
 def test_shutdown_race(target: TargetRun) -> None:
     needs_replies(target)
-    report = target.run_fault(
+    target.run_fault(
         "shutdown_race", connections=300, concurrency=20, close_mode="mixed", max_delay_us=500
     )
-    assert report.counts["connections"] > 0
 
 
 def test_connection_storm(target: TargetRun) -> None:
     needs_replies(target)
-    report = target.run_fault(
+    target.run_fault(
         "connection_storm",
         rate_per_s=800,
         concurrency=100,
@@ -94,7 +108,6 @@ def test_connection_storm(target: TargetRun) -> None:
             "idle_drop": 1,
         },
     )
-    assert report.counts["connections"] > 0
 
 
 # Faults a correct server survives (harness/syscall_faults.py): every one is a result the kernel
@@ -107,7 +120,7 @@ def test_connection_storm(target: TargetRun) -> None:
 )
 def test_syscall_faults(target: TargetRun) -> None:
     needs_replies(target)
-    report = target.run_fault(
+    target.run_fault(
         "connection_storm",
         rate_per_s=400,
         concurrency=50,
@@ -115,38 +128,42 @@ def test_syscall_faults(target: TargetRun) -> None:
         max_connections=800,
         mix={"keepalive": 4, "close": 2, "reset_peer": 1, "half_close": 1, "shutdown_race": 2},
     )
-    assert report.counts["connections"] > 0
 
 
 @_PACKETS
 @pytest.mark.parametrize("phase", ["idle", "after-request"])
 def test_forged_rst(target: TargetRun, phase: str) -> None:
-    report = target.run_fault("forged_rst", phase=phase, connections=20, concurrency=4)
-    assert report.counts["rst_forged"] > 0
+    target.run_fault("forged_rst", phase=phase, connections=20, concurrency=4)
 
 
 @_PACKETS
 @pytest.mark.parametrize("variant", ["single", "duplicate"])
 def test_forged_fin(target: TargetRun, variant: str) -> None:
-    report = target.run_fault("forged_fin", variant=variant, connections=20, concurrency=4)
-    assert report.counts["fin_forged"] > 0
+    target.run_fault("forged_fin", variant=variant, connections=20, concurrency=4)
 
 
 @_PACKETS
 def test_rst_before_accept(target: TargetRun) -> None:
-    report = target.run_fault("rst_before_accept", method="random", connections=60)
-    assert report.counts["rst_forged"] + report.counts["rst_sent"] > 0
+    target.run_fault("rst_before_accept", method="random", connections=60)
 
 
 @_PACKETS
 def test_rst_mid_response(target: TargetRun) -> None:
     needs_replies(target)
-    report = target.run_fault("rst_mid_response", connections=4, concurrency=2)
-    assert report.counts["rst_forged"] + report.counts["rst_sent"] > 0
+    target.run_fault("rst_mid_response", connections=4, concurrency=2)
 
 
 @_NETEM
 def test_netem(target: TargetRun) -> None:
     needs_replies(target)
-    report = target.run_fault("netem", storm_s=2.0, rate_per_s=150, concurrency=20)
-    assert report.counts["netem_packets"] > 0
+    target.run_fault("netem", storm_s=2.0, rate_per_s=150, concurrency=20)
+
+
+def test_idle_timeout(idle_timeout_s: float, target: TargetRun) -> None:
+    # Idle connections outlive the server's idle timeout while short ones churn, so that its
+    # timers fire while their fd numbers are being handed out again.
+    needs_replies(target)
+    hold_s = idle_timeout_s * (1 + IDLE_MARGIN_SHARE) + IDLE_MARGIN_S
+    target.run_fault(
+        "idle_hold", idle_connections=20, hold_s=hold_s, rate_per_s=100, concurrency=20
+    )

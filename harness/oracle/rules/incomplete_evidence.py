@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from afterclose.harness import procfs
+from afterclose.harness.oracle.evidence import UNDER_DELIVERED
 from afterclose.harness.oracle.rule import Rule
 from afterclose.harness.oracle.verdict import Violation
 from afterclose.harness.trace.ebpf import ENV_RING_PAGES
@@ -109,23 +110,26 @@ def untraced_holders(holders: list[PortHolder], trace_dir: Path) -> list[PortHol
 
 
 def decide(ev: Evidence) -> list[Violation]:
-    found = ev.traced(NAME)
+    return [*ev.traced(NAME), *_untraced(ev), *_under_delivered(ev)]
+
+
+def _untraced(ev: Evidence) -> list[Violation]:
     trace = ev.trace
     if trace is None or trace.tracer != "preload" or trace.trace_dir is None:
-        return found
+        return []
     probed = ev.probes.get(NAME)
     seen = [*trace.port_holders, *(probed if isinstance(probed, list) else ())]
     holders = [h for h in seen if isinstance(h, PortHolder)]
     missing = untraced_holders(holders, trace.trace_dir)
     if not missing:
-        return found
+        return []
     first = missing[0]
     names = "; ".join(
         f"pid {h.pid} ({h.exe or 'unknown program'}) holding {h.sockets} socket(s) of the "
         "port" + (" (no trace file)" if h.shim_mapped else ", the shim not loaded")
         for h in missing
     )
-    found.append(
+    return [
         Violation(
             NAME,
             f"pid {first.pid} ({first.exe or 'unknown program'}) serves the target's port but "
@@ -135,15 +139,34 @@ def decide(ev: Evidence) -> list[Violation]:
             details=f"untraced: {names}",
             count=len(missing),
         )
-    )
-    return found
+    ]
+
+
+def _under_delivered(ev: Evidence) -> list[Violation]:
+    short = ev.observations(UNDER_DELIVERED)
+    if not short:
+        return []
+    # The storms that fell short: their plan was the load the verdict would speak for.
+    shown = "\n".join(o.detail for o in short)
+    return [
+        Violation(
+            NAME,
+            f"{short[0].detail}; a pass would speak for load that never came: run fewer "
+            "connections (max_connections), a lower rate (rate_per_s) or more client "
+            "processes (processes), or a shorter --storm-duration",
+            details=shown if len(short) > 1 else "",
+            count=len(short),
+        )
+    ]
 
 
 RULE = Rule(
     NAME,
-    "the trace lost records (a trace file filled up), or a process holding the target's "
-    "listening socket or its connections was not traced: a missing call could hide a "
-    "violation, so the run cannot pass",
+    "the evidence is incomplete, so the run cannot pass: the trace lost records (a trace file "
+    "filled up: a missing call could hide a violation), a process holding the target's "
+    "listening socket or its connections was not traced, or a storm started fewer than 90% of "
+    "its planned connections while the target accepted what it got (the harness could not "
+    "keep up; a target that refused them is judged by the other rules instead)",
     traced=find,
     decide=decide,
     probe=probe,

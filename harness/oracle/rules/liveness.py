@@ -33,7 +33,14 @@ def check_liveness(target: Server, timeout_s: float = 5.0) -> Violation | None:
     problem = "no attempt"
     while time.monotonic() < deadline:
         try:
-            response = http.get(target.host, target.port, path, timeout_s=2.0, tls=manifest.tls)
+            response = http.get(
+                target.host,
+                target.port,
+                path,
+                timeout_s=2.0,
+                tls=manifest.tls,
+                headers=tuple(manifest.request_headers.items()),
+            )
         except (OSError, http.ClientError) as exc:
             problem = f"{type(exc).__name__}: {exc}"
             time.sleep(0.1)

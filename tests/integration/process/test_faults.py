@@ -18,7 +18,12 @@ from pyservers import EchoServer
 from afterclose import faults
 from afterclose.faults.base import Endpoint, FaultReport
 from afterclose.harness.errors import ScenarioError
-from afterclose.harness.oracle.evidence import FOREIGN_ANSWER, UNSOLICITED_BYTES, Observation
+from afterclose.harness.oracle.evidence import (
+    FOREIGN_ANSWER,
+    UNDER_DELIVERED,
+    UNSOLICITED_BYTES,
+    Observation,
+)
 from afterclose.harness.protocols import base as proto
 from afterclose.harness.protocols import http
 
@@ -441,7 +446,9 @@ def test_storm_at_a_high_rate_sees_no_anomaly(fast_server: int) -> None:
     params = {"rate_per_s": 3000, "duration_s": 1.0, "concurrency": 32}
     report = run_fault("connection_storm", params, fast_server, budget_s=5)
     assert report.counts["connections"] > 0
-    assert report.observations == []
+    # A loaded machine may start fewer than planned (an under-delivered observation, for the
+    # incomplete-evidence rule): that is the client's shortfall, not an anomaly of the server.
+    assert [o for o in report.observations if o.kind != UNDER_DELIVERED] == []
 
 
 def test_storm_stops_by_its_deadline(fast_server: int) -> None:

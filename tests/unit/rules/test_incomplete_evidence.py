@@ -8,6 +8,7 @@ from pathlib import Path
 from evidence_kit import evidence
 from tracebuild import TraceBuilder, conn, counts, seed_race, server
 
+from afterclose.faults.base import FaultReport
 from afterclose.harness.oracle.judge import judge_trace
 from afterclose.harness.oracle.rules.incomplete_evidence import PortHolder, decide
 from afterclose.harness.trace.format import Header, Record
@@ -121,3 +122,62 @@ def test_a_holder_seen_only_when_the_tracer_attached_still_counts(tmp_path: Path
     ev.trace.port_holders = [PortHolder(42, "/srv/server", 1, 42, False)]
     (found,) = [v.summary for v in decide(ev) if v.rule == RULE]
     assert "pid 42" in found
+
+
+# --------------------------------------------------------------------------- under-delivered
+
+
+def _storm_report(planned: int, not_started: int, **counts: int) -> FaultReport:
+    from afterclose.harness.client import engine
+
+    report = FaultReport("connection_storm")
+    report.count("not_started", not_started)
+    for key, n in counts.items():
+        report.count(key.replace("__", ":"), n)
+    engine.note_shortfall(report, planned)
+    return report
+
+
+def test_a_storm_the_harness_could_not_deliver_fails_with_the_shortfall_and_a_hint() -> None:
+    from evidence_kit import evidence
+
+    from afterclose.harness.oracle.rules import incomplete_evidence
+
+    report = _storm_report(100_000, 78_929, connections=21_000)
+    (obs,) = report.observations
+    assert obs.values["not_started"] == 78_929 and obs.values["started"] == 21_071
+    (v,) = incomplete_evidence.decide(evidence(obs))
+    assert v.rule == RULE
+    assert "started 21071 of its 100000 planned connections" in v.summary
+    assert "lower rate" in v.summary and "processes" in v.summary
+
+
+def test_a_shortfall_within_the_threshold_is_no_observation() -> None:
+    assert _storm_report(1000, 100, connections=900).observations == []
+
+
+def test_a_target_that_refused_is_judged_by_the_other_rules_not_excused() -> None:
+    refused = _storm_report(1000, 500, errors__connect_econnrefused=400, connections=100)
+    assert refused.observations == []
+    reset = _storm_report(1000, 500, errors__connect_econnreset=200, connections=300)
+    assert reset.observations == []
+    gone = _storm_report(1000, 900, stopped_target_gone=1, connections=100)
+    assert gone.observations == []
+
+
+def test_no_observation_no_trace_loss_passes() -> None:
+    from evidence_kit import evidence
+
+    from afterclose.harness.oracle.rules import incomplete_evidence
+
+    assert incomplete_evidence.decide(evidence()) == []
+
+
+def test_the_storm_of_a_target_side_fault_may_fall_short_by_design() -> None:
+    from afterclose.faults._server_side import add_storm
+
+    storm = _storm_report(1000, 800, connections=200)
+    assert storm.observations
+    report = FaultReport("pause")
+    add_storm(report, storm)
+    assert report.observations == [] and report.counts["not_started"] == 800
