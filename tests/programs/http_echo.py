@@ -2,7 +2,8 @@
 
 Modes: ``ok`` (answers with its path), ``forker`` (also starts two sleeping grandchildren),
 ``silent`` (listens but prints nothing), ``die`` (prints to stderr and exits 3 before listening),
-``ignore-term`` (ignores SIGTERM).
+``ignore-term`` (ignores SIGTERM), ``daemon`` (double-forks; the daemon, in a session of
+its own, serves while the first process sleeps).
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def main() -> None:
         for _ in range(2):
             subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         print(f"CHILDREN {os.getpid()}", flush=True)
+    if mode == "daemon" and os.fork() != 0:
+        signal.pause()  # the first process stays, as a shell's ``wait`` would
+        return
+    if mode == "daemon":
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)  # the daemon is reparented to the nearest subreaper
+        print(f"DAEMON {os.getpid()}", flush=True)
     server = ThreadingHTTPServer((host, port), Handler)
     if mode != "silent":
         print("READY", flush=True)
