@@ -186,3 +186,22 @@ OPTIONS: tuple[Option[object], ...] = (
 # them (after --target and the seed); the command line has all but --kernel.
 RUN_OPTIONS: tuple[Option[object], ...] = (RUNNER, TRACER, SANITIZE, CHAOS, KERNEL)
 CLI_RUN_OPTIONS: tuple[Option[object], ...] = (RUNNER, TRACER, SANITIZE, CHAOS)
+
+
+def _switch(value: str, flag: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise OptionError(f"{flag}={value!r} is not valid; use true or false")
+
+
+# The command line's alone (pytest keeps its own tmp_path folders): a switch, no value.
+KEEP_ARTIFACTS: Option[bool] = Option(
+    flag="--keep-artifacts",
+    ini="afterclose_keep_artifacts",
+    parse=_switch,
+    about="keep the artifacts (logs, traces) of passing runs too; by default only a failure's "
+    "are kept and the rest deleted",
+    default=False,
+)

@@ -83,7 +83,7 @@ def _run_fault(args: argparse.Namespace) -> int:
         print(f"WARNING: {warning}")
     again = replay.command(settings, "run", [args.fault, *args.params])
     if outcome.ok:
-        print(f"no violation (artifacts: {base})")
+        print(f"no violation ({_artifacts_after_pass(base, args)})")
         print(f"replay: {again}")
         return 0
     print(run.failure_message(outcome, again))
@@ -109,11 +109,18 @@ def _run_scenario_file(path: Path, args: argparse.Namespace) -> int:
         with view.watching():
             result = run.run_scenario(scen)
         outcome = run.finish()
-    _summary(run, outcome, result.summary(), replay.command(settings, "run", [str(path)]))
+    kept = _artifacts_after_pass(base, args) if outcome.ok else f"artifacts: {run.workdir}"
+    _summary(run, outcome, result.summary(), replay.command(settings, "run", [str(path)]), kept)
     return 0 if outcome.ok else 1
 
 
-def _summary(run: TargetRun, outcome: Outcome, phases: str, again: str) -> None:
+def _artifacts_after_pass(base: Path, args: argparse.Namespace) -> str:
+    if common.drop_artifacts(base, args):
+        return "artifacts deleted; --keep-artifacts keeps them"
+    return f"artifacts: {base}"
+
+
+def _summary(run: TargetRun, outcome: Outcome, phases: str, again: str, kept: str) -> None:
     print("\n== summary")
     if outcome.ok:
         print("verdict: PASS - no rule violated")
@@ -127,6 +134,6 @@ def _summary(run: TargetRun, outcome: Outcome, phases: str, again: str) -> None:
         print(f"WARNING: {warning}")
     settings = run.harness.settings
     print(f"seed: fault seed {settings.fault_seed}, scenario seed {run.scenarios[-1].seed}")
-    print(f"artifacts: {run.workdir}")
+    print(kept)
     print(f"replay: {again}")
     print(f"   or: {run.harness.replay_command(run.test_name, run.replay_nodeid)}")
