@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import pytest
 
@@ -161,7 +161,7 @@ def prepare_for_guest(config: pytest.Config) -> None:
     try:
         harness.prebuild()
     except AftercloseError as exc:
-        pytest.fail(exc.render(), pytrace=False)
+        _fail_once(exc)
 
 
 @pytest.hookimpl(trylast=True)
@@ -226,8 +226,18 @@ def afterclose_harness(request: pytest.FixtureRequest) -> Harness:
     try:
         harness.artefact  # noqa: B018 - build once per session, report errors cleanly
     except AftercloseError as exc:
-        pytest.fail(exc.render(), pytrace=False)
+        _fail_once(exc)
     return harness
+
+
+def _fail_once(exc: AftercloseError) -> NoReturn:
+    """Fail the test with ``exc``'s message alone.  ``pytest.fail`` raised inside the
+    ``except`` would carry ``exc`` as its context, and pytest would print both, joined by
+    "During handling of the above exception"."""
+    exc.__traceback__ = None
+    failure = pytest.fail.Exception(exc.render(), pytrace=False)
+    failure.__suppress_context__ = True
+    raise failure from None
 
 
 @pytest.fixture
@@ -249,7 +259,7 @@ def target(
             extra_env = syscall_faults.to_env(specs, seed)
         run = afterclose_harness.start(tmp_path, request.node.name, extra_env=extra_env)
     except AftercloseError as exc:
-        pytest.fail(exc.render(), pytrace=False)
+        _fail_once(exc)
     request.node.stash[RUN_KEY] = run
     with run:
         yield run

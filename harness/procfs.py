@@ -4,8 +4,10 @@ parsed here and nowhere else."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -383,6 +385,25 @@ def census(pids: list[int], port: int) -> SocketCensus:
             ):
                 stranded += 1
     return SocketCensus(socket_fds=fds, states=states, stranded=stranded)
+
+
+def listening_addresses(pids: list[int]) -> list[str]:
+    """``host:port`` of every TCP socket ``pids`` listen on, sorted."""
+    inodes = {inode for pid in pids for inode in socket_inodes(pid).values()}
+    found: set[str] = set()
+    for sock in tcp_sockets(pids[0]) if pids else ():
+        if sock.state == "LISTEN" and sock.inode in inodes:
+            found.add(f"{_address(sock.local_addr)}:{sock.local_port}")
+    return sorted(found)
+
+
+def _address(addr_hex: str) -> str:
+    """An address as /proc/net/tcp{,6} spells it (32-bit words in host byte order), printed."""
+    raw = b"".join(
+        int(addr_hex[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(addr_hex), 8)
+    )
+    address = ipaddress.ip_address(raw)
+    return str(address) if address.version == 4 else f"[{address}]"
 
 
 def _loopback(addr_hex: str) -> bool:

@@ -3,7 +3,8 @@
 Modes: ``ok`` (answers with its path), ``forker`` (also starts two sleeping grandchildren),
 ``silent`` (listens but prints nothing), ``die`` (prints to stderr and exits 3 before listening),
 ``ignore-term`` (ignores SIGTERM), ``daemon`` (double-forks; the daemon, in a session of
-its own, serves while the first process sleeps).
+its own, serves while the first process sleeps), ``error500`` (answers 500),
+``elsewhere`` (ignores the port it is given and listens on one the kernel picks).
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+MODE = "ok"
+
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
         body = (self.path + "\n").encode()
-        self.send_response(200)
+        self.send_response(500 if MODE == "error500" else 200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -33,6 +36,10 @@ class Handler(BaseHTTPRequestHandler):
 def main() -> None:
     host, port = sys.argv[1], int(sys.argv[2])
     mode = sys.argv[3] if len(sys.argv) > 3 else "ok"
+    global MODE
+    MODE = mode
+    if mode == "elsewhere":
+        port = 0
     if mode == "die":
         print("fatal: cannot open config /etc/nowhere.conf", file=sys.stderr, flush=True)
         sys.exit(3)
