@@ -67,7 +67,10 @@ def _run_fault(args: argparse.Namespace) -> int:
     from afterclose.harness.session import Harness
 
     params = common.parse_params(args.params)
-    faults.get_any(args.fault, where="afterclose run")  # a typo fails before the target starts
+    # A typo in the name or a parameter fails before the target starts.
+    faults.get_any(args.fault, where="afterclose run").from_params(
+        params, where=f"afterclose run: fault {args.fault!r}"
+    )
     settings = common.settings(args.target, args)
     harness = Harness(settings)
     base = Path(tempfile.mkdtemp(prefix=f"afterclose-run-{harness.manifest.name}-"))

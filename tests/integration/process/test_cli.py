@@ -176,6 +176,14 @@ def test_progress_is_one_line_a_second_when_not_a_terminal() -> None:
             ["connection_storm", "processes=0"],
             ["parameter 'processes' = 0 is out of range (allowed: 1..32)"],
         ),
+        # Before the target starts (no test name in the message), the fault named once.
+        (
+            ["reset_peer", "bogus=3"],
+            [
+                "afterclose: error: afterclose run: fault 'reset_peer': unknown parameter "
+                "'bogus' (allowed: connections, concurrency, phase)\n"
+            ],
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path: Path, args: list[str], expected: list[str]) -> None:
