@@ -383,6 +383,47 @@ def test_user_from_run_args_runs_unprivileged(
     assert "READY" in plan.stdout_path.read_text()
 
 
+def _status_field(pid: int, name: str) -> str:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(
+        line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith(f"{name}:")
+    )
+
+
+def test_a_container_holds_no_capability_and_runs_as_nobody_by_default(
+    runner: Any, make: PlanFactory, docker_client: Any
+) -> None:
+    plan = make()
+    with runner.start(plan) as target:
+        assert http_get(plan.port, "/whoami").endswith(b"uid=65534")
+        pid = target.host_pids()[0]
+        assert _status_field(pid, "CapEff") == "0000000000000000"
+        assert _status_field(pid, "CapBnd") == "0000000000000000"
+        assert _status_field(pid, "NoNewPrivs") == "1"
+        assert _status_field(pid, "Uid").split()[0] == "65534"
+        host_config = docker_client.containers.get(target.container_id).attrs["HostConfig"]
+        assert host_config["CapDrop"] == ["ALL"]
+        assert "no-new-privileges:true" in host_config["SecurityOpt"]
+    # The workdir is the container user's, not open to everyone.
+    info = plan.workdir.stat()
+    assert info.st_uid == 65534 and info.st_mode & 0o777 != 0o777
+
+
+def test_a_root_container_keeps_only_the_capabilities_its_manifest_declares(
+    runner: Any, make: PlanFactory, echo_manifest: Manifest
+) -> None:
+    manifest = dataclasses.replace(
+        echo_manifest, docker=DockerSpec(user="root", cap_add=("NET_BIND_SERVICE",))
+    )
+    plan = make(manifest)
+    with runner.start(plan) as target:
+        assert http_get(plan.port, "/whoami").endswith(b"uid=0")
+        pid = target.host_pids()[0]
+        net_bind_service = 1 << 10  # capability.h
+        assert int(_status_field(pid, "CapEff"), 16) == net_bind_service
+        assert _status_field(pid, "NoNewPrivs") == "1"
+
+
 def test_oom_kill_is_sigkill_not_stopped_by_harness(
     runner: Any, make: PlanFactory, echo_manifest: Manifest
 ) -> None:
