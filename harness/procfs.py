@@ -81,6 +81,18 @@ def alive(pid: int, started: str | None = None) -> bool:
     return started is None or fields[19] == started
 
 
+def owner_ids(pid: int) -> tuple[int, int] | None:
+    """``pid``'s real user and group ids; None if it is gone."""
+    text = read(f"/proc/{pid}/status")
+    if text is None:
+        return None
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    try:
+        return int(fields["Uid"].split()[0]), int(fields["Gid"].split()[0])
+    except (KeyError, IndexError, ValueError):
+        return None
+
+
 def exists(pid: int) -> bool:
     """``pid`` has a /proc entry (a zombie too)."""
     return Path(f"/proc/{pid}").exists()
