@@ -709,6 +709,41 @@ def test_container_of_a_sigkilled_process_is_swept(docker_client: Any, tmp_path:
             container.remove(force=True)
 
 
+def test_container_of_a_sigkilled_process_goes_without_a_sweep(
+    docker_client: Any, tmp_path: Path
+) -> None:
+    """The watchdog removes it: no later run is needed."""
+    session = f"kill9w-{uuid.uuid4().hex[:12]}"
+    marker = tmp_path / "started.marker"
+    code = INNER_COMMON.format(manifest=str(ECHO_MANIFEST), marker=str(marker)) + textwrap.dedent(
+        """
+        target = start(Path(sys.argv[1]))
+        mark(target.container_name)
+        time.sleep(120)
+        """
+    )
+    script = tmp_path / "inner.py"
+    script.write_text(code)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "w")], env=_child_env(session)
+    )
+    label = f"afterclose.session={session}"
+    try:
+        wait_for(marker.exists, 60, "the inner process's container")
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while containers_labelled(docker_client, label) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = containers_labelled(docker_client, label)
+        assert left == [], [(c.name, c.labels) for c in left]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for container in containers_labelled(docker_client, label):
+            container.remove(force=True)
+
+
 # ------------------------------------------------------------------ tracer and timings
 
 
