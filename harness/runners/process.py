@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 from afterclose.harness import orphans, procfs
@@ -28,6 +29,7 @@ class ProcessServer(Server):
         self._buffer = b""
         self._final: ExitStatus | None = None
         self._main_status: tuple[int | None, int | None] | None = None
+        self._lock = threading.Lock()  # exit_status() is also polled from tracer threads
 
     @property
     def pid(self) -> int:
@@ -46,8 +48,14 @@ class ProcessServer(Server):
         return tree
 
     def _read_link(self) -> None:
+        with self._lock:
+            self._read_link_locked()
+
+    def _read_link_locked(self) -> None:
         if self._main_status is not None or self._link.fileno() < 0:
             return
+        # Polled before the read: a supervisor that reported and then exited is read whole.
+        supervisor_gone = self.proc.poll() is not None
         with contextlib.suppress(BlockingIOError, OSError):
             while True:
                 data = self._link.recv(4096, socket.MSG_DONTWAIT)
@@ -60,7 +68,7 @@ class ProcessServer(Server):
                 self._main_status = (int(value), None)
             elif word == "signaled":
                 self._main_status = (None, int(value))
-        if self._main_status is None and self.proc.poll() is not None:
+        if self._main_status is None and supervisor_gone:
             # The supervisor itself was killed: the target went with it.
             self._main_status = (None, signal.SIGKILL)
 
