@@ -319,8 +319,10 @@ class Fault(abc.ABC):
         for key, value in params.items():
             p = known.get(key)
             if p is None:
+                # ``where`` may name the fault already (the session's does).
+                named = "" if where.endswith(f"fault {cls.name!r}") else f"fault {cls.name!r}: "
                 raise ScenarioError(
-                    f"fault {cls.name!r}: unknown parameter {key!r} (allowed: {', '.join(known)})",
+                    f"{named}unknown parameter {key!r} (allowed: {', '.join(known)})",
                     where=where,
                     hint=_did_you_mean(str(key), list(known), f"parameters of {cls.name}"),
                 )

@@ -44,6 +44,7 @@ from hypothesis.errors import Flaky
 from afterclose import faults
 from afterclose.faults.base import Spec
 from afterclose.harness import replay
+from afterclose.harness.errors import AftercloseError
 from afterclose.harness.scenario import Scenario, make_phase, scenario
 from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
 
@@ -109,6 +110,8 @@ class ExploreResult:
     path: Path | None = None
     reproduced: int | None = None  # verification: how many of its runs failed again
     written_by: str | None = None  # --db: another worker wrote this scenario (who, where)
+    unwritten: str | None = None  # why ``path`` could not be written; ``toml`` is the file
+    toml: str | None = None
 
 
 # --------------------------------------------------------------------------- the space
@@ -421,6 +424,43 @@ def _out_path(template: str, rule: str) -> Path:
     return candidate
 
 
+def check_out_folder(template: str) -> None:
+    """Before the search: the folder ``--out`` names (or its nearest existing parent) takes a
+    new file, so a violation found after minutes is not lost to a read-only folder."""
+    folder = _out_path(template, "rule").parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    hint = (
+        "run from a writable folder, or give --out a writable path (--out=/tmp/found-{rule}.toml)"
+    )
+    if not existing.is_dir():
+        raise AftercloseError(
+            f"cannot write the scenario file: {existing} is not a folder",
+            where=f"--out={template}",
+            hint=hint,
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise AftercloseError(
+            f"cannot write the scenario file into {existing.absolute()}: {exc.strerror or exc}",
+            where=f"--out={template}",
+            hint=hint,
+        ) from None
+
+
+def write_scenario(path: Path, text: str) -> str | None:
+    """Write the found scenario; why not, if it could not be (the caller prints it instead)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def run_it(settings: Settings, path: Path) -> str:
     """The pytest command that runs a written scenario file: it carries its own seed."""
     return replay.command(settings, "pytest", ["--no-builtin-suite", str(path)], seed=False)
@@ -431,6 +471,7 @@ def explore(harness: Harness, options: ExploreOptions, log: Log = print) -> Expl
     names = list(options.faults) or default_faults()
     for name in names:
         faults.get(name, where="--faults")
+    check_out_folder(options.out)
     seed = harness.settings.fault_seed
     explorer = _Explorer(harness, options, log)
     log(
@@ -476,8 +517,20 @@ def explore(harness: Harness, options: ExploreOptions, log: Log = print) -> Expl
         return dataclasses.replace(
             result, found=found, scenario=written, reproduced=reproduced, written_by=owner
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(written.to_toml(header), encoding="utf-8")
+    text = written.to_toml(header)
+    why = write_scenario(path, text)
+    if why is not None:
+        log(f"[{explorer.elapsed():6.1f}s] cannot write {path}: {why}")
+        return dataclasses.replace(
+            result,
+            elapsed_s=explorer.elapsed(),
+            runs=explorer.runs,
+            found=found,
+            scenario=written,
+            reproduced=reproduced,
+            unwritten=f"cannot write {path}: {why}",
+            toml=text,
+        )
     found.run.replay_nodeid = str(path)
     return dataclasses.replace(
         result,
@@ -520,6 +573,12 @@ def command(args: argparse.Namespace, settings_: Settings) -> int:
     )
     if result.found is not None and result.written_by is not None:
         print(f"\nviolation found: {summary}; written by another worker: {result.written_by}")
+        return 1
+    if result.found is not None and result.unwritten is not None:
+        print(f"\nviolation found: {summary}")
+        print(result.found.run.failure_message(result.found.outcome))
+        print(f"\n{result.unwritten}; the scenario file, to save by hand:\n")
+        print(result.toml)
         return 1
     if result.found is None or result.path is None:
         print(f"no violation: {summary}")

@@ -7,6 +7,7 @@ names the file and the key and gives a hint (with a close-match suggestion for t
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ class DockerSpec:
     context: Path | None = None
     run_args: tuple[str, ...] = ()
     libc: str = "glibc"
+    cap_add: tuple[str, ...] = ()  # capabilities kept; every other one is dropped
+    user: str | None = None  # None: a non-root user (see runners/docker/privileges.py)
 
 
 @dataclass(frozen=True)
@@ -397,16 +400,53 @@ def _parse_docker(table: _Table | None, folder: Path) -> DockerSpec | None:
     context = table.get_opt("context", _str)
     run_args = table.get("run_args", _str_list)
     libc = table.get("libc", _choice(("glibc", "musl", "none")))
+    cap_add = table.get("cap_add", _capabilities)
+    user = table.get_opt("user", _user)
     table.reject_unknown()
-    if (image is None) == (dockerfile is None):
-        raise table.error("image", "give exactly one of image or dockerfile", 'image = "name:tag"')
+    if image is not None and dockerfile is not None:
+        raise table.error(
+            "image", "give one of image or dockerfile, not both", 'image = "name:tag"'
+        )
     return DockerSpec(
         image=image,
         dockerfile=(folder / dockerfile).resolve() if dockerfile else None,
         context=(folder / context).resolve() if context else None,
         run_args=run_args,
         libc=libc,
+        cap_add=cap_add,
+        user=user,
     )
+
+
+# The capabilities of Linux 6.x (capability.h), without their CAP_ prefix.
+LINUX_CAPABILITIES = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+)  # fmt: skip
+
+
+def _capabilities(value: Any) -> tuple[str, ...]:
+    names = tuple(name.upper().removeprefix("CAP_") for name in _str_list(value))
+    unknown = [name for name in names if name not in LINUX_CAPABILITIES]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], LINUX_CAPABILITIES, n=1)
+        raise ValueError(
+            f"unknown capability {unknown[0]!r}"
+            + (f"; did you mean {close[0]!r}?" if close else "")
+            + " (e.g. NET_BIND_SERVICE, SETUID, SETGID)"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def _user(value: Any) -> str:
+    text = _str(value)
+    if not re.fullmatch(r"[a-z_][a-z0-9_.-]*|[0-9]+(:[0-9]+)?", text):
+        raise ValueError('write "root", a user name, or UID[:GID]')
+    return text
 
 
 # ------------------------------------------------------------------------- resolution

@@ -151,6 +151,20 @@ KEYS: dict[str, Key] = {
         Key("docker.context", "a build context folder", None, "the Dockerfile's build context"),
         Key("docker.run_args", "a list of strings", (), "extra `docker run` options (a few)"),
         Key("docker.libc", "a libc", "glibc", "the image's libc, for the shim (glibc, musl, none)"),
+        Key(
+            "docker.cap_add",
+            "a list of capability names",
+            (),
+            "the only capabilities the container keeps (all others are dropped), e.g. "
+            '["NET_BIND_SERVICE"]; they take effect for a root user (`docker.user = "root"`)',
+        ),
+        Key(
+            "docker.user",
+            '"root", a user name or UID[:GID]',
+            None,
+            "the container's user; by default a non-root one (65534, or the harness's own "
+            "user when it is not root), who is given the work folders",
+        ),
     )
 }
 

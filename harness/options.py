@@ -216,3 +216,22 @@ RUN_OPTIONS: tuple[Option[object], ...] = (
     STORM_DURATION,
 )
 CLI_RUN_OPTIONS: tuple[Option[object], ...] = (RUNNER, TRACER, SANITIZE, CHAOS, STORM_DURATION)
+
+
+def _switch(value: str, flag: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise OptionError(f"{flag}={value!r} is not valid; use true or false")
+
+
+# The command line's alone (pytest keeps its own tmp_path folders): a switch, no value.
+KEEP_ARTIFACTS: Option[bool] = Option(
+    flag="--keep-artifacts",
+    ini="afterclose_keep_artifacts",
+    parse=_switch,
+    about="keep the artifacts (logs, traces) of passing runs too; by default only a failure's "
+    "are kept and the rest deleted",
+    default=False,
+)

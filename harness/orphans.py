@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+SUBREAPER = Path(__file__).with_name("subreaper.py")
 
 
 def die_with_parent() -> None:
@@ -24,3 +29,25 @@ def die_with_parent() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def supervised(argv: list[str], fd: int, env: Mapping[str, str]) -> list[str]:
+    """The command line that runs ``argv`` under the subreaper supervisor
+    (``harness/subreaper.py``), which reports on the socket ``fd`` and kills everything
+    ``argv`` starts once the harness lets go of it or dies.
+
+    ``env`` reaches the target alone: a preload library in the supervisor's own environment
+    would trace the supervisor.
+    """
+    settings = [f"{key}={value}" for key, value in env.items()]
+    return [
+        sys.executable,
+        "-I",
+        "-S",
+        str(SUBREAPER),
+        str(fd),
+        str(os.getpid()),
+        *settings,
+        "--",
+        *argv,
+    ]

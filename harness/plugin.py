@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import pytest
 
@@ -162,7 +162,7 @@ def prepare_for_guest(config: pytest.Config) -> None:
     try:
         harness.prebuild()
     except AftercloseError as exc:
-        pytest.fail(exc.render(), pytrace=False)
+        _fail_once(exc)
 
 
 @pytest.hookimpl(trylast=True)
@@ -227,8 +227,18 @@ def afterclose_harness(request: pytest.FixtureRequest) -> Harness:
     try:
         harness.artefact  # noqa: B018 - build once per session, report errors cleanly
     except AftercloseError as exc:
-        pytest.fail(exc.render(), pytrace=False)
+        _fail_once(exc)
     return harness
+
+
+def _fail_once(exc: AftercloseError) -> NoReturn:
+    """Fail the test with ``exc``'s message alone.  ``pytest.fail`` raised inside the
+    ``except`` would carry ``exc`` as its context, and pytest would print both, joined by
+    "During handling of the above exception"."""
+    exc.__traceback__ = None
+    failure = pytest.fail.Exception(exc.render(), pytrace=False)
+    failure.__suppress_context__ = True
+    raise failure from None
 
 
 @pytest.fixture
@@ -250,7 +260,7 @@ def target(
             extra_env = syscall_faults.to_env(specs, seed)
         run = afterclose_harness.start(tmp_path, request.node.name, extra_env=extra_env)
     except AftercloseError as exc:
-        pytest.fail(exc.render(), pytrace=False)
+        _fail_once(exc)
     request.node.stash[RUN_KEY] = run
     with run:
         yield run

@@ -4,8 +4,10 @@ parsed here and nowhere else."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -77,6 +79,18 @@ def alive(pid: int, started: str | None = None) -> bool:
     if fields is None or fields[0] in ("Z", "X"):
         return False
     return started is None or fields[19] == started
+
+
+def owner_ids(pid: int) -> tuple[int, int] | None:
+    """``pid``'s real user and group ids; None if it is gone."""
+    text = read(f"/proc/{pid}/status")
+    if text is None:
+        return None
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    try:
+        return int(fields["Uid"].split()[0]), int(fields["Gid"].split()[0])
+    except (KeyError, IndexError, ValueError):
+        return None
 
 
 def exists(pid: int) -> bool:
@@ -413,6 +427,25 @@ def census(pids: list[int], port: int) -> SocketCensus:
             ):
                 stranded += 1
     return SocketCensus(socket_fds=fds, states=states, stranded=stranded)
+
+
+def listening_addresses(pids: list[int]) -> list[str]:
+    """``host:port`` of every TCP socket ``pids`` listen on, sorted."""
+    inodes = {inode for pid in pids for inode in socket_inodes(pid).values()}
+    found: set[str] = set()
+    for sock in tcp_sockets(pids[0]) if pids else ():
+        if sock.state == "LISTEN" and sock.inode in inodes:
+            found.add(f"{_address(sock.local_addr)}:{sock.local_port}")
+    return sorted(found)
+
+
+def _address(addr_hex: str) -> str:
+    """An address as /proc/net/tcp{,6} spells it (32-bit words in host byte order), printed."""
+    raw = b"".join(
+        int(addr_hex[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(addr_hex), 8)
+    )
+    address = ipaddress.ip_address(raw)
+    return str(address) if address.version == 4 else f"[{address}]"
 
 
 def _loopback(addr_hex: str) -> bool:

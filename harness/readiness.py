@@ -17,10 +17,12 @@ POLL_INTERVAL_S = 0.02
 
 @dataclass(frozen=True)
 class Probe:
-    """One readiness check: ``check()`` is True once ready; ``describe`` names it in errors."""
+    """One readiness check: ``check()`` is True once ready; ``missing`` says what was not
+    seen, ``last`` (if given) what was seen instead on the last try."""
 
-    describe: str
+    missing: str
     check: Callable[[], bool]
+    last: Callable[[], str | None] = lambda: None
 
 
 def log_line_probe(text: str, logs: tuple[Path, ...]) -> Probe:
@@ -33,7 +35,7 @@ def log_line_probe(text: str, logs: tuple[Path, ...]) -> Probe:
                 continue
         return False
 
-    return Probe(f"the line {text!r} in the target's output", check)
+    return Probe(f"the line {text!r} did not appear in the target's output", check)
 
 
 def port_probe(host: str, port: int) -> Probe:
@@ -44,20 +46,31 @@ def port_probe(host: str, port: int) -> Probe:
         except OSError:
             return False
 
-    return Probe(f"a listening socket on {host}:{port}", check)
+    return Probe(f"nothing listened on {host}:{port}", check)
 
 
 def http_probe(host: str, port: int, path: str, tls: bool = False) -> Probe:
+    seen: list[str] = []
+
     def check() -> bool:
         from afterclose.harness.protocols import http
 
         try:
             response = http.get(host, port, path, timeout_s=1.0, tls=tls)
-        except (OSError, http.ClientError):
+        except OSError as exc:
+            seen[:] = [f"the last try got {exc.strerror or exc}"]
             return False
+        except http.ClientError as exc:
+            seen[:] = [f"the last answer was not HTTP ({exc})"]
+            return False
+        seen[:] = [f"the last answer was HTTP {response.status}"]
         return response.status < 500
 
-    return Probe(f"an HTTP answer to GET {path} on {host}:{port}", check)
+    return Probe(
+        f"GET {path} on {host}:{port} got no answer below 500",
+        check,
+        lambda: seen[0] if seen else None,
+    )
 
 
 def protocol_probe(host: str, port: int, protocol: Protocol, tls: bool) -> Probe:
@@ -65,7 +78,7 @@ def protocol_probe(host: str, port: int, protocol: Protocol, tls: bool) -> Probe
         return not protocol.liveness_problem(host, port, 1.0, tls=tls)
 
     over = " over TLS" if tls else ""
-    return Probe(f"an answer in protocol {protocol.name!r}{over} on {host}:{port}", check)
+    return Probe(f"{host}:{port} gave no answer in protocol {protocol.name!r}{over}", check)
 
 
 def probe_for(
@@ -106,5 +119,8 @@ def wait_until(probe: Probe, timeout_s: float, still_running: Callable[[], str |
         if gone is not None:
             raise NotReady(f"the target stopped before it was ready: {gone}")
         if time.monotonic() >= deadline:
-            raise NotReady(f"no {probe.describe} within {timeout_s:g} s")
+            last = probe.last()
+            raise NotReady(
+                f"{probe.missing} within {timeout_s:g} s" + (f" ({last})" if last else "")
+            )
         time.sleep(POLL_INTERVAL_S)

@@ -14,12 +14,13 @@ import functools
 import importlib.util
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -204,3 +205,27 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for mark in item.iter_markers("requires"):
         need(*mark.args)
+
+
+_SKIP_REASON = re.compile(r"(?:Skipped: )?needs ([\w-]+) \(.*?\): (.*) \(to provide it: ")
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Which parts of the run were skipped for a missing capability, and the command that
+    enables each (the terminal reporter holds every skip, the xdist workers' too)."""
+    skipped: dict[str, tuple[str, int]] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        if not isinstance(report.longrepr, tuple):
+            continue
+        match = _SKIP_REASON.match(str(report.longrepr[2]))
+        if match is None or match[1] not in CAPABILITIES:
+            continue
+        why, count = skipped.get(match[1], (match[2], 0))
+        skipped[match[1]] = (why, count + 1)
+    if not skipped:
+        return
+    terminalreporter.section("skipped for a missing capability", sep="=", yellow=True)
+    for name, (why, count) in sorted(skipped.items()):
+        cap = CAPABILITIES[name]
+        terminalreporter.line(f"{name}: {count} test(s) skipped ({cap.means}): {why}")
+        terminalreporter.line(f"    to enable them: {cap.enable}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,8 @@ def add_run_options(parser: argparse.ArgumentParser, *, target: bool) -> None:
             else "SECONDS",
             help=option.help,
         )
+    keep = options.KEEP_ARTIFACTS
+    parser.add_argument(keep.cli, dest=keep.dest, action="store_true", help=keep.help)
     seed = options.FAULT_SEED
     parser.add_argument(
         seed.cli,
@@ -97,3 +100,12 @@ def parse_params(items: list[str]) -> dict[str, object]:
         except json.JSONDecodeError:
             params[key] = value
     return params
+
+
+def drop_artifacts(folder: Path, args: argparse.Namespace) -> bool:
+    """Delete a passing run's artifacts (a trace is a 256 MiB sparse file per traced process)
+    unless ``--keep-artifacts``; True when they are gone."""
+    if getattr(args, options.KEEP_ARTIFACTS.dest, False):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return not folder.exists()

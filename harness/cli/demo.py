@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from afterclose.harness import replay
 from afterclose.harness.cli import common
 
 if TYPE_CHECKING:
-    from afterclose.harness.session import TargetRun
+    from afterclose.harness.session import Outcome, Settings, TargetRun
 
 DEMO_BUDGET_S = 60.0
 
@@ -46,24 +47,40 @@ def hunt(target: str, args: argparse.Namespace, budget_s: float) -> tuple[bool, 
     rounds = 0
     base = Path(tempfile.mkdtemp(prefix=f"afterclose-demo-{target}-"))
     print(f"\n== {target}: {harness.manifest.description}")
-    print(f"   tracer {harness.tracer_mode}, fault seed {settings.fault_seed}, artifacts {base}")
-    while time.monotonic() - start < budget_s:
-        rounds += 1
-        with harness.start(base / f"round-{rounds}", f"demo-round-{rounds}") as run:
-            storm(run)
-            outcome = run.finish()
-        elapsed = time.monotonic() - start
-        for report in outcome.reports:
-            print(f"   round {rounds} ({elapsed:.1f} s): {report.summary()}")
-        if not outcome.ok:
-            print(
-                f"   FOUND after {elapsed:.1f} s: " + ", ".join(v.rule for v in outcome.violations)
-            )
-            print(run.failure_message(outcome, replay=replay.command(settings, "demo")))
-            return True, elapsed, rounds
-        if args.rounds and rounds >= args.rounds:
-            break
+    print(
+        f"   tracer {harness.tracer_mode}, fault seed {settings.fault_seed}, "
+        f"artifacts of failing rounds in {base}"
+    )
+    try:
+        while time.monotonic() - start < budget_s:
+            rounds += 1
+            folder = base / f"round-{rounds}"
+            with harness.start(folder, f"demo-round-{rounds}") as run:
+                storm(run)
+                outcome = run.finish()
+            if outcome.ok:
+                common.drop_artifacts(folder, args)
+            found = _report_round(run, outcome, rounds, time.monotonic() - start, settings)
+            if found:
+                return True, time.monotonic() - start, rounds
+            if args.rounds and rounds >= args.rounds:
+                break
+    finally:
+        with contextlib.suppress(OSError):
+            base.rmdir()  # empty: every round passed and was deleted
     return False, time.monotonic() - start, rounds
+
+
+def _report_round(
+    run: TargetRun, outcome: Outcome, rounds: int, elapsed: float, settings: Settings
+) -> bool:
+    for report in outcome.reports:
+        print(f"   round {rounds} ({elapsed:.1f} s): {report.summary()}")
+    if outcome.ok:
+        return False
+    print(f"   FOUND after {elapsed:.1f} s: " + ", ".join(v.rule for v in outcome.violations))
+    print(run.failure_message(outcome, replay=replay.command(settings, "demo")))
+    return True
 
 
 def run_demo(args: argparse.Namespace) -> int:

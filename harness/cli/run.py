@@ -67,7 +67,10 @@ def _run_fault(args: argparse.Namespace) -> int:
     from afterclose.harness.session import Harness
 
     params = common.parse_params(args.params)
-    faults.get_any(args.fault, where="afterclose run")  # a typo fails before the target starts
+    # A typo in the name or a parameter fails before the target starts.
+    faults.get_any(args.fault, where="afterclose run").from_params(
+        params, where=f"afterclose run: fault {args.fault!r}"
+    )
     settings = common.settings(args.target, args)
     harness = Harness(settings)
     base = Path(tempfile.mkdtemp(prefix=f"afterclose-run-{harness.manifest.name}-"))
@@ -93,7 +96,7 @@ def _run_fault(args: argparse.Namespace) -> int:
         print(f"replay: {again}")
         return 0
     if outcome.ok:
-        print(f"no violation (artifacts: {base})")
+        print(f"no violation ({_artifacts_after_pass(base, args)})")
         print(f"replay: {again}")
         return 0
     print(run.failure_message(outcome, again))
@@ -119,11 +122,18 @@ def _run_scenario_file(path: Path, args: argparse.Namespace) -> int:
         with view.watching():
             result = run.run_scenario(scen)
         outcome = run.finish()
-    _summary(run, outcome, result.summary(), replay.command(settings, "run", [str(path)]))
+    kept = _artifacts_after_pass(base, args) if outcome.ok else f"artifacts: {run.workdir}"
+    _summary(run, outcome, result.summary(), replay.command(settings, "run", [str(path)]), kept)
     return 0 if outcome.ok else 1
 
 
-def _summary(run: TargetRun, outcome: Outcome, phases: str, again: str) -> None:
+def _artifacts_after_pass(base: Path, args: argparse.Namespace) -> str:
+    if common.drop_artifacts(base, args):
+        return "artifacts deleted; --keep-artifacts keeps them"
+    return f"artifacts: {base}"
+
+
+def _summary(run: TargetRun, outcome: Outcome, phases: str, again: str, kept: str) -> None:
     print("\n== summary")
     if outcome.ok:
         print("verdict: PASS - no rule violated")
@@ -137,6 +147,6 @@ def _summary(run: TargetRun, outcome: Outcome, phases: str, again: str) -> None:
         print(f"WARNING: {warning}")
     settings = run.harness.settings
     print(f"seed: fault seed {settings.fault_seed}, scenario seed {run.scenarios[-1].seed}")
-    print(f"artifacts: {run.workdir}")
+    print(kept)
     print(f"replay: {again}")
     print(f"   or: {run.harness.replay_command(run.test_name, run.replay_nodeid)}")

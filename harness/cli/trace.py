@@ -49,13 +49,24 @@ def show(args: argparse.Namespace) -> int:
         if path.is_dir():
             if not any(path.glob(TRACE_GLOB)):
                 raise TraceError(f"no {TRACE_GLOB} files in this folder", where=path, hint=hint)
-            trace = reader.read_trace_dir(path)
+            # One bad file must not hide what the good ones prove: it is named and left out.
+            trace = reader.read_trace_files(path.glob(TRACE_GLOB), skip_bad=True)
         elif path.exists():
             trace = reader.read_trace_files([path])
         else:
             raise TraceError("no such trace folder or file", where=path, hint=hint)
     except OSError as exc:
         raise TraceError(f"cannot read: {exc.strerror or exc}", where=path, hint=hint) from exc
+    if not trace.records:
+        # An empty trace proves nothing: it is not a pass.
+        details = "\n".join(trace.warnings) or None
+        raise TraceError(
+            "no records: nothing to judge",
+            where=path,
+            details=details,
+            hint="a trace holds records once the traced process made a traced call; "
+            "check that the target ran with the tracer",
+        )
     result = judge.judge_trace(trace, cutoff_seq=args.cutoff, trace_path=str(path))
     print(
         f"{path}: {len(trace.processes)} process(es), {len(trace.records)} records, "

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from afterclose.harness import readiness
+from afterclose.harness import procfs, readiness
 from afterclose.harness.errors import TargetStartError
 from afterclose.harness.manifest import Manifest
 
@@ -124,12 +124,26 @@ class Server(abc.ABC):
         try:
             return readiness.wait_until(probe, spec.timeout_s, gone)
         except readiness.NotReady as exc:
+            elsewhere = self._listening_elsewhere()
             raise TargetStartError(
-                f"target {self.name!r} did not become ready: {exc.reason}",
+                f"target {self.name!r} did not become ready: {exc.reason}"
+                + (f"; it listens on {', '.join(elsewhere)}" if elsewhere else ""),
                 where=self.plan.manifest.path,
                 details=f"command: {' '.join(self.plan.argv)}\n{self.log_tail()}",
-                hint=_ready_hint(self.plan.manifest),
+                hint="put {port} (and {host}) in its command or environment, so that it "
+                f"listens on the port the harness leased, {self.host}:{self.port}"
+                if elsewhere
+                else _ready_hint(self.plan.manifest),
             ) from None
+
+    def _listening_elsewhere(self) -> list[str]:
+        """Where the target listens, when that is not the leased port (it ignored {port})."""
+        try:
+            pids = self.host_pids()
+        except Exception:
+            return []
+        found = procfs.listening_addresses(pids)
+        return [a for a in found if not a.endswith(f":{self.port}")]
 
     def __enter__(self) -> Server:
         return self
@@ -151,7 +165,9 @@ def _ready_hint(manifest: Manifest) -> str:
             "or set [ready] port = true"
         )
     if spec.http is not None:
-        return f"the target must answer GET {spec.http} on {{host}}:{{port}}"
+        return (
+            f"the target must answer GET {spec.http} on {{host}}:{{port}} with a status below 500"
+        )
     if spec.protocol:
         return f"the target must answer a {manifest.protocol} request on {{host}}:{{port}}"
     return (

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import stat
 import types
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -242,11 +243,19 @@ def read_trace_file(path: Path) -> ProcessTrace:
     """Decode one trace file; a truncated or foreign file raises :class:`TraceError`."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise TraceError(f"cannot open trace file: {exc.strerror}", where=path) from exc
     try:
-        size = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise TraceError(
+                f"not a regular file ({_file_kind(info.st_mode)}): a trace is a file the "
+                "tracer wrote",
+                where=path,
+            )
+        size = info.st_size
         header = _parse_header(os.pread(fd, HEADER_SIZE, 0), path, size)
         chunk_bytes = CHUNK_HEADER_SIZE + header.chunk_records * RECORD_SIZE
         expected = HEADER_SIZE + header.n_chunks * chunk_bytes
@@ -268,6 +277,19 @@ def read_trace_file(path: Path) -> ProcessTrace:
     return ProcessTrace(
         header=header, path=path, records=tuple(records), lost_records=header.lost_records
     )
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    ):
+        if test(mode):
+            return kind
+    return "not a file"
 
 
 def _read_chunks(
@@ -327,9 +349,12 @@ def read_trace_dir(path: Path) -> Trace:
     return read_trace_files(path.glob(TRACE_GLOB))
 
 
-def read_trace_files(paths: Iterable[Path]) -> Trace:
+def read_trace_files(paths: Iterable[Path], *, skip_bad: bool = False) -> Trace:
     """Read the given trace files (one, or a folder's worth) and merge them into one
-    :class:`Trace`, with the same warnings :func:`read_trace_dir` gives."""
+    :class:`Trace`, with the same warnings :func:`read_trace_dir` gives.
+
+    ``skip_bad``: a file that is not a readable trace is left out, named in a warning (the
+    trace is then incomplete), instead of failing the whole read."""
     processes: list[ProcessTrace] = []
     warnings: list[str] = []
     unreadable = 0
@@ -342,6 +367,12 @@ def read_trace_files(paths: Iterable[Path]) -> Trace:
                 f"{file.name}: header never written (the process died while creating its "
                 "trace); the trace is incomplete"
             )
+            continue
+        except TraceError as exc:
+            if not skip_bad:
+                raise
+            unreadable += 1
+            warnings.append(f"{file.name}: left out, {exc.message}; the trace is incomplete")
             continue
         processes.append(proc)
         name = file.name

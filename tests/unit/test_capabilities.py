@@ -68,3 +68,24 @@ def test_marker_goes_through_the_same_decision(
         result.assert_outcomes(skipped=1)
     finally:
         capabilities.missing.cache_clear()
+
+
+def test_the_summary_names_what_was_skipped_and_the_command_that_enables_it(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(PLUGIN)
+    pytester.makepyfile(
+        "import capabilities\n\n"
+        "def test_a():\n    capabilities.lacking('redis-server', 'redis-server is not on PATH')\n\n"
+        "def test_b():\n    capabilities.lacking('redis-server', 'redis-server is not on PATH')\n\n"
+        "def test_c():\n    pass\n"
+    )
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, skipped=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*= skipped for a missing capability =*",
+            "redis-server: 2 test(s) skipped (the redis-server tool): redis-server is not on PATH",
+            "    to enable them: apt-get install -y redis-server",
+        ]
+    )

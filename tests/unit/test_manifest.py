@@ -139,9 +139,31 @@ def test_compile_source_missing(tmp_path: Path) -> None:
     assert "key 'compile.sources'" in message and "'nope.c' not found" in message
 
 
-def test_docker_table_needs_one_source(tmp_path: Path) -> None:
-    message = error_for(tmp_path, 'name = "x"\ncommand = ["x"]\n[docker]\nrun_args = []\n')
-    assert "exactly one of image or dockerfile" in message
+def test_docker_table_takes_one_source_at_most(tmp_path: Path) -> None:
+    message = error_for(
+        tmp_path,
+        'name = "x"\ncommand = ["x"]\n[docker]\nimage = "a"\ndockerfile = "Dockerfile"\n',
+    )
+    assert "one of image or dockerfile, not both" in message
+
+
+def test_docker_privileges_without_an_image_keep_the_closure_image(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'name = "x"\ncommand = ["x"]\n[docker]\ncap_add = ["net_bind_service", "CAP_SETUID"]\n'
+        'user = "root"\n',
+    )
+    spec = load_manifest(path).docker
+    assert spec is not None and spec.image is None and spec.dockerfile is None
+    assert spec.cap_add == ("NET_BIND_SERVICE", "SETUID") and spec.user == "root"
+
+
+def test_docker_unknown_capability_is_named(tmp_path: Path) -> None:
+    message = error_for(
+        tmp_path, 'name = "x"\ncommand = ["x"]\n[docker]\ncap_add = ["NET_BIND_SERVIC"]\n'
+    )
+    assert "key 'docker.cap_add'" in message and "unknown capability 'NET_BIND_SERVIC'" in message
+    assert "did you mean 'NET_BIND_SERVICE'?" in message
 
 
 def test_resolve_by_name_in_rootdir(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+import sys
 import threading
 import uuid
 import warnings
@@ -191,12 +192,47 @@ def _on_sigterm_factory(previous: Any) -> Callable[[int, FrameType | None], None
     return on_sigterm
 
 
+_WATCHDOG: int | None = None  # this process's end of the watchdog's stdin
+
+
+def start_watchdog() -> None:
+    """Once per process: the watchdog (``watchdog.py``) that removes this process's
+    containers if it dies without running its exit handlers (SIGKILL).
+
+    Spawned, not a ``Popen``: nothing waits for it, and it ends after this process does."""
+    global _WATCHDOG
+    with _REGISTRY_LOCK:
+        if _WATCHDOG is not None:
+            return
+        read_end, write_end = os.pipe()  # both close-on-exec; dup2 makes stdin inheritable
+        try:
+            os.posix_spawn(
+                sys.executable,
+                [sys.executable, "-m", "afterclose.harness.runners.docker.watchdog", _PROC_TOKEN],
+                os.environ,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, read_end, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+                ],
+                setsid=True,  # a Ctrl-C of the terminal is not for it
+            )
+        except OSError as exc:
+            os.close(write_end)
+            warnings.warn(f"afterclose: no container watchdog: {exc}", stacklevel=2)
+            return
+        finally:
+            os.close(read_end)
+        _WATCHDOG = write_end
+
+
 def install_exit_handlers() -> None:
     """``atexit`` covers normal exits and Ctrl-C (KeyboardInterrupt unwinds to it).  SIGTERM
     kills Python without running atexit, so it gets a handler: only from the main thread (the
     only one allowed to set handlers; retried on the next runner otherwise) and only over the
     default or a Python handler (an ignored SIGTERM stays ignored)."""
     global _ATEXIT_INSTALLED, _SIGTERM_INSTALLED
+    start_watchdog()
     with _REGISTRY_LOCK:
         if not _ATEXIT_INSTALLED:
             atexit.register(remove_own_containers)
@@ -213,9 +249,12 @@ def install_exit_handlers() -> None:
 def _after_fork_in_child() -> None:
     # A forked child must not remove its parent's containers at its own exit, and must not
     # inherit a lock some other thread of the parent held at the fork.
-    global _PROC_TOKEN, _REGISTRY_LOCK
+    global _PROC_TOKEN, _REGISTRY_LOCK, _WATCHDOG
     _PROC_TOKEN = uuid.uuid4().hex
     _REGISTRY_LOCK = threading.RLock()
+    if _WATCHDOG is not None:
+        os.close(_WATCHDOG)  # the parent's; this process starts its own with its first runner
+    _WATCHDOG = None
     _LIVE.clear()
     _ENGINES.clear()
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from afterclose.harness.errors import TargetStartError
 from afterclose.harness.runners.base import LaunchPlan, Runner
-from afterclose.harness.runners.docker import closure, images, reaper
+from afterclose.harness.runners.docker import closure, images, privileges, reaper
 from afterclose.harness.runners.docker.container import ContainerServer
 from afterclose.harness.runners.docker.engine import Engine, connect, import_docker
 from afterclose.harness.runners.docker.images import ImageChoice
@@ -49,6 +49,8 @@ def plan_host_files(plan: LaunchPlan) -> closure.HostFiles:
 
 
 _COUNTER = itertools.count(1)
+# run_args keys that privileges.py folds into the container's user and capabilities.
+_PRIVILEGE_KEYS = ("user", "cap_add", "cap_drop", "security_opt")
 
 
 class DockerRunner(Runner):
@@ -75,7 +77,7 @@ class DockerRunner(Runner):
 
     def image_for(self, plan: LaunchPlan) -> ImageChoice:
         spec = plan.manifest.docker
-        if spec is None:
+        if spec is None or (spec.image is None and spec.dockerfile is None):
             needs = self.host_files(plan)
             return images.closure_image(
                 self.client,
@@ -154,11 +156,10 @@ class DockerRunner(Runner):
         plan.workdir.mkdir(parents=True, exist_ok=True)
         for path in (plan.stdout_path, plan.stderr_path):
             path.write_bytes(b"")
-        if extra.get("user") not in (None, "root", "0", "0:0"):
-            # Another user in the container must be able to write the bind-mounted folders.
-            for folder in (plan.workdir, plan.trace_dir):
-                if folder is not None:
-                    folder.chmod(0o777)
+        rights = privileges.privileges(manifest, extra)
+        if plan.trace_dir is not None:
+            plan.trace_dir.mkdir(parents=True, exist_ok=True)
+        privileges.hand_over((plan.workdir, plan.trace_dir), rights.user)
         slug = images.repo_name(manifest.name).removeprefix(images.IMAGE_REPO_PREFIX)
         name = f"afterclose-{slug}-{os.getpid()}-{next(_COUNTER)}-{reaper.process_token()[:6]}"
         labels = {
@@ -183,7 +184,8 @@ class DockerRunner(Runner):
                     log_config=docker.types.LogConfig(
                         type="json-file", config={"max-size": "100m", "max-file": "2"}
                     ),
-                    **{k: v for k, v in extra.items() if k != "user"},
+                    **{k: v for k, v in extra.items() if k not in _PRIVILEGE_KEYS},
+                    **rights.host_config(),
                 )
                 created = api.create_container(
                     image=image.tag,
@@ -193,7 +195,7 @@ class DockerRunner(Runner):
                     labels=labels,
                     environment=dict(plan.env),
                     working_dir=str(plan.cwd),
-                    user=extra.get("user"),
+                    user=rights.user,
                     host_config=host_config,
                     stop_signal=manifest.stop_signal,
                     detach=True,

@@ -383,6 +383,47 @@ def test_user_from_run_args_runs_unprivileged(
     assert "READY" in plan.stdout_path.read_text()
 
 
+def _status_field(pid: int, name: str) -> str:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(
+        line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith(f"{name}:")
+    )
+
+
+def test_a_container_holds_no_capability_and_runs_as_nobody_by_default(
+    runner: Any, make: PlanFactory, docker_client: Any
+) -> None:
+    plan = make()
+    with runner.start(plan) as target:
+        assert http_get(plan.port, "/whoami").endswith(b"uid=65534")
+        pid = target.host_pids()[0]
+        assert _status_field(pid, "CapEff") == "0000000000000000"
+        assert _status_field(pid, "CapBnd") == "0000000000000000"
+        assert _status_field(pid, "NoNewPrivs") == "1"
+        assert _status_field(pid, "Uid").split()[0] == "65534"
+        host_config = docker_client.containers.get(target.container_id).attrs["HostConfig"]
+        assert host_config["CapDrop"] == ["ALL"]
+        assert "no-new-privileges:true" in host_config["SecurityOpt"]
+    # The workdir is the container user's, not open to everyone.
+    info = plan.workdir.stat()
+    assert info.st_uid == 65534 and info.st_mode & 0o777 != 0o777
+
+
+def test_a_root_container_keeps_only_the_capabilities_its_manifest_declares(
+    runner: Any, make: PlanFactory, echo_manifest: Manifest
+) -> None:
+    manifest = dataclasses.replace(
+        echo_manifest, docker=DockerSpec(user="root", cap_add=("NET_BIND_SERVICE",))
+    )
+    plan = make(manifest)
+    with runner.start(plan) as target:
+        assert http_get(plan.port, "/whoami").endswith(b"uid=0")
+        pid = target.host_pids()[0]
+        net_bind_service = 1 << 10  # capability.h
+        assert int(_status_field(pid, "CapEff"), 16) == net_bind_service
+        assert _status_field(pid, "NoNewPrivs") == "1"
+
+
 def test_oom_kill_is_sigkill_not_stopped_by_harness(
     runner: Any, make: PlanFactory, echo_manifest: Manifest
 ) -> None:
@@ -659,6 +700,41 @@ def test_container_of_a_sigkilled_process_is_swept(docker_client: Any, tmp_path:
         assert len(containers_labelled(docker_client, label)) <= 1
         removed = sweep_containers(session)
         assert removed in ([marker.read_text()], []), (removed, marker.read_text())
+        left = containers_labelled(docker_client, label)
+        assert left == [], [(c.name, c.labels) for c in left]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for container in containers_labelled(docker_client, label):
+            container.remove(force=True)
+
+
+def test_container_of_a_sigkilled_process_goes_without_a_sweep(
+    docker_client: Any, tmp_path: Path
+) -> None:
+    """The watchdog removes it: no later run is needed."""
+    session = f"kill9w-{uuid.uuid4().hex[:12]}"
+    marker = tmp_path / "started.marker"
+    code = INNER_COMMON.format(manifest=str(ECHO_MANIFEST), marker=str(marker)) + textwrap.dedent(
+        """
+        target = start(Path(sys.argv[1]))
+        mark(target.container_name)
+        time.sleep(120)
+        """
+    )
+    script = tmp_path / "inner.py"
+    script.write_text(code)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "w")], env=_child_env(session)
+    )
+    label = f"afterclose.session={session}"
+    try:
+        wait_for(marker.exists, 60, "the inner process's container")
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while containers_labelled(docker_client, label) and time.monotonic() < deadline:
+            time.sleep(0.1)
         left = containers_labelled(docker_client, label)
         assert left == [], [(c.name, c.labels) for c in left]
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import shlex
 import shutil
@@ -174,6 +175,14 @@ def test_progress_is_one_line_a_second_when_not_a_terminal() -> None:
         (
             ["connection_storm", "processes=0"],
             ["parameter 'processes' = 0 is out of range (allowed: 1..32)"],
+        ),
+        # Before the target starts (no test name in the message), the fault named once.
+        (
+            ["reset_peer", "bogus=3"],
+            [
+                "afterclose: error: afterclose run: fault 'reset_peer': unknown parameter "
+                "'bogus' (allowed: connections, concurrency, phase)\n"
+            ],
         ),
     ],
 )
@@ -412,3 +421,26 @@ def test_a_closed_pipe_ends_the_command_quietly() -> None:
     finally:
         os.close(write_end)
     assert proc.returncode == 141 and proc.stderr == ""
+
+
+def test_a_passing_run_leaves_its_artifacts_only_when_asked(tmp_path: Path) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    argv = [sys.executable, "-m", "afterclose.harness.cli", "run", "--target=seed-fixed"]
+    fault = ["reset_peer", "connections=3", "phase=after-request"]
+    env = {**os.environ, "TMPDIR": str(temp)}
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [*argv, *extra, *fault], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    first = run()
+    assert "artifacts deleted; --keep-artifacts keeps them" in first.stdout
+    assert [p.name for p in temp.iterdir() if p.name.startswith("afterclose-run-")] == []
+    kept = run("--keep-artifacts")
+    folders = [p for p in temp.iterdir() if p.name.startswith("afterclose-run-")]
+    assert len(folders) == 1 and f"artifacts: {folders[0]}" in kept.stdout
+    assert any(folders[0].rglob("target.stdout"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -21,9 +22,12 @@ def test_demo_finds_seed_buggy_and_passes_seed_fixed(tmp_path: Path) -> None:
     assert command.is_file(), command
     # The schedule is seeded; whether a storm round lands in seed-buggy's race window is not,
     # which is why the demo storms it in rounds until it does (60 s at most).
+    temp = tmp_path / "tmp"
+    temp.mkdir()
     done = subprocess.run(
         [str(command), "demo", "--seed=1"],
         cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(temp)},
         capture_output=True,
         text=True,
         timeout=600,
@@ -39,3 +43,6 @@ def test_demo_finds_seed_buggy_and_passes_seed_fixed(tmp_path: Path) -> None:
         assert f"[{rule}]" in out, out[-4000:]
     assert re.search(r"seed-buggy: violation found in [\d.]+ s", out), out[-2000:]
     assert re.search(r"seed-fixed: no violation in \d+ round\(s\)", out), out[-2000:]
+    # Only the failing round's artifacts stay.
+    left = sorted(str(p.relative_to(temp)) for p in temp.glob("*/*"))
+    assert len(left) == 1 and left[0].startswith("afterclose-demo-seed-buggy-"), left

@@ -133,3 +133,16 @@ def test_violation_names_rule_target_seed_and_replay(pytester: pytest.Pytester) 
             "*replay: pytest --target=./echo.toml --fault-seed=4242 --tracer=off -k test_crashes*",
         ]
     )
+
+
+def test_a_start_up_failure_is_printed_once_with_a_path_hint(pytester: pytest.Pytester) -> None:
+    manifest = pytester.path / "nope.toml"
+    manifest.write_text('name = "nope"\ncommand = ["nosuchprog", "{port}"]\n')
+    pytester.makepyfile("def test_x(target):\n    pass\n")
+    result = pytester.runpytest(f"--target={manifest}", "--tracer=off", "--no-builtin-suite")
+    result.assert_outcomes(errors=1)
+    out = result.stdout.str()
+    assert out.count("cannot start target 'nope'") == 1, out
+    assert "During handling of the above exception" not in out
+    assert "'nosuchprog' is looked up on PATH" in out
+    assert "resolved relative to the manifest's folder" not in out

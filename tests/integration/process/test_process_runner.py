@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import socket
@@ -80,7 +81,9 @@ def test_target_that_dies_reports_log_tail_and_hint(tmp_path: Path) -> None:
 
 
 def test_target_never_ready_times_out_and_is_stopped(tmp_path: Path) -> None:
-    with pytest.raises(TargetStartError, match=r"no the line 'READY'.*within 5 s") as info:
+    with pytest.raises(
+        TargetStartError, match=r"the line 'READY' did not appear in the target's output within 5 s"
+    ) as info:
         start(tmp_path, mode="silent")
     assert "must print 'READY'" in str(info.value)
     leftovers = [
@@ -103,6 +106,23 @@ def _cwd_is_ours(proc: Path, tmp_path: Path) -> bool:
         return Path(os.readlink(proc / "cwd")) == tmp_path
     except OSError:
         return False
+
+
+def test_a_server_that_ignores_its_port_is_told_where_it_listens(tmp_path: Path) -> None:
+    with pytest.raises(TargetStartError) as info:
+        start(tmp_path, mode="elsewhere", ready="port = true")
+    message = str(info.value)
+    assert re.search(r"nothing listened on 127\.0\.0\.1:\d+ within 5 s", message), message
+    assert re.search(r"it listens on 127\.0\.0\.1:\d+", message), message
+    assert "put {port}" in message
+
+
+def test_an_http_probe_that_gets_500_says_so(tmp_path: Path) -> None:
+    with pytest.raises(TargetStartError) as info:
+        start(tmp_path, mode="error500", ready='http = "/"')
+    message = str(info.value)
+    assert "GET / on 127.0.0.1:" in message and "the last answer was HTTP 500" in message
+    assert "no an HTTP" not in message
 
 
 def test_missing_program(tmp_path: Path) -> None:

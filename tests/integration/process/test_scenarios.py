@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 import sys
 import textwrap
 import tomllib
@@ -11,6 +12,7 @@ import typing
 import uuid
 from pathlib import Path
 
+import capabilities
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -413,3 +415,33 @@ def test_explore_writes_a_shrunk_scenario_that_reproduces(pytester: pytest.Pytes
             break
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*rule(s) violated by target 'seed-buggy'*"])
+
+
+@capabilities.requires("root")  # a read-only bind mount in a mount namespace of its own
+def test_explore_from_a_read_only_folder_stops_before_the_search(tmp_path: Path) -> None:
+    script = (
+        f"mount --bind -o ro {tmp_path} {tmp_path} && cd {tmp_path} && "
+        f"{sys.executable} -m afterclose.harness.cli explore --target=seed-fixed "
+        "--tracer=off --max-examples=1 --budget-s=5"
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"cannot write the scenario file into {tmp_path}: Read-only file system" in (done.stderr)
+    assert "--out=/tmp/found-{rule}.toml" in done.stderr
+    assert "exploring" not in done.stdout  # before the search
+    assert "Traceback" not in done.stderr
+
+
+def test_a_scenario_that_cannot_be_written_is_returned_not_raised(tmp_path: Path) -> None:
+    from afterclose.harness.explore import write_scenario
+
+    blocker = tmp_path / "scenarios"
+    blocker.write_text("a file where the folder should be")
+    why = write_scenario(blocker / "found-x.toml", "name = 'x'\n")
+    assert why is not None and "exists" in why.lower()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -403,6 +404,40 @@ def test_trace_show_bad_path_exits_2_naming_it(
     captured = capsys.readouterr()
     assert str(path) in captured.err
     assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "empty-file"])
+def test_trace_show_refuses_what_holds_no_records(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "trace.1.0.bin"
+    if kind == "fifo":
+        os.mkfifo(path)  # opened without O_NONBLOCK, this would wait for a writer forever
+    elif kind == "dev-zero":
+        path = Path("/dev/zero")
+    else:
+        path.write_bytes(b"")
+    assert cli.main(["trace", "show", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "no violation" not in captured.out
+    expected = {
+        "fifo": "not a regular file (a FIFO)",
+        "dev-zero": "not a regular file (a character device)",
+        "empty-file": "no records: nothing to judge",
+    }[kind]
+    assert f"{path}: {expected}" in captured.err
+
+
+def test_trace_show_judges_the_good_files_and_names_the_bad_one(
+    double_close: DoubleClose, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "trace"
+    shutil.copytree(double_close.trace_dir, folder)
+    (folder / "trace.99999.0.bin").write_bytes(b"PK\x03\x04" + b"x" * 9000)
+    assert cli.main(["trace", "show", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "[use-after-close] double close" in out
+    assert "WARNING: trace.99999.0.bin: left out, not an afterclose trace" in out
 
 
 def test_trace_show_bad_path_from_the_command_line(tmp_path: Path) -> None:
