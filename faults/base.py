@@ -275,6 +275,9 @@ class Fault(abc.ABC):
 
     name: ClassVar[str]
     needs_server: ClassVar[bool] = False  # True: acts on the server itself, through run_on()
+    # True: the fault itself may end connections it did not plan to (forged segments, limits,
+    # signals, restarts): a request it left unanswered proves nothing about the server.
+    disturbs_connections: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         where = f"fault {self.name}"

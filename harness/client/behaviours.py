@@ -60,6 +60,7 @@ class ResetAction:
         return f"rst {self.phase}"
 
     async def perform(self, conn: Conn) -> None:
+        conn.disturb()
         if not await conn.connect():
             return
         if self.phase == "before-request":
@@ -103,6 +104,7 @@ class HalfCloseAction:
         return f"half_close x{self.requests} {'one-write' if self.one_write else 'per-request'}"
 
     async def perform(self, conn: Conn) -> None:
+        conn.disturb()
         if not await conn.connect():
             return
         if self.one_write:
@@ -143,6 +145,7 @@ class RaceAction:
         return f"shutdown_race {first}{self.variant} {self.close} after {self.delay_us}us"
 
     async def perform(self, conn: Conn) -> None:
+        conn.disturb()
         if not await conn.connect():
             return
         data, completes = b"", list[str | None]()

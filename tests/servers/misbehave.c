@@ -21,6 +21,9 @@
  *   wrong-body       the body is always "/nope\n"
  *   hang             after 3 requests stops calling epoll_wait (sleeps, stays alive)
  *   exit             exits with status 3 after 3 requests
+ *   drop             every 20th complete request is not answered: the connection is closed
+ *   spin             never closes an fd whose read() returned 0 and leaves it registered
+ *                    (level-triggered EPOLLIN): epoll_wait and read() return at once, forever
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -40,7 +43,7 @@
 #include "common.h"
 
 enum mode { M_NONE, M_CRASH, M_LEAK, M_CROSSTALK, M_DOUBLE, M_UNSOLICITED, M_WRONG_BODY,
-            M_HANG, M_EXIT };
+            M_HANG, M_EXIT, M_DROP, M_SPIN };
 
 static const struct { const char *name; enum mode mode; } MODES[] = {
     {"none", M_NONE},
@@ -52,6 +55,8 @@ static const struct { const char *name; enum mode mode; } MODES[] = {
     {"wrong-body", M_WRONG_BODY},
     {"hang", M_HANG},
     {"exit", M_EXIT},
+    {"drop", M_DROP},
+    {"spin", M_SPIN},
 };
 
 struct conn {
@@ -65,6 +70,7 @@ static int epfd, lfd;
 static struct conn *conns[MAXFD]; /* non-NULL = open and watched */
 static unsigned long served;      /* requests answered so far */
 static int last_fd = -1;          /* connection whose request was answered last */
+static unsigned long complete;    /* complete requests read so far */
 
 static void on_signal(int sig)
 {
@@ -143,6 +149,10 @@ static int serve(int fd)
             conn_close(fd);
             return 1;
         }
+        if (mode == M_DROP && ++complete % 20 == 0) {
+            conn_close(fd);
+            return 1;
+        }
         misbehave_respond(fd, &rq);
         off = (size_t)(end + 4 - c->buf);
         if (rq.close) {
@@ -166,7 +176,7 @@ static void on_readable(int fd)
     } else if (n == 0) {
         if (mode == M_LEAK)
             drop(fd); /* forgets the fd without closing it: CLOSE_WAIT forever */
-        else
+        else if (mode != M_SPIN) /* spin: still registered, readable (EOF) forever */
             conn_close(fd);
     } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
         conn_close(fd);

@@ -76,6 +76,7 @@ OVERLAPPING = {**MIXED, "rate_per_s": 2000, "concurrency": 20, "max_connections"
         ("unsolicited", "connection_storm", MIXED, "cross-talk"),
         ("wrong-body", "connection_storm", MIXED, "cross-talk"),
         ("leak", "half_close", {"connections": 10, "concurrency": 2}, "fd-leak"),
+        ("drop", "connection_storm", {**KEEPALIVE, "max_connections": 60}, "dropped-request"),
     ],
 )
 def test_rule_fires_on_violating_server(
