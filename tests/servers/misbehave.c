@@ -22,6 +22,9 @@
  *   hang             after 3 requests stops calling epoll_wait (sleeps, stays alive)
  *   exit             exits with status 3 after 3 requests
  *   drop             every 20th complete request is not answered: the connection is closed
+ *   stale-timer      an idle-timer thread keeps the number of every connection the event loop
+ *                    closed and closes that number again 2 ms later: EBADF when the number is
+ *                    free, a stranger's fresh connection when it was reused
  *   spin             never closes an fd whose read() returned 0 and leaves it registered
  *                    (level-triggered EPOLLIN): epoll_wait and read() return at once, forever
  */
@@ -29,6 +32,7 @@
 #include <errno.h>
 #include <netdb.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,7 +47,7 @@
 #include "common.h"
 
 enum mode { M_NONE, M_CRASH, M_LEAK, M_CROSSTALK, M_DOUBLE, M_UNSOLICITED, M_WRONG_BODY,
-            M_HANG, M_EXIT, M_DROP, M_SPIN };
+            M_HANG, M_EXIT, M_DROP, M_SPIN, M_STALE_TIMER };
 
 static const struct { const char *name; enum mode mode; } MODES[] = {
     {"none", M_NONE},
@@ -57,6 +61,7 @@ static const struct { const char *name; enum mode mode; } MODES[] = {
     {"exit", M_EXIT},
     {"drop", M_DROP},
     {"spin", M_SPIN},
+    {"stale-timer", M_STALE_TIMER},
 };
 
 struct conn {
@@ -87,10 +92,38 @@ static void drop(int fd)
         last_fd = -1;
 }
 
+/* stale-timer: numbers the event loop closed, which the timer thread closes again. */
+static pthread_mutex_t stale_lock = PTHREAD_MUTEX_INITIALIZER;
+static int stale[MAXFD];
+static int n_stale;
+
+static void *stale_timer(void *arg)
+{
+    (void)arg;
+    while (!stop_flag) {
+        int mine[MAXFD], n;
+        usleep(2000);
+        pthread_mutex_lock(&stale_lock);
+        n = n_stale;
+        memcpy(mine, stale, (size_t)n * sizeof mine[0]);
+        n_stale = 0;
+        pthread_mutex_unlock(&stale_lock);
+        for (int k = 0; k < n; k++)
+            close(mine[k]); /* "idle": but this number was closed already */
+    }
+    return NULL;
+}
+
 static void conn_close(int fd)
 {
     drop(fd);
     close(fd);
+    if (mode == M_STALE_TIMER) {
+        pthread_mutex_lock(&stale_lock);
+        if (n_stale < MAXFD)
+            stale[n_stale++] = fd;
+        pthread_mutex_unlock(&stale_lock);
+    }
 }
 
 static void crash_now(void)
@@ -238,6 +271,11 @@ int main(int argc, char **argv)
     if (epfd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev) < 0) {
         perror("epoll");
         return 1;
+    }
+    if (mode == M_STALE_TIMER) {
+        pthread_t timer;
+        pthread_create(&timer, NULL, stale_timer, NULL);
+        pthread_detach(timer);
     }
     printf("READY\n");
     fflush(stdout);
