@@ -77,6 +77,7 @@ OVERLAPPING = {**MIXED, "rate_per_s": 2000, "concurrency": 20, "max_connections"
         ("wrong-body", "connection_storm", MIXED, "cross-talk"),
         ("leak", "half_close", {"connections": 10, "concurrency": 2}, "fd-leak"),
         ("drop", "connection_storm", {**KEEPALIVE, "max_connections": 60}, "dropped-request"),
+        ("spin", "half_close", {"connections": 2, "concurrency": 1}, "busy-loop"),
     ],
 )
 def test_rule_fires_on_violating_server(

@@ -62,3 +62,17 @@ def test_traced_spins_join_the_cpu_observations() -> None:
     traced = Violation("busy-loop", "T1 spins")
     found = busy_loop.decide(evidence(cpu(0.9, "at its fd limit"), traced=[traced]))
     assert [v.summary for v in found] == ["T1 spins", "at its fd limit"]
+
+
+def test_a_thread_wanting_a_cpu_in_the_quiet_window_spins() -> None:
+    s = busy_loop.Spinner(pid=40, tid=41, name="worker", demand=0.97, window_s=0.3)
+    (v,) = busy_loop.decide(evidence(probes={"busy-loop": [s]}))
+    assert "thread worker (pid 40, tid 41)" in v.summary and "97%" in v.summary
+
+
+def test_the_probe_is_silent_when_the_trace_already_names_the_spin() -> None:
+    s = busy_loop.Spinner(pid=40, tid=41, name="worker", demand=0.97, window_s=0.3)
+    traced = Violation("busy-loop", "T1 spins")
+    found = busy_loop.decide(evidence(probes={"busy-loop": [s]}, traced=[traced]))
+    assert [v.summary for v in found] == ["T1 spins"]
+    assert busy_loop.decide(evidence(probes={"busy-loop": []})) == []
