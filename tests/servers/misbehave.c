@@ -25,6 +25,9 @@
  *   stale-timer      an idle-timer thread keeps the number of every connection the event loop
  *                    closed and closes that number again 2 ms later: EBADF when the number is
  *                    free, a stranger's fresh connection when it was reused
+ *   close-between    correct: answers each request as keep-alive, then closes the connection
+ *                    before the next request comes (a server may close an idle keep-alive
+ *                    connection at any time between requests)
  *   spin             never closes an fd whose read() returned 0 and leaves it registered
  *                    (level-triggered EPOLLIN): epoll_wait and read() return at once, forever
  */
@@ -47,7 +50,8 @@
 #include "common.h"
 
 enum mode { M_NONE, M_CRASH, M_LEAK, M_CROSSTALK, M_DOUBLE, M_UNSOLICITED, M_WRONG_BODY,
-            M_HANG, M_EXIT, M_DROP, M_SPIN, M_STALE_TIMER };
+            M_HANG, M_EXIT, M_DROP, M_SPIN, M_STALE_TIMER,
+            M_CLOSE_BETWEEN };
 
 static const struct { const char *name; enum mode mode; } MODES[] = {
     {"none", M_NONE},
@@ -62,6 +66,7 @@ static const struct { const char *name; enum mode mode; } MODES[] = {
     {"drop", M_DROP},
     {"spin", M_SPIN},
     {"stale-timer", M_STALE_TIMER},
+    {"close-between", M_CLOSE_BETWEEN},
 };
 
 struct conn {
@@ -188,7 +193,7 @@ static int serve(int fd)
         }
         misbehave_respond(fd, &rq);
         off = (size_t)(end + 4 - c->buf);
-        if (rq.close) {
+        if (rq.close || mode == M_CLOSE_BETWEEN) {
             shutdown(fd, SHUT_WR);
             conn_close(fd);
             return 1;

@@ -103,6 +103,15 @@ def test_correct_server_has_no_violation(
     assert outcome.ok, [v.render() for v in outcome.violations]
 
 
+def test_closing_between_keepalive_requests_is_no_dropped_request(tmp_path: Path) -> None:
+    """The server answers each request and closes before the next one arrives: the next
+    request races a close the server made first, which is no dropped request."""
+    params = {**KEEPALIVE, "max_connections": 60, "mix": {"keepalive": 1, "slow_sender": 1}}
+    outcome = judge(tmp_path, "close-between", "connection_storm", **params)
+    assert outcome.ok, [v.render() for v in outcome.violations]
+    assert outcome.reports[0].counts["responses"] > 0
+
+
 def test_crash_quotes_sanitizer_report(tmp_path: Path) -> None:
     harness = harness_for(tmp_path, "crash")
     harness = Harness(
