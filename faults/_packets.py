@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import util as importlib_util
-from typing import Generic, Protocol, TypeVar
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 from afterclose.faults._forging import (
     Forger,
@@ -460,6 +460,7 @@ class PacketFault(Fault, Generic[ActionT]):
 
     connections: int
     concurrency: int
+    disturbs_connections: ClassVar[bool] = True
 
     @abc.abstractmethod
     def action(self, rng: random.Random, forger: Forger) -> ActionT:

@@ -122,6 +122,7 @@ class StormFault(Fault):
     works (``runner_note``: why, for the error)."""
 
     needs_server: ClassVar[bool] = True
+    disturbs_connections: ClassVar[bool] = True
     runners: ClassVar[tuple[str, ...]] = ("process", "docker")
     runner_note: ClassVar[str] = ""
     through_restarts: ClassVar[bool] = False

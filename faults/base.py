@@ -300,6 +300,9 @@ class Fault(abc.ABC):
     applied_when: ClassVar[tuple[str, ...]] = ()
     # What was missing when it was not, and which manifest key fixes it.
     unapplied_hint: ClassVar[str] = ""
+    # True: the fault itself may end connections it did not plan to (forged segments, limits,
+    # signals, restarts): a request it left unanswered proves nothing about the server.
+    disturbs_connections: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         where = f"fault {self.name}"

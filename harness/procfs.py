@@ -497,7 +497,13 @@ def cpu_demand(pids: Iterable[int]) -> float | None:
 
     On a loaded machine a spinning thread gets only its share of a CPU, but it is runnable
     all the time: its demand stays near 100% of the window however many others compete."""
-    total = 0
+    per_thread = thread_demands(pids)
+    return None if per_thread is None else sum(per_thread.values())
+
+
+def thread_demands(pids: Iterable[int]) -> dict[tuple[int, int], float] | None:
+    """:func:`cpu_demand` of each thread, keyed ``(pid, tid)``; None without schedstats."""
+    out: dict[tuple[int, int], float] = {}
     for pid in pids:
         try:
             tids = os.listdir(f"/proc/{pid}/task")
@@ -512,8 +518,13 @@ def cpu_demand(pids: Iterable[int]) -> float | None:
                 return None
             if len(fields) < 2:
                 return None
-            total += int(fields[0]) + int(fields[1])
-    return total / 1e9
+            out[(pid, int(tid))] = (int(fields[0]) + int(fields[1])) / 1e9
+    return out
+
+
+def thread_name(pid: int, tid: int) -> str:
+    """The thread's command name (``/proc/PID/task/TID/comm``); empty if it is gone."""
+    return _read(f"/proc/{pid}/task/{tid}/comm").strip()
 
 
 def open_fds(pid: int) -> list[int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from afterclose.harness import launch, options, ports, procfs, replay, tracers
+from afterclose.harness import launch, options, ports, procfs, replay, syscall_faults, tracers
 from afterclose.harness.errors import AftercloseError, FaultNotApplied, TargetStartError
 from afterclose.harness.manifest import Manifest, load_manifest, resolve_target
 from afterclose.harness.oracle import judge
@@ -157,6 +157,15 @@ class TargetRun:
             self.tracer = tracers.open_tracer(
                 harness.tracer_mode, workdir, harness.settings.sanitize
             )
+            env = tracers.target_env(
+                self.tracer,
+                chaos=harness.settings.chaos,
+                seed=self.seed,
+                sanitizer=harness.settings.sanitize,
+                extra=extra_env,
+            )
+            # The server's calls are perturbed (syscall faults, chaos): see Evidence.perturbed.
+            self.perturbed = syscall_faults.ENV_FAULTS in env or syscall_faults.ENV_CHAOS in env
             plan = launch.make_plan(
                 manifest,
                 host=harness.settings.host,
@@ -165,13 +174,7 @@ class TargetRun:
                 artefact=harness.artefact,
                 sanitizer=harness.settings.sanitize,
                 trace_dir=self.tracer.trace_dir,
-                extra_env=tracers.target_env(
-                    self.tracer,
-                    chaos=harness.settings.chaos,
-                    seed=self.seed,
-                    sanitizer=harness.settings.sanitize,
-                    extra=extra_env,
-                ),
+                extra_env=env,
             )
             self.server: Server = harness.runner.start(plan)
             self._stack.callback(self.server.stop)
@@ -298,6 +301,7 @@ class TargetRun:
             server=self.server,
             baseline=self.baseline,
             fd_grace_s=self.manifest.fd_grace_s,
+            perturbed=self.perturbed,
         )
 
         def stop() -> tracers.TraceOutcome:

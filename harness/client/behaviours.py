@@ -63,6 +63,7 @@ class ResetAction:
         return f"rst {self.phase}"
 
     async def perform(self, conn: Conn) -> None:
+        conn.disturb()
         if self.phase == MID_HANDSHAKE:
             if await conn.connect(session=False) and (
                 not conn.endpoint.tls or await conn.handshake(stop_after_hello=True)
@@ -115,6 +116,7 @@ class HalfCloseAction:
         return f"half_close x{self.requests} {'one-write' if self.one_write else 'per-request'}"
 
     async def perform(self, conn: Conn) -> None:
+        conn.disturb()
         if not await conn.connect():
             return
         if self.one_write:
@@ -155,6 +157,7 @@ class RaceAction:
         return f"shutdown_race {first}{self.variant} {self.close} after {self.delay_us}us"
 
     async def perform(self, conn: Conn) -> None:
+        conn.disturb()
         if not await conn.connect():
             return
         data, completes = b"", list[str | None]()

@@ -29,7 +29,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from afterclose.harness.client.tls_layer import TlsLayer
 from afterclose.harness.errors import HarnessResourceError, ScenarioError
-from afterclose.harness.oracle.evidence import FOREIGN_ANSWER, UNSOLICITED_BYTES, Observation
+from afterclose.harness.oracle.evidence import (
+    DROPPED_REQUEST,
+    FOREIGN_ANSWER,
+    UNSOLICITED_BYTES,
+    Observation,
+)
 from afterclose.harness.protocols import base as proto
 from afterclose.harness.protocols.http import HTTP, Http
 
@@ -113,6 +118,11 @@ class Conn:
     ``awaiting`` lists the requests sent and not yet answered, oldest first: a tag (answer
     required, checked against the tag) or None (a malformed request, whose answer may be an
     error reply or a close).
+
+    ``disturbed``: the behaviour plans a RST, a half-close or a shutdown on this connection
+    (see :meth:`disturb`); a request left unanswered on a connection that is not disturbed,
+    and that the peer had not already closed when the request went out, is observed as a
+    ``DROPPED_REQUEST``.
     """
 
     def __init__(self, remote: Remote, index: int, report: FaultReport, deadline: float) -> None:
@@ -129,6 +139,10 @@ class Conn:
         self.last_answered: str | None = None
         self.gone = False  # the peer closed or reset the connection
         self.unechoed: set[str] = set()  # requests for the fixed large_path: no echo expected
+        self.disturbed = False
+        self._closed_first = False  # the peer's FIN or RST was queued before a request went out
+        self._quiet_since = 0.0  # the connection's last activity (connect, send, answer)
+        self._idle_s = 0.0  # how quiet the connection was when its last request went out
         self._next_req = 0
         self.tls: TlsLayer | None = None
 
@@ -163,6 +177,7 @@ class Conn:
         """Take a socket connected elsewhere (see the packet faults' ``connect``)."""
         sock.setblocking(False)
         self.sock = sock
+        self._quiet_since = time.monotonic()
         self.report.count("connections")
 
     def connect_failed(self, exc: OSError) -> None:
@@ -173,11 +188,45 @@ class Conn:
             raise DeadlineReached
         self.report.count(f"errors:timeout_{what}")
 
+    def disturb(self) -> None:
+        """The behaviour will reset, half-close or shut down this connection itself."""
+        self.disturbed = True
+
     def peer_gone(self, reset: bool) -> None:
         self.gone = True
         self.report.count("reset_by_peer" if reset else "closed_by_peer")
-        self.report.count("closed_without_answer", sum(p is not None for p in self.awaiting))
+        unanswered = sum(p is not None for p in self.awaiting)
+        self.report.count("closed_without_answer", unanswered)
+        if unanswered and not self.disturbed and not self._closed_first:
+            self._dropped(unanswered, reset)
         self.awaiting.clear()
+
+    def _dropped(self, unanswered: int, reset: bool) -> None:
+        first = next(p for p in self.awaiting if p is not None)
+        how = "a RST" if reset else "EOF"
+        self.report.count("dropped_requests", unanswered)
+        self.report.observe(
+            Observation(
+                kind=DROPPED_REQUEST,
+                who=self.who,
+                detail=f"{self.remote.fault} conn {self.index}: the complete request {first} "
+                f"got {how} instead of an answer"
+                + (f" ({unanswered} requests unanswered)" if unanswered > 1 else "")
+                + f", sent after {self._idle_s * 1000:.0f} ms of quiet",
+                values={"requests": unanswered, "reset": int(reset), "idle_s": self._idle_s},
+            )
+        )
+
+    def _peer_closed_already(self) -> bool:
+        """Whether the peer's FIN or RST is already queued (a peek, which consumes nothing):
+        a request sent after it was refused, not dropped."""
+        assert self.sock is not None
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def _observe(self, kind: str, detail: str, data: bytes) -> None:
         self.report.observe(
@@ -244,6 +293,7 @@ class Conn:
     def sent(self, completes: Sequence[str | None]) -> None:
         """Record that requests ``completes`` went out whole (see ``awaiting``)."""
         self.sent_any = True
+        self._quiet_since = time.monotonic()
         for tag in completes:
             self.awaiting.append(tag)
             if tag is not None:
@@ -266,6 +316,7 @@ class Conn:
         self.peer_gone(exc.reset)
 
     def _answered(self, reply: proto.Reply, expected: str | None) -> None:
+        self._quiet_since = time.monotonic()
         self.report.count("responses")
         self.report.count(f"status:{reply.status}")
         if expected is None:
@@ -468,6 +519,10 @@ class Conn:
 
         False if the peer is gone (counted as ``reset_by_peer``) or on any other error.
         """
+        if any(tag is not None for tag in completes):
+            self._idle_s = time.monotonic() - self._quiet_since
+            if not self._closed_first:
+                self._closed_first = self._peer_closed_already()
         wire = data if self.tls is None else self.tls.encrypt(data)
         if not await self.send_raw(wire):
             return False

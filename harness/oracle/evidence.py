@@ -29,7 +29,20 @@ STATE_LOST_ON_RESTART = "state-lost-on-restart"
 # ``not_started``, ``allowed`` (the share that may go unstarted).  Read by incomplete-evidence.
 UNDER_DELIVERED = "under-delivered"
 
-KINDS = (UNSOLICITED_BYTES, FOREIGN_ANSWER, CPU_WHILE_IDLE, STATE_LOST_ON_RESTART, UNDER_DELIVERED)
+# A complete request on a connection the client did not disturb (no RST, half-close or shutdown
+# planned on it) got EOF or RST instead of an answer.  ``values``: ``requests`` (how many whole
+# requests went unanswered), ``reset`` (1: RST, 0: EOF), ``idle_s`` (how long the connection
+# had been quiet when the request went out).  Read by the dropped-request rule.
+DROPPED_REQUEST = "dropped-request"
+
+KINDS = (
+    UNSOLICITED_BYTES,
+    FOREIGN_ANSWER,
+    CPU_WHILE_IDLE,
+    STATE_LOST_ON_RESTART,
+    DROPPED_REQUEST,
+    UNDER_DELIVERED,
+)
 
 
 @dataclass(frozen=True)

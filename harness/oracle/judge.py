@@ -158,6 +158,8 @@ class Evidence:
     trace: TraceOutcome | None = None
     probes: dict[str, object] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # True when the harness perturbed the server's own calls (syscall faults, chaos).
+    perturbed: bool = False
 
     def observations(self, *kinds: str) -> list[Observation]:
         """Every observation of these kinds, report by report, in the order they were made."""

@@ -51,9 +51,11 @@ from afterclose.harness.trace.model import (
     Origin,
     Registration,
 )
+from afterclose.harness.trace.receipts import Receipts, Spin, track_spin
 from afterclose.harness.trace.timeline import Resolved, TimelineContext
 
 ENOENT = 2
+EAGAIN = 11
 EPIPE = 32
 ENOTSOCK = 88
 ECONNRESET = 104
@@ -102,6 +104,8 @@ class _Thread:
     # fd -> index of this thread's last close of it, when the thread had acted on the
     # incarnation it closed (created it, got an event for it, did I/O or epoll_ctl on it).
     owned_close: dict[int, int] = field(default_factory=dict)
+    # fd -> the run of identical empty reads on it (see SPIN_CALLS).
+    spin: dict[int, Spin] = field(default_factory=dict)
 
 
 def _prepare(records: Sequence[Record], cutoff_seq: int | None) -> Sequence[Record]:
@@ -148,6 +152,7 @@ class _Walk:
         self.events = 0
         self.untraced_closes: dict[int, int] = {}
         self.unattributed: dict[int, int] = {}
+        self.receipts = Receipts(self.recs)
         self.cutoff = cutoff_seq
         self._tracking: dict[int, bool] = {}
         self.pids = {r.pid for r in self.recs} | set(self.headers)
@@ -243,6 +248,7 @@ class _Walk:
             self._flush_run(t)
         for reg, _ in list(self.pending_frees.values()):
             self._reg_stopped(reg, _NEVER)  # still registered at the end
+        self.receipts.confirm(self.facts)
 
     def model(self, lost_records: int, damaged: str | None, trace_path: str | None) -> TraceModel:
         end = 0
@@ -354,9 +360,19 @@ class _Walk:
             if inc.open:
                 m.end(inc, idx, EndKind.CLOSE, r.seq_in, r.seq_out, r.tid)
         self.res[idx] = inc
+        proved = len(self.facts)
         if certain and not inc.unknown and not self._close_again(idx, r, t, inc):
             self._act_after_event(idx, r, t, inc)
         prev = t.last_op.get(fd)
+        if certain and len(self.facts) == proved and prev is not None:
+            # The thread's last call on the number was on an older incarnation: it held the
+            # number for that one.  A plain close proves nothing (a closer thread handed each
+            # fd through a queue only closes); an EBADF close shows it closes numbers it
+            # does not hold.
+            kept = prev[1]
+            held = prev[0] != Op.CLOSE or self.recs[prev[2]].err == EBADF
+            if held and kept is not None and kept is not inc and kept.id < inc.id:
+                self.receipts.close(idx, r, inc, kept, prev[2])
         if prev is not None and prev[1] is inc and prev[0] != Op.CLOSE:
             t.owned_close[fd] = idx
         self._remember(idx, r, t, inc, certain)
@@ -448,6 +464,13 @@ class _Walk:
                 inc.ofd.peer_closed_idx = idx
         elif err in (EPIPE, ECONNRESET) and inc.ofd.peer_closed_idx < 0:
             inc.ofd.peer_closed_idx = idx
+        if r.op == Op.READ:
+            if r.ret > 0:
+                if t.spin:
+                    t.spin.pop(fd, None)
+            elif err == 0 or err == EAGAIN:
+                what = "read() returned 0 (EOF)" if err == 0 else "read() failed with EAGAIN"
+                track_spin(t.spin, self.facts, idx, inc, what)
         if certain and fd in t.batch and not inc.unknown:
             self._act_after_event(idx, r, t, inc)
         # (inlined _remember)
@@ -567,6 +590,8 @@ class _Walk:
                 stale = self._stale(idx, r, t, inst, j, certain)
                 add = what == EPOLL_CTL_ADD
                 reg = m.add(inst, j, idx, r) if add else m.mod(inst, j, idx, r)
+                if add and certain:
+                    self.receipts.add(j, idx)
                 if stale is not None:
                     self.stale_sets.add(idx)
                     self.stale_marks[(inst.ofd.id, r.data)] = (stale, reg)
@@ -668,6 +693,7 @@ class _Walk:
                 self.unattributed[r.pid] = self.unattributed.get(r.pid, 0) + 1
             return
         i = reg.incarnation
+        self.receipts.event(i, wait_idx)
         if reg.events & EPOLLONESHOT and reg.armed:
             # epoll(7): with EPOLLONESHOT the item is disabled after one event until MOD.
             if self.pending_frees:

@@ -136,6 +136,35 @@ class FreeWhileArmed:
     wait_idx: int
 
 
+@dataclass(eq=False, slots=True)
+class ForeignClose:
+    """A thread closed ``inc`` (an accepted connection, registered with epoll) that it never
+    received: another thread accepted it, the closer's last call on the number (at
+    ``kept_idx``) was on ``kept``, an older incarnation, and no epoll wait had been handed an
+    event for ``inc`` when the close began (every wait that delivered one began after the close
+    returned).  ``age_ns``: how old ``inc`` was."""
+
+    idx: int
+    inc: Incarnation
+    added_idx: int
+    age_ns: int
+    kept: Incarnation
+    kept_idx: int
+
+
+@dataclass(eq=False, slots=True)
+class SpinningCall:
+    """A thread made the same call on ``inc`` ``count`` times in a row with the same empty
+    result (``what``: a read that returned 0, or one that failed with EAGAIN), with no data
+    read from ``inc`` in between: from ``first_idx`` to ``last_idx``."""
+
+    first_idx: int
+    last_idx: int
+    inc: Incarnation
+    what: str
+    count: int
+
+
 Fact = (
     ClosedNumberUse
     | SocketCallOnFile
@@ -146,6 +175,8 @@ Fact = (
     | EventOnClosed
     | EventFreedData
     | FreeWhileArmed
+    | ForeignClose
+    | SpinningCall
 )
 F = TypeVar("F")
 

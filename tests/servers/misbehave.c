@@ -21,11 +21,21 @@
  *   wrong-body       the body is always "/nope\n"
  *   hang             after 3 requests stops calling epoll_wait (sleeps, stays alive)
  *   exit             exits with status 3 after 3 requests
+ *   drop             every 20th complete request is not answered: the connection is closed
+ *   stale-timer      an idle-timer thread keeps the number of every connection the event loop
+ *                    closed and closes that number again 2 ms later: EBADF when the number is
+ *                    free, a stranger's fresh connection when it was reused
+ *   close-between    correct: answers each request as keep-alive, then closes the connection
+ *                    before the next request comes (a server may close an idle keep-alive
+ *                    connection at any time between requests)
+ *   spin             never closes an fd whose read() returned 0 and leaves it registered
+ *                    (level-triggered EPOLLIN): epoll_wait and read() return at once, forever
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <netdb.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,7 +50,8 @@
 #include "common.h"
 
 enum mode { M_NONE, M_CRASH, M_LEAK, M_CROSSTALK, M_DOUBLE, M_UNSOLICITED, M_WRONG_BODY,
-            M_HANG, M_EXIT };
+            M_HANG, M_EXIT, M_DROP, M_SPIN, M_STALE_TIMER,
+            M_CLOSE_BETWEEN };
 
 static const struct { const char *name; enum mode mode; } MODES[] = {
     {"none", M_NONE},
@@ -52,6 +63,10 @@ static const struct { const char *name; enum mode mode; } MODES[] = {
     {"wrong-body", M_WRONG_BODY},
     {"hang", M_HANG},
     {"exit", M_EXIT},
+    {"drop", M_DROP},
+    {"spin", M_SPIN},
+    {"stale-timer", M_STALE_TIMER},
+    {"close-between", M_CLOSE_BETWEEN},
 };
 
 struct conn {
@@ -65,6 +80,7 @@ static int epfd, lfd;
 static struct conn *conns[MAXFD]; /* non-NULL = open and watched */
 static unsigned long served;      /* requests answered so far */
 static int last_fd = -1;          /* connection whose request was answered last */
+static unsigned long complete;    /* complete requests read so far */
 
 static void on_signal(int sig)
 {
@@ -81,10 +97,38 @@ static void drop(int fd)
         last_fd = -1;
 }
 
+/* stale-timer: numbers the event loop closed, which the timer thread closes again. */
+static pthread_mutex_t stale_lock = PTHREAD_MUTEX_INITIALIZER;
+static int stale[MAXFD];
+static int n_stale;
+
+static void *stale_timer(void *arg)
+{
+    (void)arg;
+    while (!stop_flag) {
+        int mine[MAXFD], n;
+        usleep(2000);
+        pthread_mutex_lock(&stale_lock);
+        n = n_stale;
+        memcpy(mine, stale, (size_t)n * sizeof mine[0]);
+        n_stale = 0;
+        pthread_mutex_unlock(&stale_lock);
+        for (int k = 0; k < n; k++)
+            close(mine[k]); /* "idle": but this number was closed already */
+    }
+    return NULL;
+}
+
 static void conn_close(int fd)
 {
     drop(fd);
     close(fd);
+    if (mode == M_STALE_TIMER) {
+        pthread_mutex_lock(&stale_lock);
+        if (n_stale < MAXFD)
+            stale[n_stale++] = fd;
+        pthread_mutex_unlock(&stale_lock);
+    }
 }
 
 static void crash_now(void)
@@ -143,9 +187,13 @@ static int serve(int fd)
             conn_close(fd);
             return 1;
         }
+        if (mode == M_DROP && ++complete % 20 == 0) {
+            conn_close(fd);
+            return 1;
+        }
         misbehave_respond(fd, &rq);
         off = (size_t)(end + 4 - c->buf);
-        if (rq.close) {
+        if (rq.close || mode == M_CLOSE_BETWEEN) {
             shutdown(fd, SHUT_WR);
             conn_close(fd);
             return 1;
@@ -166,7 +214,7 @@ static void on_readable(int fd)
     } else if (n == 0) {
         if (mode == M_LEAK)
             drop(fd); /* forgets the fd without closing it: CLOSE_WAIT forever */
-        else
+        else if (mode != M_SPIN) /* spin: still registered, readable (EOF) forever */
             conn_close(fd);
     } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
         conn_close(fd);
@@ -228,6 +276,11 @@ int main(int argc, char **argv)
     if (epfd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev) < 0) {
         perror("epoll");
         return 1;
+    }
+    if (mode == M_STALE_TIMER) {
+        pthread_t timer;
+        pthread_create(&timer, NULL, stale_timer, NULL);
+        pthread_detach(timer);
     }
     printf("READY\n");
     fflush(stdout);

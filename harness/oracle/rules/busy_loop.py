@@ -1,33 +1,126 @@
-"""busy-loop: the server burnt CPU while its clients were idle (e.g. spinning on EMFILE)."""
+"""busy-loop: a server thread spins.
+
+Three kinds of evidence, each enough: the trace shows a thread making the same empty call on
+one connection over and over (``receipts.SPIN_CALLS`` reads in a row returning 0 or failing
+with EAGAIN, with no data read in between), in any test; at the end of every test, once the
+clients are gone, a thread of the server wants a CPU for most of a quiet window (the probe);
+or a fault (``fd_limit``) measured the server's CPU while its clients were idle above the
+allowance.
+"""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from afterclose.harness import procfs
 from afterclose.harness.oracle.evidence import CPU_WHILE_IDLE
 from afterclose.harness.oracle.rule import Rule
 from afterclose.harness.oracle.verdict import Violation
+from afterclose.harness.trace.facts import SpinningCall, TraceModel
+from afterclose.harness.trace.findings import Finding
 
 if TYPE_CHECKING:
     from afterclose.harness.oracle.judge import Evidence
 
 NAME = "busy-loop"
+# The probe's quiet window, after every fault and client has finished; a thread that was
+# running or runnable (schedstat: on a loaded machine a spinning thread waits for a CPU, but
+# it always wants one) for more than SPIN_DEMAND of it spins.  An idle server sleeps in
+# epoll_wait: its threads want next to nothing.
+QUIET_WINDOW_S = 0.3
+SPIN_DEMAND = 0.6
+
+
+@dataclass(frozen=True)
+class Spinner:
+    """A server thread that wanted a CPU for ``demand`` (a fraction) of the quiet window."""
+
+    pid: int
+    tid: int
+    name: str
+    demand: float
+    window_s: float
+
+
+def probe(ev: Evidence) -> list[Spinner]:
+    """The server's threads that kept wanting a CPU once everything had gone quiet."""
+    if ev.server is None or ev.server.exit_status() is not None:
+        return []
+    pids = ev.server.host_pids()
+    before, start = procfs.thread_demands(pids), time.monotonic()
+    time.sleep(QUIET_WINDOW_S)
+    after = procfs.thread_demands(pids)
+    elapsed = max(time.monotonic() - start, 1e-6)
+    if before is None or after is None:
+        return []  # no schedstats: the trace and fd_limit's observations still decide
+    out = []
+    for key, demand in sorted(after.items()):
+        share = (demand - before.get(key, demand)) / elapsed
+        if share > SPIN_DEMAND:
+            pid, tid = key
+            out.append(Spinner(pid, tid, procfs.thread_name(pid, tid), share, elapsed))
+    return out
+
+
+def _spinner(s: Spinner) -> str:
+    return (
+        f"thread {s.name or '?'} (pid {s.pid}, tid {s.tid}) wanted a CPU {s.demand:.0%} of "
+        f"the time in a quiet {s.window_s:.1f} s window after the test, with no client "
+        "connected (run with the tracer to name the call it repeats)"
+    )
+
+
+def _spin(m: TraceModel, fact: SpinningCall) -> Finding:
+    first, last = m.records[fact.first_idx], m.records[fact.last_idx]
+    t = m.tname(first.pid, first.tid)
+    ms = (last.t_ns - first.t_ns) / 1e6
+    summary = (
+        f"{t} (tid {first.tid}) spins on {m.label(fact.inc)}: {fact.what} {fact.count} times "
+        f"in a row in {ms:.0f} ms (seq {first.seq_in} to {last.seq_in}), with no data read "
+        "in between"
+    )
+    return m.finding(
+        RULE,
+        summary,
+        fact.first_idx,
+        fact.inc.fd,
+        refs=(fact.inc.created_idx,),
+        notes={fact.first_idx: "the spin begins"},
+    )
+
+
+def find(m: TraceModel) -> list[Finding]:
+    return [_spin(m, fact) for fact in m.of(SpinningCall)]
 
 
 def decide(ev: Evidence) -> list[Violation]:
+    out = ev.traced(NAME)
+    spinners = ev.probes.get(NAME) or []
+    if spinners and not out and isinstance(spinners, list):
+        lines = [_spinner(s) for s in spinners]
+        out.append(Violation(NAME, lines[0], details="\n".join(lines[1:]), count=len(lines)))
     spins = [
         o
         for o in ev.observations(CPU_WHILE_IDLE)
         if o.values["busy"] > o.values["idle"] + o.values["allowed"]
     ]
-    if not spins:
-        return []
-    extra = "\n".join(o.detail for o in spins[1:10])
-    return [Violation(NAME, spins[0].detail, details=extra, count=len(spins))]
+    if spins:
+        extra = "\n".join(o.detail for o in spins[1:10])
+        out.append(Violation(NAME, spins[0].detail, details=extra, count=len(spins)))
+    return out
 
 
 RULE = Rule(
     NAME,
-    "the target burnt CPU while its clients were idle (e.g. spinning on EMFILE)",
+    "a server thread spins: the same empty call (read returning 0 or EAGAIN) thousands of "
+    "times in a row, or CPU burnt while its clients were idle (e.g. on EMFILE)",
+    why=(
+        "nothing new arrived between these calls: the thread never closes or stops watching "
+        "the connection, so it burns a core and starves the others."
+    ),
+    traced=find,
     decide=decide,
+    probe=probe,
 )

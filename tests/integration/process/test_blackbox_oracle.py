@@ -76,6 +76,8 @@ OVERLAPPING = {**MIXED, "rate_per_s": 2000, "concurrency": 20, "max_connections"
         ("unsolicited", "connection_storm", MIXED, "cross-talk"),
         ("wrong-body", "connection_storm", MIXED, "cross-talk"),
         ("leak", "half_close", {"connections": 10, "concurrency": 2}, "fd-leak"),
+        ("drop", "connection_storm", {**KEEPALIVE, "max_connections": 60}, "dropped-request"),
+        ("spin", "half_close", {"connections": 2, "concurrency": 1}, "busy-loop"),
     ],
 )
 def test_rule_fires_on_violating_server(
@@ -99,6 +101,15 @@ def test_correct_server_has_no_violation(
 ) -> None:
     outcome = judge(tmp_path, "none", fault, **params)
     assert outcome.ok, [v.render() for v in outcome.violations]
+
+
+def test_closing_between_keepalive_requests_is_no_dropped_request(tmp_path: Path) -> None:
+    """The server answers each request and closes before the next one arrives: the next
+    request races a close the server made first, which is no dropped request."""
+    params = {**KEEPALIVE, "max_connections": 60, "mix": {"keepalive": 1, "slow_sender": 1}}
+    outcome = judge(tmp_path, "close-between", "connection_storm", **params)
+    assert outcome.ok, [v.render() for v in outcome.violations]
+    assert outcome.reports[0].counts["responses"] > 0
 
 
 def test_crash_quotes_sanitizer_report(tmp_path: Path) -> None:

@@ -1,11 +1,15 @@
-"""busy-loop: fires when the CPU measured while clients were idle exceeds idle + allowed."""
+"""busy-loop: fires when the CPU measured while clients were idle exceeds idle + allowed, and
+when the trace shows a thread repeating the same empty read thousands of times in a row."""
 
 from __future__ import annotations
 
 from evidence_kit import evidence
+from tracebuild import EAGAIN, EP, IN, A, B, C, TraceBuilder, conn, counts, server
 
 from afterclose.harness.oracle.evidence import CPU_WHILE_IDLE, UNSOLICITED_BYTES, Observation
 from afterclose.harness.oracle.rules import busy_loop
+from afterclose.harness.oracle.verdict import Violation
+from afterclose.harness.trace.receipts import SPIN_CALLS
 
 
 def cpu(busy: float, detail: str = "spins") -> Observation:
@@ -22,3 +26,53 @@ def test_cpu_above_idle_plus_allowed_fires() -> None:
 def test_cpu_within_the_allowance_does_not_fire() -> None:
     assert busy_loop.decide(evidence(cpu(0.05), cpu(0.30))) == []  # 0.30 == idle + allowed
     assert busy_loop.decide(evidence(Observation(UNSOLICITED_BYTES, "conn 1", "x"))) == []
+
+
+def test_a_thread_reading_eof_over_and_over_spins() -> None:
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A)
+    for _ in range(SPIN_CALLS + 5):
+        t.wait(tid=1, epfd=EP, events=[(IN, A)])
+        t.read(tid=1, fd=7, ret=0)  # level-triggered EOF, never closed
+    v = t.check()
+    assert counts(v) == {"busy-loop": 1, "fd-leak": 1}  # and it never closes the connection
+    (summary,) = [x.summary for x in v.violations if x.rule == "busy-loop"]
+    assert "T1" in summary and "read() returned 0 (EOF)" in summary and "7#1" in summary
+    assert f"{SPIN_CALLS + 5} times" in summary
+
+
+def test_eagain_runs_broken_by_data_and_single_eofs_are_fine() -> None:
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A)
+    for n in range(3 * SPIN_CALLS):
+        t.wait(tid=1, epfd=EP, events=[(IN, A)])
+        if n % (SPIN_CALLS // 2) == 0:
+            t.read(tid=1, fd=7, ret=100)  # data now and then: the reads are not empty
+        t.read(tid=1, fd=7, err=EAGAIN)
+    for fd, data in ((8, B), (9, C)):
+        conn(t, fd, data)
+        t.read(tid=1, fd=fd, ret=0)
+        t.close(tid=1, fd=fd)
+    assert counts(t.check()) == {}
+
+
+def test_traced_spins_join_the_cpu_observations() -> None:
+    traced = Violation("busy-loop", "T1 spins")
+    found = busy_loop.decide(evidence(cpu(0.9, "at its fd limit"), traced=[traced]))
+    assert [v.summary for v in found] == ["T1 spins", "at its fd limit"]
+
+
+def test_a_thread_wanting_a_cpu_in_the_quiet_window_spins() -> None:
+    s = busy_loop.Spinner(pid=40, tid=41, name="worker", demand=0.97, window_s=0.3)
+    (v,) = busy_loop.decide(evidence(probes={"busy-loop": [s]}))
+    assert "thread worker (pid 40, tid 41)" in v.summary and "97%" in v.summary
+
+
+def test_the_probe_is_silent_when_the_trace_already_names_the_spin() -> None:
+    s = busy_loop.Spinner(pid=40, tid=41, name="worker", demand=0.97, window_s=0.3)
+    traced = Violation("busy-loop", "T1 spins")
+    found = busy_loop.decide(evidence(probes={"busy-loop": [s]}, traced=[traced]))
+    assert [v.summary for v in found] == ["T1 spins"]
+    assert busy_loop.decide(evidence(probes={"busy-loop": []})) == []
