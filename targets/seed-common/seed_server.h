@@ -98,17 +98,10 @@ static void queue_close(struct queue *q)
 
 /* ---- start-up --------------------------------------------------------------------------- */
 
-static volatile sig_atomic_t stop_flag;
 static int epfd = -1;
 static int lfd = -1;
 static char listener_tag;
 static struct queue work_q, error_q;
-
-static void on_signal(int sig)
-{
-    (void)sig;
-    stop_flag = 1;
-}
 
 struct seed_threads {
     void *(*worker_main)(void *);
@@ -122,28 +115,17 @@ struct seed_threads {
  * status of a failed start. */
 static int seed_serve(int argc, char **argv, const char *prog, struct seed_threads *t)
 {
-    struct sigaction sa;
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &listener_tag};
-
     if (argc != 3) {
         fprintf(stderr, "usage: %s HOST PORT\n", argv[0]);
         return 2;
     }
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
-
+    stop_on_signals();
     lfd = listen_on(prog, argv[1], argv[2]);
     if (lfd < 0)
         return 1;
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (epfd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev) < 0) {
-        perror("epoll");
+    epfd = epoll_watching("epoll", lfd, (epoll_data_t){.ptr = &listener_tag});
+    if (epfd < 0)
         return 1;
-    }
     queue_init(&work_q);
     queue_init(&error_q);
     for (int i = 0; i < NWORKERS; i++)
