@@ -47,12 +47,11 @@ struct client {
 };
 
 /* The seed has no way to go on without memory for its queue. */
-static void push(struct queue *q, struct client *c, uint32_t events)
+static void out_of_memory(void *c)
 {
-    if (queue_push(q, c, events) < 0) {
-        perror("malloc");
-        exit(1);
-    }
+    (void)c;
+    perror("malloc");
+    exit(1);
 }
 
 /* ---- HTTP ------------------------------------------------------------------------------- */
@@ -123,7 +122,8 @@ static void bad_request(struct client *c)
 {
     c->len = 0;
     c->skip = 0;
-    push(&error_q, c, 0);
+    if (queue_push(&error_q, c, 0) < 0)
+        out_of_memory(c);
     /* keep listening for the client while the error thread answers */
     rearm(c);
 }
@@ -228,25 +228,8 @@ static void accept_all(void)
 
 static void *epoll_main(void *arg)
 {
-    struct epoll_event events[MAXEVENTS];
     (void)arg;
-    while (!stop_flag) {
-        int n = epoll_wait(epfd, events, MAXEVENTS, 300);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            perror("epoll_wait");
-            break;
-        }
-        for (int i = 0; i < n; i++) {
-            if (events[i].data.ptr == &listener_tag)
-                accept_all();
-            else
-                push(&work_q, events[i].data.ptr, events[i].events);
-        }
-    }
-    queue_close(&work_q);
-    queue_close(&error_q);
+    seed_epoll_loop(accept_all, NULL, out_of_memory);
     return NULL;
 }
 

@@ -1,8 +1,8 @@
 /* What seed-buggy and seed-fixed share besides HTTP (http_server.h): the architecture.  An
  * epoll thread accepts and queues client events to NWORKERS workers; a separate error thread
  * gets malformed requests through its own queue.  Each seed brings its own connection type,
- * workers, error thread and epoll loop; the queues, the globals and main()'s start-up are
- * here.  Include it after defining _GNU_SOURCE. */
+ * workers, error thread and accepting; the queues, the globals, main()'s start-up and the epoll
+ * thread's loop are here.  Include it after defining _GNU_SOURCE. */
 #ifndef AFTERCLOSE_SEED_SERVER_H
 #define AFTERCLOSE_SEED_SERVER_H
 
@@ -138,6 +138,37 @@ static int seed_serve(int argc, char **argv, const char *prog, struct seed_threa
 
     pthread_join(t->epoll_thread, NULL);
     return 0;
+}
+
+/* ---- the epoll thread ------------------------------------------------------------------- */
+
+/* The epoll thread's loop, until SIGTERM/SIGINT: an event for the listener calls ACCEPT_ALL,
+ * every other one goes to the workers' queue, and UNQUEUED gets the connection of an event
+ * the queue had no memory for.  Each epoll_wait sleeps at most 300 ms, or what SHORTEN makes
+ * of that (NULL: 300).  At the end the queues close, which ends the workers and the error
+ * thread. */
+static void seed_epoll_loop(void (*accept_all)(void), int (*shorten)(int timeout),
+                            void (*unqueued)(void *c))
+{
+    struct epoll_event events[MAXEVENTS];
+
+    while (!stop_flag) {
+        int n = epoll_wait(epfd, events, MAXEVENTS, shorten ? shorten(300) : 300);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            perror("epoll_wait");
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            if (events[i].data.ptr == &listener_tag)
+                accept_all();
+            else if (queue_push(&work_q, events[i].data.ptr, events[i].events) < 0)
+                unqueued(events[i].data.ptr);
+        }
+    }
+    queue_close(&work_q);
+    queue_close(&error_q);
 }
 
 #endif

@@ -311,31 +311,22 @@ static void accept_all(void)
     }
 }
 
+/* epoll_wait wakes up for the end of an accept pause. */
+static int shorten_for_pause(int timeout)
+{
+    return listener_pause_timeout(epfd, lfd, LISTENER_DATA, &accept_paused_until, timeout);
+}
+
+/* An event that could not be queued: the epoll thread is the owner now. */
+static void close_unqueued(void *c)
+{
+    conn_close(c);
+}
+
 static void *epoll_main(void *arg)
 {
-    struct epoll_event events[MAXEVENTS];
     (void)arg;
-    while (!stop_flag) {
-        int timeout =
-            listener_pause_timeout(epfd, lfd, LISTENER_DATA, &accept_paused_until, 300);
-        int n = epoll_wait(epfd, events, MAXEVENTS, timeout);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            perror("epoll_wait");
-            break;
-        }
-        for (int i = 0; i < n; i++) {
-            if (events[i].data.ptr == &listener_tag) {
-                accept_all();
-            } else if (queue_push(&work_q, events[i].data.ptr, events[i].events) < 0) {
-                /* cannot queue it: the epoll thread is the owner now */
-                conn_close(events[i].data.ptr);
-            }
-        }
-    }
-    queue_close(&work_q);
-    queue_close(&error_q);
+    seed_epoll_loop(accept_all, shorten_for_pause, close_unqueued);
     return NULL;
 }
 
