@@ -6,6 +6,7 @@
 #define AFTERCLOSE_TEST_SERVERS_COMMON_H
 
 #include <pthread.h>
+#include <stdlib.h>
 
 #include "../../targets/seed-common/http_server.h"
 
@@ -76,6 +77,37 @@ HTTP_SERVER_HELPER int start_signal_free_thread(void *(*fn)(void *))
         return -1;
     }
     return 0;
+}
+
+/* ---- the single-threaded test servers (tests/servers): a connection per fd number -------- */
+
+/* A connection found by its fd number in a table; it is watched level-triggered, EPOLLIN, with
+ * data.fd. */
+struct fd_conn {
+    char buf[BUFSZ];
+    size_t len;
+};
+
+/* Keep the accepted FD as a new, empty connection in table[fd] and watch it.  -1, FD closed,
+ * when the table (MAX entries) has no room for it or memory is short. */
+HTTP_SERVER_HELPER int fd_conn_add(struct fd_conn **table, int max, int epfd, int fd)
+{
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
+
+    if (fd >= max || !(table[fd] = calloc(1, sizeof **table))) {
+        close(fd);
+        return -1;
+    }
+    epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
+    return 0;
+}
+
+/* Stop watching FD and free its connection; the fd itself stays open. */
+HTTP_SERVER_HELPER void fd_conn_forget(struct fd_conn **table, int epfd, int fd)
+{
+    epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL);
+    free(table[fd]);
+    table[fd] = NULL;
 }
 
 #endif

@@ -33,28 +33,16 @@ enum mode { M_OK, M_SPIN, M_LEAK };
 
 static const char *const MODES[] = {[M_OK] = "ok", [M_SPIN] = "spin", [M_LEAK] = "leak"};
 
-struct conn {
-    size_t len;
-    char buf[BUFSZ];
-};
-
 static enum mode mode;
 static int epfd, lfd;
-static struct conn *conns[MAXFD]; /* non-NULL = open and watched */
+static struct fd_conn *conns[MAXFD]; /* non-NULL = open and watched */
 static int64_t paused_until;      /* listener not watched until then (ms); 0 = watched */
 
 #define LISTENER_DATA ((epoll_data_t){.fd = lfd})
 
-static void forget(int fd)
-{
-    epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL);
-    free(conns[fd]);
-    conns[fd] = NULL;
-}
-
 static void conn_close(int fd)
 {
-    forget(fd);
+    fd_conn_forget(conns, epfd, fd);
     close(fd);
 }
 
@@ -63,7 +51,7 @@ static const char RESP_503[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Type
 
 static void serve(int fd)
 {
-    struct conn *c = conns[fd];
+    struct fd_conn *c = conns[fd];
     size_t off = 0;
     for (;;) {
         struct request rq;
@@ -78,7 +66,7 @@ static void serve(int fd)
         file = open("/dev/null", O_RDONLY | O_CLOEXEC); /* the file this request serves */
         if (file < 0) {
             if (mode == M_LEAK) {
-                forget(fd); /* the bug: no close(fd), no answer */
+                fd_conn_forget(conns, epfd, fd); /* the bug: no close(fd), no answer */
                 return;
             }
             write_all(fd, RESP_503, sizeof RESP_503 - 1);
@@ -99,7 +87,7 @@ static void serve(int fd)
 
 static void on_readable(int fd)
 {
-    struct conn *c = conns[fd];
+    struct fd_conn *c = conns[fd];
     ssize_t n = read(fd, c->buf + c->len, sizeof c->buf - c->len);
     if (n > 0) {
         c->len += (size_t)n;
@@ -112,7 +100,6 @@ static void on_readable(int fd)
 static void on_accept(void)
 {
     for (;;) {
-        struct epoll_event ev = {.events = EPOLLIN};
         int fd = accept_conn(lfd);
         if (fd < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK)
@@ -122,12 +109,7 @@ static void on_accept(void)
             listener_pause(epfd, lfd, LISTENER_DATA, &paused_until, PAUSE_MS);
             return;
         }
-        if (fd >= MAXFD || !(conns[fd] = calloc(1, sizeof(struct conn)))) {
-            close(fd);
-            continue;
-        }
-        ev.data.fd = fd;
-        epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
+        fd_conn_add(conns, MAXFD, epfd, fd);
     }
 }
 

@@ -44,22 +44,15 @@ static const char *const MODES[] = {
     [M_EXIT] = "exit",
 };
 
-struct conn {
-    char buf[BUFSZ];
-    size_t len;
-};
-
 static enum mode mode;
 static int epfd, lfd;
-static struct conn *conns[MAXFD]; /* non-NULL = open and watched */
+static struct fd_conn *conns[MAXFD]; /* non-NULL = open and watched */
 static unsigned long served;      /* requests answered so far */
 static int last_fd = -1;          /* connection whose request was answered last */
 
 static void drop(int fd)
 {
-    epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL);
-    free(conns[fd]);
-    conns[fd] = NULL;
+    fd_conn_forget(conns, epfd, fd);
     if (last_fd == fd)
         last_fd = -1;
 }
@@ -108,7 +101,7 @@ static void misbehave_respond(int fd, const struct request *rq)
 /* Answer complete requests; returns 1 if the connection was closed. */
 static int serve(int fd)
 {
-    struct conn *c = conns[fd];
+    struct fd_conn *c = conns[fd];
     size_t off = 0;
     for (;;) {
         struct request rq;
@@ -134,7 +127,7 @@ static int serve(int fd)
 
 static void on_readable(int fd)
 {
-    struct conn *c = conns[fd];
+    struct fd_conn *c = conns[fd];
     ssize_t n = read(fd, c->buf + c->len, sizeof c->buf - c->len);
     if (n > 0) {
         c->len += (size_t)n;
@@ -152,17 +145,10 @@ static void on_readable(int fd)
 static void on_accept(void)
 {
     for (;;) {
-        struct epoll_event ev = {.events = EPOLLIN};
         int fd = accept_conn(lfd);
         if (fd < 0)
             return;
-        if (fd >= MAXFD || !(conns[fd] = calloc(1, sizeof(struct conn)))) {
-            close(fd);
-            continue;
-        }
-        ev.data.fd = fd;
-        epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
-        if (mode == M_UNSOLICITED)
+        if (fd_conn_add(conns, MAXFD, epfd, fd) == 0 && mode == M_UNSOLICITED)
             write_all(fd, "HELLO\n", 6);
     }
 }
