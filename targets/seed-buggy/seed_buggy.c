@@ -32,7 +32,6 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <time.h>
 
 #include "../seed-common/seed_server.h"
@@ -48,43 +47,22 @@ struct client {
 };
 
 /* The seed has no way to go on without memory for its queue. */
-static void push(struct queue *q, struct client *c, uint32_t events)
+static void out_of_memory(void *c)
 {
-    if (queue_push(q, c, events) < 0) {
-        perror("malloc");
-        exit(1);
-    }
+    (void)c;
+    perror("malloc");
+    exit(1);
 }
 
 /* ---- HTTP ------------------------------------------------------------------------------- */
 
-static int write_all(int fd, const char *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = write(fd, p, n);
-        if (w > 0) {
-            p += w;
-            n -= (size_t)w;
-        } else if (w < 0 && errno == EINTR) {
-            continue;
-        } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            struct pollfd pfd = {.fd = fd, .events = POLLOUT};
-            if (poll(&pfd, 1, 1000) <= 0)
-                return -1;
-        } else {
-            return -1;
-        }
-    }
-    return 0;
-}
-
+/* The seed answers with plain write() calls. */
 static void send_response(int fd, const struct request *rq)
 {
     char out[BUFSZ + 256];
-    int h = response_head(out, sizeof out, rq);
-    memcpy(out + h, rq->path, rq->path_len);
-    out[(size_t)h + rq->path_len] = '\n';
-    (void)write_all(fd, out, (size_t)h + rq->path_len + 1);
+    int n = format_response(out, sizeof out, rq);
+    if (n > 0)
+        (void)write_all_via(fd, out, (size_t)n, VIA_WRITE);
 }
 
 /* ---- the error thread ------------------------------------------------------------------- */
@@ -124,7 +102,7 @@ static void *error_main(void *arg)
         struct epoll_event ev = {.events = ARM, .data.ptr = c};
 
         log_bad_request(c);
-        (void)write_all(c->fd, RESP_400, sizeof RESP_400 - 1);
+        (void)write_all_via(c->fd, RESP_400, sizeof RESP_400 - 1, VIA_WRITE);
         shutdown(c->fd, SHUT_RDWR);
         /* "re-arm so the worker sees the close" */
         epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev);
@@ -144,7 +122,8 @@ static void bad_request(struct client *c)
 {
     c->len = 0;
     c->skip = 0;
-    push(&error_q, c, 0);
+    if (queue_push(&error_q, c, 0) < 0)
+        out_of_memory(c);
     /* keep listening for the client while the error thread answers */
     rearm(c);
 }
@@ -156,29 +135,21 @@ static int serve(struct client *c)
 
     for (;;) {
         struct request rq;
-        const char *hdr_end;
+        int got;
 
         if (c->closing) {
             off = c->len;
             break;
         }
-        if (c->skip > 0) {
-            size_t k = c->len - off < c->skip ? c->len - off : c->skip;
-            off += k;
-            c->skip -= k;
-            if (c->skip > 0)
-                break;
-        }
-        hdr_end = memmem(c->buf + off, c->len - off, "\r\n\r\n", 4);
-        if (!hdr_end)
+        /* A header block that fills the buffer is left to handle(), which sees it full. */
+        got = next_request(c->buf, c->len, SIZE_MAX, &off, &c->skip, &rq);
+        if (got == 0)
             break;
-        if (parse_request(c->buf + off, (size_t)(hdr_end + 4 - (c->buf + off)), &rq) < 0) {
+        if (got < 0) {
             bad_request(c);
             return -1;
         }
         send_response(c->fd, &rq);
-        off = (size_t)(hdr_end + 4 - c->buf);
-        c->skip = rq.content_length;
         if (rq.close) {
             shutdown(c->fd, SHUT_WR);
             c->closing = 1;
@@ -234,12 +205,9 @@ static void accept_all(void)
     for (;;) {
         struct client *c;
         struct epoll_event ev;
-        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
-                continue;
+        int fd = accept_conn(lfd);
+        if (fd < 0)
             return;
-        }
         c = malloc(sizeof *c);
         if (!c) {
             close(fd);
@@ -260,25 +228,8 @@ static void accept_all(void)
 
 static void *epoll_main(void *arg)
 {
-    struct epoll_event events[MAXEVENTS];
     (void)arg;
-    while (!stop_flag) {
-        int n = epoll_wait(epfd, events, MAXEVENTS, 300);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            perror("epoll_wait");
-            break;
-        }
-        for (int i = 0; i < n; i++) {
-            if (events[i].data.ptr == &listener_tag)
-                accept_all();
-            else
-                push(&work_q, events[i].data.ptr, events[i].events);
-        }
-    }
-    queue_close(&work_q);
-    queue_close(&error_q);
+    seed_epoll_loop(accept_all, NULL, out_of_memory);
     return NULL;
 }
 

@@ -1,8 +1,8 @@
 /* What seed-buggy and seed-fixed share besides HTTP (http_server.h): the architecture.  An
  * epoll thread accepts and queues client events to NWORKERS workers; a separate error thread
  * gets malformed requests through its own queue.  Each seed brings its own connection type,
- * workers, error thread and epoll loop; the queues, the globals and main()'s start-up are
- * here.  Include it after defining _GNU_SOURCE. */
+ * workers, error thread and accepting; the queues, the globals, main()'s start-up and the epoll
+ * thread's loop are here.  Include it after defining _GNU_SOURCE. */
 #ifndef AFTERCLOSE_SEED_SERVER_H
 #define AFTERCLOSE_SEED_SERVER_H
 
@@ -98,17 +98,10 @@ static void queue_close(struct queue *q)
 
 /* ---- start-up --------------------------------------------------------------------------- */
 
-static volatile sig_atomic_t stop_flag;
 static int epfd = -1;
 static int lfd = -1;
 static char listener_tag;
 static struct queue work_q, error_q;
-
-static void on_signal(int sig)
-{
-    (void)sig;
-    stop_flag = 1;
-}
 
 struct seed_threads {
     void *(*worker_main)(void *);
@@ -122,28 +115,17 @@ struct seed_threads {
  * status of a failed start. */
 static int seed_serve(int argc, char **argv, const char *prog, struct seed_threads *t)
 {
-    struct sigaction sa;
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &listener_tag};
-
     if (argc != 3) {
         fprintf(stderr, "usage: %s HOST PORT\n", argv[0]);
         return 2;
     }
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
-
+    stop_on_signals();
     lfd = listen_on(prog, argv[1], argv[2]);
     if (lfd < 0)
         return 1;
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (epfd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev) < 0) {
-        perror("epoll");
+    epfd = epoll_watching("epoll", lfd, (epoll_data_t){.ptr = &listener_tag});
+    if (epfd < 0)
         return 1;
-    }
     queue_init(&work_q);
     queue_init(&error_q);
     for (int i = 0; i < NWORKERS; i++)
@@ -156,6 +138,37 @@ static int seed_serve(int argc, char **argv, const char *prog, struct seed_threa
 
     pthread_join(t->epoll_thread, NULL);
     return 0;
+}
+
+/* ---- the epoll thread ------------------------------------------------------------------- */
+
+/* The epoll thread's loop, until SIGTERM/SIGINT: an event for the listener calls ACCEPT_ALL,
+ * every other one goes to the workers' queue, and UNQUEUED gets the connection of an event
+ * the queue had no memory for.  Each epoll_wait sleeps at most 300 ms, or what SHORTEN makes
+ * of that (NULL: 300).  At the end the queues close, which ends the workers and the error
+ * thread. */
+static void seed_epoll_loop(void (*accept_all)(void), int (*shorten)(int timeout),
+                            void (*unqueued)(void *c))
+{
+    struct epoll_event events[MAXEVENTS];
+
+    while (!stop_flag) {
+        int n = epoll_wait(epfd, events, MAXEVENTS, shorten ? shorten(300) : 300);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            perror("epoll_wait");
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            if (events[i].data.ptr == &listener_tag)
+                accept_all();
+            else if (queue_push(&work_q, events[i].data.ptr, events[i].events) < 0)
+                unqueued(events[i].data.ptr);
+        }
+    }
+    queue_close(&work_q);
+    queue_close(&error_q);
 }
 
 #endif

@@ -27,7 +27,6 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <time.h>
 
 #include "../seed-common/seed_server.h"
 
@@ -125,33 +124,24 @@ static int out_append(struct conn *c, const char *p, size_t n)
     return 0;
 }
 
-/* 1: all written, 0: would block, -1: connection broken. */
-static int out_flush(struct conn *c)
+/* Write what is pending.  1: c is gone (closed, or handed back to epoll until it can take
+ * more), 0: all written. */
+static int conn_flush(struct conn *c)
 {
-    while (c->outoff < c->outlen) {
-        ssize_t w = send(c->fd, c->out + c->outoff, c->outlen - c->outoff, MSG_NOSIGNAL);
-        if (w > 0)
-            c->outoff += (size_t)w;
-        else if (w < 0 && errno == EINTR)
-            continue;
-        else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return 0;
-        else
-            return -1;
-    }
-    c->outoff = c->outlen = 0;
-    return 1;
+    int r = send_pending(c->fd, c->out, &c->outoff, &c->outlen);
+    if (r < 0)
+        conn_close(c);
+    else if (r == 0)
+        conn_arm(c, EPOLLOUT);
+    return r <= 0;
 }
 
 /* The owner is done for now: write what is pending, then close or wait for more. */
 static void conn_settle(struct conn *c)
 {
-    int r = out_flush(c);
-    if (r < 0)
-        conn_close(c);
-    else if (r == 0)
-        conn_arm(c, EPOLLOUT);
-    else if (c->close_after_flush || c->peer_eof)
+    if (conn_flush(c))
+        return;
+    if (c->close_after_flush || c->peer_eof)
         conn_finish(c);
     else
         conn_arm(c, EPOLLIN);
@@ -161,12 +151,9 @@ static void conn_settle(struct conn *c)
 
 static int queue_response(struct conn *c, const struct request *rq)
 {
-    char head[160];
-    int h = response_head(head, sizeof head, rq);
-    if (out_append(c, head, (size_t)h) < 0 || out_append(c, rq->path, rq->path_len) < 0 ||
-        out_append(c, "\n", 1) < 0)
-        return -1;
-    return 0;
+    char out[BUFSZ + 256];
+    int n = format_response(out, sizeof out, rq);
+    return n < 0 ? -1 : out_append(c, out, (size_t)n);
 }
 
 enum serve_result { SERVE_OK, SERVE_BAD, SERVE_FAIL };
@@ -179,22 +166,11 @@ static enum serve_result serve(struct conn *c)
 
     while (!c->close_after_flush) {
         struct request rq;
-        const char *hdr_end;
+        int got = next_request(c->in, c->inlen, sizeof c->in, &off, &c->skip, &rq);
 
-        if (c->skip > 0) {
-            size_t k = c->inlen - off < c->skip ? c->inlen - off : c->skip;
-            off += k;
-            c->skip -= k;
-            if (c->skip > 0)
-                break;
-        }
-        hdr_end = memmem(c->in + off, c->inlen - off, "\r\n\r\n", 4);
-        if (!hdr_end) {
-            if (off == 0 && c->inlen == sizeof c->in)
-                r = SERVE_BAD; /* header block larger than the buffer */
+        if (got == 0)
             break;
-        }
-        if (parse_request(c->in + off, (size_t)(hdr_end + 4 - (c->in + off)), &rq) < 0) {
+        if (got < 0) {
             r = SERVE_BAD;
             break;
         }
@@ -202,8 +178,6 @@ static enum serve_result serve(struct conn *c)
             r = SERVE_FAIL;
             break;
         }
-        off = (size_t)(hdr_end + 4 - c->in);
-        c->skip = rq.content_length;
         if (rq.close)
             c->close_after_flush = 1;
     }
@@ -245,15 +219,8 @@ static void handle(struct conn *c, uint32_t events)
         c->peer_eof = 1;
 
     if (c->outoff < c->outlen) {
-        int r = out_flush(c);
-        if (r < 0) {
-            conn_close(c);
+        if (conn_flush(c))
             return;
-        }
-        if (r == 0) {
-            conn_arm(c, EPOLLOUT);
-            return;
-        }
         if (c->close_after_flush) {
             conn_finish(c);
             return;
@@ -292,18 +259,9 @@ static void handle(struct conn *c, uint32_t events)
                 conn_close(c);
             return;
         }
-        if (c->outlen - c->outoff >= 64 * 1024) {
-            /* the client pipelines faster than it reads: stop reading until it drains */
-            int r = out_flush(c);
-            if (r < 0) {
-                conn_close(c);
-                return;
-            }
-            if (r == 0) {
-                conn_arm(c, EPOLLOUT);
-                return;
-            }
-        }
+        /* the client pipelines faster than it reads: stop reading until it drains */
+        if (c->outlen - c->outoff >= 64 * 1024 && conn_flush(c))
+            return;
     }
     conn_settle(c);
 }
@@ -319,43 +277,26 @@ static void *worker_main(void *arg)
 
 /* ---- the epoll thread ------------------------------------------------------------------- */
 
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static int64_t accept_paused_until; /* 0 = accepting */
 static int warned_accept;
 
-static void listener_arm(uint32_t events)
-{
-    struct epoll_event ev = {.events = events, .data.ptr = &listener_tag};
-    epoll_ctl(epfd, EPOLL_CTL_MOD, lfd, &ev);
-}
+#define LISTENER_DATA ((epoll_data_t){.ptr = &listener_tag})
 
 static void accept_all(void)
 {
     for (;;) {
         struct conn *c;
         struct epoll_event ev;
-        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        int fd = accept_conn(lfd);
         if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
-                continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 return;
-            /* EMFILE, ENFILE, ENOBUFS, ENOMEM...: the pending connection stays in the
-             * backlog and the level-triggered listener would wake epoll_wait again at once,
-             * so stop watching it for a while instead of spinning. */
             if (!warned_accept) {
                 warned_accept = 1;
                 fprintf(stderr, "seed_fixed: accept: %s; pausing accepts for %d ms\n",
                         strerror(errno), ACCEPT_PAUSE_MS);
             }
-            listener_arm(0);
-            accept_paused_until = now_ms() + ACCEPT_PAUSE_MS;
+            listener_pause(epfd, lfd, LISTENER_DATA, &accept_paused_until, ACCEPT_PAUSE_MS);
             return;
         }
         c = conn_new(fd);
@@ -370,40 +311,22 @@ static void accept_all(void)
     }
 }
 
+/* epoll_wait wakes up for the end of an accept pause. */
+static int shorten_for_pause(int timeout)
+{
+    return listener_pause_timeout(epfd, lfd, LISTENER_DATA, &accept_paused_until, timeout);
+}
+
+/* An event that could not be queued: the epoll thread is the owner now. */
+static void close_unqueued(void *c)
+{
+    conn_close(c);
+}
+
 static void *epoll_main(void *arg)
 {
-    struct epoll_event events[MAXEVENTS];
     (void)arg;
-    while (!stop_flag) {
-        int timeout = 300;
-        int n;
-        if (accept_paused_until) {
-            int64_t left = accept_paused_until - now_ms();
-            if (left <= 0) {
-                accept_paused_until = 0;
-                listener_arm(EPOLLIN);
-            } else if (left < timeout) {
-                timeout = (int)left;
-            }
-        }
-        n = epoll_wait(epfd, events, MAXEVENTS, timeout);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            perror("epoll_wait");
-            break;
-        }
-        for (int i = 0; i < n; i++) {
-            if (events[i].data.ptr == &listener_tag) {
-                accept_all();
-            } else if (queue_push(&work_q, events[i].data.ptr, events[i].events) < 0) {
-                /* cannot queue it: the epoll thread is the owner now */
-                conn_close(events[i].data.ptr);
-            }
-        }
-    }
-    queue_close(&work_q);
-    queue_close(&error_q);
+    seed_epoll_loop(accept_all, shorten_for_pause, close_unqueued);
     return NULL;
 }
 

@@ -20,18 +20,11 @@
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
-#include <errno.h>
 #include <netinet/in.h>
-#include <signal.h>
-#include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
-#include <strings.h>
-#include <sys/epoll.h>
-#include <sys/socket.h>
 #include <sys/syscall.h>
-#include <unistd.h>
+
+#include "../seed-common/http_server.h"
 
 #define MAXEVENTS 64
 #define BUFSZ 8192
@@ -49,18 +42,10 @@ struct conn {
     int want_out;          /* registered for EPOLLOUT */
 };
 
-static volatile sig_atomic_t stop_flag;
 static int epfd = -1;
 static int lfd = -1;
 static char listener_tag;
 static long nconns;
-
-static const char RESP_400[] = "HTTP/1.1 400 Bad Request\r\n"
-                               "Content-Type: text/plain\r\n"
-                               "Content-Length: 12\r\n"
-                               "Connection: close\r\n"
-                               "\r\n"
-                               "bad request\n";
 
 static void conn_close(struct conn *c)
 {
@@ -82,24 +67,6 @@ static void conn_fail(struct conn *c)
 #endif
 }
 
-/* 1: all written, 0: would block, -1: broken. */
-static int out_flush(struct conn *c)
-{
-    while (c->outoff < c->outlen) {
-        ssize_t w = send(c->fd, c->out + c->outoff, c->outlen - c->outoff, MSG_NOSIGNAL);
-        if (w > 0)
-            c->outoff += (size_t)w;
-        else if (w < 0 && errno == EINTR)
-            continue;
-        else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return 0;
-        else
-            return -1;
-    }
-    c->outoff = c->outlen = 0;
-    return 1;
-}
-
 static int out_append(struct conn *c, const char *p, size_t n)
 {
     if (c->outlen + n > sizeof c->out)
@@ -109,73 +76,15 @@ static int out_append(struct conn *c, const char *p, size_t n)
     return 0;
 }
 
-static int ci_contains(const char *s, size_t n, const char *word)
+/* Queue the answer to rq; -1 if it does not fit in the output buffer. */
+static int answer(struct conn *c, const struct request *rq)
 {
-    size_t w = strlen(word);
-    for (size_t i = 0; i + w <= n; i++)
-        if (strncasecmp(s + i, word, w) == 0)
-            return 1;
-    return 0;
-}
+    char out[BUFSZ + 256];
+    int n = format_response(out, sizeof out, rq);
 
-/* Parse one header block [p, p+n) ending in CRLFCRLF and queue its answer; -1 = malformed. */
-static int answer(struct conn *c, const char *p, size_t n)
-{
-    const char *end = p + n, *eol = memmem(p, n, "\r\n", 2), *s = p, *path;
-    size_t path_len, cl = 0;
-    int minor, keep_alive = 0, close_hdr = 0;
-    char head[160];
-
-    if (!eol)
-        return -1;
-    while (s < eol && *s >= 'A' && *s <= 'Z')
-        s++;
-    if (s == p || s >= eol || *s != ' ' || s + 1 >= eol || s[1] != '/')
-        return -1;
-    path = ++s;
-    while (s < eol && *s > ' ' && *s < 0x7f)
-        s++;
-    path_len = (size_t)(s - path);
-    if (s >= eol || *s != ' ')
-        return -1;
-    s++;
-    if (eol - s != 8 || memcmp(s, "HTTP/1.", 7) != 0 || s[7] < '0' || s[7] > '9')
-        return -1;
-    minor = s[7] - '0';
-    for (s = eol + 2; s < end;) {
-        const char *le = memmem(s, (size_t)(end - s), "\r\n", 2), *colon;
-        if (!le || le == s)
-            break;
-        colon = memchr(s, ':', (size_t)(le - s));
-        if (!colon)
-            return -1;
-        if ((size_t)(colon - s) == 10 && strncasecmp(s, "connection", 10) == 0) {
-            close_hdr |= ci_contains(colon + 1, (size_t)(le - colon - 1), "close");
-            keep_alive |= ci_contains(colon + 1, (size_t)(le - colon - 1), "keep-alive");
-        } else if ((size_t)(colon - s) == 14 && strncasecmp(s, "content-length", 14) == 0) {
-            const char *v = colon + 1;
-            while (v < le && *v == ' ')
-                v++;
-            if (v == le)
-                return -1;
-            for (; v < le && *v != ' '; v++) {
-                if (*v < '0' || *v > '9' || cl > (SIZE_MAX - 9) / 10)
-                    return -1;
-                cl = cl * 10 + (size_t)(*v - '0');
-            }
-        }
-        s = le + 2;
-    }
-    if (close_hdr || (minor == 0 && !keep_alive))
+    if (rq->close)
         c->close_after_flush = 1;
-    c->skip = cl;
-    int h = snprintf(head, sizeof head,
-                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n%s\r\n",
-                     path_len + 1, c->close_after_flush ? "Connection: close\r\n" : "");
-    if (out_append(c, head, (size_t)h) < 0 || out_append(c, path, path_len) < 0 ||
-        out_append(c, "\n", 1) < 0)
-        return -1;
-    return 0;
+    return n < 0 ? -1 : out_append(c, out, (size_t)n);
 }
 
 /* Answer every complete request buffered in c->in. */
@@ -183,23 +92,12 @@ static void serve(struct conn *c)
 {
     size_t off = 0;
     while (!c->close_after_flush) {
-        const char *hdr_end;
-        if (c->skip > 0) {
-            size_t k = c->inlen - off < c->skip ? c->inlen - off : c->skip;
-            off += k;
-            c->skip -= k;
-            if (c->skip > 0)
-                break;
-        }
-        hdr_end = memmem(c->in + off, c->inlen - off, "\r\n\r\n", 4);
-        if (!hdr_end) {
-            if (off == 0 && c->inlen == sizeof c->in)
-                goto bad; /* a header block larger than the buffer */
+        struct request rq;
+        int got = next_request(c->in, c->inlen, sizeof c->in, &off, &c->skip, &rq);
+        if (got == 0)
             break;
-        }
-        if (answer(c, c->in + off, (size_t)(hdr_end + 4 - (c->in + off))) < 0)
+        if (got < 0 || answer(c, &rq) < 0)
             goto bad;
-        off = (size_t)(hdr_end + 4 - c->in);
     }
     if (c->close_after_flush)
         off = c->inlen;
@@ -249,7 +147,7 @@ static void handle(struct conn *c, uint32_t events)
     if (!c->failed) {
         if (c->inlen)
             serve(c);
-        int r = out_flush(c);
+        int r = send_pending(c->fd, c->out, &c->outoff, &c->outlen);
         if (r < 0)
             conn_fail(c);
         else if (r > 0 && (c->close_after_flush || c->peer_eof))
@@ -264,12 +162,9 @@ static void handle(struct conn *c, uint32_t events)
 static void accept_all(void)
 {
     for (;;) {
-        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
-                continue;
+        int fd = accept_conn(lfd);
+        if (fd < 0)
             return; /* EAGAIN, or EMFILE: the listener stays level-triggered */
-        }
         struct conn *c = calloc(1, sizeof *c);
         if (!c) {
             close(fd);
@@ -286,17 +181,9 @@ static void accept_all(void)
     }
 }
 
-static void on_signal(int sig)
-{
-    (void)sig;
-    stop_flag = 1;
-}
-
 int main(int argc, char **argv)
 {
-    struct sigaction sa;
     struct sockaddr_in addr = {.sin_family = AF_INET};
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &listener_tag};
     struct epoll_event events[MAXEVENTS];
     int one = 1;
 
@@ -304,13 +191,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: %s HOST PORT\n", argv[0]);
         return 2;
     }
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
-
+    stop_on_signals();
+    /* IPv4 by hand rather than listen_on(): getaddrinfo in a static binary wants glibc's
+     * shared NSS modules at run time. */
     addr.sin_port = htons((uint16_t)atoi(argv[2]));
     if (inet_pton(AF_INET, argv[1], &addr.sin_addr) != 1) {
         fprintf(stderr, "static_server: %s: not an IPv4 address\n", argv[1]);
@@ -322,11 +205,9 @@ int main(int argc, char **argv)
         perror("static_server: listen");
         return 1;
     }
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (epfd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev) < 0) {
-        perror("static_server: epoll");
+    epfd = epoll_watching("static_server: epoll", lfd, (epoll_data_t){.ptr = &listener_tag});
+    if (epfd < 0)
         return 1;
-    }
     printf("READY\n");
     fflush(stdout);
 

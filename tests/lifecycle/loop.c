@@ -45,19 +45,7 @@
  *                           (a late RST, say) would hand it a freed pointer
  */
 #define _GNU_SOURCE
-#include <errno.h>
-#include <netdb.h>
-#include <poll.h>
-#include <pthread.h>
-#include <signal.h>
-#include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
-#include <strings.h>
-#include <sys/epoll.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #define BUFSZ 8192
 #include "../servers/common.h"
@@ -70,13 +58,13 @@
 enum mode { M_NONE, M_EVENT_AFTER_CLOSE, M_USE_AFTER_CLOSE, M_FD_LEAK, M_EVENT_FOR_FREED,
             M_FREED_WHILE_REGISTERED };
 
-static const struct { const char *name; enum mode mode; } MODES[] = {
-    {"none", M_NONE},
-    {"event-after-close", M_EVENT_AFTER_CLOSE},
-    {"use-after-close", M_USE_AFTER_CLOSE},
-    {"fd-leak", M_FD_LEAK},
-    {"event-for-freed-data", M_EVENT_FOR_FREED},
-    {"freed-while-registered", M_FREED_WHILE_REGISTERED},
+static const char *const MODES[] = {
+    [M_NONE] = "none",
+    [M_EVENT_AFTER_CLOSE] = "event-after-close",
+    [M_USE_AFTER_CLOSE] = "use-after-close",
+    [M_FD_LEAK] = "fd-leak",
+    [M_EVENT_FOR_FREED] = "event-for-freed-data",
+    [M_FREED_WHILE_REGISTERED] = "freed-while-registered",
 };
 
 struct client {
@@ -97,7 +85,6 @@ struct job {
     unsigned long requests;
 };
 
-static volatile sig_atomic_t stop_flag;
 static enum mode mode;
 static int epfd, lfd;
 static char listener_tag;
@@ -297,12 +284,6 @@ static void free_done(void)
 
 /* ---- connections ---------------------------------------------------------------------------- */
 
-static void on_signal(int sig)
-{
-    (void)sig;
-    stop_flag = 1;
-}
-
 /* E ends a connection: unregister, close, and let the logger log it. */
 static void conn_end(struct client *c)
 {
@@ -358,17 +339,11 @@ static int serve(struct client *c)
 {
     size_t off = 0;
     for (;;) {
-        const char *end = memmem(c->buf + off, c->len - off, "\r\n\r\n", 4);
         struct request rq;
-        if (!end) {
-            if (off == 0 && c->len == sizeof c->buf) {
-                write_all(c->fd, RESP_400, sizeof RESP_400 - 1);
-                conn_end(c);
-                return 1;
-            }
+        int got = next_request(c->buf, c->len, sizeof c->buf, &off, NULL, &rq);
+        if (got == 0)
             break;
-        }
-        if (parse_request(c->buf + off, (size_t)(end + 4 - c->buf - off), &rq) < 0) {
+        if (got < 0) {
             write_all(c->fd, RESP_400, sizeof RESP_400 - 1);
             conn_end(c);
             return 1;
@@ -378,7 +353,6 @@ static int serve(struct client *c)
             conn_error(c);
             return 1;
         }
-        off = (size_t)(end + 4 - c->buf);
         if (rq.close) {
             conn_linger(c);
             return 1;
@@ -407,12 +381,9 @@ static void on_accept(void)
     for (;;) {
         struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP};
         struct client *c;
-        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
-                continue;
+        int fd = accept_conn(lfd);
+        if (fd < 0)
             return;
-        }
         c = calloc(1, sizeof *c);
         if (!c) {
             close(fd);
@@ -438,49 +409,14 @@ static void on_accept(void)
 
 int main(int argc, char **argv)
 {
-    struct sigaction sa;
-    struct epoll_event ev = {.events = EPOLLIN};
-    sigset_t all, old;
-    pthread_t logger;
-    size_t i;
+    int m, status = test_server_start(argc, argv, "loop", MODES, COUNT_OF(MODES), &m, &lfd);
 
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s HOST PORT MODE\n", argv[0]);
-        return 2;
-    }
-    for (i = 0; i < sizeof MODES / sizeof MODES[0]; i++)
-        if (strcmp(argv[3], MODES[i].name) == 0)
-            break;
-    if (i == sizeof MODES / sizeof MODES[0]) {
-        fprintf(stderr, "loop: unknown mode %s\n", argv[3]);
-        return 2;
-    }
-    mode = MODES[i].mode;
-
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
-
-    lfd = listen_on("loop", argv[1], argv[2]);
-    if (lfd < 0)
+    if (status != 0)
+        return status;
+    mode = (enum mode)m;
+    epfd = epoll_watching("epoll", lfd, (epoll_data_t){.ptr = &listener_tag});
+    if (epfd < 0 || start_signal_free_thread(logger_main) < 0)
         return 1;
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    ev.data.ptr = &listener_tag;
-    if (epfd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev) < 0) {
-        perror("epoll");
-        return 1;
-    }
-    /* The logger never takes signals: SIGTERM interrupts E's epoll_wait. */
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    if (pthread_create(&logger, NULL, logger_main, NULL) != 0) {
-        perror("pthread_create");
-        return 1;
-    }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
     printf("READY\n");
     fflush(stdout);
 

@@ -40,21 +40,8 @@
  *                      no crash, no garbled reply: its client just never gets an answer.
  */
 #define _GNU_SOURCE
-#include <errno.h>
-#include <netdb.h>
-#include <poll.h>
-#include <pthread.h>
-#include <signal.h>
-#include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
-#include <strings.h>
-#include <sys/epoll.h>
 #include <sys/eventfd.h>
-#include <sys/socket.h>
-#include <time.h>
-#include <unistd.h>
 
 #define BUFSZ 8192
 #include "../servers/common.h"
@@ -65,10 +52,10 @@
 
 enum mode { M_NONE, M_STALE_REARM, M_WRONG_INCARNATION };
 
-static const struct { const char *name; enum mode mode; } MODES[] = {
-    {"none", M_NONE},
-    {"stale-rearm", M_STALE_REARM},
-    {"wrong-incarnation", M_WRONG_INCARNATION},
+static const char *const MODES[] = {
+    [M_NONE] = "none",
+    [M_STALE_REARM] = "stale-rearm",
+    [M_WRONG_INCARNATION] = "wrong-incarnation",
 };
 
 struct client {
@@ -79,29 +66,15 @@ struct client {
     char buf[BUFSZ];
 };
 
-static volatile sig_atomic_t stop_flag;
 static enum mode mode;
 static int epfd, lfd, efd;
 static char accept_tag;
 
 static struct client **rearms;
 static size_t rearms_n, rearms_cap;
-static long long rearm_oldest_ms;
+static int64_t rearm_oldest_ms;
 static char error_log[1 << 16];
 static size_t error_pos;
-
-static void on_signal(int sig)
-{
-    (void)sig;
-    stop_flag = 1;
-}
-
-static long long now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* ---- the acceptor thread -------------------------------------------------------------------- */
 
@@ -116,12 +89,9 @@ static void *acceptor_main(void *arg)
         for (;;) {
             struct epoll_event ev = {.events = ARM};
             struct client *c;
-            int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-            if (fd < 0) {
-                if (errno == EINTR || errno == ECONNABORTED)
-                    continue;
+            int fd = accept_conn(lfd);
+            if (fd < 0)
                 break;
-            }
             c = calloc(1, sizeof *c);
             if (!c) {
                 close(fd);
@@ -231,17 +201,11 @@ static int serve(struct client *c)
 {
     size_t off = 0;
     for (;;) {
-        const char *end = memmem(c->buf + off, c->len - off, "\r\n\r\n", 4);
         struct request rq;
-        if (!end) {
-            if (off == 0 && c->len == sizeof c->buf) {
-                write_all(c->fd, RESP_400, sizeof RESP_400 - 1);
-                conn_close(c);
-                return 1;
-            }
+        int got = next_request(c->buf, c->len, sizeof c->buf, &off, NULL, &rq);
+        if (got == 0)
             break;
-        }
-        if (parse_request(c->buf + off, (size_t)(end + 4 - c->buf - off), &rq) < 0) {
+        if (got < 0) {
             write_all(c->fd, RESP_400, sizeof RESP_400 - 1);
             conn_close(c);
             return 1;
@@ -251,7 +215,6 @@ static int serve(struct client *c)
             return 1;
         }
         queue_rearm(c); /* answered: it may read again (re-arms are applied in batches) */
-        off = (size_t)(end + 4 - c->buf);
         if (rq.close) {
             shutdown(c->fd, SHUT_WR);
             conn_close(c);
@@ -287,50 +250,20 @@ static void on_event(struct client *c)
 
 int main(int argc, char **argv)
 {
-    struct sigaction sa;
-    struct epoll_event ev = {.events = EPOLLIN};
-    sigset_t all, old;
-    pthread_t acceptor;
-    size_t i;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &accept_tag};
+    int m, status = test_server_start(argc, argv, "pool", MODES, COUNT_OF(MODES), &m, &lfd);
 
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s HOST PORT MODE\n", argv[0]);
-        return 2;
-    }
-    for (i = 0; i < sizeof MODES / sizeof MODES[0]; i++)
-        if (strcmp(argv[3], MODES[i].name) == 0)
-            break;
-    if (i == sizeof MODES / sizeof MODES[0]) {
-        fprintf(stderr, "pool: unknown mode %s\n", argv[3]);
-        return 2;
-    }
-    mode = MODES[i].mode;
-
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
-
-    lfd = listen_on("pool", argv[1], argv[2]);
-    if (lfd < 0)
-        return 1;
+    if (status != 0)
+        return status;
+    mode = (enum mode)m;
     epfd = epoll_create1(EPOLL_CLOEXEC);
     efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    ev.data.ptr = &accept_tag;
     if (epfd < 0 || efd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, efd, &ev) < 0) {
         perror("epoll");
         return 1;
     }
-    /* The acceptor never takes signals: SIGTERM interrupts E's epoll_wait. */
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    if (pthread_create(&acceptor, NULL, acceptor_main, NULL) != 0) {
-        perror("pthread_create");
+    if (start_signal_free_thread(acceptor_main) < 0)
         return 1;
-    }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
     printf("READY\n");
     fflush(stdout);
 
@@ -338,7 +271,7 @@ int main(int argc, char **argv)
         struct epoll_event events[64];
         int timeout = 300, n, accepted = 0;
         if (rearms_n) {
-            long long left = rearm_oldest_ms + REARM_MAX_MS - now_ms();
+            int64_t left = rearm_oldest_ms + REARM_MAX_MS - now_ms();
             timeout = left > 0 ? (int)left : 0;
         }
         n = epoll_wait(epfd, events, 64, timeout);

@@ -20,20 +20,8 @@
  *          without close(): CLOSE_WAIT once its peer leaves, and one fd fewer for good.
  */
 #define _GNU_SOURCE
-#include <errno.h>
 #include <fcntl.h>
-#include <netdb.h>
-#include <poll.h>
-#include <signal.h>
-#include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
-#include <strings.h>
-#include <sys/epoll.h>
-#include <sys/socket.h>
-#include <time.h>
-#include <unistd.h>
 
 #define MAXFD 65536
 #define BUFSZ 8192
@@ -43,40 +31,18 @@
 
 enum mode { M_OK, M_SPIN, M_LEAK };
 
-struct conn {
-    size_t len;
-    char buf[BUFSZ];
-};
+static const char *const MODES[] = {[M_OK] = "ok", [M_SPIN] = "spin", [M_LEAK] = "leak"};
 
-static volatile sig_atomic_t stop_flag;
 static enum mode mode;
 static int epfd, lfd;
-static struct conn *conns[MAXFD]; /* non-NULL = open and watched */
+static struct fd_conn *conns[MAXFD]; /* non-NULL = open and watched */
 static int64_t paused_until;      /* listener not watched until then (ms); 0 = watched */
 
-static void on_signal(int sig)
-{
-    (void)sig;
-    stop_flag = 1;
-}
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void forget(int fd)
-{
-    epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL);
-    free(conns[fd]);
-    conns[fd] = NULL;
-}
+#define LISTENER_DATA ((epoll_data_t){.fd = lfd})
 
 static void conn_close(int fd)
 {
-    forget(fd);
+    fd_conn_forget(conns, epfd, fd);
     close(fd);
 }
 
@@ -85,21 +51,14 @@ static const char RESP_503[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Type
 
 static void serve(int fd)
 {
-    struct conn *c = conns[fd];
+    struct fd_conn *c = conns[fd];
     size_t off = 0;
     for (;;) {
-        const char *end = memmem(c->buf + off, c->len - off, "\r\n\r\n", 4);
         struct request rq;
-        int file;
-        if (!end) {
-            if (off == 0 && c->len == sizeof c->buf) {
-                write_all(fd, RESP_400, sizeof RESP_400 - 1);
-                conn_close(fd);
-                return;
-            }
+        int file, got = next_request(c->buf, c->len, sizeof c->buf, &off, NULL, &rq);
+        if (got == 0)
             break;
-        }
-        if (parse_request(c->buf + off, (size_t)(end + 4 - c->buf - off), &rq) < 0) {
+        if (got < 0) {
             write_all(fd, RESP_400, sizeof RESP_400 - 1);
             conn_close(fd);
             return;
@@ -107,7 +66,7 @@ static void serve(int fd)
         file = open("/dev/null", O_RDONLY | O_CLOEXEC); /* the file this request serves */
         if (file < 0) {
             if (mode == M_LEAK) {
-                forget(fd); /* the bug: no close(fd), no answer */
+                fd_conn_forget(conns, epfd, fd); /* the bug: no close(fd), no answer */
                 return;
             }
             write_all(fd, RESP_503, sizeof RESP_503 - 1);
@@ -116,7 +75,6 @@ static void serve(int fd)
         }
         close(file);
         respond(fd, &rq);
-        off = (size_t)(end + 4 - c->buf);
         if (rq.close) {
             shutdown(fd, SHUT_WR);
             conn_close(fd);
@@ -129,7 +87,7 @@ static void serve(int fd)
 
 static void on_readable(int fd)
 {
-    struct conn *c = conns[fd];
+    struct fd_conn *c = conns[fd];
     ssize_t n = read(fd, c->buf + c->len, sizeof c->buf - c->len);
     if (n > 0) {
         c->len += (size_t)n;
@@ -139,88 +97,39 @@ static void on_readable(int fd)
     }
 }
 
-static void listener_watch(uint32_t events)
-{
-    struct epoll_event ev = {.events = events, .data.fd = lfd};
-    epoll_ctl(epfd, EPOLL_CTL_MOD, lfd, &ev);
-}
-
 static void on_accept(void)
 {
     for (;;) {
-        struct epoll_event ev = {.events = EPOLLIN};
-        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        int fd = accept_conn(lfd);
         if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
-                continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 return;
             if (mode == M_SPIN)
                 return; /* the bug: the listener is still readable, epoll_wait returns at once */
-            listener_watch(0);
-            paused_until = now_ms() + PAUSE_MS;
+            listener_pause(epfd, lfd, LISTENER_DATA, &paused_until, PAUSE_MS);
             return;
         }
-        if (fd >= MAXFD || !(conns[fd] = calloc(1, sizeof(struct conn)))) {
-            close(fd);
-            continue;
-        }
-        ev.data.fd = fd;
-        epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
+        fd_conn_add(conns, MAXFD, epfd, fd);
     }
 }
 
 int main(int argc, char **argv)
 {
-    struct sigaction sa;
-    struct epoll_event ev = {.events = EPOLLIN};
+    int m, status = test_server_start(argc, argv, "emfile", MODES, COUNT_OF(MODES), &m, &lfd);
 
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s HOST PORT ok|spin|leak\n", argv[0]);
-        return 2;
-    }
-    if (strcmp(argv[3], "ok") == 0)
-        mode = M_OK;
-    else if (strcmp(argv[3], "spin") == 0)
-        mode = M_SPIN;
-    else if (strcmp(argv[3], "leak") == 0)
-        mode = M_LEAK;
-    else {
-        fprintf(stderr, "emfile: unknown mode %s\n", argv[3]);
-        return 2;
-    }
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
-
-    lfd = listen_on("emfile", argv[1], argv[2]);
-    if (lfd < 0)
+    if (status != 0)
+        return status;
+    mode = (enum mode)m;
+    epfd = epoll_watching("epoll", lfd, LISTENER_DATA);
+    if (epfd < 0)
         return 1;
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    ev.data.fd = lfd;
-    if (epfd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev) < 0) {
-        perror("epoll");
-        return 1;
-    }
     printf("READY\n");
     fflush(stdout);
 
     while (!stop_flag) {
         struct epoll_event events[64];
-        int timeout = 300, n;
-        if (paused_until) {
-            int64_t left = paused_until - now_ms();
-            if (left <= 0) {
-                paused_until = 0;
-                listener_watch(EPOLLIN);
-            } else if (left < timeout) {
-                timeout = (int)left;
-            }
-        }
-        n = epoll_wait(epfd, events, 64, timeout);
+        int timeout = listener_pause_timeout(epfd, lfd, LISTENER_DATA, &paused_until, 300);
+        int n = epoll_wait(epfd, events, 64, timeout);
         for (int k = 0; k < n; k++) {
             int fd = events[k].data.fd;
             if (fd == lfd)

@@ -32,67 +32,41 @@
  *                    (level-triggered EPOLLIN): epoll_wait and read() return at once, forever
  */
 #define _GNU_SOURCE
-#include <errno.h>
-#include <netdb.h>
-#include <poll.h>
-#include <pthread.h>
-#include <signal.h>
-#include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
-#include <strings.h>
-#include <sys/epoll.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #define MAXFD 4096
 #define BUFSZ 8192
 #include "common.h"
 
 enum mode { M_NONE, M_CRASH, M_LEAK, M_CROSSTALK, M_DOUBLE, M_UNSOLICITED, M_WRONG_BODY,
-            M_HANG, M_EXIT, M_DROP, M_SPIN, M_STALE_TIMER,
-            M_CLOSE_BETWEEN };
+            M_HANG, M_EXIT, M_DROP, M_SPIN, M_STALE_TIMER, M_CLOSE_BETWEEN };
 
-static const struct { const char *name; enum mode mode; } MODES[] = {
-    {"none", M_NONE},
-    {"crash", M_CRASH},
-    {"leak", M_LEAK},
-    {"crosstalk", M_CROSSTALK},
-    {"double-response", M_DOUBLE},
-    {"unsolicited", M_UNSOLICITED},
-    {"wrong-body", M_WRONG_BODY},
-    {"hang", M_HANG},
-    {"exit", M_EXIT},
-    {"drop", M_DROP},
-    {"spin", M_SPIN},
-    {"stale-timer", M_STALE_TIMER},
-    {"close-between", M_CLOSE_BETWEEN},
+static const char *const MODES[] = {
+    [M_NONE] = "none",
+    [M_CRASH] = "crash",
+    [M_LEAK] = "leak",
+    [M_CROSSTALK] = "crosstalk",
+    [M_DOUBLE] = "double-response",
+    [M_UNSOLICITED] = "unsolicited",
+    [M_WRONG_BODY] = "wrong-body",
+    [M_HANG] = "hang",
+    [M_EXIT] = "exit",
+    [M_DROP] = "drop",
+    [M_SPIN] = "spin",
+    [M_STALE_TIMER] = "stale-timer",
+    [M_CLOSE_BETWEEN] = "close-between",
 };
 
-struct conn {
-    char buf[BUFSZ];
-    size_t len;
-};
-
-static volatile sig_atomic_t stop_flag;
 static enum mode mode;
 static int epfd, lfd;
-static struct conn *conns[MAXFD]; /* non-NULL = open and watched */
+static struct fd_conn *conns[MAXFD]; /* non-NULL = open and watched */
 static unsigned long served;      /* requests answered so far */
 static int last_fd = -1;          /* connection whose request was answered last */
 static unsigned long complete;    /* complete requests read so far */
 
-static void on_signal(int sig)
-{
-    (void)sig;
-    stop_flag = 1;
-}
-
 static void drop(int fd)
 {
-    epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL);
-    free(conns[fd]);
-    conns[fd] = NULL;
+    fd_conn_forget(conns, epfd, fd);
     if (last_fd == fd)
         last_fd = -1;
 }
@@ -144,7 +118,7 @@ static void misbehave_respond(int fd, const struct request *rq)
     char out[BUFSZ + 256];
     struct request shown = *rq; /* what the answer says was asked */
     int target = fd;
-    int h;
+    int n;
 
     if (mode == M_CRASH && served + 1 == 5)
         crash_now();
@@ -152,37 +126,31 @@ static void misbehave_respond(int fd, const struct request *rq)
         shown.path = "/nope";
         shown.path_len = 5;
     }
-    h = response_head(out, sizeof out, &shown);
-    memcpy(out + h, shown.path, shown.path_len);
-    out[(size_t)h + shown.path_len] = '\n';
+    n = format_response(out, sizeof out, &shown);
+    if (n < 0)
+        return;
 
     served++;
     if (mode == M_CROSSTALK && served % 3 == 0 && last_fd >= 0 && last_fd != fd &&
         conns[last_fd])
         target = last_fd;
-    write_all(target, out, (size_t)h + shown.path_len + 1);
+    write_all(target, out, (size_t)n);
     if (mode == M_DOUBLE)
-        write_all(target, out, (size_t)h + shown.path_len + 1);
+        write_all(target, out, (size_t)n);
     last_fd = fd;
 }
 
 /* Answer complete requests; returns 1 if the connection was closed. */
 static int serve(int fd)
 {
-    struct conn *c = conns[fd];
+    struct fd_conn *c = conns[fd];
     size_t off = 0;
     for (;;) {
-        const char *end = memmem(c->buf + off, c->len - off, "\r\n\r\n", 4);
         struct request rq;
-        if (!end) {
-            if (off == 0 && c->len == sizeof c->buf) {
-                write_all(fd, RESP_400, sizeof RESP_400 - 1);
-                conn_close(fd);
-                return 1;
-            }
+        int got = next_request(c->buf, c->len, sizeof c->buf, &off, NULL, &rq);
+        if (got == 0)
             break;
-        }
-        if (parse_request(c->buf + off, (size_t)(end + 4 - c->buf - off), &rq) < 0) {
+        if (got < 0) {
             write_all(fd, RESP_400, sizeof RESP_400 - 1);
             conn_close(fd);
             return 1;
@@ -192,7 +160,6 @@ static int serve(int fd)
             return 1;
         }
         misbehave_respond(fd, &rq);
-        off = (size_t)(end + 4 - c->buf);
         if (rq.close || mode == M_CLOSE_BETWEEN) {
             shutdown(fd, SHUT_WR);
             conn_close(fd);
@@ -206,7 +173,7 @@ static int serve(int fd)
 
 static void on_readable(int fd)
 {
-    struct conn *c = conns[fd];
+    struct fd_conn *c = conns[fd];
     ssize_t n = read(fd, c->buf + c->len, sizeof c->buf - c->len);
     if (n > 0) {
         c->len += (size_t)n;
@@ -224,64 +191,27 @@ static void on_readable(int fd)
 static void on_accept(void)
 {
     for (;;) {
-        struct epoll_event ev = {.events = EPOLLIN};
-        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
-                continue;
+        int fd = accept_conn(lfd);
+        if (fd < 0)
             return;
-        }
-        if (fd >= MAXFD || !(conns[fd] = calloc(1, sizeof(struct conn)))) {
-            close(fd);
-            continue;
-        }
-        ev.data.fd = fd;
-        epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
-        if (mode == M_UNSOLICITED)
+        if (fd_conn_add(conns, MAXFD, epfd, fd) == 0 && mode == M_UNSOLICITED)
             write_all(fd, "HELLO\n", 6);
     }
 }
 
 int main(int argc, char **argv)
 {
-    struct sigaction sa;
-    struct epoll_event ev = {.events = EPOLLIN};
-    size_t i;
+    int m, status =
+               test_server_start(argc, argv, "misbehave", MODES, COUNT_OF(MODES), &m, &lfd);
 
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s HOST PORT MODE\n", argv[0]);
-        return 2;
-    }
-    for (i = 0; i < sizeof MODES / sizeof MODES[0]; i++)
-        if (strcmp(argv[3], MODES[i].name) == 0)
-            break;
-    if (i == sizeof MODES / sizeof MODES[0]) {
-        fprintf(stderr, "misbehave: unknown mode %s\n", argv[3]);
-        return 2;
-    }
-    mode = MODES[i].mode;
-
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
-
-    lfd = listen_on("misbehave", argv[1], argv[2]);
-    if (lfd < 0)
+    if (status != 0)
+        return status;
+    mode = (enum mode)m;
+    epfd = epoll_watching("epoll", lfd, (epoll_data_t){.fd = lfd});
+    if (epfd < 0)
         return 1;
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    ev.data.fd = lfd;
-    if (epfd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev) < 0) {
-        perror("epoll");
+    if (mode == M_STALE_TIMER && start_signal_free_thread(stale_timer) < 0)
         return 1;
-    }
-    if (mode == M_STALE_TIMER) {
-        pthread_t timer;
-        pthread_create(&timer, NULL, stale_timer, NULL);
-        pthread_detach(timer);
-    }
     printf("READY\n");
     fflush(stdout);
 

@@ -22,13 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define CHECK(x)                                                                              \
-    do {                                                                                       \
-        if (!(x)) {                                                                            \
-            fprintf(stderr, "check failed at line %d: %s (errno %d)\n", __LINE__, #x, errno);   \
-            exit(2);                                                                           \
-        }                                                                                      \
-    } while (0)
+#include "check.h"
 
 #define OUT(name, value) printf("%s=%lld\n", name, (long long)(value))
 

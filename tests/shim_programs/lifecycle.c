@@ -11,13 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define CHECK(x)                                                                              \
-    do {                                                                                       \
-        if (!(x)) {                                                                            \
-            fprintf(stderr, "check failed at line %d: %s (errno %d)\n", __LINE__, #x, errno);   \
-            exit(2);                                                                           \
-        }                                                                                      \
-    } while (0)
+#include "check.h"
 
 int main(void)
 {
