@@ -59,8 +59,10 @@ WORKER_GRACE_S = 2.0  # past the deadline before a worker counts as stuck and is
 SLEEP_SLICE_S = 0.05  # longest sleep between two looks at the stop flag
 RATE_WINDOW_S = 1.0
 # A storm that leaves more than this share of its plan unstarted, while the target took what it
-# got, under-delivered: its evidence is incomplete (the incomplete-evidence rule).
-SHORTFALL_ALLOWED = 0.10
+# got and did not keep the client slots busy for most starts, under-delivered: its evidence
+# is incomplete (the incomplete-evidence rule).  Half: a loaded machine delays starts by tens
+# of percent without the storm losing what it is for; a harness that cannot keep up loses more.
+SHORTFALL_ALLOWED = 0.5
 # More than this share of the started connections refused, reset or timed out at connect: the
 # shortfall is the target's doing, which the other rules judge.
 REFUSED_SHARE = 0.10
@@ -283,6 +285,10 @@ def note_shortfall(report: FaultReport, planned: int) -> None:
     if report.counts["stopped_target_gone"]:
         return
     started = planned - not_started
+    if report.counts["waited_for_slot"] > started / 2:
+        # Most starts found every slot busy with connections the target had not finished with:
+        # the target's pace held the plan back, not the harness.
+        return
     refused = sum(
         n
         for key, n in report.counts.items()
@@ -296,7 +302,8 @@ def note_shortfall(report: FaultReport, planned: int) -> None:
             who=report.fault,
             detail=f"{report.fault} started {started} of its {planned} planned connections "
             f"({not_started} never started, more than {SHORTFALL_ALLOWED:.0%} of the plan) "
-            "while the target accepted what it got: the harness could not keep up",
+            "while the target accepted what it got and client slots were free: the harness "
+            "could not keep up",
             values={
                 "planned": planned,
                 "started": started,
@@ -591,6 +598,8 @@ async def _work(job: Job, index: int, counters: memoryview, start: float) -> Fau
             at = start + i / job.rate_per_s if job.rate_per_s else start
             if at >= stop or failures or not await _sleep_until(at, counters):
                 break
+            if slots.locked():
+                report.count("waited_for_slot")
             await slots.acquire()
             if time.monotonic() >= stop or counters[0] or failures:
                 slots.release()

@@ -164,9 +164,10 @@ RULE = Rule(
     NAME,
     "the evidence is incomplete, so the run cannot pass: the trace lost records (a trace file "
     "filled up: a missing call could hide a violation), a process holding the target's "
-    "listening socket or its connections was not traced, or a storm started fewer than 90% of "
-    "its planned connections while the target accepted what it got (the harness could not "
-    "keep up; a target that refused them is judged by the other rules instead)",
+    "listening socket or its connections was not traced, or a storm started fewer than half of "
+    "its planned connections while the target accepted what it got and client slots were free "
+    "(the harness could not keep up; a target that refused them, or kept every slot busy, is "
+    "judged by the other rules instead)",
     traced=find,
     decide=decide,
     probe=probe,

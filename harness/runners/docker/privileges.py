@@ -68,7 +68,8 @@ def privileges(manifest: Manifest, run_args: Mapping[str, Any]) -> Privileges:
 
 
 def hand_over(folders: Iterable[Path | None], user: str) -> None:
-    """Give the folders the container writes (workdir, trace folder) to its user."""
+    """Give the folders the container writes (workdir, trace folder) to its user, with what
+    the harness already put in them (the manifest's `files`, which a launcher may append to)."""
     if user.split(":")[0] in ("root", "0") or os.geteuid() != 0:
         return  # root owns them already; a non-root harness runs the container as itself
     owner = _ids(user)
@@ -80,6 +81,8 @@ def hand_over(folders: Iterable[Path | None], user: str) -> None:
             folder.chmod(0o1777)
         else:
             os.chown(folder, *owner)
+            for path in folder.rglob("*"):
+                os.chown(path, *owner, follow_symlinks=False)
 
 
 def _ids(user: str) -> tuple[int, int] | None:

@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import capabilities
@@ -80,7 +81,7 @@ def _machine_tree_digest() -> str:
 
 
 @pytest.fixture
-def file_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def file_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A signed file mirror with sid (a split 7.x-style kernel) and trixie (a single package),
     named by a machine apt configuration whose sources list only 'stable' on it."""
     gnupg = {**os.environ, "GNUPGHOME": str(tmp_path / "gnupg")}
@@ -120,7 +121,10 @@ def file_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("APT_CONFIG", str(conf))
     monkeypatch.setenv("AFTERCLOSE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv(archive.MIRROR_ENV, raising=False)
-    return mirror
+    # What apt offers is cached per process: this machine's apt is not the test's, before or after.
+    fetch.debian_candidates.cache_clear()
+    yield mirror
+    fetch.debian_candidates.cache_clear()
 
 
 def test_the_mirror_is_the_one_the_machine_apt_names(file_mirror: Path) -> None:
