@@ -14,6 +14,7 @@ from afterclose.harness.oracle.rules import (
     freed_while_registered,
     incomplete_evidence,
     liveness,
+    stale_batch_event,
     stale_rearm,
     use_after_close,
     wrong_incarnation,
@@ -32,6 +33,7 @@ RULES: tuple[Rule, ...] = (
     freed_while_registered.RULE,
     event_for_freed_data.RULE,
     incomplete_evidence.RULE,
+    stale_batch_event.RULE,
 )
 BY_NAME: dict[str, Rule] = {rule.name: rule for rule in RULES}
 NAMES: tuple[str, ...] = tuple(BY_NAME)

@@ -13,6 +13,7 @@ import gc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from afterclose.harness.trace.early_close import EarlyClose, batch_step, met
 from afterclose.harness.trace.facts import (
     ActAfterEvent,
     CloseAgainAfterReuse,
@@ -101,6 +102,10 @@ class _Thread:
     # fd -> index of this thread's last close of it, when the thread had acted on the
     # incarnation it closed (created it, got an event for it, did I/O or epoll_ctl on it).
     owned_close: dict[int, int] = field(default_factory=dict)
+    # fd -> an incarnation closed with its event of the current batch still unhandled.
+    early: dict[int, EarlyClose] = field(default_factory=dict)
+    # fd -> an EPOLL_CTL_DEL that was the thread's first call on it since its batch event.
+    del_first: dict[int, int] = field(default_factory=dict)
 
 
 def _prepare(records: Sequence[Record], cutoff_seq: int | None) -> Sequence[Record]:
@@ -288,6 +293,8 @@ class _Walk:
         self.res[idx] = inc
         t.last_op[inc.fd] = (Op.SOCKET, inc, idx)
         t.acted[inc.fd] = _Acted(inc, True)
+        if t.early:
+            met(t.early, inc)
 
     def _socket(self, idx: int, r: Record, t: _Thread) -> None:
         if r.ret >= 0:
@@ -310,6 +317,8 @@ class _Walk:
             self._ebadf(idx, r, t, r.fd)
             return
         self.m.resolve(r, r.fd)
+        if t.early:
+            self._batch_step(idx, r, t, r.fd, None, False)
         if r.ret >= 0:
             ofd = self.m.new_ofd(OfdKind.SOCKET)
             inc, d = self.m.create(idx, r, r.ret, ofd, Origin.ACCEPT)
@@ -321,6 +330,8 @@ class _Walk:
             self._ebadf(idx, r, t, r.fd)
             return
         src, _ = m.resolve(r, r.fd)
+        if t.early:
+            self._batch_step(idx, r, t, r.fd, src, False)
         if r.ret < 0 or r.ret == r.fd:
             return  # failed, or dup2(fd, fd): nothing changes
         if r.flags in (DupKind.DUP2, DupKind.DUP3):
@@ -353,11 +364,23 @@ class _Walk:
             if inc.open:
                 m.end(inc, idx, EndKind.CLOSE, r.seq_in, r.seq_out, r.tid)
         self.res[idx] = inc
+        if t.early:
+            self._batch_step(idx, r, t, fd, inc, certain)
         if certain and not inc.unknown and not self._close_again(idx, r, t, inc):
             self._act_after_event(idx, r, t, inc)
         prev = t.last_op.get(fd)
         if prev is not None and prev[1] is inc and prev[0] != Op.CLOSE:
             t.owned_close[fd] = idx
+            untouched = prev[0] == _EVENT and prev[2] == t.batch_idx
+            if (
+                (untouched or t.del_first.get(fd) == prev[2])
+                and certain
+                and not inc.unknown
+                and inc.end_idx == idx
+            ):
+                # Closed (maybe after a DEL) before the thread touched it since the wait:
+                # its event in this batch is still ahead, unhandled.
+                t.early[fd] = EarlyClose(inc, t.batch_idx, idx)
         self._remember(idx, r, t, inc, certain)
 
     def _close_range(self, idx: int, r: Record, t: _Thread) -> None:
@@ -437,6 +460,8 @@ class _Walk:
                 inc.ofd.peer_closed_idx = idx
         elif err in (EPIPE, ECONNRESET) and inc.ofd.peer_closed_idx < 0:
             inc.ofd.peer_closed_idx = idx
+        if t.early:
+            self._batch_step(idx, r, t, fd, inc, certain)
         if certain and fd in t.batch and not inc.unknown:
             self._act_after_event(idx, r, t, inc)
         # (inlined _remember)
@@ -506,6 +531,13 @@ class _Walk:
             return
         self.facts.append(ActAfterEvent(idx, i, ev_idx, j, t.batch_idx))
 
+    def _batch_step(
+        self, idx: int, r: Record, t: _Thread, fd: int, inc: Incarnation | None, certain: bool
+    ) -> None:
+        fact = batch_step(t.early, idx, r.op, fd, inc, certain)
+        if fact is not None:
+            self.facts.append(fact)
+
     def _owner_of(
         self, inst: EpollInstance, data: int, j: Incarnation, seq_in: int
     ) -> Registration | None:
@@ -551,6 +583,8 @@ class _Walk:
         inst = m.instance(einc)
         j, certain = m.resolve(r, fd)
         self.res[idx] = j
+        if t.early:
+            self._batch_step(idx, r, t, fd, j, certain)
         if r.ret >= 0:
             if what in (EPOLL_CTL_ADD, EPOLL_CTL_MOD):
                 stale = self._stale(idx, r, t, inst, j, certain)
@@ -561,6 +595,9 @@ class _Walk:
                     self.stale_marks[(inst.ofd.id, r.data)] = (stale, reg)
             elif what == EPOLL_CTL_DEL:
                 m.delete(inst, j, idx, r)
+                lo = t.last_op.get(fd)
+                if lo is not None and lo[0] == _EVENT and lo[2] == t.batch_idx:
+                    t.del_first[fd] = idx
         elif what == EPOLL_CTL_MOD and r.err == ENOENT and certain and j.open and not j.unknown:
             self._mod_enoent(idx, r, inst, j)
         if certain and fd in t.batch and not j.unknown:
@@ -637,6 +674,8 @@ class _Walk:
         self.res[idx] = einc
         t.batch = {}
         t.batch_idx = idx
+        t.early = {}
+        t.del_first = {}
         self.cur_wait = (idx, inst, t)
 
     def _event(self, idx: int, r: Record) -> None:
