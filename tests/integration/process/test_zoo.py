@@ -35,6 +35,8 @@ ZOO = (
     Entry("envoy-20438", "use-after-close", "test_keepalive_requests"),
     Entry("haproxy-1807", "use-after-close", "test_keepalive_requests"),
     Entry("httpzig-216", "freed-while-registered", "test_keepalive_requests"),
+    Entry("redis-333", "stale-batch-event", "test_connection_storm"),
+    Entry("libuv-1148", "event-after-close", "test_half_close"),
 )
 IDS = [e.name for e in ZOO]
 
