@@ -6,6 +6,7 @@ from __future__ import annotations
 from afterclose.harness.oracle.rule import Rule
 from afterclose.harness.oracle.rules import (
     busy_loop,
+    concurrent_oneshot,
     crash,
     cross_talk,
     event_after_close,
@@ -34,6 +35,7 @@ RULES: tuple[Rule, ...] = (
     event_for_freed_data.RULE,
     incomplete_evidence.RULE,
     stale_batch_event.RULE,
+    concurrent_oneshot.RULE,
 )
 BY_NAME: dict[str, Rule] = {rule.name: rule for rule in RULES}
 NAMES: tuple[str, ...] = tuple(BY_NAME)

@@ -51,6 +51,7 @@ from afterclose.harness.trace.model import (
     Origin,
     Registration,
 )
+from afterclose.harness.trace.oneshot import Deliveries, overlaps
 from afterclose.harness.trace.timeline import Resolved, TimelineContext
 
 ENOENT = 2
@@ -148,6 +149,7 @@ class _Walk:
         self.pending_frees: dict[int, tuple[Registration, int]] = {}
         self.m.on_stop = self._reg_stopped
         self.cur_wait: tuple[int, EpollInstance, _Thread] | None = None
+        self.oneshots: Deliveries = {}
         self.dup_closed: dict[int, Incarnation] = {}
         self.events = 0
         self.untraced_closes: dict[int, int] = {}
@@ -247,6 +249,7 @@ class _Walk:
             self._flush_run(t)
         for reg, _ in list(self.pending_frees.values()):
             self._reg_stopped(reg, _NEVER)  # still registered at the end
+        self.facts.extend(overlaps(recs, self.res, self.oneshots))
 
     def model(self, lost_records: int, damaged: str | None, trace_path: str | None) -> TraceModel:
         end = 0
@@ -696,6 +699,8 @@ class _Walk:
                 self.unattributed[r.pid] = self.unattributed.get(r.pid, 0) + 1
             return
         i = reg.incarnation
+        if reg.events & EPOLLONESHOT:
+            self.oneshots.setdefault(reg.id, (reg, []))[1].append(wait_idx)
         if reg.events & EPOLLONESHOT and reg.armed:
             # epoll(7): with EPOLLONESHOT the item is disabled after one event until MOD.
             if self.pending_frees:

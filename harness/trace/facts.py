@@ -89,6 +89,21 @@ class StaleBatchEvent:
 
 
 @dataclass(eq=False, slots=True)
+class ConcurrentOneshot:
+    """Between the EPOLLONESHOT delivery of the wait at ``wait_idx`` and the registration's
+    next delivery, two threads acted on ``inc`` at once: ``first`` and ``last`` by one thread
+    around ``other`` by another (or ``first`` and ``other`` overlapping, ``last`` = ``first``);
+    ``rearm_idx``: the EPOLL_CTL_MOD that armed the delivery."""
+
+    inc: Incarnation
+    wait_idx: int
+    rearm_idx: int
+    first: int
+    other: int
+    last: int
+
+
+@dataclass(eq=False, slots=True)
 class ModOfReplaced:
     """EPOLL_CTL_MOD failed with ENOENT on ``now`` (not registered), with the data that the
     ADD/MOD at ``owner_set_idx`` had set for ``old``, an older, closed incarnation."""
@@ -159,6 +174,7 @@ Fact = (
     | CloseAgainAfterReuse
     | ActAfterEvent
     | StaleBatchEvent
+    | ConcurrentOneshot
     | ModOfReplaced
     | StaleData
     | EventOnClosed
