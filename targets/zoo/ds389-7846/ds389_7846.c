@@ -4,7 +4,8 @@
  *
  *   usage: ds389_7846 HOST PORT      (prints READY on stdout once listening)
  *
- * A loop thread waits on epoll and queues each event to NWORKERS workers.  Connections are
+ * A loop thread waits on epoll and queues each event to NWORKERS workers; connections live in
+ * a table with one slot per fd number.  Connections are
  * registered with EPOLLONESHOT, so that an event goes to one worker at a time: the worker
  * that got it owns the connection until it re-arms the registration with EPOLL_CTL_MOD.
  *
@@ -22,26 +23,47 @@
 
 #define MAXEVENTS 256
 #define NWORKERS 4
+#define MAX_FDS 4096
+#define LOG_US 200 /* the access log's device is slow */
 
 struct conn {
     struct zh_conn z;
+    unsigned long logged; /* answers already in the access log */
 };
 
 static int epfd = -1;
 static struct zq work_q;
+static struct conn table[MAX_FDS]; /* the connection table: one slot per fd number */
+static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static void conn_close(struct conn *c)
 {
     epoll_ctl(epfd, EPOLL_CTL_DEL, c->z.fd, NULL);
     close(c->z.fd);
     zh_conn_release(&c->z);
-    free(c);
 }
 
 static int rearm(struct conn *c, uint32_t events)
 {
     struct epoll_event ev = {.events = events | EPOLLRDHUP | EPOLLONESHOT, .data.ptr = c};
     return epoll_ctl(epfd, EPOLL_CTL_MOD, c->z.fd, &ev);
+}
+
+/* One line per batch of answers, written (unbuffered) to stderr before the answers go out. */
+static void access_log(struct conn *c)
+{
+    char line[96];
+    int n;
+    if (c->z.answered == c->logged)
+        return;
+    c->logged = c->z.answered;
+    n = snprintf(line, sizeof line, "fd %d: %lu answered, %zu bytes to send\n", c->z.fd,
+                 c->z.answered, c->z.outlen - c->z.outoff);
+    pthread_mutex_lock(&log_mu);
+    if (write(2, line, (size_t)n) < 0)
+        perror("access log");
+    zh_sleep_us(LOG_US);
+    pthread_mutex_unlock(&log_mu);
 }
 
 static void handle(struct conn *c, uint32_t events)
@@ -71,12 +93,13 @@ static void handle(struct conn *c, uint32_t events)
         return;
     }
 #ifndef ZOO_FIXED
-    /* wait for the next request while this one's answer is written */
+    /* wait for the next request while this one's answer is logged and written */
     if (rearm(c, EPOLLIN) < 0) {
         conn_close(c);
         return;
     }
 #endif
+    access_log(c);
     next = zh_settle(&c->z);
     if (next == ZH_CLOSE)
         conn_close(c);
@@ -109,17 +132,16 @@ static void accept_all(struct zh_listener *l)
             zh_listener_pause(l);
             return;
         }
-        c = calloc(1, sizeof *c);
-        if (!c) {
+        if (fd >= MAX_FDS) {
             close(fd);
             continue;
         }
+        c = &table[fd];
         zh_conn_init(&c->z, fd);
         ev.events = EPOLLIN | EPOLLRDHUP | EPOLLONESHOT;
         ev.data.ptr = c;
         if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
             close(fd);
-            free(c);
         }
     }
 }
