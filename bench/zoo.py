@@ -14,8 +14,9 @@ reported its root-cause rule.  Fixed twins run the same scenarios under the prel
 any failed test counts as a report.  eBPF runs are skipped (and the table says so) when
 bpftrace cannot run here.
 
-The table replaces the one between the markers in docs/zoo.md, with the date, the machine,
-its load and the exact command.
+The rows measured replace their own rows of the table between the markers in docs/zoo.md
+(the others stay), and a line under the markers gives the date, the machine, its load and
+the exact command of the run.
 """
 
 from __future__ import annotations
@@ -127,31 +128,56 @@ class Row:
         ]
 
 
-def table(rows: list[Row], fixed: dict[str, tuple[int, int]]) -> str:
-    head = [
-        "target",
-        "root-cause rule",
-        "tracer",
-        "runs found / runs",
-        "first report: median / worst",
-        "root-cause rule: median / worst",
-        "fixed twin: reports / runs",
-    ]
-    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+HEAD = [
+    "target",
+    "root-cause rule",
+    "tracer",
+    "runs found / runs",
+    "first report: median / worst",
+    "root-cause rule: median / worst",
+    "fixed twin: reports / runs",
+]
+
+
+def table_rows(rows: list[Row], fixed: dict[str, tuple[int, int]]) -> dict[tuple[str, str], str]:
+    """(target, tracer) -> its table line."""
+    out = {}
     for row in rows:
         reports, runs = fixed.get(row.entry.name, (0, 0))
         twin = f"{reports} / {runs}" if row.tracer == "preload" and runs else ""
-        out.append("| " + " | ".join([*row.cells(), twin]) + " |")
-    return "\n".join(out) + "\n"
+        out[(row.entry.name, row.tracer)] = "| " + " | ".join([*row.cells(), twin]) + " |"
+    return out
 
 
-def write_doc(text: str) -> None:
+def block(runs_lines: list[str], lines: dict[tuple[str, str], str]) -> str:
+    order = {e.name: k for k, e in enumerate(ZOO)}
+    keys = sorted(lines, key=lambda k: (order.get(k[0], len(order)), k[1] != "preload"))
+    head = ["| " + " | ".join(HEAD) + " |", "|" + " --- |" * len(HEAD)]
+    body = "\n".join(head + [lines[k] for k in keys])
+    return f"{BEGIN}\n" + "\n".join(runs_lines) + f"\n\n{body}\n{END}"
+
+
+def write_doc(run_line: str, lines: dict[tuple[str, str], str]) -> str:
+    """Merge the new rows into docs/zoo.md's table: rows of targets and tracers measured now
+    replace the old ones; the others stay, with the lines saying which run made them."""
     doc = DOC.read_text() if DOC.exists() else ""
+    runs: list[str] = []
+    old: dict[tuple[str, str], str] = {}
+    if BEGIN in doc and END in doc:
+        inside = doc[doc.index(BEGIN) + len(BEGIN) : doc.index(END)]
+        for line in inside.strip().splitlines():
+            cells = [x.strip() for x in line.strip("|").split("|")]
+            if line.startswith("| ") and len(cells) == len(HEAD) and cells[0] not in (HEAD[0], "---"):
+                old[(cells[0], cells[2])] = line
+            elif line.strip() and not line.startswith("|"):
+                runs.append(line.strip())
+    text = block([*runs, run_line], {**old, **lines})
     if BEGIN in doc and END in doc:
         doc = doc[: doc.index(BEGIN)] + text + doc[doc.index(END) + len(END) :]
     else:
-        doc += "\n" + text
+        doc += "\n" + text + "\n"
     DOC.write_text(doc)
+    return text
 
 
 def main() -> int:
@@ -193,14 +219,13 @@ def main() -> int:
             fixed[e.name] = (sum(r.first_s is not None for r in twin), len(twin))
             print(f"{e.name}-fixed: {fixed[e.name][0]} reports in {len(twin)} runs", flush=True)
     command = "python3 bench/zoo.py " + shlex.join(sys.argv[1:])
-    text = (
-        f"{BEGIN}\n"
-        f"{c.today()}; {c.machine().describe()}; load {c.load()}; `{command.strip()}`; "
-        f"scenarios: {args.scenarios}\n\n{table(rows, fixed)}{END}"
+    targets = ", ".join(e.name for e in entries)
+    run_line = (
+        f"- {c.today()}; {c.machine().describe()}; load {c.load()}; `{command.strip()}`; "
+        f"scenarios: {args.scenarios}; targets: {targets}"
     )
-    print(text)
-    if not args.no_doc:
-        write_doc(text)
+    lines = table_rows(rows, fixed)
+    print(write_doc(run_line, lines) if not args.no_doc else block([run_line], lines))
     found = sum(r.root_s is not None for row in rows for r in row.runs)
     total = sum(len(row.runs) for row in rows)
     print(f"found by the root-cause rule: {found} / {total} runs")
