@@ -167,7 +167,8 @@ def write_doc(run_line: str, lines: dict[tuple[str, str], str]) -> str:
         inside = doc[doc.index(BEGIN) + len(BEGIN) : doc.index(END)]
         for line in inside.strip().splitlines():
             cells = [x.strip() for x in line.strip("|").split("|")]
-            if line.startswith("| ") and len(cells) == len(HEAD) and cells[0] not in (HEAD[0], "---"):
+            row = len(cells) == len(HEAD) and cells[0] not in (HEAD[0], "---")
+            if line.startswith("| ") and row:
                 old[(cells[0], cells[2])] = line
             elif line.strip() and not line.startswith("|"):
                 runs.append(line.strip())
