@@ -3,8 +3,7 @@
  * mechanism: listening, accepting, and answering HTTP/1.1 GET requests on a non-blocking
  * connection the way targets/seed-fixed does (200 with the path as the body, 400 and close on
  * a malformed request, "Connection: close" and HTTP/1.0 honoured, EPOLLRDHUP means "answer
- * what was received, then close").  What a request means, what its answer looks like, and
- * the listening socket come from the built-in servers' targets/seed-common/http_server.h.
+ * what was received, then close").
  *
  * A connection's owner calls zh_handle(c, events) when epoll reported it; the answer says what
  * to wait for next (ZH_READ, ZH_WRITE) or that the owner must now close it (ZH_CLOSE: the
@@ -15,18 +14,18 @@
 
 #define _GNU_SOURCE
 #include <errno.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
-
-#include "../../seed-common/http_server.h"
 
 #define ZH_BUFSZ 8192
 #define ZH_ACCEPT_PAUSE_MS 100
@@ -46,6 +45,13 @@ struct zh_conn {
 enum zh_next { ZH_READ, ZH_WRITE, ZH_CLOSE };
 
 static volatile sig_atomic_t zh_stop;
+
+static const char ZH_RESP_400[] = "HTTP/1.1 400 Bad Request\r\n"
+                                  "Content-Type: text/plain\r\n"
+                                  "Content-Length: 12\r\n"
+                                  "Connection: close\r\n"
+                                  "\r\n"
+                                  "bad request\n";
 
 static inline int64_t zh_now_ms(void)
 {
@@ -133,10 +139,90 @@ static inline void zh_finish(struct zh_conn *c)
 
 /* ---- HTTP ------------------------------------------------------------------------------- */
 
-static inline int zh_answer(struct zh_conn *c, const struct request *rq)
+struct zh_request {
+    const char *path;
+    size_t path_len;
+    size_t content_length;
+    int close;
+};
+
+static inline int zh_ci_contains(const char *s, size_t n, const char *word)
+{
+    size_t w = strlen(word);
+    for (size_t i = 0; i + w <= n; i++)
+        if (strncasecmp(s + i, word, w) == 0)
+            return 1;
+    return 0;
+}
+
+/* Parse one header block [p, p+n) ending in CRLFCRLF.  -1 = malformed. */
+static inline int zh_parse(const char *p, size_t n, struct zh_request *rq)
+{
+    const char *end = p + n;
+    const char *eol = memmem(p, n, "\r\n", 2);
+    const char *s = p;
+    int minor, keep_alive = 0, close_hdr = 0;
+
+    memset(rq, 0, sizeof *rq);
+    if (!eol)
+        return -1;
+    while (s < eol && *s >= 'A' && *s <= 'Z')
+        s++;
+    if (s == p || s >= eol || *s != ' ')
+        return -1;
+    s++;
+    if (s >= eol || *s != '/')
+        return -1;
+    rq->path = s;
+    while (s < eol && *s > ' ' && *s < 0x7f)
+        s++;
+    rq->path_len = (size_t)(s - rq->path);
+    if (s >= eol || *s != ' ')
+        return -1;
+    s++;
+    if (eol - s != 8 || memcmp(s, "HTTP/1.", 7) != 0 || s[7] < '0' || s[7] > '9')
+        return -1;
+    minor = s[7] - '0';
+
+    for (s = eol + 2; s < end;) {
+        const char *le = memmem(s, (size_t)(end - s), "\r\n", 2);
+        const char *colon;
+        if (!le || le == s)
+            break;
+        colon = memchr(s, ':', (size_t)(le - s));
+        if (!colon)
+            return -1;
+        if ((size_t)(colon - s) == 10 && strncasecmp(s, "connection", 10) == 0) {
+            if (zh_ci_contains(colon + 1, (size_t)(le - colon - 1), "close"))
+                close_hdr = 1;
+            if (zh_ci_contains(colon + 1, (size_t)(le - colon - 1), "keep-alive"))
+                keep_alive = 1;
+        } else if ((size_t)(colon - s) == 14 && strncasecmp(s, "content-length", 14) == 0) {
+            const char *v = colon + 1;
+            size_t cl = 0;
+            while (v < le && *v == ' ')
+                v++;
+            if (v == le)
+                return -1;
+            for (; v < le && *v != ' '; v++) {
+                if (*v < '0' || *v > '9' || cl > (SIZE_MAX - 9) / 10)
+                    return -1;
+                cl = cl * 10 + (size_t)(*v - '0');
+            }
+            rq->content_length = cl;
+        }
+        s = le + 2;
+    }
+    rq->close = close_hdr || (minor == 0 && !keep_alive);
+    return 0;
+}
+
+static inline int zh_answer(struct zh_conn *c, const struct zh_request *rq)
 {
     char head[160];
-    int h = response_head(head, sizeof head, rq);
+    int h = snprintf(head, sizeof head,
+                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n%s\r\n",
+                     rq->path_len + 1, rq->close ? "Connection: close\r\n" : "");
     if (zh_out_append(c, head, (size_t)h) < 0 || zh_out_append(c, rq->path, rq->path_len) < 0 ||
         zh_out_append(c, "\n", 1) < 0)
         return -1;
@@ -151,7 +237,7 @@ static inline int zh_serve(struct zh_conn *c)
     int r = 0;
 
     while (!c->close_after_flush) {
-        struct request rq;
+        struct zh_request rq;
         const char *hdr_end;
 
         if (c->skip > 0) {
@@ -165,13 +251,13 @@ static inline int zh_serve(struct zh_conn *c)
         if (!hdr_end) {
             if (off == 0 && c->inlen == sizeof c->in) {
                 c->close_after_flush = 1; /* header block larger than the buffer */
-                r = zh_out_append(c, RESP_400, sizeof RESP_400 - 1);
+                r = zh_out_append(c, ZH_RESP_400, sizeof ZH_RESP_400 - 1);
             }
             break;
         }
-        if (parse_request(c->in + off, (size_t)(hdr_end + 4 - (c->in + off)), &rq) < 0) {
+        if (zh_parse(c->in + off, (size_t)(hdr_end + 4 - (c->in + off)), &rq) < 0) {
             c->close_after_flush = 1;
-            r = zh_out_append(c, RESP_400, sizeof RESP_400 - 1);
+            r = zh_out_append(c, ZH_RESP_400, sizeof ZH_RESP_400 - 1);
             break;
         }
         if (zh_answer(c, &rq) < 0) {
@@ -263,11 +349,14 @@ static void zh_on_signal(int sig)
 }
 
 /* Parse the command line, install the signal handlers, listen.  Returns the listening fd
- * (non-blocking) or exits. */
-static inline int zh_start(int argc, char **argv)
+ * (non-blocking unless blocking is asked for) or exits. */
+static inline int zh_start(int argc, char **argv, int blocking)
 {
     struct sigaction sa;
-    int fd;
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *res, *ai;
+    int fd = -1, one = 1, rc;
 
     if (argc != 3) {
         fprintf(stderr, "usage: %s HOST PORT\n", argv[0]);
@@ -280,9 +369,28 @@ static inline int zh_start(int argc, char **argv)
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    fd = listen_on(argv[0], argv[1], argv[2]);
-    if (fd < 0)
+    rc = getaddrinfo(argv[1], argv[2], &hints, &res);
+    if (rc != 0) {
+        fprintf(stderr, "%s: %s:%s: %s\n", argv[0], argv[1], argv[2], gai_strerror(rc));
         exit(1);
+    }
+    for (ai = res; ai; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | (blocking ? 0 : SOCK_NONBLOCK),
+                    0);
+        if (fd < 0)
+            continue;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 1024) == 0)
+            break;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    if (fd < 0) {
+        fprintf(stderr, "%s: cannot listen on %s:%s: %s\n", argv[0], argv[1], argv[2],
+                strerror(errno));
+        exit(1);
+    }
     return fd;
 }
 

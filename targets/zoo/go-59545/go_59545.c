@@ -162,7 +162,7 @@ static void *poller_main(void *arg)
 int main(int argc, char **argv)
 {
     pthread_t threads[NTHREADS];
-    int lfd = zh_start(argc, argv);
+    int lfd = zh_start(argc, argv, 0);
 
     epfd = epoll_create1(EPOLL_CLOEXEC);
     if (epfd < 0 || zh_listener_add(&listener, epfd, lfd, TAG_LISTENER) < 0) {

@@ -132,7 +132,7 @@ int main(int argc, char **argv)
 {
     struct epoll_event events[MAXEVENTS];
     struct zh_listener l;
-    int lfd = zh_start(argc, argv);
+    int lfd = zh_start(argc, argv, 0);
 
     epfd = epoll_create1(EPOLL_CLOEXEC);
     if (epfd < 0 || zh_listener_add(&l, epfd, lfd, UINT64_MAX) < 0) {

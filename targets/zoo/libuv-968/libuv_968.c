@@ -155,7 +155,7 @@ static void on_listener(struct zh_listener *l)
 int main(int argc, char **argv)
 {
     struct zh_listener l;
-    int lfd = zh_start(argc, argv);
+    int lfd = zh_start(argc, argv, 0);
 
     epfd = epoll_create1(EPOLL_CLOEXEC);
     if (epfd < 0 || zh_listener_add(&l, epfd, lfd, (uint32_t)lfd) < 0) {

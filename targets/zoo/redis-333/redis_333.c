@@ -136,7 +136,7 @@ int main(int argc, char **argv)
     static struct fired fired[MAXEVENTS];
     struct zh_listener l;
 
-    lfd = zh_start(argc, argv);
+    lfd = zh_start(argc, argv, 0);
     epfd = epoll_create1(EPOLL_CLOEXEC);
     if (epfd < 0 || zh_listener_add(&l, epfd, lfd, (uint32_t)lfd) < 0) {
         perror("epoll");
