@@ -6,6 +6,7 @@ from __future__ import annotations
 from afterclose.harness.oracle.rule import Rule
 from afterclose.harness.oracle.rules import (
     busy_loop,
+    concurrent_oneshot,
     crash,
     cross_talk,
     dropped_request,
@@ -16,6 +17,7 @@ from afterclose.harness.oracle.rules import (
     freed_while_registered,
     incomplete_evidence,
     liveness,
+    stale_batch_event,
     stale_rearm,
     use_after_close,
     wrong_incarnation,
@@ -36,6 +38,8 @@ RULES: tuple[Rule, ...] = (
     freed_while_registered.RULE,
     event_for_freed_data.RULE,
     incomplete_evidence.RULE,
+    stale_batch_event.RULE,
+    concurrent_oneshot.RULE,
 )
 BY_NAME: dict[str, Rule] = {rule.name: rule for rule in RULES}
 NAMES: tuple[str, ...] = tuple(BY_NAME)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
+from afterclose.harness.trace.early_close import EarlyClose, batch_step, met
 from afterclose.harness.trace.facts import (
     ActAfterEvent,
     CloseAgainAfterReuse,
@@ -51,7 +51,9 @@ from afterclose.harness.trace.model import (
     Origin,
     Registration,
 )
-from afterclose.harness.trace.receipts import Receipts, Spin, track_spin
+from afterclose.harness.trace.oneshot import Deliveries, overlaps
+from afterclose.harness.trace.receipts import Receipts, track_spin
+from afterclose.harness.trace.thread_memory import Acted, ThreadMemory, prepare
 from afterclose.harness.trace.timeline import Resolved, TimelineContext
 
 ENOENT = 2
@@ -79,52 +81,6 @@ _SOCKET_IO = {
 }
 
 
-# -- per-thread memory -----------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Acted:
-    """A thread's ops on one incarnation, collected while it has no proof it knows it."""
-
-    inc: Incarnation
-    knows: bool
-    idxs: list[int] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class _Thread:
-    pid: int
-    tid: int
-    name: str
-    batch: dict[int, tuple[Incarnation, int]] = field(default_factory=dict)
-    batch_idx: int = -1
-    last_op: dict[int, tuple[int, Incarnation | None, int]] = field(default_factory=dict)
-    acted: dict[int, _Acted] = field(default_factory=dict)
-    run: list[tuple[int, int, ClosedNumberUse | None]] = field(default_factory=list)
-    # fd -> index of this thread's last close of it, when the thread had acted on the
-    # incarnation it closed (created it, got an event for it, did I/O or epoll_ctl on it).
-    owned_close: dict[int, int] = field(default_factory=dict)
-    # fd -> the run of identical empty reads on it (see SPIN_CALLS).
-    spin: dict[int, Spin] = field(default_factory=dict)
-
-
-def _prepare(records: Sequence[Record], cutoff_seq: int | None) -> Sequence[Record]:
-    recs: Sequence[Record] = records
-    if cutoff_seq is not None:
-        recs = [r for r in records if r.seq_in <= cutoff_seq]
-    prev = -1
-    ordered = True
-    for r in recs:
-        if r.seq_out < prev:
-            ordered = False
-            break
-        prev = r.seq_out
-    if not ordered:
-        event = Op.EPOLL_EVENT
-        recs = sorted(recs, key=lambda r: (r.seq_out, r.op == event, r.arg))
-    return recs
-
-
 class _Walk:
     def __init__(
         self,
@@ -133,11 +89,11 @@ class _Walk:
         cutoff_seq: int | None,
         trace_path: str | None,
     ) -> None:
-        self.recs = _prepare(records, cutoff_seq)
+        self.recs = prepare(records, cutoff_seq)
         self.headers: Mapping[int, Header] = headers or {}
         self.m = Model(self.recs, self.headers)
         self.res: list[Resolved] = [None] * len(self.recs)
-        self.threads: dict[tuple[int, int], _Thread] = {}
+        self.threads: dict[tuple[int, int], ThreadMemory] = {}
         self.names: dict[tuple[int, int], str] = {}
         self.facts: list[Fact] = []
         self.freed: dict[int, dict[int, int]] = {}  # pid -> pointer -> its latest FREE
@@ -147,7 +103,8 @@ class _Walk:
         # (registration, FREE index)).
         self.pending_frees: dict[int, tuple[Registration, int]] = {}
         self.m.on_stop = self._reg_stopped
-        self.cur_wait: tuple[int, EpollInstance, _Thread] | None = None
+        self.cur_wait: tuple[int, EpollInstance, ThreadMemory] | None = None
+        self.oneshots: Deliveries = {}
         self.dup_closed: dict[int, Incarnation] = {}
         self.events = 0
         self.untraced_closes: dict[int, int] = {}
@@ -167,12 +124,12 @@ class _Walk:
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _thread(self, r: Record) -> _Thread:
+    def _thread(self, r: Record) -> ThreadMemory:
         key = (r.pid, r.tid)
         t = self.threads.get(key)
         if t is None:
             name = f"T{len(self.threads) + 1}"
-            t = self.threads[key] = _Thread(r.pid, r.tid, name)
+            t = self.threads[key] = ThreadMemory(r.pid, r.tid, name)
             self.names[key] = name
         return t
 
@@ -217,7 +174,7 @@ class _Walk:
         }
         # FORK records need no handler: the child's table is copied by the fork scheduler
         # below, as of the fork's seq_in.
-        table: list[Callable[[int, Record, _Thread], None] | None] = [None] * 32
+        table: list[Callable[[int, Record, ThreadMemory], None] | None] = [None] * 32
         for code, handler in handlers.items():
             table[code] = handler
         event_op = Op.EPOLL_EVENT
@@ -249,6 +206,7 @@ class _Walk:
         for reg, _ in list(self.pending_frees.values()):
             self._reg_stopped(reg, _NEVER)  # still registered at the end
         self.receipts.confirm(self.facts)
+        self.facts.extend(overlaps(recs, self.res, self.oneshots))
 
     def model(self, lost_records: int, damaged: str | None, trace_path: str | None) -> TraceModel:
         end = 0
@@ -285,7 +243,7 @@ class _Walk:
     # -- creations ---------------------------------------------------------------------
 
     def _created(
-        self, idx: int, t: _Thread, inc: Incarnation, displaced: Incarnation | None
+        self, idx: int, t: ThreadMemory, inc: Incarnation, displaced: Incarnation | None
     ) -> None:
         # The creator knows what it was handed.  A displaced incarnation was released by
         # something the shim did not see (the model ended it as untraced): count them, since
@@ -294,40 +252,46 @@ class _Walk:
             self.untraced_closes[inc.pid] = self.untraced_closes.get(inc.pid, 0) + 1
         self.res[idx] = inc
         t.last_op[inc.fd] = (Op.SOCKET, inc, idx)
-        t.acted[inc.fd] = _Acted(inc, True)
+        t.acted[inc.fd] = Acted(inc, True)
+        if t.early:
+            met(t.early, inc)
 
-    def _socket(self, idx: int, r: Record, t: _Thread) -> None:
+    def _socket(self, idx: int, r: Record, t: ThreadMemory) -> None:
         if r.ret >= 0:
             inc, d = self.m.create(idx, r, r.ret, self.m.new_ofd(OfdKind.SOCKET), Origin.SOCKET)
             self._created(idx, t, inc, d)
 
-    def _fdnew(self, idx: int, r: Record, t: _Thread) -> None:
+    def _fdnew(self, idx: int, r: Record, t: ThreadMemory) -> None:
         if r.ret >= 0:
             inc, d = self.m.create(idx, r, r.ret, self.m.new_ofd(OfdKind.FILE), Origin.FDNEW)
             self._created(idx, t, inc, d)
 
-    def _epoll_create(self, idx: int, r: Record, t: _Thread) -> None:
+    def _epoll_create(self, idx: int, r: Record, t: ThreadMemory) -> None:
         if r.ret >= 0:
             ofd = self.m.new_ofd(OfdKind.EPOLL)
             inc, d = self.m.create(idx, r, r.ret, ofd, Origin.EPOLL_CREATE)
             self._created(idx, t, inc, d)
 
-    def _accept(self, idx: int, r: Record, t: _Thread) -> None:
+    def _accept(self, idx: int, r: Record, t: ThreadMemory) -> None:
         if r.err == EBADF:
             self._ebadf(idx, r, t, r.fd)
             return
         self.m.resolve(r, r.fd)
+        if t.early:
+            self._batch_step(idx, r, t, r.fd, None, False)
         if r.ret >= 0:
             ofd = self.m.new_ofd(OfdKind.SOCKET)
             inc, d = self.m.create(idx, r, r.ret, ofd, Origin.ACCEPT)
             self._created(idx, t, inc, d)
 
-    def _dup(self, idx: int, r: Record, t: _Thread) -> None:
+    def _dup(self, idx: int, r: Record, t: ThreadMemory) -> None:
         m = self.m
         if r.err == EBADF:
             self._ebadf(idx, r, t, r.fd)
             return
         src, _ = m.resolve(r, r.fd)
+        if t.early:
+            self._batch_step(idx, r, t, r.fd, src, False)
         if r.ret < 0 or r.ret == r.fd:
             return  # failed, or dup2(fd, fd): nothing changes
         if r.flags in (DupKind.DUP2, DupKind.DUP3):
@@ -343,7 +307,7 @@ class _Walk:
 
     # -- releases ----------------------------------------------------------------------
 
-    def _close(self, idx: int, r: Record, t: _Thread) -> None:
+    def _close(self, idx: int, r: Record, t: ThreadMemory) -> None:
         m = self.m
         fd = r.fd
         if r.err == EBADF:
@@ -360,6 +324,8 @@ class _Walk:
             if inc.open:
                 m.end(inc, idx, EndKind.CLOSE, r.seq_in, r.seq_out, r.tid)
         self.res[idx] = inc
+        if t.early:
+            self._batch_step(idx, r, t, fd, inc, certain)
         proved = len(self.facts)
         if certain and not inc.unknown and not self._close_again(idx, r, t, inc):
             self._act_after_event(idx, r, t, inc)
@@ -375,9 +341,19 @@ class _Walk:
                 self.receipts.close(idx, r, inc, kept, prev[2])
         if prev is not None and prev[1] is inc and prev[0] != Op.CLOSE:
             t.owned_close[fd] = idx
+            untouched = prev[0] == _EVENT and prev[2] == t.batch_idx
+            if (
+                (untouched or t.del_first.get(fd) == prev[2])
+                and certain
+                and not inc.unknown
+                and inc.end_idx == idx
+            ):
+                # Closed (maybe after a DEL) before the thread touched it since the wait:
+                # its event in this batch is still ahead, unhandled.
+                t.early[fd] = EarlyClose(inc, t.batch_idx, idx)
         self._remember(idx, r, t, inc, certain)
 
-    def _close_range(self, idx: int, r: Record, t: _Thread) -> None:
+    def _close_range(self, idx: int, r: Record, t: ThreadMemory) -> None:
         if r.ret < 0 or r.arg & CLOSE_RANGE_CLOEXEC:
             return  # CLOSE_RANGE_CLOEXEC only marks the fds close-on-exec
         m = self.m
@@ -391,7 +367,7 @@ class _Walk:
                 ended.append(inc)
         self.res[idx] = tuple(ended)
 
-    def _flush_run(self, t: _Thread) -> None:
+    def _flush_run(self, t: ThreadMemory) -> None:
         run = t.run
         if not run:
             return
@@ -404,7 +380,7 @@ class _Walk:
                 self.facts.append(cand)
 
     def _ebadf(
-        self, idx: int, r: Record, t: _Thread, fd: int, *, defer: bool = False
+        self, idx: int, r: Record, t: ThreadMemory, fd: int, *, defer: bool = False
     ) -> ClosedNumberUse | None:
         """A call failed with EBADF on ``fd``: a fact if the trace shows that number's last
         incarnation was closed before the call began."""
@@ -431,7 +407,7 @@ class _Walk:
 
     # -- i/o ---------------------------------------------------------------------------
 
-    def _shutdown(self, idx: int, r: Record, t: _Thread) -> None:
+    def _shutdown(self, idx: int, r: Record, t: ThreadMemory) -> None:
         if r.flags & RecordFlag.INJECTED:
             # The shim's own shutdown(SHUT_RDWR), made inside a write it fails with
             # ECONNRESET/EPIPE (a syscall fault): the harness's call on the fd the server
@@ -440,7 +416,7 @@ class _Walk:
             return
         self._io(idx, r, t)
 
-    def _io(self, idx: int, r: Record, t: _Thread) -> None:
+    def _io(self, idx: int, r: Record, t: ThreadMemory) -> None:
         fd = r.fd
         err = r.err
         if err == EBADF:
@@ -471,6 +447,8 @@ class _Walk:
             elif err == 0 or err == EAGAIN:
                 what = "read() returned 0 (EOF)" if err == 0 else "read() failed with EAGAIN"
                 track_spin(t.spin, self.facts, idx, inc, what)
+        if t.early:
+            self._batch_step(idx, r, t, fd, inc, certain)
         if certain and fd in t.batch and not inc.unknown:
             self._act_after_event(idx, r, t, inc)
         # (inlined _remember)
@@ -478,7 +456,7 @@ class _Walk:
         if certain:
             a = t.acted.get(fd)
             if a is None or a.inc is not inc:
-                t.acted[fd] = _Acted(inc, False, [idx])
+                t.acted[fd] = Acted(inc, False, [idx])
             elif not a.knows and len(a.idxs) < _ACTED_CAP:
                 a.idxs.append(idx)
 
@@ -494,20 +472,22 @@ class _Walk:
             return
         self.facts.append(SocketCallOnFile(idx, prev, cur))
 
-    def _remember(self, idx: int, r: Record, t: _Thread, inc: Incarnation, certain: bool) -> None:
+    def _remember(
+        self, idx: int, r: Record, t: ThreadMemory, inc: Incarnation, certain: bool
+    ) -> None:
         fd = inc.fd
         t.last_op[fd] = (r.op, inc, idx)
         if not certain:
             return
         a = t.acted.get(fd)
         if a is None or a.inc is not inc:
-            t.acted[fd] = _Acted(inc, False, [idx])
+            t.acted[fd] = Acted(inc, False, [idx])
         elif not a.knows and len(a.idxs) < _ACTED_CAP:
             a.idxs.append(idx)
 
     # -- what a thread knows about a number ---------------------------------------------
 
-    def _close_again(self, idx: int, r: Record, t: _Thread, j: Incarnation) -> bool:
+    def _close_again(self, idx: int, r: Record, t: ThreadMemory, j: Incarnation) -> bool:
         """T acted on i (number N) and closed it, another thread was handed N (j), T closes
         N again having done nothing else on N in between: T's second close was meant for i.
 
@@ -525,7 +505,7 @@ class _Walk:
         self.facts.append(CloseAgainAfterReuse(idx, i, j))
         return True
 
-    def _act_after_event(self, idx: int, r: Record, t: _Thread, j: Incarnation) -> None:
+    def _act_after_event(self, idx: int, r: Record, t: ThreadMemory, j: Incarnation) -> None:
         """T got an event for i on N; i was then closed and N reused (j) by other threads;
         before its next epoll_wait, T acts on N -- i.e. on j, for i."""
         b = t.batch.get(j.fd)
@@ -539,6 +519,13 @@ class _Walk:
         if j.creator_tid == t.tid or j.created_idx < 0 or not j.created_out < r.seq_in:
             return
         self.facts.append(ActAfterEvent(idx, i, ev_idx, j, t.batch_idx))
+
+    def _batch_step(
+        self, idx: int, r: Record, t: ThreadMemory, fd: int, inc: Incarnation | None, certain: bool
+    ) -> None:
+        fact = batch_step(t.early, idx, r.op, fd, inc, certain)
+        if fact is not None:
+            self.facts.append(fact)
 
     def _owner_of(
         self, inst: EpollInstance, data: int, j: Incarnation, seq_in: int
@@ -562,7 +549,7 @@ class _Walk:
 
     # -- epoll -------------------------------------------------------------------------
 
-    def _ctl(self, idx: int, r: Record, t: _Thread) -> None:
+    def _ctl(self, idx: int, r: Record, t: ThreadMemory) -> None:
         m = self.m
         epfd, fd, what = r.arg, r.fd, r.flags
         if r.err == EBADF:
@@ -585,6 +572,8 @@ class _Walk:
         inst = m.instance(einc)
         j, certain = m.resolve(r, fd)
         self.res[idx] = j
+        if t.early:
+            self._batch_step(idx, r, t, fd, j, certain)
         if r.ret >= 0:
             if what in (EPOLL_CTL_ADD, EPOLL_CTL_MOD):
                 stale = self._stale(idx, r, t, inst, j, certain)
@@ -597,6 +586,9 @@ class _Walk:
                     self.stale_marks[(inst.ofd.id, r.data)] = (stale, reg)
             elif what == EPOLL_CTL_DEL:
                 m.delete(inst, j, idx, r)
+                lo = t.last_op.get(fd)
+                if lo is not None and lo[0] == _EVENT and lo[2] == t.batch_idx:
+                    t.del_first[fd] = idx
         elif what == EPOLL_CTL_MOD and r.err == ENOENT and certain and j.open and not j.unknown:
             self._mod_enoent(idx, r, inst, j)
         if certain and fd in t.batch and not j.unknown:
@@ -604,7 +596,13 @@ class _Walk:
         self._remember(idx, r, t, j, certain)
 
     def _stale(
-        self, idx: int, r: Record, t: _Thread, inst: EpollInstance, j: Incarnation, certain: bool
+        self,
+        idx: int,
+        r: Record,
+        t: ThreadMemory,
+        inst: EpollInstance,
+        j: Incarnation,
+        certain: bool,
     ) -> StaleData | None:
         if not certain or j.unknown or not j.open:
             return None
@@ -664,7 +662,7 @@ class _Walk:
             return
         self.facts.append(ModOfReplaced(idx, owner.set_idx, owner.incarnation, j))
 
-    def _wait(self, idx: int, r: Record, t: _Thread) -> None:
+    def _wait(self, idx: int, r: Record, t: ThreadMemory) -> None:
         if r.err == EBADF:
             self._ebadf(idx, r, t, r.fd)
             return
@@ -673,6 +671,8 @@ class _Walk:
         self.res[idx] = einc
         t.batch = {}
         t.batch_idx = idx
+        t.early = {}
+        t.del_first = {}
         self.cur_wait = (idx, inst, t)
 
     def _event(self, idx: int, r: Record) -> None:
@@ -694,6 +694,8 @@ class _Walk:
             return
         i = reg.incarnation
         self.receipts.event(i, wait_idx)
+        if reg.events & EPOLLONESHOT:
+            self.oneshots.setdefault(reg.id, (reg, []))[1].append(wait_idx)
         if reg.events & EPOLLONESHOT and reg.armed:
             # epoll(7): with EPOLLONESHOT the item is disabled after one event until MOD.
             if self.pending_frees:
@@ -711,7 +713,7 @@ class _Walk:
             t.last_op[fd] = (_EVENT, i, wait_idx)
             a = t.acted.get(fd)
             if a is None or a.inc is not i or not a.knows:
-                t.acted[fd] = _Acted(i, True)
+                t.acted[fd] = Acted(i, True)
         if i.unknown:
             return
         wait = self.recs[wait_idx]
@@ -732,7 +734,7 @@ class _Walk:
 
     # -- free --------------------------------------------------------------------------
 
-    def _free(self, idx: int, r: Record, t: _Thread) -> None:
+    def _free(self, idx: int, r: Record, t: ThreadMemory) -> None:
         p = r.data
         self.freed.setdefault(r.pid, {})[p] = idx
         if not self._free_tracking(r.pid, complete=False):

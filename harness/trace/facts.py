@@ -72,6 +72,38 @@ class ActAfterEvent:
 
 
 @dataclass(eq=False, slots=True)
+class StaleBatchEvent:
+    """The wait at ``wait_idx`` gave the thread an event for ``event_inc``; before touching
+    ``event_inc`` the same thread closed it (``close_idx``: the handling of another event of
+    the batch did), the number was handed to ``now``; the thread did what a new connection's
+    handler does at once (``now``'s registration, nothing else), moved on to another fd, and
+    then came back to act on ``now`` (at ``idx``) before its next epoll_wait, with no event
+    for ``now``: the batch's stale event for the number was dispatched to the new
+    connection."""
+
+    idx: int
+    wait_idx: int
+    event_inc: Incarnation
+    close_idx: int
+    now: Incarnation
+
+
+@dataclass(eq=False, slots=True)
+class ConcurrentOneshot:
+    """Between the EPOLLONESHOT delivery of the wait at ``wait_idx`` and the registration's
+    next delivery, two threads acted on ``inc`` at once: ``first`` and ``last`` by one thread
+    around ``other`` by another (or ``first`` and ``other`` overlapping, ``last`` = ``first``);
+    ``rearm_idx``: the EPOLL_CTL_MOD that armed the delivery."""
+
+    inc: Incarnation
+    wait_idx: int
+    rearm_idx: int
+    first: int
+    other: int
+    last: int
+
+
+@dataclass(eq=False, slots=True)
 class ModOfReplaced:
     """EPOLL_CTL_MOD failed with ENOENT on ``now`` (not registered), with the data that the
     ADD/MOD at ``owner_set_idx`` had set for ``old``, an older, closed incarnation."""
@@ -170,6 +202,8 @@ Fact = (
     | SocketCallOnFile
     | CloseAgainAfterReuse
     | ActAfterEvent
+    | StaleBatchEvent
+    | ConcurrentOneshot
     | ModOfReplaced
     | StaleData
     | EventOnClosed

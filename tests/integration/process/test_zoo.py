@@ -4,7 +4,6 @@ each fixed twin passes the same scenarios; and group/name target specs resolve."
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,26 +15,11 @@ from afterclose.harness.manifest import (
     load_manifest,
     resolve_target,
 )
-
-
-@dataclass(frozen=True)
-class Entry:
-    name: str
-    rule: str  # the traced rule that names the mechanism
-    scenarios: str  # -k expression: the scenarios that find it within seconds
-    attempts: int = 2  # runs allowed: a race shows in most runs, not necessarily in all
-
+from afterclose.targets.zoo import ZOO, ZooEntry
 
 # Races: each shows in nearly every run of its scenarios; a miss is allowed before the
 # verdict counts.
-ZOO = (
-    Entry("h2o-1427", "use-after-close", "test_keepalive_requests or test_half_close"),
-    Entry("libuv-968", "use-after-close", "test_connection_storm or test_reset_peer"),
-    Entry("go-59545", "wrong-incarnation", "test_keepalive_requests"),
-    Entry("envoy-20438", "use-after-close", "test_keepalive_requests"),
-    Entry("haproxy-1807", "use-after-close", "test_keepalive_requests"),
-    Entry("httpzig-216", "freed-while-registered", "test_keepalive_requests"),
-)
+ATTEMPTS = 2
 IDS = [e.name for e in ZOO]
 
 
@@ -73,9 +57,9 @@ def _run(pytester: pytest.Pytester, target: str, scenarios: str) -> pytest.RunRe
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", ZOO, ids=IDS)
 def test_buggy_target_is_found_by_its_root_cause_rule(
-    pytester: pytest.Pytester, entry: Entry
+    pytester: pytest.Pytester, entry: ZooEntry
 ) -> None:
-    for _ in range(entry.attempts):
+    for _ in range(ATTEMPTS):
         result = _run(pytester, entry.name, entry.scenarios)
         if re.search(rf"^\[{entry.rule}\] ", result.stdout.str(), re.M):
             break
@@ -85,7 +69,7 @@ def test_buggy_target_is_found_by_its_root_cause_rule(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", ZOO, ids=IDS)
-def test_fixed_twin_passes(pytester: pytest.Pytester, entry: Entry) -> None:
+def test_fixed_twin_passes(pytester: pytest.Pytester, entry: ZooEntry) -> None:
     result = _run(pytester, f"{entry.name}-fixed", entry.scenarios)
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()
     assert result.parseoutcomes().get("passed", 0) >= 1

@@ -1,0 +1,182 @@
+/*
+ * ds389-7846: EPOLLONESHOT re-armed before the handler's last touch of the connection: two
+ * threads handle one connection at once.
+ *
+ *   usage: ds389_7846 HOST PORT      (prints READY on stdout once listening)
+ *
+ * A loop thread waits on epoll and queues each event to NWORKERS workers; connections live in
+ * a table with one slot per fd number.  Connections are
+ * registered with EPOLLONESHOT, so that an event goes to one worker at a time: the worker
+ * that got it owns the connection until it re-arms the registration with EPOLL_CTL_MOD.
+ *
+ * The bug (ZOO_FIXED undefined): to start waiting for the next request while the answer is
+ * still being written, a worker re-arms the connection as soon as it has read the request,
+ * then writes the answer and, when the client is done, closes the connection.  Whatever is
+ * still readable (the client's FIN, a reset, a pipelined request) fires at once, and a second
+ * worker reads, answers or closes the same connection while the first still writes or
+ * closes it.
+ *
+ * The fix (ZOO_FIXED): the re-arm is the worker's last touch of the connection.
+ */
+#include "../common/zoo_http.h"
+#include "../common/zoo_queue.h"
+
+#define MAXEVENTS 256
+#define NWORKERS 4
+#define MAX_FDS 4096
+#define LOG_US 200 /* the access log's device is slow */
+
+struct conn {
+    struct zh_conn z;
+    unsigned long logged; /* answers already in the access log */
+};
+
+static int epfd = -1;
+static struct zq work_q;
+static struct conn table[MAX_FDS]; /* the connection table: one slot per fd number */
+static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void conn_close(struct conn *c)
+{
+    epoll_ctl(epfd, EPOLL_CTL_DEL, c->z.fd, NULL);
+    close(c->z.fd);
+    zh_conn_release(&c->z);
+}
+
+static int rearm(struct conn *c, uint32_t events)
+{
+    struct epoll_event ev = {.events = events | EPOLLRDHUP | EPOLLONESHOT, .data.ptr = c};
+    return epoll_ctl(epfd, EPOLL_CTL_MOD, c->z.fd, &ev);
+}
+
+/* One line per batch of answers, written (unbuffered) to stderr before the answers go out. */
+static void access_log(struct conn *c)
+{
+    char line[96];
+    int n;
+    if (c->z.answered == c->logged)
+        return;
+    c->logged = c->z.answered;
+    n = snprintf(line, sizeof line, "fd %d: %lu answered, %zu bytes to send\n", c->z.fd,
+                 c->z.answered, c->z.outlen - c->z.outoff);
+    pthread_mutex_lock(&log_mu);
+    if (write(2, line, (size_t)n) < 0)
+        perror("access log");
+    zh_sleep_us(LOG_US);
+    pthread_mutex_unlock(&log_mu);
+}
+
+static void handle(struct conn *c, uint32_t events)
+{
+    enum zh_next next;
+
+    if (events & (EPOLLERR | EPOLLHUP)) {
+        conn_close(c);
+        return;
+    }
+    if (events & EPOLLRDHUP)
+        c->z.peer_eof = 1;
+    if (zh_pending(&c->z)) {
+        int r = zh_flush(&c->z);
+        if (r < 0) {
+            conn_close(c);
+            return;
+        }
+        if (r == 0) {
+            if (rearm(c, EPOLLOUT) < 0)
+                conn_close(c);
+            return;
+        }
+    }
+    if (zh_read_serve(&c->z) < 0) {
+        conn_close(c);
+        return;
+    }
+#ifndef ZOO_FIXED
+    /* wait for the next request while this one's answer is logged and written */
+    if (rearm(c, EPOLLIN) < 0) {
+        conn_close(c);
+        return;
+    }
+#endif
+    access_log(c);
+    next = zh_settle(&c->z);
+    if (next == ZH_CLOSE)
+        conn_close(c);
+    else if (next == ZH_WRITE && rearm(c, EPOLLOUT) < 0)
+        conn_close(c);
+#ifdef ZOO_FIXED
+    else if (next == ZH_READ && rearm(c, EPOLLIN) < 0)
+        conn_close(c);
+#endif
+}
+
+static void *worker_main(void *arg)
+{
+    struct zq_item it;
+    (void)arg;
+    while (zq_pop(&work_q, &it))
+        handle(it.p, it.events);
+    return NULL;
+}
+
+static void accept_all(struct zh_listener *l)
+{
+    for (;;) {
+        struct epoll_event ev;
+        struct conn *c;
+        int fd = zh_accept(l->fd);
+        if (fd == -1)
+            return;
+        if (fd == -2) {
+            zh_listener_pause(l);
+            return;
+        }
+        if (fd >= MAX_FDS) {
+            close(fd);
+            continue;
+        }
+        c = &table[fd];
+        zh_conn_init(&c->z, fd);
+        ev.events = EPOLLIN | EPOLLRDHUP | EPOLLONESHOT;
+        ev.data.ptr = c;
+        if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+            close(fd);
+        }
+    }
+}
+
+int main(int argc, char **argv)
+{
+    struct epoll_event events[MAXEVENTS];
+    struct zh_listener l;
+    pthread_t workers[NWORKERS];
+    int lfd = zh_start(argc, argv, 0);
+
+    epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (epfd < 0 || zh_listener_add(&l, epfd, lfd, 0) < 0) {
+        perror("epoll");
+        return 1;
+    }
+    zq_init(&work_q);
+    for (int i = 0; i < NWORKERS; i++)
+        pthread_create(&workers[i], NULL, worker_main, NULL);
+    zh_ready();
+    while (!zh_stop) {
+        int n = epoll_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, 300));
+        if (n < 0 && errno != EINTR) {
+            perror("epoll_wait");
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            if (events[i].data.u64 == 0)
+                accept_all(&l);
+            else
+                zq_push(&work_q, events[i].data.ptr, events[i].events);
+        }
+    }
+    zq_close(&work_q);
+    for (int i = 0; i < NWORKERS; i++)
+        pthread_join(workers[i], NULL);
+    return 0;
+}
