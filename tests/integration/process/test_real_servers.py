@@ -1,6 +1,7 @@
 """The built-in real-server targets: nginx, lighttpd, h2o, apache2, caddy, haproxy (HTTP and
-TCP mode), varnish, Node.js (Debian packages) and the Python servers on asyncio and uvloop.  None of them may be reported for anything: a violation here is
-a false positive of the harness (or a real bug in that server, to be written up).
+TCP mode), varnish, Node.js (Debian packages) and the Python servers on asyncio and uvloop.
+None of them may be reported for anything: a violation here is a false positive of the harness
+(or a real bug in that server, to be written up).
 
 Each target is skipped with the reason when its binary (or uvloop) is missing.  The fast tests
 start each target through ``Harness`` and check its answers, logs and process model; the slow
