@@ -49,6 +49,9 @@ class Server:
     # Why the traced suite reports this server although it did nothing wrong: a false
     # positive of the trace rules, described in docs/real-servers.md.
     traced_false_positive: str | None = None
+    # A real behaviour of the server that the suite reports now and then (a finding,
+    # described in docs/real-servers.md with the upstream version).
+    finding: str | None = None
     # Why the server cannot run in a closure image (the Docker runner), if it cannot.
     not_in_docker: str | None = None
 
@@ -83,6 +86,10 @@ SERVERS = {
             binary="/usr/sbin/apache2",
             processes=3,
             traced_false_positive=POOLED_DATA,
+            finding="Apache 2.4.71 event MPM (docs/real-servers.md): an accept() that fails "
+            "with EMFILE before the parent has counted a healthy child (its first second) "
+            "makes the whole server exit (AH02324), so test_syscall_faults sometimes sees "
+            "`crash` and `liveness`",
         ),
         Server(
             "caddy",
@@ -273,8 +280,15 @@ def run_suite(
     return result
 
 
+def with_finding(name: str) -> Any:
+    """The name as a parameter, an expected failure (not strict: it depends on timing) where
+    the server has a documented finding."""
+    reason = SERVERS[name].finding
+    return pytest.param(name, marks=pytest.mark.xfail(reason=reason)) if reason else name
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [with_finding(name) for name in NAMES])
 def test_builtin_suite_passes(name: str, pytester: pytest.Pytester) -> None:
     run_suite(pytester, name, "off")
 
@@ -282,7 +296,7 @@ def test_builtin_suite_passes(name: str, pytester: pytest.Pytester) -> None:
 def traced(name: str) -> Any:
     """The name as a parameter, an expected failure where the trace rules are known to
     report the server for what it did not do."""
-    reason = SERVERS[name].traced_false_positive
+    reason = SERVERS[name].traced_false_positive or SERVERS[name].finding
     return pytest.param(name, marks=pytest.mark.xfail(reason=reason)) if reason else name
 
 
