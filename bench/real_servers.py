@@ -10,8 +10,8 @@ round-robin over the targets (run 1 of each, then run 2, ...) so a time cap leav
 target with about the same number of runs; no run starts after the cap, and each run has its
 own timeout.
 
-The markdown table (server, version, process model, runner, runs, scenarios per run,
-violations, wall time) is printed and written between the
+The markdown table (server, version, process model, protocol, runner, tracer, runs, scenarios
+per run, violations, wall time) is printed and written between the
 ``<!-- bench:real-servers:KEY:start/end -->`` markers of the output file, one section per
 runner and tracer mode (KEY is the tracer for the process runner, ``docker-TRACER`` for
 Docker; the rest of the file is kept; a missing file or missing markers get a fresh section at
@@ -42,7 +42,34 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "docs" / "real-servers.md"
-TARGETS = ("nginx", "lighttpd", "h2o", "asyncio", "uvloop")
+TARGETS = (
+    "nginx",
+    "lighttpd",
+    "h2o",
+    "asyncio",
+    "uvloop",
+    "node",
+    "apache2",
+    "caddy",
+    "haproxy-http",
+    "haproxy-tcp",
+    "varnish",
+    "nginx-tls",
+    "redis",
+    "memcached",
+    "mosquitto",
+)
+# What each target speaks (its manifest's `protocol`, and `tls`).
+PROTOCOL = {
+    **{name: "HTTP" for name in TARGETS},
+    "nginx-tls": "HTTPS",
+    "redis": "RESP",
+    "memcached": "memcached",
+    "mosquitto": "MQTT",
+}
+# The tracer a target needs instead of the shim (its manifest's `tracer`): a Go binary makes
+# its syscalls past libc, so only eBPF sees them.
+NEEDS_TRACER = {"caddy": "ebpf"}
 # One section per runner and tracer mode, so the tables live side by side.
 MARK_START = "<!-- bench:real-servers:{key}:start -->"
 MARK_END = "<!-- bench:real-servers:{key}:end -->"
@@ -53,6 +80,16 @@ PROCESS_MODEL = {
     "h2o": "1 process, 2 event-loop threads (+ crash-report helper process)",
     "asyncio": "1 process, 1 thread (selector loop on epoll)",
     "uvloop": "1 process, 1 thread (libuv loop on epoll)",
+    "node": "1 process, 1 loop thread (libuv on epoll) + libuv and V8 helper threads",
+    "apache2": "parent + 2 child processes (event MPM: listener thread + 16 workers each)",
+    "caddy": "1 process, Go runtime (netpoller on epoll, goroutine per connection)",
+    "haproxy-http": "1 process, 2 threads (HTTP mode, own echo backend on an abstract socket)",
+    "haproxy-tcp": "1 process, 2 threads (TCP mode, own HTTP echo backend on an abstract socket)",
+    "varnish": "manager + cache child (acceptor, worker pool, epoll waiter threads)",
+    "nginx-tls": "master + 2 worker processes, one epoll loop each (TLS)",
+    "redis": "1 process, 1 event-loop thread (ae on epoll) + background threads",
+    "memcached": "1 process: listener thread + 4 worker threads (libevent)",
+    "mosquitto": "1 process, 1 thread (epoll)",
 }
 # A closure image has no perl for h2o's crash-report helper: its launcher names /bin/cat.
 PROCESS_MODEL_DOCKER = {
@@ -86,6 +123,7 @@ class TargetStats:
     failures: list[Failure] = field(default_factory=list)
     wall_s: float = 0.0
     skipped: str | None = None
+    tracer: str = "preload"
 
 
 def python_env() -> dict[str, str]:
@@ -106,8 +144,27 @@ def _ask(argv: list[str], pattern: str) -> str | None:
     return match.group(1) if match else None
 
 
+# name -> (command that prints the version, pattern of it, prefix for the table)
+VERSION_COMMANDS: dict[str, tuple[list[str], str, str]] = {
+    "node": (["/usr/bin/node", "--version"], r"v(\S+)", "Node.js "),
+    "apache2": (["/usr/sbin/apache2", "-v"], r"Server version: (Apache/\S+)", ""),
+    "caddy": (["/usr/bin/caddy", "version"], r"^v?(\S+)", "Caddy "),
+    "haproxy-http": (["/usr/sbin/haproxy", "-v"], r"HAProxy version (\S+)", "HAProxy "),
+    "haproxy-tcp": (["/usr/sbin/haproxy", "-v"], r"HAProxy version (\S+)", "HAProxy "),
+    "varnish": (["/usr/sbin/varnishd", "-V"], r"\((varnish-\S+)", ""),
+    "nginx-tls": (["/usr/sbin/nginx", "-v"], r"nginx version: (nginx/\S+)", ""),
+    "redis": (["/usr/bin/redis-server", "--version"], r"v=(\S+)", "Redis "),
+    "memcached": (["/usr/bin/memcached", "-V"], r"memcached (\S+)", "memcached "),
+    "mosquitto": (["/usr/sbin/mosquitto", "-h"], r"mosquitto version (\S+)", "mosquitto "),
+}
+
+
 def version_of(name: str) -> str | None:
     """The version the binary (or interpreter) reports; None if it is not installed."""
+    if name in VERSION_COMMANDS:
+        argv, pattern, prefix = VERSION_COMMANDS[name]
+        found = _ask(argv, pattern)
+        return f"{prefix}{found}" if found else None
     if name == "nginx":
         found = _ask(["/usr/sbin/nginx", "-v"], r"nginx version: (nginx/\S+)")
     elif name == "lighttpd":
@@ -245,25 +302,21 @@ def fmt_seconds(seconds: float) -> str:
 def table(stats: list[TargetStats], runner: str) -> str:
     model = PROCESS_MODEL_DOCKER if runner == "docker" else PROCESS_MODEL
     lines = [
-        "| server | version | process model | runner | runs | scenarios (tests per run) "
-        "| violations (total) | wall time |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| server | version | process model | protocol | runner | tracer | runs "
+        "| scenarios (tests per run) | violations (total) | wall time |",
+        "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for s in stats:
+        head = f"| {s.name} | {s.version if not s.skipped else '-'} | {model[s.name]} "
+        head += f"| {PROTOCOL[s.name]} | {runner} | {s.tracer} "
         if s.skipped:
-            lines.append(
-                f"| {s.name} | - | {model[s.name]} | {runner} | 0 | - | - | skipped: {s.skipped} |"
-            )
+            lines.append(f"{head}| 0 | - | - | skipped: {s.skipped} |")
             continue
         per_run = "/".join(str(n) for n in sorted(s.tests_per_run)) or "-"
         violations = str(s.violations)
         if s.errors:
             violations += f" (+{s.errors} failed without a verdict)"
-        lines.append(
-            f"| {s.name} | {s.version} | {model[s.name]} | {runner} | {s.runs} "
-            f"| {per_run} "
-            f"| {violations} | {fmt_seconds(s.wall_s)} |"
-        )
+        lines.append(f"{head}| {s.runs} | {per_run} | {violations} | {fmt_seconds(s.wall_s)} |")
     return "\n".join(lines)
 
 
@@ -363,7 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.runner == "docker" and (problem := docker_problem()) is not None:
         parser.error(problem)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="afterclose-bench-"))
-    stats = {n: TargetStats(n) for n in names}
+    # A target that needs another tracer than the shim gets it in the shim's table.
+    stats = {
+        n: TargetStats(n, tracer=NEEDS_TRACER.get(n, "preload"))
+        if args.tracer == "preload"
+        else TargetStats(n, tracer=args.tracer)
+        for n in names
+    }
     for s in stats.values():
         version = version_of(s.name)
         if version is None:
@@ -383,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = workdir / s.name / f"run-{i + 1}"
             t0 = time.monotonic()
             tests, failures, problem = run_once(
-                s.name, args.runner, args.tracer, seed, folder, args.pytest_arg
+                s.name, args.runner, s.tracer, seed, folder, args.pytest_arg
             )
             s.wall_s += time.monotonic() - t0
             s.runs += 1
