@@ -28,6 +28,7 @@ class ProcessServer(Server):
         self._pid = pid
         self._buffer = b""
         self._final: ExitStatus | None = None
+        self._stopping = False  # stop() has signalled the target
         self._main_status: tuple[int | None, int | None] | None = None
         self._lock = threading.Lock()  # exit_status() is also polled from tracer threads
 
@@ -79,8 +80,12 @@ class ProcessServer(Server):
         if self._main_status is None:
             return None
         code, sig = self._main_status
-        self._final = ExitStatus(code=code, signal=sig, stopped_by_harness=False)
-        return self._final
+        # Asked from another thread (the eBPF tracer's watchdog) while stop() is under way: the
+        # exit is the harness's doing, and stop() records the final word.
+        status = ExitStatus(code=code, signal=sig, stopped_by_harness=self._stopping)
+        if not self._stopping:
+            self._final = status
+        return status
 
     def _wait_main(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -100,6 +105,7 @@ class ProcessServer(Server):
     def stop(self) -> ExitStatus | None:
         status = self.exit_status()
         if status is None:
+            self._stopping = True
             sig = signal.Signals[self.plan.manifest.stop_signal]
             self._signal_tree(sig)
             if not self._wait_main(self.plan.manifest.stop_timeout_s):

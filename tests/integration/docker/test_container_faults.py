@@ -45,6 +45,7 @@ RUNNERS = ["process", pytest.param("docker", marks=pytest.mark.docker)]
 RACE_TESTS = ("test_shutdown_race", "test_connection_storm")
 RACE_RULES = {
     "freed-while-registered",  # the worker frees what the error thread re-arms
+    "concurrent-oneshot",  # the error thread and a worker act on one connection at once
     "event-for-freed-data",
     "use-after-close",  # the error thread writes to / shuts down / re-arms a closed fd
     "wrong-incarnation",  # ... or the number the kernel gave a new connection meanwhile

@@ -17,9 +17,10 @@ from afterclose.harness.manifest import (
 )
 from afterclose.targets.zoo import ZOO, ZooEntry
 
-# Races: each shows in nearly every run of its scenarios; a miss is allowed before the
-# verdict counts.
-ATTEMPTS = 2
+# Races: each shows in nearly every run of its scenarios on a quiet machine (docs/zoo.md);
+# under CI's load libuv-968, the weakest, missed two runs in a row once, so two misses are
+# allowed before the verdict counts.  A fixed twin gets one run: any report fails it.
+ATTEMPTS = 3
 IDS = [e.name for e in ZOO]
 
 
