@@ -13,11 +13,16 @@ class ZooEntry:
     name: str
     rule: str  # the traced rule that names the mechanism
     scenarios: str  # -k expression: the scenarios that find it within seconds
+    # False: found in most runs on a quiet machine (docs/zoo.md), but not reliably under CI's
+    # load, where a miss would make CI red by chance: bench/zoo.py measures it instead.
+    in_ci: bool = True
 
 
 ZOO: tuple[ZooEntry, ...] = (
     ZooEntry("h2o-1427", "use-after-close", "test_keepalive_requests or test_half_close"),
-    ZooEntry("libuv-968", "use-after-close", "test_connection_storm or test_reset_peer"),
+    ZooEntry(
+        "libuv-968", "use-after-close", "test_connection_storm or test_reset_peer", in_ci=False
+    ),
     ZooEntry("go-59545", "wrong-incarnation", "test_keepalive_requests"),
     ZooEntry("envoy-20438", "use-after-close", "test_keepalive_requests"),
     ZooEntry("haproxy-1807", "use-after-close", "test_keepalive_requests"),

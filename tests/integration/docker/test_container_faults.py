@@ -49,6 +49,8 @@ RACE_RULES = {
     "event-for-freed-data",
     "use-after-close",  # the error thread writes to / shuts down / re-arms a closed fd
     "wrong-incarnation",  # ... or the number the kernel gave a new connection meanwhile
+    "foreign-close",  # the error thread closes a connection it was never handed
+    "dropped-request",  # its shutdown ends a connection whose complete request awaits an answer
     "stale-rearm",
     "event-after-close",
     "cross-talk",  # its 400 reaches that new connection's client
