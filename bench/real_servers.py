@@ -228,7 +228,9 @@ def leftover_containers() -> list[str]:
 
     client = docker.from_env(timeout=30)
     try:
-        found = client.containers.list(all=True, filters={"label": "afterclose=1"})
+        found = client.containers.list(
+            all=True, filters={"label": "afterclose=1"}, ignore_removed=True
+        )
         return [str(c.name) for c in found]
     finally:
         client.close()

@@ -102,7 +102,7 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> bytes:
 
 
 def containers_labelled(client: Any, label: str) -> list[Any]:
-    return list(client.containers.list(all=True, filters={"label": label}))
+    return list(client.containers.list(all=True, filters={"label": label}, ignore_removed=True))
 
 
 def own_label() -> str:
@@ -601,7 +601,9 @@ def _wait_for_container(client: Any, session: str, marker: Path, proc: Any) -> N
     def ready() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"inner process exited early:\n{proc.stdout.read()}")
-        running = client.containers.list(filters={"label": f"afterclose.session={session}"})
+        running = client.containers.list(
+            filters={"label": f"afterclose.session={session}"}, ignore_removed=True
+        )
         return marker.exists() and len(running) == 1
 
     wait_for(ready, 90, "the inner process's container")

@@ -359,7 +359,9 @@ def test_builtin_suite_passes_traced_in_docker(
     # the Python targets, the interpreter's module path mounted read-only.
     run_suite(pytester, name, SERVERS[name].tracer, runner="docker")
     left = docker_client.containers.list(
-        all=True, filters={"label": ["afterclose=1", f"afterclose.target={name}"]}
+        all=True,
+        filters={"label": ["afterclose=1", f"afterclose.target={name}"]},
+        ignore_removed=True,
     )
     assert [c.name for c in left] == []
     # The trace was on inside the containers: every test folder holds trace files, named by
