@@ -150,6 +150,7 @@ def ssh_hosts(folder: Path, lan: Lan) -> Iterator[SshHosts]:
     the hosts ``host0``, ``host1``... and sends each its own ``TMPDIR``."""
     sshd = shutil.which("sshd")
     assert sshd is not None
+    folder = folder.resolve()  # sshd reads its files by absolute paths only
     folder.mkdir(parents=True)
     for key in ("host_key", "client_key"):
         subprocess.run(
