@@ -271,10 +271,10 @@ def test_campaign_folder_of_another_target_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_xdist_gateways_each_write_their_artifacts(tmp_path: Path) -> None:
-    """Two explicit xdist gateways in folders of their own, as two hosts would be (popen here:
-    no SSH server on the test machine): both run the suite's test against their own started
-    target on ports they leased, each writes its artifacts under its own folder, and the
-    controller's JUnit XML has both results."""
+    """Two explicit xdist gateways in folders of their own, as two hosts would be (popen here;
+    ssh gateways to hosts in namespaces: tests/integration/hosts/test_ssh_gateways.py): both
+    run the suite's test against their own started target on ports they leased, each writes
+    its artifacts under its own folder, and the controller's JUnit XML has both results."""
     specs = []
     for name in ("hostA", "hostB"):
         (tmp_path / name).mkdir()
