@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from afterclose.harness.campaign.local_store import stop
+
 SUBNET = "10.231.0"  # private to the namespaces below: nothing outside them has a route to it
 READY_S = 15.0
 
@@ -75,17 +77,6 @@ def namespace_lan(workers: int) -> Iterator[Lan]:
     finally:
         for name in reversed(created):
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
-
-
-def stop(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
-    """Stop a process this test started, by its PID."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextlib.contextmanager

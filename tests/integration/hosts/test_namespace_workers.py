@@ -12,28 +12,17 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import capabilities
 import pytest
-from local_hosts import Lan, namespace_lan, redis_clients, redis_in, stop
+from local_hosts import Lan, namespace_lan, redis_clients, redis_in
+from soak_workers import SOAK, finished_rounds, interruptible
+
+from afterclose.harness.campaign.local_store import stop
 
 pytestmark = [capabilities.requires("ip", "redis-server"), pytest.mark.slow]
-SOAK = [sys.executable, "-m", "afterclose.harness.cli", "soak", "--target=seed-buggy"]
-
-
-def _interruptible() -> None:
-    # A job started in the background by a non-interactive shell ignores SIGINT, and a child
-    # keeps an ignored signal ignored: the worker must take SIGINT as a user's Ctrl-C would.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _rounds(folder: Path) -> list[dict[str, object]]:
-    path = folder / "rounds.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines]
 
 
 def _worker(lan: Lan, n: int, argv: list[str], log: Path) -> subprocess.Popen[str]:
@@ -43,7 +32,7 @@ def _worker(lan: Lan, n: int, argv: list[str], log: Path) -> subprocess.Popen[st
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
-            preexec_fn=_interruptible,
+            preexec_fn=interruptible,
         )
 
 
@@ -52,7 +41,8 @@ def test_workers_in_two_namespaces_find_replay_and_resume(tmp_path: Path) -> Non
     a_log, b_log, store_log = tmp_path / "a.log", tmp_path / "b.log", tmp_path / "redis.log"
     with namespace_lan(2) as lan, redis_in(lan, store_log) as url:
         assert url.startswith(f"redis://{lan.hub_address}:")
-        common = [*SOAK, "--mix=generated", "--faults=shutdown_race", f"--db={url}"]
+        common = [*SOAK, "--target=seed-buggy", "--mix=generated", "--faults=shutdown_race"]
+        common.append(f"--db={url}")
         # Both start on the one store at once, each from its own namespace.
         a = _worker(
             lan, 0, [*common, "--seed=1", "--duration=150s", f"--campaign-dir={a_dir}"], a_log
@@ -71,14 +61,14 @@ def test_workers_in_two_namespaces_find_replay_and_resume(tmp_path: Path) -> Non
             assert Lan.namespace_of(b.pid) == lan.workers[1]
             b.send_signal(signal.SIGINT)
             assert b.wait(timeout=60) == 130, b_log.read_text()
-            done = len(_rounds(b_dir))
+            done = len(finished_rounds(b_dir))
             assert f"interrupted after round {done}:" in b_log.read_text()
             # A searches on until seed-buggy breaks, and saves the failing example.
             assert a.wait(timeout=200) == 1, a_log.read_text()
         finally:
             stop(a)
             stop(b)
-        (found,) = [r for r in _rounds(a_dir) if r["rules"]]
+        (found,) = [r for r in finished_rounds(a_dir) if r["rules"]]
         (written,) = (a_dir / "findings").glob("*.toml")
 
         # B resumes its campaign: its next round replays what A saved in the store.
@@ -97,7 +87,7 @@ def test_workers_in_two_namespaces_find_replay_and_resume(tmp_path: Path) -> Non
     assert resumed.returncode in (0, 1), out
     assert f"resuming the campaign in {b_dir} at round {done + 1} (seed 2," in resumed.stdout
     assert re.search(r"replaying \d+ shared example\(s\)", resumed.stderr), out
-    rounds = _rounds(b_dir)
+    rounds = finished_rounds(b_dir)
     assert [r["number"] for r in rounds] == list(range(1, done + 2))
     assert rounds[-1]["kind"] == "shared" and rounds[-1]["scenario"] == found["scenario"]
     state = json.loads((b_dir / "state.json").read_text())
