@@ -492,6 +492,8 @@ def explore(harness: Harness, options: ExploreOptions, log: Log = print) -> Expl
     chosen = explorer.choose()
     result = ExploreResult(seed, explorer.examples, explorer.runs, explorer.elapsed())
     if chosen is None:
+        # Passing runs removed their folders: nothing is left to look at.
+        shutil.rmtree(explorer.base, ignore_errors=True)
         return result
     found, reproduced = chosen
     rule = found.rules[0] if found.rules else "violation"
