@@ -300,10 +300,15 @@ def test_xdist_gateways_each_write_their_artifacts(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_explore_replays_what_another_explorer_saved(tmp_path: Path, redis_url: str) -> None:
+def test_explore_replays_what_another_explorer_saved(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``explore`` with a shared store (``ExploreOptions.shared``, what ``--db`` sets): the
     second explorer's first example is one the first explorer saw fail."""
+    import tempfile
     import uuid
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the explorers' artifacts
 
     from afterclose.harness import explore
     from afterclose.harness.session import Harness, Settings
