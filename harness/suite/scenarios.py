@@ -91,13 +91,18 @@ def test_shutdown_race(target: TargetRun) -> None:
     )
 
 
+# The two long storms last half as long as they used to, at the same rate: the harness is asked
+# for no more connections per second than before (a storm that falls short still fails on
+# incomplete-evidence: under-delivered), and 1,600 and 400 connections still hand every fd
+# number out again many times.  Server timers are test_idle_timeout's, which holds connections
+# past the manifest's idle_timeout_s whatever the storms last.
 def test_connection_storm(target: TargetRun) -> None:
     needs_replies(target)
     target.run_fault(
         "connection_storm",
         rate_per_s=800,
         concurrency=100,
-        duration_s=4.0,
+        duration_s=2.0,
         max_connections=4000,
         mix={
             "keepalive": 4,
@@ -124,7 +129,7 @@ def test_syscall_faults(target: TargetRun) -> None:
         "connection_storm",
         rate_per_s=400,
         concurrency=50,
-        duration_s=2.0,
+        duration_s=1.0,
         max_connections=800,
         mix={"keepalive": 4, "close": 2, "reset_peer": 1, "half_close": 1, "shutdown_race": 2},
     )
