@@ -14,12 +14,13 @@ from afterclose.faults._packets import unavailable_reason
 from afterclose.harness.session import Harness, TargetRun
 
 # Forged segments need root and scapy; without them these scenarios skip and say why.
-_PACKETS = pytest.mark.skipif(unavailable_reason() is not None, reason=unavailable_reason() or "")
+_PACKETS_MISSING = unavailable_reason()
+_PACKETS = pytest.mark.skipif(_PACKETS_MISSING is not None, reason=_PACKETS_MISSING or "")
 
-# netem needs sch_netem: the kernel matrix's guests have it, many hosts do not.
-_NETEM = pytest.mark.skipif(
-    netem.unavailable_reason() is not None, reason=netem.unavailable_reason() or ""
-)
+# netem needs sch_netem: the kernel matrix's guests have it, many hosts do not.  Asked once
+# per process: the probe runs tc in a throwaway network namespace.
+_NETEM_MISSING = netem.unavailable_reason()
+_NETEM = pytest.mark.skipif(_NETEM_MISSING is not None, reason=_NETEM_MISSING or "")
 
 pytestmark = pytest.mark.afterclose_scenario
 
