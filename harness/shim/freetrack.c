@@ -8,10 +8,11 @@
  * small filters keep the probes off the hot paths, and both can only say "look in the table":
  *  - a bitmap of 64 KiB (one bit per hash, set before the key is stored, never cleared) that
  *    free() checks first: most pointers freed were never epoll data and stop there;
- *  - a per-thread direct-mapped cache of keys this thread found or stored in the table: a
- *    server that re-arms a connection (EPOLL_CTL_MOD with the same data on every request)
- *    finds it there.  Keys are never deleted, so a cached key is always in the table; a fork
- *    child's copies of the table, the bitmap and the forking thread's cache agree.
+ *  - a per-thread cache (256 keys, two-way) of keys this thread found or stored in the
+ *    table: a server that re-arms a connection (EPOLL_CTL_MOD with the same data on every
+ *    request) finds it there.  Keys are never deleted, so a cached key is always in the
+ *    table; a fork child's copies of the table, the bitmap and the forking thread's cache
+ *    agree.
  */
 #include "shim.h"
 
@@ -66,17 +67,25 @@ static inline uint64_t *ft_word(uint64_t h, uint64_t *bit)
     return &g_ft_bits[b / 64];
 }
 
-static inline uint64_t *ft_cached(uint64_t key)
+/* This thread's cache: two-way sets (heap pointers a fixed stride apart collide often in a
+ * direct-mapped one), the most recent key first; Fibonacci hashing picks the set. */
+static inline uint64_t *ft_cache_set(uint64_t key)
 {
-    return &t.ft_cache[(key >> 4 ^ key >> 12) & (FT_CACHE - 1)];
+    return &t.ft_cache[((key * 0x9e3779b97f4a7c15ull) >> (64 - FT_CACHE_BITS)) & ~1ull];
+}
+
+static inline void ft_cache_put(uint64_t *set, uint64_t key)
+{
+    set[1] = set[0];
+    set[0] = key;
 }
 
 void ft_insert(uint64_t key)
 {
     if (!g_free_on || key == 0)
         return;
-    uint64_t *cached = ft_cached(key);
-    if (*cached == key)
+    uint64_t *cached = ft_cache_set(key);
+    if (cached[0] == key || cached[1] == key)
         return;
     uint64_t *tab = ft_table();
     if (!tab) {
@@ -91,7 +100,7 @@ void ft_insert(uint64_t key)
     for (uint32_t n = 0; n < FT_MAX_PROBE; n++, i = (i + 1) & (FT_SLOTS - 1)) {
         uint64_t cur = __atomic_load_n(&tab[i], __ATOMIC_ACQUIRE);
         if (cur == key) {
-            *cached = key;
+            ft_cache_put(cached, key);
             return;
         }
         if (cur != 0)
@@ -104,11 +113,11 @@ void ft_insert(uint64_t key)
             struct ac_header *h = g_hdr;
             if (h)
                 __atomic_store_n(&h->free_table_used, used, __ATOMIC_RELAXED);
-            *cached = key;
+            ft_cache_put(cached, key);
             return;
         }
         if (cur == key) { /* another thread inserted the same key into this slot */
-            *cached = key;
+            ft_cache_put(cached, key);
             return;
         }
     }

@@ -107,7 +107,8 @@ extern int g_free_on;
  * Reset in a fork child (only the forking thread survives there, and its chunks lie in the
  * parent's file). */
 #define LEVELS 4
-#define FT_CACHE 64 /* freetrack.c */
+#define FT_CACHE_BITS 8 /* freetrack.c */
+#define FT_CACHE (1u << FT_CACHE_BITS)
 struct tlevel {
     struct ac_chunk *chunk;
     uint32_t used; /* records written and published in chunk */
