@@ -47,11 +47,13 @@ Which processes
 Cost
     Every traced call costs the target two BPF programs and, for each printed line, a
     perf-buffer write and a wake-up of bpftrace, which formats the line in user space.  The
-    wake-up is the expensive part: bpftrace 0.17 opens its perf buffers with
-    ``wakeup_events = 1``, so every line raises an irq_work (a self-IPI, which in a virtual
-    machine is an exit to the hypervisor) and wakes bpftrace; measured on a 2-vCPU VM, a
-    printed line costs the traced thread about 7 µs of CPU and bpftrace about 2.5 µs more,
-    a traced call that prints nothing about 1 µs.  The program therefore prints a repeated
+    wake-up is the expensive part: bpftrace 0.17's perf buffers wake their reader on every
+    event, and a profile shows each line raising an irq_work (``perf_output_put_handle`` ->
+    ``irq_work_queue``: a self-IPI, which in a virtual machine is an exit to the hypervisor)
+    before bpftrace is woken.  On the 2-vCPU virtual machine
+    of docs/benchmarks.md (``bench/tracer_call_cost.py``) a printed line cost the traced
+    thread 7.7 µs of CPU and bpftrace 2.5 µs more, a traced call that printed nothing 0.7 µs
+    (the shim: 0.05-0.08 µs a call).  The program therefore prints a repeated
     read/write (same thread, same fd, same epoll batch, no fd change in the process since)
     and a MOD that re-sets a registration's own data only once (``AFTERCLOSE_EBPF_ALL_IO=1``
     prints them all; see ``afterclose.bt``), and bpftrace's output is fully buffered (one
