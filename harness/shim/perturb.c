@@ -29,8 +29,8 @@ void pt_complain(const char *what, const char *var, const char *problem, const c
 {
     char msg[1024];
     size_t pos = 0;
-    put_strs(msg, sizeof msg, &pos, "afterclose-shim: ", what, " disabled: ", var, ": ", problem,
-             " '", (char *)NULL);
+    put_strs(msg, sizeof msg, &pos, "afterclose-shim: ", what, " disabled: ", var, ": ",
+             problem, " '", (char *)NULL);
     put_mem(msg, sizeof msg, &pos, item, item_len);
     put_str(msg, sizeof msg, &pos, "'");
     if (hint) {

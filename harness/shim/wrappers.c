@@ -26,15 +26,19 @@ int socket(int domain, int type, int protocol)
 }
 
 /* The start of a wrapper with syscall faults of class fc: roll the dice (fe_), start tracing
- * (c_, traced_), then either inject (r_ = -1, e_ = err, REC_INJECTED in fl_) when inject holds
- * or make the real call. */
-#define PERTURBED_CALL(fc, ret_type, kind, inject, err, call_expr)                            \
+ * (c_, traced_); the result goes in r_ and e_, the record's flags in fl_. */
+#define PERTURBED_BEGIN(fc, ret_type, kind)                                                   \
     int fe_ = fault_draw(fc);                                                                  \
     struct call c_;                                                                            \
     int traced_ = trace_begin(&c_);                                                            \
     ret_type r_;                                                                               \
     int e_;                                                                                    \
-    uint16_t fl_ = (kind);                                                                     \
+    uint16_t fl_ = (kind)
+
+/* PERTURBED_BEGIN, then either inject (r_ = -1, e_ = err, REC_INJECTED in fl_) when inject
+ * holds or make the real call. */
+#define PERTURBED_CALL(fc, ret_type, kind, inject, err, call_expr)                            \
+    PERTURBED_BEGIN(fc, ret_type, kind);                                                       \
     if (inject) {                                                                              \
         r_ = -1;                                                                               \
         e_ = (err);                                                                            \
@@ -276,12 +280,7 @@ int epoll_pwait2(int epfd, struct epoll_event *events, int maxevents,
  * write_fault_arm shut down, so the kernel answers it. */
 #define TRACE_WRITE(call_expr, short_expr, kind, fd, want)                                    \
     do {                                                                                       \
-        int fe_ = fault_draw(FC_WRITE);                                                        \
-        struct call c_;                                                                        \
-        int traced_ = trace_begin(&c_);                                                        \
-        ssize_t r_;                                                                            \
-        int e_;                                                                                \
-        uint16_t fl_ = (kind);                                                                 \
+        PERTURBED_BEGIN(FC_WRITE, ssize_t, kind);                                              \
         size_t k_ = 0;                                                                         \
         uint64_t asked_ = 0;                                                                   \
         if (UNLIKELY(fe_ != FE_NONE)) {                                                        \
