@@ -52,8 +52,8 @@ Cost
     ``irq_work_queue``: a self-IPI, which in a virtual machine is an exit to the hypervisor)
     before bpftrace is woken.  On the 2-vCPU virtual machine
     of docs/benchmarks.md (``bench/tracer_call_cost.py``) a printed line cost the traced
-    thread 7.7 µs of CPU and bpftrace 2.5 µs more, a traced call that printed nothing 0.7 µs
-    (the shim: 0.05-0.08 µs a call).  The program therefore prints a repeated
+    thread 7.7-9.0 µs of CPU and bpftrace 2.5-4.3 µs more, a traced call that printed nothing
+    0.7-1.2 µs (the shim: 0.05-0.3 µs a call).  The program therefore prints a repeated
     read/write (same thread, same fd, same epoll batch, no fd change in the process since)
     and a MOD that re-sets a registration's own data only once (``AFTERCLOSE_EBPF_ALL_IO=1``
     prints them all; see ``afterclose.bt``), and bpftrace's output is fully buffered (one
