@@ -41,6 +41,12 @@ RECORD_SIZE = 64
 CHUNK_HEADER_SIZE = RECORD_SIZE
 SEQ_FILE = "seq.bin"
 TRACE_GLOB = "trace.*.bin"
+# What the shim sizes each process's file to (AFTERCLOSE_TRACE_MB, AFTERCLOSE_TRACE_CHUNK).
+# The file is sparse: disk is used only for records written, so the size is a ceiling that a
+# server answering tens of thousands of requests a second (several records each) should not
+# reach within minutes: 2 GiB holds 33 million records.
+DEFAULT_TRACE_MB = 2048
+DEFAULT_CHUNK_RECORDS = 4096
 
 # Field name and struct code of each layout, in order.  The C header of the shim
 # (``harness/shim/format.h``) and the eBPF program's constants are generated from this module by

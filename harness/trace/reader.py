@@ -1,7 +1,7 @@
 """Read the trace files the LD_PRELOAD shim wrote (layout: :mod:`.format`).
 
 A trace folder holds one ``trace.<pid>.<n>.bin`` per traced process image.  Each file is read
-with ``pread`` chunk by chunk rather than mapped: a file is 256 MiB of mostly holes, only the
+with ``pread`` chunk by chunk rather than mapped: a file is gigabytes of mostly holes, only the
 chunks below ``next_chunk`` hold anything, and a mapping would turn a file shrunk under our feet
 into a SIGBUS of the harness instead of an error.
 """

@@ -162,8 +162,9 @@ class BpftraceRun:
         self.begin_ns = 0
         self.returncode: int | None = None
         self._lock = threading.Lock()
-        # -B none: every line reaches the file when printed (the attach handshake reads it).
-        cmd = [exe, "-B", "none", str(self.program)]
+        # -B full: one write(2) per buffer, not per line; the program pads its "B" line out of
+        # the buffer for the attach handshake, and bpftrace flushes the rest when it exits.
+        cmd = [exe, "-B", "full", str(self.program)]
         with self.output.open("wb") as out, self.log.open("wb") as err:
             try:
                 self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
