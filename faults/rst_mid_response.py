@@ -164,7 +164,7 @@ class RstMidResponse(pk.PacketFault[RstMidResponseAction]):
     )
 
     connections: int = param(4, lo=1, hi=1_000, doc="connections, one RST each")
-    concurrency: int = param(2, lo=1, hi=64, doc="connections open at once")
+    concurrency: int = pk.concurrency_param()
     path_bytes: int = param(
         4000, lo=16, hi=65_536, doc="length of each request path (stay under the target's limit)"
     )
