@@ -139,9 +139,7 @@ def render_svg(
     overrides the path the rules pass recorded."""
     ctx = finding._ctx
     rule = finding.rule
-    notes = dict(finding.notes)
-    for w in finding.followups:
-        notes.setdefault(w, "delivered with the stale data")
+    notes = finding.shown_notes()
     if ctx is not None and ctx.records:
         items, leading, trailing = layout.build_items(ctx, finding, notes, max_lines)
     else:
