@@ -178,19 +178,20 @@ def build_trace_files(
             parsed.exits.get(pid, 0),
         )
         files.append(path)
-    warnings = []
-    if parsed.truncated_waits:
-        warnings.append(
-            f"eBPF tracer: {parsed.truncated_waits} epoll_wait calls returned more than 256 "
-            "events; only the first 256 of each were traced"
-        )
-    if parsed.malformed:
-        warnings.append(f"eBPF tracer: {parsed.malformed} unreadable lines in bpftrace's output")
-    if parsed.execs:
-        warnings.append(
-            f"eBPF tracer: {len(parsed.execs)} traced process(es) called execve; the fds it "
-            "closed (close-on-exec) are not traced"
-        )
+    # What bpftrace's output could not show, and how often.
+    caveats = (
+        (
+            parsed.truncated_waits,
+            "epoll_wait calls returned more than 256 events; only the first 256 of each were "
+            "traced",
+        ),
+        (parsed.malformed, "unreadable lines in bpftrace's output"),
+        (
+            len(parsed.execs),
+            "traced process(es) called execve; the fds it closed (close-on-exec) are not traced",
+        ),
+    )
+    warnings = [f"eBPF tracer: {count} {text}" for count, text in caveats if count]
     return BuiltTrace(files, total, n_seeds, parsed.lost, warnings)
 
 
