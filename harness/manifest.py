@@ -165,9 +165,20 @@ class _Table:
         assert KEYS[self.key(name)].default is None, name
         return self.get(name, cast("Callable[[Any], T | None]", kind))
 
-    def read(self, kinds: Mapping[str, Callable[[Any], object]]) -> dict[str, Any]:
-        """``get`` of each key of ``kinds``, in its order: name -> checked value."""
-        return {name: self.get(name, kind) for name, kind in kinds.items()}
+    def read(
+        self,
+        kinds: Mapping[str, Callable[[Any], object]],
+        then: Mapping[str, Callable[[_Table, Any], None]] | None = None,
+    ) -> dict[str, Any]:
+        """``get`` of each key of ``kinds``, in its order: name -> checked value.  ``then``:
+        a further check of a key's value, made before the next key is read (which error a
+        manifest with several gets first does not depend on how it is read)."""
+        values: dict[str, Any] = {}
+        for name, kind in kinds.items():
+            values[name] = self.get(name, kind)
+            if then and name in then:
+                then[name](self, values[name])
+        return values
 
     def table(self, name: str) -> _Table | None:
         self.seen.add(name)
@@ -285,16 +296,11 @@ def load_manifest(path: Path) -> Manifest:
 
 def parse_manifest(data: Mapping[str, Any], path: Path) -> Manifest:
     top = _Table(data, path)
-    values = top.read(_TOP_KINDS)
-    name = values["name"]
-    if not name or any(c.isspace() or c == "/" for c in name):
-        raise top.error("name", f"{name!r} is not a usable name", "use letters, digits, - and _")
-    for fname in values["files"]:
-        if "/" in fname or fname in ("", ".", ".."):
-            raise top.error("files", f"{fname!r} is not a plain file name", "no folders")
+    values = top.read(_TOP_KINDS, then={"name": _usable_name, "files": _plain_file_names})
     compile_spec = _parse_compile(top.table("compile"), path.parent)
     ready = _parse_ready(top.table("ready"))
     docker = _parse_docker(top.table("docker"), path.parent)
+    values |= top.read(_LATER_KINDS)
     top.reject_unknown()
 
     command: tuple[str, ...] = values["command"]
@@ -314,6 +320,17 @@ def parse_manifest(data: Mapping[str, Any], path: Path) -> Manifest:
     for fname, text in manifest.files.items():
         manifest.render(text, probe, f"files.{fname!r}")
     return manifest
+
+
+def _usable_name(top: _Table, name: str) -> None:
+    if not name or any(c.isspace() or c == "/" for c in name):
+        raise top.error("name", f"{name!r} is not a usable name", "use letters, digits, - and _")
+
+
+def _plain_file_names(top: _Table, files: Mapping[str, str]) -> None:
+    for fname in files:
+        if "/" in fname or fname in ("", ".", ".."):
+            raise top.error("files", f"{fname!r} is not a plain file name", "no folders")
 
 
 def _status(value: Any) -> int:
@@ -404,8 +421,8 @@ def _user(value: Any) -> str:
     return text
 
 
-# How each key is checked, in the order the keys are read (the first bad one is named).
-# The tables [compile], [ready] and [docker] are read after these.
+# How each key is checked, in the order the keys are read (the first bad one is named): these,
+# then the tables [compile], [ready] and [docker], then _LATER_KINDS.
 _TOP_KINDS: dict[str, Callable[[Any], object]] = {
     "name": _str,
     "command": _command,
@@ -420,6 +437,8 @@ _TOP_KINDS: dict[str, Callable[[Any], object]] = {
     "stop_signal": _choice(STOP_SIGNALS),
     "stop_timeout_s": _positive,
     "tracer": _choice(TRACER_MODES),
+}
+_LATER_KINDS: dict[str, Callable[[Any], object]] = {
     "restart_keeps": _url_paths,
     "protocol": _str,
     "tls": _bool,
