@@ -90,7 +90,7 @@ class ForgedFin(pk.PacketFault[ForgedFinAction]):
     """A forged FIN|ACK makes the server read EOF on a connection its client never closed."""
 
     name: ClassVar[str] = "forged_fin"
-    applied_when: ClassVar[tuple[str, ...]] = ("fin_forged",)
+    applied_when: ClassVar[tuple[str, ...]] = (pk.FIN_FORGED,)
     unapplied_hint: ClassVar[str] = keepalive_hint("forged FIN")
 
     connections: int = param(10, lo=1, hi=10_000, doc="connections, one forged close each")

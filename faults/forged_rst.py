@@ -112,7 +112,7 @@ class ForgedRst(pk.PacketFault[ForgedRstAction]):
     """A forged in-window RST resets the server's side of live keep-alive connections."""
 
     name: ClassVar[str] = "forged_rst"
-    applied_when: ClassVar[tuple[str, ...]] = ("rst_forged",)
+    applied_when: ClassVar[tuple[str, ...]] = (pk.RST_FORGED,)
     unapplied_hint: ClassVar[str] = keepalive_hint("forged RST")
 
     connections: int = param(10, lo=1, hi=10_000, doc="connections, one RST each")

@@ -156,7 +156,7 @@ class RstMidResponse(pk.PacketFault[RstMidResponseAction]):
     """A forged RST reaches the server while a large response is backed up in its buffers."""
 
     name: ClassVar[str] = "rst_mid_response"
-    applied_when: ClassVar[tuple[str, ...]] = ("rst_forged", "rst_sent")
+    applied_when: ClassVar[tuple[str, ...]] = (pk.RST_FORGED, "rst_sent")
     unapplied_hint: ClassVar[str] = (
         "no answer was large enough to back up in the server's buffers; name a path with an "
         'answer of hundreds of KiB in the manifest (large_path = "/big"), or, for a server '
