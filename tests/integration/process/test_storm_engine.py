@@ -159,8 +159,9 @@ def test_the_standard_asyncio_loop_works_too(
     fixed: TargetRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(engine.LOOP_ENV, "asyncio")
-    report, seen = storm(fixed, {"rate_per_s": 400, "duration_s": 0.25, "concurrency": 16})
-    assert seen[-1].loop == "asyncio"
+    params = {"rate_per_s": 400, "duration_s": 0.25, "concurrency": 16, "engine": "asyncio"}
+    report, seen = storm(fixed, params)
+    assert seen[-1].loop == "asyncio" and report.counts["native_engine"] == 0
     assert report.counts["connections"] > 0 and report.observations == [], report.summary()
 
 
