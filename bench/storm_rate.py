@@ -14,8 +14,9 @@ for the whole benchmark; every generator hammers the same process, at the same c
   ``connection = close``);
 * ``wrk``: ``wrk -t2 -cC -dNs -H 'Connection: close'`` (wrk reconnects after every answer).
 
-The storm runs on asyncio (uvloop when installed) in ``--processes`` worker processes (default:
-the fault's default, min(2, cores)), which share the concurrency.  Rounds interleave the four
+The storm runs in ``--processes`` worker processes (default: the fault's default, min(2, cores)),
+which share the concurrency, on the engine ``--engine`` names (``auto``: the compiled one, C on
+epoll, for HTTP; ``asyncio``: asyncio, uvloop when installed).  Rounds interleave the four
 (each round starts with a different one).  Each one's rate is what it reports itself
 (connections established / elapsed for the storm, transactions / elapsed for siege, requests /
 elapsed for wrk); beside it, the kernel's count of accepted connections per second
@@ -39,12 +40,12 @@ import _common as c
 
 from afterclose import faults
 from afterclose.faults.base import Endpoint
-from afterclose.harness.client import engine
+from afterclose.harness.client import engine, native
 
 TARGET = "seed-fixed"
 TOOLS = ("storm close", "storm default", "siege", "wrk")
 STORM_RATE = 100_000.0  # the parameter's maximum: never the limit
-STORM_MAX_PER_S = 10_000  # sizes max_connections; far above what two cores give
+STORM_MAX_PER_S = 20_000  # sizes max_connections; far above what two cores give
 SIEGE_ATTEMPTS = 3
 SIEGE_GRACE_S = 5.0
 COLUMNS = (
@@ -78,6 +79,7 @@ def storm(
     concurrency: int,
     processes: int,
     mix: dict[str, float] | None,
+    engine_name: str,
 ) -> Callable[[], tuple[float, str]]:
     # The plan (one drawn action per connection) is made before the first connect: keep it
     # to what the run can use, and say so if the storm ran out of it.
@@ -90,6 +92,7 @@ def storm(
             "duration_s": seconds,
             "max_connections": planned,
             "processes": processes,
+            "engine": engine_name,
         }
         if mix is not None:
             params["mix"] = mix
@@ -99,7 +102,8 @@ def storm(
         errors = sum(n for k, n in report.counts.items() if k.startswith("errors:"))
         note = (
             f"{made} connections in {report.elapsed_s:.2f} s, {errors} errors, "
-            f"{report.counts['storm_processes']} process(es) on {engine.loop_name()}"
+            f"{report.counts['storm_processes']} process(es) on "
+            + ("native" if report.counts["native_engine"] else engine.loop_name())
         )
         if report.counts["not_started"] == 0:  # every planned connection was started
             note += f" (RAN OUT OF ITS {planned}-CONNECTION PLAN: raise STORM_MAX_PER_S)"
@@ -149,6 +153,7 @@ def main() -> None:
         help="the storm's worker processes",
     )
     parser.add_argument("--tracer", choices=("off", "preload"), default="off")
+    parser.add_argument("--engine", choices=native.ENGINES, default="auto", help="the storm's")
     args = parser.parse_args()
     command = c.command_line(
         "storm_rate.py",
@@ -158,6 +163,7 @@ def main() -> None:
             f"--concurrency={args.concurrency}",
             f"--processes={args.processes}",
             f"--tracer={args.tracer}",
+            f"--engine={args.engine}",
         ],
     )
     c.require("siege", "wrk")
@@ -168,13 +174,18 @@ def main() -> None:
     with c.scratch("storm-rate") as scratch:
         rc = c.siege_rc(scratch)
         with c.started(manifest, artefact, args.tracer, scratch / "target") as target:
-            endpoint = Endpoint(target.server.host, target.server.port, echo_path=True)
+            endpoint = Endpoint(target.target.host, target.target.port, echo_path=True)
             runs = {
                 "storm close": storm(
-                    endpoint, args.seconds, args.concurrency, args.processes, {"close": 1}
+                    endpoint,
+                    args.seconds,
+                    args.concurrency,
+                    args.processes,
+                    {"close": 1},
+                    args.engine,
                 ),
                 "storm default": storm(
-                    endpoint, args.seconds, args.concurrency, args.processes, None
+                    endpoint, args.seconds, args.concurrency, args.processes, None, args.engine
                 ),
                 "siege": siege(target.url, args.seconds, args.concurrency, rc),
                 "wrk": wrk(target.url, args.seconds, args.concurrency),

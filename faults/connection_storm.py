@@ -93,7 +93,7 @@ class ConnectionStorm(Fault):
     unapplied_hint: ClassVar[str] = "the target accepted no connection"
 
     rate_per_s: float = param(200.0, lo=0.1, hi=100_000, doc="new connections per second")
-    concurrency: int = param(32, lo=1, hi=1024, doc="most connections open at once, in all")
+    concurrency: int = param(32, lo=1, hi=10_000, doc="most connections open at once, in all")
     duration_s: float = param(2.0, lo=0.01, hi=3600, doc="how long to keep opening connections")
     max_connections: int = param(10_000, lo=1, hi=100_000, doc="most connections in all")
     mix: Mapping[str, float] = param(
