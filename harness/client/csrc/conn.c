@@ -150,8 +150,20 @@ static ssize_t recv_once(struct conn *c, size_t max)
 {
     ssize_t n = recv(c->fd, scratch, max < RECV_SIZE ? max : RECV_SIZE, 0);
     if (n >= 0) return n;
-    if (errno == EAGAIN || errno == EINTR) return -1;
+    if (errno == EAGAIN || errno == EINTR) {
+        c->readable = 0;
+        return -1;
+    }
     return -2; /* ECONNRESET, or any other error: the connection is over */
+}
+
+/* recv_once where the next step is a wait anyway: with edge-triggered epoll, no read event
+ * since the last EAGAIN means nothing arrived since, so the syscall is skipped (an arrival
+ * queues its event, which resumes the wait).  Checks that must see what the kernel holds
+ * right now (check_quiet, the peek before a request) make the call every time. */
+static ssize_t recv_wait(struct conn *c, size_t max)
+{
+    return c->readable ? recv_once(c, max) : -1;
 }
 
 /* ------------------------------------------------------------------ requests */
@@ -381,7 +393,7 @@ int op_read_reply(struct conn *c)
             peer_gone(c, 0);
             return 0;
         }
-        ssize_t n = recv_once(c, RECV_SIZE);
+        ssize_t n = recv_wait(c, RECV_SIZE);
         if (n > 0) {
             c->waiting = 0;
             if (append(c, scratch, (size_t)n) < 0) return FATAL;
@@ -409,7 +421,7 @@ int op_read_some(struct conn *c, size_t max)
         c->len = 0;
         return 1;
     }
-    ssize_t n = recv_once(c, max);
+    ssize_t n = recv_wait(c, max);
     if (n > 0) {
         done_op(c);
         return 1;
@@ -465,7 +477,7 @@ int op_read_to_eof(struct conn *c)
 {
     /* The buffered bytes and everything after them are the unasked-for data. */
     while (!c->eof && c->len < EOF_LIMIT) {
-        ssize_t n = recv_once(c, RECV_SIZE);
+        ssize_t n = recv_wait(c, RECV_SIZE);
         if (n > 0) {
             c->waiting = 0;
             if (append(c, scratch, (size_t)n) < 0) return FATAL;

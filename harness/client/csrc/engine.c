@@ -239,7 +239,10 @@ int ac_run(const struct ac_config *cfg, struct ac_result *out)
         int n = epoll_pwait2(L.epfd, evs, BATCH, &ts, NULL);
         for (int k = 0; k < n; k++) {
             uint32_t slot = evs[k].data.u32;
-            if (L.active[slot]) step(&L.conns[slot]);
+            if (!L.active[slot]) continue;
+            if (evs[k].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+                L.conns[slot].readable = 1;
+            step(&L.conns[slot]);
         }
         now = now_s();
         while (L.heap_n && L.heap[0].at <= now) {
