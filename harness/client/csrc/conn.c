@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -259,7 +260,10 @@ int op_connect(struct conn *c)
         if (watch(c) < 0) goto failed;
         return wait_until(c, 0);
     }
-    /* A second connect() tells how the first one went. */
+    /* Writable without an error: connected, no syscall needed (the socket was registered
+     * while in SYN_SENT, whose poll mask is empty).  Else a second connect() tells how the
+     * first one went. */
+    if ((c->events & EPOLLOUT) && !(c->events & (EPOLLERR | EPOLLHUP))) goto adopt;
     if (connect(c->fd, (const struct sockaddr *)&CFG->addr, CFG->addrlen) == 0 || errno == EISCONN)
         goto adopt;
     if (errno == EALREADY || errno == EINPROGRESS) {
@@ -283,6 +287,10 @@ adopt:
 
 static int peer_closed_already(struct conn *c)
 {
+    /* No read event since the last EAGAIN: no FIN or RST has arrived since (edge-triggered
+     * epoll queues an event for each arrival).  unread_when_closed() still catches a close
+     * that raced the request. */
+    if (!c->readable) return 0;
     ssize_t n = recv(c->fd, scratch, 1, MSG_PEEK | MSG_DONTWAIT);
     if (n == 0) return 1;
     return n < 0 && errno != EAGAIN;

@@ -240,6 +240,7 @@ int ac_run(const struct ac_config *cfg, struct ac_result *out)
         for (int k = 0; k < n; k++) {
             uint32_t slot = evs[k].data.u32;
             if (!L.active[slot]) continue;
+            L.conns[slot].events = evs[k].events;
             if (evs[k].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
                 L.conns[slot].readable = 1;
             step(&L.conns[slot]);
@@ -248,7 +249,10 @@ int ac_run(const struct ac_config *cfg, struct ac_result *out)
         while (L.heap_n && L.heap[0].at <= now) {
             struct timer t = pop_timer();
             struct conn *c = &L.conns[t.slot];
-            if (L.active[t.slot] && c->gen == t.gen) step(c);
+            if (L.active[t.slot] && c->gen == t.gen) {
+                c->events = 0;
+                step(c);
+            }
         }
     }
     /* Whatever is still open at the end was cut by the deadline (or by a fatal error). */

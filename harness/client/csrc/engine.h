@@ -33,7 +33,8 @@ struct conn {
     uint32_t index, next_req, gen;
     const struct ac_action *act;
     int gone, disturbed, closed_first, sent_any, eof, waiting, keep, status;
-    int readable; /* a read event came since the last EAGAIN */
+    int readable;    /* a read event came since the last EAGAIN */
+    uint32_t events; /* what epoll said when it resumed the conn (0: a timer did) */
     int32_t last_answered, expected;
     double quiet_since, idle_s, until, wake;
     int32_t await[AWAIT_MAX];
