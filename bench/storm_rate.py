@@ -20,9 +20,9 @@ epoll, for HTTP; ``asyncio``: asyncio, uvloop when installed).  Rounds interleav
 (each round starts with a different one).  Each one's rate is what it reports itself
 (connections established / elapsed for the storm, transactions / elapsed for siege, requests /
 elapsed for wrk); beside it, the kernel's count of accepted connections per second
-(``PassiveOpens`` in ``/proc/net/snmp``) from 1 s after the start to 0.5 s before the nominal
-end: the steady state, the same window for every tool, system-wide (other work on the machine
-adds to it).  The ratios are the medians over rounds of the per-round ratios of the tools' own
+(``PassiveOpens`` in ``/proc/net/snmp``) from 1 s after the start (the storm's: once its workers
+started, after the plan was drawn) to 0.5 s before the nominal end: the steady state, the same
+window for every tool, system-wide (other work on the machine adds to it).  The ratios are the medians over rounds of the per-round ratios of the tools' own
 rates.
 """
 
@@ -67,10 +67,14 @@ class Sample:
     note: str
 
 
-def measure(tool: str, run: Callable[[], tuple[float, str]], seconds: float) -> Sample:
+# A run returns its own rate, a note and, if it opened one itself, its kernel window.
+Run = Callable[[], tuple[float, str, "c.KernelWindow | None"]]
+
+
+def measure(tool: str, run: Run, seconds: float) -> Sample:
     window = c.KernelWindow(seconds)
-    rate, note = run()
-    return Sample(tool, rate, window.result(), note)
+    rate, note, own = run()
+    return Sample(tool, rate, (own or window).result(), note)
 
 
 def storm(
@@ -80,12 +84,14 @@ def storm(
     processes: int,
     mix: dict[str, float] | None,
     engine_name: str,
-) -> Callable[[], tuple[float, str]]:
+) -> Run:
     # The plan (one drawn action per connection) is made before the first connect: keep it
-    # to what the run can use, and say so if the storm ran out of it.
+    # to what the run can use, and say so if the storm ran out of it.  Drawing it takes a
+    # second or two, so the storm's kernel window opens when its workers start (its first
+    # progress report), not when run() is called.
     planned = min(100_000, math.ceil(seconds * STORM_MAX_PER_S))
 
-    def run() -> tuple[float, str]:
+    def run() -> tuple[float, str, c.KernelWindow | None]:
         params: dict[str, object] = {
             "rate_per_s": STORM_RATE,
             "concurrency": concurrency,
@@ -97,7 +103,14 @@ def storm(
         if mix is not None:
             params["mix"] = mix
         fault = faults.create("connection_storm", params, where="bench storm_rate")
-        report = fault.run(endpoint, random.Random(), time.monotonic() + seconds + 30)
+        windows: list[c.KernelWindow] = []
+
+        def started(progress: engine.StormProgress) -> None:
+            if not windows:
+                windows.append(c.KernelWindow(max(seconds - progress.elapsed_s, 0.1)))
+
+        with engine.watch(started):
+            report = fault.run(endpoint, random.Random(), time.monotonic() + seconds + 30)
         made = report.counts["connections"]
         errors = sum(n for k, n in report.counts.items() if k.startswith("errors:"))
         note = (
@@ -107,13 +120,13 @@ def storm(
         )
         if report.counts["not_started"] == 0:  # every planned connection was started
             note += f" (RAN OUT OF ITS {planned}-CONNECTION PLAN: raise STORM_MAX_PER_S)"
-        return made / report.elapsed_s, note
+        return made / report.elapsed_s, note, windows[0] if windows else None
 
     return run
 
 
-def siege(url: str, seconds: float, concurrency: int, rc: Path) -> Callable[[], tuple[float, str]]:
-    def run() -> tuple[float, str]:
+def siege(url: str, seconds: float, concurrency: int, rc: Path) -> Run:
+    def run() -> tuple[float, str, c.KernelWindow | None]:
         # siege 4.0.x sometimes never exits after a timed run ("Lifting the server siege...",
         # JoeDog/siege#66) and then prints nothing even on SIGINT: such a run is killed after
         # SIEGE_GRACE_S and retried, and the hangs are counted in the note.
@@ -125,18 +138,19 @@ def siege(url: str, seconds: float, concurrency: int, rc: Path) -> Callable[[], 
             if stats:
                 done, failed = int(stats["transactions"]), int(stats.get("failed_transactions", 0))
                 hung = f", after {hangs} hung run(s) killed" if hangs else ""
-                return stats["transaction_rate"], f"{done} transactions, {failed} failed{hung}"
+                note = f"{done} transactions, {failed} failed{hung}"
+                return stats["transaction_rate"], note, None
             hangs += 1
-        return float("nan"), f"siege hung {hangs} times (no summary)"
+        return float("nan"), f"siege hung {hangs} times (no summary)", None
 
     return run
 
 
-def wrk(url: str, seconds: float, concurrency: int) -> Callable[[], tuple[float, str]]:
-    def run() -> tuple[float, str]:
+def wrk(url: str, seconds: float, concurrency: int) -> Run:
+    def run() -> tuple[float, str, c.KernelWindow | None]:
         argv = c.wrk_argv(url, threads=2, connections=concurrency, seconds=seconds, close=True)
         stats = c.wrk_stats(c.run_tool(argv, timeout_s=seconds + 20))
-        return stats.rps, f"{stats.requests} requests, socket errors: {stats.socket_errors}"
+        return stats.rps, f"{stats.requests} requests, socket errors: {stats.socket_errors}", None
 
     return run
 
