@@ -22,8 +22,8 @@ epoll, for HTTP; ``asyncio``: asyncio, uvloop when installed).  Rounds interleav
 elapsed for wrk); beside it, the kernel's count of accepted connections per second
 (``PassiveOpens`` in ``/proc/net/snmp``) from 1 s after the start (the storm's: once its workers
 started, after the plan was drawn) to 0.5 s before the nominal end: the steady state, the same
-window for every tool, system-wide (other work on the machine adds to it).  The ratios are the medians over rounds of the per-round ratios of the tools' own
-rates.
+window for every tool, system-wide (other work on the machine adds to it).  The ratios are the
+medians over rounds of the per-round ratios of the tools' own rates.
 """
 
 from __future__ import annotations
