@@ -10,9 +10,11 @@ import socket
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
 
 from afterclose.faults.base import Endpoint
 from afterclose.faults.connection_storm import BEHAVIOURS, ConnectionStorm, draw
+from afterclose.harness import explore
 from afterclose.harness.client import behaviours as b
 from afterclose.harness.client import native
 from afterclose.harness.client.conn import Remote
@@ -185,3 +187,10 @@ RESPONSES = [
 @pytest.mark.parametrize("eof", [False, True])
 def test_the_c_parser_reads_what_the_python_one_reads(data: bytes, eof: bool) -> None:
     assert c_parse(data, eof) == py_parse(data, eof)
+
+
+@settings(max_examples=20, database=None, deadline=None)
+@given(explore.fault_strategy("connection_storm"))
+def test_exploration_leaves_the_engine_at_its_default(drawn: tuple[str, dict[str, object]]) -> None:
+    name, params = drawn
+    assert name == "connection_storm" and "engine" not in params and "mix" in params
