@@ -1,7 +1,9 @@
 """The engine: a drawn plan of connections, performed by asyncio loops (uvloop when it is
 installed), at a target rate (or all at once), under a concurrency cap: in this process
 (:func:`run_plan`, for the single client faults) or in several forked worker processes
-(:func:`run_storm`, for ``connection_storm``).  Both run the same worker loop (:func:`_work`).
+(:func:`run_storm`, for ``connection_storm``).  Both run the same worker loop (:func:`_work`),
+except where a storm's workers hand their share to the compiled engine
+(:mod:`.native`, chosen by :func:`choose_engine`): same shares, rate, cap, counts and stop flag.
 
 The parent draws nothing and decides nothing at run time: the plan (one action per connection)
 is made before, from the seed, and the schedule is the plan.  Connection ``i`` is performed by
