@@ -7,9 +7,9 @@ those last lines again at the end, with each benchmark's wall time.  The machine
 the benchmarks never run in parallel.  Not part of CI: nothing here passes or fails a build.
 
 Budget (defaults): time_to_detect at most 600 s (its ``--budget``; about 7 minutes when
-seed-buggy is found in the first storm round, as usual), storm_rate about 1 minute,
-tracer_overhead about 2 minutes, suite_cost about 2 minutes, trace_scale and docker_start
-about a minute each: about 14 minutes in all.
+seed-buggy is found in the first storm round, as usual), storm_rate and storm_scaling about
+1 minute each, tracer_overhead about 2 minutes, suite_cost about 2 minutes, trace_scale and
+docker_start about a minute each: about 15 minutes in all.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import _common as c
 BENCHMARKS = (
     "time_to_detect",
     "storm_rate",
+    "storm_scaling",
     "tracer_overhead",
     "suite_cost",
     "trace_scale",
@@ -32,6 +33,7 @@ BENCHMARKS = (
 TIMEOUT_S = {
     "time_to_detect": 720.0,
     "storm_rate": 240.0,
+    "storm_scaling": 300.0,
     "tracer_overhead": 300.0,
     "suite_cost": 300.0,
     "trace_scale": 300.0,

@@ -14,15 +14,16 @@ for the whole benchmark; every generator hammers the same process, at the same c
   ``connection = close``);
 * ``wrk``: ``wrk -t2 -cC -dNs -H 'Connection: close'`` (wrk reconnects after every answer).
 
-The storm runs on asyncio (uvloop when installed) in ``--processes`` worker processes (default:
-the fault's default, min(2, cores)), which share the concurrency.  Rounds interleave the four
+The storm runs in ``--processes`` worker processes (default: the fault's default, min(2, cores)),
+which share the concurrency, on the engine ``--engine`` names (``auto``: the compiled one, C on
+epoll, for HTTP; ``asyncio``: asyncio, uvloop when installed).  Rounds interleave the four
 (each round starts with a different one).  Each one's rate is what it reports itself
 (connections established / elapsed for the storm, transactions / elapsed for siege, requests /
 elapsed for wrk); beside it, the kernel's count of accepted connections per second
-(``PassiveOpens`` in ``/proc/net/snmp``) from 1 s after the start to 0.5 s before the nominal
-end: the steady state, the same window for every tool, system-wide (other work on the machine
-adds to it).  The ratios are the medians over rounds of the per-round ratios of the tools' own
-rates.
+(``PassiveOpens`` in ``/proc/net/snmp``) from 1 s after the start (the storm's: once its workers
+started, after the plan was drawn) to 0.5 s before the nominal end: the steady state, the same
+window for every tool, system-wide (other work on the machine adds to it).  The ratios are the
+medians over rounds of the per-round ratios of the tools' own rates.
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ import _common as c
 
 from afterclose import faults
 from afterclose.faults.base import Endpoint
-from afterclose.harness.client import engine
+from afterclose.harness.client import engine, native
 
 TARGET = "seed-fixed"
 TOOLS = ("storm close", "storm default", "siege", "wrk")
 STORM_RATE = 100_000.0  # the parameter's maximum: never the limit
-STORM_MAX_PER_S = 10_000  # sizes max_connections; far above what two cores give
+STORM_MAX_PER_S = 20_000  # sizes max_connections; far above what two cores give
 SIEGE_ATTEMPTS = 3
 SIEGE_GRACE_S = 5.0
 COLUMNS = (
@@ -66,10 +67,14 @@ class Sample:
     note: str
 
 
-def measure(tool: str, run: Callable[[], tuple[float, str]], seconds: float) -> Sample:
+# A run returns its own rate, a note and, if it opened one itself, its kernel window.
+Run = Callable[[], tuple[float, str, "c.KernelWindow | None"]]
+
+
+def measure(tool: str, run: Run, seconds: float) -> Sample:
     window = c.KernelWindow(seconds)
-    rate, note = run()
-    return Sample(tool, rate, window.result(), note)
+    rate, note, own = run()
+    return Sample(tool, rate, (own or window).result(), note)
 
 
 def storm(
@@ -78,38 +83,50 @@ def storm(
     concurrency: int,
     processes: int,
     mix: dict[str, float] | None,
-) -> Callable[[], tuple[float, str]]:
+    engine_name: str,
+) -> Run:
     # The plan (one drawn action per connection) is made before the first connect: keep it
-    # to what the run can use, and say so if the storm ran out of it.
+    # to what the run can use, and say so if the storm ran out of it.  Drawing it takes a
+    # second or two, so the storm's kernel window opens when its workers start (its first
+    # progress report), not when run() is called.
     planned = min(100_000, math.ceil(seconds * STORM_MAX_PER_S))
 
-    def run() -> tuple[float, str]:
+    def run() -> tuple[float, str, c.KernelWindow | None]:
         params: dict[str, object] = {
             "rate_per_s": STORM_RATE,
             "concurrency": concurrency,
             "duration_s": seconds,
             "max_connections": planned,
             "processes": processes,
+            "engine": engine_name,
         }
         if mix is not None:
             params["mix"] = mix
         fault = faults.create("connection_storm", params, where="bench storm_rate")
-        report = fault.run(endpoint, random.Random(), time.monotonic() + seconds + 30)
+        windows: list[c.KernelWindow] = []
+
+        def started(progress: engine.StormProgress) -> None:
+            if not windows:
+                windows.append(c.KernelWindow(max(seconds - progress.elapsed_s, 0.1)))
+
+        with engine.watch(started):
+            report = fault.run(endpoint, random.Random(), time.monotonic() + seconds + 30)
         made = report.counts["connections"]
         errors = sum(n for k, n in report.counts.items() if k.startswith("errors:"))
         note = (
             f"{made} connections in {report.elapsed_s:.2f} s, {errors} errors, "
-            f"{report.counts['storm_processes']} process(es) on {engine.loop_name()}"
+            f"{report.counts['storm_processes']} process(es) on "
+            + ("native" if report.counts["native_engine"] else engine.loop_name())
         )
         if report.counts["not_started"] == 0:  # every planned connection was started
             note += f" (RAN OUT OF ITS {planned}-CONNECTION PLAN: raise STORM_MAX_PER_S)"
-        return made / report.elapsed_s, note
+        return made / report.elapsed_s, note, windows[0] if windows else None
 
     return run
 
 
-def siege(url: str, seconds: float, concurrency: int, rc: Path) -> Callable[[], tuple[float, str]]:
-    def run() -> tuple[float, str]:
+def siege(url: str, seconds: float, concurrency: int, rc: Path) -> Run:
+    def run() -> tuple[float, str, c.KernelWindow | None]:
         # siege 4.0.x sometimes never exits after a timed run ("Lifting the server siege...",
         # JoeDog/siege#66) and then prints nothing even on SIGINT: such a run is killed after
         # SIEGE_GRACE_S and retried, and the hangs are counted in the note.
@@ -121,18 +138,19 @@ def siege(url: str, seconds: float, concurrency: int, rc: Path) -> Callable[[], 
             if stats:
                 done, failed = int(stats["transactions"]), int(stats.get("failed_transactions", 0))
                 hung = f", after {hangs} hung run(s) killed" if hangs else ""
-                return stats["transaction_rate"], f"{done} transactions, {failed} failed{hung}"
+                note = f"{done} transactions, {failed} failed{hung}"
+                return stats["transaction_rate"], note, None
             hangs += 1
-        return float("nan"), f"siege hung {hangs} times (no summary)"
+        return float("nan"), f"siege hung {hangs} times (no summary)", None
 
     return run
 
 
-def wrk(url: str, seconds: float, concurrency: int) -> Callable[[], tuple[float, str]]:
-    def run() -> tuple[float, str]:
+def wrk(url: str, seconds: float, concurrency: int) -> Run:
+    def run() -> tuple[float, str, c.KernelWindow | None]:
         argv = c.wrk_argv(url, threads=2, connections=concurrency, seconds=seconds, close=True)
         stats = c.wrk_stats(c.run_tool(argv, timeout_s=seconds + 20))
-        return stats.rps, f"{stats.requests} requests, socket errors: {stats.socket_errors}"
+        return stats.rps, f"{stats.requests} requests, socket errors: {stats.socket_errors}", None
 
     return run
 
@@ -149,6 +167,7 @@ def main() -> None:
         help="the storm's worker processes",
     )
     parser.add_argument("--tracer", choices=("off", "preload"), default="off")
+    parser.add_argument("--engine", choices=native.ENGINES, default="auto", help="the storm's")
     args = parser.parse_args()
     command = c.command_line(
         "storm_rate.py",
@@ -158,6 +177,7 @@ def main() -> None:
             f"--concurrency={args.concurrency}",
             f"--processes={args.processes}",
             f"--tracer={args.tracer}",
+            f"--engine={args.engine}",
         ],
     )
     c.require("siege", "wrk")
@@ -168,13 +188,18 @@ def main() -> None:
     with c.scratch("storm-rate") as scratch:
         rc = c.siege_rc(scratch)
         with c.started(manifest, artefact, args.tracer, scratch / "target") as target:
-            endpoint = Endpoint(target.server.host, target.server.port, echo_path=True)
+            endpoint = Endpoint(target.target.host, target.target.port, echo_path=True)
             runs = {
                 "storm close": storm(
-                    endpoint, args.seconds, args.concurrency, args.processes, {"close": 1}
+                    endpoint,
+                    args.seconds,
+                    args.concurrency,
+                    args.processes,
+                    {"close": 1},
+                    args.engine,
                 ),
                 "storm default": storm(
-                    endpoint, args.seconds, args.concurrency, args.processes, None
+                    endpoint, args.seconds, args.concurrency, args.processes, None, args.engine
                 ),
                 "siege": siege(target.url, args.seconds, args.concurrency, rc),
                 "wrk": wrk(target.url, args.seconds, args.concurrency),

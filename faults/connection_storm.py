@@ -15,11 +15,14 @@ pieces 1-10 ms apart, then its answer).  Connection ``i`` starts no earlier than
 ``i / rate_per_s`` after the start, at most ``concurrency`` are open at once, and the storm
 stops after ``duration_s``, ``max_connections`` or the deadline, whichever comes first.
 
-It runs on asyncio (uvloop when installed) in ``processes`` worker processes, each taking every
-``processes``-th connection of the plan, an equal share of the rate and of the concurrency cap
-(:mod:`afterclose.harness.client.engine`).  The plan, and so the schedule, does not depend on
-``processes``.  Every behaviour is one of :mod:`afterclose.harness.client.behaviours`: the
-reset, half-close and shutdown-race ones are the very actions of their own faults.
+It runs in ``processes`` worker processes, each taking every ``processes``-th connection of the
+plan, an equal share of the rate and of the concurrency cap
+(:mod:`afterclose.harness.client.engine`); each worker performs its share on the compiled
+engine (:mod:`afterclose.harness.client.native`: C on epoll, for HTTP/1.1 without TLS) or on
+asyncio (uvloop when installed) for every other protocol, as ``engine`` says.  The plan, and
+so the schedule, depends on neither ``processes`` nor ``engine``.  Every behaviour is one of
+:mod:`afterclose.harness.client.behaviours`: the reset, half-close and shutdown-race ones are
+the very actions of their own faults.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import ClassVar
 
 from afterclose.faults.base import Endpoint, Fault, FaultReport, param
 from afterclose.harness.client import behaviours as b
-from afterclose.harness.client import engine
+from afterclose.harness.client import engine, native
 from afterclose.harness.client.conn import Remote
 from afterclose.harness.client.plan import Action, schedule_of
 
@@ -90,7 +93,7 @@ class ConnectionStorm(Fault):
     unapplied_hint: ClassVar[str] = "the target accepted no connection"
 
     rate_per_s: float = param(200.0, lo=0.1, hi=100_000, doc="new connections per second")
-    concurrency: int = param(32, lo=1, hi=1024, doc="most connections open at once, in all")
+    concurrency: int = param(32, lo=1, hi=10_000, doc="most connections open at once, in all")
     duration_s: float = param(2.0, lo=0.01, hi=3600, doc="how long to keep opening connections")
     max_connections: int = param(10_000, lo=1, hi=100_000, doc="most connections in all")
     mix: Mapping[str, float] = param(
@@ -102,6 +105,12 @@ class ConnectionStorm(Fault):
         hi=32,
         doc="worker processes sharing the rate and the concurrency (at most one per "
         "connection slot)",
+    )
+    engine: str = param(
+        "auto",
+        choices=native.ENGINES,
+        doc="who performs the plan: the compiled engine (native: HTTP/1.1 without TLS), the "
+        "asyncio one, or auto (native when it can)",
     )
 
     @classmethod
@@ -139,5 +148,6 @@ class ConnectionStorm(Fault):
             rate_per_s=self.rate_per_s,
             duration_s=self.duration_s,
             deadline=deadline,
+            engine=self.engine,
         )
         return engine.run_storm(job, endpoint, schedule_of(actions))

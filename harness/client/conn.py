@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 SHOWN_BYTES = 120
+UNREAD_RST_WAIT_S = 0.001
 _OUT_OF = {errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors (system-wide)"}
 
 
@@ -104,12 +105,119 @@ def set_rst_on_close(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
+def unread_when_closed(sock: socket.socket) -> bool:
+    """After the peer's FIN: whether the peer closed without reading what we had sent.
+
+    Linux answers a close() that leaves received bytes unread, and bytes that reach a socket
+    already closed, with a RST; after the FIN (a shutdown(SHUT_WR) first) that RST leaves
+    SO_ERROR = EPIPE on our side.  A server that read a request and closed without answering
+    sends a FIN alone.  The RST follows the FIN by the server's time from its shutdown() to
+    its close(), so it is awaited for up to UNREAD_RST_WAIT_S.
+    """
+    until = time.monotonic() + UNREAD_RST_WAIT_S
+    while True:
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.EPIPE:
+                return True
+        except OSError:
+            return False
+        if time.monotonic() >= until:
+            return False
+        time.sleep(UNREAD_RST_WAIT_S / 10)
+
+
 def rst_close(sock: socket.socket) -> None:
     """Close ``sock`` with a RST (see :func:`set_rst_on_close`)."""
     # If the peer's RST already killed the connection, a plain close is all that is left.
     with contextlib.suppress(OSError):
         set_rst_on_close(sock)
     sock.close()
+
+
+def who(fault: str, index: int) -> str:
+    """How an observation names connection ``index`` of ``fault``."""
+    return f"conn {index} ({fault})"
+
+
+NOT_DUE = "while no answer was due"
+WAITING_CLOSE = "while waiting for the close"
+
+
+def unsolicited_context(
+    sent_any: bool, last_answered: str | None, outstanding: bool, when: str
+) -> str:
+    """When unasked-for bytes came, as the observation says it (``when``: NOT_DUE or
+    WAITING_CLOSE, unless nothing was sent yet or the last answer left nothing outstanding)."""
+    if not sent_any:
+        return "before sending any request"
+    if last_answered is not None and not outstanding:
+        return f"after the response to {last_answered}, with no request outstanding"
+    return when
+
+
+def unsolicited_observation(
+    fault: str, index: int, data: bytes, context: str, *, received: int | None = None
+) -> Observation:
+    """``data`` arrived on connection ``index`` though no answer was due (``context`` says
+    when); the tags it mentions name whose answer it was.  ``received``: how many bytes came,
+    when ``data`` holds only the first of them."""
+    owners = proto.tags_in(data)
+    whose = f" (mentions {', '.join(owners[:3])})" if owners else ""
+    return Observation(
+        kind=UNSOLICITED_BYTES,
+        who=who(fault, index),
+        detail=f"{fault} conn {index}: received {received or len(data)} unasked-for bytes "
+        f"{context}{whose}: {data[:SHOWN_BYTES]!r}",
+        data=data[:SHOWN_BYTES],
+    )
+
+
+def foreign_observation(
+    fault: str, index: int, status: int, expected: str, body: bytes
+) -> Observation:
+    """The ``status`` answer to ``expected`` does not carry its tag."""
+    others = proto.tags_in(body)
+    whose = f"the answer to {', '.join(others[:3])}" if others else "no request path"
+    return Observation(
+        kind=FOREIGN_ANSWER,
+        who=who(fault, index),
+        detail=f"{fault} conn {index}: the {status} response to {expected} "
+        f"carries {whose}: body {body[:SHOWN_BYTES]!r}",
+        data=body[:SHOWN_BYTES],
+    )
+
+
+def garbage_observation(
+    fault: str, index: int, expected: str | None, partial: bytes
+) -> Observation | None:
+    """Bytes that are no reply: cross-talk only if they name another request."""
+    owners = [p for p in proto.tags_in(partial) if p != expected]
+    if not owners:
+        return None
+    return Observation(
+        kind=FOREIGN_ANSWER,
+        who=who(fault, index),
+        detail=f"{fault} conn {index}: waiting for the answer to {expected}, "
+        f"got bytes that are no reply, mentioning {', '.join(owners[:3])}: "
+        f"{partial[:SHOWN_BYTES]!r}",
+        data=partial[:SHOWN_BYTES],
+    )
+
+
+def dropped_observation(
+    fault: str, index: int, first: str, unanswered: int, reset: bool, idle_s: float
+) -> Observation:
+    """A complete request (``first``, of ``unanswered``) got EOF or a RST, no answer."""
+    how = "a RST" if reset else "EOF"
+    return Observation(
+        kind=DROPPED_REQUEST,
+        who=who(fault, index),
+        detail=f"{fault} conn {index}: the complete request {first} "
+        f"got {how} instead of an answer"
+        + (f" ({unanswered} requests unanswered)" if unanswered > 1 else "")
+        + f", sent after {idle_s * 1000:.0f} ms of quiet",
+        values={"requests": unanswered, "reset": int(reset), "idle_s": idle_s},
+    )
 
 
 class Conn:
@@ -150,7 +258,7 @@ class Conn:
 
     @property
     def who(self) -> str:
-        return f"conn {self.index} ({self.remote.fault})"
+        return who(self.remote.fault, self.index)
 
     def op_deadline(self) -> float:
         """When the next socket operation must give up (DeadlineReached if the run's passed)."""
@@ -206,23 +314,21 @@ class Conn:
         self.report.count("reset_by_peer" if reset else "closed_by_peer")
         unanswered = sum(p is not None for p in self.awaiting)
         self.report.count("closed_without_answer", unanswered)
-        if unanswered and not self.disturbed and not self._closed_first:
+        if (
+            unanswered
+            and not self.disturbed
+            and not self._closed_first
+            and (reset or self.sock is None or not unread_when_closed(self.sock))
+        ):
             self._dropped(unanswered, reset)
         self.awaiting.clear()
 
     def _dropped(self, unanswered: int, reset: bool) -> None:
         first = next(p for p in self.awaiting if p is not None)
-        how = "a RST" if reset else "EOF"
         self.report.count("dropped_requests", unanswered)
         self.report.observe(
-            Observation(
-                kind=DROPPED_REQUEST,
-                who=self.who,
-                detail=f"{self.remote.fault} conn {self.index}: the complete request {first} "
-                f"got {how} instead of an answer"
-                + (f" ({unanswered} requests unanswered)" if unanswered > 1 else "")
-                + f", sent after {self._idle_s * 1000:.0f} ms of quiet",
-                values={"requests": unanswered, "reset": int(reset), "idle_s": self._idle_s},
+            dropped_observation(
+                self.remote.fault, self.index, first, unanswered, reset, self._idle_s
             )
         )
 
@@ -237,26 +343,9 @@ class Conn:
         except OSError:
             return True
 
-    def _observe(self, kind: str, detail: str, data: bytes) -> None:
-        self.report.observe(
-            Observation(kind=kind, who=self.who, detail=detail, data=data[:SHOWN_BYTES])
-        )
-
     def unsolicited(self, data: bytes, when: str) -> None:
-        if not self.sent_any:
-            context = "before sending any request"
-        elif self.last_answered is not None and not self.awaiting:
-            context = f"after the response to {self.last_answered}, with no request outstanding"
-        else:
-            context = when
-        owners = proto.tags_in(data)
-        whose = f" (mentions {', '.join(owners[:3])})" if owners else ""
-        self._observe(
-            UNSOLICITED_BYTES,
-            f"{self.remote.fault} conn {self.index}: received {len(data)} unasked-for bytes "
-            f"{context}{whose}: {data[:SHOWN_BYTES]!r}",
-            data,
-        )
+        context = unsolicited_context(self.sent_any, self.last_answered, bool(self.awaiting), when)
+        self.report.observe(unsolicited_observation(self.remote.fault, self.index, data, context))
 
     def next_tag(self) -> str:
         """A fresh tag naming the next request of this connection."""
@@ -332,29 +421,19 @@ class Conn:
             return
         self.last_answered = expected
         echoes = self.endpoint.echo_path and expected not in self.unechoed
-        if self.protocol.answers(reply, expected, echoes=echoes):
-            return
-        others = proto.tags_in(reply.body)
-        whose = f"the answer to {', '.join(others[:3])}" if others else "no request path"
-        self._observe(
-            FOREIGN_ANSWER,
-            f"{self.remote.fault} conn {self.index}: the {reply.status} response to {expected} "
-            f"carries {whose}: body {reply.body[:SHOWN_BYTES]!r}",
-            reply.body,
-        )
+        if not self.protocol.answers(reply, expected, echoes=echoes):
+            self.report.observe(
+                foreign_observation(
+                    self.remote.fault, self.index, reply.status, expected, reply.body
+                )
+            )
 
     def _garbage(self, exc: proto.GarbageReply, expected: str | None) -> None:
         self.report.count("errors:garbage")
         # Not a reply is not proof of cross-talk by itself, but bytes naming another request are.
-        owners = [p for p in proto.tags_in(exc.partial) if p != expected]
-        if owners:
-            self._observe(
-                FOREIGN_ANSWER,
-                f"{self.remote.fault} conn {self.index}: waiting for the answer to {expected}, "
-                f"got bytes that are no reply, mentioning {', '.join(owners[:3])}: "
-                f"{exc.partial[:SHOWN_BYTES]!r}",
-                exc.partial,
-            )
+        seen = garbage_observation(self.remote.fault, self.index, expected, exc.partial)
+        if seen is not None:
+            self.report.observe(seen)
 
     # -- awaiting under deadlines
 
@@ -635,7 +714,7 @@ class Conn:
                     self.peer_gone(False)
                     return False
         if extra:
-            self.unsolicited(extra, "while no answer was due")
+            self.unsolicited(extra, NOT_DUE)
         return alive
 
     async def read_to_eof(self, limit: int = 1 << 20) -> None:
@@ -654,11 +733,11 @@ class Conn:
                 data += chunk
         except TimeoutError:
             if data:
-                self.unsolicited(bytes(data), "while waiting for the close")
+                self.unsolicited(bytes(data), WAITING_CLOSE)
             self.timed_out("close")
             return
         if data:
-            self.unsolicited(bytes(data), "while waiting for the close")
+            self.unsolicited(bytes(data), WAITING_CLOSE)
         self.peer_gone(reset)
 
     def shutdown_write(self) -> bool:

@@ -1,7 +1,9 @@
 """The engine: a drawn plan of connections, performed by asyncio loops (uvloop when it is
 installed), at a target rate (or all at once), under a concurrency cap: in this process
 (:func:`run_plan`, for the single client faults) or in several forked worker processes
-(:func:`run_storm`, for ``connection_storm``).  Both run the same worker loop (:func:`_work`).
+(:func:`run_storm`, for ``connection_storm``).  Both run the same worker loop (:func:`_work`),
+except where a storm's workers hand their share to the compiled engine
+(:mod:`.native`, chosen by :func:`choose_engine`): same shares, rate, cap, counts and stop flag.
 
 The parent draws nothing and decides nothing at run time: the plan (one action per connection)
 is made before, from the seed, and the schedule is the plan.  Connection ``i`` is performed by
@@ -34,14 +36,15 @@ import typing
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import connection as mpc
 from typing import Any
 
 from afterclose.faults.base import GONE_POLL_S, Endpoint, FaultReport
+from afterclose.harness.client import native
 from afterclose.harness.client.conn import Conn, DeadlineReached, Remote
 from afterclose.harness.client.plan import Action, schedule_of
-from afterclose.harness.errors import AftercloseError
+from afterclose.harness.errors import AftercloseError, ScenarioError
 from afterclose.harness.oracle.evidence import UNDER_DELIVERED, Observation
 from afterclose.harness.orphans import die_with_parent
 
@@ -131,7 +134,8 @@ def loop_name() -> str:
 class Job:
     """Everything a worker needs; inherited through fork, never pickled.  Without
     ``rate_per_s`` every connection may start at once (up to the cap); without ``duration_s``
-    new ones start until the deadline."""
+    new ones start until the deadline.  ``engine`` (one of native.ENGINES) picks who performs
+    the plan; ``native`` is the plan in the compiled engine's terms once it was chosen."""
 
     fault: str
     remote: Remote
@@ -141,6 +145,8 @@ class Job:
     rate_per_s: float | None
     duration_s: float | None
     deadline: float
+    engine: str = "auto"
+    native: native.NativePlan | None = None
 
     def caps(self) -> list[int]:
         """Each worker's share of the concurrency cap (they add up to it)."""
@@ -251,6 +257,7 @@ class _Rate:
 def run_storm(job: Job, endpoint: Endpoint, schedule: list[str]) -> FaultReport:
     """Perform ``job`` and return its merged report (``schedule`` is the plan's)."""
     report = FaultReport(job.fault, schedule=schedule)
+    job = choose_engine(job)
     slots = 1 + len(_FIELDS) * job.processes
     shared = mmap.mmap(-1, 8 * slots)  # anonymous, MAP_SHARED: the children see our writes
     counters = memoryview(shared).cast("q")
@@ -273,6 +280,31 @@ def run_storm(job: Job, endpoint: Endpoint, schedule: list[str]) -> FaultReport:
         for worker in workers:
             worker.chan.close()
     return report
+
+
+def choose_engine(job: Job) -> Job:
+    """``job`` with its plan in the compiled engine's terms when its ``engine`` allows and the
+    plan can be (see :mod:`.native`); else as it is, for the asyncio workers.  ``native``
+    that cannot be had is the user's to fix: a ScenarioError saying why."""
+    if job.engine == "asyncio":
+        return job
+    plan = native.prepare(job.remote, job.actions)
+    why = plan if isinstance(plan, str) else native.available()
+    if why is None:
+        assert not isinstance(plan, str)
+        return replace(job, native=plan)
+    if job.engine == "native":
+        raise ScenarioError(
+            f"the compiled storm engine cannot perform this plan: {why}",
+            where=f"fault {job.fault}",
+            hint="engine = 'auto' performs it on asyncio instead",
+        )
+    return job
+
+
+def engine_name(job: Job) -> str:
+    """Who performs ``job``: ``native`` (the compiled engine), else the asyncio loop's name."""
+    return "native" if job.native is not None else loop_name()
 
 
 def note_shortfall(report: FaultReport, planned: int) -> None:
@@ -391,7 +423,7 @@ def _collect(
     give_up = job.deadline + WORKER_GRACE_S
     stuck = 0
     planned = len(job.actions)
-    name = loop_name()
+    name = engine_name(job)
 
     def snapshot(finished: bool) -> StormProgress:
         now = time.monotonic()
@@ -448,6 +480,7 @@ def _collect(
     report.fault = job.fault
     report.elapsed_s = time.monotonic() - start
     report.count("storm_processes", job.processes)
+    report.count("native_engine", int(job.native is not None))
     report.count("stuck_workers", stuck)
     if gone:
         report.count("stopped_target_gone")
@@ -524,6 +557,13 @@ def _isolate(keep_fd: int) -> None:
 def _child(job: Job, index: int, chan: mpc.Connection, counters: memoryview) -> int:
     try:
         _isolate(chan.fileno())
+        if job.native is not None:
+            chan.send(("ready", os.getpid()))
+            message = chan.recv()
+            if message[0] != "go":
+                return 0
+            chan.send(("done", _perform_native(job, job.native, index, counters, message[1])))
+            return 0
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.get_loop()  # made before "ready", so that it costs nothing after the start
             chan.send(("ready", os.getpid()))
@@ -542,6 +582,26 @@ def _child(job: Job, index: int, chan: mpc.Connection, counters: memoryview) -> 
         with contextlib.suppress(BaseException):
             chan.send(("error", traceback.format_exc(), user))
         return 1
+
+
+def _perform_native(
+    job: Job, plan: native.NativePlan, index: int, counters: memoryview, start: float
+) -> FaultReport:
+    """Worker ``index``'s share on the compiled engine (the same shares as :func:`_work`)."""
+    stop = job.deadline if job.duration_s is None else min(job.deadline, start + job.duration_s)
+    return native.perform(
+        plan,
+        job.remote,
+        index=index,
+        processes=job.processes,
+        cap=job.caps()[index],
+        planned=len(job.actions),
+        start=start,
+        stop=stop,
+        deadline=job.deadline,
+        rate_per_s=job.rate_per_s,
+        counters=counters,
+    )
 
 
 async def _sleep_until(at: float, counters: memoryview) -> bool:

@@ -3,8 +3,10 @@
 The client observes it (``DROPPED_REQUEST``) only on connections its behaviour did not plan to
 reset, half-close or shut down, and only when the server's FIN or RST was not already queued
 when the request went out (a server may close an idle keep-alive connection between requests;
-the request then races that close and was never the server's to answer).  This rule leaves out
-what the harness itself may have caused:
+the request then races that close and was never the server's to answer), nor when a RST
+followed the server's FIN (its close() threw the request away unread: the same race, seen
+after the fact; ``conn.unread_when_closed``).  This rule leaves out what the harness itself
+may have caused:
 
 - faults that end connections they did not plan to (``disturbs_connections``: forged segments,
   limits, signals, restarts): a server at its fd limit may refuse what it cannot take;

@@ -41,6 +41,12 @@ def fixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TargetRun]:
     assert outcome.ok, run.failure_message(outcome)
 
 
+# Every behaviour runs on both engines; the rest on the compiled one, which "auto" picks for
+# HTTP (the asyncio engine's own tests: the standard-loop test, and every other protocol).
+ENGINES = pytest.mark.parametrize("engine_name", ["native", "asyncio"])
+NATIVE = pytest.mark.parametrize("engine_name", ["native"])
+
+
 def storm(
     run: TargetRun,
     params: Mapping[str, object],
@@ -55,11 +61,24 @@ def storm(
         report = fault.run(
             endpoint or run.endpoint(), random.Random(seed), time.monotonic() + budget_s
         )
+    if params.get("engine") == "native":
+        assert report.counts["native_engine"] == 1 and seen[-1].loop == "native"
+    elif params.get("engine") == "asyncio":
+        assert report.counts["native_engine"] == 0 and seen[-1].loop != "native"
     return report, seen
 
 
-def test_runs_across_processes_and_reports_its_connections(fixed: TargetRun) -> None:
-    params = {"rate_per_s": 400, "duration_s": 0.5, "concurrency": 16, "processes": 2}
+@NATIVE
+def test_runs_across_processes_and_reports_its_connections(
+    fixed: TargetRun, engine_name: str
+) -> None:
+    params = {
+        "rate_per_s": 400,
+        "duration_s": 0.5,
+        "concurrency": 16,
+        "processes": 2,
+        "engine": engine_name,
+    }
     report, seen = storm(fixed, params)
     last = seen[-1]
     assert last.finished and last.processes == 2 and report.counts["storm_processes"] == 2
@@ -87,8 +106,15 @@ def test_rate_cap_is_honoured(fixed: TargetRun) -> None:
     assert report.counts["not_started"] >= 1700
 
 
-def test_malformed_requests_get_a_400(fixed: TargetRun) -> None:
-    params = {"rate_per_s": 400, "duration_s": 0.25, "concurrency": 16, "mix": {"malformed": 1}}
+@NATIVE
+def test_malformed_requests_get_a_400(fixed: TargetRun, engine_name: str) -> None:
+    params = {
+        "rate_per_s": 400,
+        "duration_s": 0.25,
+        "concurrency": 16,
+        "mix": {"malformed": 1},
+        "engine": engine_name,
+    }
     report, _ = storm(fixed, params)
     sent = report.counts["malformed_sent"]
     assert sent > 0, report.summary()
@@ -97,8 +123,15 @@ def test_malformed_requests_get_a_400(fixed: TargetRun) -> None:
     assert report.counts["closed_by_peer"] == sent and report.observations == []
 
 
-def test_slow_senders_are_answered(fixed: TargetRun) -> None:
-    params = {"rate_per_s": 300, "duration_s": 0.3, "concurrency": 64, "mix": {"slow_sender": 1}}
+@NATIVE
+def test_slow_senders_are_answered(fixed: TargetRun, engine_name: str) -> None:
+    params = {
+        "rate_per_s": 300,
+        "duration_s": 0.3,
+        "concurrency": 64,
+        "mix": {"slow_sender": 1},
+        "engine": engine_name,
+    }
     report, _ = storm(fixed, params)
     slow = report.counts["slow_requests"]
     assert slow > 0 and slow == report.counts["connections"], report.summary()
@@ -107,9 +140,16 @@ def test_slow_senders_are_answered(fixed: TargetRun) -> None:
     assert any("slow_sender" in line and "pieces" in line for line in report.schedule)
 
 
-def test_every_behaviour_runs_without_observations(fixed: TargetRun) -> None:
+@ENGINES
+def test_every_behaviour_runs_without_observations(fixed: TargetRun, engine_name: str) -> None:
     mix = dict.fromkeys(BEHAVIOURS, 1)
-    params = {"rate_per_s": 1000, "duration_s": 0.5, "concurrency": 64, "mix": mix}
+    params = {
+        "rate_per_s": 1000,
+        "duration_s": 0.5,
+        "concurrency": 64,
+        "mix": mix,
+        "engine": engine_name,
+    }
     report, seen = storm(fixed, params)
     assert report.counts["connections"] > 0, report.summary()
     for key in ("rst_sent", "fin_sent", "malformed_sent", "slow_requests", "partial_requests"):
@@ -147,10 +187,12 @@ def test_same_seed_same_schedule_whatever_the_processes(fixed: TargetRun) -> Non
     assert fault.schedule(random.Random(7)) == one.schedule
 
 
-def test_stops_when_the_target_is_gone(fixed: TargetRun) -> None:
+@NATIVE
+def test_stops_when_the_target_is_gone(fixed: TargetRun, engine_name: str) -> None:
     cut = time.monotonic() + 0.4
     endpoint = replace(fixed.endpoint(), gone=lambda: time.monotonic() > cut)
-    report, _ = storm(fixed, {"rate_per_s": 200, "duration_s": 5}, endpoint=endpoint)
+    params = {"rate_per_s": 200, "duration_s": 5, "engine": engine_name}
+    report, _ = storm(fixed, params, endpoint=endpoint)
     assert report.elapsed_s < 5  # not the 5 s the storm was given
     assert report.counts["stopped_target_gone"] == 1 and report.counts["not_started"] >= 700
 
@@ -159,9 +201,21 @@ def test_the_standard_asyncio_loop_works_too(
     fixed: TargetRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(engine.LOOP_ENV, "asyncio")
-    report, seen = storm(fixed, {"rate_per_s": 400, "duration_s": 0.25, "concurrency": 16})
-    assert seen[-1].loop == "asyncio"
+    params = {"rate_per_s": 400, "duration_s": 0.25, "concurrency": 16, "engine": "asyncio"}
+    report, seen = storm(fixed, params)
+    assert seen[-1].loop == "asyncio" and report.counts["native_engine"] == 0
     assert report.counts["connections"] > 0 and report.observations == [], report.summary()
+
+
+def test_the_compiled_engine_takes_the_default_mix_and_says_why_it_declines(
+    fixed: TargetRun,
+) -> None:
+    report, seen = storm(fixed, {"rate_per_s": 500, "duration_s": 0.2})  # engine "auto"
+    assert report.counts["native_engine"] == 1 and seen[-1].loop == "native"
+    tls = replace(fixed.endpoint(), tls=True)
+    with pytest.raises(ScenarioError) as err:
+        storm(fixed, {"rate_per_s": 100, "duration_s": 0.1, "engine": "native"}, endpoint=tls)
+    assert "TLS" in err.value.render() and "engine = 'auto'" in err.value.render()
 
 
 def test_workers_are_killed_when_the_parent_fails(fixed: TargetRun) -> None:
