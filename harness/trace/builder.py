@@ -52,7 +52,8 @@ from afterclose.harness.trace.model import (
     Registration,
 )
 from afterclose.harness.trace.oneshot import Deliveries, overlaps
-from afterclose.harness.trace.receipts import Receipts, track_spin
+from afterclose.harness.trace.receipts import EVENT as _EVENT
+from afterclose.harness.trace.receipts import Receipts, track_event_spin, track_spin
 from afterclose.harness.trace.thread_memory import Acted, ThreadMemory, prepare
 from afterclose.harness.trace.timeline import Resolved, TimelineContext
 
@@ -68,7 +69,6 @@ SMALL_DATA = 4096
 # A closefrom()-style loop: this many EBADF-tolerant closes of n, n+1, n+2 ... in a row.
 SWEEP_RUN = 3
 _ACTED_CAP = 16
-_EVENT = -1  # "got an event for" in a thread's per-fd memory
 _NEVER = 1 << 64
 
 _SOCKET_IO = {
@@ -279,6 +279,8 @@ class _Walk:
         self.m.resolve(r, r.fd)
         if t.early:
             self._batch_step(idx, r, t, r.fd, None, False)
+        if t.event_spin:
+            t.event_spin.pop(r.fd, None)  # a listener's event, acted on
         if r.ret >= 0:
             ofd = self.m.new_ofd(OfdKind.SOCKET)
             inc, d = self.m.create(idx, r, r.ret, ofd, Origin.ACCEPT)
@@ -709,6 +711,8 @@ class _Walk:
             return  # a tag shared by live registrations: the event cannot be attributed
         if i.pid == t.pid:
             fd = i.fd
+            if i.open:
+                track_event_spin(t.event_spin, self.facts, wait_idx, reg, r.events, t.last_op)
             t.batch[fd] = (i, wait_idx)
             t.last_op[fd] = (_EVENT, i, wait_idx)
             a = t.acted.get(fd)

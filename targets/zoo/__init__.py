@@ -30,4 +30,5 @@ ZOO: tuple[ZooEntry, ...] = (
     ZooEntry("redis-333", "stale-batch-event", "test_connection_storm"),
     ZooEntry("libuv-1148", "event-after-close", "test_half_close"),
     ZooEntry("ds389-7846", "concurrent-oneshot", "test_half_close or test_reset_peer"),
+    ZooEntry("netty-42577", "busy-loop", "after-half-close"),
 )
