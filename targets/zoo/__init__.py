@@ -20,9 +20,7 @@ class ZooEntry:
 
 ZOO: tuple[ZooEntry, ...] = (
     ZooEntry("h2o-1427", "use-after-close", "test_keepalive_requests or test_half_close"),
-    ZooEntry(
-        "libuv-968", "use-after-close", "test_connection_storm or test_reset_peer", in_ci=False
-    ),
+    ZooEntry("libuv-968", "use-after-close", "test_connection_storm or test_reset_peer"),
     ZooEntry("go-59545", "wrong-incarnation", "test_keepalive_requests"),
     ZooEntry("envoy-20438", "use-after-close", "test_keepalive_requests"),
     ZooEntry("haproxy-1807", "use-after-close", "test_keepalive_requests"),
