@@ -276,11 +276,9 @@ class _Walk:
         if r.err == EBADF:
             self._ebadf(idx, r, t, r.fd)
             return
-        self.m.resolve(r, r.fd)
+        self.m.resolve(r, r.fd)[0].handled_idx = idx
         if t.early:
             self._batch_step(idx, r, t, r.fd, None, False)
-        if t.event_spin:
-            t.event_spin.pop(r.fd, None)  # a listener's event, acted on
         if r.ret >= 0:
             ofd = self.m.new_ofd(OfdKind.SOCKET)
             inc, d = self.m.create(idx, r, r.ret, ofd, Origin.ACCEPT)
@@ -437,6 +435,7 @@ class _Walk:
         else:
             inc, certain = self.m.resolve(r, fd)
         self.res[idx] = inc
+        inc.handled_idx = idx
         if r.ret == 0 and err == 0 and r.op == Op.READ:
             if inc.ofd.peer_closed_idx < 0:
                 inc.ofd.peer_closed_idx = idx

@@ -61,6 +61,7 @@ class EventSpin:
     inc: Incarnation
     events: int
     first_idx: int
+    last_idx: int
     count: int = 1
     fact: SpinningEvent | None = None
 
@@ -74,15 +75,24 @@ def track_event_spin(
     last_op: Mapping[int, tuple[int, Incarnation | None, int]],
 ) -> None:
     """The thread's wait ``wait_idx`` delivered ``events`` through ``reg``; ``last_op`` is the
-    thread's memory of its last business with each number (before this event)."""
+    thread's memory of its last business with each number (before this event).  The run goes
+    on while the thread made no call on the number since its previous wait's event for it and
+    no thread read, wrote or accepted on it (another thread may be the one handling it)."""
     inc = reg.incarnation
     last = last_op.get(inc.fd)
     untouched = last is not None and last[0] == EVENT and last[1] is inc and last[2] != wait_idx
     s = spins.get(inc.fd)
-    if not untouched or s is None or s.inc is not inc or s.events != events:
-        spins[inc.fd] = EventSpin(inc, events, wait_idx)
+    if (
+        not untouched
+        or s is None
+        or s.inc is not inc
+        or s.events != events
+        or inc.handled_idx > s.last_idx
+    ):
+        spins[inc.fd] = EventSpin(inc, events, wait_idx, wait_idx)
         return
     s.count += 1
+    s.last_idx = wait_idx
     if s.fact is not None:
         s.fact.count = s.count
         s.fact.last_idx = wait_idx

@@ -152,3 +152,15 @@ def test_a_busy_listener_the_thread_accepts_from_is_no_spin() -> None:
         t.accept(tid=1, ret=7)  # the listener's event, acted on (accept names the listener)
         t.close(tid=1, fd=7)
     assert counts(t.check()) == {}
+
+
+def test_a_listener_another_thread_accepts_from_is_no_spin() -> None:
+    """Two pollers share a level-triggered listener; T1 keeps being told while T2 accepts."""
+    t = TraceBuilder()
+    server(t)
+    for n in range(2 * SPIN_CALLS):
+        t.wait(tid=1, epfd=EP, events=[(IN, LISTEN)])
+        if n % 10 == 0:
+            t.accept(tid=2, ret=7)
+            t.close(tid=2, fd=7)
+    assert counts(t.check()) == {}
