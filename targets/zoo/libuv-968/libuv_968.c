@@ -23,8 +23,6 @@
  */
 #include "../common/zoo_http.h"
 
-#include <netinet/tcp.h>
-#include <sys/ioctl.h>
 
 #define MAXEVENTS 256
 #define MAX_FDS 65536
@@ -77,16 +75,7 @@ static void on_conn(struct conn *c, uint32_t ev)
  * left to answer: the connection only holds a slot. */
 static int peer_gone(const struct conn *c)
 {
-    struct tcp_info ti;
-    socklen_t len = sizeof ti;
-    int unread = 0;
-    if (getsockopt(c->z.fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0)
-        return 0;
-    if (ti.tcpi_state != TCP_CLOSE_WAIT && ti.tcpi_state != TCP_CLOSE)
-        return 0;
-    if (ioctl(c->z.fd, FIONREAD, &unread) < 0 || unread > 0)
-        return 0;
-    return c->z.inlen == 0 && !zh_pending(&c->z);
+    return zh_peer_gone(c->z.fd) && c->z.inlen == 0 && !zh_pending(&c->z);
 }
 
 /* Before each accept: drop every connection whose peer is gone, to reclaim its fd. */
@@ -99,25 +88,14 @@ static void reclaim(void)
 
 static void on_listener(struct zh_listener *l)
 {
-    struct epoll_event ev;
     struct conn *c;
     int fd;
 
     reclaim();
-    fd = zh_accept(l->fd);
-    if (fd == -2)
-        zh_listener_pause(l);
-    if (fd < 0)
+    if ((fd = zh_accept_next(l)) < 0 || !(c = zh_conn_new(fd, sizeof *c, MAX_FDS)))
         return;
-    if (fd >= MAX_FDS || !(c = calloc(1, sizeof *c))) {
-        close(fd);
-        return;
-    }
-    zh_conn_init(&c->z, fd);
     c->interest = EPOLLIN;
-    ev.events = EPOLLIN | EPOLLRDHUP;
-    ev.data.fd = fd;
-    if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+    if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLRDHUP, (uint64_t)fd) < 0) {
         close(fd);
         zh_conn_release(&c->z);
         free(c);
@@ -147,18 +125,12 @@ int main(int argc, char **argv)
     struct zh_listener l;
     int lfd = zh_start(argc, argv, 0);
 
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (epfd < 0 || zh_listener_add(&l, epfd, lfd, (uint32_t)lfd) < 0) {
-        perror("epoll");
-        return 1;
-    }
+    epfd = zh_epoll(&l, lfd, (uint32_t)lfd);
     zh_ready();
     while (!zh_stop) {
-        batch_n = epoll_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, 300));
-        if (batch_n < 0 && errno != EINTR) {
-            perror("epoll_wait");
+        batch_n = zh_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, 300));
+        if (batch_n < 0)
             break;
-        }
         accept_first(lfd);
         for (batch_i = 0; batch_i < batch_n; batch_i++) {
             int fd = events[batch_i].data.fd;

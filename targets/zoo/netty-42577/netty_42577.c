@@ -101,18 +101,11 @@ static void on_conn(struct conn *c, uint32_t events)
 
 static void on_listener(struct zh_listener *l)
 {
-    for (;;) {
-        struct conn *c;
-        int fd = zh_accept(l->fd);
-        if (fd == -2)
-            zh_listener_pause(l);
-        if (fd < 0)
-            return;
-        if (fd >= MAX_FDS || !(c = calloc(1, sizeof *c))) {
-            close(fd);
+    int fd;
+    while ((fd = zh_accept_next(l)) >= 0) {
+        struct conn *c = zh_conn_new(fd, sizeof *c, MAX_FDS);
+        if (!c)
             continue;
-        }
-        zh_conn_init(&c->z, fd);
         if (set_interest(c, EPOLLIN | EPOLLRDHUP) < 0) {
             close(fd);
             free(c);
@@ -143,21 +136,14 @@ int main(int argc, char **argv)
     int lfd = zh_start(argc, argv, 0);
     int64_t next_sweep;
 
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (epfd < 0 || zh_listener_add(&l, epfd, lfd, UINT64_MAX) < 0) {
-        perror("epoll");
-        return 1;
-    }
+    epfd = zh_epoll(&l, lfd, UINT64_MAX);
     next_sweep = zh_now_ms() + SWEEP_MS;
     zh_ready();
     while (!zh_stop) {
         int64_t left = next_sweep - zh_now_ms();
-        int n = epoll_wait(epfd, events, MAXEVENTS,
-                           zh_listener_timeout(&l, left < 0 ? 0 : (int)left));
-        if (n < 0 && errno != EINTR) {
-            perror("epoll_wait");
+        int n = zh_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, left < 0 ? 0 : (int)left));
+        if (n < 0)
             break;
-        }
         for (int i = 0; i < n; i++) {
             uint64_t d = events[i].data.u64;
             struct conn *c;
