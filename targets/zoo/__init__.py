@@ -19,7 +19,11 @@ class ZooEntry:
 
 
 ZOO: tuple[ZooEntry, ...] = (
-    ZooEntry("h2o-1427", "use-after-close", "test_keepalive_requests or test_half_close"),
+    ZooEntry(
+        "h2o-1427",
+        "use-after-close",
+        "test_keepalive_requests or test_half_close or mid-response or after-half-close",
+    ),
     ZooEntry("libuv-968", "use-after-close", "test_connection_storm or test_reset_peer"),
     ZooEntry("go-59545", "wrong-incarnation", "test_keepalive_requests"),
     ZooEntry("envoy-20438", "use-after-close", "test_keepalive_requests"),
