@@ -8,8 +8,10 @@ request after the RST, acts on a closed connection.
 
 Phases: ``before-request`` (right after connect, often before the server even accepted),
 ``mid-request`` (half the request bytes sent), ``after-request`` (whole request sent, nothing
-read) and ``mid-response`` (2-8 pipelined requests, one short read of the answers, then RST while
-the server is still writing); ``random`` draws one per connection.
+read), ``mid-response`` (2-8 pipelined requests, one short read of the answers, then RST while
+the server is still writing) and ``after-half-close`` (one request, the client's FIN, the
+answer, then RST: it reaches a connection the server holds half-closed); ``random`` draws one
+of the first four per connection.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ from typing import ClassVar
 
 from afterclose.faults.base import Endpoint, Fault, FaultReport, keepalive_hint, param
 from afterclose.harness.client import engine
-from afterclose.harness.client.behaviours import MID_HANDSHAKE, ResetAction, draw_reset
+from afterclose.harness.client.behaviours import (
+    AFTER_HALF_CLOSE,
+    MID_HANDSHAKE,
+    ResetAction,
+    draw_reset,
+)
 from afterclose.harness.client.behaviours import RESET_PHASES as PHASES
 
 
@@ -38,7 +45,9 @@ class ResetPeer(Fault):
     connections: int = param(20, lo=1, hi=100_000, doc="connections to open, one after another")
     concurrency: int = param(4, lo=1, hi=1024, doc="connections open at once")
     phase: str = param(
-        "random", choices=(*PHASES, MID_HANDSHAKE, "random"), doc="when the client sends the RST"
+        "random",
+        choices=(*PHASES, MID_HANDSHAKE, AFTER_HALF_CLOSE, "random"),
+        doc="when the client sends the RST",
     )
 
     def plan(self, rng: random.Random) -> list[ResetAction]:

@@ -20,6 +20,9 @@ RESET_PHASES = ("before-request", "mid-request", "after-request", "mid-response"
 # Chosen by name only (a random phase draws from RESET_PHASES, as seeded schedules always did):
 # the RST right after the server's first handshake bytes (over TLS; else right after connect).
 MID_HANDSHAKE = "mid-handshake"
+# Also by name only: one request, the client's FIN, the answer, then the RST: the RST reaches
+# a connection the server holds half-closed.
+AFTER_HALF_CLOSE = "after-half-close"
 CLOSE_MODES = ("rst", "fin", "mixed")
 # The malformed requests plans draw from: the protocol's variants, in a fixed order.
 MALFORMED_VARIANTS = tuple(sorted(HTTP.malformed_variants))
@@ -97,6 +100,11 @@ class ResetAction:
             conn.report.count("partial_requests")
         elif self.phase == "after-request":
             if not await conn.send_requests(1):
+                return
+        elif self.phase == AFTER_HALF_CLOSE:
+            if not (await conn.send_requests(1) and conn.shutdown_write()):
+                return
+            if await conn.read_reply() is None:
                 return
         else:
             data, tags = conn.large_answer_requests(self.pipeline)

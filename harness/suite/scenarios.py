@@ -66,10 +66,10 @@ def test_keepalive_requests(target: TargetRun) -> None:
 
 
 @pytest.mark.parametrize(
-    "phase", ["before-request", "mid-request", "after-request", "mid-response"]
+    "phase", ["before-request", "mid-request", "after-request", "mid-response", "after-half-close"]
 )
 def test_reset_peer(target: TargetRun, phase: str) -> None:
-    if phase == "mid-response":
+    if phase in ("mid-response", "after-half-close"):
         needs_replies(target)
     target.run_fault("reset_peer", phase=phase, connections=60, concurrency=10)
 

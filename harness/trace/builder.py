@@ -54,7 +54,8 @@ from afterclose.harness.trace.model import (
 from afterclose.harness.trace.netpoller import go_pids, without_thread_ownership
 from afterclose.harness.trace.oneshot import Deliveries, overlaps
 from afterclose.harness.trace.pooled import PooledAdds
-from afterclose.harness.trace.receipts import Receipts, track_spin
+from afterclose.harness.trace.receipts import EVENT as _EVENT
+from afterclose.harness.trace.receipts import Receipts, track_event_spin, track_spin
 from afterclose.harness.trace.thread_memory import Acted, ThreadMemory, prepare
 from afterclose.harness.trace.timeline import Resolved, TimelineContext
 
@@ -70,7 +71,6 @@ SMALL_DATA = 4096
 # A closefrom()-style loop: this many EBADF-tolerant closes of n, n+1, n+2 ... in a row.
 SWEEP_RUN = 3
 _ACTED_CAP = 16
-_EVENT = -1  # "got an event for" in a thread's per-fd memory
 _NEVER = 1 << 64
 
 _SOCKET_IO = {
@@ -284,7 +284,7 @@ class _Walk:
         if r.err == EBADF:
             self._ebadf(idx, r, t, r.fd)
             return
-        self.m.resolve(r, r.fd)
+        self.m.resolve(r, r.fd)[0].handled_idx = idx
         if t.early:
             self._batch_step(idx, r, t, r.fd, None, False)
         if r.ret >= 0:
@@ -443,6 +443,7 @@ class _Walk:
         else:
             inc, certain = self.m.resolve(r, fd)
         self.res[idx] = inc
+        inc.handled_idx = idx
         if r.ret == 0 and err == 0 and r.op == Op.READ:
             if inc.ofd.peer_closed_idx < 0:
                 inc.ofd.peer_closed_idx = idx
@@ -711,6 +712,8 @@ class _Walk:
             return  # a tag shared by live registrations: the event cannot be attributed
         if i.pid == t.pid:
             fd = i.fd
+            if i.open:
+                track_event_spin(t.event_spin, self.facts, wait_idx, reg, r.events, t.last_op)
             t.batch[fd] = (i, wait_idx)
             t.last_op[fd] = (_EVENT, i, wait_idx)
             a = t.acted.get(fd)

@@ -197,6 +197,22 @@ class SpinningCall:
     count: int
 
 
+@dataclass(eq=False, slots=True)
+class SpinningEvent:
+    """A thread's epoll waits delivered the same ``events`` for ``inc`` ``count`` times in a
+    row, and the thread made no call on ``inc`` in between (level-triggered: the condition
+    stays, so every wait returns at once): from the wait ``first_idx`` to ``last_idx``.
+    ``mask``: the registration's interest mask when the spin began, set by ``set_idx``."""
+
+    first_idx: int
+    last_idx: int
+    inc: Incarnation
+    events: int
+    count: int
+    mask: int
+    set_idx: int
+
+
 Fact = (
     ClosedNumberUse
     | SocketCallOnFile
@@ -211,6 +227,7 @@ Fact = (
     | FreeWhileArmed
     | ForeignClose
     | SpinningCall
+    | SpinningEvent
 )
 F = TypeVar("F")
 

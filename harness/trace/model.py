@@ -96,6 +96,8 @@ class Incarnation:
     end_in: int = _NEVER
     end_out: int = _NEVER
     end_tid: int = 0
+    # The last read, write or accept on it, by any thread (see receipts.track_event_spin).
+    handled_idx: int = -1
 
     @property
     def label(self) -> str:

@@ -2,22 +2,25 @@
 
 :class:`Receipts` remembers, per incarnation, its first EPOLL_CTL_ADD and the earliest wait
 that delivered an event for it, and collects the closes that may be foreign (a thread closing
-a connection it was never handed); :func:`track_spin` follows runs of identical empty reads.
+a connection it was never handed); :func:`track_spin` follows runs of identical empty reads,
+:func:`track_event_spin` runs of waits delivering an event the thread never acts on.
 Both only state what the records prove, and record facts (:mod:`afterclose.harness.trace.facts`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from afterclose.harness.trace.facts import Fact, ForeignClose, SpinningCall
+from afterclose.harness.trace.facts import Fact, ForeignClose, SpinningCall, SpinningEvent
 from afterclose.harness.trace.format import Record
-from afterclose.harness.trace.model import Incarnation, Origin
+from afterclose.harness.trace.model import Incarnation, Origin, Registration
 
 # The same empty read on one connection this many times in a row is a spin: a correct server
 # reads EOF once and closes, and reads EAGAIN once per readiness event, which brings data.
 SPIN_CALLS = 1000
+# "Got an event for" in a thread's memory of its last business with a number.
+EVENT = -1
 # A connection closed by a thread that never received it is a foreign close only while it is
 # this young: an idle timer on its own thread may rightly close one that stayed silent longer.
 FOREIGN_CLOSE_YOUNG_NS = 1_000_000_000
@@ -48,6 +51,53 @@ def track_spin(
         s.fact.last_idx = idx
     elif s.count >= SPIN_CALLS and not inc.unknown:
         s.fact = SpinningCall(s.first_idx, idx, inc, what, s.count)
+        facts.append(s.fact)
+
+
+@dataclass(slots=True)
+class EventSpin:
+    """A thread's run of waits delivering the same event for one incarnation, untouched."""
+
+    inc: Incarnation
+    events: int
+    first_idx: int
+    last_idx: int
+    count: int = 1
+    fact: SpinningEvent | None = None
+
+
+def track_event_spin(
+    spins: dict[int, EventSpin],
+    facts: list[Fact],
+    wait_idx: int,
+    reg: Registration,
+    events: int,
+    last_op: Mapping[int, tuple[int, Incarnation | None, int]],
+) -> None:
+    """The thread's wait ``wait_idx`` delivered ``events`` through ``reg``; ``last_op`` is the
+    thread's memory of its last business with each number (before this event).  The run goes
+    on while the thread made no call on the number since its previous wait's event for it and
+    no thread read, wrote or accepted on it (another thread may be the one handling it)."""
+    inc = reg.incarnation
+    last = last_op.get(inc.fd)
+    untouched = last is not None and last[0] == EVENT and last[1] is inc and last[2] != wait_idx
+    s = spins.get(inc.fd)
+    if (
+        not untouched
+        or s is None
+        or s.inc is not inc
+        or s.events != events
+        or inc.handled_idx > s.last_idx
+    ):
+        spins[inc.fd] = EventSpin(inc, events, wait_idx, wait_idx)
+        return
+    s.count += 1
+    s.last_idx = wait_idx
+    if s.fact is not None:
+        s.fact.count = s.count
+        s.fact.last_idx = wait_idx
+    elif s.count >= SPIN_CALLS and not inc.unknown:
+        s.fact = SpinningEvent(s.first_idx, wait_idx, inc, events, s.count, reg.events, reg.set_idx)
         facts.append(s.fact)
 
 

@@ -10,7 +10,7 @@ from afterclose.harness.trace.early_close import EarlyClose
 from afterclose.harness.trace.facts import ClosedNumberUse
 from afterclose.harness.trace.format import Op, Record
 from afterclose.harness.trace.model import Incarnation
-from afterclose.harness.trace.receipts import Spin
+from afterclose.harness.trace.receipts import EventSpin, Spin
 
 
 @dataclass(slots=True)
@@ -37,6 +37,8 @@ class ThreadMemory:
     owned_close: dict[int, int] = field(default_factory=dict)
     # fd -> the run of identical empty reads on it (see SPIN_CALLS).
     spin: dict[int, Spin] = field(default_factory=dict)
+    # fd -> the run of waits delivering the same event for it, with no call on it between.
+    event_spin: dict[int, EventSpin] = field(default_factory=dict)
     # fd -> an incarnation closed with its event of the current batch still unhandled.
     early: dict[int, EarlyClose] = field(default_factory=dict)
     # fd -> an EPOLL_CTL_DEL that was the thread's first call on it since its batch event.

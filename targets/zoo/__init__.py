@@ -19,10 +19,12 @@ class ZooEntry:
 
 
 ZOO: tuple[ZooEntry, ...] = (
-    ZooEntry("h2o-1427", "use-after-close", "test_keepalive_requests or test_half_close"),
     ZooEntry(
-        "libuv-968", "use-after-close", "test_connection_storm or test_reset_peer", in_ci=False
+        "h2o-1427",
+        "use-after-close",
+        "test_keepalive_requests or test_half_close or mid-response or after-half-close",
     ),
+    ZooEntry("libuv-968", "use-after-close", "test_connection_storm or test_reset_peer"),
     ZooEntry("go-59545", "wrong-incarnation", "test_keepalive_requests"),
     ZooEntry("envoy-20438", "use-after-close", "test_keepalive_requests"),
     ZooEntry("haproxy-1807", "use-after-close", "test_keepalive_requests"),
@@ -30,4 +32,5 @@ ZOO: tuple[ZooEntry, ...] = (
     ZooEntry("redis-333", "stale-batch-event", "test_connection_storm"),
     ZooEntry("libuv-1148", "event-after-close", "test_half_close"),
     ZooEntry("ds389-7846", "concurrent-oneshot", "test_half_close or test_reset_peer"),
+    ZooEntry("netty-42577", "busy-loop", "after-half-close"),
 )

@@ -1,11 +1,13 @@
 """busy-loop: a server thread spins.
 
-Three kinds of evidence, each enough: the trace shows a thread making the same empty call on
+Three kinds of evidence, each enough.  The trace shows a thread making the same empty call on
 one connection over and over (``receipts.SPIN_CALLS`` reads in a row returning 0 or failing
-with EAGAIN, with no data read in between), in any test; at the end of every test, once the
-clients are gone, a thread of the server wants a CPU for most of a quiet window (the probe);
-or a fault (``fd_limit``) measured the server's CPU while its clients were idle above the
-allowance.
+with EAGAIN, with no data read in between), or its waits delivering the same event for one
+connection ``SPIN_CALLS`` times in a row while it makes no call on it (a level-triggered
+condition nobody handles: epoll_wait returns at once, again and again), in any test.  At the
+end of every test, once the clients are gone, a thread of the server wants a CPU for most of
+a quiet window (the probe).  Or a fault (``fd_limit``) measured the server's CPU while its
+clients were idle above the allowance.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from afterclose.harness import procfs
 from afterclose.harness.oracle.evidence import CPU_WHILE_IDLE
 from afterclose.harness.oracle.rule import Rule
 from afterclose.harness.oracle.verdict import Violation
-from afterclose.harness.trace.facts import SpinningCall, TraceModel
+from afterclose.harness.trace.facts import SpinningCall, SpinningEvent, TraceModel
 from afterclose.harness.trace.findings import Finding
+from afterclose.harness.trace.format import EPOLLERR, EPOLLHUP, epoll_events_str
 
 if TYPE_CHECKING:
     from afterclose.harness.oracle.judge import Evidence
@@ -91,8 +94,38 @@ def _spin(m: TraceModel, fact: SpinningCall) -> Finding:
     )
 
 
+def _unhandled(m: TraceModel, fact: SpinningEvent) -> Finding:
+    first, last = m.records[fact.first_idx], m.records[fact.last_idx]
+    t = m.tname(first.pid, first.tid)
+    ms = (last.t_ns - first.t_ns) / 1e6
+    summary = (
+        f"{t} (tid {first.tid}) spins on {m.label(fact.inc)}: epoll_wait reported "
+        f"{epoll_events_str(fact.events)} for it {fact.count} times in a row in {ms:.0f} ms "
+        f"(seq {first.seq_in} to {last.seq_in}), and the thread made no call on it in between"
+    )
+    notes = {fact.first_idx: "the spin begins"}
+    if not fact.mask & ~(EPOLLERR | EPOLLHUP) and fact.events & (EPOLLERR | EPOLLHUP):
+        # epoll_ctl(2): EPOLLERR and EPOLLHUP are always reported, whatever the mask asks for.
+        summary += (
+            f"; its registration asks for no event (mask {epoll_events_str(fact.mask)}, "
+            f"seq {m.records[fact.set_idx].seq_in}), yet epoll always reports EPOLLERR and "
+            "EPOLLHUP: an error or hang-up nobody handles wakes every wait, and the connection "
+            "is never closed"
+        )
+        notes[fact.set_idx] = "the interest mask becomes empty"
+    return m.finding(
+        RULE,
+        summary,
+        fact.first_idx,
+        fact.inc.fd,
+        refs=(fact.inc.created_idx, fact.set_idx),
+        notes=notes,
+    )
+
+
 def find(m: TraceModel) -> list[Finding]:
-    return [_spin(m, fact) for fact in m.of(SpinningCall)]
+    spins = [_spin(m, fact) for fact in m.of(SpinningCall)]
+    return spins + [_unhandled(m, fact) for fact in m.of(SpinningEvent)]
 
 
 def decide(ev: Evidence) -> list[Violation]:
@@ -113,7 +146,8 @@ def decide(ev: Evidence) -> list[Violation]:
 RULE = Rule(
     NAME,
     "a server thread spins: the same empty call (read returning 0 or EAGAIN) thousands of "
-    "times in a row, or CPU burnt while its clients were idle (e.g. on EMFILE)",
+    "times in a row, waits that return the same event it never acts on thousands of times in "
+    "a row, or CPU burnt while its clients were idle (e.g. on EMFILE)",
     why=(
         "nothing new arrived between these calls: the thread never closes or stops watching "
         "the connection, so it burns a core and starves the others."

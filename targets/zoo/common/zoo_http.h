@@ -1,9 +1,11 @@
 /*
  * zoo_http.h: what every zoo target shares, so that each target's file holds only its
- * mechanism: listening, accepting, and answering HTTP/1.1 GET requests on a non-blocking
- * connection the way targets/seed-fixed does (200 with the path as the body, 400 and close on
- * a malformed request, "Connection: close" and HTTP/1.0 honoured, EPOLLRDHUP means "answer
- * what was received, then close").
+ * mechanism: listening, accepting (zh_accept_next, zh_conn_new), the epoll set-up and wait
+ * (zh_epoll, zh_wait, and zh_run, the whole loop of the targets whose epoll data is a
+ * pointer), and answering HTTP/1.1 GET requests on a non-blocking connection the way
+ * targets/seed-fixed does (200 with the path as the body, 400 and close on a malformed
+ * request, "Connection: close" and HTTP/1.0 honoured, EPOLLRDHUP means "answer what was
+ * received, then close").
  *
  * A connection's owner calls zh_handle(c, events) when epoll reported it; the answer says what
  * to wait for next (ZH_READ, ZH_WRITE) or that the owner must now close it (ZH_CLOSE: the
@@ -14,8 +16,10 @@
 
 #define _GNU_SOURCE
 #include <errno.h>
+#include <limits.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -23,6 +27,8 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -456,6 +462,119 @@ static inline int zh_listener_timeout(struct zh_listener *l, int max_ms)
         }
     }
     return max_ms;
+}
+
+/* The next connection to accept: its fd, or -1 when there is none now (out of fds, the
+ * listener pauses itself: see zh_accept). */
+static inline int zh_accept_next(struct zh_listener *l)
+{
+    int fd = zh_accept(l->fd);
+    if (fd == -2)
+        zh_listener_pause(l);
+    return fd < 0 ? -1 : fd;
+}
+
+/* A zeroed connection object of `size` bytes whose first member is a struct zh_conn, for fd;
+ * NULL (and fd closed) when fd is not below max_fd or memory is short. */
+static inline void *zh_conn_new(int fd, size_t size, int max_fd)
+{
+    struct zh_conn *z = fd < max_fd ? calloc(1, size) : NULL;
+    if (!z) {
+        close(fd);
+        return NULL;
+    }
+    zh_conn_init(z, fd);
+    return z;
+}
+
+static inline int zh_watch(int epfd, int op, int fd, uint32_t events, uint64_t data)
+{
+    struct epoll_event ev = {.events = events, .data.u64 = data};
+    return epoll_ctl(epfd, op, fd, &ev);
+}
+
+/* An epoll instance watching the listener lfd (tagged data), or exits. */
+static inline int zh_epoll(struct zh_listener *l, int lfd, uint64_t data)
+{
+    int epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (epfd < 0 || zh_listener_add(l, epfd, lfd, data) < 0) {
+        perror("epoll");
+        exit(1);
+    }
+    return epfd;
+}
+
+/* One epoll_wait: the number of events (0 when a signal interrupted it), or -1 on an error
+ * the loop cannot go on after (reported). */
+static inline int zh_wait(int epfd, struct epoll_event *events, int max, int timeout_ms)
+{
+    int n = epoll_wait(epfd, events, max, timeout_ms);
+    if (n >= 0 || errno == EINTR)
+        return n < 0 ? 0 : n;
+    perror("epoll_wait");
+    return -1;
+}
+
+/* The peer sent its FIN or a reset (TCP state CLOSE_WAIT or CLOSE) and every byte it sent has
+ * been read: the connection can only still owe it answers. */
+static inline int zh_peer_gone(int fd)
+{
+    struct tcp_info ti;
+    socklen_t len = sizeof ti;
+    int unread = 0;
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0)
+        return 0;
+    if (ti.tcpi_state != TCP_CLOSE_WAIT && ti.tcpi_state != TCP_CLOSE)
+        return 0;
+    return ioctl(fd, FIONREAD, &unread) == 0 && unread == 0;
+}
+
+/* An eventfd that ends a wait on epfd (its events carry tag), or exits. */
+static inline int zh_wake_fd(int epfd, uint64_t tag)
+{
+    int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (fd < 0 || zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN, tag) < 0) {
+        perror("eventfd");
+        exit(1);
+    }
+    return fd;
+}
+
+/* The loop of the targets whose epoll data is a connection's pointer: each batch's events for
+ * the listener (data == the listener's tag) go to accept, those for connections to dispatch;
+ * data below ZH_TAGS (no pointer is that small) tags a wake-up, which only ends the wait.
+ * before and after (optional) run before each wait and after each batch. */
+#define ZH_TAGS 16
+#define ZH_MAXEVENTS 256
+
+struct zh_loop {
+    int epfd;
+    struct zh_listener *l;
+    void (*accept)(struct zh_listener *l);
+    void (*dispatch)(void *conn, uint32_t events);
+    void (*before)(void);
+    void (*after)(void);
+};
+
+static inline void zh_run(const struct zh_loop *lp)
+{
+    struct epoll_event events[ZH_MAXEVENTS];
+    while (!zh_stop) {
+        int n;
+        if (lp->before)
+            lp->before();
+        n = zh_wait(lp->epfd, events, ZH_MAXEVENTS, zh_listener_timeout(lp->l, 300));
+        if (n < 0)
+            break;
+        for (int i = 0; i < n; i++) {
+            if (events[i].data.u64 == lp->l->data)
+                lp->accept(lp->l);
+            else if (events[i].data.u64 >= ZH_TAGS)
+                lp->dispatch(events[i].data.ptr, events[i].events);
+        }
+        if (lp->after)
+            lp->after();
+    }
 }
 
 #endif

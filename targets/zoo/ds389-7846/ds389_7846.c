@@ -21,7 +21,6 @@
 #include "../common/zoo_http.h"
 #include "../common/zoo_queue.h"
 
-#define MAXEVENTS 256
 #define NWORKERS 4
 #define MAX_FDS 4096
 #define LOG_US 200 /* the access log's device is slow */
@@ -122,59 +121,38 @@ static void *worker_main(void *arg)
 
 static void accept_all(struct zh_listener *l)
 {
-    for (;;) {
-        struct epoll_event ev;
-        struct conn *c;
-        int fd = zh_accept(l->fd);
-        if (fd == -1)
-            return;
-        if (fd == -2) {
-            zh_listener_pause(l);
-            return;
-        }
+    int fd;
+    while ((fd = zh_accept_next(l)) >= 0) {
+        struct conn *c = &table[fd];
         if (fd >= MAX_FDS) {
             close(fd);
             continue;
         }
-        c = &table[fd];
         zh_conn_init(&c->z, fd);
-        ev.events = EPOLLIN | EPOLLRDHUP | EPOLLONESHOT;
-        ev.data.ptr = c;
-        if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLRDHUP | EPOLLONESHOT,
+                     (uintptr_t)c) < 0)
             close(fd);
-        }
     }
+}
+
+/* The loop thread's part: a connection's event goes to the workers' queue. */
+static void enqueue(void *c, uint32_t events)
+{
+    zq_push(&work_q, c, events);
 }
 
 int main(int argc, char **argv)
 {
-    struct epoll_event events[MAXEVENTS];
     struct zh_listener l;
     pthread_t workers[NWORKERS];
     int lfd = zh_start(argc, argv, 0);
 
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (epfd < 0 || zh_listener_add(&l, epfd, lfd, 0) < 0) {
-        perror("epoll");
-        return 1;
-    }
+    epfd = zh_epoll(&l, lfd, 0);
     zq_init(&work_q);
     for (int i = 0; i < NWORKERS; i++)
         pthread_create(&workers[i], NULL, worker_main, NULL);
     zh_ready();
-    while (!zh_stop) {
-        int n = epoll_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, 300));
-        if (n < 0 && errno != EINTR) {
-            perror("epoll_wait");
-            break;
-        }
-        for (int i = 0; i < n; i++) {
-            if (events[i].data.u64 == 0)
-                accept_all(&l);
-            else
-                zq_push(&work_q, events[i].data.ptr, events[i].events);
-        }
-    }
+    zh_run(&(struct zh_loop){.epfd = epfd, .l = &l, .accept = accept_all, .dispatch = enqueue});
     zq_close(&work_q);
     for (int i = 0; i < NWORKERS; i++)
         pthread_join(workers[i], NULL);

@@ -21,7 +21,6 @@
  */
 #include "../common/zoo_http.h"
 
-#define MAXEVENTS 256
 
 struct conn {
     struct zh_conn z;
@@ -95,8 +94,9 @@ static void on_write(struct conn *c)
     }
 }
 
-static void dispatch(struct conn *c, uint32_t events)
+static void dispatch(void *p, uint32_t events)
 {
+    struct conn *c = p;
     if (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP))
         on_read(c, events);
 #ifdef ZOO_FIXED
@@ -109,25 +109,13 @@ static void dispatch(struct conn *c, uint32_t events)
 
 static void accept_all(struct zh_listener *l)
 {
-    for (;;) {
-        struct epoll_event ev;
-        struct conn *c;
-        int fd = zh_accept(l->fd);
-        if (fd == -1)
-            return;
-        if (fd == -2) {
-            zh_listener_pause(l);
-            return;
-        }
-        c = calloc(1, sizeof *c);
-        if (!c) {
-            close(fd);
+    int fd;
+    while ((fd = zh_accept_next(l)) >= 0) {
+        struct conn *c = zh_conn_new(fd, sizeof *c, INT_MAX);
+        if (!c)
             continue;
-        }
-        zh_conn_init(&c->z, fd);
-        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-        ev.data.ptr = c;
-        if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+                     (uintptr_t)c) < 0) {
             close(fd);
             free(c);
         }
@@ -146,30 +134,16 @@ static void delete_deferred(void)
 
 int main(int argc, char **argv)
 {
-    struct epoll_event events[MAXEVENTS];
     struct zh_listener l;
     int lfd = zh_start(argc, argv, 0);
 
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (epfd < 0 || zh_listener_add(&l, epfd, lfd, 0) < 0) {
-        perror("epoll");
-        return 1;
-    }
+    epfd = zh_epoll(&l, lfd, 0);
     zh_ready();
-    while (!zh_stop) {
-        int n = epoll_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, 300));
-        if (n < 0 && errno != EINTR) {
-            perror("epoll_wait");
-            break;
-        }
-        for (int i = 0; i < n; i++) {
-            if (events[i].data.u64 == 0)
-                accept_all(&l);
-            else
-                dispatch(events[i].data.ptr, events[i].events);
-        }
-        delete_deferred();
-    }
+    zh_run(&(struct zh_loop){.epfd = epfd,
+                             .l = &l,
+                             .accept = accept_all,
+                             .dispatch = dispatch,
+                             .after = delete_deferred});
     close(epfd);
     close(lfd);
     return 0;

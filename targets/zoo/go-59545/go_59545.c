@@ -106,17 +106,9 @@ static void accept_all(void)
 {
     if (pthread_mutex_trylock(&listener_mu) != 0)
         return; /* another thread is accepting */
-    for (;;) {
-        struct epoll_event ev;
-        struct pd *pd;
-        int fd = zh_accept(listener.fd);
-        if (fd == -1)
-            break;
-        if (fd == -2) {
-            zh_listener_pause(&listener);
-            break;
-        }
-        pd = pd_get();
+    int fd;
+    while ((fd = zh_accept_next(&listener)) >= 0) {
+        struct pd *pd = pd_get();
         if (!pd) {
             close(fd);
             continue;
@@ -125,9 +117,8 @@ static void accept_all(void)
         zh_conn_init(&pd->z, fd);
         pd->seq++;
         pd->closed = 0;
-        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-        ev.data.u64 = pd_data(pd);
-        if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+        if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+                     pd_data(pd)) < 0)
             pd_close(pd);
         pthread_mutex_unlock(&pd->mu);
     }
@@ -144,11 +135,9 @@ static void *poller_main(void *arg)
             timeout = zh_listener_timeout(&listener, 300);
             pthread_mutex_unlock(&listener_mu);
         }
-        n = epoll_wait(epfd, events, MAXEVENTS, timeout);
-        if (n < 0 && errno != EINTR) {
-            perror("epoll_wait");
+        n = zh_wait(epfd, events, MAXEVENTS, timeout);
+        if (n < 0)
             break;
-        }
         for (int i = 0; i < n; i++) {
             if (events[i].data.u64 == TAG_LISTENER)
                 accept_all();
@@ -164,11 +153,7 @@ int main(int argc, char **argv)
     pthread_t threads[NTHREADS];
     int lfd = zh_start(argc, argv, 0);
 
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (epfd < 0 || zh_listener_add(&listener, epfd, lfd, TAG_LISTENER) < 0) {
-        perror("epoll");
-        return 1;
-    }
+    epfd = zh_epoll(&listener, lfd, TAG_LISTENER);
     for (int i = 0; i < NTHREADS; i++)
         pthread_create(&threads[i], NULL, poller_main, NULL);
     zh_ready();

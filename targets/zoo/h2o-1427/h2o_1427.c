@@ -20,15 +20,11 @@
  */
 #include "../common/zoo_http.h"
 
-#include <netinet/tcp.h>
 #include <pthread.h>
-#include <sys/eventfd.h>
-#include <sys/ioctl.h>
 
-#define MAXEVENTS 256
 #define UPDATE_US 1000
 #define TAG_LISTENER 1
-#define TAG_WAKE 2
+#define TAG_WAKE 2 /* below ZH_TAGS: zh_run skips it */
 
 struct conn {
     struct zh_conn z;
@@ -75,16 +71,7 @@ static void conn_close(struct conn *c)
 
 static int abandoned(struct conn *c)
 {
-    struct tcp_info ti;
-    socklen_t len = sizeof ti;
-    int unread = 0;
-    if (getsockopt(c->z.fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0)
-        return 0;
-    if (ti.tcpi_state != TCP_CLOSE_WAIT && ti.tcpi_state != TCP_CLOSE)
-        return 0;
-    if (ioctl(c->z.fd, FIONREAD, &unread) < 0 || unread > 0)
-        return 0;
-    return !__atomic_load_n(&c->z.outlen, __ATOMIC_RELAXED);
+    return zh_peer_gone(c->z.fd) && !__atomic_load_n(&c->z.outlen, __ATOMIC_RELAXED);
 }
 
 static void *updater_main(void *arg)
@@ -142,8 +129,9 @@ static void between_batches(void)
     }
 }
 
-static void on_conn(struct conn *c, uint32_t events)
+static void on_conn(void *p, uint32_t events)
 {
+    struct conn *c = p;
     enum zh_next next = zh_handle(&c->z, events);
     struct epoll_event ev = {.events = EPOLLRDHUP, .data.ptr = c};
     if (next == ZH_CLOSE) {
@@ -157,74 +145,39 @@ static void on_conn(struct conn *c, uint32_t events)
 
 static void accept_all(struct zh_listener *l)
 {
-    for (;;) {
-        struct epoll_event ev;
-        struct conn *c;
-        int fd = zh_accept(l->fd);
-        if (fd == -1)
-            return;
-        if (fd == -2) {
-            zh_listener_pause(l);
-            return;
-        }
-        c = calloc(1, sizeof *c);
-        if (!c) {
-            close(fd);
+    int fd;
+    while ((fd = zh_accept_next(l)) >= 0) {
+        struct conn *c = zh_conn_new(fd, sizeof *c, INT_MAX);
+        if (!c)
             continue;
-        }
-        zh_conn_init(&c->z, fd);
         pthread_mutex_lock(&conns_mu);
         c->next = conns;
         if (conns)
             conns->prev = c;
         conns = c;
         pthread_mutex_unlock(&conns_mu);
-        ev.events = EPOLLIN | EPOLLRDHUP;
-        ev.data.ptr = c;
-        if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+        if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLRDHUP, (uintptr_t)c) < 0)
             conn_close(c);
     }
 }
 
 int main(int argc, char **argv)
 {
-    struct epoll_event events[MAXEVENTS];
     struct zh_listener l;
     pthread_t updater;
     int lfd = zh_start(argc, argv, 0);
 
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (epfd < 0 || zh_listener_add(&l, epfd, lfd, TAG_LISTENER) < 0) {
-        perror("epoll");
-        return 1;
-    }
+    epfd = zh_epoll(&l, lfd, TAG_LISTENER);
 #ifdef ZOO_FIXED
-    {
-        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = TAG_WAKE};
-        wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-        if (wake_fd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, wake_fd, &ev) < 0) {
-            perror("eventfd");
-            return 1;
-        }
-    }
+    wake_fd = zh_wake_fd(epfd, TAG_WAKE);
 #endif
     pthread_create(&updater, NULL, updater_main, NULL);
     zh_ready();
-    while (!zh_stop) {
-        int n;
-        between_batches();
-        n = epoll_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, 300));
-        if (n < 0 && errno != EINTR) {
-            perror("epoll_wait");
-            break;
-        }
-        for (int i = 0; i < n; i++) {
-            if (events[i].data.u64 == TAG_LISTENER)
-                accept_all(&l);
-            else if (events[i].data.u64 != TAG_WAKE)
-                on_conn(events[i].data.ptr, events[i].events);
-        }
-    }
+    zh_run(&(struct zh_loop){.epfd = epfd,
+                             .l = &l,
+                             .accept = accept_all,
+                             .dispatch = on_conn,
+                             .before = between_batches});
     pthread_join(updater, NULL);
     return 0;
 }

@@ -22,7 +22,6 @@
 
 #include <pthread.h>
 
-#define MAXEVENTS 256
 #define PAUSE_US 1000
 #define TICK_US 200
 
@@ -83,8 +82,9 @@ static void pause_reading(struct conn *c)
     pthread_mutex_unlock(&upd_mu);
 }
 
-static void on_conn(struct conn *c, uint32_t events)
+static void on_conn(void *p, uint32_t events)
 {
+    struct conn *c = p;
     enum zh_next next = zh_handle(&c->z, events);
     int r;
 
@@ -136,25 +136,12 @@ static void *resumer_main(void *arg)
 
 static void accept_all(struct zh_listener *l)
 {
-    for (;;) {
-        struct epoll_event ev;
-        struct conn *c;
-        int fd = zh_accept(l->fd);
-        if (fd == -1)
-            return;
-        if (fd == -2) {
-            zh_listener_pause(l);
-            return;
-        }
-        c = calloc(1, sizeof *c);
-        if (!c) {
-            close(fd);
+    int fd;
+    while ((fd = zh_accept_next(l)) >= 0) {
+        struct conn *c = zh_conn_new(fd, sizeof *c, INT_MAX);
+        if (!c)
             continue;
-        }
-        zh_conn_init(&c->z, fd);
-        ev.events = EPOLLIN | EPOLLRDHUP;
-        ev.data.ptr = c;
-        if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLRDHUP, (uintptr_t)c) < 0) {
             close(fd);
             free(c);
         }
@@ -163,31 +150,14 @@ static void accept_all(struct zh_listener *l)
 
 int main(int argc, char **argv)
 {
-    struct epoll_event events[MAXEVENTS];
     struct zh_listener l;
     pthread_t resumer;
     int lfd = zh_start(argc, argv, 0);
 
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (epfd < 0 || zh_listener_add(&l, epfd, lfd, 0) < 0) {
-        perror("epoll");
-        return 1;
-    }
+    epfd = zh_epoll(&l, lfd, 0);
     pthread_create(&resumer, NULL, resumer_main, NULL);
     zh_ready();
-    while (!zh_stop) {
-        int n = epoll_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, 300));
-        if (n < 0 && errno != EINTR) {
-            perror("epoll_wait");
-            break;
-        }
-        for (int i = 0; i < n; i++) {
-            if (events[i].data.u64 == 0)
-                accept_all(&l);
-            else
-                on_conn(events[i].data.ptr, events[i].events);
-        }
-    }
+    zh_run(&(struct zh_loop){.epfd = epfd, .l = &l, .accept = accept_all, .dispatch = on_conn});
     pthread_join(resumer, NULL);
     return 0;
 }

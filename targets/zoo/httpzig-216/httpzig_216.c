@@ -21,12 +21,10 @@
 #include "../common/zoo_http.h"
 #include "../common/zoo_queue.h"
 
-#include <sys/eventfd.h>
 
 #define NWORKERS 4
-#define MAXEVENTS 256
 #define TAG_LISTENER 1
-#define TAG_WAKE 2
+#define TAG_WAKE 2 /* below ZH_TAGS: zh_run skips it */
 
 struct conn {
     struct zh_conn z;
@@ -102,8 +100,9 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-static void dispatch(struct conn *c, uint32_t events)
+static void dispatch(void *p, uint32_t events)
 {
+    struct conn *c = p;
     pthread_mutex_lock(&c->mu);
     if (c->closing) {
         pthread_mutex_unlock(&c->mu);
@@ -121,26 +120,14 @@ static void dispatch(struct conn *c, uint32_t events)
 
 static void accept_all(struct zh_listener *l)
 {
-    for (;;) {
-        struct epoll_event ev;
-        struct conn *c;
-        int fd = zh_accept(l->fd);
-        if (fd == -1)
-            return;
-        if (fd == -2) {
-            zh_listener_pause(l);
-            return;
-        }
-        c = calloc(1, sizeof *c);
-        if (!c) {
-            close(fd);
+    int fd;
+    while ((fd = zh_accept_next(l)) >= 0) {
+        struct conn *c = zh_conn_new(fd, sizeof *c, INT_MAX);
+        if (!c)
             continue;
-        }
-        zh_conn_init(&c->z, fd);
         pthread_mutex_init(&c->mu, NULL);
-        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-        ev.data.ptr = c;
-        if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+                     (uintptr_t)c) < 0) {
             close(fd);
             conn_free(c);
         }
@@ -166,47 +153,23 @@ static void close_done(void)
 
 int main(int argc, char **argv)
 {
-    struct epoll_event events[MAXEVENTS];
     struct zh_listener l;
     pthread_t workers[NWORKERS];
     int lfd = zh_start(argc, argv, 0);
+    struct zh_loop loop = {.l = &l, .accept = accept_all, .dispatch = dispatch};
 
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (epfd < 0 || zh_listener_add(&l, epfd, lfd, TAG_LISTENER) < 0) {
-        perror("epoll");
-        return 1;
-    }
+    epfd = loop.epfd = zh_epoll(&l, lfd, TAG_LISTENER);
 #ifdef ZOO_FIXED
-    {
-        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = TAG_WAKE};
-        wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-        if (wake_fd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, wake_fd, &ev) < 0) {
-            perror("eventfd");
-            return 1;
-        }
-    }
+    wake_fd = zh_wake_fd(epfd, TAG_WAKE);
 #endif
     zq_init(&work_q);
     for (int i = 0; i < NWORKERS; i++)
         pthread_create(&workers[i], NULL, worker_main, NULL);
     zh_ready();
-    while (!zh_stop) {
-        int n;
 #ifdef ZOO_FIXED
-        close_done();
+    loop.before = close_done;
 #endif
-        n = epoll_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, 300));
-        if (n < 0 && errno != EINTR) {
-            perror("epoll_wait");
-            break;
-        }
-        for (int i = 0; i < n; i++) {
-            if (events[i].data.u64 == TAG_LISTENER)
-                accept_all(&l);
-            else if (events[i].data.u64 != TAG_WAKE)
-                dispatch(events[i].data.ptr, events[i].events);
-        }
-    }
+    zh_run(&loop);
     zq_close(&work_q);
     for (int i = 0; i < NWORKERS; i++)
         pthread_join(workers[i], NULL);

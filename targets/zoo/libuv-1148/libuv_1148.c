@@ -100,24 +100,14 @@ static void on_conn(struct conn *c, uint32_t events)
 
 static void on_listener(struct zh_listener *l)
 {
-    for (;;) {
-        struct epoll_event ev;
-        struct conn *c;
-        int fd = zh_accept(l->fd);
-        if (fd == -2)
-            zh_listener_pause(l);
-        if (fd < 0)
-            return;
-        if (fd >= MAX_FDS || !(c = calloc(1, sizeof *c))) {
-            close(fd);
+    int fd;
+    while ((fd = zh_accept_next(l)) >= 0) {
+        struct conn *c = zh_conn_new(fd, sizeof *c, MAX_FDS);
+        if (!c)
             continue;
-        }
-        zh_conn_init(&c->z, fd);
         c->serial = ++serials;
         c->interest = EPOLLIN;
-        ev.events = EPOLLIN | EPOLLRDHUP;
-        ev.data.u64 = data_of(c);
-        if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLRDHUP, data_of(c)) < 0) {
             close(fd);
             free(c);
             continue;
@@ -134,21 +124,15 @@ int main(int argc, char **argv)
     struct zh_listener l;
     int lfd = zh_start(argc, argv, 0);
 
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (epfd < 0 || zh_listener_add(&l, epfd, lfd, UINT64_MAX) < 0) {
-        perror("epoll");
-        return 1;
-    }
+    epfd = zh_epoll(&l, lfd, UINT64_MAX);
     next_sweep = zh_now_ms() + KEEP_MS;
     zh_ready();
     while (!zh_stop) {
         int64_t left = next_sweep - zh_now_ms();
-        int n = epoll_wait(epfd, events, MAXEVENTS,
-                           zh_listener_timeout(&l, left < 0 ? 0 : left > 300 ? 300 : (int)left));
-        if (n < 0 && errno != EINTR) {
-            perror("epoll_wait");
+        int n = zh_wait(epfd, events, MAXEVENTS,
+                        zh_listener_timeout(&l, left < 0 ? 0 : left > 300 ? 300 : (int)left));
+        if (n < 0)
             break;
-        }
         for (int i = 0; i < n; i++) {
             uint64_t d = events[i].data.u64;
             struct conn *c;

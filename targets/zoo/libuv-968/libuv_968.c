@@ -7,12 +7,14 @@
  * One thread, a libuv-style loop: epoll data is the fd number, and each event is dispatched
  * through a table of watchers indexed by fd (watchers[fd]).  An event whose number has no
  * watcher is "a descriptor we stopped watching": the loop disarms it with EPOLL_CTL_DEL.
- * The server keeps at most MAX_CONNS connections.  When the listener is ready it first
- * reclaims slots (connections whose peer is gone and that have nothing left to answer; if the
- * table is still full, idle keep-alive ones) and then accepts one connection.
+ * The listener's event is handled first in each batch (new clients do not wait behind the
+ * connections' work, as nginx's posted accept events do not).  Before each accept it reclaims
+ * the fds of connections whose peer is gone (a FIN or a reset) and that have nothing left to
+ * answer, then accepts one connection.
  *
- * The bug (ZOO_FIXED undefined): the evictions happen in the middle of a batch.  Events of the
- * same batch for an evicted fd are still ahead in the array: if accept handed the number to
+ * The bug (ZOO_FIXED undefined): the reclaiming closes happen in the middle of a batch.  The
+ * peer's FIN or reset that made a connection "gone" is, as an event, usually still ahead in
+ * the same batch (the listener's event went first): if accept handed the number to
  * the new connection, they run the new watcher's callback (a reset or FIN of the old peer
  * closes the new connection); if not, the loop "disarms" a number that is already closed.
  *
@@ -21,24 +23,18 @@
  */
 #include "../common/zoo_http.h"
 
-#include <netinet/tcp.h>
-#include <sys/ioctl.h>
 
 #define MAXEVENTS 256
 #define MAX_FDS 65536
-#define MAX_CONNS 8
 
 struct conn {
     struct zh_conn z;
-    uint64_t serial; /* accept order */
-    uint64_t idle_since; /* when it last became an idle keep-alive connection; 0 = busy */
     uint32_t interest;
 };
 
 static int epfd = -1;
 static struct conn *watchers[MAX_FDS];
-static int nconns, max_fd;
-static uint64_t accepted, ticks;
+static int max_fd;
 static struct epoll_event events[MAXEVENTS];
 static int batch_n, batch_i; /* the batch being dispatched, and the position in it */
 
@@ -46,7 +42,6 @@ static void conn_close(struct conn *c)
 {
     int fd = c->z.fd;
     watchers[fd] = NULL;
-    nconns--;
 #ifdef ZOO_FIXED
     for (int i = batch_i + 1; i < batch_n; i++)
         if (events[i].data.fd == fd)
@@ -70,7 +65,6 @@ static void watch(struct conn *c, uint32_t interest)
 static void on_conn(struct conn *c, uint32_t ev)
 {
     enum zh_next next = zh_handle(&c->z, ev);
-    c->idle_since = next == ZH_READ && c->z.inlen == 0 && c->z.answered ? ++ticks : 0;
     if (next == ZH_CLOSE)
         conn_close(c);
     else
@@ -81,75 +75,49 @@ static void on_conn(struct conn *c, uint32_t ev)
  * left to answer: the connection only holds a slot. */
 static int peer_gone(const struct conn *c)
 {
-    struct tcp_info ti;
-    socklen_t len = sizeof ti;
-    int unread = 0;
-    if (getsockopt(c->z.fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0)
-        return 0;
-    if (ti.tcpi_state != TCP_CLOSE_WAIT && ti.tcpi_state != TCP_CLOSE)
-        return 0;
-    if (ioctl(c->z.fd, FIONREAD, &unread) < 0 || unread > 0)
-        return 0;
-    return c->z.inlen == 0 && !zh_pending(&c->z);
+    return zh_peer_gone(c->z.fd) && c->z.inlen == 0 && !zh_pending(&c->z);
 }
 
-static int evict_before(const struct conn *a, const struct conn *b)
+/* Before each accept: drop every connection whose peer is gone, to reclaim its fd. */
+static void reclaim(void)
 {
-    if ((a->idle_since != 0) != (b->idle_since != 0))
-        return a->idle_since != 0;
-    if (a->idle_since != b->idle_since)
-        return a->idle_since < b->idle_since;
-    return a->serial < b->serial;
-}
-
-/* Before each accept: drop every connection whose peer is gone; then, if the table is full,
- * idle keep-alive connections (the longest idle first), then the oldest. */
-static void evict(void)
-{
-    struct conn *victim = NULL;
     for (int fd = 0; fd <= max_fd; fd++)
         if (watchers[fd] && peer_gone(watchers[fd]))
             conn_close(watchers[fd]);
-    while (nconns >= MAX_CONNS) {
-        for (int fd = 0; fd <= max_fd; fd++)
-            if (watchers[fd] && (!victim || evict_before(watchers[fd], victim)))
-                victim = watchers[fd];
-        conn_close(victim);
-        victim = NULL;
-    }
 }
 
 static void on_listener(struct zh_listener *l)
 {
-    struct epoll_event ev;
     struct conn *c;
     int fd;
 
-    evict();
-    fd = zh_accept(l->fd);
-    if (fd == -2)
-        zh_listener_pause(l);
-    if (fd < 0)
+    reclaim();
+    if ((fd = zh_accept_next(l)) < 0 || !(c = zh_conn_new(fd, sizeof *c, MAX_FDS)))
         return;
-    if (fd >= MAX_FDS || !(c = calloc(1, sizeof *c))) {
-        close(fd);
-        return;
-    }
-    zh_conn_init(&c->z, fd);
-    c->serial = accepted++;
     c->interest = EPOLLIN;
-    ev.events = EPOLLIN | EPOLLRDHUP;
-    ev.data.fd = fd;
-    if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+    if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLRDHUP, (uint64_t)fd) < 0) {
         close(fd);
         zh_conn_release(&c->z);
         free(c);
         return;
     }
     watchers[fd] = c;
-    nconns++;
     if (fd > max_fd)
         max_fd = fd;
+}
+
+/* New clients first: the listener's event, if the batch has one, moves to its head (the
+ * others keep their order), so accepting never waits behind the connections' work. */
+static void accept_first(int lfd)
+{
+    for (int i = 1; i < batch_n; i++) {
+        if (events[i].data.fd == lfd) {
+            struct epoll_event l = events[i];
+            memmove(&events[1], &events[0], (size_t)i * sizeof events[0]);
+            events[0] = l;
+            return;
+        }
+    }
 }
 
 int main(int argc, char **argv)
@@ -157,18 +125,13 @@ int main(int argc, char **argv)
     struct zh_listener l;
     int lfd = zh_start(argc, argv, 0);
 
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (epfd < 0 || zh_listener_add(&l, epfd, lfd, (uint32_t)lfd) < 0) {
-        perror("epoll");
-        return 1;
-    }
+    epfd = zh_epoll(&l, lfd, (uint32_t)lfd);
     zh_ready();
     while (!zh_stop) {
-        batch_n = epoll_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, 300));
-        if (batch_n < 0 && errno != EINTR) {
-            perror("epoll_wait");
+        batch_n = zh_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, 300));
+        if (batch_n < 0)
             break;
-        }
+        accept_first(lfd);
         for (batch_i = 0; batch_i < batch_n; batch_i++) {
             int fd = events[batch_i].data.fd;
             struct conn *w;

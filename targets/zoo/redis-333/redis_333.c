@@ -19,8 +19,6 @@
  */
 #include "../common/zoo_http.h"
 
-#include <netinet/tcp.h>
-#include <sys/ioctl.h>
 
 #define MAXEVENTS 256
 #define MAX_FDS 65536
@@ -60,16 +58,7 @@ static void conn_close(struct conn *c)
  * left to answer: the connection only holds a slot. */
 static int peer_gone(const struct conn *c)
 {
-    struct tcp_info ti;
-    socklen_t len = sizeof ti;
-    int unread = 0;
-    if (getsockopt(c->z.fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0)
-        return 0;
-    if (ti.tcpi_state != TCP_CLOSE_WAIT && ti.tcpi_state != TCP_CLOSE)
-        return 0;
-    if (ioctl(c->z.fd, FIONREAD, &unread) < 0 || unread > 0)
-        return 0;
-    return c->z.inlen == 0 && !zh_pending(&c->z);
+    return zh_peer_gone(c->z.fd) && c->z.inlen == 0 && !zh_pending(&c->z);
 }
 
 /* Before accepting: free the slots of connections whose peer is gone. */
@@ -102,23 +91,13 @@ static void on_conn(struct conn *c, uint32_t mask)
 static void on_listener(struct zh_listener *l)
 {
     reap();
-    for (;;) {
-        struct epoll_event ev;
-        struct conn *c;
-        int fd = zh_accept(l->fd);
-        if (fd == -2)
-            zh_listener_pause(l);
-        if (fd < 0)
-            return;
-        if (fd >= MAX_FDS || !(c = calloc(1, sizeof *c))) {
-            close(fd);
+    int fd;
+    while ((fd = zh_accept_next(l)) >= 0) {
+        struct conn *c = zh_conn_new(fd, sizeof *c, MAX_FDS);
+        if (!c)
             continue;
-        }
-        zh_conn_init(&c->z, fd);
         c->interest = EPOLLIN;
-        ev.events = EPOLLIN | EPOLLRDHUP;
-        ev.data.fd = fd;
-        if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLRDHUP, (uint64_t)fd) < 0) {
             close(fd);
             free(c);
             continue;
@@ -137,18 +116,12 @@ int main(int argc, char **argv)
     struct zh_listener l;
 
     lfd = zh_start(argc, argv, 0);
-    epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (epfd < 0 || zh_listener_add(&l, epfd, lfd, (uint32_t)lfd) < 0) {
-        perror("epoll");
-        return 1;
-    }
+    epfd = zh_epoll(&l, lfd, (uint32_t)lfd);
     zh_ready();
     while (!zh_stop) {
-        int n = epoll_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, 300));
-        if (n < 0 && errno != EINTR) {
-            perror("epoll_wait");
+        int n = zh_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, 300));
+        if (n < 0)
             break;
-        }
         for (int i = 0; i < n; i++) {
             int fd = events[i].data.fd;
             fired[i] = (struct fired){fd, events[i].events, fd == lfd ? 0 : fevents[fd].gen};

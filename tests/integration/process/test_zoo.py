@@ -19,8 +19,7 @@ from afterclose.targets.zoo import ZOO, ZooEntry
 
 # Races: each shows in nearly every run of its scenarios on a quiet machine (docs/zoo.md); two
 # misses are allowed before the verdict counts.  A fixed twin gets one run: any report fails
-# it.  Entries not `in_ci` (libuv-968: three misses in a row under CI's load) are measured by
-# bench/zoo.py only.
+# it.  Entries not `in_ci` (none today) are measured by bench/zoo.py only.
 ATTEMPTS = 3
 IN_CI = [e for e in ZOO if e.in_ci]
 IDS = [e.name for e in ZOO]
