@@ -33,6 +33,9 @@ class TraceOutcome:
     tracer: str = ""  # the back-end that traced: "preload", "ebpf" ("" when none did)
     # Who held the target's port when the tracer attached (incomplete_evidence.PortHolder).
     port_holders: list[object] = field(default_factory=list)
+    # Why the tracer's own record of the run is not whole (it died, never attached, was
+    # killed before it drained): each makes the evidence incomplete (incomplete-evidence).
+    gaps: list[str] = field(default_factory=list)
 
 
 class TracerSession(abc.ABC):

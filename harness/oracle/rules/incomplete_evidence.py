@@ -110,7 +110,23 @@ def untraced_holders(holders: list[PortHolder], trace_dir: Path) -> list[PortHol
 
 
 def decide(ev: Evidence) -> list[Violation]:
-    return [*ev.traced(NAME), *_untraced(ev), *_under_delivered(ev)]
+    return [*ev.traced(NAME), *_tracer_gaps(ev), *_untraced(ev), *_under_delivered(ev)]
+
+
+def _tracer_gaps(ev: Evidence) -> list[Violation]:
+    gaps = ev.trace.gaps if ev.trace is not None else []
+    if not gaps:
+        return []
+    return [
+        Violation(
+            NAME,
+            f"{gaps[0]}: what the tracer did not record could hide a violation, so this run "
+            "cannot pass; run it again on a quieter machine, for less time, or with "
+            "--tracer=preload",
+            details="\n".join(gaps[1:]),
+            count=len(gaps),
+        )
+    ]
 
 
 def _untraced(ev: Evidence) -> list[Violation]:
@@ -165,7 +181,8 @@ def _under_delivered(ev: Evidence) -> list[Violation]:
 RULE = Rule(
     NAME,
     "the evidence is incomplete, so the run cannot pass: the trace lost records (a trace file "
-    "filled up: a missing call could hide a violation), a process holding the target's "
+    "filled up: a missing call could hide a violation) or the tracer itself died or was killed "
+    "before it wrote out what it saw, a process holding the target's "
     "listening socket or its connections was not traced, or a storm started fewer than half of "
     "its planned connections while the target accepted what it got and client slots were free "
     "(the harness could not keep up; a target that refused them, or kept every slot busy, is "

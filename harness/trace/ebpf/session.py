@@ -101,14 +101,18 @@ class EbpfTracer(TracerSession):
         run = self._run
         if run is None:
             return TraceOutcome(
-                warnings=["the eBPF tracer never attached: nothing was traced"],
                 trace_dir=self.trace_dir,
+                tracer=self.name,
+                gaps=["the eBPF tracer never attached: nothing was traced"],
             )
         status = run.stop()
         warnings: list[str] = []
+        gaps: list[str] = []
         if status not in (0, None, -signal.SIGINT):
-            warnings.append(
-                f"bpftrace exited with status {status}; the trace may be incomplete "
+            # Killed (-9) when it could not drain its buffers within the stop timeout, or died
+            # on its own: what it had not yet written out is gone, and nothing counts it.
+            gaps.append(
+                f"bpftrace exited with status {status} before writing out all it had seen "
                 f"(log: {run.log})"
             )
         parsed = parse_output(run.output)
@@ -129,8 +133,12 @@ class EbpfTracer(TracerSession):
             return TraceOutcome(
                 warnings=[*trace.warnings, "the eBPF tracer saw no fd-lifecycle syscall"],
                 trace_dir=self.trace_dir,
+                tracer=self.name,
+                gaps=gaps,
             )
         outcome = judged(trace, cutoff, self.trace_dir)
+        outcome.tracer = self.name
+        outcome.gaps = gaps
         outcome.stats.update(ebpf_lost=built.lost, ebpf_seeded=built.seeded)
         # The raw text is large and fully in the trace files now.
         with contextlib.suppress(OSError):

@@ -181,3 +181,28 @@ def test_the_storm_of_a_target_side_fault_may_fall_short_by_design() -> None:
     report = FaultReport("pause")
     add_storm(report, storm)
     assert report.observations == [] and report.counts["not_started"] == 800
+
+
+# --------------------------------------------------------------------------- the tracer's gaps
+
+
+def _gaps(gaps: list[str]) -> list[str]:
+    ev = evidence()
+    assert ev.trace is not None
+    ev.trace.tracer = "ebpf"
+    ev.trace.gaps = gaps
+    return [v.summary for v in decide(ev) if v.rule == RULE]
+
+
+def test_a_tracer_killed_before_it_drained_makes_the_evidence_incomplete() -> None:
+    (found,) = _gaps(["bpftrace exited with status -9 before writing out all it had seen"])
+    assert "status -9" in found and "cannot pass" in found
+
+
+def test_a_tracer_that_never_attached_makes_the_evidence_incomplete() -> None:
+    (found,) = _gaps(["the eBPF tracer never attached: nothing was traced"])
+    assert "never attached" in found
+
+
+def test_a_tracer_without_gaps_leaves_the_evidence_complete() -> None:
+    assert _gaps([]) == []
