@@ -31,12 +31,31 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from afterclose.harness import launch, ports
-from afterclose.harness.manifest import Manifest, ReadySpec, load_manifest, resolve_target
-from afterclose.harness.runners.base import Server
-from afterclose.harness.runners.process import ProcessRunner
-from afterclose.harness.trace import format as trace_format
-from afterclose.harness.trace import shim
+
+def _reexec_under_venv() -> None:
+    """Run the script again under the repository's ``.venv`` python when ``afterclose`` is
+    not importable here (``python3 bench/x.py`` outside the virtual environment)."""
+    try:
+        import afterclose  # noqa: F401
+    except ModuleNotFoundError:
+        venv_python = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python"
+        if not venv_python.exists() or Path(sys.executable) == venv_python:
+            raise SystemExit(
+                "afterclose is not importable and there is no .venv: run "
+                "`python3 -m venv .venv && .venv/bin/pip install -e '.[test]'` in the "
+                "repository first"
+            ) from None
+        os.execv(str(venv_python), [str(venv_python), *sys.argv])
+
+
+_reexec_under_venv()
+
+from afterclose.harness import launch, ports  # noqa: E402
+from afterclose.harness.manifest import Manifest, ReadySpec, load_manifest, resolve_target  # noqa: E402
+from afterclose.harness.runners.base import Server  # noqa: E402
+from afterclose.harness.runners.process import ProcessRunner  # noqa: E402
+from afterclose.harness.trace import format as trace_format  # noqa: E402
+from afterclose.harness.trace import shim  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # AFTERCLOSE_BENCH_DOC writes the rows elsewhere (trial runs).

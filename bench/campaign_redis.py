@@ -49,8 +49,8 @@ def _fails(s: object) -> bool:
 
 
 def search_worker(url: str, examples: int, runs: int, seed: int) -> dict[str, int]:
-    from hypothesis import HealthCheck, Verbosity, given, settings
     from hypothesis import Phase as HPhase
+    from hypothesis import given
     from hypothesis import seed as hypothesis_seed
 
     from afterclose.harness import explore
@@ -64,17 +64,7 @@ def search_worker(url: str, examples: int, runs: int, seed: int) -> dict[str, in
     ran = failures = 0
     for run in range(runs):
 
-        @settings(
-            max_examples=examples,
-            deadline=None,
-            database=shared.database,
-            derandomize=False,
-            phases=(HPhase.reuse, HPhase.generate, HPhase.shrink),
-            suppress_health_check=list(HealthCheck),
-            report_multiple_bugs=False,
-            verbosity=Verbosity.quiet,
-            print_blob=False,
-        )
+        @explore.search_settings(examples, shared, HPhase.generate, HPhase.shrink)
         @hypothesis_seed(seed * 1000 + run)
         @given(explore.scenarios(names))
         def prop(s: explore.Scenario) -> None:

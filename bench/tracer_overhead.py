@@ -15,8 +15,9 @@ with a different server.  Each server first gets a ``--warmup`` burst that is no
 A ratio is the median over cycles of that cycle's traced / untraced requests/s (the two
 bursts are seconds apart), so drifts of the load cancel out; the interquartile range of the
 per-cycle ratios shows how noisy the machine was.  The requests/s shown are the medians over
-cycles.  The shim's trace headers are read at the end: a trace that lost records
-(buffer full) would flatter the shim, and is flagged.
+cycles.  The shim's trace headers are read at the end: a trace that lost records (its file
+full) was cheaper to write than a complete one, so a target whose trace lost any record never
+counts as meeting the goal, whatever its ratio; the lost records are reported per target.
 
 Throughput on a shared, oversubscribed machine swings by tens of percent from one second to
 the next, so a second, steadier figure comes with it: the server's own CPU time per request
@@ -34,14 +35,14 @@ from dataclasses import dataclass
 import _common as c
 
 TARGETS = ("seed-fixed", "nginx")
-TARGET_GOAL = 0.85  # traced / untraced requests/s the shim must keep
+TARGET_GOAL = 0.95  # traced / untraced requests/s the shim must keep, with a complete trace
 COLUMNS = (
     *c.CONTEXT_COLUMNS,
     "seed-fixed req/s: off / preload / strace",
     "nginx (1 worker) req/s: off / preload / strace",
-    "trace records lost",
+    "trace records lost (per target)",
     "CPU µs/request: off / preload / strace",
-    "ratio preload / off (≥ 0.85?)",
+    "ratio preload / off (goal met?)",
     "ratio strace / off",
     "CPU-based ratios (off µs / traced µs): preload; strace",
 )
@@ -55,6 +56,13 @@ class Sample:
     rps: float
     cpu_us: float  # the server's CPU time per request, microseconds
     note: str
+
+
+def verdict(ratio: float, lost: int) -> str:
+    """Whether a preload ratio meets the goal: only with every record kept."""
+    if lost:
+        return f"NO: {lost} records lost, trace incomplete"
+    return f"≥ {TARGET_GOAL}: " + ("yes" if ratio >= TARGET_GOAL else "no")
 
 
 def burst(server: c.Started, args: argparse.Namespace, seconds: float) -> c.WrkStats:
@@ -156,17 +164,23 @@ def main() -> None:
     dead = [name for name, ok in alive.items() if not ok]
     if dead:
         print(f"WARNING: died during the benchmark: {', '.join(dead)}")
-    lost = sum(f.lost for f in fills.values())
+    lost = {t: fills[t].lost if t in fills else 0 for t in TARGETS}
     pre = {t: ratio(t, "preload") for t in TARGETS}
     st = {t: ratio(t, "strace") for t in TARGETS}
-    goal = {t: "yes" if pre[t] >= TARGET_GOAL else "no" for t in TARGETS}
+    goal = {t: verdict(pre[t], lost[t]) for t in TARGETS}
+    for t in TARGETS:
+        if lost[t]:
+            print(
+                f"WARNING: the {t} trace lost {lost[t]} records: its preload ratio was measured "
+                "with an incomplete trace and does not count"
+            )
     c.append_row(
         "tracer-overhead",
         COLUMNS,
         [
             *c.context_cells(command, load_before),
             *(" / ".join(f"{rps(t, m):.0f}" for m in c.MODES) for t in TARGETS),
-            str(lost) + ("" if lost == 0 else " (preload ratios flattered)"),
+            "; ".join(f"{t} {lost[t]}" for t in TARGETS),
             "; ".join(f"{t} " + " / ".join(f"{cpu(t, m):.1f}" for m in c.MODES) for t in TARGETS),
             "; ".join(f"{t} {pre[t]:.2f} ({goal[t]}; {spread(t, 'preload')})" for t in TARGETS)
             + (f" (died: {', '.join(dead)})" if dead else ""),

@@ -59,6 +59,18 @@ from pathlib import Path
 from typing import Any
 
 from afterclose.harness.procfs import TCP_STATES
+from afterclose.harness.sockdiag import (
+    DIAG_MSG_HEAD,
+    DIAG_REQ,
+    NETLINK_SOCK_DIAG,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    NLMSGHDR,
+    NO_COOKIE,
+    SOCK_DIAG_BY_FAMILY,
+    SOCKID,
+    SOCKID_TAIL,
+)
 
 # <linux/tcp.h>
 TCP_REPAIR = 19
@@ -181,17 +193,6 @@ def seq_add(seq: int, n: int) -> int:
 # --------------------------------------------------------------------------- the server's view
 
 
-# <linux/sock_diag.h>, <linux/inet_diag.h>
-NETLINK_SOCK_DIAG = 4
-SOCK_DIAG_BY_FAMILY = 20
-NLMSG_ERROR = 2
-NLM_F_REQUEST = 1
-_NLMSGHDR = struct.Struct("=IHHII")
-_DIAG_REQ = struct.Struct("=BBBxI")  # family, protocol, ext, pad, states
-_SOCKID = struct.Struct("!HH16s16s")  # sport, dport, src[4], dst[4] (network order)
-_SOCKID_TAIL = struct.Struct("=III")  # if, cookie[2] (host order)
-_DIAG_MSG_HEAD = struct.Struct("=BBBB")  # family, state, timer, retrans
-_NO_COOKIE = 0xFFFFFFFF
 _TCP_LISTEN = 10
 _diag_seq = iter(range(1, 1 << 62))
 
@@ -200,30 +201,30 @@ def _diag_state(tup: FourTuple) -> str | None:
     """The server socket's state by an exact sock_diag lookup (a few microseconds, however
     many sockets the host has; /proc/net/tcp lists them all and can take 100s of ms).
     """
-    sockid = _SOCKID.pack(
+    sockid = SOCKID.pack(
         tup.server_port,
         tup.client_port,
         socket.inet_aton(tup.server_ip) + bytes(12),
         socket.inet_aton(tup.client_ip) + bytes(12),
-    ) + _SOCKID_TAIL.pack(0, _NO_COOKIE, _NO_COOKIE)
-    body = _DIAG_REQ.pack(socket.AF_INET, socket.IPPROTO_TCP, 0, 0xFFFFFFFF) + sockid
+    ) + SOCKID_TAIL.pack(0, NO_COOKIE, NO_COOKIE)
+    body = DIAG_REQ.pack(socket.AF_INET, socket.IPPROTO_TCP, 0, 0xFFFFFFFF) + sockid
     seq = next(_diag_seq) & 0xFFFFFFFF
-    msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0)
+    msg = NLMSGHDR.pack(NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
         nl.settimeout(1.0)
         nl.sendto(msg + body, (0, 0))
         while True:
             data = nl.recv(8192)
-            _, kind, _, got_seq, _ = _NLMSGHDR.unpack_from(data)
+            _, kind, _, got_seq, _ = NLMSGHDR.unpack_from(data)
             if got_seq == seq:
                 break
     if kind == NLMSG_ERROR:
-        (code,) = struct.unpack_from("=i", data, _NLMSGHDR.size)
+        (code,) = struct.unpack_from("=i", data, NLMSGHDR.size)
         if code == -errno.ENOENT:
             return None
         raise OSError(-code, f"sock_diag: {os.strerror(-code)}")
-    _, state, _, _ = _DIAG_MSG_HEAD.unpack_from(data, _NLMSGHDR.size)
-    _, dport, _, _ = _SOCKID.unpack_from(data, _NLMSGHDR.size + _DIAG_MSG_HEAD.size)
+    _, state, _, _ = DIAG_MSG_HEAD.unpack_from(data, NLMSGHDR.size)
+    _, dport, _, _ = SOCKID.unpack_from(data, NLMSGHDR.size + DIAG_MSG_HEAD.size)
     # The exact lookup falls back to the listener when no connection matches.
     if state == _TCP_LISTEN or dport != tup.client_port:
         return None

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import util as importlib_util
-from typing import ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from afterclose.faults._forging import (
     Forger,
@@ -35,7 +35,7 @@ from afterclose.faults._forging import (
     set_isn,
     wait_server_state,
 )
-from afterclose.faults.base import Endpoint, Fault, FaultReport
+from afterclose.faults.base import Endpoint, Fault, FaultReport, param
 from afterclose.harness.client import engine
 from afterclose.harness.client.conn import Conn, Remote
 from afterclose.harness.errors import ScenarioError
@@ -179,17 +179,10 @@ def connect(
                 on_connected(sock)  # first: before anything else costs time
         if on_connected is None:
             tup = FourTuple.of(sock)
-    except TimeoutError:
-        sock.close()
-        conn.timed_out("connect")
+    except BaseException as exc:
+        if not conn.connect_failed(sock, exc):
+            raise
         return None
-    except OSError as exc:
-        sock.close()
-        conn.connect_failed(exc)
-        return None
-    except BaseException:
-        sock.close()
-        raise
     if sock.fileno() < 0:  # on_connected closed it (an abort right after the handshake)
         conn.report.count("connections")
     else:
@@ -481,6 +474,16 @@ class PacketFault(Fault, Generic[ActionT]):
             concurrency=self.concurrency,
             deadline=deadline,
         )
+
+
+def concurrency_param() -> Any:
+    """The ``concurrency`` parameter of the keep-alive packet faults."""
+    return param(2, lo=1, hi=64, doc="connections open at once")
+
+
+def probe_param() -> Any:
+    """The ``probe`` parameter of the faults that forge on a live connection."""
+    return param(True, doc="send one more request afterwards, to see what the client gets")
 
 
 def draw_isn(rng: random.Random) -> int:

@@ -90,11 +90,11 @@ class ForgedFin(pk.PacketFault[ForgedFinAction]):
     """A forged FIN|ACK makes the server read EOF on a connection its client never closed."""
 
     name: ClassVar[str] = "forged_fin"
-    applied_when: ClassVar[tuple[str, ...]] = ("fin_forged",)
+    applied_when: ClassVar[tuple[str, ...]] = (pk.FIN_FORGED,)
     unapplied_hint: ClassVar[str] = keepalive_hint("forged FIN")
 
     connections: int = param(10, lo=1, hi=10_000, doc="connections, one forged close each")
-    concurrency: int = param(2, lo=1, hi=64, doc="connections open at once")
+    concurrency: int = pk.concurrency_param()
     variant: str = param(
         "random", choices=(*VARIANTS, "random"), doc="one FIN, or the same FIN twice"
     )
@@ -102,7 +102,7 @@ class ForgedFin(pk.PacketFault[ForgedFinAction]):
     idle_ms: float = param(20.0, lo=0, hi=10_000, doc="idle time before the FIN")
     duplicate_gap_ms: float = param(1.0, lo=0, hi=1_000, doc="between the two FINs (duplicate)")
     observe_ms: float = param(500.0, lo=1, hi=10_000, doc="wait for the server to react")
-    probe: bool = param(True, doc="send one more request afterwards, to see what the client gets")
+    probe: bool = pk.probe_param()
 
     def action(self, rng: random.Random, forger: fg.Forger) -> ForgedFinAction:
         return ForgedFinAction(

@@ -112,11 +112,11 @@ class ForgedRst(pk.PacketFault[ForgedRstAction]):
     """A forged in-window RST resets the server's side of live keep-alive connections."""
 
     name: ClassVar[str] = "forged_rst"
-    applied_when: ClassVar[tuple[str, ...]] = ("rst_forged",)
+    applied_when: ClassVar[tuple[str, ...]] = (pk.RST_FORGED,)
     unapplied_hint: ClassVar[str] = keepalive_hint("forged RST")
 
     connections: int = param(10, lo=1, hi=10_000, doc="connections, one RST each")
-    concurrency: int = param(2, lo=1, hi=64, doc="connections open at once")
+    concurrency: int = pk.concurrency_param()
     phase: str = param("random", choices=(*PHASES, "random"), doc="when the RST is forged")
     requests_before: int = param(1, lo=0, hi=100, doc="answered requests before the RST")
     idle_ms: float = param(20.0, lo=0, hi=10_000, doc="idle time before an idle-phase RST")
@@ -124,7 +124,7 @@ class ForgedRst(pk.PacketFault[ForgedRstAction]):
         0, lo=-1_000_000, hi=1_000_000, doc="added to the exact seq; != 0 must be ignored"
     )
     observe_ms: float = param(100.0, lo=1, hi=10_000, doc="wait for the RST to take effect")
-    probe: bool = param(True, doc="send one more request afterwards, to see what the client gets")
+    probe: bool = pk.probe_param()
 
     def action(self, rng: random.Random, forger: fg.Forger) -> ForgedRstAction:
         return draw(

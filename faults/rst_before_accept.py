@@ -110,7 +110,7 @@ class RstBeforeAccept(pk.PacketFault[RstBeforeAcceptAction]):
     """Connections reset right after the handshake, while they wait in the accept queue."""
 
     name: ClassVar[str] = "rst_before_accept"
-    applied_when: ClassVar[tuple[str, ...]] = ("rst_forged", "rst_sent")
+    applied_when: ClassVar[tuple[str, ...]] = (pk.RST_FORGED, "rst_sent")
     unapplied_hint: ClassVar[str] = "no connection could be reset before the server accepted it"
 
     connections: int = param(20, lo=1, hi=10_000, doc="connections, each reset at once")

@@ -156,7 +156,7 @@ class RstMidResponse(pk.PacketFault[RstMidResponseAction]):
     """A forged RST reaches the server while a large response is backed up in its buffers."""
 
     name: ClassVar[str] = "rst_mid_response"
-    applied_when: ClassVar[tuple[str, ...]] = ("rst_forged", "rst_sent")
+    applied_when: ClassVar[tuple[str, ...]] = (pk.RST_FORGED, "rst_sent")
     unapplied_hint: ClassVar[str] = (
         "no answer was large enough to back up in the server's buffers; name a path with an "
         'answer of hundreds of KiB in the manifest (large_path = "/big"), or, for a server '
@@ -164,7 +164,7 @@ class RstMidResponse(pk.PacketFault[RstMidResponseAction]):
     )
 
     connections: int = param(4, lo=1, hi=1_000, doc="connections, one RST each")
-    concurrency: int = param(2, lo=1, hi=64, doc="connections open at once")
+    concurrency: int = pk.concurrency_param()
     path_bytes: int = param(
         4000, lo=16, hi=65_536, doc="length of each request path (stay under the target's limit)"
     )

@@ -301,18 +301,7 @@ class _Explorer:
             max_repeat=o.max_repeat,
         )
 
-        @settings(
-            max_examples=o.max_examples,
-            deadline=None,
-            database=o.shared.database if o.shared else None,
-            derandomize=False,
-            # Shared: replay what the workers saved before generating.
-            phases=((HPhase.reuse,) if o.shared else ()) + (HPhase.generate, HPhase.shrink),
-            suppress_health_check=list(HealthCheck),
-            report_multiple_bugs=False,
-            verbosity=Verbosity.quiet,
-            print_blob=False,
-        )
+        @search_settings(o.max_examples, o.shared, HPhase.generate, HPhase.shrink)
         @hypothesis_seed(seed)
         @given(strategy)
         def no_violation(s: Scenario) -> None:
@@ -366,6 +355,23 @@ class _Explorer:
             if f is not chosen[0]:
                 shutil.rmtree(f.run.workdir, ignore_errors=True)
         return chosen
+
+
+def search_settings(max_examples: int, shared: SharedExamples | None, *phases: HPhase) -> settings:
+    """Hypothesis' settings for a search whose every example starts and judges a target (a
+    second or more each: no deadline, no health check on speed) and whose failures the
+    caller reports itself.  Shared (``--db``): the run first replays what the workers saved."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=shared.database if shared is not None else None,
+        derandomize=False,
+        phases=((HPhase.reuse,) if shared is not None else ()) + phases,
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+        verbosity=Verbosity.quiet,
+        print_blob=False,
+    )
 
 
 PhaseSpecs = list[tuple[list[tuple[str, dict[str, object]]], int]]  # phases: (faults, repeat)
@@ -486,6 +492,8 @@ def explore(harness: Harness, options: ExploreOptions, log: Log = print) -> Expl
     chosen = explorer.choose()
     result = ExploreResult(seed, explorer.examples, explorer.runs, explorer.elapsed())
     if chosen is None:
+        # Passing runs removed their folders: nothing is left to look at.
+        shutil.rmtree(explorer.base, ignore_errors=True)
         return result
     found, reproduced = chosen
     rule = found.rules[0] if found.rules else "violation"
@@ -512,35 +520,24 @@ def explore(harness: Harness, options: ExploreOptions, log: Log = print) -> Expl
         ]
     )
     owner = options.shared.claim(describe(written), str(path)) if options.shared else None
-    if owner is not None:
-        log(f"[{explorer.elapsed():6.1f}s] not written: another worker wrote it ({owner})")
-        return dataclasses.replace(
-            result, found=found, scenario=written, reproduced=reproduced, written_by=owner
-        )
-    text = written.to_toml(header)
-    why = write_scenario(path, text)
-    if why is not None:
-        log(f"[{explorer.elapsed():6.1f}s] cannot write {path}: {why}")
-        return dataclasses.replace(
-            result,
-            elapsed_s=explorer.elapsed(),
-            runs=explorer.runs,
-            found=found,
-            scenario=written,
-            reproduced=reproduced,
-            unwritten=f"cannot write {path}: {why}",
-            toml=text,
-        )
-    found.run.replay_nodeid = str(path)
-    return dataclasses.replace(
+    result = dataclasses.replace(
         result,
         elapsed_s=explorer.elapsed(),
         runs=explorer.runs,
         found=found,
         scenario=written,
-        path=path,
         reproduced=reproduced,
     )
+    if owner is not None:
+        log(f"[{explorer.elapsed():6.1f}s] not written: another worker wrote it ({owner})")
+        return dataclasses.replace(result, written_by=owner)
+    text = written.to_toml(header)
+    why = write_scenario(path, text)
+    if why is not None:
+        log(f"[{explorer.elapsed():6.1f}s] cannot write {path}: {why}")
+        return dataclasses.replace(result, unwritten=f"cannot write {path}: {why}", toml=text)
+    found.run.replay_nodeid = str(path)
+    return dataclasses.replace(result, path=path)
 
 
 def command(args: argparse.Namespace, settings_: Settings) -> int:

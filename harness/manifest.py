@@ -165,6 +165,21 @@ class _Table:
         assert KEYS[self.key(name)].default is None, name
         return self.get(name, cast("Callable[[Any], T | None]", kind))
 
+    def read(
+        self,
+        kinds: Mapping[str, Callable[[Any], object]],
+        then: Mapping[str, Callable[[_Table, Any], None]] | None = None,
+    ) -> dict[str, Any]:
+        """``get`` of each key of ``kinds``, in its order: name -> checked value.  ``then``:
+        a further check of a key's value, made before the next key is read (which error a
+        manifest with several gets first does not depend on how it is read)."""
+        values: dict[str, Any] = {}
+        for name, kind in kinds.items():
+            values[name] = self.get(name, kind)
+            if then and name in then:
+                then[name](self, values[name])
+        return values
+
     def table(self, name: str) -> _Table | None:
         self.seen.add(name)
         if name not in self.data:
@@ -281,75 +296,41 @@ def load_manifest(path: Path) -> Manifest:
 
 def parse_manifest(data: Mapping[str, Any], path: Path) -> Manifest:
     top = _Table(data, path)
-    name = top.get("name", _str)
-    if not name or any(c.isspace() or c == "/" for c in name):
-        raise top.error("name", f"{name!r} is not a usable name", "use letters, digits, - and _")
-    command = top.get("command", _command)
-    description = top.get("description", _str)
-    build = top.get_opt("build", _command)
-    env = dict(top.get("env", _str_map))
-    files = dict(top.get("files", _str_map))
-    for fname in files:
-        if "/" in fname or fname in ("", ".", ".."):
-            raise top.error("files", f"{fname!r} is not a plain file name", "no folders")
-    echo_path = top.get("echo_path", _bool)
-    liveness_path = top.get("liveness_path", _url_path)
-    liveness_status = top.get("liveness_status", _status)
-    fd_grace_s = top.get("fd_grace_s", _positive)
-    stop_signal = top.get("stop_signal", _choice(STOP_SIGNALS))
-    stop_timeout_s = top.get("stop_timeout_s", _positive)
-    tracer = top.get("tracer", _choice(TRACER_MODES))
+    values = top.read(_TOP_KINDS, then={"name": _usable_name, "files": _plain_file_names})
     compile_spec = _parse_compile(top.table("compile"), path.parent)
     ready = _parse_ready(top.table("ready"))
     docker = _parse_docker(top.table("docker"), path.parent)
-    restart_keeps = top.get("restart_keeps", _url_paths)
-    protocol = top.get("protocol", _str)
-    tls = top.get("tls", _bool)
-    request_headers = top.get("request_headers", _header_map)
-    large_path = top.get_opt("large_path", _url_path)
-    idle_timeout_s = top.get_opt("idle_timeout_s", _positive)
+    values |= top.read(_LATER_KINDS)
     top.reject_unknown()
 
+    command: tuple[str, ...] = values["command"]
     if "{build}" in " ".join(command) and compile_spec is None:
         raise top.error(
             "command",
             "uses {build} but the manifest has no [compile] table",
             "add [compile] sources = [...], or name the program directly",
         )
-    manifest = Manifest(
-        name=name,
-        path=path,
-        command=command,
-        description=description,
-        build=build,
-        compile=compile_spec,
-        env=env,
-        files=files,
-        echo_path=echo_path,
-        liveness_path=liveness_path,
-        liveness_status=liveness_status,
-        fd_grace_s=fd_grace_s,
-        stop_signal=stop_signal,
-        stop_timeout_s=stop_timeout_s,
-        tracer=tracer,
-        ready=ready,
-        docker=docker,
-        restart_keeps=restart_keeps,
-        protocol=protocol,
-        tls=tls,
-        request_headers=request_headers,
-        large_path=large_path,
-        idle_timeout_s=idle_timeout_s,
-    )
+    manifest = Manifest(path=path, compile=compile_spec, ready=ready, docker=docker, **values)
     manifest.speaks  # noqa: B018  (an unknown protocol or a broken class is named now)
     probe = dict.fromkeys(PLACEHOLDERS, "x")
     for i, part in enumerate(command):
         manifest.render(part, probe, f"command[{i}]")
-    for key, value in env.items():
+    for key, value in manifest.env.items():
         manifest.render(value, probe, f"env.{key}")
-    for fname, text in files.items():
+    for fname, text in manifest.files.items():
         manifest.render(text, probe, f"files.{fname!r}")
     return manifest
+
+
+def _usable_name(top: _Table, name: str) -> None:
+    if not name or any(c.isspace() or c == "/" for c in name):
+        raise top.error("name", f"{name!r} is not a usable name", "use letters, digits, - and _")
+
+
+def _plain_file_names(top: _Table, files: Mapping[str, str]) -> None:
+    for fname in files:
+        if "/" in fname or fname in ("", ".", ".."):
+            raise top.error("files", f"{fname!r} is not a plain file name", "no folders")
 
 
 def _status(value: Any) -> int:
@@ -395,26 +376,17 @@ def _parse_ready(table: _Table | None) -> ReadySpec:
 def _parse_docker(table: _Table | None, folder: Path) -> DockerSpec | None:
     if table is None:
         return None
-    image = table.get_opt("image", _str)
-    dockerfile = table.get_opt("dockerfile", _str)
-    context = table.get_opt("context", _str)
-    run_args = table.get("run_args", _str_list)
-    libc = table.get("libc", _choice(("glibc", "musl", "none")))
-    cap_add = table.get("cap_add", _capabilities)
-    user = table.get_opt("user", _user)
+    values = table.read(_DOCKER_KINDS)
     table.reject_unknown()
+    image, dockerfile, context = values["image"], values.pop("dockerfile"), values.pop("context")
     if image is not None and dockerfile is not None:
         raise table.error(
             "image", "give one of image or dockerfile, not both", 'image = "name:tag"'
         )
     return DockerSpec(
-        image=image,
+        **values,
         dockerfile=(folder / dockerfile).resolve() if dockerfile else None,
         context=(folder / context).resolve() if context else None,
-        run_args=run_args,
-        libc=libc,
-        cap_add=cap_add,
-        user=user,
     )
 
 
@@ -447,6 +419,42 @@ def _user(value: Any) -> str:
     if not re.fullmatch(r"[a-z_][a-z0-9_.-]*|[0-9]+(:[0-9]+)?", text):
         raise ValueError('write "root", a user name, or UID[:GID]')
     return text
+
+
+# How each key is checked, in the order the keys are read (the first bad one is named): these,
+# then the tables [compile], [ready] and [docker], then _LATER_KINDS.
+_TOP_KINDS: dict[str, Callable[[Any], object]] = {
+    "name": _str,
+    "command": _command,
+    "description": _str,
+    "build": _command,
+    "env": _str_map,
+    "files": _str_map,
+    "echo_path": _bool,
+    "liveness_path": _url_path,
+    "liveness_status": _status,
+    "fd_grace_s": _positive,
+    "stop_signal": _choice(STOP_SIGNALS),
+    "stop_timeout_s": _positive,
+    "tracer": _choice(TRACER_MODES),
+}
+_LATER_KINDS: dict[str, Callable[[Any], object]] = {
+    "restart_keeps": _url_paths,
+    "protocol": _str,
+    "tls": _bool,
+    "request_headers": _header_map,
+    "large_path": _url_path,
+    "idle_timeout_s": _positive,
+}
+_DOCKER_KINDS: dict[str, Callable[[Any], object]] = {
+    "image": _str,
+    "dockerfile": _str,
+    "context": _str,
+    "run_args": _str_list,
+    "libc": _choice(("glibc", "musl", "none")),
+    "cap_add": _capabilities,
+    "user": _user,
+}
 
 
 # ------------------------------------------------------------------------- resolution

@@ -33,13 +33,19 @@ class Key:
         return str(self.default)
 
 
+# What the commonest kinds of key take, as the tables show it.
+SECONDS = "seconds (> 0)"
+SWITCH = "true or false"
+HTTP_PATH = "an HTTP path"
+STRINGS = "a list of strings"
+
 KEYS: dict[str, Key] = {
     k.name: k
     for k in (
         Key("name", "a target name", "", "the target's name in test ids and reports", True),
         Key(
             "command",
-            "a list of strings",
+            STRINGS,
             (),
             "the server's command line, run in the manifest's folder: a program path with a "
             "slash is relative to that folder, a bare name is found on PATH; placeholders "
@@ -62,20 +68,20 @@ KEYS: dict[str, Key] = {
         ),
         Key(
             "echo_path",
-            "true or false",
+            SWITCH,
             False,
             "the server's 2xx bodies contain the request path: cross-talk is also checked by body",
         ),
-        Key("liveness_path", "an HTTP path", "/", "what the liveness check asks for"),
+        Key("liveness_path", HTTP_PATH, "/", "what the liveness check asks for"),
         Key("liveness_status", "an HTTP status", 200, "the status a live server answers it with"),
         Key(
             "fd_grace_s",
-            "seconds (> 0)",
+            SECONDS,
             2.0,
             "how long after its last client left the server may take to close its sockets",
         ),
         Key("stop_signal", "a signal", "SIGTERM", "the signal that stops the server"),
-        Key("stop_timeout_s", "seconds (> 0)", 5.0, "how long to wait after it before SIGKILL"),
+        Key("stop_timeout_s", SECONDS, 5.0, "how long to wait after it before SIGKILL"),
         Key(
             "tracer",
             "a tracer mode",
@@ -97,7 +103,7 @@ KEYS: dict[str, Key] = {
         ),
         Key(
             "tls",
-            "true or false",
+            SWITCH,
             False,
             "clients speak the protocol over TLS; the server gets the certificate the harness "
             "makes, through {tls_cert} and {tls_key}",
@@ -110,46 +116,46 @@ KEYS: dict[str, Key] = {
         ),
         Key(
             "large_path",
-            "an HTTP path",
+            HTTP_PATH,
             None,
             "a path whose answer is large (hundreds of KiB): the mid-response faults ask for "
             "it, so that a reset meets a response the server is still writing",
         ),
         Key(
             "idle_timeout_s",
-            "seconds (> 0)",
+            SECONDS,
             None,
             "the server's idle timeout: the suite then holds connections idle past it while "
             "new connections reuse fd numbers (test_idle_timeout)",
         ),
         Key("compile.sources", "a list of source files", (), "C sources the harness builds", True),
-        Key("compile.cflags", "a list of strings", (), "extra compiler flags"),
-        Key("compile.ldflags", "a list of strings", (), "extra linker flags"),
+        Key("compile.cflags", STRINGS, (), "extra compiler flags"),
+        Key("compile.ldflags", STRINGS, (), "extra linker flags"),
         Key("ready.log", "a string to wait for in the output", None, "ready once it is printed"),
         Key(
             "ready.port",
-            "true or false",
+            SWITCH,
             False,
             "ready once the port accepts a connection; the strategy when none is given",
         ),
         Key(
             "ready.http",
-            "an HTTP path",
+            HTTP_PATH,
             None,
             "ready once a GET of it is answered with a status below 500",
         ),
         Key(
             "ready.protocol",
-            "true or false",
+            SWITCH,
             False,
             "ready once a request of the manifest's protocol is answered (raw: a connection "
             "is accepted and kept)",
         ),
-        Key("ready.timeout_s", "seconds (> 0)", 10.0, "how long the server may take to be ready"),
+        Key("ready.timeout_s", SECONDS, 10.0, "how long the server may take to be ready"),
         Key("docker.image", "an image name", None, "the image the Docker runner runs"),
         Key("docker.dockerfile", "a path to a Dockerfile", None, "or: the image is built from it"),
         Key("docker.context", "a build context folder", None, "the Dockerfile's build context"),
-        Key("docker.run_args", "a list of strings", (), "extra `docker run` options (a few)"),
+        Key("docker.run_args", STRINGS, (), "extra `docker run` options (a few)"),
         Key("docker.libc", "a libc", "glibc", "the image's libc, for the shim (glibc, musl, none)"),
         Key(
             "docker.cap_add",

@@ -55,6 +55,11 @@ class Option(Generic[T]):
         return self.parse(value, flag or self.flag)
 
 
+def one_of(flag: str, ini: str, choices: tuple[str, ...], about: str, default: str) -> Option[str]:
+    """An option whose value is one of ``choices``."""
+    return Option(flag, ini, choice(choices), about, default=default, choices=choices)
+
+
 def choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
     def parse(value: str, flag: str) -> str:
         if value not in choices:
@@ -94,30 +99,20 @@ def seed(value: str, flag: str = "--fault-seed") -> int | None:
     return number
 
 
-def _kernel_timeout(value: str, flag: str) -> float | None:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not 10 <= seconds <= 86_400:
-        raise OptionError(
-            f"{flag}={value!r} is not valid; give seconds between 10 and 86400 "
-            "(the time limit of one kernel's whole guest run)"
-        )
-    return seconds
+def _seconds_between(low: float, high: float, meaning: str) -> Callable[[str, str], float | None]:
+    def parse(value: str, flag: str) -> float | None:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not low <= seconds <= high:
+            raise OptionError(
+                f"{flag}={value!r} is not valid; give seconds between {low:g} and {high:g} "
+                f"({meaning})"
+            )
+        return seconds
 
-
-def _storm_duration(value: str, flag: str) -> float | None:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not 0.1 <= seconds <= 3600:
-        raise OptionError(
-            f"{flag}={value!r} is not valid; give seconds between 0.1 and 3600 "
-            "(how long every storm of the suite keeps opening connections)"
-        )
-    return seconds
+    return parse
 
 
 TARGET: Option[str | None] = Option(
@@ -128,21 +123,19 @@ TARGET: Option[str | None] = Option(
     "or a path to a manifest",
     default=None,
 )
-RUNNER: Option[str] = Option(
+RUNNER = one_of(
     "--runner",
     "afterclose_runner",
-    choice(RUNNER_CHOICES),
+    RUNNER_CHOICES,
     "where the target runs: {choices} (default: {default})",
     default="process",
-    choices=RUNNER_CHOICES,
 )
-TRACER: Option[str] = Option(
+TRACER = one_of(
     "--tracer",
     "afterclose_tracer",
-    choice(TRACER_CHOICES),
+    TRACER_CHOICES,
     "fd-lifecycle tracer: {choices} (default: {default})",
     default="auto",
-    choices=TRACER_CHOICES,
 )
 KERNEL: Option[str | None] = Option(
     "--kernel",
@@ -155,7 +148,7 @@ KERNEL: Option[str | None] = Option(
 KERNEL_TIMEOUT: Option[float | None] = Option(
     "--kernel-timeout",
     "afterclose_kernel_timeout",
-    _kernel_timeout,
+    _seconds_between(10, 86_400, "the time limit of one kernel's whole guest run"),
     "time limit in seconds of one kernel's guest run (default: 600 + 120 per test)",
     default=None,
 )
@@ -175,18 +168,17 @@ FAULT_SEED: Option[int | None] = Option(
     default=None,
     cli_flag="--seed",
 )
-SANITIZE: Option[str] = Option(
+SANITIZE = one_of(
     "--sanitize",
     "afterclose_sanitize",
-    choice(SANITIZE_CHOICES),
+    SANITIZE_CHOICES,
     "build [compile] targets with a sanitizer: {choices} (default: {default})",
     default="none",
-    choices=SANITIZE_CHOICES,
 )
 STORM_DURATION: Option[float | None] = Option(
     "--storm-duration",
     "afterclose_storm_duration",
-    _storm_duration,
+    _seconds_between(0.1, 3600, "how long every storm of the suite keeps opening connections"),
     "stretch every storm (connection_storm, the idle scenario's churn, netem's) to at least "
     "SECONDS, at its own rate: reaches bugs that need time, such as idle timers "
     "(default: each storm's own duration)",

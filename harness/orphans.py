@@ -10,9 +10,11 @@ import contextlib
 import ctypes
 import os
 import signal
+import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO, Any
 
 PR_SET_PDEATHSIG = 1
 SUBREAPER = Path(__file__).with_name("subreaper.py")
@@ -29,6 +31,23 @@ def die_with_parent() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def spawn_tied(
+    cmd: Sequence[str], stdout: IO[bytes], stderr: IO[bytes], **popen: Any
+) -> subprocess.Popen[bytes]:
+    """Start a helper (qemu, bpftrace) with no input, in a session of its own (a Ctrl-C of the
+    harness must not stop it early), killed with the harness (:func:`die_with_parent`);
+    ``popen``: more of Popen's keywords (``env``, ``cwd``)."""
+    return subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+        **popen,
+    )
 
 
 def supervised(argv: list[str], fd: int, env: Mapping[str, str]) -> list[str]:

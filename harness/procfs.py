@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from afterclose.harness import sockdiag
+
 TCP_STATES = {
     1: "ESTABLISHED",
     2: "SYN_SENT",
@@ -296,8 +298,14 @@ class TcpSocket:
         return (self.local_addr, self.local_port, self.remote_addr, self.remote_port)
 
 
-def tcp_sockets(pid: int) -> list[TcpSocket]:
-    """TCP sockets of the network namespace ``pid`` lives in (IPv4 and IPv6)."""
+def tcp_sockets(pid: int, port: int | None = None) -> list[TcpSocket]:
+    """TCP sockets of the network namespace ``pid`` lives in (IPv4 and IPv6); with ``port``,
+    at least those with ``port`` at either end (perhaps only those)."""
+    if port is not None and same_netns(pid):
+        try:
+            return [_from_diag(s) for s in sockdiag.port_sockets(port)]
+        except OSError:
+            pass  # no sock_diag (inet_diag not built, or refused): the /proc table
     out: list[TcpSocket] = []
     for table in ("tcp", "tcp6"):
         try:
@@ -324,6 +332,27 @@ def tcp_sockets(pid: int) -> list[TcpSocket]:
     return out
 
 
+def _from_diag(s: sockdiag.DiagSocket) -> TcpSocket:
+    return TcpSocket(
+        local_port=s.local_port,
+        remote_port=s.remote_port,
+        state=TCP_STATES.get(s.state, str(s.state)),
+        inode=s.inode,
+        local_addr=s.proc_address(s.local_raw),
+        remote_addr=s.proc_address(s.remote_raw),
+    )
+
+
+def same_netns(pid: int) -> bool:
+    """Whether ``pid`` lives in the harness's own network namespace (False if it is gone)."""
+    try:
+        theirs = os.stat(f"/proc/{pid}/ns/net")
+        ours = os.stat("/proc/self/ns/net")
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
 def port_owners(pids: Iterable[int], port: int) -> dict[int, int]:
     """pid -> how many sockets of ``port`` it holds (its listening socket and the connections
     accepted on it), for the processes of ``pids`` holding any.  The table is read from the
@@ -331,7 +360,7 @@ def port_owners(pids: Iterable[int], port: int) -> dict[int, int]:
     pids = list(pids)
     if not pids:
         return {}
-    ours = {s.inode for s in tcp_sockets(pids[0]) if s.local_port == port and s.inode}
+    ours = {s.inode for s in tcp_sockets(pids[0], port) if s.local_port == port and s.inode}
     owners: dict[int, int] = {}
     for pid in pids:
         held = sum(ino in ours for ino in socket_inodes(pid).values())
@@ -378,23 +407,61 @@ class SocketCensus:
 def settled_census(
     pids: Callable[[], list[int]], port: int, quiet_s: float = 0.25, cap_s: float = 3.0
 ) -> SocketCensus:
-    """The census once the target's processes and socket fds stopped changing for ``quiet_s``.
+    """The census once the target's processes and socket fds stopped changing: for
+    ``quiet_s``, or sooner, for two looks in a row in which no thread ran at all.
 
     A server that is ready may still be settling: nginx's workers pass channel fds between
     each other for a moment after the first one answers.  A baseline taken then is wrong.
+    Passing an fd wakes its receiver at once, so while one is on its way some thread is
+    runnable or has run since the last look (its schedstat run time grew): two looks 20 ms
+    apart with every thread asleep and no run time added mean nothing is on its way.
     """
     deadline = time.monotonic() + cap_s
     last: tuple[tuple[int, ...], int] | None = None
+    last_activity: dict[tuple[int, int], tuple[str, int]] | None = None
     since = time.monotonic()
     while True:
         now_pids = pids()
         state = (tuple(sorted(now_pids)), socket_fd_count(now_pids))
+        activity = thread_activity(now_pids)
         now = time.monotonic()
         if state != last:
             last, since = state, now
-        elif now - since >= quiet_s or now >= deadline:
-            return census(now_pids, port)
+        else:
+            idle = activity is not None and activity == last_activity and asleep(activity)
+            if idle or now - since >= quiet_s or now >= deadline:
+                return census(now_pids, port)
+        last_activity = activity
         time.sleep(0.02)
+
+
+def thread_activity(pids: Iterable[int]) -> dict[tuple[int, int], tuple[str, int]] | None:
+    """(pid, tid) -> (state letter, ns spent on a CPU so far) of every thread of ``pids``;
+    None when the kernel keeps no schedstats."""
+    out: dict[tuple[int, int], tuple[str, int]] = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            stat = read(f"/proc/{pid}/task/{tid}/stat")
+            sched = read(f"/proc/{pid}/task/{tid}/schedstat")
+            if stat is None or sched is None:
+                if os.path.exists(f"/proc/{pid}/task/{tid}"):
+                    return None
+                continue  # the thread exited
+            fields = sched.split()
+            if not fields:
+                return None
+            out[(pid, int(tid))] = (_split_stat(stat)[0], int(fields[0]))
+    return out
+
+
+def asleep(activity: dict[tuple[int, int], tuple[str, int]]) -> bool:
+    """Whether every thread of a :func:`thread_activity` look was sleeping (``S``: waiting
+    for an event; ``R`` runs or wants to, ``D`` is inside an uninterruptible call)."""
+    return all(state in ("S", "I") for state, _ in activity.values())
 
 
 def census(pids: list[int], port: int) -> SocketCensus:
@@ -408,7 +475,7 @@ def census(pids: list[int], port: int) -> SocketCensus:
     states: Counter[str] = Counter()
     stranded = 0
     if pids:
-        table = tcp_sockets(pids[0])
+        table = tcp_sockets(pids[0], port)
         established = {s.key() for s in table if s.state == "ESTABLISHED"}
         for sock in table:
             if sock.inode not in inodes or sock.local_port != port or sock.state == "LISTEN":

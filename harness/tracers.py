@@ -11,11 +11,15 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from afterclose.harness.errors import AftercloseError
 from afterclose.harness.manifest import Manifest
 from afterclose.harness.oracle.verdict import Violation
 from afterclose.harness.runners.base import Server
+
+if TYPE_CHECKING:
+    from afterclose.harness.trace.reader import Trace
 
 TRACER_CHOICES = ("auto", "preload", "ebpf", "off")
 
@@ -87,7 +91,6 @@ class PreloadTracer(TracerSession):
         return shim.read_seq(self.trace_dir)
 
     def analyse(self, cutoff: int | None) -> TraceOutcome:
-        from afterclose.harness.oracle import judge
         from afterclose.harness.trace import reader
 
         assert self.trace_dir is not None
@@ -103,31 +106,40 @@ class PreloadTracer(TracerSession):
                 tracer=self.name,
                 port_holders=list(self._holders),
             )
-        result = judge.judge_trace(trace, cutoff_seq=cutoff, trace_path=str(self.trace_dir))
-        violations = list(result.violations)
-        warnings = list(dict.fromkeys([*trace.warnings, *result.warnings]))  # no repeats
-        if violations:
-            # A picture of each rule's first occurrence, beside the trace in the run's workdir.
-            from afterclose.harness.trace import svg
+        outcome = judged(trace, cutoff, self.trace_dir)
+        outcome.tracer = self.name
+        outcome.port_holders = list(self._holders)
+        return outcome
 
-            try:
-                written = svg.write_report(result, self.trace_dir.parent)
-            except Exception as exc:  # the verdict matters more than its picture
-                warnings.append(f"could not draw the timelines in {self.trace_dir.parent}: {exc}")
-            else:
-                by_name = {p.name: str(p) for p in written}
-                for n, v in enumerate(violations):
-                    picture = by_name.get(svg.report_name(v.rule))
-                    if picture is not None:
-                        violations[n] = dataclasses.replace(v, artifacts=(*v.artifacts, picture))
-        return TraceOutcome(
-            violations=violations,
-            warnings=warnings,
-            stats=dataclasses.asdict(result.stats),
-            trace_dir=self.trace_dir,
-            tracer=self.name,
-            port_holders=list(self._holders),
-        )
+
+def judged(trace: Trace, cutoff: int | None, trace_dir: Path) -> TraceOutcome:
+    """The verdict on ``trace``, read from ``trace_dir``: its violations, each with a picture
+    of its rule's first occurrence beside the trace in the run's workdir; the trace's and the
+    verdict's warnings, without repeats; the walk's stats."""
+    from afterclose.harness.oracle import judge
+
+    result = judge.judge_trace(trace, cutoff_seq=cutoff, trace_path=str(trace_dir))
+    violations = list(result.violations)
+    warnings = list(dict.fromkeys([*trace.warnings, *result.warnings]))
+    if violations:
+        from afterclose.harness.trace import svg
+
+        try:
+            written = svg.write_report(result, trace_dir.parent)
+        except Exception as exc:  # the verdict matters more than its picture
+            warnings.append(f"could not draw the timelines in {trace_dir.parent}: {exc}")
+        else:
+            by_name = {p.name: str(p) for p in written}
+            for n, v in enumerate(violations):
+                picture = by_name.get(svg.report_name(v.rule))
+                if picture is not None:
+                    violations[n] = dataclasses.replace(v, artifacts=(*v.artifacts, picture))
+    return TraceOutcome(
+        violations=violations,
+        warnings=warnings,
+        stats=dataclasses.asdict(result.stats),
+        trace_dir=trace_dir,
+    )
 
 
 def choose_tracer(requested: str, manifest: Manifest, runner: str) -> str:

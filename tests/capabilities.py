@@ -139,6 +139,8 @@ CAPABILITIES = {
         _tool("cpio", "cpio"),
         _tool("apt-cache", "apt"),
         _tool("redis-server", "redis-server"),
+        _tool("ip", "iproute2"),
+        _tool("sshd", "openssh-server"),
         _tool("gpg", "gnupg"),
         _tool("dpkg-scanpackages", "dpkg-dev"),
     )

@@ -18,6 +18,7 @@ PART_NEEDS = {
     "packets": ("root", "packets"),
     "ebpf": ("root", "ebpf"),
     "kernel": ("apt-cache",),
+    "hosts": ("root",),  # network namespaces, an SSH server on loopback
 }
 
 

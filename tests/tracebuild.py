@@ -14,8 +14,10 @@ Times are 1 µs per sequence number.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from afterclose.harness.oracle.judge import judge_records
@@ -39,11 +41,12 @@ from afterclose.harness.trace.format import (
 )
 
 IN, OUT, HUP, RDHUP, ONESHOT, ET = EPOLLIN, EPOLLOUT, EPOLLHUP, EPOLLRDHUP, EPOLLONESHOT, EPOLLET
-EBADF, ENOENT, EAGAIN, ENOTSOCK = 9, 2, 11, 88
+EBADF, ENOENT, EAGAIN, ENOTSOCK, EEXIST = 9, 2, 11, 88, 17
 
 __all__ = [
     "EAGAIN",
     "EBADF",
+    "EEXIST",
     "ENOENT",
     "ENOTSOCK",
     "ET",
@@ -56,6 +59,7 @@ __all__ = [
     "TraceBuilder",
     "conn",
     "counts",
+    "elf_file",
     "seed_race",
     "server",
 ]
@@ -75,8 +79,11 @@ class Pending:
 
 
 class TraceBuilder:
-    def __init__(self, pid: int = 100, *, free_tracking: bool = True) -> None:
+    def __init__(
+        self, pid: int = 100, *, free_tracking: bool = True, exe: str = "/synthetic"
+    ) -> None:
         self.pid = pid
+        self.exe = exe  # the program every traced process runs, as its header names it
         self.seq = 0
         self.records: list[Record] = []
         self.pids: dict[int, tuple[int, int]] = {pid: (0, 0)}  # pid -> (ppid, fork_seq)
@@ -295,7 +302,7 @@ class TraceBuilder:
                 fork_seq=fork_seq,
                 free_table_slots=1024,
                 free_table_used=0,
-                exe="/synthetic",
+                exe=self.exe,
                 exit_seq=self.exits.get(pid, 0),
             )
         return out
@@ -340,3 +347,23 @@ def seed_race() -> TraceBuilder:
     t.ctl_mod(tid=13, epfd=EP, fd=7, data=C, events=IN | ONESHOT | ET)
     t.wait(tid=11, epfd=EP, events=[(IN, C)])
     return t
+
+
+def elf_file(path: Path, sections: Iterable[str]) -> Path:
+    """A minimal little-endian ELF64 file whose section table names ``sections`` (and the
+    section-name table): enough for what reads section names, nothing runs it."""
+    names = b"\0" + b"".join(n.encode() + b"\0" for n in [*sections, ".shstrtab"])
+    n = len(list(sections)) + 2  # the null section, the named ones, .shstrtab
+    shoff = 64 + len(names)
+    head = b"\x7fELF\x02\x01\x01" + bytes(9)
+    head += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0, 0, shoff, 0, 64, 56, 0, 64, n, n - 1)
+    table = bytes(64)
+    at = 1
+    for name in [*sections, ".shstrtab"]:
+        offset, size = (64, len(names)) if name == ".shstrtab" else (0, 0)
+        table += struct.pack(
+            "<IIQQQQIIQQ", at, 3 if name == ".shstrtab" else 1, 0, 0, offset, size, 0, 0, 1, 0
+        )
+        at += len(name) + 1
+    path.write_bytes(head + names + table)
+    return path

@@ -1,7 +1,8 @@
 """A private ``redis-server`` on loopback, for tests and benchmarks of shared exploration.
 
 It listens on a leased port (harness/ports.py), keeps nothing on disk (``--save ''``,
-``--appendonly no``) and is stopped by its PID.
+``--appendonly no``) and is stopped by its PID (:func:`stop`, which the campaign tests use
+for the servers and workers they start too).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from afterclose.harness.errors import CampaignError
 from afterclose.harness.ports import lease_port
@@ -61,9 +63,15 @@ def local_redis(host: str = "127.0.0.1") -> Iterator[str]:
                 time.sleep(0.05)
             yield f"redis://{host}:{lease.port}/0"
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """Stop a server started here, by its PID: SIGTERM, and SIGKILL if it is not gone in 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -35,7 +35,7 @@ from afterclose.harness.campaign.state import CampaignState, RoundRecord
 from afterclose.harness.campaign.status import StatusLine
 from afterclose.harness.errors import AftercloseError, CampaignError
 from afterclose.harness.scenario import Scenario
-from afterclose.harness.session import Harness, Settings, TargetRun
+from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
 
 MIXES = ("both", "suite", "generated")
 Log = Callable[[str], None]
@@ -206,12 +206,14 @@ class Soak:
         shutil.rmtree(workdir, ignore_errors=True)  # a round interrupted earlier
         return self.harness.start(workdir, test_name, extra_env=env)
 
-    def _record(self, record: RoundRecord, run: TargetRun | None, ok: bool) -> None:
+    def _record(self, record: RoundRecord, run: TargetRun | None, began: float) -> None:
+        record.elapsed_s = time.monotonic() - began
+        record.workdir = str(run.workdir) if run is not None else ""
         with _sigint_deferred():
             self.records.append(record)
             self.ran += 1
             campaign_state.append_round(self.folder, record)
-            if ok and run is not None:
+            if record.ok and run is not None:
                 shutil.rmtree(run.workdir, ignore_errors=True)
             self._save()
             if self.options.junitxml is not None:
@@ -230,27 +232,37 @@ class Soak:
         self._seed(number)
         env = entry.target_env(self.harness.seed_for(name)) if entry.syscall_faults else None
         record = RoundRecord(number, name, "suite", 0, 0.0, scenario=name)
+
+        def play(run: TargetRun) -> None:
+            record.seed = run.seed
+            try:
+                entry.call(run)
+            except AssertionError as exc:
+                record.error = f"{name}: {exc or 'assertion failed'}"
+
+        run, outcome = self._play(record, play, env)
+        if run is not None and outcome is not None and record.rules:
+            record.message = run.failure_message(outcome)
+        self._record(record, run, began)
+        return record
+
+    def _play(
+        self, record: RoundRecord, play: Callable[[TargetRun], object], env: dict[str, str] | None
+    ) -> tuple[TargetRun | None, Outcome | None]:
+        """Start the round's target, ``play`` the round on it and judge it into ``record``:
+        the run and its outcome, or no outcome (``record.error``) if the harness could not."""
         run: TargetRun | None = None
         try:
-            run = self._start(number, name, env)
+            run = self._start(record.number, record.name, env)
             with run:
-                record.seed = run.seed
-                try:
-                    entry.call(run)
-                except AssertionError as exc:
-                    record.error = f"{name}: {exc or 'assertion failed'}"
+                play(run)
                 outcome = run.finish()
         except AftercloseError as exc:
             record.error = exc.render()
-        else:
-            record.connections = sum(r.counts["connections"] for r in outcome.reports)
-            record.rules = list(dict.fromkeys(v.rule for v in outcome.violations))
-            if record.rules:
-                record.message = run.failure_message(outcome)
-        record.elapsed_s = time.monotonic() - began
-        record.workdir = str(run.workdir) if run is not None else ""
-        self._record(record, run, record.ok)
-        return record
+            return run, None
+        record.connections = sum(r.counts["connections"] for r in outcome.reports)
+        record.rules = list(dict.fromkeys(v.rule for v in outcome.violations))
+        return run, outcome
 
     def _check(self, record: RoundRecord | None = None) -> None:
         """Stop (raise :class:`_Stop`) after a failed round, or when the campaign is over."""
@@ -281,8 +293,8 @@ class Soak:
         generated rounds so far, so a resumed campaign draws new scenarios.  With ``--db`` the
         run first replays the examples the workers saved.
         """
-        from hypothesis import HealthCheck, Verbosity, given, settings
         from hypothesis import Phase as HPhase
+        from hypothesis import given
         from hypothesis import seed as hypothesis_seed
         from hypothesis.errors import Flaky
 
@@ -298,17 +310,7 @@ class Soak:
         skipped: list[str] = []
         calls = 0
 
-        @settings(
-            max_examples=10**9,
-            deadline=None,
-            database=shared.database if shared is not None else None,
-            derandomize=False,
-            phases=(HPhase.reuse, HPhase.generate) if shared else (HPhase.generate,),
-            suppress_health_check=list(HealthCheck),
-            report_multiple_bugs=False,
-            verbosity=Verbosity.quiet,
-            print_blob=False,
-        )
+        @explore.search_settings(10**9, shared, HPhase.generate)
         @hypothesis_seed(seed)
         @given(strategy)
         def soak_round(s: Scenario) -> None:
@@ -351,28 +353,16 @@ class Soak:
         record = RoundRecord(number, name, kind, s.seed or 0, 0.0, scenario=explore.describe(s))
         if kind == "shared":
             self.status.message(f"round {number}: replaying a shared example - {record.scenario}")
-        run: TargetRun | None = None
-        try:
-            run = self._start(number, name)
-            with run:
-                run.run_scenario(s)
-                outcome = run.finish()
-        except AftercloseError as exc:
-            record.error = exc.render()
-        else:
-            record.connections = sum(r.counts["connections"] for r in outcome.reports)
-            record.rules = list(dict.fromkeys(v.rule for v in outcome.violations))
-            if record.rules:
-                path = self._write_finding(s, record)
-                replay = (
-                    f"afterclose run --target={self.harness.settings.target} {path}"
-                    if path is not None
-                    else None
-                )
-                record.message = run.failure_message(outcome, replay=replay)
-        record.elapsed_s = time.monotonic() - began
-        record.workdir = str(run.workdir) if run is not None else ""
-        self._record(record, run, record.ok)
+        run, outcome = self._play(record, lambda run: run.run_scenario(s), None)
+        if run is not None and outcome is not None and record.rules:
+            path = self._write_finding(s, record)
+            replay = (
+                f"afterclose run --target={self.harness.settings.target} {path}"
+                if path is not None
+                else None
+            )
+            record.message = run.failure_message(outcome, replay=replay)
+        self._record(record, run, began)
         return record
 
     def _write_finding(self, s: Scenario, record: RoundRecord) -> Path | None:

@@ -103,7 +103,7 @@ def parse_params(items: list[str]) -> dict[str, object]:
 
 
 def drop_artifacts(folder: Path, args: argparse.Namespace) -> bool:
-    """Delete a passing run's artifacts (a trace is a 256 MiB sparse file per traced process)
+    """Delete a passing run's artifacts (a trace is a large sparse file per traced process)
     unless ``--keep-artifacts``; True when they are gone."""
     if getattr(args, options.KEEP_ARTIFACTS.dest, False):
         return False

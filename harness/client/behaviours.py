@@ -46,6 +46,20 @@ async def wait_us(conn: Conn, delay_us: int) -> None:
         spin_us(delay_us)
 
 
+async def exchange(conn: Conn, *, close: bool = False) -> bool:
+    """One request (``close``: asking the server to close) and its answer, then the server's
+    EOF if the answer says it closes.  True when the connection stays open for more."""
+    if not await conn.send_requests(1, close_last=close):
+        return False
+    reply = await conn.read_reply()
+    if reply is None:
+        return False
+    if not reply.keep_alive:
+        await conn.read_to_eof()
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------- reset
 
 
@@ -217,13 +231,7 @@ class KeepAlive:
         for i in range(self.requests):
             if i and not await conn.check_quiet():
                 return
-            if not await conn.send_requests(1):
-                return
-            reply = await conn.read_reply()
-            if reply is None:
-                return
-            if not reply.keep_alive:
-                await conn.read_to_eof()
+            if not await exchange(conn):
                 return
         await conn.check_quiet()
 
@@ -236,14 +244,9 @@ class CloseAfterOne:
         return "close"
 
     async def perform(self, conn: Conn) -> None:
-        if not (await conn.connect() and await conn.send_requests(1, close_last=True)):
+        if not await conn.connect():
             return
-        reply = await conn.read_reply()
-        if reply is None:
-            return
-        if not reply.keep_alive:
-            await conn.read_to_eof()
-        elif await conn.check_quiet():
+        if await exchange(conn, close=True) and await conn.check_quiet():
             # The protocol has no way to ask for a close (an echo, RESP, MQTT): the client
             # closes instead.
             conn.close()
@@ -335,15 +338,8 @@ class IdleHold:
     async def perform(self, conn: Conn) -> None:
         if not await conn.connect():
             return
-        if self.request:
-            if not await conn.send_requests(1):
-                return
-            reply = await conn.read_reply()
-            if reply is None:
-                return
-            if not reply.keep_alive:
-                await conn.read_to_eof()
-                return
+        if self.request and not await exchange(conn):
+            return
         if await conn.check_quiet(self.hold_ms / 1000):
             conn.report.count("idle_held")
         elif conn.gone:

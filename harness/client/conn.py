@@ -180,8 +180,17 @@ class Conn:
         self._quiet_since = time.monotonic()
         self.report.count("connections")
 
-    def connect_failed(self, exc: OSError) -> None:
-        self.report.count(f"errors:connect_{errno_name(exc)}")
+    def connect_failed(self, sock: socket.socket, exc: BaseException) -> bool:
+        """Close ``sock``, whose connect raised ``exc``.  A timeout or an OS error is counted
+        (True); anything else is the caller's to raise (False)."""
+        sock.close()
+        if isinstance(exc, TimeoutError):
+            self.timed_out("connect")
+            return True
+        if isinstance(exc, OSError):
+            self.report.count(f"errors:connect_{errno_name(exc)}")
+            return True
+        return False
 
     def timed_out(self, what: str) -> None:
         if time.monotonic() >= self.deadline - 0.002:
@@ -435,17 +444,10 @@ class Conn:
         loop = asyncio.get_running_loop()
         try:
             await self.bounded(loop.sock_connect(sock, self.remote.sockaddr))
-        except TimeoutError:
-            sock.close()
-            self.timed_out("connect")
+        except BaseException as exc:
+            if not self.connect_failed(sock, exc):
+                raise
             return False
-        except OSError as exc:
-            sock.close()
-            self.connect_failed(exc)
-            return False
-        except BaseException:
-            sock.close()
-            raise
         self.adopt(sock)
         return await self.start_session() if session else True
 

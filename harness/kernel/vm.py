@@ -27,7 +27,7 @@ from pathlib import Path
 from afterclose.harness import compile as cbuild
 from afterclose.harness.kernel import initramfs
 from afterclose.harness.kernel.fetch import Kernel, KernelError
-from afterclose.harness.orphans import die_with_parent
+from afterclose.harness.orphans import spawn_tied
 
 GUEST_RESULTS = "/run/afterclose-results"
 KVM_PROBE_TIMEOUT_S = 20.0
@@ -132,14 +132,7 @@ def _boot(
     started = time.monotonic()
     timed_out = False
     with (results / "qemu.log").open("wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
+        proc = spawn_tied(cmd, log, log)
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+# How many occurrences a violation of several lists in its details after the first.
+MORE_SHOWN = 9
 
 
 @dataclass(frozen=True)
@@ -14,6 +18,13 @@ class Violation:
     details: str = ""
     count: int = 1
     artifacts: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def of_many(cls, rule: str, lines: Sequence[str]) -> Violation:
+        """One violation for several occurrences, one line each: the first is the summary,
+        the next ``MORE_SHOWN`` the details."""
+        more = "\n".join(lines[1 : 1 + MORE_SHOWN])
+        return cls(rule, lines[0], details=more, count=len(lines))
 
     def render(self) -> str:
         more = f" (+{self.count - 1} more)" if self.count > 1 else ""

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from afterclose.harness.protocols import base
 from afterclose.harness.protocols.base import Frame, GarbageReply
+from afterclose.harness.protocols.keyvalue import Short, StoreFetch, StoreFetchParser
 
 MAX_LINE = 2048  # a reply line: a 250-byte key and four numbers fit many times over
 MAX_VALUE = 64 << 20
@@ -38,35 +38,15 @@ _SINGLE: dict[bytes, int] = {
 }
 
 
-def key_of(tag: str) -> bytes:
-    return f"afterclose:{base.session_of(tag)}".encode()
+class MemcachedParser(StoreFetchParser):
+    max_line = MAX_LINE
+    too_long = "a memcached reply line too long"
 
+    def is_stored(self, frame: Frame) -> bool:
+        return frame.kind == "STORED"
 
-class _Short(Exception):
-    """More bytes are needed."""
-
-
-class MemcachedParser(base.ReplyParser):
-    def next(self) -> Frame | None:
-        try:
-            first, end = self._reply(0)
-            if first.kind == "STORED":
-                first, end = self._reply(end)
-        except _Short:
-            return None
-        del self._buf[:end]
-        return first
-
-    def _line(self, pos: int) -> tuple[bytes, int]:
-        end = self._buf.find(b"\r\n", pos, pos + MAX_LINE)
-        if end < 0:
-            if len(self._buf) - pos > MAX_LINE:
-                raise GarbageReply("a memcached reply line too long", bytes(self._buf[:200]))
-            raise _Short
-        return bytes(self._buf[pos:end]), end + 2
-
-    def _reply(self, pos: int) -> tuple[Frame, int]:
-        line, end = self._line(pos)
+    def reply(self, pos: int) -> tuple[Frame, int]:
+        line, end = self.line(pos)
         word, _, rest = line.partition(b" ")
         if word in _SINGLE and not rest:
             return Frame(_SINGLE[word], b"", kind=word.decode()), end
@@ -89,30 +69,23 @@ class MemcachedParser(base.ReplyParser):
             if size > MAX_VALUE:
                 raise GarbageReply(f"memcached value of {size} bytes", bytes(line))
             if len(self._buf) < end + size + 2:
-                raise _Short
+                raise Short
             if self._buf[end + size : end + size + 2] != b"\r\n":
                 raise GarbageReply("a memcached value not followed by CRLF", bytes(line))
             body += self._buf[end : end + size]
-            line, end = self._line(end + size + 2)
+            line, end = self.line(end + size + 2)
 
 
-class Memcached(base.Protocol):
+class Memcached(StoreFetch):
     name: ClassVar[str] = "memcached"
     malformed_variants: ClassVar[tuple[str, ...]] = tuple(MALFORMED)
     tagged_replies: ClassVar[bool] = True
 
-    def request(self, tag: str, host: str, port: int, *, close: bool = False) -> bytes:
-        return self._set_get(tag, tag.encode())
-
-    def _set_get(self, tag: str, value: bytes) -> bytes:
-        key = key_of(tag)
+    def store_fetch(self, key: bytes, value: bytes) -> bytes:
         return b"set %s 0 0 %d\r\n%s\r\nget %s\r\n" % (key, len(value), value, key)
 
     def parser(self) -> MemcachedParser:
         return MemcachedParser()
-
-    def large_request(self, tag: str, size: int, host: str, port: int) -> bytes:
-        return self._set_get(tag, tag.encode() + b" " + b"x" * max(size - len(tag) - 1, 0))
 
     def malformed(self, variant: str, tag: str, host: str, port: int) -> bytes:
         return MALFORMED[variant].replace(b"{tag}", tag.encode())

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from afterclose.harness.protocols import base
 from afterclose.harness.protocols.base import Frame, GarbageReply
+from afterclose.harness.protocols.keyvalue import Short, StoreFetch, StoreFetchParser
 
 MAX_LINE = 64 * 1024
 MAX_BULK = 64 << 20
@@ -35,34 +35,15 @@ def command(*parts: bytes) -> bytes:
     return b"".join(out)
 
 
-def key_of(tag: str) -> bytes:
-    return f"afterclose:{base.session_of(tag)}".encode()
+class RespParser(StoreFetchParser):
+    max_line = MAX_LINE
+    too_long = "a RESP line longer than 64 KiB"
 
+    def is_stored(self, frame: Frame) -> bool:
+        return frame.kind == "simple" and frame.body == b"OK"  # the SET's answer
 
-class _Short(Exception):
-    """More bytes are needed."""
-
-
-class RespParser(base.ReplyParser):
-    def next(self) -> Frame | None:
-        try:
-            first, end = self._value(0, 0)
-            if first.kind == "simple" and first.body == b"OK":
-                # The SET's answer: the reply is the GET's value that follows.
-                second, end = self._value(end, 0)
-                first = second
-        except _Short:
-            return None
-        del self._buf[:end]
-        return first
-
-    def _line(self, pos: int) -> tuple[bytes, int]:
-        end = self._buf.find(b"\r\n", pos, pos + MAX_LINE)
-        if end < 0:
-            if len(self._buf) - pos > MAX_LINE:
-                raise GarbageReply("a RESP line longer than 64 KiB", bytes(self._buf[:200]))
-            raise _Short
-        return bytes(self._buf[pos:end]), end + 2
+    def reply(self, pos: int) -> tuple[Frame, int]:
+        return self._value(pos, 0)
 
     def _number(self, text: bytes) -> int:
         try:
@@ -72,9 +53,9 @@ class RespParser(base.ReplyParser):
 
     def _value(self, pos: int, depth: int) -> tuple[Frame, int]:
         if pos >= len(self._buf):
-            raise _Short
+            raise Short
         kind = bytes(self._buf[pos : pos + 1])
-        line, end = self._line(pos + 1)
+        line, end = self.line(pos + 1)
         if kind == b"+":
             return Frame(200, line, kind="simple"), end
         if kind == b"-":
@@ -90,7 +71,7 @@ class RespParser(base.ReplyParser):
             if not 0 <= size <= MAX_BULK:
                 raise GarbageReply(f"RESP bulk length {size} out of bounds", bytes(line))
             if len(self._buf) < end + size + 2:
-                raise _Short
+                raise Short
             if self._buf[end + size : end + size + 2] != b"\r\n":
                 raise GarbageReply("a RESP bulk string not followed by CRLF", bytes(line))
             status = 400 if kind == b"!" else 200
@@ -111,23 +92,16 @@ class RespParser(base.ReplyParser):
         raise GarbageReply(f"not a RESP reply: {bytes(self._buf[pos : pos + 60])!r}", bytes(line))
 
 
-class Resp(base.Protocol):
+class Resp(StoreFetch):
     name: ClassVar[str] = "resp"
     malformed_variants: ClassVar[tuple[str, ...]] = tuple(MALFORMED)
     tagged_replies: ClassVar[bool] = True
 
-    def request(self, tag: str, host: str, port: int, *, close: bool = False) -> bytes:
-        return self._set_get(tag, tag.encode())
-
-    def _set_get(self, tag: str, value: bytes) -> bytes:
-        key = key_of(tag)
+    def store_fetch(self, key: bytes, value: bytes) -> bytes:
         return command(b"SET", key, value) + command(b"GET", key)
 
     def parser(self) -> RespParser:
         return RespParser()
-
-    def large_request(self, tag: str, size: int, host: str, port: int) -> bytes:
-        return self._set_get(tag, tag.encode() + b" " + b"x" * max(size - len(tag) - 1, 0))
 
     def malformed(self, variant: str, tag: str, host: str, port: int) -> bytes:
         raw = tag.encode()

@@ -7,7 +7,6 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from afterclose.harness import procfs, readiness
 from afterclose.harness.errors import TargetStartError
@@ -58,19 +57,10 @@ class Server(abc.ABC):
 
     def __init__(self, plan: LaunchPlan) -> None:
         self.plan = plan
+        self.host = plan.host
+        self.port = plan.port
+        self.name = plan.manifest.name
         self.crashed_status: ExitStatus | None = None
-
-    @property
-    def host(self) -> str:
-        return self.plan.host
-
-    @property
-    def port(self) -> int:
-        return self.plan.port
-
-    @property
-    def name(self) -> str:
-        return self.plan.manifest.name
 
     @abc.abstractmethod
     def host_pids(self) -> list[int]:
@@ -148,12 +138,7 @@ class Server(abc.ABC):
     def __enter__(self) -> Server:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -88,17 +89,23 @@ class ProcessServer(Server):
         return status
 
     def _wait_main(self, timeout_s: float) -> bool:
+        # The link stays a blocking socket: with a timeout set, Python waits for readability
+        # before every recv, MSG_DONTWAIT or not, and _read_link's last read (the one that
+        # finds nothing more) would sleep that whole timeout.
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._read_link()
             if self._main_status is not None:
                 return True
             with contextlib.suppress(OSError, ValueError):
-                self._link.settimeout(min(0.1, max(0.0, deadline - time.monotonic())))
-                data = self._link.recv(4096, socket.MSG_PEEK)
-                if not data and self.proc.poll() is not None:
-                    self._read_link()
-                    return True
+                left = max(0.0, deadline - time.monotonic())
+                if select.select([self._link], [], [], min(0.1, left))[0]:
+                    peek = self._link.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                    if not peek:  # the supervisor closed its end: it is gone or going
+                        if self.proc.poll() is not None:
+                            self._read_link()
+                            return True
+                        time.sleep(0.005)
         self._read_link()
         return self._main_status is not None
 

@@ -15,63 +15,35 @@
 #define AC_EXE_OFFSET 256u
 #define AC_EXE_SIZE 256u
 #define AC_SEQ_FILE "seq.bin"
+#define AC_DEFAULT_TRACE_MB 2048u
+#define AC_DEFAULT_CHUNK_RECORDS 4096u
 
 enum { /* Op */
-    OP_SOCKET = 1,
-    OP_ACCEPT = 2,
-    OP_CLOSE = 3,
-    OP_SHUTDOWN = 4,
-    OP_DUP = 5,
-    OP_EPOLL_CREATE = 6,
-    OP_EPOLL_CTL = 7,
-    OP_EPOLL_WAIT = 8,
-    OP_EPOLL_EVENT = 9,
-    OP_READ = 10,
-    OP_WRITE = 11,
-    OP_FORK = 12,
-    OP_FREE = 13,
-    OP_FDNEW = 14,
-    OP_CLOSE_RANGE = 15,
+    OP_SOCKET = 1, OP_ACCEPT = 2, OP_CLOSE = 3, OP_SHUTDOWN = 4, OP_DUP = 5,
+    OP_EPOLL_CREATE = 6, OP_EPOLL_CTL = 7, OP_EPOLL_WAIT = 8, OP_EPOLL_EVENT = 9, OP_READ = 10,
+    OP_WRITE = 11, OP_FORK = 12, OP_FREE = 13, OP_FDNEW = 14, OP_CLOSE_RANGE = 15,
 };
 
 enum { /* HeaderFlag */
-    FLAG_FREE_TRACKING = 1,
-    FLAG_FREE_TABLE_FULL = 2,
-    FLAG_CRASHED = 4,
-    FLAG_EXITED = 8,
+    FLAG_FREE_TRACKING = 1, FLAG_FREE_TABLE_FULL = 2, FLAG_CRASHED = 4, FLAG_EXITED = 8,
 };
 
 enum { /* AcceptKind */
-    ACCEPTK_ACCEPT = 0,
-    ACCEPTK_ACCEPT4 = 4,
+    ACCEPTK_ACCEPT = 0, ACCEPTK_ACCEPT4 = 4,
 };
 
 enum { /* DupKind */
-    DUPK_DUP = 0,
-    DUPK_DUP2 = 1,
-    DUPK_DUP3 = 2,
-    DUPK_FCNTL_DUPFD = 3,
+    DUPK_DUP = 0, DUPK_DUP2 = 1, DUPK_DUP3 = 2, DUPK_FCNTL_DUPFD = 3,
     DUPK_FCNTL_DUPFD_CLOEXEC = 4,
 };
 
 enum { /* WaitKind */
-    WAITK_EPOLL_WAIT = 0,
-    WAITK_EPOLL_PWAIT = 1,
-    WAITK_EPOLL_PWAIT2 = 2,
+    WAITK_EPOLL_WAIT = 0, WAITK_EPOLL_PWAIT = 1, WAITK_EPOLL_PWAIT2 = 2,
 };
 
 enum { /* IoKind */
-    IO_READ = 0,
-    IO_READV = 1,
-    IO_RECV = 2,
-    IO_RECVFROM = 3,
-    IO_RECVMSG = 4,
-    IO_WRITE = 16,
-    IO_WRITEV = 17,
-    IO_SEND = 18,
-    IO_SENDTO = 19,
-    IO_SENDMSG = 20,
-    IO_SENDFILE = 21,
+    IO_READ = 0, IO_READV = 1, IO_RECV = 2, IO_RECVFROM = 3, IO_RECVMSG = 4, IO_WRITE = 16,
+    IO_WRITEV = 17, IO_SEND = 18, IO_SENDTO = 19, IO_SENDMSG = 20, IO_SENDFILE = 21,
 };
 
 /* RecordFlag: bits of a record's flags above its kind. */
@@ -126,57 +98,29 @@ _Static_assert(sizeof(struct ac_header) == AC_HEADER_SIZE, "ac_header size");
 _Static_assert(offsetof(struct ac_header, exe) == AC_EXE_OFFSET, "ac_header.exe");
 _Static_assert(sizeof(struct ac_record) == AC_RECORD_SIZE, "ac_record size");
 _Static_assert(sizeof(struct ac_chunk) == AC_CHUNK_HEADER_SIZE, "ac_chunk size");
-_Static_assert(offsetof(struct ac_header, magic) == 0, "ac_header.magic");
-_Static_assert(offsetof(struct ac_header, version) == 8, "ac_header.version");
-_Static_assert(offsetof(struct ac_header, header_size) == 12, "ac_header.header_size");
-_Static_assert(offsetof(struct ac_header, record_size) == 16, "ac_header.record_size");
-_Static_assert(offsetof(struct ac_header, chunk_records) == 20, "ac_header.chunk_records");
-_Static_assert(offsetof(struct ac_header, n_chunks) == 24, "ac_header.n_chunks");
-_Static_assert(offsetof(struct ac_header, pid) == 28, "ac_header.pid");
-_Static_assert(offsetof(struct ac_header, ppid) == 32, "ac_header.ppid");
-_Static_assert(offsetof(struct ac_header, flags) == 36, "ac_header.flags");
-_Static_assert(offsetof(struct ac_header, next_chunk) == 40, "ac_header.next_chunk");
-_Static_assert(offsetof(struct ac_header, lost_records) == 48, "ac_header.lost_records");
-_Static_assert(offsetof(struct ac_header, start_ns) == 56, "ac_header.start_ns");
-_Static_assert(offsetof(struct ac_header, fork_seq) == 64, "ac_header.fork_seq");
-_Static_assert(offsetof(struct ac_header, free_table_slots) == 72, "ac_header.free_table_slots");
-_Static_assert(offsetof(struct ac_header, free_table_used) == 80, "ac_header.free_table_used");
-_Static_assert(offsetof(struct ac_header, exit_seq) == 88, "ac_header.exit_seq");
-_Static_assert(offsetof(struct ac_record, seq_in) == 0, "ac_record.seq_in");
-_Static_assert(offsetof(struct ac_record, seq_out) == 8, "ac_record.seq_out");
-_Static_assert(offsetof(struct ac_record, t_ns) == 16, "ac_record.t_ns");
-_Static_assert(offsetof(struct ac_record, tid) == 24, "ac_record.tid");
-_Static_assert(offsetof(struct ac_record, op) == 28, "ac_record.op");
-_Static_assert(offsetof(struct ac_record, flags) == 30, "ac_record.flags");
-_Static_assert(offsetof(struct ac_record, fd) == 32, "ac_record.fd");
-_Static_assert(offsetof(struct ac_record, arg) == 36, "ac_record.arg");
-_Static_assert(offsetof(struct ac_record, data) == 40, "ac_record.data");
-_Static_assert(offsetof(struct ac_record, events) == 48, "ac_record.events");
-_Static_assert(offsetof(struct ac_record, err) == 52, "ac_record.err");
-_Static_assert(offsetof(struct ac_record, ret) == 56, "ac_record.ret");
-_Static_assert(offsetof(struct ac_chunk, tid) == 0, "ac_chunk.tid");
-_Static_assert(offsetof(struct ac_chunk, pid) == 4, "ac_chunk.pid");
-_Static_assert(offsetof(struct ac_chunk, count) == 8, "ac_chunk.count");
+#define AC_AT(s, f, off) _Static_assert(offsetof(struct s, f) == (off), #s "." #f)
+AC_AT(ac_header, magic, 0); AC_AT(ac_header, version, 8); AC_AT(ac_header, header_size, 12);
+AC_AT(ac_header, record_size, 16); AC_AT(ac_header, chunk_records, 20);
+AC_AT(ac_header, n_chunks, 24); AC_AT(ac_header, pid, 28); AC_AT(ac_header, ppid, 32);
+AC_AT(ac_header, flags, 36); AC_AT(ac_header, next_chunk, 40);
+AC_AT(ac_header, lost_records, 48); AC_AT(ac_header, start_ns, 56);
+AC_AT(ac_header, fork_seq, 64); AC_AT(ac_header, free_table_slots, 72);
+AC_AT(ac_header, free_table_used, 80); AC_AT(ac_header, exit_seq, 88);
+AC_AT(ac_record, seq_in, 0); AC_AT(ac_record, seq_out, 8); AC_AT(ac_record, t_ns, 16);
+AC_AT(ac_record, tid, 24); AC_AT(ac_record, op, 28); AC_AT(ac_record, flags, 30);
+AC_AT(ac_record, fd, 32); AC_AT(ac_record, arg, 36); AC_AT(ac_record, data, 40);
+AC_AT(ac_record, events, 48); AC_AT(ac_record, err, 52); AC_AT(ac_record, ret, 56);
+AC_AT(ac_chunk, tid, 0); AC_AT(ac_chunk, pid, 4); AC_AT(ac_chunk, count, 8);
+#undef AC_AT
 
 /* The encoded syscall-fault spec (AFTERCLOSE_SYSCALL_FAULTS, written by
  * harness/syscall_faults.py): call:error:threshold items, comma-separated. */
 enum {
-    FC_EPOLL_WAIT = 0,
-    FC_READ = 1,
-    FC_WRITE = 2,
-    FC_ACCEPT = 3,
-    FC_N = 4,
+    FC_EPOLL_WAIT = 0, FC_READ = 1, FC_WRITE = 2, FC_ACCEPT = 3, FC_N = 4,
 };
 enum {
-    FE_NONE = 0,
-    FE_EINTR = 1,
-    FE_EAGAIN = 2,
-    FE_SHORT = 3,
-    FE_ECONNRESET = 4,
-    FE_EPIPE = 5,
-    FE_EMFILE = 6,
-    FE_ECONNABORTED = 7,
-    FE_N = 8,
+    FE_NONE = 0, FE_EINTR = 1, FE_EAGAIN = 2, FE_SHORT = 3, FE_ECONNRESET = 4, FE_EPIPE = 5,
+    FE_EMFILE = 6, FE_ECONNABORTED = 7, FE_N = 8,
 };
 /* The call each error belongs to (-1: none). */
 #define AC_FAULT_CALL_OF {-1, 0, 1, 2, 2, 2, 3, 3}

@@ -29,13 +29,8 @@ void pt_complain(const char *what, const char *var, const char *problem, const c
 {
     char msg[1024];
     size_t pos = 0;
-    put_str(msg, sizeof msg, &pos, "afterclose-shim: ");
-    put_str(msg, sizeof msg, &pos, what);
-    put_str(msg, sizeof msg, &pos, " disabled: ");
-    put_str(msg, sizeof msg, &pos, var);
-    put_str(msg, sizeof msg, &pos, ": ");
-    put_str(msg, sizeof msg, &pos, problem);
-    put_str(msg, sizeof msg, &pos, " '");
+    put_strs(msg, sizeof msg, &pos, "afterclose-shim: ", what, " disabled: ", var, ": ",
+             problem, " '", (char *)NULL);
     put_mem(msg, sizeof msg, &pos, item, item_len);
     put_str(msg, sizeof msg, &pos, "'");
     if (hint) {

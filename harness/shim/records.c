@@ -56,6 +56,15 @@ void put_str(char *buf, size_t cap, size_t *pos, const char *s)
     buf[*pos] = '\0';
 }
 
+void put_strs(char *buf, size_t cap, size_t *pos, ...)
+{
+    va_list ap;
+    va_start(ap, pos);
+    for (const char *s = va_arg(ap, const char *); s; s = va_arg(ap, const char *))
+        put_str(buf, cap, pos, s);
+    va_end(ap);
+}
+
 void put_u64(char *buf, size_t cap, size_t *pos, uint64_t v)
 {
     char tmp[24];
@@ -183,8 +192,8 @@ static int map_seq(const char *dir)
 
 static int create_trace(const char *dir, uint32_t ppid, uint64_t fork_seq)
 {
-    uint64_t mb = env_u64("AFTERCLOSE_TRACE_MB", 256, 1, 1u << 20);
-    uint64_t cr = env_u64("AFTERCLOSE_TRACE_CHUNK", 4096, 1, 1u << 24);
+    uint64_t mb = env_u64("AFTERCLOSE_TRACE_MB", AC_DEFAULT_TRACE_MB, 1, 1u << 20);
+    uint64_t cr = env_u64("AFTERCLOSE_TRACE_CHUNK", AC_DEFAULT_CHUNK_RECORDS, 1, 1u << 24);
     size_t chunk_bytes = (size_t)(cr + 1) * AC_RECORD_SIZE;
     uint64_t total = mb << 20;
     uint64_t n_chunks = total > AC_HEADER_SIZE ? (total - AC_HEADER_SIZE) / chunk_bytes : 0;
@@ -200,8 +209,7 @@ static int create_trace(const char *dir, uint32_t ppid, uint64_t fork_seq)
     /* n counts images of the same pid: exec keeps the pid and starts a fresh shim. */
     for (uint64_t n = 0; n < 100000; n++) {
         size_t pos = 0;
-        put_str(path, sizeof path, &pos, dir);
-        put_str(path, sizeof path, &pos, "/trace.");
+        put_strs(path, sizeof path, &pos, dir, "/trace.", (char *)NULL);
         put_u64(path, sizeof path, &pos, pid);
         put_str(path, sizeof path, &pos, ".");
         put_u64(path, sizeof path, &pos, n);

@@ -107,6 +107,8 @@ extern int g_free_on;
  * Reset in a fork child (only the forking thread survives there, and its chunks lie in the
  * parent's file). */
 #define LEVELS 4
+#define FT_CACHE_BITS 8 /* freetrack.c */
+#define FT_CACHE (1u << FT_CACHE_BITS)
 struct tlevel {
     struct ac_chunk *chunk;
     uint32_t used; /* records written and published in chunk */
@@ -128,6 +130,7 @@ struct tstate {
     uint8_t rng_ready;
     uint8_t pt_initialising;
     uint8_t exit_watched; /* release_chunks is armed for this thread's exit */
+    uint64_t ft_cache[FT_CACHE]; /* epoll data values known to be in the free table */
 };
 extern TLS struct tstate t;
 
@@ -152,6 +155,8 @@ static inline uint32_t cur_tid(void)
 void put_str(char *buf, size_t cap, size_t *pos, const char *s);
 void put_mem(char *buf, size_t cap, size_t *pos, const char *s, size_t n);
 void put_u64(char *buf, size_t cap, size_t *pos, uint64_t v);
+/* put_str of each string argument up to a NULL. */
+void put_strs(char *buf, size_t cap, size_t *pos, ...);
 /* Whole decimal number from 0 to 2**64-1; 0 when s is not one. */
 int parse_u64(const char *s, uint64_t *out);
 
@@ -231,8 +236,10 @@ static inline void put(const struct ac_record *r)
     writer_leave();
 }
 
-static inline void record(const struct call *c, uint16_t op, uint16_t flags, int32_t fd,
-                          int32_t arg, uint64_t data, uint32_t events, int64_t ret, int err)
+/* The record of a call that returned: takes its seq_out. */
+static inline struct ac_record call_record(const struct call *c, uint16_t op, uint16_t flags,
+                                           int32_t fd, int32_t arg, uint64_t data,
+                                           uint32_t events, int64_t ret, int err)
 {
     struct ac_record r = {
         .seq_in = c->seq_in,
@@ -248,6 +255,13 @@ static inline void record(const struct call *c, uint16_t op, uint16_t flags, int
         .err = ret < 0 ? err : 0,
         .ret = ret,
     };
+    return r;
+}
+
+static inline void record(const struct call *c, uint16_t op, uint16_t flags, int32_t fd,
+                          int32_t arg, uint64_t data, uint32_t events, int64_t ret, int err)
+{
+    struct ac_record r = call_record(c, op, flags, fd, arg, data, events, ret, err);
     put(&r);
 }
 

@@ -25,23 +25,36 @@ int socket(int domain, int type, int protocol)
     TRACE1(int, f(domain, type, protocol), OP_SOCKET, 0, 0, 0, 0, 0);
 }
 
+/* The start of a wrapper with syscall faults of class fc: roll the dice (fe_), start tracing
+ * (c_, traced_); the result goes in r_ and e_, the record's flags in fl_. */
+#define PERTURBED_BEGIN(fc, ret_type, kind)                                                   \
+    int fe_ = fault_draw(fc);                                                                  \
+    struct call c_;                                                                            \
+    int traced_ = trace_begin(&c_);                                                            \
+    ret_type r_;                                                                               \
+    int e_;                                                                                    \
+    uint16_t fl_ = (kind)
+
+/* PERTURBED_BEGIN, then either inject (r_ = -1, e_ = err, REC_INJECTED in fl_) when inject
+ * holds or make the real call. */
+#define PERTURBED_CALL(fc, ret_type, kind, inject, err, call_expr)                            \
+    PERTURBED_BEGIN(fc, ret_type, kind);                                                       \
+    if (inject) {                                                                              \
+        r_ = -1;                                                                               \
+        e_ = (err);                                                                            \
+        fl_ |= REC_INJECTED;                                                                   \
+    } else {                                                                                   \
+        r_ = call_expr;                                                                        \
+        e_ = errno;                                                                            \
+    }
+
 /* accept/accept4 with faults: EMFILE or ECONNABORTED on a listening socket, without accepting
  * (the connection stays in the backlog). */
 #define TRACE_ACCEPT(call_expr, kind, fd)                                                     \
     do {                                                                                       \
-        int fe_ = fault_draw(FC_ACCEPT);                                                       \
-        struct call c_;                                                                        \
-        int traced_ = trace_begin(&c_);                                                        \
-        int r_, e_;                                                                            \
-        uint16_t fl_ = (kind);                                                                 \
-        if (UNLIKELY(fe_ != FE_NONE) && sock_int((fd), SO_ACCEPTCONN) == 1) {                 \
-            r_ = -1;                                                                           \
-            e_ = fe_ == FE_EMFILE ? EMFILE : ECONNABORTED;                                     \
-            fl_ |= REC_INJECTED;                                                               \
-        } else {                                                                               \
-            r_ = call_expr;                                                                    \
-            e_ = errno;                                                                        \
-        }                                                                                      \
+        PERTURBED_CALL(FC_ACCEPT, int, kind,                                                   \
+                       UNLIKELY(fe_ != FE_NONE) && sock_int((fd), SO_ACCEPTCONN) == 1,         \
+                       fe_ == FE_EMFILE ? EMFILE : ECONNABORTED, call_expr);                   \
         if (traced_)                                                                           \
             record(&c_, OP_ACCEPT, fl_, (fd), 0, 0, 0, r_, e_);                                \
         errno = e_;                                                                            \
@@ -190,18 +203,7 @@ int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 static void record_wait(const struct call *c, uint16_t kind, int epfd, int maxevents,
                         const struct epoll_event *evs, int r, int e)
 {
-    struct ac_record rec = {
-        .seq_in = c->seq_in,
-        .seq_out = seq_next(),
-        .t_ns = c->t_ns,
-        .tid = cur_tid(),
-        .op = OP_EPOLL_WAIT,
-        .flags = kind,
-        .fd = epfd,
-        .arg = maxevents,
-        .err = r < 0 ? e : 0,
-        .ret = r,
-    };
+    struct ac_record rec = call_record(c, OP_EPOLL_WAIT, kind, epfd, maxevents, 0, 0, r, e);
     /* One writer for the wait and its events: they land in order in this level's chunks. */
     struct tlevel *lv = writer_enter();
     emit(lv, &rec);
@@ -222,20 +224,10 @@ static void record_wait(const struct call *c, uint16_t kind, int epfd, int maxev
  * 0 never sees a signal) and chaos (after events came back, before the caller sees them). */
 #define TRACE_WAIT(call_expr, kind, may_block)                                                \
     do {                                                                                       \
-        int fe_ = fault_draw(FC_EPOLL_WAIT);                                                   \
-        struct call c_;                                                                        \
-        int traced_ = trace_begin(&c_);                                                        \
-        int r_, e_;                                                                            \
-        uint16_t fl_ = (kind);                                                                 \
-        if (UNLIKELY(fe_ != FE_NONE) && maxevents > 0 && events && (may_block) &&              \
-            fd_getfl(epfd) >= 0) {                                                             \
-            r_ = -1;                                                                           \
-            e_ = EINTR;                                                                        \
-            fl_ |= REC_INJECTED;                                                               \
-        } else {                                                                               \
-            r_ = call_expr;                                                                    \
-            e_ = errno;                                                                        \
-        }                                                                                      \
+        PERTURBED_CALL(FC_EPOLL_WAIT, int, kind,                                               \
+                       UNLIKELY(fe_ != FE_NONE) && maxevents > 0 && events && (may_block) &&   \
+                           fd_getfl(epfd) >= 0,                                                \
+                       EINTR, call_expr);                                                      \
         if (traced_)                                                                           \
             record_wait(&c_, fl_, epfd, maxevents, events, r_, e_);                            \
         if (r_ > 0)                                                                            \
@@ -272,20 +264,9 @@ int epoll_pwait2(int epfd, struct epoll_event *events, int maxevents,
  * read returned 0: between the EOF and the caller's reaction to it, typically close). */
 #define TRACE_READ(call_expr, kind, fd, want, dontwait)                                       \
     do {                                                                                       \
-        int fe_ = fault_draw(FC_READ);                                                         \
-        struct call c_;                                                                        \
-        int traced_ = trace_begin(&c_);                                                        \
-        ssize_t r_;                                                                            \
-        int e_;                                                                                \
-        uint16_t fl_ = (kind);                                                                 \
-        if (UNLIKELY(fe_ != FE_NONE) && read_fault_ok((fd), (want), (dontwait))) {             \
-            r_ = -1;                                                                           \
-            e_ = EAGAIN;                                                                       \
-            fl_ |= REC_INJECTED;                                                               \
-        } else {                                                                               \
-            r_ = call_expr;                                                                    \
-            e_ = errno;                                                                        \
-        }                                                                                      \
+        PERTURBED_CALL(FC_READ, ssize_t, kind,                                                 \
+                       UNLIKELY(fe_ != FE_NONE) && read_fault_ok((fd), (want), (dontwait)),    \
+                       EAGAIN, call_expr);                                                     \
         if (traced_)                                                                           \
             record(&c_, OP_READ, fl_, (fd), 0, 0, 0, r_, e_);                                  \
         if (r_ == 0)                                                                           \
@@ -299,12 +280,7 @@ int epoll_pwait2(int epfd, struct epoll_event *events, int maxevents,
  * write_fault_arm shut down, so the kernel answers it. */
 #define TRACE_WRITE(call_expr, short_expr, kind, fd, want)                                    \
     do {                                                                                       \
-        int fe_ = fault_draw(FC_WRITE);                                                        \
-        struct call c_;                                                                        \
-        int traced_ = trace_begin(&c_);                                                        \
-        ssize_t r_;                                                                            \
-        int e_;                                                                                \
-        uint16_t fl_ = (kind);                                                                 \
+        PERTURBED_BEGIN(FC_WRITE, ssize_t, kind);                                              \
         size_t k_ = 0;                                                                         \
         uint64_t asked_ = 0;                                                                   \
         if (UNLIKELY(fe_ != FE_NONE)) {                                                        \
@@ -586,102 +562,52 @@ int close_range(unsigned int first, unsigned int last, int flags)
 
 #define FDNEW(call_expr) TRACE1(int, call_expr, OP_FDNEW, 0, 0, 0, 0, 0)
 
-/* The mode argument exists only with O_CREAT or O_TMPFILE (which includes O_DIRECTORY). */
-#define OPEN_MODE(flags, last)                                                                \
-    mode_t mode = 0;                                                                           \
-    if (((flags) & O_CREAT) || ((flags) & O_TMPFILE) == O_TMPFILE) {                           \
-        va_list ap;                                                                            \
-        va_start(ap, last);                                                                    \
-        mode = (mode_t)va_arg(ap, int);                                                        \
-        va_end(ap);                                                                            \
+/* A wrapper that records one FDNEW: name, its real function's type, the parameter list and the
+ * arguments passed on. */
+#define DEFINE_FDNEW(name, type, params, args)                                                \
+    int name params                                                                            \
+    {                                                                                          \
+        type f = REAL(name);                                                                   \
+        NOSYS_IF_NULL(f);                                                                      \
+        FDNEW(f args);                                                                         \
     }
 
-int open(const char *path, int flags, ...)
-{
-    OPEN_MODE(flags, flags);
-    fn_open f = REAL(open);
-    NOSYS_IF_NULL(f);
-    FDNEW(f(path, flags, mode));
-}
+/* open(2)-like: the mode argument exists only with O_CREAT or O_TMPFILE (which includes
+ * O_DIRECTORY), so it is read from the varargs only then. */
+#define DEFINE_OPEN(name, type, params, args)                                                 \
+    int name params                                                                            \
+    {                                                                                          \
+        mode_t mode = 0;                                                                       \
+        if ((flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE) {                           \
+            va_list ap;                                                                        \
+            va_start(ap, flags);                                                               \
+            mode = (mode_t)va_arg(ap, int);                                                    \
+            va_end(ap);                                                                        \
+        }                                                                                      \
+        type f = REAL(name);                                                                   \
+        NOSYS_IF_NULL(f);                                                                      \
+        FDNEW(f args);                                                                         \
+    }
 
-int open64(const char *path, int flags, ...)
-{
-    OPEN_MODE(flags, flags);
-    fn_open f = REAL(open64);
-    NOSYS_IF_NULL(f);
-    FDNEW(f(path, flags, mode));
-}
-
-int openat(int dirfd, const char *path, int flags, ...)
-{
-    OPEN_MODE(flags, flags);
-    fn_openat f = REAL(openat);
-    NOSYS_IF_NULL(f);
-    FDNEW(f(dirfd, path, flags, mode));
-}
-
-int openat64(int dirfd, const char *path, int flags, ...)
-{
-    OPEN_MODE(flags, flags);
-    fn_openat f = REAL(openat64);
-    NOSYS_IF_NULL(f);
-    FDNEW(f(dirfd, path, flags, mode));
-}
-
-int __open_2(const char *path, int flags)
-{
-    fn_open2 f = REAL(__open_2);
-    NOSYS_IF_NULL(f);
-    FDNEW(f(path, flags));
-}
-
-int __open64_2(const char *path, int flags)
-{
-    fn_open2 f = REAL(__open64_2);
-    NOSYS_IF_NULL(f);
-    FDNEW(f(path, flags));
-}
-
-int __openat_2(int dirfd, const char *path, int flags)
-{
-    fn_openat2 f = REAL(__openat_2);
-    NOSYS_IF_NULL(f);
-    FDNEW(f(dirfd, path, flags));
-}
-
-int __openat64_2(int dirfd, const char *path, int flags)
-{
-    fn_openat2 f = REAL(__openat64_2);
-    NOSYS_IF_NULL(f);
-    FDNEW(f(dirfd, path, flags));
-}
-
-int creat(const char *path, mode_t mode)
-{
-    fn_creat f = REAL(creat);
-    NOSYS_IF_NULL(f);
-    FDNEW(f(path, mode));
-}
-
-int creat64(const char *path, mode_t mode)
-{
-    fn_creat f = REAL(creat64);
-    NOSYS_IF_NULL(f);
-    FDNEW(f(path, mode));
-}
+DEFINE_OPEN(open, fn_open, (const char *path, int flags, ...), (path, flags, mode))
+DEFINE_OPEN(open64, fn_open, (const char *path, int flags, ...), (path, flags, mode))
+DEFINE_OPEN(openat, fn_openat, (int dirfd, const char *path, int flags, ...),
+            (dirfd, path, flags, mode))
+DEFINE_OPEN(openat64, fn_openat, (int dirfd, const char *path, int flags, ...),
+            (dirfd, path, flags, mode))
+DEFINE_FDNEW(__open_2, fn_open2, (const char *path, int flags), (path, flags))
+DEFINE_FDNEW(__open64_2, fn_open2, (const char *path, int flags), (path, flags))
+DEFINE_FDNEW(__openat_2, fn_openat2, (int dirfd, const char *path, int flags),
+             (dirfd, path, flags))
+DEFINE_FDNEW(__openat64_2, fn_openat2, (int dirfd, const char *path, int flags),
+             (dirfd, path, flags))
+DEFINE_FDNEW(creat, fn_creat, (const char *path, mode_t mode), (path, mode))
+DEFINE_FDNEW(creat64, fn_creat, (const char *path, mode_t mode), (path, mode))
 
 /* pipe/pipe2/socketpair: two FDNEW records with the same seq_in/seq_out, fds[0] first. */
 static void record_pair(const struct call *c, int r, int e, const int fds[2])
 {
-    struct ac_record rec = {
-        .seq_in = c->seq_in,
-        .seq_out = seq_next(),
-        .t_ns = c->t_ns,
-        .tid = cur_tid(),
-        .op = OP_FDNEW,
-        .err = r < 0 ? e : 0,
-        .ret = r < 0 ? r : fds[0],
-    };
+    struct ac_record rec = call_record(c, OP_FDNEW, 0, 0, 0, 0, 0, r < 0 ? r : fds[0], e);
     struct tlevel *lv = writer_enter();
     emit(lv, &rec);
     if (r >= 0) {
@@ -724,19 +650,8 @@ int socketpair(int domain, int type, int protocol, int fds[2])
     TRACE_PAIR(f(domain, type, protocol, fds), fds);
 }
 
-int eventfd(unsigned int count, int flags)
-{
-    fn_eventfd f = REAL(eventfd);
-    NOSYS_IF_NULL(f);
-    FDNEW(f(count, flags));
-}
-
-int timerfd_create(int clockid, int flags)
-{
-    fn_int_int f = REAL(timerfd_create);
-    NOSYS_IF_NULL(f);
-    FDNEW(f(clockid, flags));
-}
+DEFINE_FDNEW(eventfd, fn_eventfd, (unsigned int count, int flags), (count, flags))
+DEFINE_FDNEW(timerfd_create, fn_int_int, (int clockid, int flags), (clockid, flags))
 
 int signalfd(int fd, const sigset_t *mask, int flags)
 {
@@ -747,23 +662,6 @@ int signalfd(int fd, const sigset_t *mask, int flags)
     FDNEW(f(fd, mask, flags));
 }
 
-int memfd_create(const char *name, unsigned int flags)
-{
-    fn_memfd f = REAL(memfd_create);
-    NOSYS_IF_NULL(f);
-    FDNEW(f(name, flags));
-}
-
-int inotify_init(void)
-{
-    fn_inotify_init f = REAL(inotify_init);
-    NOSYS_IF_NULL(f);
-    FDNEW(f());
-}
-
-int inotify_init1(int flags)
-{
-    fn_int f = REAL(inotify_init1);
-    NOSYS_IF_NULL(f);
-    FDNEW(f(flags));
-}
+DEFINE_FDNEW(memfd_create, fn_memfd, (const char *name, unsigned int flags), (name, flags))
+DEFINE_FDNEW(inotify_init, fn_inotify_init, (void), ())
+DEFINE_FDNEW(inotify_init1, fn_int, (int flags), (flags))

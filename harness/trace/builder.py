@@ -51,7 +51,9 @@ from afterclose.harness.trace.model import (
     Origin,
     Registration,
 )
+from afterclose.harness.trace.netpoller import go_pids, without_thread_ownership
 from afterclose.harness.trace.oneshot import Deliveries, overlaps
+from afterclose.harness.trace.pooled import PooledAdds
 from afterclose.harness.trace.receipts import Receipts, track_spin
 from afterclose.harness.trace.thread_memory import Acted, ThreadMemory, prepare
 from afterclose.harness.trace.timeline import Resolved, TimelineContext
@@ -99,6 +101,10 @@ class _Walk:
         self.freed: dict[int, dict[int, int]] = {}  # pid -> pointer -> its latest FREE
         self.stale_marks: dict[tuple[int, int], tuple[StaleData, Registration]] = {}
         self.stale_sets: set[int] = set()
+        self.pooled = PooledAdds()
+        self.go = go_pids(self.headers)
+        # (pid, instance) -> the threads that waited on it, in Go processes only
+        self.go_waiters: dict[tuple[int, int], set[int]] = {}
         # Frees of a live registration's data, decided when the registration stops (reg id ->
         # (registration, FREE index)).
         self.pending_frees: dict[int, tuple[Registration, int]] = {}
@@ -207,6 +213,8 @@ class _Walk:
             self._reg_stopped(reg, _NEVER)  # still registered at the end
         self.receipts.confirm(self.facts)
         self.facts.extend(overlaps(recs, self.res, self.oneshots))
+        if self.go_waiters:
+            self.facts = without_thread_ownership(self.facts, self.go_waiters)
 
     def model(self, lost_records: int, damaged: str | None, trace_path: str | None) -> TraceModel:
         end = 0
@@ -527,26 +535,6 @@ class _Walk:
         if fact is not None:
             self.facts.append(fact)
 
-    def _owner_of(
-        self, inst: EpollInstance, data: int, j: Incarnation, seq_in: int
-    ) -> Registration | None:
-        """The registration that last set ``data`` in ``inst``, if it was for an older,
-        closed-before-``seq_in`` incarnation of j's number in j's process."""
-        if data & 0xFFFFFFFF == j.fd or data in inst.shared:
-            # data.fd convention: the number itself is just as right for the new incarnation.
-            # epoll_data is a union and ``data.fd = fd`` writes only its low 32 bits, so the
-            # high half is whatever was on the caller's stack (CPython's select.epoll does this).
-            return None
-        owner = inst.data_map.get(data)
-        if owner is None:
-            return None
-        i = owner.incarnation
-        if i is j or i.pid != j.pid or i.fd != j.fd or i.unknown or i.id > j.id:
-            return None
-        if not i.closed_before(seq_in):
-            return None
-        return owner
-
     # -- epoll -------------------------------------------------------------------------
 
     def _ctl(self, idx: int, r: Record, t: ThreadMemory) -> None:
@@ -574,6 +562,11 @@ class _Walk:
         self.res[idx] = j
         if t.early:
             self._batch_step(idx, r, t, fd, j, certain)
+        if certain and what != EPOLL_CTL_DEL and self.pooled.held:
+            held = self.pooled.confirmed(j.id, inst.ofd.id, r.tid, r.data, r.ret >= 0, r.err)
+            if held is not None:
+                self.facts.append(held)
+                self.stale_sets.add(held.idx)
         if r.ret >= 0:
             if what in (EPOLL_CTL_ADD, EPOLL_CTL_MOD):
                 stale = self._stale(idx, r, t, inst, j, certain)
@@ -582,7 +575,8 @@ class _Walk:
                 if add and certain:
                     self.receipts.add(j, idx)
                 if stale is not None:
-                    self.stale_sets.add(idx)
+                    if stale.idx not in self.pooled.setters:
+                        self.stale_sets.add(idx)
                     self.stale_marks[(inst.ofd.id, r.data)] = (stale, reg)
             elif what == EPOLL_CTL_DEL:
                 m.delete(inst, j, idx, r)
@@ -611,7 +605,7 @@ class _Walk:
         add = r.flags == EPOLL_CTL_ADD
         if not add and prior is not None and prior.data == d:
             return None
-        owner = self._owner_of(inst, d, j, r.seq_in)
+        owner = inst.owner_of(d, j, r.seq_in)
         if owner is None:
             return None
         i = owner.incarnation
@@ -628,7 +622,7 @@ class _Walk:
                 # the pointer's low "instance" bit as tag) hand the same value to the next
                 # connection on the same number without any free().
                 return None
-            if owner.set_idx in self.stale_sets:
+            if owner.set_idx in self.stale_sets or owner.set_idx in self.pooled.setters:
                 return None
             if owner.set_out > i.end_in:
                 # The call that set d returned only after its target began closing: whoever
@@ -643,7 +637,13 @@ class _Walk:
         a = t.acted.get(j.fd)
         acted = tuple(a.idxs) if a is not None and a.inc is j and not a.knows else ()
         fact = StaleData(idx, owner.set_idx, i, j, d, acted)
-        self.facts.append(fact)
+        if add and j.id not in self.receipts.added:
+            # The connection's first ADD, by a thread that did not create it, of a value no
+            # free() ended: a pool's recycled address (harness/trace/pooled.py) unless the
+            # connection's own owner registers it too.
+            self.pooled.hold(fact, inst.ofd.id, r.tid)
+        else:
+            self.facts.append(fact)
         return fact
 
     def _created_by(self, inc: Incarnation, r: Record) -> bool:
@@ -657,7 +657,7 @@ class _Walk:
         data belongs to the old one: the thread was re-arming a connection that is gone."""
         if inst.regs.get((j.ofd.id, r.fd)) is not None:
             return
-        owner = self._owner_of(inst, r.data, j, r.seq_in)
+        owner = inst.owner_of(r.data, j, r.seq_in)
         if owner is None:
             return
         self.facts.append(ModOfReplaced(idx, owner.set_idx, owner.incarnation, j))
@@ -669,6 +669,8 @@ class _Walk:
         einc, _ = self.m.resolve(r, r.fd)
         inst = self.m.instance(einc)
         self.res[idx] = einc
+        if r.pid in self.go:
+            self.go_waiters.setdefault((r.pid, inst.ofd.id), set()).add(r.tid)
         t.batch = {}
         t.batch_idx = idx
         t.early = {}

@@ -64,12 +64,21 @@ def _struct_lines(name: str, fields: fmt.Fields) -> list[str]:
     return lines
 
 
+def _packed(items: list[str], indent: str = "", width: int = 96) -> list[str]:
+    """``items`` joined by spaces into lines of at most ``width`` columns."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + 1 + len(item) <= width:
+            lines[-1] += " " + item
+        else:
+            lines.append(indent + item)
+    return lines
+
+
 def _asserts(name: str, fields: fmt.Fields) -> list[str]:
-    return [
-        f"_Static_assert(offsetof(struct {name}, {field}) == {fmt.field_offset(fields, field)}, "
-        f'"{name}.{field}");'
-        for field, _ in fields
-    ]
+    return _packed(
+        [f"AC_AT({name}, {field}, {fmt.field_offset(fields, field)});" for field, _ in fields]
+    )
 
 
 def _size(fields: fmt.Fields) -> int:
@@ -77,7 +86,7 @@ def _size(fields: fmt.Fields) -> int:
 
 
 def _enum_block(cls: type[enum.IntEnum] | type[enum.IntFlag], prefix: str) -> list[str]:
-    body = [f"    {prefix}{m.name} = {int(m.value)}," for m in cls]
+    body = _packed([f"{prefix}{m.name} = {int(m.value)}," for m in cls], indent="    ")
     return [f"enum {{ /* {cls.__name__} */", *body, "};"]
 
 
@@ -103,6 +112,8 @@ def shim_header() -> str:
         f"#define AC_EXE_OFFSET {fmt.EXE_OFFSET}u",
         f"#define AC_EXE_SIZE {fmt.EXE_SIZE}u",
         f'#define AC_SEQ_FILE "{fmt.SEQ_FILE}"',
+        f"#define AC_DEFAULT_TRACE_MB {fmt.DEFAULT_TRACE_MB}u",
+        f"#define AC_DEFAULT_CHUNK_RECORDS {fmt.DEFAULT_CHUNK_RECORDS}u",
         "",
     ]
     for cls, prefix in _ENUM_PREFIX:
@@ -129,9 +140,11 @@ def shim_header() -> str:
         '_Static_assert(offsetof(struct ac_header, exe) == AC_EXE_OFFSET, "ac_header.exe");',
         '_Static_assert(sizeof(struct ac_record) == AC_RECORD_SIZE, "ac_record size");',
         '_Static_assert(sizeof(struct ac_chunk) == AC_CHUNK_HEADER_SIZE, "ac_chunk size");',
+        '#define AC_AT(s, f, off) _Static_assert(offsetof(struct s, f) == (off), #s "." #f)',
         *_asserts("ac_header", fmt.HEADER_FIELDS),
         *_asserts("ac_record", fmt.RECORD_FIELDS),
         *_asserts("ac_chunk", fmt.CHUNK_HEADER_FIELDS),
+        "#undef AC_AT",
         "",
         *_fault_codes(),
         "",
@@ -150,13 +163,23 @@ def _fault_codes() -> list[str]:
         "/* The encoded syscall-fault spec (AFTERCLOSE_SYSCALL_FAULTS, written by",
         " * harness/syscall_faults.py): call:error:threshold items, comma-separated. */",
         "enum {",
-        *(f"    FC_{call.upper()} = {code}," for call, code in calls.items()),
-        f"    FC_N = {len(calls)},",
+        *_packed(
+            [
+                *(f"FC_{call.upper()} = {code}," for call, code in calls.items()),
+                f"FC_N = {len(calls)},",
+            ],
+            indent="    ",
+        ),
         "};",
         "enum {",
-        "    FE_NONE = 0,",
-        *(f"    FE_{error.upper()} = {code}," for error, code in errors.items()),
-        f"    FE_N = {len(errors) + 1},",
+        *_packed(
+            [
+                "FE_NONE = 0,",
+                *(f"FE_{error.upper()} = {code}," for error, code in errors.items()),
+                f"FE_N = {len(errors) + 1},",
+            ],
+            indent="    ",
+        ),
         "};",
         "/* The call each error belongs to (-1: none). */",
         f"#define AC_FAULT_CALL_OF {{{owner}}}",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 from afterclose.harness.trace.findings import Finding
 from afterclose.harness.trace.format import Header, HeaderFlag, Record
 from afterclose.harness.trace.model import EndKind, Incarnation, Model, Origin
-from afterclose.harness.trace.timeline import TimelineContext, inc_label
+from afterclose.harness.trace.timeline import TimelineContext, call_str, inc_label
 
 if TYPE_CHECKING:
     from afterclose.harness.oracle.rule import Rule
@@ -275,6 +275,53 @@ class TraceModel:
         return (
             f"{how.get(inc.end_kind, 'closed') if inc.end_kind else 'closed'} at seq "
             f"{inc.end_out} by {self.tname(inc.pid, inc.end_tid)}"
+        )
+
+    def words(self, idx: int, old: Incarnation, new: Incarnation) -> dict[str, str]:
+        """What a summary says of the call at record ``idx`` on a number whose older
+        incarnation ``old`` ended before it and whose newer one is ``new`` (the same one when
+        the number was not reused); a rule's template names them: ``{t}`` the calling thread,
+        ``{call}``, ``{seq}`` its entry, ``{fd}``, ``{old}``, ``{old_closed}``, ``{old_end}``,
+        ``{new}``, ``{new_created}``."""
+        r = self.records[idx]
+        return {
+            "t": self.tname(r.pid, r.tid),
+            "call": call_str(r),
+            "seq": str(r.seq_in),
+            "fd": str(new.fd),
+            "old": self.label(old),
+            "old_closed": self.closed_desc(old),
+            "old_end": str(old.end_out),
+            "new": self.label(new),
+            "new_created": self.created_desc(new),
+        }
+
+    def reuse_finding(
+        self,
+        rule: Rule,
+        summary: str,
+        idx: int,
+        old: Incarnation,
+        new: Incarnation,
+        *,
+        data: int | None = None,
+        refs: Iterable[int] = (),
+        notes: dict[int, str] | None = None,
+    ) -> Finding:
+        """A finding at record ``idx`` on ``new``'s number, whose older incarnation ``old``
+        ended before the call: the timeline shows ``refs``, where ``old`` ended and where
+        ``new`` began (``old`` and ``new`` are the same when the number was not reused)."""
+        marks = dict(notes or {})
+        if old.end_idx >= 0:
+            marks.setdefault(old.end_idx, f"{self.label(old)} closed here")
+        return self.finding(
+            rule,
+            summary,
+            idx,
+            new.fd,
+            data,
+            refs=(*refs, old.end_idx, new.created_idx),
+            notes=marks,
         )
 
     def finding(

@@ -34,27 +34,19 @@ class Finding:
     meaning: str = ""
     why: str = ""
 
+    def shown_notes(self) -> dict[int, str]:
+        """``notes``, and the note of each followup."""
+        notes = dict(self.notes)
+        for w in self.followups:
+            notes.setdefault(w, "delivered with the stale data")
+        return notes
+
     def timeline(self) -> str:
         """The race-detector style report of this occurrence (rendered on first use)."""
         if self._text is None:
             if self._ctx is None or self.index < 0:
                 return self.summary
-            notes = dict(self.notes)
-            for w in self.followups:
-                notes.setdefault(w, "delivered with the stale data")
-            self._text = render_timeline(
-                self._ctx,
-                rule=self.rule,
-                meaning=self.meaning,
-                why=self.why,
-                summary=self.summary,
-                pid=self.pid,
-                fd=self.fd,
-                data=self.data,
-                focus=self.index,
-                refs=self.refs,
-                notes=notes,
-            )
+            self._text = render_timeline(self._ctx, self)
         return self._text
 
 

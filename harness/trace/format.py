@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 MAGIC = b"ACTRACE1"
 VERSION = 1
@@ -41,6 +43,12 @@ RECORD_SIZE = 64
 CHUNK_HEADER_SIZE = RECORD_SIZE
 SEQ_FILE = "seq.bin"
 TRACE_GLOB = "trace.*.bin"
+# What the shim sizes each process's file to (AFTERCLOSE_TRACE_MB, AFTERCLOSE_TRACE_CHUNK).
+# The file is sparse: disk is used only for records written, so the size is a ceiling that a
+# server answering tens of thousands of requests a second (several records each) should not
+# reach within minutes: 2 GiB holds 33 million records.
+DEFAULT_TRACE_MB = 2048
+DEFAULT_CHUNK_RECORDS = 4096
 
 # Field name and struct code of each layout, in order.  The C header of the shim
 # (``harness/shim/format.h``) and the eBPF program's constants are generated from this module by
@@ -298,3 +306,36 @@ class Header:
     free_table_used: int
     exe: str
     exit_seq: int = 0
+
+
+_HEADER_NAMES = tuple(name for name, _ in HEADER_FIELDS)
+# The fields of Header that the struct holds as they are (flags is a number there, exe is not
+# in the struct).
+_HEADER_KEPT = tuple(f.name for f in fields(Header) if f.name not in ("flags", "exe"))
+
+
+def header_values(raw: bytes) -> dict[str, Any]:
+    """The header fields at the start of ``raw``, by name (unchecked)."""
+    return dict(zip(_HEADER_NAMES, HEADER_STRUCT.unpack_from(raw, 0), strict=True))
+
+
+def header_of(raw: bytes, values: Mapping[str, Any]) -> Header:
+    """The :class:`Header` at the start of ``raw``, whose :func:`header_values` were checked."""
+    exe = raw[EXE_OFFSET : EXE_OFFSET + EXE_SIZE].split(b"\0", 1)[0]
+    return Header(
+        **{name: values[name] for name in _HEADER_KEPT},
+        flags=HeaderFlag(values["flags"]),
+        exe=exe.decode("utf-8", errors="replace"),
+    )
+
+
+def header_bytes(header: Header) -> bytes:
+    """The HEADER_SIZE bytes that hold ``header``: this format's magic and header size, the
+    fields, then ``exe`` (cut to EXE_SIZE - 1 bytes) at EXE_OFFSET."""
+    values = {name: getattr(header, name) for name in _HEADER_KEPT}
+    values.update(magic=MAGIC, header_size=HEADER_SIZE, flags=int(header.flags))
+    out = bytearray(HEADER_SIZE)
+    HEADER_STRUCT.pack_into(out, 0, *(values[name] for name in _HEADER_NAMES))
+    exe = header.exe.encode("utf-8", errors="replace")[: EXE_SIZE - 1]
+    out[EXE_OFFSET : EXE_OFFSET + len(exe)] = exe
+    return bytes(out)

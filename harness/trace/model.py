@@ -149,6 +149,24 @@ class EpollInstance:
     shared: set[int] = field(default_factory=set)
     dead: bool = False
 
+    def owner_of(self, data: int, j: Incarnation, seq_in: int) -> Registration | None:
+        """The registration that last set ``data`` here, if it was for an older,
+        closed-before-``seq_in`` incarnation of j's number in j's process."""
+        if data & 0xFFFFFFFF == j.fd or data in self.shared:
+            # data.fd convention: the number itself is just as right for the new incarnation.
+            # epoll_data is a union and ``data.fd = fd`` writes only its low 32 bits, so the
+            # high half is whatever was on the caller's stack (CPython's select.epoll does this).
+            return None
+        owner = self.data_map.get(data)
+        if owner is None:
+            return None
+        i = owner.incarnation
+        if i is j or i.pid != j.pid or i.fd != j.fd or i.unknown or i.id > j.id:
+            return None
+        if not i.closed_before(seq_in):
+            return None
+        return owner
+
 
 @dataclass(slots=True)
 class ProcessState:

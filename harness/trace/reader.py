@@ -1,7 +1,7 @@
 """Read the trace files the LD_PRELOAD shim wrote (layout: :mod:`.format`).
 
 A trace folder holds one ``trace.<pid>.<n>.bin`` per traced process image.  Each file is read
-with ``pread`` chunk by chunk rather than mapped: a file is 256 MiB of mostly holes, only the
+with ``pread`` chunk by chunk rather than mapped: a file is gigabytes of mostly holes, only the
 chunks below ``next_chunk`` hold anything, and a mapping would turn a file shrunk under our feet
 into a SIGBUS of the harness instead of an error.
 """
@@ -23,10 +23,7 @@ from afterclose.harness.errors import TraceError
 from afterclose.harness.trace.format import (
     CHUNK_HEADER_SIZE,
     CHUNK_HEADER_STRUCT,
-    EXE_OFFSET,
-    EXE_SIZE,
     HEADER_SIZE,
-    HEADER_STRUCT,
     MAGIC,
     RECORD_FIELDS,
     RECORD_SIZE,
@@ -37,6 +34,8 @@ from afterclose.harness.trace.format import (
     HeaderFlag,
     Op,
     Record,
+    header_of,
+    header_values,
 )
 
 __all__ = [
@@ -172,25 +171,10 @@ def _parse_header(raw: bytes, path: Path, size: int) -> Header:
             f"truncated trace: {size} bytes, smaller than the {HEADER_SIZE}-byte header",
             where=path,
         )
-    fields = HEADER_STRUCT.unpack_from(raw, 0)
-    (
-        magic,
-        version,
-        header_size,
-        record_size,
-        chunk_records,
-        n_chunks,
-        pid,
-        ppid,
-        flags,
-        next_chunk,
-        lost_records,
-        start_ns,
-        fork_seq,
-        free_table_slots,
-        free_table_used,
-        exit_seq,
-    ) = fields
+    values = header_values(raw)
+    magic, version = values["magic"], values["version"]
+    header_size, record_size = values["header_size"], values["record_size"]
+    chunk_records, n_chunks = values["chunk_records"], values["n_chunks"]
     if magic != MAGIC:
         if magic == b"\0" * len(MAGIC):
             raise _HeaderNeverWritten(
@@ -218,25 +202,7 @@ def _parse_header(raw: bytes, path: Path, size: int) -> Header:
         raise TraceError(
             f"corrupt header: chunk_records={chunk_records} n_chunks={n_chunks}", where=path
         )
-    exe_raw = raw[EXE_OFFSET : EXE_OFFSET + EXE_SIZE]
-    exe = exe_raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
-    return Header(
-        version=version,
-        record_size=record_size,
-        chunk_records=chunk_records,
-        n_chunks=n_chunks,
-        pid=pid,
-        ppid=ppid,
-        flags=HeaderFlag(flags),
-        next_chunk=next_chunk,
-        lost_records=lost_records,
-        start_ns=start_ns,
-        fork_seq=fork_seq,
-        free_table_slots=free_table_slots,
-        free_table_used=free_table_used,
-        exe=exe,
-        exit_seq=exit_seq,
-    )
+    return header_of(raw, values)
 
 
 def read_trace_file(path: Path) -> ProcessTrace:

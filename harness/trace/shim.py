@@ -7,8 +7,10 @@ build).  It writes the files that :mod:`.reader` reads.  Environment it understa
 ``AFTERCLOSE_TRACE_DIR``       folder for ``seq.bin`` and ``trace.<pid>.<n>.bin`` (required to
                               trace; unset, the shim only perturbs when asked to below, else it
                               passes everything through and says so on stderr)
-``AFTERCLOSE_TRACE_MB``        size of each process's trace file in MiB (sparse; default 256)
-``AFTERCLOSE_TRACE_CHUNK``     records per chunk (default 4096; small values for tests)
+``AFTERCLOSE_TRACE_MB``        size of each process's trace file in MiB (sparse; default
+                              :data:`.format.DEFAULT_TRACE_MB`)
+``AFTERCLOSE_TRACE_CHUNK``     records per chunk (default :data:`.format.DEFAULT_CHUNK_RECORDS`;
+                              small values for tests)
 ``AFTERCLOSE_FREE_TRACKING``   ``0`` stops recording free() of epoll data pointers
 ``AFTERCLOSE_CRASH_HANDLER``   ``0`` stops the shim installing its SIGSEGV/SIGABRT/... marker
 ``AFTERCLOSE_SYSCALL_FAULTS``  syscall faults, encoded by
@@ -220,13 +222,13 @@ def relabel_pid(trace_dir: Path, inner_pid: int, host_pid: int) -> list[Path]:
     for path in sorted(trace_dir.glob(f"trace.{inner_pid}.*.bin")):
         with path.open("r+b") as f:
             fields = HEADER_STRUCT.unpack(f.read(HEADER_STRUCT.size))
-            chunk_records, n_chunks, pid = fields[4], fields[5], fields[6]
+            chunk_records, n_chunks, pid, next_chunk = fields[4], fields[5], fields[6], fields[9]
             if pid != inner_pid:
                 continue
             f.seek(header_pid_at)
             f.write(struct.pack("<I", host_pid))
             chunk_bytes = CHUNK_HEADER_SIZE + chunk_records * RECORD_SIZE
-            for index in range(n_chunks):
+            for index in range(min(n_chunks, next_chunk)):
                 offset = HEADER_SIZE + index * chunk_bytes
                 f.seek(offset)
                 head = f.read(CHUNK_HEADER_STRUCT.size)

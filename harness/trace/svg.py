@@ -119,6 +119,13 @@ def _tint(colour: str, amount: float = 0.35) -> str:
 
 # -- rendering -------------------------------------------------------------------------------
 
+# The legend's marks: fill, stroke, stroke width.
+_LEGEND_MARKS = {
+    "mark": (_tint(_PALETTE[0]), _PALETTE[0], "1.5"),
+    "grey": ("#eeeeee", _GREY, "1.5"),
+    "red": (_RED, _DARK_RED, "2"),
+}
+
 
 def render_svg(
     finding: Finding,
@@ -132,9 +139,7 @@ def render_svg(
     overrides the path the rules pass recorded."""
     ctx = finding._ctx
     rule = finding.rule
-    notes = dict(finding.notes)
-    for w in finding.followups:
-        notes.setdefault(w, "delivered with the stale data")
+    notes = finding.shown_notes()
     if ctx is not None and ctx.records:
         items, leading, trailing = layout.build_items(ctx, finding, notes, max_lines)
     else:
@@ -275,20 +280,11 @@ def render_svg(
                 f'<rect x="{_n(lx)}" y="{_n(sy - 6)}" width="26" height="12" rx="3" '
                 f'fill="{_PALETTE[0]}"/>'
             )
-        elif kind == "mark":
+        elif kind in _LEGEND_MARKS:
+            fill, stroke, stroke_width = _LEGEND_MARKS[kind]
             body.append(
                 f'<rect x="{_n(lx)}" y="{_n(sy - 7)}" width="26" height="14" rx="3" '
-                f'fill="{_tint(_PALETTE[0])}" stroke="{_PALETTE[0]}" stroke-width="1.5"/>'
-            )
-        elif kind == "grey":
-            body.append(
-                f'<rect x="{_n(lx)}" y="{_n(sy - 7)}" width="26" height="14" rx="3" '
-                f'fill="#eeeeee" stroke="{_GREY}" stroke-width="1.5"/>'
-            )
-        elif kind == "red":
-            body.append(
-                f'<rect x="{_n(lx)}" y="{_n(sy - 7)}" width="26" height="14" rx="3" '
-                f'fill="{_RED}" stroke="{_DARK_RED}" stroke-width="2"/>'
+                f'fill="{fill}" stroke="{stroke}" stroke-width="{stroke_width}"/>'
             )
         elif kind == "event":
             body.append(_diamond(lx + 13, sy, 6, _PALETTE[0]))

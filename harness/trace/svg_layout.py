@@ -146,16 +146,7 @@ def build_items(
 ) -> tuple[list[Item], int, int]:
     """The marks, plus how many related records were left out before the first and after the
     last one."""
-    sel = select_records(
-        ctx,
-        pid=finding.pid,
-        fd=finding.fd,
-        data=finding.data,
-        focus=finding.index,
-        refs=finding.refs,
-        notes=notes,
-        max_lines=max_lines,
-    )
+    sel = select_records(ctx, finding, notes, max_lines)
     recs = ctx.records
     pos = {i: p for p, i in enumerate(sel.candidates)}
     items: list[Item] = []

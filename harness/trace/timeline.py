@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from afterclose.harness.trace.format import (
     DupKind,
@@ -36,6 +37,34 @@ class TimelineContext:
     multi_process: bool = False
     dup_closed: dict[int, Incarnation] = field(default_factory=dict)
     incomplete: str | None = None
+
+
+class Subject(Protocol):
+    """What a timeline is about: one finding (:class:`~.findings.Finding`).  ``index`` is the
+    record it is about, ``refs`` the records it points at."""
+
+    @property
+    def rule(self) -> str: ...
+    @property
+    def summary(self) -> str: ...
+    @property
+    def meaning(self) -> str: ...
+    @property
+    def why(self) -> str: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def fd(self) -> int | None: ...
+    @property
+    def data(self) -> int | None: ...
+    @property
+    def index(self) -> int: ...
+    @property
+    def refs(self) -> tuple[int, ...]: ...
+
+    def shown_notes(self) -> dict[int, str]:
+        """Record index -> the note shown beside it."""
+        ...
 
 
 def fmt_data(data: int) -> str:
@@ -296,19 +325,12 @@ class Selection:
 
 
 def select_records(
-    ctx: TimelineContext,
-    *,
-    pid: int,
-    fd: int | None,
-    data: int | None,
-    focus: int,
-    refs: Sequence[int] = (),
-    notes: Mapping[int, str] | None = None,
-    max_lines: int = MAX_LINES,
+    ctx: TimelineContext, subject: Subject, notes: Mapping[int, str], max_lines: int = MAX_LINES
 ) -> Selection:
     """Pick the records about fd/data around ``focus``: the focus, ``refs`` and noted records
     always, then up to ``_AFTER_FOCUS`` later ones and as many earlier ones as fit."""
-    notes = notes or {}
+    pid, fd, data, focus = subject.pid, subject.fd, subject.data, subject.index
+    refs = subject.refs
     n = len(ctx.records)
     lo = max(0, focus - _SCAN_BACK)
     hi = min(n, focus + _SCAN_FORWARD)
@@ -338,33 +360,13 @@ def select_records(
     return Selection(shown, candidates, lo, hi)
 
 
-def render_timeline(
-    ctx: TimelineContext,
-    *,
-    rule: str,
-    summary: str,
-    pid: int,
-    fd: int | None,
-    data: int | None,
-    focus: int,
-    refs: Sequence[int] = (),
-    notes: Mapping[int, str] | None = None,
-    max_lines: int = MAX_LINES,
-    meaning: str = "",
-    why: str = "",
-) -> str:
-    """``meaning`` and ``why``: the rule's meaning and why its pattern is a bug."""
-    notes = notes or {}
-    sel = select_records(
-        ctx,
-        pid=pid,
-        fd=fd,
-        data=data,
-        focus=focus,
-        refs=refs,
-        notes=notes,
-        max_lines=max_lines,
-    )
+def render_timeline(ctx: TimelineContext, subject: Subject, max_lines: int = MAX_LINES) -> str:
+    """The text timeline of ``subject``: its rule's meaning, what happened, why it is a bug,
+    then the records about its fd and data around it."""
+    notes = subject.shown_notes()
+    sel = select_records(ctx, subject, notes, max_lines)
+    rule, summary, meaning, why = subject.rule, subject.summary, subject.meaning, subject.why
+    pid, fd, data, focus = subject.pid, subject.fd, subject.data, subject.index
     shown, candidates, lo = sel.shown, sel.candidates, sel.lo
 
     lines: list[str] = []

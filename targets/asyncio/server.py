@@ -25,6 +25,7 @@ import sys
 import time
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -238,21 +239,14 @@ class HttpProtocol(asyncio.Protocol):
         return render(exc.status, f"{exc}\n".encode(), False, self.server.name)
 
 
+@dataclass(eq=False)
 class Server:
-    def __init__(
-        self,
-        name: str,
-        loop: asyncio.AbstractEventLoop,
-        logs: Logs,
-        keepalive_s: float,
-        request_s: float,
-    ) -> None:
-        self.name = name
-        self.loop = loop
-        self.logs = logs
-        self.keepalive_s = keepalive_s
-        self.request_s = request_s
-        self.connections: set[HttpProtocol] = set()
+    name: str
+    loop: asyncio.AbstractEventLoop
+    logs: Logs
+    keepalive_s: float
+    request_s: float
+    connections: set[HttpProtocol] = field(default_factory=set)
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

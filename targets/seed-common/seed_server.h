@@ -128,10 +128,20 @@ static int seed_serve(int argc, char **argv, const char *prog, struct seed_threa
         return 1;
     queue_init(&work_q);
     queue_init(&error_q);
+    /* The stop signals go to the epoll thread alone: a signal the kernel hands to any other
+     * thread leaves epoll_wait asleep, and the loop sees stop_flag only when its 300 ms
+     * timeout ends.  Threads inherit their creator's mask. */
+    sigset_t stop_signals, unblocked;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGTERM);
+    sigaddset(&stop_signals, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &stop_signals, &unblocked);
     for (int i = 0; i < NWORKERS; i++)
         pthread_create(&t->workers[i], NULL, t->worker_main, NULL);
     pthread_create(&t->error_thread, NULL, t->error_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &unblocked, NULL);
     pthread_create(&t->epoll_thread, NULL, t->epoll_main, NULL);
+    pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
 
     printf("READY\n");
     fflush(stdout);

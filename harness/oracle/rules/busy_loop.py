@@ -99,16 +99,14 @@ def decide(ev: Evidence) -> list[Violation]:
     out = ev.traced(NAME)
     spinners = ev.probes.get(NAME) or []
     if spinners and not out and isinstance(spinners, list):
-        lines = [_spinner(s) for s in spinners]
-        out.append(Violation(NAME, lines[0], details="\n".join(lines[1:]), count=len(lines)))
+        out.append(Violation.of_many(NAME, [_spinner(s) for s in spinners]))
     spins = [
-        o
+        o.detail
         for o in ev.observations(CPU_WHILE_IDLE)
         if o.values["busy"] > o.values["idle"] + o.values["allowed"]
     ]
     if spins:
-        extra = "\n".join(o.detail for o in spins[1:10])
-        out.append(Violation(NAME, spins[0].detail, details=extra, count=len(spins)))
+        out.append(Violation.of_many(NAME, spins))
     return out
 
 

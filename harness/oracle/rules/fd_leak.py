@@ -104,6 +104,8 @@ def find(m: TraceModel) -> list[Finding]:
         if ev < 0:
             continue
         er = m.records[ev]
+        if er.seq_out > m.end_seq:
+            continue  # the server learned that its peer left only after what is judged
         how = "read returned 0" if er.op == Op.READ and er.ret == 0 else "epoll said HUP"
         if er.op in (Op.READ, Op.WRITE) and er.ret < 0:
             how = f"{call_str(er)} failed with a reset/broken pipe"

@@ -19,25 +19,30 @@ from afterclose.harness.trace.findings import Finding
 NAME = "foreign-close"
 
 
+SUMMARY = (
+    "{t} closed fd {fd} at seq {seq}, but fd {fd} then was {new}, {new_created} {age_ms} ms "
+    "earlier, which {t} was never handed (no event for it yet, no call on it): {t}'s last call "
+    "on fd {fd} (seq {kept_seq}) was for {old}, an older connection{ended}"
+)
+
+
 def _finding(m: TraceModel, fact: ForeignClose) -> Finding:
-    r = m.records[fact.idx]
     j, i = fact.inc, fact.kept
-    t = m.tname(r.pid, r.tid)
-    kept = m.records[fact.kept_idx]
-    summary = (
-        f"{t} closed fd {j.fd} at seq {r.seq_in}, but fd {j.fd} then was {m.label(j)}, "
-        f"{m.created_desc(j)} {fact.age_ns / 1e6:.1f} ms earlier, which {t} was never handed "
-        f"(no event for it yet, no call on it): {t}'s last call on fd {j.fd} (seq "
-        f"{kept.seq_in}) was for {m.label(i)}, an older connection"
-        + (f" {m.closed_desc(i)}" if not i.open else "")
+    w = m.words(fact.idx, i, j)
+    ended = "" if i.open else f" {w['old_closed']}"
+    summary = SUMMARY.format(
+        **w,
+        age_ms=f"{fact.age_ns / 1e6:.1f}",
+        kept_seq=m.records[fact.kept_idx].seq_in,
+        ended=ended,
     )
-    refs = (fact.kept_idx, i.end_idx, j.created_idx, fact.added_idx)
     notes = {
-        fact.kept_idx: f"{t} on {m.label(i)}",
-        j.created_idx: f"{m.label(j)} accepted",
-        fact.added_idx: f"{m.label(j)} registered",
+        fact.kept_idx: f"{w['t']} on {w['old']}",
+        j.created_idx: f"{w['new']} accepted",
+        fact.added_idx: f"{w['new']} registered",
     }
-    return m.finding(RULE, summary, fact.idx, j.fd, refs=refs, notes=notes)
+    refs = (fact.kept_idx, fact.added_idx)
+    return m.reuse_finding(RULE, summary, fact.idx, i, j, refs=refs, notes=notes)
 
 
 def find(m: TraceModel) -> list[Finding]:

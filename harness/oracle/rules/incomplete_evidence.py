@@ -26,6 +26,7 @@ from afterclose.harness.oracle.verdict import Violation
 from afterclose.harness.trace.ebpf import ENV_RING_PAGES
 from afterclose.harness.trace.facts import TraceModel
 from afterclose.harness.trace.findings import Finding
+from afterclose.harness.trace.format import DEFAULT_TRACE_MB
 from afterclose.harness.trace.shim import SHIM_NAME
 
 if TYPE_CHECKING:
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 NAME = "incomplete-evidence"
 # The shim's knob for the size of each trace file (harness/trace/shim.py), and its default.
 ENV_TRACE_MB = "AFTERCLOSE_TRACE_MB"
-DEFAULT_TRACE_MB = 256
 _MIB = 1 << 20
 
 

@@ -88,8 +88,7 @@ def decide(ev: Evidence) -> list[Violation]:
         out.append(fresh)
     lost = ev.observations(STATE_LOST_ON_RESTART)
     if lost:
-        extra = "\n".join(o.detail for o in lost[1:10])
-        out.append(Violation(NAME, lost[0].detail, details=extra, count=len(lost)))
+        out.append(Violation.of_many(NAME, [o.detail for o in lost]))
     return out
 
 

@@ -6,34 +6,29 @@ from __future__ import annotations
 from afterclose.harness.oracle.rule import Rule
 from afterclose.harness.trace.facts import StaleBatchEvent, TraceModel
 from afterclose.harness.trace.findings import Finding
-from afterclose.harness.trace.timeline import call_str
 
 NAME = "stale-batch-event"
 
 
+SUMMARY = (
+    "epoll_wait({epfd}) in {t} (returned at seq {wait_out}) held an event for {old}; before "
+    "handling it {t} closed {old} (seq {close_seq}) and fd {fd} became {new} ({new_created}); "
+    "{t} registered it, moved on, and then called {call} on {new} with no event for it before "
+    "its next epoll_wait: the batch's event for {old} was dispatched to the new connection"
+)
+
+
 def _finding(m: TraceModel, fact: StaleBatchEvent) -> Finding:
-    r = m.records[fact.idx]
-    i, j = fact.event_inc, fact.now
-    t = m.tname(r.pid, r.tid)
     wait = m.records[fact.wait_idx]
-    summary = (
-        f"epoll_wait({wait.fd}) in {t} (returned at seq {wait.seq_out}) held an event for "
-        f"{m.label(i)}; before handling it {t} closed {m.label(i)} (seq "
-        f"{m.records[fact.close_idx].seq_in}) and fd {j.fd} became {m.label(j)} "
-        f"({m.created_desc(j)}); {t} registered it, moved on, and then called {call_str(r)} "
-        f"on {m.label(j)} with no event for it before its next epoll_wait: the batch's event "
-        f"for {m.label(i)} was dispatched to the new connection"
-    )
-    return m.finding(
-        RULE,
-        summary,
-        fact.idx,
-        j.fd,
-        refs=(fact.wait_idx, fact.close_idx, j.created_idx),
-        notes={
-            fact.wait_idx: f"batch with an event for {m.label(i)}",
-            fact.close_idx: f"{m.label(i)} closed, its event still ahead",
-        },
+    w = m.words(fact.idx, fact.event_inc, fact.now)
+    close_seq = m.records[fact.close_idx].seq_in
+    summary = SUMMARY.format(**w, epfd=wait.fd, wait_out=wait.seq_out, close_seq=close_seq)
+    notes = {
+        fact.wait_idx: f"batch with an event for {w['old']}",
+        fact.close_idx: f"{w['old']} closed, its event still ahead",
+    }
+    return m.reuse_finding(
+        RULE, summary, fact.idx, fact.event_inc, fact.now, refs=(fact.wait_idx,), notes=notes
     )
 
 

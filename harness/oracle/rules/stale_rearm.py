@@ -11,34 +11,27 @@ from afterclose.harness.trace.timeline import fmt_data
 NAME = "stale-rearm"
 
 
+SUMMARY = (
+    "epoll_ctl({epfd}, {what}, {fd}) in {t} at seq {seq} set data={data}, the data of {old} "
+    "({old_closed}); fd {fd} now is {new}, a different connection ({new_created})"
+)
+
+
 def _finding(m: TraceModel, fact: StaleData) -> Finding:
     r = m.records[fact.idx]
     i, j, d = fact.old, fact.now, fact.data
+    w = m.words(fact.idx, i, j)
     what = "ADD" if r.flags == EPOLL_CTL_ADD else "MOD"
-    summary = (
-        f"epoll_ctl({r.arg}, {what}, {r.fd}) in {m.tname(r.pid, r.tid)} at seq {r.seq_in} set "
-        f"data={fmt_data(d)}, the data of {m.label(i)} ({m.closed_desc(i)}); "
-        f"fd {r.fd} now is {m.label(j)}, a different connection "
-        f"({m.created_desc(j)})"
-    )
+    summary = SUMMARY.format(**w, epfd=r.arg, what=what, data=fmt_data(d))
     if fact.followups:
         n = len(fact.followups)
         summary += f"; {n} event{'s' if n != 1 else ''} delivered with the stale data afterwards"
     notes = {
-        fact.idx: f"data of {m.label(i)} ({m.closed_desc(i)})",
-        fact.owner_set_idx: f"data set for {m.label(i)}",
+        fact.idx: f"data of {w['old']} ({w['old_closed']})",
+        fact.owner_set_idx: f"data set for {w['old']}",
     }
-    if i.end_idx >= 0:
-        notes.setdefault(i.end_idx, f"{m.label(i)} closed here")
-    f = m.finding(
-        RULE,
-        summary,
-        fact.idx,
-        r.fd,
-        d,
-        refs=(fact.owner_set_idx, i.end_idx, j.created_idx),
-        notes=notes,
-    )
+    refs = (fact.owner_set_idx,)
+    f = m.reuse_finding(RULE, summary, fact.idx, i, j, data=d, refs=refs, notes=notes)
     f.followups = list(fact.followups)
     return f
 

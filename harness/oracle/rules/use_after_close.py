@@ -7,54 +7,37 @@ from afterclose.harness.trace.facts import ClosedNumberUse, SocketCallOnFile, Tr
 from afterclose.harness.trace.findings import Finding
 from afterclose.harness.trace.format import Op
 from afterclose.harness.trace.model import EndKind
-from afterclose.harness.trace.timeline import call_str
 
 NAME = "use-after-close"
+
+
+CLOSED_TWICE = "{kind}{t} called close({fd}) at seq {seq}, but {old} was already {old_closed}"
+EBADF_CALL = (
+    "{call} in {t} failed with EBADF at seq {seq}: {old} was {old_closed}, before the call began"
+)
+NOW_A_FILE = (
+    "{call} in {t} failed with ENOTSOCK at seq {seq}: the socket {old} was {old_closed} and "
+    "fd {fd} now is {new}, a non-socket {new_created}"
+)
 
 
 def _closed_number(m: TraceModel, fact: ClosedNumberUse) -> Finding:
     r = m.records[fact.idx]
     last = fact.last
-    t = m.tname(r.pid, r.tid)
-    same = last.end_tid == r.tid and last.end_kind is EndKind.CLOSE
+    w = m.words(fact.idx, last, last)
     if r.op == Op.CLOSE:
         kind = "double close: " if last.end_kind is EndKind.CLOSE else ""
-        summary = (
-            f"{kind}{t} called close({fact.fd}) at seq {r.seq_in}, but {m.label(last)} "
-            f"was already {m.closed_desc(last)}"
-            + (" -- the same thread closed it twice" if same else "")
-        )
+        summary = CLOSED_TWICE.format(**w, kind=kind)
+        if last.end_tid == r.tid and last.end_kind is EndKind.CLOSE:
+            summary += " -- the same thread closed it twice"
     else:
-        summary = (
-            f"{call_str(r)} in {t} failed with EBADF at seq {r.seq_in}: "
-            f"{m.label(last)} was {m.closed_desc(last)}, before the call began"
-        )
-    return m.finding(
-        RULE,
-        summary,
-        fact.idx,
-        fact.fd,
-        refs=(last.end_idx, last.created_idx),
-        notes={last.end_idx: f"{m.label(last)} closed here"},
-    )
+        summary = EBADF_CALL.format_map(w)
+    return m.reuse_finding(RULE, summary, fact.idx, last, last)
 
 
 def _now_a_file(m: TraceModel, fact: SocketCallOnFile) -> Finding:
-    r = m.records[fact.idx]
-    prev, cur = fact.prev, fact.cur
-    summary = (
-        f"{call_str(r)} in {m.tname(r.pid, r.tid)} failed with ENOTSOCK at seq {r.seq_in}: the "
-        f"socket {m.label(prev)} was {m.closed_desc(prev)} and fd {r.fd} now is "
-        f"{m.label(cur)}, a non-socket {m.created_desc(cur)}"
-    )
-    return m.finding(
-        RULE,
-        summary,
-        fact.idx,
-        r.fd,
-        refs=(prev.end_idx, cur.created_idx),
-        notes={prev.end_idx: f"{m.label(prev)} closed here"},
-    )
+    summary = NOW_A_FILE.format_map(m.words(fact.idx, fact.prev, fact.cur))
+    return m.reuse_finding(RULE, summary, fact.idx, fact.prev, fact.cur)
 
 
 def find(m: TraceModel) -> list[Finding]:

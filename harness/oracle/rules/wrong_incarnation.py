@@ -19,7 +19,7 @@ from afterclose.harness.trace.facts import (
 )
 from afterclose.harness.trace.findings import Finding
 from afterclose.harness.trace.format import Op
-from afterclose.harness.trace.timeline import call_str, fmt_data
+from afterclose.harness.trace.timeline import fmt_data
 
 NAME = "wrong-incarnation"
 
@@ -32,87 +32,65 @@ _VERBS = {
 }
 
 
+CLOSE_AGAIN = (
+    "{t} closed fd {fd} twice: its first close ended {old} at seq {old_end}; its second close "
+    "(seq {seq}) ended {new}, a different file {new_created} -- a double close that EBADF "
+    "never revealed"
+)
+AFTER_EVENT = (
+    "{t} got an event for {old} (seq {event_seq}); {old} was then {old_closed} and fd {fd} "
+    "reused as {new} ({new_created}); {t} then called {call} on {new}, a stranger's "
+    "connection, before its next epoll_wait"
+)
+MOD_ENOENT = (
+    "epoll_ctl({epfd}, MOD, {fd}) in {t} at seq {seq} failed with ENOENT: its data={data} "
+    "belongs to {old} ({old_closed}); fd {fd} now is {new} ({new_created}), not registered yet"
+)
+BEFORE_STALE = (
+    "{t} {verb} {new} (a stranger's connection, {new_created}) at seq {seq} while acting for "
+    "{old}: its epoll_ctl at seq {ctl_seq} re-armed fd {fd} with {old}'s data"
+)
+
+
 def _close_again(m: TraceModel, fact: CloseAgainAfterReuse) -> Finding:
-    r = m.records[fact.idx]
     i, j = fact.first, fact.now
-    t = m.tname(r.pid, r.tid)
-    summary = (
-        f"{t} closed fd {j.fd} twice: its first close ended {m.label(i)} at seq "
-        f"{i.end_out}; its second close (seq {r.seq_in}) ended {m.label(j)}, a "
-        f"different file {m.created_desc(j)} -- a double close that EBADF never "
-        "revealed"
-    )
-    return m.finding(
-        RULE,
-        summary,
-        fact.idx,
-        j.fd,
-        refs=(i.end_idx, j.created_idx),
-        notes={
-            i.end_idx: f"first close by {t}",
-            j.created_idx: f"{m.label(j)} handed to another thread",
-        },
-    )
+    w = m.words(fact.idx, i, j)
+    notes = {
+        i.end_idx: f"first close by {w['t']}",
+        j.created_idx: f"{w['new']} handed to another thread",
+    }
+    return m.reuse_finding(RULE, CLOSE_AGAIN.format_map(w), fact.idx, i, j, notes=notes)
 
 
 def _after_event(m: TraceModel, fact: ActAfterEvent) -> Finding:
-    r = m.records[fact.idx]
-    i, j = fact.event_inc, fact.now
-    t = m.tname(r.pid, r.tid)
-    summary = (
-        f"{t} got an event for {m.label(i)} (seq {m.records[fact.event_idx].seq_out}); "
-        f"{m.label(i)} was then {m.closed_desc(i)} and fd {j.fd} reused as "
-        f"{m.label(j)} ({m.created_desc(j)}); {t} then called {call_str(r)} "
-        f"on {m.label(j)}, a stranger's connection, before its next epoll_wait"
-    )
-    return m.finding(
-        RULE,
-        summary,
-        fact.idx,
-        j.fd,
-        refs=(fact.event_idx, i.end_idx, j.created_idx),
-        notes={fact.event_idx: f"event for {m.label(i)} to {t}"},
+    ev = fact.event_idx
+    w = m.words(fact.idx, fact.event_inc, fact.now)
+    summary = AFTER_EVENT.format(**w, event_seq=m.records[ev].seq_out)
+    notes = {ev: f"event for {w['old']} to {w['t']}"}
+    return m.reuse_finding(
+        RULE, summary, fact.idx, fact.event_inc, fact.now, refs=(ev,), notes=notes
     )
 
 
 def _mod_enoent(m: TraceModel, fact: ModOfReplaced) -> Finding:
     r = m.records[fact.idx]
-    i, j = fact.old, fact.now
-    summary = (
-        f"epoll_ctl({r.arg}, MOD, {r.fd}) in {m.tname(r.pid, r.tid)} at seq {r.seq_in} failed "
-        f"with ENOENT: its data={fmt_data(r.data)} belongs to {m.label(i)} "
-        f"({m.closed_desc(i)}); fd {r.fd} now is {m.label(j)} "
-        f"({m.created_desc(j)}), not registered yet"
-    )
-    return m.finding(
-        RULE,
-        summary,
-        fact.idx,
-        r.fd,
-        r.data,
-        refs=(fact.owner_set_idx, i.end_idx, j.created_idx),
-        notes={fact.owner_set_idx: f"data set for {m.label(i)}"},
+    w = m.words(fact.idx, fact.old, fact.now)
+    summary = MOD_ENOENT.format(**w, epfd=r.arg, data=fmt_data(r.data))
+    owner = fact.owner_set_idx
+    notes = {owner: f"data set for {w['old']}"}
+    return m.reuse_finding(
+        RULE, summary, fact.idx, fact.old, fact.now, data=r.data, refs=(owner,), notes=notes
     )
 
 
 def _before_stale(m: TraceModel, fact: StaleData, op_idx: int) -> Finding:
-    r = m.records[fact.idx]
     o = m.records[op_idx]
-    i, j = fact.old, fact.now
-    verb = _VERBS.get(o.op, f"called {call_str(o)} on")
-    summary = (
-        f"{m.tname(r.pid, r.tid)} {verb} {m.label(j)} (a stranger's connection, "
-        f"{m.created_desc(j)}) at seq {o.seq_in} while acting for {m.label(i)}: "
-        f"its epoll_ctl at seq {r.seq_in} re-armed fd {j.fd} with {m.label(i)}'s data"
-    )
-    return m.finding(
-        RULE,
-        summary,
-        op_idx,
-        j.fd,
-        r.data,
-        refs=(j.created_idx, fact.idx, i.end_idx),
-        notes={fact.idx: f"stale re-arm for {m.label(i)}"},
+    w = m.words(op_idx, fact.old, fact.now)
+    verb = _VERBS.get(o.op, f"called {w['call']} on")
+    summary = BEFORE_STALE.format(**w, verb=verb, ctl_seq=m.records[fact.idx].seq_in)
+    notes = {fact.idx: f"stale re-arm for {w['old']}"}
+    return m.reuse_finding(
+        RULE, summary, op_idx, fact.old, fact.now, data=fact.data, refs=(fact.idx,), notes=notes
     )
 
 

@@ -47,9 +47,17 @@ Which processes
 Cost
     Every traced call costs the target two BPF programs and, for each printed line, a
     perf-buffer write and a wake-up of bpftrace, which formats the line in user space.  The
-    program therefore prints a repeated read/write (same thread, same fd, same epoll batch,
-    no fd change in the process since) and a MOD that re-sets a registration's own data only
-    once (``AFTERCLOSE_EBPF_ALL_IO=1`` prints them all; see ``afterclose.bt``).  The perf
+    wake-up is the expensive part: bpftrace 0.17's perf buffers wake their reader on every
+    event, and a profile shows each line raising an irq_work (``perf_output_put_handle`` ->
+    ``irq_work_queue``: a self-IPI, which in a virtual machine is an exit to the hypervisor)
+    before bpftrace is woken.  On the 2-vCPU virtual machine
+    of docs/benchmarks.md (``bench/tracer_call_cost.py``) a printed line cost the traced
+    thread 7.7-9.0 µs of CPU and bpftrace 2.5-4.3 µs more, a traced call that printed nothing
+    0.7-1.2 µs (the shim: 0.05-0.3 µs a call).  The program therefore prints a repeated
+    read/write (same thread, same fd, same epoll batch, no fd change in the process since)
+    and a MOD that re-sets a registration's own data only once (``AFTERCLOSE_EBPF_ALL_IO=1``
+    prints them all; see ``afterclose.bt``), and bpftrace's output is fully buffered (one
+    write(2) per buffer, not per line: that halved bpftrace's CPU per line).  The perf
     buffer is ``BPFTRACE_PERF_RB_PAGES`` pages per CPU (1024 unless set); events it drops are
     counted from bpftrace's "Lost N events" lines and every report says the trace is
     incomplete.

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from afterclose.harness.errors import AftercloseError
-from afterclose.harness.orphans import die_with_parent
+from afterclose.harness.orphans import spawn_tied
 from afterclose.harness.trace.ebpf.program import program_text
 
 __all__ = [
@@ -162,19 +162,13 @@ class BpftraceRun:
         self.begin_ns = 0
         self.returncode: int | None = None
         self._lock = threading.Lock()
-        # -B none: every line reaches the file when printed (the attach handshake reads it).
-        cmd = [exe, "-B", "none", str(self.program)]
+        # -B full: one write(2) per buffer, not per line; the program pads its "B" line out of
+        # the buffer for the attach handshake, and bpftrace flushes the rest when it exits.
+        cmd = [exe, "-B", "full", str(self.program)]
         with self.output.open("wb") as out, self.log.open("wb") as err:
             try:
-                self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    env=full_env,
-                    cwd=folder,
-                    start_new_session=True,  # a Ctrl-C of the harness must not stop it early
-                    preexec_fn=die_with_parent,
+                self.proc: subprocess.Popen[bytes] | None = spawn_tied(
+                    cmd, out, err, env=full_env, cwd=folder
                 )
             except OSError as exc:
                 raise AftercloseError(

@@ -62,6 +62,8 @@ def parse_output(path: Path) -> ParsedOutput:
                 append((op, pid, tid, si, so, fl, fd, arg, data, ev, ret))
         elif line.startswith(b"B "):
             out.begin_ns = int(line[2:])
+        elif line.startswith(b"P "):
+            continue  # padding that pushes the B line out of bpftrace's buffer
         elif line.startswith(b"Lost "):
             m = _LOST_RE.match(line)
             if m is not None:

@@ -18,7 +18,7 @@ from afterclose.harness.trace.ebpf.bpftrace import ENV_RING_PAGES, BpftraceRun
 from afterclose.harness.trace.ebpf.output import parse_output
 from afterclose.harness.trace.ebpf.procscan import ProcSnapshot, scan_process
 from afterclose.harness.trace.ebpf.tracefiles import build_trace_files
-from afterclose.harness.tracers import TraceOutcome, TracerSession
+from afterclose.harness.tracers import TraceOutcome, TracerSession, judged
 
 __all__ = ["ENV_GUARD_NS", "EbpfTracer", "guard_ns_from_env"]
 
@@ -94,7 +94,6 @@ class EbpfTracer(TracerSession):
         return time.monotonic_ns()
 
     def analyse(self, cutoff: int | None) -> TraceOutcome:
-        from afterclose.harness.oracle import judge
         from afterclose.harness.trace import reader
 
         self._done.set()
@@ -131,29 +130,9 @@ class EbpfTracer(TracerSession):
                 warnings=[*trace.warnings, "the eBPF tracer saw no fd-lifecycle syscall"],
                 trace_dir=self.trace_dir,
             )
-        result = judge.judge_trace(trace, cutoff_seq=cutoff, trace_path=str(self.trace_dir))
-        violations = list(result.violations)
-        out_warnings = list(dict.fromkeys([*trace.warnings, *result.warnings]))
-        if violations:
-            from afterclose.harness.trace import svg
-
-            try:
-                written = svg.write_report(result, self.trace_dir.parent)
-            except Exception as exc:  # the verdict matters more than its picture
-                out_warnings.append(
-                    f"could not draw the timelines in {self.trace_dir.parent}: {exc}"
-                )
-            else:
-                by_name = {p.name: str(p) for p in written}
-                for n, v in enumerate(violations):
-                    picture = by_name.get(svg.report_name(v.rule))
-                    if picture is not None:
-                        violations[n] = dataclasses.replace(v, artifacts=(*v.artifacts, picture))
-        stats = dataclasses.asdict(result.stats)
-        stats.update(ebpf_lost=built.lost, ebpf_seeded=built.seeded)
+        outcome = judged(trace, cutoff, self.trace_dir)
+        outcome.stats.update(ebpf_lost=built.lost, ebpf_seeded=built.seeded)
         # The raw text is large and fully in the trace files now.
         with contextlib.suppress(OSError):
             run.output.unlink()
-        return TraceOutcome(
-            violations=violations, warnings=out_warnings, stats=stats, trace_dir=self.trace_dir
-        )
+        return outcome

@@ -14,16 +14,13 @@ from afterclose.harness.trace.ebpf.procscan import ProcSnapshot, seed_records
 from afterclose.harness.trace.format import (
     CHUNK_HEADER_SIZE,
     CHUNK_HEADER_STRUCT,
-    EXE_OFFSET,
-    EXE_SIZE,
-    HEADER_SIZE,
-    HEADER_STRUCT,
-    MAGIC,
     RECORD_SIZE,
     RECORD_STRUCT,
     VERSION,
+    Header,
     HeaderFlag,
     Op,
+    header_bytes,
 )
 
 __all__ = ["BuiltTrace", "build_trace_files"]
@@ -93,28 +90,25 @@ def _write_trace_file(
 ) -> None:
     n = len(packed)
     chunk_records = max(n, 1)
-    header = HEADER_STRUCT.pack(
-        MAGIC,
-        VERSION,
-        HEADER_SIZE,
-        RECORD_SIZE,
-        chunk_records,
-        1,  # n_chunks
-        pid,
-        ppid,
-        HeaderFlag.EXITED if exit_seq else 0,  # no free() tracking
-        1,  # next_chunk
-        lost,
-        start_ns,
-        fork_seq,
-        0,
-        0,
-        exit_seq,
+    head = header_bytes(
+        Header(
+            version=VERSION,
+            record_size=RECORD_SIZE,
+            chunk_records=chunk_records,
+            n_chunks=1,
+            pid=pid,
+            ppid=ppid,
+            flags=HeaderFlag.EXITED if exit_seq else HeaderFlag(0),  # no free() tracking
+            next_chunk=1,
+            lost_records=lost,
+            start_ns=start_ns,
+            fork_seq=fork_seq,
+            free_table_slots=0,
+            free_table_used=0,
+            exe=exe,
+            exit_seq=exit_seq,
+        )
     )
-    head = bytearray(HEADER_SIZE)
-    head[: len(header)] = header
-    name = exe.encode("utf-8", errors="replace")[: EXE_SIZE - 1]
-    head[EXE_OFFSET : EXE_OFFSET + len(name)] = name
     chunk_head = bytearray(CHUNK_HEADER_SIZE)
     chunk_head[: CHUNK_HEADER_STRUCT.size] = CHUNK_HEADER_STRUCT.pack(pid, pid, n)
     pack = RECORD_STRUCT.pack
@@ -184,19 +178,20 @@ def build_trace_files(
             parsed.exits.get(pid, 0),
         )
         files.append(path)
-    warnings = []
-    if parsed.truncated_waits:
-        warnings.append(
-            f"eBPF tracer: {parsed.truncated_waits} epoll_wait calls returned more than 256 "
-            "events; only the first 256 of each were traced"
-        )
-    if parsed.malformed:
-        warnings.append(f"eBPF tracer: {parsed.malformed} unreadable lines in bpftrace's output")
-    if parsed.execs:
-        warnings.append(
-            f"eBPF tracer: {len(parsed.execs)} traced process(es) called execve; the fds it "
-            "closed (close-on-exec) are not traced"
-        )
+    # What bpftrace's output could not show, and how often.
+    caveats = (
+        (
+            parsed.truncated_waits,
+            "epoll_wait calls returned more than 256 events; only the first 256 of each were "
+            "traced",
+        ),
+        (parsed.malformed, "unreadable lines in bpftrace's output"),
+        (
+            len(parsed.execs),
+            "traced process(es) called execve; the fds it closed (close-on-exec) are not traced",
+        ),
+    )
+    warnings = [f"eBPF tracer: {count} {text}" for count, text in caveats if count]
     return BuiltTrace(files, total, n_seeds, parsed.lost, warnings)
 
 

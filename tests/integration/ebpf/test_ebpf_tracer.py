@@ -67,6 +67,7 @@ def test_parse_output(tmp_path: Path) -> None:
         tmp_path / "bpftrace.out",
         [
             "B 1000",
+            "P ....",  # padding that pushes the B line out of bpftrace's buffer
             # op pid tid in out flags fd arg data events ret
             "2 10 11 1100 1200 4 3 0 0 0 7",
             "8 10 11 1300 1400 0 4 64 140000 1 2",  # a wait carrying its first event

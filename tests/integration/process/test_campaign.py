@@ -19,6 +19,7 @@ from pathlib import Path
 
 import capabilities
 import pytest
+from soak_workers import SOAK, finished_rounds, interruptible
 
 from afterclose.harness.campaign import soak
 from afterclose.harness.campaign.duration import format_duration, parse_duration
@@ -27,7 +28,6 @@ from afterclose.harness.errors import CampaignError
 from afterclose.harness.ports import lease_port
 
 pytestmark = capabilities.requires("redis-server")
-SOAK = [sys.executable, "-m", "afterclose.harness.cli", "soak"]
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +36,6 @@ def redis_url() -> Iterator[str]:
 
     with local_redis() as url:
         yield url
-
-
-def _interruptible() -> None:
-    # A job started in the background by a non-interactive shell ignores SIGINT, and a child
-    # keeps an ignored signal ignored: the worker must take SIGINT as a user's Ctrl-C would.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _rounds(folder: Path) -> list[dict[str, object]]:
-    lines = (folder / "rounds.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
 
 
 # --------------------------------------------------------------------------- options
@@ -149,7 +138,7 @@ def test_two_workers_share_a_failure_through_redis(tmp_path: Path, redis_url: st
         timeout=150,
     )
     assert a.returncode == 1, a.stdout + a.stderr
-    (found,) = [r for r in _rounds(a_dir) if r["rules"]]
+    (found,) = [r for r in finished_rounds(a_dir) if r["rules"]]
     (written,) = (a_dir / "findings").glob("*.toml")
     b = subprocess.run(
         [*SOAK, *common, "--seed=2", f"--campaign-dir={b_dir}", "--max-rounds=1"],
@@ -159,7 +148,7 @@ def test_two_workers_share_a_failure_through_redis(tmp_path: Path, redis_url: st
     )
     assert b.returncode in (0, 1), b.stdout + b.stderr
     assert re.search(r"replaying \d+ shared example\(s\)", b.stderr), b.stderr
-    (first,) = _rounds(b_dir)
+    (first,) = finished_rounds(b_dir)
     assert first["kind"] == "shared"
     assert first["scenario"] == found["scenario"]
     assert f"round 1: replaying a shared example - {found['scenario']}" in b.stderr
@@ -187,11 +176,11 @@ def test_soak_interrupted_resumes_from_its_folder(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_interruptible,
+        preexec_fn=interruptible,
     )
     try:
         deadline = time.monotonic() + 90
-        while not (folder / "rounds.jsonl").exists() or len(_rounds(folder)) < 2:
+        while not (folder / "rounds.jsonl").exists() or len(finished_rounds(folder)) < 2:
             assert first.poll() is None and time.monotonic() < deadline, "no 2 rounds"
             time.sleep(0.2)
         first.send_signal(signal.SIGINT)
@@ -201,7 +190,7 @@ def test_soak_interrupted_resumes_from_its_folder(tmp_path: Path) -> None:
             first.kill()
             first.wait()
     assert first.returncode == 130, out + err
-    done = len(_rounds(folder))
+    done = len(finished_rounds(folder))
     assert f"interrupted after round {done}:" in out
     state = json.loads((folder / "state.json").read_text())
     assert state["seed"] == 5 and state["spent_s"] > 0 and state["invocations"] == 1
@@ -216,7 +205,7 @@ def test_soak_interrupted_resumes_from_its_folder(tmp_path: Path) -> None:
     assert f"resuming the campaign in {folder} at round {done + 1} (seed 5," in second.stdout
     assert "--seed=77 ignored: the campaign's seed is 5" in second.stderr
     assert "--max-rounds reached" in second.stdout
-    rounds = _rounds(folder)
+    rounds = finished_rounds(folder)
     assert [r["number"] for r in rounds] == list(range(1, done + 3))
     kinds = [r["kind"] for r in rounds]
     # Generated and suite rounds alternate, across the interruption too.
@@ -271,10 +260,10 @@ def test_campaign_folder_of_another_target_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_xdist_gateways_each_write_their_artifacts(tmp_path: Path) -> None:
-    """Two explicit xdist gateways in folders of their own, as two hosts would be (popen here:
-    no SSH server on the test machine): both run the suite's test against their own started
-    target on ports they leased, each writes its artifacts under its own folder, and the
-    controller's JUnit XML has both results."""
+    """Two explicit xdist gateways in folders of their own, as two hosts would be (popen here;
+    ssh gateways to hosts in namespaces: tests/integration/hosts/test_ssh_gateways.py): both
+    run the suite's test against their own started target on ports they leased, each writes
+    its artifacts under its own folder, and the controller's JUnit XML has both results."""
     specs = []
     for name in ("hostA", "hostB"):
         (tmp_path / name).mkdir()
@@ -311,10 +300,15 @@ def test_xdist_gateways_each_write_their_artifacts(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_explore_replays_what_another_explorer_saved(tmp_path: Path, redis_url: str) -> None:
+def test_explore_replays_what_another_explorer_saved(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``explore`` with a shared store (``ExploreOptions.shared``, what ``--db`` sets): the
     second explorer's first example is one the first explorer saw fail."""
+    import tempfile
     import uuid
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the explorers' artifacts
 
     from afterclose.harness import explore
     from afterclose.harness.session import Harness, Settings

@@ -48,26 +48,11 @@ class Server:
     access_log: str | None = "access.log"
     error_log: str = "error.log"
     tracer: str = "preload"
-    # Why the traced suite reports this server although it did nothing wrong: a false
-    # positive of the trace rules, described in docs/real-servers.md.
-    traced_false_positive: str | None = None
     # A real behaviour of the server that the suite reports now and then (a finding,
     # described in docs/real-servers.md with the upstream version).
     finding: str | None = None
     # Why the server cannot run in a closure image (the Docker runner), if it cannot.
     not_in_docker: str | None = None
-
-
-POOLED_DATA = (
-    "harness false positive (docs/real-servers.md): a connection's epoll data recycled from a "
-    "pool (no free()) and first ADDed by the worker thread the connection was handed to reads "
-    "as stale-rearm and wrong-incarnation"
-)
-GO_NETPOLL = (
-    "harness false positive (docs/real-servers.md): Go's netpoller thread wakes goroutines of "
-    "any connection; the thread that got an event batch does not act for those connections "
-    "(wrong-incarnation, act-after-event)"
-)
 
 
 SERVERS = {
@@ -87,7 +72,6 @@ SERVERS = {
             "apache2",
             binary="/usr/sbin/apache2",
             processes=3,
-            traced_false_positive=POOLED_DATA,
             finding="Apache 2.4.71 event MPM (docs/real-servers.md): an accept() that fails "
             "with EMFILE before the parent has counted a healthy child (its first second) "
             "makes the whole server exit (AH02324), so test_syscall_faults sometimes sees "
@@ -98,7 +82,6 @@ SERVERS = {
             binary="/usr/bin/caddy",
             threads=2,
             tracer="ebpf",
-            traced_false_positive=GO_NETPOLL,
         ),
         # nbthread 2; HAProxy logs to stderr, which the runner keeps in the workdir
         Server(
@@ -124,7 +107,6 @@ SERVERS = {
             processes=2,
             access_log=None,
             error_log="target.stderr",
-            traced_false_positive=POOLED_DATA,
             not_in_docker="varnishd compiles its VCL at every start by running the C compiler "
             "through /bin/sh (and `rm -rf vmod_cache`): a closure image holds neither",
         ),
@@ -340,23 +322,15 @@ def test_builtin_suite_passes(name: str, pytester: pytest.Pytester) -> None:
     run_suite(pytester, name, "off")
 
 
-def traced(name: str) -> Any:
-    """The name as a parameter, an expected failure where the trace rules are known to
-    report the server for what it did not do."""
-    reason = SERVERS[name].traced_false_positive or SERVERS[name].finding
-    return pytest.param(name, marks=pytest.mark.xfail(reason=reason)) if reason else name
-
-
-TRACED = [traced(name) for name in NAMES]
-IN_DOCKER = [traced(name) for name in NAMES if SERVERS[name].not_in_docker is None]
+TRACED = [with_finding(name) for name in NAMES]
+IN_DOCKER = [with_finding(name) for name in NAMES if SERVERS[name].not_in_docker is None]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TRACED)
 def test_builtin_suite_passes_traced(name: str, pytester: pytest.Pytester) -> None:
     # Every report the trace rules made on these servers was a false positive of the rules
-    # (docs/real-servers.md lists them and why); none may come back, except the ones still
-    # open there (marked as expected failures above).
+    # (docs/real-servers.md lists them and why); none may come back.
     run_suite(pytester, name, SERVERS[name].tracer)
 
 

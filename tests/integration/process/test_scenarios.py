@@ -417,6 +417,17 @@ def test_explore_writes_a_shrunk_scenario_that_reproduces(pytester: pytest.Pytes
     result.stdout.fnmatch_lines(["*rule(s) violated by target 'seed-buggy'*"])
 
 
+def test_explore_without_a_violation_leaves_no_folder(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "afterclose.harness.cli", "explore", "--target=seed-fixed"]
+    argv += ["--tracer=off", "--faults=half_close", "--max-examples=2", "--budget-s=60"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"^no violation: \d+ example\(s\)", done.stdout, re.MULTILINE), done.stdout
+    folder = re.search(r", artifacts (/\S+afterclose-explore-seed-fixed-\S+)$", done.stdout, re.M)
+    assert folder is not None, done.stdout
+    assert not Path(folder[1]).exists()
+
+
 @capabilities.requires("root")  # a read-only bind mount in a mount namespace of its own
 def test_explore_from_a_read_only_folder_stops_before_the_search(tmp_path: Path) -> None:
     script = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from tracebuild import (
     C2,
+    EEXIST,
     EP,
     ET,
     HUP,
@@ -134,15 +135,64 @@ def test_seed_race_timeline() -> None:
     assert det["stale-rearm"] == text
 
 
-def test_stale_rearm_by_add_without_free() -> None:
+def readd_by_a_stranger(*, served: bool = False) -> TraceBuilder:
+    """7#1, registered by T1 with A, is closed; the acceptor T1 gets 7#2; T3, which never
+    touched 7#1, ADDs 7#2 with A, freed by nobody (after serving a request on it: ``served``)."""
     t = TraceBuilder()
     server(t)
     conn(t, 7, A)
     t.close(tid=2, fd=7)
     t.accept(tid=1, ret=7)
+    if served:
+        t.read(tid=3, fd=7)
+        t.write(tid=3, fd=7)
     t.ctl_add(tid=3, epfd=EP, fd=7, data=A)
+    return t
+
+
+def test_stale_rearm_by_add_without_free_then_the_owner_add_fails() -> None:
+    """T3 re-adds 7#1's pointer on the reused number; the acceptor, 7#2's owner, then registers
+    its own connection and gets EEXIST: two owners, one of them stale."""
+    t = readd_by_a_stranger()
+    t.ctl_add(tid=1, epfd=EP, fd=7, data=B, err=EEXIST)
     v = t.check()
     assert counts(v) == {"stale-rearm": 1}
+    assert "epoll_ctl(5, ADD, 7) in T3" in v.violations[0].summary
+
+
+def test_stale_rearm_by_add_without_free_then_the_owner_sets_its_data() -> None:
+    t = readd_by_a_stranger()
+    t.ctl_mod(tid=1, epfd=EP, fd=7, data=B)  # the owner's MOD replaces the stale value
+    assert counts(t.check()) == {"stale-rearm": 1}
+
+
+def test_pooled_first_add_by_the_worker_handed_the_connection_is_not_stale() -> None:
+    """Apache's event MPM: the listener T1 accepts 7#2 and queues it (no syscall shows that);
+    worker T3 serves its request and ADDs it for keep-alive with the address its recycled pool
+    gave it, the one 7#1 had.  Nobody else registers 7#2: the value is its own, and its
+    events are served on 7#2."""
+    t = readd_by_a_stranger(served=True)
+    t.wait(tid=1, epfd=EP, events=[(IN, A)])
+    t.ctl_del(tid=1, epfd=EP, fd=7)
+    t.read(tid=4, fd=7)
+    t.write(tid=4, fd=7)
+    t.ctl_add(tid=4, epfd=EP, fd=7, data=A)  # the next keep-alive round, same value
+    assert counts(t.check()) == {}
+
+
+def test_pooled_first_add_is_stale_once_the_owner_adds_after_a_del() -> None:
+    t = readd_by_a_stranger(served=True)
+    t.ctl_del(tid=1, epfd=EP, fd=7)
+    t.ctl_add(tid=1, epfd=EP, fd=7, data=B)
+    v = t.check()
+    assert counts(v) == {"stale-rearm": 1, "wrong-incarnation": 2}
+    assert "T3 read from fd 7#2" in v.occurrences["wrong-incarnation"][0].summary
+
+
+def test_pooled_first_add_stays_unproved_when_the_same_thread_changes_its_data() -> None:
+    t = readd_by_a_stranger()
+    t.ctl_mod(tid=3, epfd=EP, fd=7, data=B)  # the same owner moving its connection's state
+    assert counts(t.check()) == {}
 
 
 def test_stale_add_not_reported_when_the_owner_add_raced_its_close() -> None:

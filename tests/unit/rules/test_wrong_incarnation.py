@@ -3,7 +3,28 @@ batch do not."""
 
 from __future__ import annotations
 
-from tracebuild import C2, ENOENT, EP, HUP, IN, RDHUP, A, B, C, TraceBuilder, conn, counts, server
+import sys
+from pathlib import Path
+
+from tracebuild import (
+    C2,
+    ENOENT,
+    EP,
+    ET,
+    HUP,
+    IN,
+    RDHUP,
+    A,
+    B,
+    C,
+    TraceBuilder,
+    conn,
+    counts,
+    elf_file,
+    server,
+)
+
+from afterclose.harness.trace.netpoller import is_go_program
 
 
 def test_wrong_incarnation_double_close_never_revealed() -> None:
@@ -96,3 +117,86 @@ def test_wrong_incarnation_mod_enoent() -> None:
     v = t.check()
     assert counts(v) == {"wrong-incarnation": 1}
     assert "ENOENT" in v.violations[0].summary
+
+
+def go_netpoll_round(exe: str) -> TraceBuilder:
+    """Go's runtime: threads T1..T3 all run the netpoller on one instance.  T2's wait gets
+    7#1's event, which only readies 7#1's goroutine; it runs on T3, reads EOF and closes; T1
+    accepts 7#2 and registers the recycled pollDesc; 7#2's goroutine then runs on T2, which
+    reads its request before T2 polls again."""
+    t = TraceBuilder(exe=exe)
+    server(t)
+    t.wait(tid=3, epfd=EP)
+    conn(t, 7, A, events=IN | ET)
+    t.wait(tid=2, epfd=EP, events=[(IN, A)])
+    t.read(tid=3, fd=7, ret=0)
+    t.ctl_del(tid=3, epfd=EP, fd=7)
+    t.close(tid=3, fd=7)
+    conn(t, 7, A, events=IN | ET)
+    t.read(tid=2, fd=7)
+    return t
+
+
+def test_go_netpoller_thread_does_not_own_its_batch(tmp_path: Path) -> None:
+    go = elf_file(tmp_path / "server", [".text", ".go.buildinfo"])
+    assert counts(go_netpoll_round(str(go)).check()) == {}
+
+
+def test_the_same_calls_in_a_c_program_are_wrong_incarnation(tmp_path: Path) -> None:
+    c = elf_file(tmp_path / "server", [".text", ".data"])
+    v = go_netpoll_round(str(c)).check()
+    assert counts(v) == {"wrong-incarnation": 1}
+    assert "got an event for fd 7#1" in v.violations[0].summary
+    assert "called read(7) on fd 7#2" in v.violations[0].summary
+
+
+def test_go_loop_on_one_locked_thread_still_owns_its_batch(tmp_path: Path) -> None:
+    """A Go program running its own epoll loop on a locked OS thread (targets/go-fixed): one
+    thread waits on the instance, so its batch is its own."""
+    go = elf_file(tmp_path / "server", [".text", ".go.buildinfo"])
+    t = TraceBuilder(exe=str(go))
+    server(t)
+    conn(t, 7, A)
+    t.wait(tid=2, epfd=EP, events=[(IN, A)])
+    t.close(tid=3, fd=7)
+    t.accept(tid=1, ret=7)
+    t.read(tid=2, fd=7)
+    assert counts(t.check()) == {"wrong-incarnation": 1}
+
+
+def test_go_program_is_told_by_its_section_table(tmp_path: Path) -> None:
+    assert is_go_program(str(elf_file(tmp_path / "go", [".text", ".note.go.buildid"])))
+    assert not is_go_program(str(elf_file(tmp_path / "c", [".text", ".data"])))
+    assert not is_go_program(sys.executable)
+    assert not is_go_program(str(tmp_path / "missing"))
+    (tmp_path / "script").write_text("#!/bin/sh\n")
+    assert not is_go_program(str(tmp_path / "script"))
+
+
+def goroutine_moves_threads(exe: str) -> TraceBuilder:
+    """A goroutine reads 7#2 and DELs it on T8, then closes it on T1, which had closed 7#1
+    for another goroutine: one goroutine, two threads (caddy, test_connection_storm)."""
+    t = TraceBuilder(exe=exe)
+    server(t)
+    t.wait(tid=8, epfd=EP)
+    conn(t, 7, A, tid=6, events=IN | ET)
+    t.wait(tid=1, epfd=EP, events=[(IN | HUP, A)])
+    t.read(tid=1, fd=7, err=104)  # ECONNRESET
+    t.ctl_del(tid=1, epfd=EP, fd=7)
+    t.close(tid=1, fd=7)
+    conn(t, 7, B, tid=6, events=IN | ET)
+    t.wait(tid=8, epfd=EP, events=[(IN, B)])
+    t.read(tid=8, fd=7)
+    t.ctl_del(tid=8, epfd=EP, fd=7)
+    t.wait(tid=1, epfd=EP)
+    t.close(tid=1, fd=7)
+    return t
+
+
+def test_go_goroutine_closing_on_another_thread_is_no_double_close(tmp_path: Path) -> None:
+    go = elf_file(tmp_path / "server", [".text", ".go.buildinfo"])
+    assert counts(goroutine_moves_threads(str(go)).check()) == {}
+    c = elf_file(tmp_path / "c-server", [".text"])
+    v = goroutine_moves_threads(str(c)).check()
+    assert counts(v) == {"wrong-incarnation": 1}
+    assert "closed fd 7 twice" in v.violations[0].summary
