@@ -118,7 +118,7 @@ def make_plan(
     if manifest.tls:
         from afterclose.harness.protocols import tls
 
-        cert, key = tls.certificate()
+        cert, key = tls.certificate_in(workdir)
         values.update(tls_cert=str(cert), tls_key=str(key))
     argv = [
         manifest.render(part, values, f"command[{i}]") for i, part in enumerate(manifest.command)

@@ -2,10 +2,12 @@
 
 The certificate is self-signed for ``localhost``, ``127.0.0.1`` and ``::1``, made with
 ``openssl req`` (Debian's openssl) into the build cache on first use and made again when it is
-a week old; the server gets its paths through the ``{tls_cert}`` and ``{tls_key}``
-placeholders.  Clients do not verify it: the harness tests what a server does with its
-connections, not who it is.  Faults stay at the TCP level: a RST cuts a handshake or a record
-as it cuts a plaintext request.
+a week old.  Each test's server gets a copy in its workdir, through the ``{tls_cert}`` and
+``{tls_key}`` placeholders: the workdir is what a runner hands to the server's user (the Docker
+runner's container runs as ``nobody``, and the cache's key is readable by its owner only).
+Clients do not verify it: the harness tests what a server does with its connections, not who
+it is.  Faults stay at the TCP level: a RST cuts a handshake or a record as it cuts a plaintext
+request.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from afterclose.harness.errors import AftercloseError
 
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
+TLS_SUBDIR = "tls"
 VALID_DAYS = 30
 REMAKE_AFTER_S = 7 * 86400
 
@@ -71,7 +74,8 @@ def _make(cert: Path, key: Path) -> None:
             hint="apt-get install -y openssl",
         )
     cmd = [
-        openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256",
+        openssl, "req", "-x509", "-newkey", "rsa:2048",
+        "-nodes", "-sha256",
         "-days", str(VALID_DAYS), "-subj", "/CN=localhost",
         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1",
         "-keyout", str(key), "-out", str(cert),
@@ -83,6 +87,18 @@ def _make(cert: Path, key: Path) -> None:
             details=proc.stderr[-2000:],
             hint=" ".join(cmd),
         )
+
+
+def certificate_in(workdir: Path) -> tuple[Path, Path]:
+    """``(cert, key)``: a copy of the run's pair in ``workdir/tls/``, for one test's server."""
+    cert, key = certificate()
+    folder = workdir / TLS_SUBDIR
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = folder / CERT_FILE, folder / KEY_FILE
+    for source, copy in zip((cert, key), copies, strict=True):
+        shutil.copyfile(source, copy)
+    copies[1].chmod(0o600)
+    return copies
 
 
 @functools.cache

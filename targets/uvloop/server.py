@@ -36,6 +36,8 @@ def main() -> int:
         print(f"afterclose target 'uvloop': cannot load {SHARED}", file=sys.stderr)
         return 2
     shared = importlib.util.module_from_spec(spec)
+    # dataclasses looks a class's module up in sys.modules while it builds the class.
+    sys.modules[spec.name] = shared
     spec.loader.exec_module(shared)
     version = importlib.metadata.version("uvloop")
     result: int = shared.main(
