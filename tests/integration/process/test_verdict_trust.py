@@ -165,6 +165,6 @@ def test_a_target_that_refuses_is_not_excused_as_incomplete_evidence() -> None:
     )
     report = storm.run(Endpoint("127.0.0.1", port), random.Random(1), time.monotonic() + 30)
     # As short of its plan as the harness-side case above, but for the target's reasons.
-    assert report.counts["not_started"] > 50_000, report.summary()
+    assert report.counts["not_started"] > 10_000, report.summary()
     assert report.counts["errors:connect_econnrefused"] > 0, report.summary()
     assert not [o for o in report.observations if o.kind == UNDER_DELIVERED]
