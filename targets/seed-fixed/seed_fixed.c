@@ -108,20 +108,7 @@ static void conn_arm(struct conn *c, uint32_t what)
 
 static int out_append(struct conn *c, const char *p, size_t n)
 {
-    if (c->outlen + n > c->outcap) {
-        size_t ncap = c->outcap ? c->outcap : 4096;
-        char *no;
-        while (ncap < c->outlen + n)
-            ncap *= 2;
-        no = realloc(c->out, ncap);
-        if (!no)
-            return -1;
-        c->out = no;
-        c->outcap = ncap;
-    }
-    memcpy(c->out + c->outlen, p, n);
-    c->outlen += n;
-    return 0;
+    return buf_append(&c->out, &c->outlen, &c->outcap, p, n);
 }
 
 /* Write what is pending.  1: c is gone (closed, or handed back to epoll until it can take
