@@ -389,6 +389,14 @@ static inline void *zh_conn_new(int fd, size_t size, int max_fd)
     return z;
 }
 
+/* Runs the statement that follows once per connection accepted from l, with fd its number and
+ * c (a pointer to the target's connection type, whose first member is a struct zh_conn) a new
+ * object for it; connections zh_conn_new refuses are closed and skipped.  A macro, not a
+ * callback, so that each target's accept loop compiles as if written out in place. */
+#define ZH_EACH_ACCEPTED(l, fd, c, max_fd)                                                      \
+    for (int fd; ((fd) = zh_accept_next(l)) >= 0;)                                             \
+        if (((c) = zh_conn_new((fd), sizeof *(c), (max_fd))) != NULL)
+
 static inline int zh_watch(int epfd, int op, int fd, uint32_t events, uint64_t data)
 {
     struct epoll_event ev = {.events = events, .data.u64 = data};

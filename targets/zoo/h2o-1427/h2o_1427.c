@@ -145,11 +145,8 @@ static void on_conn(void *p, uint32_t events)
 
 static void accept_all(struct zh_listener *l)
 {
-    int fd;
-    while ((fd = zh_accept_next(l)) >= 0) {
-        struct conn *c = zh_conn_new(fd, sizeof *c, INT_MAX);
-        if (!c)
-            continue;
+    struct conn *c;
+    ZH_EACH_ACCEPTED(l, fd, c, INT_MAX) {
         pthread_mutex_lock(&conns_mu);
         c->next = conns;
         if (conns)

@@ -100,11 +100,8 @@ static void on_conn(struct conn *c, uint32_t events)
 
 static void on_listener(struct zh_listener *l)
 {
-    int fd;
-    while ((fd = zh_accept_next(l)) >= 0) {
-        struct conn *c = zh_conn_new(fd, sizeof *c, MAX_FDS);
-        if (!c)
-            continue;
+    struct conn *c;
+    ZH_EACH_ACCEPTED(l, fd, c, MAX_FDS) {
         c->serial = ++serials;
         c->interest = EPOLLIN;
         if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLRDHUP, data_of(c)) < 0) {

@@ -91,11 +91,8 @@ static void on_conn(struct conn *c, uint32_t mask)
 static void on_listener(struct zh_listener *l)
 {
     reap();
-    int fd;
-    while ((fd = zh_accept_next(l)) >= 0) {
-        struct conn *c = zh_conn_new(fd, sizeof *c, MAX_FDS);
-        if (!c)
-            continue;
+    struct conn *c;
+    ZH_EACH_ACCEPTED(l, fd, c, MAX_FDS) {
         c->interest = EPOLLIN;
         if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLRDHUP, (uint64_t)fd) < 0) {
             close(fd);
