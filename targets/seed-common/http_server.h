@@ -16,38 +16,10 @@
 #include <unistd.h>
 
 #include "../common/http_parse.h"
+#include "../common/listen.h"
 
 /* Not every server uses every helper; -Wall -Werror must not mind. */
 #define HTTP_SERVER_HELPER static __attribute__((unused))
-
-/* The listening socket: non-blocking, close-on-exec, SO_REUSEADDR, backlog 1024, on the first
- * address HOST:PORT resolves to that binds.  -1 (with a message naming PROG) if none does. */
-HTTP_SERVER_HELPER int listen_on(const char *prog, const char *host, const char *port)
-{
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
-    struct addrinfo *res, *ai;
-    int fd = -1, one = 1, rc = getaddrinfo(host, port, &hints, &res);
-
-    if (rc != 0) {
-        fprintf(stderr, "%s: %s:%s: %s\n", prog, host, port, gai_strerror(rc));
-        return -1;
-    }
-    for (ai = res; ai; ai = ai->ai_next) {
-        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd < 0)
-            continue;
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 1024) == 0)
-            break;
-        close(fd);
-        fd = -1;
-    }
-    if (fd < 0)
-        fprintf(stderr, "%s: cannot listen on %s:%s: %s\n", prog, host, port, strerror(errno));
-    freeaddrinfo(res);
-    return fd;
-}
 
 /* ---- event-loop servers: signals, listener, requests in a buffer, writing ------------------ */
 

@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "../../common/http_parse.h"
+#include "../../common/listen.h"
 
 #define ZH_BUFSZ 8192
 #define ZH_ACCEPT_PAUSE_MS 100
@@ -256,15 +257,12 @@ static void zh_on_signal(int sig)
     zh_stop = 1;
 }
 
-/* Parse the command line, install the signal handlers, listen.  Returns the listening fd
- * (non-blocking unless blocking is asked for) or exits. */
-static inline int zh_start(int argc, char **argv, int blocking)
+/* Parse the command line, install the signal handlers, listen (non-blocking).  Returns the
+ * listening fd or exits. */
+static inline int zh_start(int argc, char **argv)
 {
     struct sigaction sa;
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
-    struct addrinfo *res, *ai;
-    int fd = -1, one = 1, rc;
+    int fd;
 
     if (argc != 3) {
         fprintf(stderr, "usage: %s HOST PORT\n", argv[0]);
@@ -277,28 +275,9 @@ static inline int zh_start(int argc, char **argv, int blocking)
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    rc = getaddrinfo(argv[1], argv[2], &hints, &res);
-    if (rc != 0) {
-        fprintf(stderr, "%s: %s:%s: %s\n", argv[0], argv[1], argv[2], gai_strerror(rc));
+    fd = listen_on(argv[0], argv[1], argv[2]);
+    if (fd < 0)
         exit(1);
-    }
-    for (ai = res; ai; ai = ai->ai_next) {
-        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | (blocking ? 0 : SOCK_NONBLOCK),
-                    0);
-        if (fd < 0)
-            continue;
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 1024) == 0)
-            break;
-        close(fd);
-        fd = -1;
-    }
-    freeaddrinfo(res);
-    if (fd < 0) {
-        fprintf(stderr, "%s: cannot listen on %s:%s: %s\n", argv[0], argv[1], argv[2],
-                strerror(errno));
-        exit(1);
-    }
     return fd;
 }
 

@@ -146,7 +146,7 @@ int main(int argc, char **argv)
 {
     struct zh_listener l;
     pthread_t workers[NWORKERS];
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
 
     epfd = zh_epoll(&l, lfd, 0);
     queue_init(&work_q);

@@ -132,7 +132,7 @@ static void delete_deferred(void)
 int main(int argc, char **argv)
 {
     struct zh_listener l;
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
 
     epfd = zh_epoll(&l, lfd, 0);
     zh_ready();

@@ -151,7 +151,7 @@ static void *poller_main(void *arg)
 int main(int argc, char **argv)
 {
     pthread_t threads[NTHREADS];
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
 
     epfd = zh_epoll(&listener, lfd, TAG_LISTENER);
     for (int i = 0; i < NTHREADS; i++)

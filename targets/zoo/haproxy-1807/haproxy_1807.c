@@ -149,7 +149,7 @@ int main(int argc, char **argv)
 {
     struct zh_listener l;
     pthread_t resumer;
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
 
     epfd = zh_epoll(&l, lfd, 0);
     pthread_create(&resumer, NULL, resumer_main, NULL);

@@ -153,7 +153,7 @@ int main(int argc, char **argv)
 {
     struct zh_listener l;
     pthread_t workers[NWORKERS];
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
     struct zh_loop loop = {.l = &l, .accept = accept_all, .dispatch = dispatch};
 
     epfd = loop.epfd = zh_epoll(&l, lfd, TAG_LISTENER);

@@ -119,7 +119,7 @@ int main(int argc, char **argv)
 {
     struct epoll_event events[MAXEVENTS];
     struct zh_listener l;
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
 
     epfd = zh_epoll(&l, lfd, UINT64_MAX);
     next_sweep = zh_now_ms() + KEEP_MS;

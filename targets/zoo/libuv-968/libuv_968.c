@@ -123,7 +123,7 @@ static void accept_first(int lfd)
 int main(int argc, char **argv)
 {
     struct zh_listener l;
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
 
     epfd = zh_epoll(&l, lfd, (uint32_t)lfd);
     zh_ready();

@@ -130,7 +130,7 @@ int main(int argc, char **argv)
 {
     struct epoll_event events[MAXEVENTS];
     struct zh_listener l;
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
     int64_t next_sweep;
 
     epfd = zh_epoll(&l, lfd, UINT64_MAX);

@@ -112,7 +112,7 @@ int main(int argc, char **argv)
     static struct fired fired[MAXEVENTS];
     struct zh_listener l;
 
-    lfd = zh_start(argc, argv, 0);
+    lfd = zh_start(argc, argv);
     epfd = zh_epoll(&l, lfd, (uint32_t)lfd);
     zh_ready();
     while (!zh_stop) {
