@@ -16,7 +16,7 @@
 #include <unistd.h>
 
 #include "../common/http_parse.h"
-#include "../common/listen.h"
+#include "../common/start.h"
 
 /* Not every server uses every helper; -Wall -Werror must not mind. */
 #define HTTP_SERVER_HELPER static __attribute__((unused))
@@ -27,28 +27,6 @@
 #include <signal.h>
 #include <sys/epoll.h>
 #include <time.h>
-
-static volatile sig_atomic_t stop_flag;
-
-HTTP_SERVER_HELPER void on_stop_signal(int sig)
-{
-    (void)sig;
-    stop_flag = 1;
-}
-
-/* SIGTERM and SIGINT set stop_flag, which ends the server's loop; SIGPIPE is ignored, so that a
- * write to a reset connection fails with EPIPE instead of killing the server. */
-HTTP_SERVER_HELPER void stop_on_signals(void)
-{
-    struct sigaction sa;
-
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_stop_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
-}
 
 /* A new epoll instance watching FD (level-triggered EPOLLIN), its events carrying DATA.  -1
  * after perror(WHAT) if it cannot be made. */

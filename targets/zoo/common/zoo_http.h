@@ -34,7 +34,7 @@
 #include <unistd.h>
 
 #include "../../common/http_parse.h"
-#include "../../common/listen.h"
+#include "../../common/start.h"
 
 #define ZH_BUFSZ 8192
 #define ZH_ACCEPT_PAUSE_MS 100
@@ -53,8 +53,6 @@ struct zh_conn {
 
 enum zh_next { ZH_READ, ZH_WRITE, ZH_CLOSE };
 
-static volatile sig_atomic_t zh_stop;
-
 static inline int64_t zh_now_ms(void)
 {
     struct timespec ts;
@@ -65,7 +63,7 @@ static inline int64_t zh_now_ms(void)
 static inline void zh_sleep_us(long us)
 {
     struct timespec ts = {.tv_sec = us / 1000000, .tv_nsec = (us % 1000000) * 1000};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR && !zh_stop)
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR && !stop_flag)
         ;
 }
 
@@ -251,30 +249,17 @@ static inline enum zh_next zh_handle(struct zh_conn *c, uint32_t events)
 
 /* ---- listening and accepting ------------------------------------------------------------ */
 
-static void zh_on_signal(int sig)
-{
-    (void)sig;
-    zh_stop = 1;
-}
-
 /* Parse the command line, install the signal handlers, listen (non-blocking).  Returns the
  * listening fd or exits. */
 static inline int zh_start(int argc, char **argv)
 {
-    struct sigaction sa;
     int fd;
 
     if (argc != 3) {
         fprintf(stderr, "usage: %s HOST PORT\n", argv[0]);
         exit(2);
     }
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = zh_on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
-
+    stop_on_signals();
     fd = listen_on(argv[0], argv[1], argv[2]);
     if (fd < 0)
         exit(1);
@@ -448,7 +433,7 @@ struct zh_loop {
 static inline void zh_run(const struct zh_loop *lp)
 {
     struct epoll_event events[ZH_MAXEVENTS];
-    while (!zh_stop) {
+    while (!stop_flag) {
         int n;
         if (lp->before)
             lp->before();

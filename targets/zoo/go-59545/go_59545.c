@@ -129,7 +129,7 @@ static void *poller_main(void *arg)
 {
     struct epoll_event events[MAXEVENTS];
     (void)arg;
-    while (!zh_stop) {
+    while (!stop_flag) {
         int timeout = 300, n;
         if (pthread_mutex_trylock(&listener_mu) == 0) {
             timeout = zh_listener_timeout(&listener, 300);

@@ -73,7 +73,7 @@ static int abandoned(struct conn *c)
 static void *updater_main(void *arg)
 {
     (void)arg;
-    while (!zh_stop) {
+    while (!stop_flag) {
         zh_sleep_us(UPDATE_US);
         pthread_mutex_lock(&conns_mu);
         for (struct conn *c = conns, *next; c; c = next) {

@@ -109,7 +109,7 @@ static void on_conn(void *p, uint32_t events)
 static void *resumer_main(void *arg)
 {
     (void)arg;
-    while (!zh_stop) {
+    while (!stop_flag) {
         int64_t now;
         zh_sleep_us(TICK_US);
         now = now_us();

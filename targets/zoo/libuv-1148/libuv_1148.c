@@ -124,7 +124,7 @@ int main(int argc, char **argv)
     epfd = zh_epoll(&l, lfd, UINT64_MAX);
     next_sweep = zh_now_ms() + KEEP_MS;
     zh_ready();
-    while (!zh_stop) {
+    while (!stop_flag) {
         int64_t left = next_sweep - zh_now_ms();
         int n = zh_wait(epfd, events, MAXEVENTS,
                         zh_listener_timeout(&l, left < 0 ? 0 : left > 300 ? 300 : (int)left));

@@ -127,7 +127,7 @@ int main(int argc, char **argv)
 
     epfd = zh_epoll(&l, lfd, (uint32_t)lfd);
     zh_ready();
-    while (!zh_stop) {
+    while (!stop_flag) {
         batch_n = zh_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, 300));
         if (batch_n < 0)
             break;

@@ -115,7 +115,7 @@ int main(int argc, char **argv)
     lfd = zh_start(argc, argv);
     epfd = zh_epoll(&l, lfd, (uint32_t)lfd);
     zh_ready();
-    while (!zh_stop) {
+    while (!stop_flag) {
         int n = zh_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, 300));
         if (n < 0)
             break;

@@ -1,14 +1,37 @@
-/* The listening socket of every C target (the seeds, the static pair's dynamic builds, the
- * zoo and afterclose's own test servers). */
-#ifndef AFTERCLOSE_LISTEN_H
-#define AFTERCLOSE_LISTEN_H
+/* What every C target (the seeds, the static pair, the zoo and afterclose's own test servers)
+ * does at start-up: the stop signals and the listening socket. */
+#ifndef AFTERCLOSE_START_H
+#define AFTERCLOSE_START_H
 
 #include <errno.h>
 #include <netdb.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+static volatile sig_atomic_t stop_flag;
+
+static inline void on_stop_signal(int sig)
+{
+    (void)sig;
+    stop_flag = 1;
+}
+
+/* SIGTERM and SIGINT set stop_flag, which ends the server's loop; SIGPIPE is ignored, so that a
+ * write to a reset connection fails with EPIPE instead of killing the server. */
+static inline void stop_on_signals(void)
+{
+    struct sigaction sa;
+
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
 
 /* The listening socket: non-blocking, close-on-exec, SO_REUSEADDR, backlog 1024, on the first
  * address HOST:PORT resolves to that binds.  -1 (with a message naming PROG) if none does. */
