@@ -10,7 +10,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -439,23 +439,29 @@ def thread_activity(pids: Iterable[int]) -> dict[tuple[int, int], tuple[str, int
     """(pid, tid) -> (state letter, ns spent on a CPU so far) of every thread of ``pids``;
     None when the kernel keeps no schedstats."""
     out: dict[tuple[int, int], tuple[str, int]] = {}
+    for pid, tid in threads(pids):
+        stat = read(f"/proc/{pid}/task/{tid}/stat")
+        sched = read(f"/proc/{pid}/task/{tid}/schedstat")
+        if stat is None or sched is None:
+            if os.path.exists(f"/proc/{pid}/task/{tid}"):
+                return None
+            continue  # the thread exited
+        fields = sched.split()
+        if not fields:
+            return None
+        out[(pid, tid)] = (_split_stat(stat)[0], int(fields[0]))
+    return out
+
+
+def threads(pids: Iterable[int]) -> Iterator[tuple[int, int]]:
+    """(pid, tid) of every thread of ``pids``; a process that is gone has none."""
     for pid in pids:
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
             continue
         for tid in tids:
-            stat = read(f"/proc/{pid}/task/{tid}/stat")
-            sched = read(f"/proc/{pid}/task/{tid}/schedstat")
-            if stat is None or sched is None:
-                if os.path.exists(f"/proc/{pid}/task/{tid}"):
-                    return None
-                continue  # the thread exited
-            fields = sched.split()
-            if not fields:
-                return None
-            out[(pid, int(tid))] = (_split_stat(stat)[0], int(fields[0]))
-    return out
+            yield pid, int(tid)
 
 
 def asleep(activity: dict[tuple[int, int], tuple[str, int]]) -> bool:
@@ -571,21 +577,16 @@ def cpu_demand(pids: Iterable[int]) -> float | None:
 def thread_demands(pids: Iterable[int]) -> dict[tuple[int, int], float] | None:
     """:func:`cpu_demand` of each thread, keyed ``(pid, tid)``; None without schedstats."""
     out: dict[tuple[int, int], float] = {}
-    for pid in pids:
+    for pid, tid in threads(pids):
         try:
-            tids = os.listdir(f"/proc/{pid}/task")
+            fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+        except FileNotFoundError:
+            continue  # the thread exited
         except OSError:
-            continue
-        for tid in tids:
-            try:
-                fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
-            except FileNotFoundError:
-                continue  # the thread exited
-            except OSError:
-                return None
-            if len(fields) < 2:
-                return None
-            out[(pid, int(tid))] = (int(fields[0]) + int(fields[1])) / 1e9
+            return None
+        if len(fields) < 2:
+            return None
+        out[(pid, tid)] = (int(fields[0]) + int(fields[1])) / 1e9
     return out
 
 
@@ -610,13 +611,7 @@ def task_state(pid: int) -> str:
 
 def task_count(pids: Iterable[int]) -> int:
     """Threads of ``pids``, all together."""
-    total = 0
-    for pid in pids:
-        try:
-            total += len(os.listdir(f"/proc/{pid}/task"))
-        except OSError:
-            continue
-    return total
+    return sum(1 for _ in threads(pids))
 
 
 def namespace_pids(host_pids: Iterable[int]) -> dict[int, int]:

@@ -155,6 +155,22 @@ def unsolicited_context(
     return when
 
 
+def _bytes_observation(kind: str, fault: str, index: int, text: str, data: bytes) -> Observation:
+    """What ``text`` says of ``data`` on connection ``index``; the detail ends with an excerpt
+    of the bytes, which the observation carries too."""
+    excerpt = data[:SHOWN_BYTES]
+    return Observation(
+        kind=kind,
+        who=who(fault, index),
+        detail=f"{fault} conn {index}: {text} {excerpt!r}",
+        data=excerpt,
+    )
+
+
+def _first_tags(tags: list[str]) -> str:
+    return ", ".join(tags[:3])
+
+
 def unsolicited_observation(
     fault: str, index: int, data: bytes, context: str, *, received: int | None = None
 ) -> Observation:
@@ -162,14 +178,9 @@ def unsolicited_observation(
     when); the tags it mentions name whose answer it was.  ``received``: how many bytes came,
     when ``data`` holds only the first of them."""
     owners = proto.tags_in(data)
-    whose = f" (mentions {', '.join(owners[:3])})" if owners else ""
-    return Observation(
-        kind=UNSOLICITED_BYTES,
-        who=who(fault, index),
-        detail=f"{fault} conn {index}: received {received or len(data)} unasked-for bytes "
-        f"{context}{whose}: {data[:SHOWN_BYTES]!r}",
-        data=data[:SHOWN_BYTES],
-    )
+    whose = f" (mentions {_first_tags(owners)})" if owners else ""
+    text = f"received {received or len(data)} unasked-for bytes {context}{whose}:"
+    return _bytes_observation(UNSOLICITED_BYTES, fault, index, text, data)
 
 
 def foreign_observation(
@@ -177,14 +188,9 @@ def foreign_observation(
 ) -> Observation:
     """The ``status`` answer to ``expected`` does not carry its tag."""
     others = proto.tags_in(body)
-    whose = f"the answer to {', '.join(others[:3])}" if others else "no request path"
-    return Observation(
-        kind=FOREIGN_ANSWER,
-        who=who(fault, index),
-        detail=f"{fault} conn {index}: the {status} response to {expected} "
-        f"carries {whose}: body {body[:SHOWN_BYTES]!r}",
-        data=body[:SHOWN_BYTES],
-    )
+    whose = f"the answer to {_first_tags(others)}" if others else "no request path"
+    text = f"the {status} response to {expected} carries {whose}: body"
+    return _bytes_observation(FOREIGN_ANSWER, fault, index, text, body)
 
 
 def garbage_observation(
@@ -194,14 +200,11 @@ def garbage_observation(
     owners = [p for p in proto.tags_in(partial) if p != expected]
     if not owners:
         return None
-    return Observation(
-        kind=FOREIGN_ANSWER,
-        who=who(fault, index),
-        detail=f"{fault} conn {index}: waiting for the answer to {expected}, "
-        f"got bytes that are no reply, mentioning {', '.join(owners[:3])}: "
-        f"{partial[:SHOWN_BYTES]!r}",
-        data=partial[:SHOWN_BYTES],
+    text = (
+        f"waiting for the answer to {expected}, got bytes that are no reply, "
+        f"mentioning {_first_tags(owners)}:"
     )
+    return _bytes_observation(FOREIGN_ANSWER, fault, index, text, partial)
 
 
 def dropped_observation(

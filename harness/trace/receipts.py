@@ -26,6 +26,17 @@ EVENT = -1
 FOREIGN_CLOSE_YOUNG_NS = 1_000_000_000
 
 
+def _one_more(run: Spin | EventSpin, idx: int) -> bool:
+    """Record ``idx`` as one more of ``run``, in its fact too once it has one; True when the
+    run just became long enough to be a spin (and its fact is due)."""
+    run.count += 1
+    if run.fact is not None:
+        run.fact.count = run.count
+        run.fact.last_idx = idx
+        return False
+    return run.count >= SPIN_CALLS and not run.inc.unknown
+
+
 @dataclass(slots=True)
 class Spin:
     """A thread's run of identical empty reads on one incarnation."""
@@ -45,11 +56,7 @@ def track_spin(
     if s is None or s.inc is not inc or s.what != what:
         spins[inc.fd] = Spin(inc, what, idx)
         return
-    s.count += 1
-    if s.fact is not None:
-        s.fact.count = s.count
-        s.fact.last_idx = idx
-    elif s.count >= SPIN_CALLS and not inc.unknown:
+    if _one_more(s, idx):
         s.fact = SpinningCall(s.first_idx, idx, inc, what, s.count)
         facts.append(s.fact)
 
@@ -91,12 +98,8 @@ def track_event_spin(
     ):
         spins[inc.fd] = EventSpin(inc, events, wait_idx, wait_idx)
         return
-    s.count += 1
     s.last_idx = wait_idx
-    if s.fact is not None:
-        s.fact.count = s.count
-        s.fact.last_idx = wait_idx
-    elif s.count >= SPIN_CALLS and not inc.unknown:
+    if _one_more(s, wait_idx):
         s.fact = SpinningEvent(s.first_idx, wait_idx, inc, events, s.count, reg.events, reg.set_idx)
         facts.append(s.fact)
 

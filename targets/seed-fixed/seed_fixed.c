@@ -29,6 +29,7 @@
 #include <errno.h>
 
 #include "../seed-common/seed_server.h"
+#include "../common/list.h"
 
 #define ACCEPT_PAUSE_MS 100
 
@@ -56,10 +57,7 @@ static struct conn *conn_new(int fd)
         return NULL;
     c->fd = fd;
     pthread_mutex_lock(&conns_mu);
-    c->next = conns;
-    if (conns)
-        conns->prev = c;
-    conns = c;
+    LIST_PUSH(conns, c);
     pthread_mutex_unlock(&conns_mu);
     return c;
 }
@@ -70,12 +68,7 @@ static void conn_close(struct conn *c)
     epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
     pthread_mutex_lock(&conns_mu);
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        conns = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
+    LIST_UNLINK(conns, c);
     pthread_mutex_unlock(&conns_mu);
     free(c->out);
     free(c);
@@ -108,20 +101,7 @@ static void conn_arm(struct conn *c, uint32_t what)
 
 static int out_append(struct conn *c, const char *p, size_t n)
 {
-    if (c->outlen + n > c->outcap) {
-        size_t ncap = c->outcap ? c->outcap : 4096;
-        char *no;
-        while (ncap < c->outlen + n)
-            ncap *= 2;
-        no = realloc(c->out, ncap);
-        if (!no)
-            return -1;
-        c->out = no;
-        c->outcap = ncap;
-    }
-    memcpy(c->out + c->outlen, p, n);
-    c->outlen += n;
-    return 0;
+    return buf_append(&c->out, &c->outlen, &c->outcap, p, n);
 }
 
 /* Write what is pending.  1: c is gone (closed, or handed back to epoll until it can take

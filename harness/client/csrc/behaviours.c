@@ -7,18 +7,12 @@
 static int keepalive(struct conn *c)
 {
     PT_BEGIN;
-    AWAIT(op_connect(c));
-    if (!c->r) return DONE;
+    AWAIT_OK(op_connect(c));
     for (c->i = 0; c->i < c->act->a; c->i++) {
-        if (c->i) {
-            AWAIT(op_check_quiet(c, 0));
-            if (!c->r) return DONE;
-        }
+        if (c->i) AWAIT_OK(op_check_quiet(c, 0));
         prepare(c, 1, T_KEEPALIVE);
-        AWAIT(op_send(c));
-        if (!c->r) return DONE;
-        AWAIT(op_read_reply(c));
-        if (!c->r) return DONE;
+        AWAIT_OK(op_send(c));
+        AWAIT_OK(op_read_reply(c));
         if (!c->keep) {
             AWAIT(op_read_to_eof(c));
             return DONE;
@@ -31,13 +25,10 @@ static int keepalive(struct conn *c)
 static int close_after_one(struct conn *c)
 {
     PT_BEGIN;
-    AWAIT(op_connect(c));
-    if (!c->r) return DONE;
+    AWAIT_OK(op_connect(c));
     prepare(c, 1, T_CLOSE);
-    AWAIT(op_send(c));
-    if (!c->r) return DONE;
-    AWAIT(op_read_reply(c));
-    if (!c->r) return DONE;
+    AWAIT_OK(op_send(c));
+    AWAIT_OK(op_read_reply(c));
     if (!c->keep) {
         AWAIT(op_read_to_eof(c));
     } else {
@@ -50,8 +41,7 @@ static int close_after_one(struct conn *c)
 static int idle_drop(struct conn *c)
 {
     PT_BEGIN;
-    AWAIT(op_connect(c));
-    if (!c->r) return DONE;
+    AWAIT_OK(op_connect(c));
     AWAIT(op_check_quiet(c, c->act->a / 1000.0));
     PT_END;
 }
@@ -59,11 +49,9 @@ static int idle_drop(struct conn *c)
 static int malformed(struct conn *c)
 {
     PT_BEGIN;
-    AWAIT(op_connect(c));
-    if (!c->r) return DONE;
+    AWAIT_OK(op_connect(c));
     prepare_malformed(c, c->act->a, 0);
-    AWAIT(op_send(c));
-    if (!c->r) return DONE;
+    AWAIT_OK(op_send(c));
     count(C_MALFORMED_SENT, 1);
     AWAIT(op_read_reply(c));
     if (!c->r) {
@@ -81,8 +69,7 @@ static int slow_sender(struct conn *c)
     uint8_t request[4096];
     size_t len, step, at;
     PT_BEGIN;
-    AWAIT(op_connect(c));
-    if (!c->r) return DONE;
+    AWAIT_OK(op_connect(c));
     c->expected = new_tag(c);
     len = request_bytes(c, T_KEEPALIVE, c->expected, request, sizeof request);
     step = (len + c->act->a - 1) / c->act->a;
@@ -95,8 +82,7 @@ static int slow_sender(struct conn *c)
         at = (size_t)c->i * step;
         prepare_piece(c, request + at, at + step >= len ? len - at : step,
                       c->i == c->pieces - 1 ? c->expected : NOTHING);
-        AWAIT(op_send(c));
-        if (!c->r) return DONE;
+        AWAIT_OK(op_send(c));
     }
     count(C_SLOW_REQUESTS, 1);
     AWAIT(op_read_reply(c));
@@ -108,23 +94,19 @@ static int half_close(struct conn *c)
 {
     PT_BEGIN;
     disturb(c);
-    AWAIT(op_connect(c));
-    if (!c->r) return DONE;
+    AWAIT_OK(op_connect(c));
     if (c->act->flags) {
         prepare(c, c->act->a, T_KEEPALIVE);
-        AWAIT(op_send(c));
-        if (!c->r) return DONE;
+        AWAIT_OK(op_send(c));
     } else {
         for (c->i = 0; c->i < c->act->a; c->i++) {
             prepare(c, 1, T_KEEPALIVE);
-            AWAIT(op_send(c));
-            if (!c->r) return DONE;
+            AWAIT_OK(op_send(c));
         }
     }
     if (!shutdown_write(c)) return DONE;
     while (c->await_n) {
-        AWAIT(op_read_reply(c));
-        if (!c->r) return DONE;
+        AWAIT_OK(op_read_reply(c));
     }
     AWAIT(op_read_to_eof(c));
     PT_END;
@@ -134,11 +116,9 @@ static int race(struct conn *c)
 {
     PT_BEGIN;
     disturb(c);
-    AWAIT(op_connect(c));
-    if (!c->r) return DONE;
+    AWAIT_OK(op_connect(c));
     prepare_malformed(c, c->act->a, c->act->flags & RACE_VALID_FIRST);
-    AWAIT(op_send(c));
-    if (!c->r) return DONE;
+    AWAIT_OK(op_send(c));
     count(C_MALFORMED_SENT, 1);
     AWAIT(op_wait_us(c, c->act->b));
     if (c->act->flags & RACE_RST) {
@@ -167,29 +147,24 @@ static int reset(struct conn *c)
 {
     PT_BEGIN;
     disturb(c);
-    AWAIT(op_connect(c));
-    if (!c->r) return DONE;
+    AWAIT_OK(op_connect(c));
     switch (c->act->a) {
     case P_BEFORE:
         AWAIT(op_check_quiet(c, 0));
         break;
     case P_MID_REQUEST:
         prepare_half(c, T_KEEPALIVE);
-        AWAIT(op_send(c));
-        if (!c->r) return DONE;
+        AWAIT_OK(op_send(c));
         count(C_PARTIAL_REQUESTS, 1);
         break;
     case P_AFTER:
         prepare(c, 1, T_KEEPALIVE);
-        AWAIT(op_send(c));
-        if (!c->r) return DONE;
+        AWAIT_OK(op_send(c));
         break;
     case P_MID_RESPONSE:
         prepare(c, c->act->b, T_LARGE);
-        AWAIT(op_send(c));
-        if (!c->r) return DONE;
-        AWAIT(op_read_some(c, c->act->c));
-        if (!c->r) return DONE;
+        AWAIT_OK(op_send(c));
+        AWAIT_OK(op_read_some(c, c->act->c));
         break;
     default: /* mid-handshake: without TLS, right after connect */
         break;

@@ -84,5 +84,8 @@ int32_t new_tag(struct conn *c);
 #define PT_END } return DONE
 #define AWAIT(expr) do { c->pc = __LINE__; /* fallthrough */ case __LINE__: c->r = (expr); \
         if (c->r < 0) return c->r; } while (0)
+/* AWAIT an operation that answers whether the connection is still usable (as Conn's methods
+ * do); the behaviour ends when it is not. */
+#define AWAIT_OK(expr) do { AWAIT(expr); if (!c->r) return DONE; } while (0)
 
 #endif

@@ -29,19 +29,36 @@ static int name_is(const uint8_t *s, size_t n, const char *name)
     return strlen(name) == n && strncasecmp((const char *)s, name, n) == 0;
 }
 
+/* A comma-separated header value, read one item at a time; an empty value holds one empty
+ * item. */
+struct items {
+    const uint8_t *s;
+    size_t n;
+    int done;
+};
+
+/* The next item, stripped, in (p, pn); 0 once every item was read. */
+static int next_item(struct items *it, const uint8_t **p, size_t *pn)
+{
+    if (it->done) return 0;
+    const uint8_t *comma = memchr(it->s, ',', it->n);
+    size_t part = comma ? (size_t)(comma - it->s) : it->n;
+    *p = it->s, *pn = part;
+    strip(p, pn);
+    if (comma) it->s = comma + 1, it->n -= part + 1;
+    else it->done = 1;
+    return 1;
+}
+
 /* Whether the comma-separated list (s, n) holds the token ``word`` (case-insensitive). */
 static int has_token(const uint8_t *s, size_t n, const char *word)
 {
-    while (1) {
-        const uint8_t *comma = memchr(s, ',', n);
-        size_t part = comma ? (size_t)(comma - s) : n;
-        const uint8_t *p = s;
-        size_t pn = part;
-        strip(&p, &pn);
+    struct items it = {s, n, 0};
+    const uint8_t *p;
+    size_t pn;
+    while (next_item(&it, &p, &pn))
         if (name_is(p, pn, word)) return 1;
-        if (!comma) return 0;
-        s = comma + 1, n -= part + 1;
-    }
+    return 0;
 }
 
 static int contains_ci(const uint8_t *s, size_t n, const char *word)
@@ -55,21 +72,15 @@ static int contains_ci(const uint8_t *s, size_t n, const char *word)
 /* Content-Length: every comma-separated value the same string of digits. */
 static long content_length(const uint8_t *s, size_t n)
 {
-    const uint8_t *first = NULL;
-    size_t first_n = 0;
-    while (1) {
-        const uint8_t *comma = memchr(s, ',', n);
-        size_t part = comma ? (size_t)(comma - s) : n;
-        const uint8_t *p = s;
-        size_t pn = part;
-        strip(&p, &pn);
+    struct items it = {s, n, 0};
+    const uint8_t *p, *first = NULL;
+    size_t pn, first_n = 0;
+    while (next_item(&it, &p, &pn)) {
         if (pn == 0 || pn > 15) return -1;
         for (size_t i = 0; i < pn; i++)
             if (!isdigit(p[i])) return -1;
         if (first && (pn != first_n || memcmp(p, first, pn) != 0)) return -1;
         first = p, first_n = pn;
-        if (!comma) break;
-        s = comma + 1, n -= part + 1;
     }
     return strtol((const char *)first, NULL, 10);
 }

@@ -75,15 +75,20 @@ def _spinner(s: Spinner) -> str:
     )
 
 
-def _spin(m: TraceModel, fact: SpinningCall) -> Finding:
+def _run(m: TraceModel, fact: SpinningCall | SpinningEvent, what: str, between: str) -> str:
+    """The summary of a spin: who repeats ``what`` on which connection, how many times in
+    how long, and ``between`` (what did not happen in between)."""
     first, last = m.records[fact.first_idx], m.records[fact.last_idx]
-    t = m.tname(first.pid, first.tid)
     ms = (last.t_ns - first.t_ns) / 1e6
-    summary = (
-        f"{t} (tid {first.tid}) spins on {m.label(fact.inc)}: {fact.what} {fact.count} times "
-        f"in a row in {ms:.0f} ms (seq {first.seq_in} to {last.seq_in}), with no data read "
-        "in between"
+    return (
+        f"{m.tname(first.pid, first.tid)} (tid {first.tid}) spins on {m.label(fact.inc)}: "
+        f"{what} {fact.count} times in a row in {ms:.0f} ms "
+        f"(seq {first.seq_in} to {last.seq_in}), {between}"
     )
+
+
+def _spin(m: TraceModel, fact: SpinningCall) -> Finding:
+    summary = _run(m, fact, fact.what, "with no data read in between")
     return m.finding(
         RULE,
         summary,
@@ -95,13 +100,11 @@ def _spin(m: TraceModel, fact: SpinningCall) -> Finding:
 
 
 def _unhandled(m: TraceModel, fact: SpinningEvent) -> Finding:
-    first, last = m.records[fact.first_idx], m.records[fact.last_idx]
-    t = m.tname(first.pid, first.tid)
-    ms = (last.t_ns - first.t_ns) / 1e6
-    summary = (
-        f"{t} (tid {first.tid}) spins on {m.label(fact.inc)}: epoll_wait reported "
-        f"{epoll_events_str(fact.events)} for it {fact.count} times in a row in {ms:.0f} ms "
-        f"(seq {first.seq_in} to {last.seq_in}), and the thread made no call on it in between"
+    summary = _run(
+        m,
+        fact,
+        f"epoll_wait reported {epoll_events_str(fact.events)} for it",
+        "and the thread made no call on it in between",
     )
     notes = {fact.first_idx: "the spin begins"}
     if not fact.mask & ~(EPOLLERR | EPOLLHUP) and fact.events & (EPOLLERR | EPOLLHUP):

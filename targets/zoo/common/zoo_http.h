@@ -33,6 +33,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../../common/http_parse.h"
+#include "../../common/start.h"
+
 #define ZH_BUFSZ 8192
 #define ZH_ACCEPT_PAUSE_MS 100
 
@@ -50,15 +53,6 @@ struct zh_conn {
 
 enum zh_next { ZH_READ, ZH_WRITE, ZH_CLOSE };
 
-static volatile sig_atomic_t zh_stop;
-
-static const char ZH_RESP_400[] = "HTTP/1.1 400 Bad Request\r\n"
-                                  "Content-Type: text/plain\r\n"
-                                  "Content-Length: 12\r\n"
-                                  "Connection: close\r\n"
-                                  "\r\n"
-                                  "bad request\n";
-
 static inline int64_t zh_now_ms(void)
 {
     struct timespec ts;
@@ -69,7 +63,7 @@ static inline int64_t zh_now_ms(void)
 static inline void zh_sleep_us(long us)
 {
     struct timespec ts = {.tv_sec = us / 1000000, .tv_nsec = (us % 1000000) * 1000};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR && !zh_stop)
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR && !stop_flag)
         ;
 }
 
@@ -89,20 +83,7 @@ static inline void zh_conn_release(struct zh_conn *c)
 
 static inline int zh_out_append(struct zh_conn *c, const char *p, size_t n)
 {
-    if (c->outlen + n > c->outcap) {
-        size_t ncap = c->outcap ? c->outcap : 4096;
-        char *no;
-        while (ncap < c->outlen + n)
-            ncap *= 2;
-        no = realloc(c->out, ncap);
-        if (!no)
-            return -1;
-        c->out = no;
-        c->outcap = ncap;
-    }
-    memcpy(c->out + c->outlen, p, n);
-    c->outlen += n;
-    return 0;
+    return buf_append(&c->out, &c->outlen, &c->outcap, p, n);
 }
 
 static inline int zh_pending(const struct zh_conn *c)
@@ -145,90 +126,10 @@ static inline void zh_finish(struct zh_conn *c)
 
 /* ---- HTTP ------------------------------------------------------------------------------- */
 
-struct zh_request {
-    const char *path;
-    size_t path_len;
-    size_t content_length;
-    int close;
-};
-
-static inline int zh_ci_contains(const char *s, size_t n, const char *word)
-{
-    size_t w = strlen(word);
-    for (size_t i = 0; i + w <= n; i++)
-        if (strncasecmp(s + i, word, w) == 0)
-            return 1;
-    return 0;
-}
-
-/* Parse one header block [p, p+n) ending in CRLFCRLF.  -1 = malformed. */
-static inline int zh_parse(const char *p, size_t n, struct zh_request *rq)
-{
-    const char *end = p + n;
-    const char *eol = memmem(p, n, "\r\n", 2);
-    const char *s = p;
-    int minor, keep_alive = 0, close_hdr = 0;
-
-    memset(rq, 0, sizeof *rq);
-    if (!eol)
-        return -1;
-    while (s < eol && *s >= 'A' && *s <= 'Z')
-        s++;
-    if (s == p || s >= eol || *s != ' ')
-        return -1;
-    s++;
-    if (s >= eol || *s != '/')
-        return -1;
-    rq->path = s;
-    while (s < eol && *s > ' ' && *s < 0x7f)
-        s++;
-    rq->path_len = (size_t)(s - rq->path);
-    if (s >= eol || *s != ' ')
-        return -1;
-    s++;
-    if (eol - s != 8 || memcmp(s, "HTTP/1.", 7) != 0 || s[7] < '0' || s[7] > '9')
-        return -1;
-    minor = s[7] - '0';
-
-    for (s = eol + 2; s < end;) {
-        const char *le = memmem(s, (size_t)(end - s), "\r\n", 2);
-        const char *colon;
-        if (!le || le == s)
-            break;
-        colon = memchr(s, ':', (size_t)(le - s));
-        if (!colon)
-            return -1;
-        if ((size_t)(colon - s) == 10 && strncasecmp(s, "connection", 10) == 0) {
-            if (zh_ci_contains(colon + 1, (size_t)(le - colon - 1), "close"))
-                close_hdr = 1;
-            if (zh_ci_contains(colon + 1, (size_t)(le - colon - 1), "keep-alive"))
-                keep_alive = 1;
-        } else if ((size_t)(colon - s) == 14 && strncasecmp(s, "content-length", 14) == 0) {
-            const char *v = colon + 1;
-            size_t cl = 0;
-            while (v < le && *v == ' ')
-                v++;
-            if (v == le)
-                return -1;
-            for (; v < le && *v != ' '; v++) {
-                if (*v < '0' || *v > '9' || cl > (SIZE_MAX - 9) / 10)
-                    return -1;
-                cl = cl * 10 + (size_t)(*v - '0');
-            }
-            rq->content_length = cl;
-        }
-        s = le + 2;
-    }
-    rq->close = close_hdr || (minor == 0 && !keep_alive);
-    return 0;
-}
-
-static inline int zh_answer(struct zh_conn *c, const struct zh_request *rq)
+static inline int zh_answer(struct zh_conn *c, const struct request *rq)
 {
     char head[160];
-    int h = snprintf(head, sizeof head,
-                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n%s\r\n",
-                     rq->path_len + 1, rq->close ? "Connection: close\r\n" : "");
+    int h = response_head(head, sizeof head, rq);
     if (zh_out_append(c, head, (size_t)h) < 0 || zh_out_append(c, rq->path, rq->path_len) < 0 ||
         zh_out_append(c, "\n", 1) < 0)
         return -1;
@@ -243,7 +144,7 @@ static inline int zh_serve(struct zh_conn *c)
     int r = 0;
 
     while (!c->close_after_flush) {
-        struct zh_request rq;
+        struct request rq;
         const char *hdr_end;
 
         if (c->skip > 0) {
@@ -257,13 +158,13 @@ static inline int zh_serve(struct zh_conn *c)
         if (!hdr_end) {
             if (off == 0 && c->inlen == sizeof c->in) {
                 c->close_after_flush = 1; /* header block larger than the buffer */
-                r = zh_out_append(c, ZH_RESP_400, sizeof ZH_RESP_400 - 1);
+                r = zh_out_append(c, RESP_400, sizeof RESP_400 - 1);
             }
             break;
         }
-        if (zh_parse(c->in + off, (size_t)(hdr_end + 4 - (c->in + off)), &rq) < 0) {
+        if (parse_request(c->in + off, (size_t)(hdr_end + 4 - (c->in + off)), &rq) < 0) {
             c->close_after_flush = 1;
-            r = zh_out_append(c, ZH_RESP_400, sizeof ZH_RESP_400 - 1);
+            r = zh_out_append(c, RESP_400, sizeof RESP_400 - 1);
             break;
         }
         if (zh_answer(c, &rq) < 0) {
@@ -348,55 +249,20 @@ static inline enum zh_next zh_handle(struct zh_conn *c, uint32_t events)
 
 /* ---- listening and accepting ------------------------------------------------------------ */
 
-static void zh_on_signal(int sig)
+/* Parse the command line, install the signal handlers, listen (non-blocking).  Returns the
+ * listening fd or exits. */
+static inline int zh_start(int argc, char **argv)
 {
-    (void)sig;
-    zh_stop = 1;
-}
-
-/* Parse the command line, install the signal handlers, listen.  Returns the listening fd
- * (non-blocking unless blocking is asked for) or exits. */
-static inline int zh_start(int argc, char **argv, int blocking)
-{
-    struct sigaction sa;
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
-    struct addrinfo *res, *ai;
-    int fd = -1, one = 1, rc;
+    int fd;
 
     if (argc != 3) {
         fprintf(stderr, "usage: %s HOST PORT\n", argv[0]);
         exit(2);
     }
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = zh_on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
-
-    rc = getaddrinfo(argv[1], argv[2], &hints, &res);
-    if (rc != 0) {
-        fprintf(stderr, "%s: %s:%s: %s\n", argv[0], argv[1], argv[2], gai_strerror(rc));
+    stop_on_signals();
+    fd = listen_on(argv[0], argv[1], argv[2]);
+    if (fd < 0)
         exit(1);
-    }
-    for (ai = res; ai; ai = ai->ai_next) {
-        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | (blocking ? 0 : SOCK_NONBLOCK),
-                    0);
-        if (fd < 0)
-            continue;
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 1024) == 0)
-            break;
-        close(fd);
-        fd = -1;
-    }
-    freeaddrinfo(res);
-    if (fd < 0) {
-        fprintf(stderr, "%s: cannot listen on %s:%s: %s\n", argv[0], argv[1], argv[2],
-                strerror(errno));
-        exit(1);
-    }
     return fd;
 }
 
@@ -487,6 +353,14 @@ static inline void *zh_conn_new(int fd, size_t size, int max_fd)
     return z;
 }
 
+/* Runs the statement that follows once per connection accepted from l, with fd its number and
+ * c (a pointer to the target's connection type, whose first member is a struct zh_conn) a new
+ * object for it; connections zh_conn_new refuses are closed and skipped.  A macro, not a
+ * callback, so that each target's accept loop compiles as if written out in place. */
+#define ZH_EACH_ACCEPTED(l, fd, c, max_fd)                                                      \
+    for (int fd; ((fd) = zh_accept_next(l)) >= 0;)                                             \
+        if (((c) = zh_conn_new((fd), sizeof *(c), (max_fd))) != NULL)
+
 static inline int zh_watch(int epfd, int op, int fd, uint32_t events, uint64_t data)
 {
     struct epoll_event ev = {.events = events, .data.u64 = data};
@@ -559,7 +433,7 @@ struct zh_loop {
 static inline void zh_run(const struct zh_loop *lp)
 {
     struct epoll_event events[ZH_MAXEVENTS];
-    while (!zh_stop) {
+    while (!stop_flag) {
         int n;
         if (lp->before)
             lp->before();

@@ -19,7 +19,7 @@
  * The fix (ZOO_FIXED): the re-arm is the worker's last touch of the connection.
  */
 #include "../common/zoo_http.h"
-#include "../common/zoo_queue.h"
+#include "../../common/queue.h"
 
 #define NWORKERS 4
 #define MAX_FDS 4096
@@ -31,7 +31,7 @@ struct conn {
 };
 
 static int epfd = -1;
-static struct zq work_q;
+static struct queue work_q;
 static struct conn table[MAX_FDS]; /* the connection table: one slot per fd number */
 static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
 
@@ -112,10 +112,10 @@ static void handle(struct conn *c, uint32_t events)
 
 static void *worker_main(void *arg)
 {
-    struct zq_item it;
+    struct item it;
     (void)arg;
-    while (zq_pop(&work_q, &it))
-        handle(it.p, it.events);
+    while (queue_pop(&work_q, &it))
+        handle(it.c, it.events);
     return NULL;
 }
 
@@ -138,22 +138,23 @@ static void accept_all(struct zh_listener *l)
 /* The loop thread's part: a connection's event goes to the workers' queue. */
 static void enqueue(void *c, uint32_t events)
 {
-    zq_push(&work_q, c, events);
+    if (queue_push(&work_q, c, events) < 0)
+        abort(); /* out of memory */
 }
 
 int main(int argc, char **argv)
 {
     struct zh_listener l;
     pthread_t workers[NWORKERS];
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
 
     epfd = zh_epoll(&l, lfd, 0);
-    zq_init(&work_q);
+    queue_init(&work_q);
     for (int i = 0; i < NWORKERS; i++)
         pthread_create(&workers[i], NULL, worker_main, NULL);
     zh_ready();
     zh_run(&(struct zh_loop){.epfd = epfd, .l = &l, .accept = accept_all, .dispatch = enqueue});
-    zq_close(&work_q);
+    queue_close(&work_q);
     for (int i = 0; i < NWORKERS; i++)
         pthread_join(workers[i], NULL);
     return 0;

@@ -109,11 +109,8 @@ static void dispatch(void *p, uint32_t events)
 
 static void accept_all(struct zh_listener *l)
 {
-    int fd;
-    while ((fd = zh_accept_next(l)) >= 0) {
-        struct conn *c = zh_conn_new(fd, sizeof *c, INT_MAX);
-        if (!c)
-            continue;
+    struct conn *c;
+    ZH_EACH_ACCEPTED(l, fd, c, INT_MAX) {
         if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
                      (uintptr_t)c) < 0) {
             close(fd);
@@ -135,7 +132,7 @@ static void delete_deferred(void)
 int main(int argc, char **argv)
 {
     struct zh_listener l;
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
 
     epfd = zh_epoll(&l, lfd, 0);
     zh_ready();

@@ -129,7 +129,7 @@ static void *poller_main(void *arg)
 {
     struct epoll_event events[MAXEVENTS];
     (void)arg;
-    while (!zh_stop) {
+    while (!stop_flag) {
         int timeout = 300, n;
         if (pthread_mutex_trylock(&listener_mu) == 0) {
             timeout = zh_listener_timeout(&listener, 300);
@@ -151,7 +151,7 @@ static void *poller_main(void *arg)
 int main(int argc, char **argv)
 {
     pthread_t threads[NTHREADS];
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
 
     epfd = zh_epoll(&listener, lfd, TAG_LISTENER);
     for (int i = 0; i < NTHREADS; i++)

@@ -19,6 +19,7 @@
  * closes it between two batches.
  */
 #include "../common/zoo_http.h"
+#include "../../common/list.h"
 
 #include <pthread.h>
 
@@ -42,12 +43,7 @@ static int wake_fd = -1;
 
 static void unlink_conn(struct conn *c)
 {
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        conns = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
+    LIST_UNLINK(conns, c);
     c->prev = c->next = NULL;
 }
 
@@ -77,7 +73,7 @@ static int abandoned(struct conn *c)
 static void *updater_main(void *arg)
 {
     (void)arg;
-    while (!zh_stop) {
+    while (!stop_flag) {
         zh_sleep_us(UPDATE_US);
         pthread_mutex_lock(&conns_mu);
         for (struct conn *c = conns, *next; c; c = next) {
@@ -145,16 +141,10 @@ static void on_conn(void *p, uint32_t events)
 
 static void accept_all(struct zh_listener *l)
 {
-    int fd;
-    while ((fd = zh_accept_next(l)) >= 0) {
-        struct conn *c = zh_conn_new(fd, sizeof *c, INT_MAX);
-        if (!c)
-            continue;
+    struct conn *c;
+    ZH_EACH_ACCEPTED(l, fd, c, INT_MAX) {
         pthread_mutex_lock(&conns_mu);
-        c->next = conns;
-        if (conns)
-            conns->prev = c;
-        conns = c;
+        LIST_PUSH(conns, c);
         pthread_mutex_unlock(&conns_mu);
         if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLRDHUP, (uintptr_t)c) < 0)
             conn_close(c);
@@ -165,7 +155,7 @@ int main(int argc, char **argv)
 {
     struct zh_listener l;
     pthread_t updater;
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
 
     epfd = zh_epoll(&l, lfd, TAG_LISTENER);
 #ifdef ZOO_FIXED

@@ -109,7 +109,7 @@ static void on_conn(void *p, uint32_t events)
 static void *resumer_main(void *arg)
 {
     (void)arg;
-    while (!zh_stop) {
+    while (!stop_flag) {
         int64_t now;
         zh_sleep_us(TICK_US);
         now = now_us();
@@ -136,11 +136,8 @@ static void *resumer_main(void *arg)
 
 static void accept_all(struct zh_listener *l)
 {
-    int fd;
-    while ((fd = zh_accept_next(l)) >= 0) {
-        struct conn *c = zh_conn_new(fd, sizeof *c, INT_MAX);
-        if (!c)
-            continue;
+    struct conn *c;
+    ZH_EACH_ACCEPTED(l, fd, c, INT_MAX) {
         if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLRDHUP, (uintptr_t)c) < 0) {
             close(fd);
             free(c);
@@ -152,7 +149,7 @@ int main(int argc, char **argv)
 {
     struct zh_listener l;
     pthread_t resumer;
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
 
     epfd = zh_epoll(&l, lfd, 0);
     pthread_create(&resumer, NULL, resumer_main, NULL);

@@ -19,7 +19,7 @@
  * waits, when no harvested event can still name it.
  */
 #include "../common/zoo_http.h"
-#include "../common/zoo_queue.h"
+#include "../../common/queue.h"
 
 
 #define NWORKERS 4
@@ -35,7 +35,7 @@ struct conn {
 };
 
 static int epfd = -1;
-static struct zq work_q;
+static struct queue work_q;
 #ifdef ZOO_FIXED
 static int wake_fd = -1;
 static pthread_mutex_t done_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -73,10 +73,10 @@ static void conn_over(struct conn *c)
 
 static void *worker_main(void *arg)
 {
-    struct zq_item it;
+    struct item it;
     (void)arg;
-    while (zq_pop(&work_q, &it)) {
-        struct conn *c = it.p;
+    while (queue_pop(&work_q, &it)) {
+        struct conn *c = it.c;
         uint32_t events = it.events;
         for (;;) {
             enum zh_next next = zh_handle(&c->z, events);
@@ -115,16 +115,14 @@ static void dispatch(void *p, uint32_t events)
     }
     c->running = 1;
     pthread_mutex_unlock(&c->mu);
-    zq_push(&work_q, c, events);
+    if (queue_push(&work_q, c, events) < 0)
+        abort(); /* out of memory */
 }
 
 static void accept_all(struct zh_listener *l)
 {
-    int fd;
-    while ((fd = zh_accept_next(l)) >= 0) {
-        struct conn *c = zh_conn_new(fd, sizeof *c, INT_MAX);
-        if (!c)
-            continue;
+    struct conn *c;
+    ZH_EACH_ACCEPTED(l, fd, c, INT_MAX) {
         pthread_mutex_init(&c->mu, NULL);
         if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
                      (uintptr_t)c) < 0) {
@@ -155,14 +153,14 @@ int main(int argc, char **argv)
 {
     struct zh_listener l;
     pthread_t workers[NWORKERS];
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
     struct zh_loop loop = {.l = &l, .accept = accept_all, .dispatch = dispatch};
 
     epfd = loop.epfd = zh_epoll(&l, lfd, TAG_LISTENER);
 #ifdef ZOO_FIXED
     wake_fd = zh_wake_fd(epfd, TAG_WAKE);
 #endif
-    zq_init(&work_q);
+    queue_init(&work_q);
     for (int i = 0; i < NWORKERS; i++)
         pthread_create(&workers[i], NULL, worker_main, NULL);
     zh_ready();
@@ -170,7 +168,7 @@ int main(int argc, char **argv)
     loop.before = close_done;
 #endif
     zh_run(&loop);
-    zq_close(&work_q);
+    queue_close(&work_q);
     for (int i = 0; i < NWORKERS; i++)
         pthread_join(workers[i], NULL);
     return 0;

@@ -100,11 +100,8 @@ static void on_conn(struct conn *c, uint32_t events)
 
 static void on_listener(struct zh_listener *l)
 {
-    int fd;
-    while ((fd = zh_accept_next(l)) >= 0) {
-        struct conn *c = zh_conn_new(fd, sizeof *c, MAX_FDS);
-        if (!c)
-            continue;
+    struct conn *c;
+    ZH_EACH_ACCEPTED(l, fd, c, MAX_FDS) {
         c->serial = ++serials;
         c->interest = EPOLLIN;
         if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLRDHUP, data_of(c)) < 0) {
@@ -122,12 +119,12 @@ int main(int argc, char **argv)
 {
     struct epoll_event events[MAXEVENTS];
     struct zh_listener l;
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
 
     epfd = zh_epoll(&l, lfd, UINT64_MAX);
     next_sweep = zh_now_ms() + KEEP_MS;
     zh_ready();
-    while (!zh_stop) {
+    while (!stop_flag) {
         int64_t left = next_sweep - zh_now_ms();
         int n = zh_wait(epfd, events, MAXEVENTS,
                         zh_listener_timeout(&l, left < 0 ? 0 : left > 300 ? 300 : (int)left));

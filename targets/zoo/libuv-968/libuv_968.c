@@ -123,11 +123,11 @@ static void accept_first(int lfd)
 int main(int argc, char **argv)
 {
     struct zh_listener l;
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
 
     epfd = zh_epoll(&l, lfd, (uint32_t)lfd);
     zh_ready();
-    while (!zh_stop) {
+    while (!stop_flag) {
         batch_n = zh_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, 300));
         if (batch_n < 0)
             break;

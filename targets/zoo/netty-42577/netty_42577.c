@@ -101,11 +101,8 @@ static void on_conn(struct conn *c, uint32_t events)
 
 static void on_listener(struct zh_listener *l)
 {
-    int fd;
-    while ((fd = zh_accept_next(l)) >= 0) {
-        struct conn *c = zh_conn_new(fd, sizeof *c, MAX_FDS);
-        if (!c)
-            continue;
+    struct conn *c;
+    ZH_EACH_ACCEPTED(l, fd, c, MAX_FDS) {
         if (set_interest(c, EPOLLIN | EPOLLRDHUP) < 0) {
             close(fd);
             free(c);
@@ -133,13 +130,13 @@ int main(int argc, char **argv)
 {
     struct epoll_event events[MAXEVENTS];
     struct zh_listener l;
-    int lfd = zh_start(argc, argv, 0);
+    int lfd = zh_start(argc, argv);
     int64_t next_sweep;
 
     epfd = zh_epoll(&l, lfd, UINT64_MAX);
     next_sweep = zh_now_ms() + SWEEP_MS;
     zh_ready();
-    while (!zh_stop) {
+    while (!stop_flag) {
         int64_t left = next_sweep - zh_now_ms();
         int n = zh_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, left < 0 ? 0 : (int)left));
         if (n < 0)

@@ -91,11 +91,8 @@ static void on_conn(struct conn *c, uint32_t mask)
 static void on_listener(struct zh_listener *l)
 {
     reap();
-    int fd;
-    while ((fd = zh_accept_next(l)) >= 0) {
-        struct conn *c = zh_conn_new(fd, sizeof *c, MAX_FDS);
-        if (!c)
-            continue;
+    struct conn *c;
+    ZH_EACH_ACCEPTED(l, fd, c, MAX_FDS) {
         c->interest = EPOLLIN;
         if (zh_watch(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLRDHUP, (uint64_t)fd) < 0) {
             close(fd);
@@ -115,10 +112,10 @@ int main(int argc, char **argv)
     static struct fired fired[MAXEVENTS];
     struct zh_listener l;
 
-    lfd = zh_start(argc, argv, 0);
+    lfd = zh_start(argc, argv);
     epfd = zh_epoll(&l, lfd, (uint32_t)lfd);
     zh_ready();
-    while (!zh_stop) {
+    while (!stop_flag) {
         int n = zh_wait(epfd, events, MAXEVENTS, zh_listener_timeout(&l, 300));
         if (n < 0)
             break;

@@ -1,44 +1,49 @@
-/*
- * zoo_queue.h: a growing FIFO of pointers shared by threads (mutex + condition variable).
- */
-#ifndef ZOO_QUEUE_H
-#define ZOO_QUEUE_H
+/* A growing FIFO of (connection, events) items shared by threads (mutex + condition
+ * variable): the seeds' work and error queues and the zoo's worker queues. */
+#ifndef AFTERCLOSE_QUEUE_H
+#define AFTERCLOSE_QUEUE_H
 
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 
-struct zq_item {
-    void *p;
+struct item {
+    void *c; /* the server's connection */
     uint32_t events;
 };
 
-struct zq {
+struct queue {
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    struct zq_item *items;
+    struct item *items;
     size_t cap, head, n;
     int closed;
 };
 
-static inline void zq_init(struct zq *q)
+static inline void queue_init(struct queue *q)
 {
     pthread_mutex_init(&q->mu, NULL);
     pthread_cond_init(&q->cv, NULL);
     q->cap = 1024;
     q->items = malloc(q->cap * sizeof *q->items);
-    if (!q->items)
-        abort();
+    if (!q->items) {
+        perror("malloc");
+        exit(1);
+    }
 }
 
-static inline void zq_push(struct zq *q, void *p, uint32_t events)
+/* -1: out of memory, nothing queued. */
+static inline int queue_push(struct queue *q, void *c, uint32_t events)
 {
     pthread_mutex_lock(&q->mu);
     if (q->n == q->cap) {
         size_t ncap = q->cap * 2;
-        struct zq_item *ni = malloc(ncap * sizeof *ni);
-        if (!ni)
-            abort();
+        struct item *ni = malloc(ncap * sizeof *ni);
+        if (!ni) {
+            pthread_mutex_unlock(&q->mu);
+            return -1;
+        }
         for (size_t i = 0; i < q->n; i++)
             ni[i] = q->items[(q->head + i) % q->cap];
         free(q->items);
@@ -46,14 +51,14 @@ static inline void zq_push(struct zq *q, void *p, uint32_t events)
         q->cap = ncap;
         q->head = 0;
     }
-    q->items[(q->head + q->n) % q->cap] = (struct zq_item){p, events};
+    q->items[(q->head + q->n) % q->cap] = (struct item){c, events};
     q->n++;
     pthread_cond_signal(&q->cv);
     pthread_mutex_unlock(&q->mu);
+    return 0;
 }
 
-/* 1: *out holds the next item; 0: the queue was closed. */
-static inline int zq_pop(struct zq *q, struct zq_item *out)
+static inline int queue_pop(struct queue *q, struct item *out)
 {
     pthread_mutex_lock(&q->mu);
     while (q->n == 0 && !q->closed)
@@ -69,7 +74,7 @@ static inline int zq_pop(struct zq *q, struct zq_item *out)
     return 1;
 }
 
-static inline void zq_close(struct zq *q)
+static inline void queue_close(struct queue *q)
 {
     pthread_mutex_lock(&q->mu);
     q->closed = 1;
