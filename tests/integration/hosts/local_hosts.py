@@ -51,10 +51,40 @@ class Lan:
         return got.stdout.strip()
 
 
+# A namespace of namespace_lan's: its stem names the test process that made it.
+_OURS = re.compile(r"^acw-(\d+)-[0-9a-f]{4}-(?:hub|w\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_orphans() -> list[str]:
+    """Delete the namespaces of test processes that no longer run: one ended by SIGKILL never
+    reached its ``finally``.  A namespace whose maker's PID runs again (reused) is left."""
+    got = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
+    swept = []
+    for line in got.stdout.splitlines():
+        name = line.split(" ", 1)[0]
+        m = _OURS.match(name)
+        if m is not None and not _alive(int(m.group(1))):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+            swept.append(name)
+    return swept
+
+
 @contextlib.contextmanager
 def namespace_lan(workers: int) -> Iterator[Lan]:
     """A hub namespace and ``workers`` worker namespaces on one bridge, each with loopback up
-    (the targets listen on the worker's own 127.0.0.1); all deleted on exit."""
+    (the targets listen on the worker's own 127.0.0.1); all deleted on exit, and those an
+    earlier, killed test process left are deleted first."""
+    sweep_orphans()
     stem = f"acw-{os.getpid()}-{secrets.token_hex(2)}"
     hub, names = f"{stem}-hub", tuple(f"{stem}-w{i}" for i in range(workers))
     created: list[str] = []

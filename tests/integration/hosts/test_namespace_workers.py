@@ -9,6 +9,7 @@ is reached at its bridge address, never through the host's loopback.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import capabilities
 import pytest
-from local_hosts import Lan, namespace_lan, redis_clients, redis_in
+from local_hosts import Lan, namespace_lan, redis_clients, redis_in, sweep_orphans
 from soak_workers import SOAK, finished_rounds, interruptible
 
 from afterclose.harness.campaign.local_store import stop
@@ -98,3 +99,20 @@ def test_workers_in_two_namespaces_find_replay_and_resume(tmp_path: Path) -> Non
         assert not (b_dir / "findings").exists()
     else:
         assert resumed.returncode == 0, out
+
+
+def test_namespaces_of_a_killed_test_process_are_swept() -> None:
+    # A process that has ended stands for a test process killed before its clean-up.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left, live = f"acw-{gone.pid}-beef-hub", f"acw-{os.getpid()}-beef-w0"
+    for name in (left, live):
+        subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+    try:
+        swept = sweep_orphans()
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert left in swept and left not in names
+        assert live not in swept and live in names
+    finally:
+        for name in (left, live):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
