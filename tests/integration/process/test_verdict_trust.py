@@ -130,8 +130,9 @@ def _storm(**params: object) -> ConnectionStorm:
 
 
 def test_a_storm_the_harness_cannot_deliver_is_incomplete_evidence(tmp_path: Path) -> None:
-    # 20,000 connections/s from one client process: it cannot start them as fast as planned,
-    # while slots stay free (the target answers at once).
+    # 20,000 connections/s from one asyncio client process: it cannot start them as fast as
+    # planned, while slots stay free (the target answers at once).  The compiled engine can
+    # start more than half of them on a quiet machine, so this storm is asyncio's.
     manifest = picky_manifest(tmp_path, "small")
     settings = Settings(target=str(manifest), rootdir=tmp_path, run_id=uuid.uuid4().hex)
     with Harness(settings).start(tmp_path, "under_delivered") as run:
@@ -143,6 +144,7 @@ def test_a_storm_the_harness_cannot_deliver_is_incomplete_evidence(tmp_path: Pat
             duration_s=0.5,
             max_connections=10_000,
             mix={"keepalive": 1},
+            engine="asyncio",
         )
         outcome = run.finish()
     assert report.counts["not_started"] > 1000, report.summary()
