@@ -92,7 +92,38 @@ def _sigint_deferred() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, old)
-        if noted and old is not signal.SIG_IGN:
+        if noted:
+            if callable(old):
+                old(signal.SIGINT, None)
+            elif old is not signal.SIG_IGN:
+                raise KeyboardInterrupt
+
+
+class Interrupts:
+    """SIGINT for the whole campaign: noted, then raised as KeyboardInterrupt.
+
+    The note is what counts. Python runs a signal handler between bytecodes, and a
+    KeyboardInterrupt raised while a gc callback runs (Hypothesis installs one) is printed as
+    "Exception ignored" and lost: the round goes on, and the note stops the campaign at the
+    next round boundary instead."""
+
+    def __init__(self) -> None:
+        self.noted = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.noted = True
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        old = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+    def check(self) -> None:
+        if self.noted:
             raise KeyboardInterrupt
 
 
@@ -123,6 +154,7 @@ class Soak:
         self.finding: RoundRecord | None = None
         self.broken: RoundRecord | None = None  # a round the harness could not run
         self.status = StatusLine(stream, self.render)
+        self.interrupts = Interrupts()
 
     # ------------------------------------------------------------------ folder and state
 
@@ -207,6 +239,7 @@ class Soak:
         return self.harness.start(workdir, test_name, extra_env=env)
 
     def _record(self, record: RoundRecord, run: TargetRun | None, began: float) -> None:
+        self.interrupts.check()  # a round interrupted is not recorded
         record.elapsed_s = time.monotonic() - began
         record.workdir = str(run.workdir) if run is not None else ""
         with _sigint_deferred():
@@ -258,14 +291,17 @@ class Soak:
                 play(run)
                 outcome = run.finish()
         except AftercloseError as exc:
+            self.interrupts.check()
             record.error = exc.render()
             return run, None
+        self.interrupts.check()
         record.connections = sum(r.counts["connections"] for r in outcome.reports)
         record.rules = list(dict.fromkeys(v.rule for v in outcome.violations))
         return run, outcome
 
     def _check(self, record: RoundRecord | None = None) -> None:
         """Stop (raise :class:`_Stop`) after a failed round, or when the campaign is over."""
+        self.interrupts.check()
         if record is not None and record.rules:
             self.stopped, self.finding = "violation", record
             raise _Stop
@@ -429,16 +465,19 @@ class Soak:
             self._save()
         self.status.start()
         try:
-            if self.options.mix == "suite":
-                while True:
-                    self.next_suite_round()
-            else:
-                self.explore_rounds()
+            with self.interrupts.installed():
+                if self.options.mix == "suite":
+                    while True:
+                        self.next_suite_round()
+                else:
+                    self.explore_rounds()
         except _Stop:
             pass
         except KeyboardInterrupt:
-            self.stopped = "interrupted"
+            self.interrupts.noted = True
         finally:
+            if self.interrupts.noted:
+                self.stopped, self.finding = "interrupted", None
             self.status.stop()
             with _sigint_deferred():
                 self._save()

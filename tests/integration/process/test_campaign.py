@@ -6,8 +6,10 @@ shared store is a private ``redis-server`` on a leased loopback port, stopped by
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
+import os
 import re
 import signal
 import subprocess
@@ -224,6 +226,29 @@ def test_soak_interrupted_resumes_from_its_folder(tmp_path: Path) -> None:
         f"round-{n:05d}" for n in range(1, done + 3)
     ]
     assert all(c.find("failure") is None and c.find("error") is None for c in cases)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_interrupt_lost_in_a_gc_callback_still_stops_the_campaign() -> None:
+    # Python prints and drops an exception raised in a gc callback; a SIGINT whose handler
+    # runs there (Hypothesis keeps one installed) raises KeyboardInterrupt into the void.
+    interrupts, before = soak.Interrupts(), signal.getsignal(signal.SIGINT)
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))  # bytecodes: Python runs the handler here, in the callback
+
+    with interrupts.installed():
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(callback)
+        assert interrupts.noted
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.check()
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_junit_failure_type_is_the_rule(tmp_path: Path) -> None:

@@ -57,7 +57,8 @@ def test_an_idle_timer_closing_reused_numbers_is_named_before_its_echoes(
         "concurrency": 8,
         "duration_s": 1.5,
         "max_connections": 600,
-        "mix": {"keepalive": 1, "close": 1},
+        # Silent connections: the timer closes them before their first event.
+        "mix": {"keepalive": 1, "close": 1, "idle_drop": 1},
     }
     outcome = judge(tmp_path, "stale-timer", "connection_storm", **storm)
     rules = [v.rule for v in outcome.violations]
