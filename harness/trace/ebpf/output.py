@@ -30,6 +30,18 @@ class ParsedOutput:
     exits: dict[int, int] = field(default_factory=dict)  # pid -> ns its last thread exited
     malformed: int = 0
 
+    def extend(self, other: ParsedOutput) -> None:
+        """Add what another bpftrace run of the same trace printed (after a restart): its
+        times come from the same clock, so the records merge by their numbers."""
+        self.records.extend(other.records)
+        begins = [b for b in (self.begin_ns, other.begin_ns) if b > 0]
+        self.begin_ns = min(begins, default=0)
+        self.lost += other.lost
+        self.truncated_waits += other.truncated_waits
+        self.execs.extend(other.execs)
+        self.exits.update(other.exits)
+        self.malformed += other.malformed
+
 
 def parse_output(path: Path) -> ParsedOutput:
     """Parse the lines of ``afterclose.bt`` (see its header); records keep their print order."""
