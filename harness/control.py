@@ -41,6 +41,10 @@ if TYPE_CHECKING:
     from afterclose.harness.session import TargetRun
 
 
+# Signals that stop and resume a process rather than end it.
+_PAUSING = frozenset({signal.SIGSTOP, signal.SIGCONT})
+
+
 def wait_for(check: Callable[[], bool], timeout_s: float, step_s: float = 0.02) -> bool:
     """Whether ``check()`` came true within ``timeout_s`` (asked every ``step_s``)."""
     deadline = time.monotonic() + timeout_s
@@ -144,6 +148,9 @@ class ServerControl:
         pids = self.pids()
         # Read now: once they die /proc no longer says which namespace PIDs they had.
         self._namespace_pids.update(procfs.namespace_pids(pids))
+        if signum not in _PAUSING:
+            name = signal.Signals(signum).name
+            self._run.note_ended(pids, f"the harness ended it (fault {self.fault!r} sent {name})")
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)

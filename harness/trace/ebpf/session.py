@@ -18,6 +18,7 @@ from afterclose.harness.trace.ebpf.bpftrace import ENV_RING_PAGES, BpftraceRun
 from afterclose.harness.trace.ebpf.output import ParsedOutput, parse_output
 from afterclose.harness.trace.ebpf.procscan import ProcSnapshot, scan_process
 from afterclose.harness.trace.ebpf.tracefiles import build_trace_files
+from afterclose.harness.trace.facts import Running
 from afterclose.harness.tracers import TraceOutcome, TracerSession, judged
 
 __all__ = ["ENV_GUARD_NS", "EbpfTracer", "guard_ns_from_env"]
@@ -101,7 +102,7 @@ class EbpfTracer(TracerSession):
     def cutoff(self) -> int | None:
         return time.monotonic_ns()
 
-    def analyse(self, cutoff: int | None) -> TraceOutcome:
+    def analyse(self, cutoff: int | None, running: Running | None = None) -> TraceOutcome:
         from afterclose.harness.trace import reader
 
         self._done.set()
@@ -145,7 +146,7 @@ class EbpfTracer(TracerSession):
                 tracer=self.name,
                 gaps=gaps,
             )
-        outcome = judged(trace, cutoff, self.trace_dir)
+        outcome = judged(trace, cutoff, self.trace_dir, running)
         outcome.tracer = self.name
         outcome.gaps = gaps
         outcome.stats.update(ebpf_lost=built.lost, ebpf_seeded=built.seeded)
