@@ -6,7 +6,8 @@ run (:meth:`~afterclose.harness.session.TargetRun.control`) instead of the run i
     server.endpoint()          where it listens (host, port); ``through_restarts``
     server.pids()              its host PIDs, main one first (``live_pids``: error if none)
     server.alive(), exit_status(), wait_exit(timeout_s)
-    server.signal(signum)      to every process, by host PID (both runners)
+    server.signal(signum)      to every process, by host PID (both runners); the run notes
+                               them as ended by the harness (but for SIGSTOP/SIGCONT)
     server.restart(why)        start the same launch plan again; the run adopts the new one
     server.set_nofile(...)     prlimit on a live process; update_cgroup(...): the container's
     server.pause(), resume(), wait_paused(timeout_s)

@@ -1,4 +1,5 @@
-"""A process the harness killed has not leaked the fds it held (``fd-leak``, both tracers).
+"""A process the harness killed has not leaked the fds it held (``fd-leak``, both tracers,
+both runners).
 
 ``tests/servers/misbehave.c`` in mode ``leak`` never closes a connection whose client left: a
 real leak, deterministic.  The ``kill`` fault SIGKILLs it and starts it again; a SIGKILLed
@@ -27,11 +28,19 @@ TRACERS = [
     "preload",
     pytest.param("ebpf", marks=[capabilities.requires("ebpf"), pytest.mark.root]),
 ]
+RUNNERS = [
+    "process",
+    pytest.param("docker", marks=[pytest.mark.docker, capabilities.requires("docker")]),
+]
 KILLED = "the harness ended it (fault 'kill' sent SIGKILL)"
 
 
-def leaky(tmp_path: Path, tracer: str) -> Harness:
-    manifest = tmp_path / "misbehave-leak.toml"
+def leaky(tmp_path: Path, tracer: str, runner: str) -> Harness:
+    # Not in tmp_path itself: a container sees the manifest's folder (as root made it, 0700
+    # for pytest's) and the workdir below it, which its non-root user could then not reach.
+    folder = tmp_path / "target"
+    folder.mkdir(mode=0o755)
+    manifest = folder / "misbehave-leak.toml"
     manifest.write_text(
         f"""
 name = "misbehave-leak"
@@ -46,7 +55,11 @@ log = "READY"
 """
     )
     settings = Settings(
-        target=str(manifest), rootdir=tmp_path, run_id=uuid.uuid4().hex, tracer=tracer
+        target=str(manifest),
+        rootdir=tmp_path,
+        run_id=uuid.uuid4().hex,
+        tracer=tracer,
+        runner=runner,
     )
     return Harness(settings)
 
@@ -73,6 +86,16 @@ def rendered(outcome: Outcome) -> str:
     return "\n".join([*(v.render() for v in outcome.violations), *outcome.warnings])
 
 
+def traced_as(run: TargetRun, tracer: str) -> int:
+    """The PID by which the trace names the server's main process: the shim sees the one of
+    its own PID namespace (a container's), bpftrace the host's."""
+    pid = run.server.host_pids()[0]
+    if tracer == "preload":
+        inner = {host: inner for inner, host in procfs.namespace_pids([pid]).items()}
+        return inner.get(pid, pid)
+    return pid
+
+
 def held_at_death(trace_dir: Path, pid: int) -> int:
     """Connections the trace of ``pid`` shows read to EOF and never closed."""
     (proc,) = [p for p in read_trace_dir(trace_dir).processes if p.pid == pid]
@@ -81,9 +104,10 @@ def held_at_death(trace_dir: Path, pid: int) -> int:
     return len(ended - closed)
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("tracer", TRACERS)
-def test_a_killed_process_leaked_nothing(tracer: str, tmp_path: Path) -> None:
-    with leaky(tmp_path, tracer).start(tmp_path / "run", f"killed-{tracer}") as run:
+def test_a_killed_process_leaked_nothing(tracer: str, runner: str, tmp_path: Path) -> None:
+    with leaky(tmp_path, tracer, runner).start(tmp_path / "run", f"killed-{tracer}") as run:
         killed = run.server.host_pids()[0]
         assert leak(run, 6) == 6
         run.run_fault("kill", storm_s=0)
@@ -105,13 +129,16 @@ def test_a_killed_process_leaked_nothing(tracer: str, tmp_path: Path) -> None:
         assert said == [], outcome.warnings
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("tracer", TRACERS)
-def test_the_restarted_process_is_judged_for_its_own_leaks(tracer: str, tmp_path: Path) -> None:
-    with leaky(tmp_path, tracer).start(tmp_path / "run", f"survivor-{tracer}") as run:
+def test_the_restarted_process_is_judged_for_its_own_leaks(
+    tracer: str, runner: str, tmp_path: Path
+) -> None:
+    with leaky(tmp_path, tracer, runner).start(tmp_path / "run", f"survivor-{tracer}") as run:
         killed = run.server.host_pids()[0]
         assert leak(run, 6) == 6
         run.run_fault("kill", storm_s=0)
-        survivor = run.server.host_pids()[0]
+        survivor = traced_as(run, tracer)
         assert leak(run, 4) == 4
         outcome = run.finish()
     assert outcome.trace_dir is not None
