@@ -35,16 +35,16 @@ RUNNERS = [
 KILLED = "the harness ended it (fault 'kill' sent SIGKILL)"
 
 
-def leaky(tmp_path: Path, tracer: str, runner: str) -> Harness:
+def misbehave(tmp_path: Path, tracer: str, runner: str = "process", mode: str = "leak") -> Harness:
     # Not in tmp_path itself: a container sees the manifest's folder (as root made it, 0700
     # for pytest's) and the workdir below it, which its non-root user could then not reach.
     folder = tmp_path / "target"
     folder.mkdir(mode=0o755)
-    manifest = folder / "misbehave-leak.toml"
+    manifest = folder / f"misbehave-{mode}.toml"
     manifest.write_text(
         f"""
-name = "misbehave-leak"
-command = ["{{build}}", "{{host}}", "{{port}}", "leak"]
+name = "misbehave-{mode}"
+command = ["{{build}}", "{{host}}", "{{port}}", "{mode}"]
 echo_path = true
 fd_grace_s = 1.0
 [compile]
@@ -107,7 +107,7 @@ def held_at_death(trace_dir: Path, pid: int) -> int:
 @pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("tracer", TRACERS)
 def test_a_killed_process_leaked_nothing(tracer: str, runner: str, tmp_path: Path) -> None:
-    with leaky(tmp_path, tracer, runner).start(tmp_path / "run", f"killed-{tracer}") as run:
+    with misbehave(tmp_path, tracer, runner).start(tmp_path / "run", f"killed-{tracer}") as run:
         killed = run.server.host_pids()[0]
         assert leak(run, 6) == 6
         run.run_fault("kill", storm_s=0)
@@ -134,7 +134,7 @@ def test_a_killed_process_leaked_nothing(tracer: str, runner: str, tmp_path: Pat
 def test_the_restarted_process_is_judged_for_its_own_leaks(
     tracer: str, runner: str, tmp_path: Path
 ) -> None:
-    with leaky(tmp_path, tracer, runner).start(tmp_path / "run", f"survivor-{tracer}") as run:
+    with misbehave(tmp_path, tracer, runner).start(tmp_path / "run", f"survivor-{tracer}") as run:
         killed = run.server.host_pids()[0]
         assert leak(run, 6) == 6
         run.run_fault("kill", storm_s=0)
@@ -150,3 +150,22 @@ def test_the_restarted_process_is_judged_for_its_own_leaks(
     assert "4 socket(s) still open" in violation.summary
     assert "the trace shows 4 connections whose peer was gone" in violation.details
     assert f"pid {survivor}" in violation.details and f"pid {killed}" not in violation.details
+
+
+@pytest.mark.parametrize(("mode", "found"), [("leak", {"fd-leak"}), ("none", set())])
+def test_the_census_after_a_restart_mid_storm_still_counts_leaks(
+    mode: str, found: set[str], tmp_path: Path
+) -> None:
+    """The kill fault's storm goes on through the restart, so the restarted server settles
+    with clients connected; its baseline is its own sockets, not theirs.  Untraced: the
+    census from outside is all that judges."""
+    with misbehave(tmp_path, "off", mode=mode).start(tmp_path / "run", f"storm-{mode}") as run:
+        run.run_fault("kill", storm_s=1.0)
+        assert run.baseline.states == {}
+        leaked = procfs.census(run.server.host_pids(), run.port).close_wait
+        outcome = run.finish()
+    assert {v.rule for v in outcome.violations} == found, rendered(outcome)
+    if found:
+        (violation,) = outcome.violations
+        assert violation.count >= leaked > 0, rendered(outcome)
+        assert "in CLOSE_WAIT" in violation.summary
