@@ -62,6 +62,16 @@ Cost
     counted from bpftrace's "Lost N events" lines and every report says the trace is
     incomplete.
 
+Stopping
+    SIGINT alone loses events: bpftrace 0.17 discards, unprinted, every event it reads after a
+    SIGINT that found it busy reading its buffers (exiting 0 all the same: a tenth of a
+    flood's lines in some runs), and does not act on one that arrives while no event follows
+    (until it is SIGKILLed).  The harness first makes the program stop printing and waits
+    until bpftrace has written that out (a handshake through an lseek(2) the program
+    recognises, see "Stopping" in ``afterclose.bt``), then sends SIGINT, nudging it with one
+    more event if it does not exit.  The program counts what it printed; lines neither in the
+    output nor counted lost make the run's evidence incomplete, as does a bpftrace SIGKILLed.
+
 What it does not see: ``free()`` (the two free rules are not checked; every report says so),
 io_uring, fds passed over unix sockets (SCM_RIGHTS: the receiver's ``recvmsg`` creates fds
 the model does not learn about; they are of unknown origin), and execve's close-on-exec sweep.
@@ -97,6 +107,7 @@ from afterclose.harness.trace.ebpf.program import (
     DEDUP_MARK,
     FORMAT_MARK,
     SEED_MARK,
+    STOP_MARK,
     program_text,
 )
 from afterclose.harness.trace.ebpf.session import ENV_GUARD_NS, EbpfTracer, guard_ns_from_env
@@ -113,6 +124,7 @@ __all__ = [
     "ENV_RING_PAGES",
     "FORMAT_MARK",
     "SEED_MARK",
+    "STOP_MARK",
     "BpftraceRun",
     "BuiltTrace",
     "EbpfTracer",

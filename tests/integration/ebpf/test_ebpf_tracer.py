@@ -78,6 +78,10 @@ def test_parse_output(tmp_path: Path) -> None:
             "X 10 10 1700",
             "E 10 1800",
             "garbage",
+            "S 1900",  # the stop handshake: records end here
+            "K",  # a nudge
+            "",
+            "@n: 7",  # bpftrace's exit: the lines printed (4 records, T, X, E)
         ],
     )
     parsed = ebpf.parse_output(out)
@@ -87,6 +91,11 @@ def test_parse_output(tmp_path: Path) -> None:
     assert parsed.execs == [(10, 10, 1700)]
     assert parsed.exits == {10: 1800}
     assert parsed.malformed == 1
+    assert (parsed.stopped_ns, parsed.printed, parsed.lines) == (1900, 7, 7)
+    assert parsed.unwritten() == 0
+    # Printed, neither in the file nor counted lost: discarded by bpftrace.
+    assert ebpf.ParsedOutput(printed=30, lines=10, lost=5).unwritten() == 15
+    assert ebpf.ParsedOutput(printed=None, lines=10).unwritten() == 0
     ops = [r[0] for r in parsed.records]
     assert ops == [Op.ACCEPT, Op.EPOLL_WAIT, Op.EPOLL_EVENT, Op.EPOLL_EVENT, Op.CLOSE]
     wait, first, second = parsed.records[1:4]
@@ -181,7 +190,10 @@ def test_program_text_seeds_pids_and_dedup_switch() -> None:
     assert "#define DEDUP_IO 1" in text
     assert "#define DEDUP_IO 0" in ebpf.program_text([3], dedup_io=False)
     assert ebpf.SEED_MARK not in text and ebpf.DEDUP_MARK not in text
-    assert ebpf.FORMAT_MARK not in text
+    assert ebpf.FORMAT_MARK not in text and ebpf.STOP_MARK not in text
+    assert "#define STOP_PID 0\n" in text  # no handshake: pid 0 makes no system call
+    stop = ebpf.program_text([3], stop=(42, 1 << 61))
+    assert f"#define STOP_PID 42\n#define STOP_TOKEN {1 << 61}\n" in stop
 
 
 def test_program_record_constants_come_from_format_py() -> None:
