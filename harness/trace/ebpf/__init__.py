@@ -55,7 +55,9 @@ Cost
     thread 7.7-9.0 µs of CPU and bpftrace 2.5-4.3 µs more, a traced call that printed nothing
     0.7-1.2 µs (the shim: 0.05-0.3 µs a call).  The program therefore prints a repeated
     read/write (same thread, same fd, same epoll batch, no fd change in the process since)
-    and a MOD that re-sets a registration's own data only once (``AFTERCLOSE_EBPF_ALL_IO=1``
+    and a MOD that re-sets a registration's own data only once, and counts a wait that returns
+    the same batch as the thread's last printed one with nothing printed in between (a spin)
+    instead of printing it; the parser puts those waits back (``AFTERCLOSE_EBPF_ALL_IO=1``
     prints them all; see ``afterclose.bt``), and bpftrace's output is fully buffered (one
     write(2) per buffer, not per line: that halved bpftrace's CPU per line).  The perf
     buffer is ``BPFTRACE_PERF_RB_PAGES`` pages per CPU (1024 unless set); events it drops are

@@ -155,6 +155,7 @@ class EbpfTracer(TracerSession):
             ebpf_lost=built.lost,
             ebpf_seeded=built.seeded,
             ebpf_lines=parsed.lines,
+            ebpf_repeated_waits=parsed.repeated,
             ebpf_stop_ms=round(run.stop_s * 1000),
         )
         # The raw text is large and fully in the trace files now.

@@ -104,6 +104,31 @@ def test_parse_output(tmp_path: Path) -> None:
     assert second[7] == 1
 
 
+def test_parse_output_expands_repeated_waits(tmp_path: Path) -> None:
+    out = write_output(
+        tmp_path / "bpftrace.out",
+        [
+            "8 10 11 1300 1400 0 4 64 140000 1 2",  # the printed wait, two events
+            "9 10 11 1300 1400 0 4 1 150000 5 0",
+            "R 11 3 1500 1900 1300 1400",  # three more like it, between 1500 and 1900
+            "R 11 1 2000 2100 9999 9999",  # repeats a wait not in the output
+            "",
+            "@n: 4",
+            "@wr[11]: (2, 2200, 2300, 1300, 1400)",  # counted, no R line written yet
+        ],
+    )
+    parsed = ebpf.parse_output(out)
+    assert (parsed.repeated, parsed.unmatched_repeats, parsed.malformed) == (5, 1, 0)
+    assert parsed.lines == 4 and parsed.unwritten() == 0
+    waits = [r for r in parsed.records if r[0] == Op.EPOLL_WAIT]
+    assert [(w[3], w[4]) for w in waits] == [(1300, 1400)] + [(1500, 1900)] * 3 + [(2200, 2300)] * 2
+    # Each copy brings both events back, in order, right behind its wait.
+    again = parsed.records[3:6]
+    assert [r[0] for r in again] == [Op.EPOLL_WAIT, Op.EPOLL_EVENT, Op.EPOLL_EVENT]
+    assert [(r[8], r[9]) for r in again[1:]] == [(140000, 1), (150000, 5)]
+    assert all((r[3], r[4]) == (1500, 1900) for r in again)
+
+
 def snapshot(pid: int, start: int, end: int) -> ebpf.ProcSnapshot:
     snap = ebpf.ProcSnapshot(pid=pid, ppid=1, exe="/srv/server", start_ns=start, end_ns=end)
     snap.links = {
