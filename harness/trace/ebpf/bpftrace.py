@@ -159,13 +159,9 @@ class BpftraceRun:
         if dedup_io is None:
             dedup_io = full_env.get(ENV_ALL_IO, "") not in ("1", "yes", "true")
         self.dedup_io = dedup_io
-        # The stop handshake's lseek comes from this process; the token keeps another run's
-        # handshake (another tracer in this process) from stopping this one.
-        self.stop_pid = os.getpid()
+        # The stop handshake's token: another run's handshake does not stop this one.
         self.token = secrets.randbits(62) | 1
-        self.program.write_text(
-            program_text(pids, dedup_io=dedup_io, stop=(self.stop_pid, self.token))
-        )
+        self.program.write_text(program_text(pids, dedup_io=dedup_io, stop_token=self.token))
         self.pids = list(pids)
         self.ring_pages = full_env[ENV_RING_PAGES]
         self.begin_ns = 0
@@ -255,14 +251,11 @@ class BpftraceRun:
             _RUNNING.discard(self)
         return self.returncode
 
-    def _handshake(self, step: int) -> bool:
+    def _handshake(self, step: int) -> None:
         """lseek(-1, token, step): 0 stops the program printing records, 1 makes it print a
         nudge.  EBADF, always: the probe sees the call's arguments, the kernel does nothing."""
-        if os.getpid() != self.stop_pid:
-            return False  # a forked child: the program waits for the parent's pid
         with contextlib.suppress(OSError):
             os.lseek(-1, self.token, step)
-        return True
 
     def _halt(self, proc: subprocess.Popen[bytes]) -> None:
         """Stop the program printing and wait until bpftrace has written its "S" line out:
@@ -271,8 +264,7 @@ class BpftraceRun:
             offset = self.output.stat().st_size
         except OSError:
             return
-        if not self._handshake(0):
-            return
+        self._handshake(0)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         carry = b""
         delay = 0.005

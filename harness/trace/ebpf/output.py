@@ -34,7 +34,7 @@ class ParsedOutput:
     execs: list[tuple[int, int, int]] = field(default_factory=list)  # pid, tid, ns
     exits: dict[int, int] = field(default_factory=dict)  # pid -> ns its last thread exited
     malformed: int = 0
-    lines: int = 0  # lines of the kinds the program counts in @n: records, T, X, E
+    lines: int = 0  # lines of the kinds the program counts in @n: records, T, X, E, R
     printed: int | None = None  # @n, which bpftrace prints at its exit (None: it did not)
     stopped_ns: int = 0  # the "S" line: when the program stopped printing records
     repeated: int = 0  # waits the program counted instead of printing (expanded here)

@@ -32,12 +32,11 @@ def program_text(
     source: Path = BT_SOURCE,
     *,
     dedup_io: bool = True,
-    stop: tuple[int, int] = (0, 0),
+    stop_token: int = 0,
 ) -> str:
     """``afterclose.bt`` with the record constants of the trace format, the traced pids seeded
-    into its BEGIN block, its I/O de-duplication switched on or off and ``stop``, the pid of
-    the process that stops it and the token of its stop handshake (see the program's header;
-    pid 0, the default, makes no system call: no handshake)."""
+    into its BEGIN block, its I/O de-duplication switched on or off and the token of its stop
+    handshake (see the program's header; 0, the default: no handshake)."""
     text = source.read_text()
     for mark in (FORMAT_MARK, SEED_MARK, DEDUP_MARK, STOP_MARK):
         if mark not in text:
@@ -57,5 +56,5 @@ def program_text(
         .replace(FORMAT_MARK, bpftrace_defines())
         .replace(SEED_MARK, seeds)
         .replace(DEDUP_MARK, "1" if dedup_io else "0")
-        .replace(STOP_MARK, f"#define STOP_PID {int(stop[0])}\n#define STOP_TOKEN {int(stop[1])}")
+        .replace(STOP_MARK, f"#define STOP_TOKEN {int(stop_token)}")
     )

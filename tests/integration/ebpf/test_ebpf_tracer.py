@@ -216,9 +216,8 @@ def test_program_text_seeds_pids_and_dedup_switch() -> None:
     assert "#define DEDUP_IO 0" in ebpf.program_text([3], dedup_io=False)
     assert ebpf.SEED_MARK not in text and ebpf.DEDUP_MARK not in text
     assert ebpf.FORMAT_MARK not in text and ebpf.STOP_MARK not in text
-    assert "#define STOP_PID 0\n" in text  # no handshake: pid 0 makes no system call
-    stop = ebpf.program_text([3], stop=(42, 1 << 61))
-    assert f"#define STOP_PID 42\n#define STOP_TOKEN {1 << 61}\n" in stop
+    assert "#define STOP_TOKEN 0\n" in text  # no handshake
+    assert f"#define STOP_TOKEN {1 << 61}\n" in ebpf.program_text([3], stop_token=1 << 61)
 
 
 def test_program_record_constants_come_from_format_py() -> None:
