@@ -116,6 +116,18 @@ class EbpfTracer(TracerSession):
                 f"(log: {run.log})"
             )
         parsed = parse_output(run.output)
+        if not gaps and parsed.unwritten():
+            # The stop handshake timed out (bpftrace far behind) and SIGINT made it discard
+            # what it had not yet written out (see "Stopping" in afterclose.bt).
+            gaps.append(
+                f"bpftrace discarded {parsed.unwritten()} of the {parsed.printed} lines its "
+                f"program printed while it stopped (log: {run.log})"
+            )
+        elif not gaps and parsed.printed is None and parsed.lines:
+            gaps.append(
+                "bpftrace did not say how many lines its program printed, so whether it wrote "
+                f"them all out is not known (log: {run.log})"
+            )
         built = build_trace_files(parsed, self._snapshots, self.trace_dir, self.guard_ns)
         if built.lost:
             warnings.append(
@@ -139,7 +151,13 @@ class EbpfTracer(TracerSession):
         outcome = judged(trace, cutoff, self.trace_dir)
         outcome.tracer = self.name
         outcome.gaps = gaps
-        outcome.stats.update(ebpf_lost=built.lost, ebpf_seeded=built.seeded)
+        outcome.stats.update(
+            ebpf_lost=built.lost,
+            ebpf_seeded=built.seeded,
+            ebpf_lines=parsed.lines,
+            ebpf_repeated_waits=parsed.repeated,
+            ebpf_stop_ms=round(run.stop_s * 1000),
+        )
         # The raw text is large and fully in the trace files now.
         with contextlib.suppress(OSError):
             run.output.unlink()
