@@ -79,40 +79,25 @@ def round_seed(campaign_seed: int, number: int) -> int:
     return random.Random(f"{campaign_seed}:round:{number}").getrandbits(32)
 
 
-@contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Hold SIGINT while the campaign's files are written: an interrupt lands after them.
+class Interrupts:
+    """SIGINT for the whole campaign: noted, then raised as KeyboardInterrupt, except while
+    the campaign's files are written (:meth:`held`): there it lands after them.
 
     A handler that takes note, not a blocked signal: the kernel delivers a process-wide
-    signal to any thread that does not block it, and Python raises KeyboardInterrupt in the
-    main thread whichever thread received it."""
-    noted: list[int] = []
-    old = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-        if noted:
-            if callable(old):
-                old(signal.SIGINT, None)
-            elif old is not signal.SIG_IGN:
-                raise KeyboardInterrupt
-
-
-class Interrupts:
-    """SIGINT for the whole campaign: noted, then raised as KeyboardInterrupt.
-
-    The note is what counts. Python runs a signal handler between bytecodes, and a
-    KeyboardInterrupt raised while a gc callback runs (Hypothesis installs one) is printed as
-    "Exception ignored" and lost: the round goes on, and the note stops the campaign at the
-    next round boundary instead."""
+    signal to any thread that does not block it, and Python runs the handler in the main
+    thread whichever thread received it.  The note is what counts: Python runs a handler
+    between bytecodes, and a KeyboardInterrupt raised while a gc callback runs (Hypothesis
+    installs one) is printed as "Exception ignored" and lost.  The round goes on, and the note
+    stops the campaign at the next round boundary instead (:meth:`check`)."""
 
     def __init__(self) -> None:
         self.noted = False
+        self._holding = 0
 
     def _handle(self, signum: int, frame: object) -> None:
         self.noted = True
-        raise KeyboardInterrupt
+        if not self._holding:
+            raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -121,6 +106,16 @@ class Interrupts:
             yield
         finally:
             signal.signal(signal.SIGINT, old)
+
+    @contextlib.contextmanager
+    def held(self, *, then_raise: bool = True) -> Iterator[None]:
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+        if then_raise:
+            self.check()
 
     def check(self) -> None:
         if self.noted:
@@ -242,7 +237,7 @@ class Soak:
         self.interrupts.check()  # a round interrupted is not recorded
         record.elapsed_s = time.monotonic() - began
         record.workdir = str(run.workdir) if run is not None else ""
-        with _sigint_deferred():
+        with self.interrupts.held():
             self.records.append(record)
             self.ran += 1
             campaign_state.append_round(self.folder, record)
@@ -461,28 +456,28 @@ class Soak:
                 self.options.db, f"{space}:{self.options.max_phases}", self.status.message
             )
         self.announce()
-        with _sigint_deferred():
-            self._save()
-        self.status.start()
-        try:
-            with self.interrupts.installed():
+        with self.interrupts.installed():
+            try:
+                with self.interrupts.held():
+                    self._save()
+                self.status.start()
                 if self.options.mix == "suite":
                     while True:
                         self.next_suite_round()
                 else:
                     self.explore_rounds()
-        except _Stop:
-            pass
-        except KeyboardInterrupt:
-            self.interrupts.noted = True
-        finally:
-            if self.interrupts.noted:
-                self.stopped, self.finding = "interrupted", None
-            self.status.stop()
-            with _sigint_deferred():
-                self._save()
-            if self.shared is not None:
-                self.shared.close()
+            except _Stop:
+                pass
+            except KeyboardInterrupt:
+                self.interrupts.noted = True
+            finally:
+                with self.interrupts.held(then_raise=False):
+                    self.status.stop()
+                    self._save()
+                    if self.shared is not None:
+                        self.shared.close()
+        if self.interrupts.noted:
+            self.stopped, self.finding = "interrupted", None
         if self.broken is not None:
             raise CampaignError(
                 f"round {self.broken.number} ({self.broken.name}) could not run",

@@ -115,17 +115,9 @@ class EbpfTracer(TracerSession):
             )
         warnings: list[str] = []
         gaps: list[str] = []
-        parsed = ParsedOutput()
-        for run in self._runs:
-            status = run.stop()
-            if status not in (0, None, -signal.SIGINT):
-                # Killed (-9) when it could not drain its buffers within the stop timeout, or
-                # died on its own: what it had not yet written out is gone, uncounted.
-                gaps.append(
-                    f"bpftrace exited with status {status} before writing out all it had seen "
-                    f"(log: {run.log})"
-                )
-            parsed.extend(parse_output(run.output))
+        parsed, *later = [_drained(run, gaps) for run in self._runs]
+        for more in later:
+            parsed.extend(more)
         built = build_trace_files(parsed, self._snapshots, self.trace_dir, self.guard_ns)
         if built.lost:
             warnings.append(
@@ -149,9 +141,41 @@ class EbpfTracer(TracerSession):
         outcome = judged(trace, cutoff, self.trace_dir, running)
         outcome.tracer = self.name
         outcome.gaps = gaps
-        outcome.stats.update(ebpf_lost=built.lost, ebpf_seeded=built.seeded)
+        outcome.stats.update(
+            ebpf_lost=built.lost,
+            ebpf_seeded=built.seeded,
+            ebpf_lines=parsed.lines,
+            ebpf_repeated_waits=parsed.repeated,
+            ebpf_stop_ms=round(sum(run.stop_s for run in self._runs) * 1000),
+        )
         # The raw text is large and fully in the trace files now.
         for run in self._runs:
             with contextlib.suppress(OSError):
                 run.output.unlink()
         return outcome
+
+
+def _drained(run: BpftraceRun, gaps: list[str]) -> ParsedOutput:
+    """Stop ``run`` and parse what it wrote out; each way it fell short is added to ``gaps``."""
+    status = run.stop()
+    parsed = parse_output(run.output)
+    if status not in (0, None, -signal.SIGINT):
+        # Killed (-9) when it could not drain its buffers within the stop timeout, or died
+        # on its own: what it had not yet written out is gone, and nothing counts it.
+        gaps.append(
+            f"bpftrace exited with status {status} before writing out all it had seen "
+            f"(log: {run.log})"
+        )
+    elif parsed.unwritten():
+        # The stop handshake timed out (bpftrace far behind) and SIGINT made it discard
+        # what it had not yet written out (see "Stopping" in afterclose.bt).
+        gaps.append(
+            f"bpftrace discarded {parsed.unwritten()} of the {parsed.printed} lines its "
+            f"program printed while it stopped (log: {run.log})"
+        )
+    elif parsed.printed is None and parsed.lines:
+        gaps.append(
+            "bpftrace did not say how many lines its program printed, so whether it wrote "
+            f"them all out is not known (log: {run.log})"
+        )
+    return parsed
