@@ -62,7 +62,8 @@ Cost
     counted from bpftrace's "Lost N events" lines and every report says the trace is
     incomplete.
 
-What it does not see: ``free()`` (the two free rules are not checked; every report says so),
+What it does not see: ``free()`` (the two free rules, :data:`UNCHECKED_RULES`, are not checked:
+every report says so, and so do pytest's header and summary),
 io_uring, fds passed over unix sockets (SCM_RIGHTS: the receiver's ``recvmsg`` creates fds
 the model does not learn about; they are of unknown origin), and execve's close-on-exec sweep.
 
@@ -99,7 +100,12 @@ from afterclose.harness.trace.ebpf.program import (
     SEED_MARK,
     program_text,
 )
-from afterclose.harness.trace.ebpf.session import ENV_GUARD_NS, EbpfTracer, guard_ns_from_env
+from afterclose.harness.trace.ebpf.session import (
+    ENV_GUARD_NS,
+    UNCHECKED_RULES,
+    EbpfTracer,
+    guard_ns_from_env,
+)
 from afterclose.harness.trace.ebpf.targets import elf_kind, prefers_ebpf
 from afterclose.harness.trace.ebpf.tracefiles import BuiltTrace, build_trace_files
 
@@ -113,6 +119,7 @@ __all__ = [
     "ENV_RING_PAGES",
     "FORMAT_MARK",
     "SEED_MARK",
+    "UNCHECKED_RULES",
     "BpftraceRun",
     "BuiltTrace",
     "EbpfTracer",
