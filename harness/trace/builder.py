@@ -546,7 +546,7 @@ class _Walk:
         wait_out = self.recs[t.batch_idx].seq_out
         for d in t.batch_data:
             owner = data_map.get(d)
-            if owner is None or owner.incarnation is not j or owner.set_in < wait_out:
+            if owner is None or owner.incarnation is not j or owner.set_in <= wait_out:
                 continue
             if self.recs[owner.set_idx].tid != t.tid:
                 return d
