@@ -6,7 +6,8 @@ run (:meth:`~afterclose.harness.session.TargetRun.control`) instead of the run i
     server.endpoint()          where it listens (host, port); ``through_restarts``
     server.pids()              its host PIDs, main one first (``live_pids``: error if none)
     server.alive(), exit_status(), wait_exit(timeout_s)
-    server.signal(signum)      to every process, by host PID (both runners)
+    server.signal(signum)      to every process, by host PID (both runners); the run notes
+                               them as ended by the harness (but for SIGSTOP/SIGCONT)
     server.restart(why)        start the same launch plan again; the run adopts the new one
     server.set_nofile(...)     prlimit on a live process; update_cgroup(...): the container's
     server.pause(), resume(), wait_paused(timeout_s)
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
     from afterclose.harness.runners.base import ExitStatus, Server
     from afterclose.harness.runners.docker import ContainerServer
     from afterclose.harness.session import TargetRun
+
+
+# Signals that stop and resume a process rather than end it.
+_PAUSING = frozenset({signal.SIGSTOP, signal.SIGCONT})
 
 
 def wait_for(check: Callable[[], bool], timeout_s: float, step_s: float = 0.02) -> bool:
@@ -144,6 +149,9 @@ class ServerControl:
         pids = self.pids()
         # Read now: once they die /proc no longer says which namespace PIDs they had.
         self._namespace_pids.update(procfs.namespace_pids(pids))
+        if signum not in _PAUSING:
+            name = signal.Signals(signum).name
+            self._run.note_ended(pids, f"the harness ended it (fault {self.fault!r} sent {name})")
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)

@@ -397,6 +397,14 @@ class SocketCensus:
     def close_wait(self) -> int:
         return self.states.get("CLOSE_WAIT", 0)
 
+    def without_clients(self) -> SocketCensus:
+        """This census less the connections on the port: the server's own sockets, as when
+        no client is connected (a socket two processes share is one connection, two fds: the
+        count stays on the high side)."""
+        return SocketCensus(
+            socket_fds=max(self.socket_fds - sum(self.states.values()), 0), states=Counter()
+        )
+
     def describe(self) -> str:
         states = ", ".join(f"{k} {v}" for k, v in sorted(self.states.items())) or "none"
         if self.stranded:

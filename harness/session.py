@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +21,7 @@ from afterclose.harness.manifest import Manifest, load_manifest, resolve_target
 from afterclose.harness.oracle import judge
 from afterclose.harness.oracle.verdict import Violation
 from afterclose.harness.runners.base import ExitStatus, Runner, Server
+from afterclose.harness.trace.facts import Running
 
 if TYPE_CHECKING:
     from afterclose.faults.base import Endpoint, FaultReport
@@ -149,6 +150,9 @@ class TargetRun:
         self.replay_nodeid: str | None = None  # set by scenario-file tests (replay by node id)
         self._finished: Outcome | None = None
         self._restarts = 0
+        # Host PID -> how the harness ended that process on purpose (a fault's signal, the
+        # stop before a restart): the kernel, not the server, released its fds.
+        self.ended: dict[int, str] = {}
         self._stack = contextlib.ExitStack()
         manifest = harness.manifest
         try:
@@ -246,6 +250,7 @@ class TargetRun:
         (PID 1): read as they are, the new one's trace files would look like an exec of the
         old PID 1, so the dead ones' files are relabelled with their host PIDs first."""
         old = self.server
+        self.note_ended(old.host_pids(), f"the harness stopped it to restart the target ({why})")
         status = old.stop()
         self._restarts += 1
         for path in (old.plan.stdout_path, old.plan.stderr_path):
@@ -269,6 +274,18 @@ class TargetRun:
         self.replace_server(new)
         return status
 
+    def note_ended(self, pids: Iterable[int], how: str) -> None:
+        """Record that the harness ends the processes ``pids`` (host PIDs) on purpose, and
+        ``how``; the first word on a process stands."""
+        for pid in pids:
+            self.ended.setdefault(pid, how)
+
+    def running(self) -> frozenset[int]:
+        """The server's live processes: their host PIDs and, in a container, their PIDs
+        there too (a trace names a process by either)."""
+        pids = [p for p in self.server.host_pids() if procfs.alive(p)]
+        return frozenset({*pids, *procfs.namespace_pids(pids)})
+
     @property
     def target(self) -> Server:
         """The started server: the older name of :attr:`server`, kept for existing tests."""
@@ -280,7 +297,9 @@ class TargetRun:
         self._stack.callback(server.stop)
         self.server = server
         self.tracer.started(server)
-        self.baseline = procfs.settled_census(server.host_pids, server.port)
+        # Clients that go on through the restart (the kill fault's storm) are connected while
+        # it settles, and a leak among them would count as the new server's own sockets.
+        self.baseline = procfs.settled_census(server.host_pids, server.port).without_clients()
 
     def run_scenario(self, scenario: Scenario) -> ScenarioReport:
         """Run ``scenario``'s phases in order (seed: its own, else this test's seed)."""
@@ -304,9 +323,13 @@ class TargetRun:
         )
 
         def stop() -> tracers.TraceOutcome:
+            # Looked at on both sides of the cut-off: a process seen running either time is
+            # judged (one that dies unmarked in between would be judged too: never excused).
+            seen = self.running()
             cutoff = self.tracer.cutoff()
+            seen |= self.running()
             self.server.stop()
-            return self.tracer.analyse(cutoff)
+            return self.tracer.analyse(cutoff, Running(seen, dict(self.ended)))
 
         judged = judge.judge(evidence, stop)
         out.violations = judged.violations

@@ -19,6 +19,7 @@ from afterclose.harness.oracle.verdict import Violation
 from afterclose.harness.runners.base import Server
 
 if TYPE_CHECKING:
+    from afterclose.harness.trace.facts import Running
     from afterclose.harness.trace.reader import Trace
 
 TRACER_CHOICES = ("auto", "preload", "ebpf", "off")
@@ -53,14 +54,15 @@ class TracerSession(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def analyse(self, cutoff: int | None) -> TraceOutcome:
-        """Read what was traced and judge it with the lifecycle rules."""
+    def analyse(self, cutoff: int | None, running: Running | None = None) -> TraceOutcome:
+        """Read what was traced and judge it with the lifecycle rules (``running``: the
+        target's processes that ran at the cut-off, when the harness looked)."""
 
 
 class NoTracer(TracerSession):
     name = "off"
 
-    def analyse(self, cutoff: int | None) -> TraceOutcome:
+    def analyse(self, cutoff: int | None, running: Running | None = None) -> TraceOutcome:
         return TraceOutcome()
 
 
@@ -93,7 +95,7 @@ class PreloadTracer(TracerSession):
         assert self.trace_dir is not None
         return shim.read_seq(self.trace_dir)
 
-    def analyse(self, cutoff: int | None) -> TraceOutcome:
+    def analyse(self, cutoff: int | None, running: Running | None = None) -> TraceOutcome:
         from afterclose.harness.trace import reader
 
         assert self.trace_dir is not None
@@ -109,19 +111,22 @@ class PreloadTracer(TracerSession):
                 tracer=self.name,
                 port_holders=list(self._holders),
             )
-        outcome = judged(trace, cutoff, self.trace_dir)
+        outcome = judged(trace, cutoff, self.trace_dir, running)
         outcome.tracer = self.name
         outcome.port_holders = list(self._holders)
         return outcome
 
 
-def judged(trace: Trace, cutoff: int | None, trace_dir: Path) -> TraceOutcome:
+def judged(
+    trace: Trace, cutoff: int | None, trace_dir: Path, running: Running | None = None
+) -> TraceOutcome:
     """The verdict on ``trace``, read from ``trace_dir``: its violations, each with a picture
     of its rule's first occurrence beside the trace in the run's workdir; the trace's and the
-    verdict's warnings, without repeats; the walk's stats."""
+    verdict's warnings, without repeats; the walk's stats.  ``running``: see
+    :class:`~afterclose.harness.trace.facts.Running`."""
     from afterclose.harness.oracle import judge
 
-    result = judge.judge_trace(trace, cutoff_seq=cutoff, trace_path=str(trace_dir))
+    result = judge.judge_trace(trace, cutoff_seq=cutoff, trace_path=str(trace_dir), running=running)
     violations = list(result.violations)
     warnings = list(dict.fromkeys([*trace.warnings, *result.warnings]))
     if violations:

@@ -18,6 +18,7 @@ from afterclose.harness.oracle import registry
 from afterclose.harness.oracle.evidence import Observation
 from afterclose.harness.oracle.verdict import Violation
 from afterclose.harness.trace.builder import build
+from afterclose.harness.trace.facts import Running
 from afterclose.harness.trace.findings import Finding, TraceStats, TraceVerdict
 from afterclose.harness.trace.format import Header, Record
 
@@ -67,9 +68,12 @@ def judge_records(
     trace_path: str | None = None,
     damaged: str | None = None,
     files: dict[int, str] | None = None,
+    running: Running | None = None,
 ) -> TraceVerdict:
     """Build the model of ``records`` once and run every traced rule of the registry on it.
-    ``cutoff_seq`` ignores calls that began after it (fd-leak is judged at that point)."""
+    ``cutoff_seq`` ignores calls that began after it (fd-leak is judged at that point);
+    ``running``: the target's processes that ran then, when the harness looked (a process
+    gone by then without an exit in its trace is not judged by fd-leak)."""
     model = build(
         records,
         headers,
@@ -80,6 +84,8 @@ def judge_records(
     )
     if files:
         model.files = files
+    if running is not None:
+        model.gone = running.gone(model.pids, model.headers)
     occurrences: dict[str, list[Finding]] = {}
     violations: list[Violation] = []
     artifacts = (trace_path,) if trace_path else ()
@@ -113,7 +119,11 @@ def judge_records(
 
 
 def judge_trace(
-    trace: TraceLike, *, cutoff_seq: int | None = None, trace_path: str | None = None
+    trace: TraceLike,
+    *,
+    cutoff_seq: int | None = None,
+    trace_path: str | None = None,
+    running: Running | None = None,
 ) -> TraceVerdict:
     """:func:`judge_records` for a reader ``Trace`` (or anything shaped like one).  The trace
     path in reports defaults to the trace file (one process) or the folder holding them."""
@@ -138,6 +148,7 @@ def judge_trace(
         trace_path=trace_path,
         damaged=damaged,
         files=files,
+        running=running,
     )
     verdict.warnings[:0] = [w for w in trace.warnings if w not in verdict.warnings]
     return verdict

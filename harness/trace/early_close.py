@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from afterclose.harness.trace.facts import StaleBatchEvent
 from afterclose.harness.trace.format import Op
-from afterclose.harness.trace.model import Incarnation
+from afterclose.harness.trace.model import Incarnation, Origin
 
 
 @dataclass(slots=True)
@@ -66,7 +66,16 @@ def batch_step(
 
 
 def met(early: dict[int, EarlyClose], inc: Incarnation) -> None:
-    """The thread created ``inc``."""
+    """The thread created ``inc``.
+
+    Only a connection the thread accepted can be the stale event's victim as far as the trace
+    tells.  One it opened itself (``socket()``, an outgoing connection: a proxy's connection to
+    its backend) it drives in any order: HAProxy connects, turns to the client's fd, then
+    tries a speculative ``recv()`` on the new socket before it registers it."""
     e = early.get(inc.fd)
-    if e is not None and e.now is None:
+    if e is None or e.now is not None:
+        return
+    if inc.origin is Origin.ACCEPT:
         e.now = inc
+    else:
+        del early[inc.fd]

@@ -235,6 +235,45 @@ Fact = (
 F = TypeVar("F")
 
 
+# -- which processes outlived the run --------------------------------------------------------
+
+# Why a traced process that the harness did not end was gone at the cut-off with no exit in its
+# trace: the shim marks every exit and fatal signal it can see, so only a signal no handler
+# sees (SIGKILL: the OOM killer, a supervisor, a user) or an exit behind the shim's back is left.
+NOT_RUNNING = (
+    "it was no longer running at the cut-off and its trace records no exit (a SIGKILL, "
+    "e.g. from the OOM killer, ends a process without a word)"
+)
+
+
+@dataclass(frozen=True)
+class Running:
+    """The target's processes that ran at the cut-off, as the harness saw them from outside.
+
+    ``pids``: their PIDs, as the host numbers them and, for a container's processes, as the
+    container does: a trace names a process by either (the shim by the PID it sees, bpftrace by
+    the host's).  ``ended``: PID -> how the harness ended that process on purpose (a fault's
+    signal, a restart), said instead of :data:`NOT_RUNNING`."""
+
+    pids: frozenset[int]
+    ended: Mapping[int, str] = field(default_factory=dict)
+
+    def gone(self, pids: Iterable[int], headers: Mapping[int, Header]) -> dict[int, str]:
+        """pid -> why, for each of ``pids`` that was gone at the cut-off without its trace
+        saying so.  A trace that records the process's exit or a fatal signal speaks for
+        itself (an exit after the cut-off proves it ran then).  A PID that runs at the cut-off
+        is judged even when the harness ended an earlier process of that number: it is a new
+        one."""
+        said = HeaderFlag.CRASHED | HeaderFlag.EXITED
+        out: dict[int, str] = {}
+        for pid in sorted(pids):
+            h = headers.get(pid)
+            if pid in self.pids or (h is not None and h.flags & said):
+                continue
+            out[pid] = self.ended.get(pid, NOT_RUNNING)
+        return out
+
+
 # -- the model -------------------------------------------------------------------------------
 
 
@@ -262,6 +301,9 @@ class TraceModel:
     trace_path: str | None
     # Paths of the per-process trace files, when known (pid -> path).
     files: Mapping[int, str] = field(default_factory=dict)
+    # pid -> why the process was gone at the cut-off although its trace records no exit of
+    # its own (see :class:`Running`); empty when nobody looked (a trace judged offline).
+    gone: Mapping[int, str] = field(default_factory=dict)
 
     def of(self, kind: type[F]) -> Iterator[F]:
         """The facts of one kind, in the order the walk proved them."""
@@ -409,6 +451,13 @@ class TraceModel:
                 out.append(
                     f"pid {pid}: forked from pid {h.ppid}, which is not in the trace: its "
                     "inherited fds are of unknown origin"
+                )
+        for pid, why in sorted(self.gone.items()):
+            held = sum(1 for inc in self.kernel.accepted if inc.pid == pid and inc.open)
+            if held:
+                out.append(
+                    f"pid {pid}: {why}; the kernel released the {held} connection(s) it still "
+                    "held, so fd-leak is not checked for it"
                 )
         for pid, n in sorted(self.untraced_closes.items()):
             out.append(

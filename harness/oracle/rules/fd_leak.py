@@ -95,6 +95,10 @@ def find(m: TraceModel) -> list[Finding]:
         for pid, h in m.headers.items()
         if h.flags & HeaderFlag.EXITED and h.exit_seq <= m.end_seq
     )
+    # Nor one that was gone at the cut-off with no exit in its trace: the harness killed it (a
+    # fault's SIGKILL, a restart), or a signal no handler sees did (the OOM killer).  Its fds
+    # were released by the kernel, not by the server, and prove nothing.
+    skip.update(m.gone)
     skip.update(m.untraced_closes)
     out = []
     for inc in m.kernel.accepted:

@@ -55,12 +55,24 @@ Cost
     thread 7.7-9.0 µs of CPU and bpftrace 2.5-4.3 µs more, a traced call that printed nothing
     0.7-1.2 µs (the shim: 0.05-0.3 µs a call).  The program therefore prints a repeated
     read/write (same thread, same fd, same epoll batch, no fd change in the process since)
-    and a MOD that re-sets a registration's own data only once (``AFTERCLOSE_EBPF_ALL_IO=1``
+    and a MOD that re-sets a registration's own data only once, and counts a wait that returns
+    the same batch as the thread's last printed one with nothing printed in between (a spin)
+    instead of printing it; the parser puts those waits back (``AFTERCLOSE_EBPF_ALL_IO=1``
     prints them all; see ``afterclose.bt``), and bpftrace's output is fully buffered (one
     write(2) per buffer, not per line: that halved bpftrace's CPU per line).  The perf
     buffer is ``BPFTRACE_PERF_RB_PAGES`` pages per CPU (1024 unless set); events it drops are
     counted from bpftrace's "Lost N events" lines and every report says the trace is
     incomplete.
+
+Stopping
+    SIGINT alone loses events: bpftrace 0.17 discards, unprinted, every event it reads after a
+    SIGINT that found it busy reading its buffers (exiting 0 all the same: a tenth of a
+    flood's lines in some runs), and does not act on one that arrives while no event follows
+    (until it is SIGKILLed).  The harness first makes the program stop printing and waits
+    until bpftrace has written that out (a handshake through an lseek(2) the program
+    recognises, see "Stopping" in ``afterclose.bt``), then sends SIGINT, nudging it with one
+    more event if it does not exit.  The program counts what it printed; lines neither in the
+    output nor counted lost make the run's evidence incomplete, as does a bpftrace SIGKILLed.
 
 What it does not see: ``free()`` (the two free rules, :data:`UNCHECKED_RULES`, are not checked:
 every report says so, and so do pytest's header and summary),
@@ -98,6 +110,7 @@ from afterclose.harness.trace.ebpf.program import (
     DEDUP_MARK,
     FORMAT_MARK,
     SEED_MARK,
+    STOP_MARK,
     program_text,
 )
 from afterclose.harness.trace.ebpf.session import (
@@ -119,6 +132,7 @@ __all__ = [
     "ENV_RING_PAGES",
     "FORMAT_MARK",
     "SEED_MARK",
+    "STOP_MARK",
     "UNCHECKED_RULES",
     "BpftraceRun",
     "BuiltTrace",

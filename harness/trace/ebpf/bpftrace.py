@@ -7,6 +7,7 @@ import contextlib
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -37,7 +38,9 @@ ENV_ALL_IO = "AFTERCLOSE_EBPF_ALL_IO"  # 1: print every read/write (no de-duplic
 DEFAULT_RING_PAGES = 1024  # per CPU; the default (64) loses events under a storm
 DEFAULT_MAP_KEYS = 16384  # one key per traced process and per thread in a syscall
 ATTACH_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0  # for bpftrace to write out what it read before it stopped printing
+EXIT_TIMEOUT_S = 10.0  # for it to exit after SIGINT
+NUDGE_S = 0.5  # a bpftrace not gone this long after SIGINT is nudged (see stop())
 OUTPUT_NAME = "bpftrace.out"
 LOG_NAME = "bpftrace.log"
 PROGRAM_NAME = "afterclose.bt"
@@ -156,10 +159,13 @@ class BpftraceRun:
         if dedup_io is None:
             dedup_io = full_env.get(ENV_ALL_IO, "") not in ("1", "yes", "true")
         self.dedup_io = dedup_io
-        self.program.write_text(program_text(pids, dedup_io=dedup_io))
+        # The stop handshake's token: another run's handshake does not stop this one.
+        self.token = secrets.randbits(62) | 1
+        self.program.write_text(program_text(pids, dedup_io=dedup_io, stop_token=self.token))
         self.pids = list(pids)
         self.ring_pages = full_env[ENV_RING_PAGES]
         self.begin_ns = 0
+        self.stop_s = 0.0  # how long stop() took
         self.returncode: int | None = None
         self._lock = threading.Lock()
         # -B full: one write(2) per buffer, not per line; the program pads its "B" line out of
@@ -225,22 +231,67 @@ class BpftraceRun:
             delay = min(delay * 1.5, 0.1)
 
     def stop(self) -> int | None:
-        """SIGINT (bpftrace drains its buffers and exits), then SIGKILL; idempotent."""
+        """Stop printing, let bpftrace write out what it read, SIGINT it (its buffers are
+        drained), SIGKILL it if it cannot; idempotent.  See "Stopping" in the program's
+        header for why SIGINT alone loses events."""
         with self._lock:
             proc = self.proc
             if proc is None:
                 return self.returncode
+            t = time.monotonic()
             if proc.poll() is None:
+                self._halt(proc)
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    proc.wait(10)
+                self._wait_exit(proc)
             self.returncode = proc.returncode
+            self.stop_s = time.monotonic() - t
             self.proc = None
         with _RUNNING_LOCK:
             _RUNNING.discard(self)
         return self.returncode
+
+    def _handshake(self, step: int) -> None:
+        """lseek(-1, token, step): 0 stops the program printing records, 1 makes it print a
+        nudge.  EBADF, always: the probe sees the call's arguments, the kernel does nothing."""
+        with contextlib.suppress(OSError):
+            os.lseek(-1, self.token, step)
+
+    def _halt(self, proc: subprocess.Popen[bytes]) -> None:
+        """Stop the program printing and wait until bpftrace has written its "S" line out:
+        it has then read what was printed before (or was busy, and the wait times out)."""
+        try:
+            offset = self.output.stat().st_size
+        except OSError:
+            return
+        self._handshake(0)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        carry = b""
+        delay = 0.005
+        while proc.poll() is None and time.monotonic() < deadline:
+            with self.output.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            text = carry + chunk
+            if re.search(rb"(?:^|\n)S \d+\n", text):
+                return
+            carry = text[-64:]
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+
+    def _wait_exit(self, proc: subprocess.Popen[bytes]) -> None:
+        # A SIGINT bpftrace received outside epoll_wait is acted on at its next event only:
+        # the nudge is that event.
+        deadline = time.monotonic() + EXIT_TIMEOUT_S
+        while True:
+            try:
+                proc.wait(min(NUDGE_S, max(deadline - time.monotonic(), 0.0)))
+                return
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    break
+                self._handshake(1)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(10)

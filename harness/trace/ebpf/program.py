@@ -17,21 +17,28 @@ from pathlib import Path
 from afterclose.harness.errors import TraceError
 from afterclose.harness.trace.codegen import bpftrace_constants, bpftrace_defines
 
-__all__ = ["BT_SOURCE", "DEDUP_MARK", "FORMAT_MARK", "SEED_MARK", "program_text"]
+__all__ = ["BT_SOURCE", "DEDUP_MARK", "FORMAT_MARK", "SEED_MARK", "STOP_MARK", "program_text"]
 
 BT_SOURCE = Path(__file__).resolve().parent.parent / "afterclose.bt"
 SEED_MARK = "/*@SEED@*/"
 DEDUP_MARK = "/*@DEDUP_IO@*/"
 FORMAT_MARK = "/*@FORMAT@*/"
+STOP_MARK = "/*@STOP@*/"
 _LEADING_NAME = re.compile(r'printf\("([A-Z][A-Z0-9]*_[A-Z0-9_]+) ')
 
 
-def program_text(pids: Iterable[int], source: Path = BT_SOURCE, *, dedup_io: bool = True) -> str:
+def program_text(
+    pids: Iterable[int],
+    source: Path = BT_SOURCE,
+    *,
+    dedup_io: bool = True,
+    stop_token: int = 0,
+) -> str:
     """``afterclose.bt`` with the record constants of the trace format, the traced pids seeded
-    into its BEGIN block and its I/O de-duplication switched on or off (see the program's
-    header)."""
+    into its BEGIN block, its I/O de-duplication switched on or off and the token of its stop
+    handshake (see the program's header; 0, the default: no handshake)."""
     text = source.read_text()
-    for mark in (FORMAT_MARK, SEED_MARK, DEDUP_MARK):
+    for mark in (FORMAT_MARK, SEED_MARK, DEDUP_MARK, STOP_MARK):
         if mark not in text:
             raise TraceError(f"the eBPF program has no {mark} placeholder", where=source)
     constants = bpftrace_constants()
@@ -49,4 +56,5 @@ def program_text(pids: Iterable[int], source: Path = BT_SOURCE, *, dedup_io: boo
         .replace(FORMAT_MARK, bpftrace_defines())
         .replace(SEED_MARK, seeds)
         .replace(DEDUP_MARK, "1" if dedup_io else "0")
+        .replace(STOP_MARK, f"#define STOP_TOKEN {int(stop_token)}")
     )

@@ -16,9 +16,10 @@ from afterclose.harness.errors import AftercloseError
 from afterclose.harness.oracle.rules import event_for_freed_data, freed_while_registered
 from afterclose.harness.runners.base import Server
 from afterclose.harness.trace.ebpf.bpftrace import ENV_RING_PAGES, BpftraceRun
-from afterclose.harness.trace.ebpf.output import parse_output
+from afterclose.harness.trace.ebpf.output import ParsedOutput, parse_output
 from afterclose.harness.trace.ebpf.procscan import ProcSnapshot, scan_process
 from afterclose.harness.trace.ebpf.tracefiles import build_trace_files
+from afterclose.harness.trace.facts import Running
 from afterclose.harness.tracers import TraceOutcome, TracerSession, judged
 
 __all__ = ["ENV_GUARD_NS", "UNCHECKED_RULES", "EbpfTracer", "guard_ns_from_env"]
@@ -58,7 +59,10 @@ class EbpfTracer(TracerSession):
         self._folder = trace_dir
         self._env = dict(env or {})
         self.guard_ns = guard_ns_from_env()
-        self._run: BpftraceRun | None = None
+        # One bpftrace per start of the target, the current one last: the program follows
+        # the PIDs it is given and their children, and a restarted target descends from
+        # neither, so a restart (the kill fault) stops the old run and attaches a new one.
+        self._runs: list[BpftraceRun] = []
         self._snapshots: list[ProcSnapshot] = []
         self._done = threading.Event()
         self.attach_s = 0.0
@@ -70,18 +74,23 @@ class EbpfTracer(TracerSession):
                 f"target {target.name!r} has no running process to trace",
                 hint="it exited right after becoming ready; see its log",
             )
+        folder = self._folder
+        if self._runs:
+            self._runs[-1].stop()  # what it saw is drained to its output, read by analyse()
+            # Each run writes its own output (the reader looks at trace files only).
+            folder = self._folder / f"bpftrace.restart-{len(self._runs)}"
         t = time.monotonic()
-        self._run = BpftraceRun(self._folder, pids, self._env)
+        run = BpftraceRun(folder, pids, self._env)
         self.attach_s = time.monotonic() - t
+        self._runs.append(run)
         try:
             for pid in pids:
                 snap = scan_process(pid)
                 if snap is not None:
                     self._snapshots.append(snap)
         except BaseException:
-            self._run.stop()
+            run.stop()
             raise
-        run = self._run
         threading.Thread(
             target=self._watchdog, args=(target, run), name="afterclose-ebpf-watchdog", daemon=True
         ).start()
@@ -98,36 +107,29 @@ class EbpfTracer(TracerSession):
     def cutoff(self) -> int | None:
         return time.monotonic_ns()
 
-    def analyse(self, cutoff: int | None) -> TraceOutcome:
+    def analyse(self, cutoff: int | None, running: Running | None = None) -> TraceOutcome:
         from afterclose.harness.trace import reader
 
         self._done.set()
         assert self.trace_dir is not None
-        run = self._run
-        if run is None:
+        if not self._runs:
             return TraceOutcome(
                 trace_dir=self.trace_dir,
                 tracer=self.name,
                 gaps=["the eBPF tracer never attached: nothing was traced"],
             )
-        status = run.stop()
         warnings: list[str] = []
         gaps: list[str] = []
-        if status not in (0, None, -signal.SIGINT):
-            # Killed (-9) when it could not drain its buffers within the stop timeout, or died
-            # on its own: what it had not yet written out is gone, and nothing counts it.
-            gaps.append(
-                f"bpftrace exited with status {status} before writing out all it had seen "
-                f"(log: {run.log})"
-            )
-        parsed = parse_output(run.output)
+        parsed, *later = [_drained(run, gaps) for run in self._runs]
+        for more in later:
+            parsed.extend(more)
         built = build_trace_files(parsed, self._snapshots, self.trace_dir, self.guard_ns)
         if built.lost:
             warnings.append(
                 f"eBPF tracer LOST {built.lost} EVENTS: bpftrace's perf buffer "
-                f"({ENV_RING_PAGES}={run.ring_pages} pages per CPU) overflowed, so the trace "
-                f"is incomplete and this verdict may be wrong; raise {ENV_RING_PAGES} or "
-                "lower the load"
+                f"({ENV_RING_PAGES}={self._runs[-1].ring_pages} pages per CPU) overflowed, so "
+                f"the trace is incomplete and this verdict may be wrong; raise {ENV_RING_PAGES} "
+                "or lower the load"
             )
         warnings.extend(built.warnings)
         trace = reader.read_trace_dir(self.trace_dir)
@@ -141,11 +143,44 @@ class EbpfTracer(TracerSession):
                 tracer=self.name,
                 gaps=gaps,
             )
-        outcome = judged(trace, cutoff, self.trace_dir)
+        outcome = judged(trace, cutoff, self.trace_dir, running)
         outcome.tracer = self.name
         outcome.gaps = gaps
-        outcome.stats.update(ebpf_lost=built.lost, ebpf_seeded=built.seeded)
+        outcome.stats.update(
+            ebpf_lost=built.lost,
+            ebpf_seeded=built.seeded,
+            ebpf_lines=parsed.lines,
+            ebpf_repeated_waits=parsed.repeated,
+            ebpf_stop_ms=round(sum(run.stop_s for run in self._runs) * 1000),
+        )
         # The raw text is large and fully in the trace files now.
-        with contextlib.suppress(OSError):
-            run.output.unlink()
+        for run in self._runs:
+            with contextlib.suppress(OSError):
+                run.output.unlink()
         return outcome
+
+
+def _drained(run: BpftraceRun, gaps: list[str]) -> ParsedOutput:
+    """Stop ``run`` and parse what it wrote out; each way it fell short is added to ``gaps``."""
+    status = run.stop()
+    parsed = parse_output(run.output)
+    if status not in (0, None, -signal.SIGINT):
+        # Killed (-9) when it could not drain its buffers within the stop timeout, or died
+        # on its own: what it had not yet written out is gone, and nothing counts it.
+        gaps.append(
+            f"bpftrace exited with status {status} before writing out all it had seen "
+            f"(log: {run.log})"
+        )
+    elif parsed.unwritten():
+        # The stop handshake timed out (bpftrace far behind) and SIGINT made it discard
+        # what it had not yet written out (see "Stopping" in afterclose.bt).
+        gaps.append(
+            f"bpftrace discarded {parsed.unwritten()} of the {parsed.printed} lines its "
+            f"program printed while it stopped (log: {run.log})"
+        )
+    elif parsed.printed is None and parsed.lines:
+        gaps.append(
+            "bpftrace did not say how many lines its program printed, so whether it wrote "
+            f"them all out is not known (log: {run.log})"
+        )
+    return parsed

@@ -187,6 +187,11 @@ def build_trace_files(
         ),
         (parsed.malformed, "unreadable lines in bpftrace's output"),
         (
+            parsed.unmatched_repeats,
+            "repeated epoll_wait calls whose first, printed, call is not in the output; they "
+            "are not in the trace",
+        ),
+        (
             len(parsed.execs),
             "traced process(es) called execve; the fds it closed (close-on-exec) are not traced",
         ),

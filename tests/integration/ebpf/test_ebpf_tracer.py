@@ -78,6 +78,10 @@ def test_parse_output(tmp_path: Path) -> None:
             "X 10 10 1700",
             "E 10 1800",
             "garbage",
+            "S 1900",  # the stop handshake: records end here
+            "K",  # a nudge
+            "",
+            "@n: 7",  # bpftrace's exit: the lines printed (4 records, T, X, E)
         ],
     )
     parsed = ebpf.parse_output(out)
@@ -87,12 +91,42 @@ def test_parse_output(tmp_path: Path) -> None:
     assert parsed.execs == [(10, 10, 1700)]
     assert parsed.exits == {10: 1800}
     assert parsed.malformed == 1
+    assert (parsed.stopped_ns, parsed.printed, parsed.lines) == (1900, 7, 7)
+    assert parsed.unwritten() == 0
+    # Printed, neither in the file nor counted lost: discarded by bpftrace.
+    assert ebpf.ParsedOutput(printed=30, lines=10, lost=5).unwritten() == 15
+    assert ebpf.ParsedOutput(printed=None, lines=10).unwritten() == 0
     ops = [r[0] for r in parsed.records]
     assert ops == [Op.ACCEPT, Op.EPOLL_WAIT, Op.EPOLL_EVENT, Op.EPOLL_EVENT, Op.CLOSE]
     wait, first, second = parsed.records[1:4]
     assert wait[8:10] == (0, 0) and wait[10] == 2
     assert first[6:10] == (4, 0, 140000, 1)  # fd = epfd, arg = index, data, events
     assert second[7] == 1
+
+
+def test_parse_output_expands_repeated_waits(tmp_path: Path) -> None:
+    out = write_output(
+        tmp_path / "bpftrace.out",
+        [
+            "8 10 11 1300 1400 0 4 64 140000 1 2",  # the printed wait, two events
+            "9 10 11 1300 1400 0 4 1 150000 5 0",
+            "R 11 3 1500 1900 1300 1400",  # three more like it, between 1500 and 1900
+            "R 11 1 2000 2100 9999 9999",  # repeats a wait not in the output
+            "",
+            "@n: 4",
+            "@wr[11]: (2, 2200, 2300, 1300, 1400)",  # counted, no R line written yet
+        ],
+    )
+    parsed = ebpf.parse_output(out)
+    assert (parsed.repeated, parsed.unmatched_repeats, parsed.malformed) == (5, 1, 0)
+    assert parsed.lines == 4 and parsed.unwritten() == 0
+    waits = [r for r in parsed.records if r[0] == Op.EPOLL_WAIT]
+    assert [(w[3], w[4]) for w in waits] == [(1300, 1400)] + [(1500, 1900)] * 3 + [(2200, 2300)] * 2
+    # Each copy brings both events back, in order, right behind its wait.
+    again = parsed.records[3:6]
+    assert [r[0] for r in again] == [Op.EPOLL_WAIT, Op.EPOLL_EVENT, Op.EPOLL_EVENT]
+    assert [(r[8], r[9]) for r in again[1:]] == [(140000, 1), (150000, 5)]
+    assert all((r[3], r[4]) == (1500, 1900) for r in again)
 
 
 def snapshot(pid: int, start: int, end: int) -> ebpf.ProcSnapshot:
@@ -181,7 +215,9 @@ def test_program_text_seeds_pids_and_dedup_switch() -> None:
     assert "#define DEDUP_IO 1" in text
     assert "#define DEDUP_IO 0" in ebpf.program_text([3], dedup_io=False)
     assert ebpf.SEED_MARK not in text and ebpf.DEDUP_MARK not in text
-    assert ebpf.FORMAT_MARK not in text
+    assert ebpf.FORMAT_MARK not in text and ebpf.STOP_MARK not in text
+    assert "#define STOP_TOKEN 0\n" in text  # no handshake
+    assert f"#define STOP_TOKEN {1 << 61}\n" in ebpf.program_text([3], stop_token=1 << 61)
 
 
 def test_program_record_constants_come_from_format_py() -> None:

@@ -12,6 +12,7 @@ from tracebuild import EP, HUP, IN, RDHUP, A, B, C, TraceBuilder, conn, counts, 
 
 from afterclose.harness.oracle.rules import fd_leak
 from afterclose.harness.oracle.verdict import Violation
+from afterclose.harness.trace.facts import NOT_RUNNING, Running
 
 
 def test_accept_racing_close_gets_the_number_the_close_released() -> None:
@@ -166,3 +167,70 @@ def test_peer_gone_only_after_the_cutoff_is_no_leak() -> None:
     v = t.check(cutoff_seq=t.seq)  # the same FIN seen before the end: a leak
     assert counts(v) == {"fd-leak": 1}
     assert "epoll said HUP" in v.occurrences["fd-leak"][0].summary
+
+
+KILLED = "the harness ended it (fault 'kill' sent SIGKILL)"
+
+
+def test_a_process_gone_at_the_cutoff_leaked_none() -> None:
+    """A SIGKILLed process writes no exit into its trace: the harness, which saw it gone when
+    it looked at the cut-off, says so, and the kernel's release of its fds is no leak."""
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A)
+    t.read(tid=1, fd=7, ret=0)
+    cutoff = t.seq
+    assert counts(t.check(cutoff_seq=cutoff)) == {"fd-leak": 1}  # nobody looked: judged
+    killed = t.check(cutoff_seq=cutoff, running=Running(frozenset(), {100: KILLED}))
+    assert counts(killed) == {}
+    assert f"pid 100: {KILLED}; the kernel released the 1 connection(s)" in " ".join(
+        killed.warnings
+    )
+    unseen = t.check(cutoff_seq=cutoff, running=Running(frozenset({1, 2})))
+    assert counts(unseen) == {}
+    assert any(NOT_RUNNING in w for w in unseen.warnings)
+
+
+def test_a_process_running_at_the_cutoff_is_judged_whatever_ended_its_number_before() -> None:
+    """The harness ended a process 100 earlier; a process 100 that runs at the cut-off is a
+    new one (a container's PID 1 after a restart, a reused number): its leak is a leak."""
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A)
+    t.read(tid=1, fd=7, ret=0)
+    v = t.check(running=Running(frozenset({100}), {100: KILLED}))
+    assert counts(v) == {"fd-leak": 1}
+    assert not any("released" in w for w in v.warnings)
+
+
+def test_a_survivor_leaks_beside_a_killed_process() -> None:
+    """Worker 100 was killed holding a connection its peer left; worker 200 still runs and
+    holds one too: only 200's is reported."""
+    t = TraceBuilder()
+    server(t)
+    t.fork(tid=1, child=200)
+    conn(t, 7, A)
+    t.read(tid=1, fd=7, ret=0)
+    t.accept(tid=2, ret=8, pid=200)
+    t.read(tid=2, fd=8, ret=0, pid=200)
+    v = t.check(running=Running(frozenset({200}), {100: KILLED}))
+    assert counts(v) == {"fd-leak": 1}
+    (found,) = v.occurrences["fd-leak"]
+    assert "fd 8" in found.summary and "pid 200" in found.summary
+
+
+def test_an_exit_or_a_crash_in_the_trace_speaks_for_itself() -> None:
+    """A process whose trace records its exit needs no word from the harness: none is given;
+    an exit after the cut-off proves it ran then, and its leak is judged."""
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A)
+    t.read(tid=1, fd=7, ret=0)
+    cutoff = t.seq
+    t.exit()
+    late = t.check(cutoff_seq=cutoff, running=Running(frozenset(), {100: KILLED}))
+    assert counts(late) == {"fd-leak": 1}
+    t.skip(1)
+    v = t.check(cutoff_seq=t.seq, running=Running(frozenset(), {100: KILLED}))
+    assert counts(v) == {}
+    assert not any(KILLED in w for w in v.warnings)

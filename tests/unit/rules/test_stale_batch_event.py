@@ -1,7 +1,7 @@
 """stale-batch-event: a handler closes an fd whose event is still ahead in the batch, accept
 reuses the number, and the loop comes back to the new connection with the old event; a new
 connection registered (and read) at once by its accept handler, or an event handled before
-the close, is not reported."""
+the close, or a connection the thread opened itself on the number, is not reported."""
 
 from __future__ import annotations
 
@@ -81,3 +81,16 @@ def test_a_del_before_the_close_is_part_of_the_close() -> None:
     t.accept(tid=1, ret=-1, err=11)
     t.read(tid=1, fd=Y, ret=-1, err=11)
     assert counts(t.check()) == {"stale-batch-event": 1}
+
+
+def test_an_outgoing_connection_on_the_number_is_the_threads_own() -> None:
+    # A proxy's backend connection: socket(), a turn to the client's fd, then a speculative
+    # recv() before the registration.
+    t = TraceBuilder()
+    _batch(t)
+    t.close(tid=1, fd=Y)
+    t.socket(tid=1, ret=Y)
+    t.write(tid=1, fd=X)
+    t.read(tid=1, fd=Y, ret=-1, err=11)
+    t.ctl_add(tid=1, epfd=EP, fd=Y, data=Y)
+    assert counts(t.check()) == {}
