@@ -183,6 +183,8 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
             f"{s.runner}, tracer {harness.tracer_mode}, sanitizer {s.sanitize}, fault seed "
             f"{s.fault_seed}, chaos {s.chaos}"
         )
+        if harness.tracer_mode == "ebpf":
+            lines.append(f"afterclose: {_ebpf_unchecked()}")
     matrix = config.stash.get(MATRIX_KEY, None)
     if matrix is not None:
         lines.append(
@@ -191,6 +193,28 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
             + ", each test run inside a qemu guest"
         )
     return lines or None
+
+
+def _ebpf_unchecked() -> str:
+    from afterclose.harness.trace.ebpf import UNCHECKED_RULES
+
+    return (
+        f"the eBPF tracer does not see free(): {' and '.join(UNCHECKED_RULES)} are not "
+        "checked (--tracer=preload checks them)"
+    )
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    """A PASS under the eBPF tracer says nothing about the rules it cannot check: say so where
+    the passes are counted, not only in each test's captured warnings."""
+    harness = config.stash.get(HARNESS_KEY, None)
+    if harness is None or harness.tracer_mode != "ebpf":
+        return
+    passed = len(terminalreporter.stats.get("passed", []))
+    if passed:
+        terminalreporter.write_line(f"afterclose: {passed} passed, but {_ebpf_unchecked()}")
 
 
 class BuiltinSuite(pytest.Module):

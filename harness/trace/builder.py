@@ -458,7 +458,7 @@ class _Walk:
                 track_spin(t.spin, self.facts, idx, inc, what)
         if t.early:
             self._batch_step(idx, r, t, fd, inc, certain)
-        if certain and fd in t.batch and not inc.unknown:
+        if certain and t.batch_data and not inc.unknown:
             self._act_after_event(idx, r, t, inc)
         # (inlined _remember)
         t.last_op[fd] = (r.op, inc, idx)
@@ -516,10 +516,17 @@ class _Walk:
 
     def _act_after_event(self, idx: int, r: Record, t: ThreadMemory, j: Incarnation) -> None:
         """T got an event for i on N; i was then closed and N reused (j) by other threads;
-        before its next epoll_wait, T acts on N -- i.e. on j, for i."""
+        before its next epoll_wait, T acts on N -- i.e. on j, for i.  Or T got no event for
+        j's number, but for i's data: i was closed, another thread registered j with that
+        data after T's wait returned (so the event was not j's), and T acts on j -- a pool
+        that hands a closed connection's state to the next one, whatever its number."""
+        data: int | None = None
         b = t.batch.get(j.fd)
         if b is None:
-            return
+            data = self._event_data_set_for(t, j)
+            if data is None:
+                return
+            b = t.batch_data[data]
         i, ev_idx = b
         if i is j or i.pid != j.pid or i.unknown or i.id > j.id:
             return
@@ -527,7 +534,23 @@ class _Walk:
             return
         if j.creator_tid == t.tid or j.created_idx < 0 or not j.created_out < r.seq_in:
             return
-        self.facts.append(ActAfterEvent(idx, i, ev_idx, j, t.batch_idx))
+        self.facts.append(ActAfterEvent(idx, i, ev_idx, j, t.batch_idx, data))
+
+    def _event_data_set_for(self, t: ThreadMemory, j: Incarnation) -> int | None:
+        """The data of an event of T's batch that another thread last set for j (by then
+        perhaps deleted again), after T's wait returned: so the event was not j's."""
+        einc = self.res[t.batch_idx]
+        if not isinstance(einc, Incarnation):
+            return None
+        data_map = self.m.instance(einc).data_map
+        wait_out = self.recs[t.batch_idx].seq_out
+        for d in t.batch_data:
+            owner = data_map.get(d)
+            if owner is None or owner.incarnation is not j or owner.set_in <= wait_out:
+                continue
+            if self.recs[owner.set_idx].tid != t.tid:
+                return d
+        return None
 
     def _batch_step(
         self, idx: int, r: Record, t: ThreadMemory, fd: int, inc: Incarnation | None, certain: bool
@@ -586,7 +609,7 @@ class _Walk:
                     t.del_first[fd] = idx
         elif what == EPOLL_CTL_MOD and r.err == ENOENT and certain and j.open and not j.unknown:
             self._mod_enoent(idx, r, inst, j)
-        if certain and fd in t.batch and not j.unknown:
+        if certain and t.batch_data and not j.unknown:
             self._act_after_event(idx, r, t, j)
         self._remember(idx, r, t, j, certain)
 
@@ -673,6 +696,7 @@ class _Walk:
         if r.pid in self.go:
             self.go_waiters.setdefault((r.pid, inst.ofd.id), set()).add(r.tid)
         t.batch = {}
+        t.batch_data = {}
         t.batch_idx = idx
         t.early = {}
         t.del_first = {}
@@ -686,6 +710,9 @@ class _Walk:
         wait_idx, inst, t = cw
         d = r.data
         reg = inst.data_map.get(d)
+        if reg is not None and self._other_set_in_flight(r, reg):
+            self.res[idx] = None
+            return  # the data of two incarnations: the event is either's
         self.res[idx] = reg
         if reg is None:
             # An ADD/MOD of d still in flight (began before the wait returned, returned after
@@ -715,6 +742,7 @@ class _Walk:
             if i.open:
                 track_event_spin(t.event_spin, self.facts, wait_idx, reg, r.events, t.last_op)
             t.batch[fd] = (i, wait_idx)
+            t.batch_data[d] = (i, wait_idx)
             t.last_op[fd] = (_EVENT, i, wait_idx)
             a = t.acted.get(fd)
             if a is None or a.inc is not i or not a.knows:
@@ -736,6 +764,20 @@ class _Walk:
                 resets = self.m.set_between(r.pid, d, f.seq_in, wait.seq_out)
                 if all(s in self.stale_sets for s in resets):
                     self.facts.append(EventFreedData(wait_idx, d, i, fr, reg.set_idx))
+
+    def _other_set_in_flight(self, ev: Record, reg: Registration) -> bool:
+        """An ADD/MOD of the event's data for another incarnation began before the wait
+        returned and returned after it (records are applied in seq_out order, so ``reg`` is
+        the last one that returned).  ep_insert() queues a file that is ready at once (a fresh
+        socket is writable) and wakes the waiters before epoll_ctl returns, so the event may be
+        that registration's: a pool that hands a closed connection's state to the next one
+        sets the same data, and the data alone cannot say which of the two it was."""
+        fds = self.m.proc(ev.pid).fds
+        for s in self.m.set_between(ev.pid, ev.data, min(reg.set_in, ev.seq_in) - 1, ev.seq_out):
+            c = self.recs[s]
+            if c.seq_out > ev.seq_out and fds.get(c.fd) is not reg.incarnation:
+                return True
+        return False
 
     # -- free --------------------------------------------------------------------------
 

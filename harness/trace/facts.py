@@ -62,13 +62,16 @@ class CloseAgainAfterReuse:
 class ActAfterEvent:
     """Since its last epoll_wait (``batch_idx``) the thread got an event for ``event_inc``
     (in the wait at ``event_idx``); ``event_inc`` was then closed by another thread and its
-    number handed to ``now``, created by another thread; the thread then acted on ``now``."""
+    number handed to ``now``, created by another thread; the thread then acted on ``now``.
+    With ``data``: the event's data, which another thread set for ``now`` (of any number)
+    after the wait returned."""
 
     idx: int
     event_inc: Incarnation
     event_idx: int
     now: Incarnation
     batch_idx: int
+    data: int | None = None
 
 
 @dataclass(eq=False, slots=True)

@@ -28,6 +28,8 @@ class ThreadMemory:
     tid: int
     name: str
     batch: dict[int, tuple[Incarnation, int]] = field(default_factory=dict)
+    # epoll data -> (the incarnation its event of the current batch was for, the wait's index)
+    batch_data: dict[int, tuple[Incarnation, int]] = field(default_factory=dict)
     batch_idx: int = -1
     last_op: dict[int, tuple[int, Incarnation | None, int]] = field(default_factory=dict)
     acted: dict[int, Acted] = field(default_factory=dict)

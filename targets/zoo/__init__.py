@@ -25,7 +25,7 @@ ZOO: tuple[ZooEntry, ...] = (
         "test_keepalive_requests or test_half_close or mid-response or after-half-close",
     ),
     ZooEntry("libuv-968", "use-after-close", "test_connection_storm or test_reset_peer"),
-    ZooEntry("go-59545", "wrong-incarnation", "test_keepalive_requests"),
+    ZooEntry("go-59545", "wrong-incarnation", "test_connection_storm"),
     ZooEntry("envoy-20438", "use-after-close", "test_keepalive_requests"),
     ZooEntry("haproxy-1807", "use-after-close", "test_keepalive_requests"),
     ZooEntry("httpzig-216", "freed-while-registered", "test_keepalive_requests"),

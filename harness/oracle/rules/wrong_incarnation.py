@@ -1,7 +1,8 @@
 """wrong-incarnation: a thread acted on a reused fd number on behalf of an older incarnation.
 
 Four shapes prove it: closing the number again after another thread was handed it; acting on
-the number after an event for the old incarnation in the same wait batch; an
+the number after an event for the old incarnation in the same wait batch (or on a connection of
+any number that another thread registered with that event's data after the wait returned); an
 EPOLL_CTL_MOD that fails with ENOENT carrying the old incarnation's data; and calls made
 before a stale re-arm by the same thread.  One call is reported once, by the first shape that
 proves it.
@@ -42,6 +43,11 @@ AFTER_EVENT = (
     "reused as {new} ({new_created}); {t} then called {call} on {new}, a stranger's "
     "connection, before its next epoll_wait"
 )
+AFTER_EVENT_DATA = (
+    "{t} got an event for {old} (seq {event_seq}, data={data}); {old} was then {old_closed}, "
+    "and another thread set its data for {new} ({new_created}); {t} then called {call} on "
+    "{new}, a stranger's connection, before its next epoll_wait"
+)
 MOD_ENOENT = (
     "epoll_ctl({epfd}, MOD, {fd}) in {t} at seq {seq} failed with ENOENT: its data={data} "
     "belongs to {old} ({old_closed}); fd {fd} now is {new} ({new_created}), not registered yet"
@@ -65,10 +71,17 @@ def _close_again(m: TraceModel, fact: CloseAgainAfterReuse) -> Finding:
 def _after_event(m: TraceModel, fact: ActAfterEvent) -> Finding:
     ev = fact.event_idx
     w = m.words(fact.idx, fact.event_inc, fact.now)
-    summary = AFTER_EVENT.format(**w, event_seq=m.records[ev].seq_out)
     notes = {ev: f"event for {w['old']} to {w['t']}"}
+    if fact.data is None:
+        summary = AFTER_EVENT.format(**w, event_seq=m.records[ev].seq_out)
+        return m.reuse_finding(
+            RULE, summary, fact.idx, fact.event_inc, fact.now, refs=(ev,), notes=notes
+        )
+    summary = AFTER_EVENT_DATA.format(
+        **w, event_seq=m.records[ev].seq_out, data=fmt_data(fact.data)
+    )
     return m.reuse_finding(
-        RULE, summary, fact.idx, fact.event_inc, fact.now, refs=(ev,), notes=notes
+        RULE, summary, fact.idx, fact.event_inc, fact.now, data=fact.data, refs=(ev,), notes=notes
     )
 
 

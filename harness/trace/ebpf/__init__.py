@@ -74,7 +74,8 @@ Stopping
     more event if it does not exit.  The program counts what it printed; lines neither in the
     output nor counted lost make the run's evidence incomplete, as does a bpftrace SIGKILLed.
 
-What it does not see: ``free()`` (the two free rules are not checked; every report says so),
+What it does not see: ``free()`` (the two free rules, :data:`UNCHECKED_RULES`, are not checked:
+every report says so, and so do pytest's header and summary),
 io_uring, fds passed over unix sockets (SCM_RIGHTS: the receiver's ``recvmsg`` creates fds
 the model does not learn about; they are of unknown origin), and execve's close-on-exec sweep.
 
@@ -112,7 +113,12 @@ from afterclose.harness.trace.ebpf.program import (
     STOP_MARK,
     program_text,
 )
-from afterclose.harness.trace.ebpf.session import ENV_GUARD_NS, EbpfTracer, guard_ns_from_env
+from afterclose.harness.trace.ebpf.session import (
+    ENV_GUARD_NS,
+    UNCHECKED_RULES,
+    EbpfTracer,
+    guard_ns_from_env,
+)
 from afterclose.harness.trace.ebpf.targets import elf_kind, prefers_ebpf
 from afterclose.harness.trace.ebpf.tracefiles import BuiltTrace, build_trace_files
 
@@ -127,6 +133,7 @@ __all__ = [
     "FORMAT_MARK",
     "SEED_MARK",
     "STOP_MARK",
+    "UNCHECKED_RULES",
     "BpftraceRun",
     "BuiltTrace",
     "EbpfTracer",

@@ -10,9 +10,14 @@
  * registration is the descriptor's address.  A descriptor's mutex serialises the threads
  * that hold events for it; the one that sees the connection end closes the fd and puts the
  * descriptor back on the free list, where the next accept (in any thread) takes it again.
+ * Go's netpoller does not wait for a descriptor another goroutine is using: it marks the
+ * parked goroutine runnable and the scheduler runs it later.  So a thread whose event finds
+ * the descriptor busy handles it after PARK_US (a request and the FIN after it, two edges
+ * that two threads took, are such a pair), by when the other thread may have closed the fd
+ * and the next accept may have taken the descriptor again.
  *
  * The bug (ZOO_FIXED undefined): an event carries only the descriptor's address, with no
- * generation.  A thread that harvested an event for the old fd and waited for the mutex
+ * generation.  A thread that harvested an event for the old fd and waited for the descriptor
  * while another thread closed that fd and a third accepted a new one into the recycled
  * descriptor, then handles the old fd's event (its EPOLLERR, EPOLLHUP, EPOLLIN) on the new
  * fd: it reads from it, or tears the new connection down.
@@ -28,6 +33,7 @@
 #define MAXEVENTS 64
 #define TAG_LISTENER 1
 #define PTR_MASK ((UINT64_C(1) << 48) - 1)
+#define PARK_US 5000
 
 struct pd {
     struct zh_conn z;
@@ -90,7 +96,10 @@ static void pd_close(struct pd *pd)
 static void on_event(uint64_t data, uint32_t events)
 {
     struct pd *pd = (struct pd *)(uintptr_t)(data & PTR_MASK);
-    pthread_mutex_lock(&pd->mu);
+    if (pthread_mutex_trylock(&pd->mu) != 0) {
+        zh_sleep_us(PARK_US); /* the goroutine runs later */
+        pthread_mutex_lock(&pd->mu);
+    }
 #ifdef ZOO_FIXED
     if ((uint16_t)(data >> 48) != pd->seq) {
         pthread_mutex_unlock(&pd->mu); /* an event of an earlier incarnation */
@@ -104,8 +113,9 @@ static void on_event(uint64_t data, uint32_t events)
 
 static void accept_all(void)
 {
-    if (pthread_mutex_trylock(&listener_mu) != 0)
-        return; /* another thread is accepting */
+    /* Waits for a thread that is accepting: the listener is level-triggered, so a thread that
+     * went back to epoll_wait instead would get its event again at once, and spin. */
+    pthread_mutex_lock(&listener_mu);
     int fd;
     while ((fd = zh_accept_next(&listener)) >= 0) {
         struct pd *pd = pd_get();

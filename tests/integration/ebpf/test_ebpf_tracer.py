@@ -407,3 +407,24 @@ def test_plugin_runs_the_suite_with_ebpf(pytester: pytest.Pytester) -> None:
             "*1 failed*",
         ]
     )
+
+
+@needs_ebpf
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_pass_under_ebpf_says_which_rules_it_did_not_check(pytester: pytest.Pytester) -> None:
+    """The eBPF tracer writes no free() records: the header and the summary of passes name the
+    two rules that were not checked, not only each test's captured warnings."""
+    result = pytester.runpytest_subprocess(
+        "--target=seed-fixed",
+        "--tracer=ebpf",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "test_keepalive_requests",
+    )
+    unchecked = "the eBPF tracer does not see free(): " + " and ".join(ebpf.UNCHECKED_RULES)
+    result.stdout.fnmatch_lines(
+        [f"afterclose: {unchecked} are not checked*", f"afterclose: 1 passed, but {unchecked}*"]
+    )
+    assert result.ret == pytest.ExitCode.OK

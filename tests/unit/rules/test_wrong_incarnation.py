@@ -8,11 +8,13 @@ from pathlib import Path
 
 from tracebuild import (
     C2,
+    EAGAIN,
     ENOENT,
     EP,
     ET,
     HUP,
     IN,
+    OUT,
     RDHUP,
     A,
     B,
@@ -75,6 +77,76 @@ def test_wrong_incarnation_own_event() -> None:
     v = t.check()
     assert counts(v) == {"wrong-incarnation": 1}
     assert "before its next epoll_wait" in v.violations[0].summary
+
+
+def _recycled_data_readded_around_a_wait(add_begins_before_the_wait_returns: bool) -> TraceBuilder:
+    """T2 waits; T3 ends 7#1 (data A); T4 accepts 7#2 and ADDs it with A again (a pool that
+    recycles its per-connection state); T2's wait returns an event carrying A; T2 reads 7."""
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A, events=IN | OUT | ET)
+    w = t.begin(t.wait, tid=2, epfd=EP, events=[(OUT, A)])
+    t.read(tid=3, fd=7, ret=0)
+    t.ctl_del(tid=3, epfd=EP, fd=7)
+    t.close(tid=3, fd=7)
+    t.accept(tid=4, ret=7)  # 7#2
+    if add_begins_before_the_wait_returns:
+        add = t.begin(t.ctl_add, tid=4, epfd=EP, fd=7, data=A, events=IN | OUT | ET)
+        t.end(w)
+        t.end(add)
+    else:
+        t.end(w)
+        t.ctl_add(tid=4, epfd=EP, fd=7, data=A, events=IN | OUT | ET)
+    t.read(tid=2, fd=7, err=EAGAIN)
+    return t
+
+
+def test_event_an_add_in_flight_may_have_queued_proves_no_incarnation() -> None:
+    """The ADD of 7#2 began before T2's wait returned: epoll_ctl queues a ready file and wakes
+    the waiters before it returns, so the event may be 7#2's own (a fresh socket is writable
+    at once), and T2's read of 7#2 may be for 7#2.  The data A cannot tell the two apart."""
+    assert counts(_recycled_data_readded_around_a_wait(True).check()) == {}
+
+
+def test_event_before_the_recycled_add_began_is_wrong_incarnation() -> None:
+    """The same calls with 7#2's ADD begun after the wait returned: the event was 7#1's."""
+    v = _recycled_data_readded_around_a_wait(False).check()
+    assert counts(v) == {"wrong-incarnation": 1}
+    assert "got an event for fd 7#1" in v.violations[0].summary
+
+
+def _pooled_state_handed_to_another_number(
+    setter_tid: int, data: int, *, tear_down: bool = False
+) -> TraceBuilder:
+    """T2 got an event for 7#1 (data A); T3 ends 7#1; T4 accepts 9 and T{setter_tid}
+    registers it with ``data``; T2 reads 9 (or deletes and closes it) before its next wait."""
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A, events=IN | OUT | ET)
+    t.wait(tid=2, epfd=EP, events=[(IN | RDHUP, A)])
+    t.read(tid=3, fd=7, ret=0)
+    t.ctl_del(tid=3, epfd=EP, fd=7)
+    t.close(tid=3, fd=7)
+    t.accept(tid=4, ret=9)
+    t.ctl_add(tid=setter_tid, epfd=EP, fd=9, data=data, events=IN | OUT | ET)
+    if tear_down:  # the old hang-up handled on the new connection
+        t.ctl_del(tid=2, epfd=EP, fd=9)
+        t.close(tid=2, fd=9)
+    else:
+        t.read(tid=2, fd=9)
+    return t
+
+
+def test_wrong_incarnation_through_recycled_data_on_another_number() -> None:
+    for tear_down in (False, True):
+        v = _pooled_state_handed_to_another_number(4, A, tear_down=tear_down).check()
+        assert counts(v) == {"wrong-incarnation": 1}
+        assert "another thread set its data for fd 9#1" in v.violations[0].summary
+
+
+def test_a_number_registered_with_other_data_or_by_the_thread_itself_is_fine() -> None:
+    assert counts(_pooled_state_handed_to_another_number(4, B).check()) == {}
+    assert counts(_pooled_state_handed_to_another_number(2, A).check()) == {}
 
 
 def test_wrong_incarnation_own_event_close() -> None:
