@@ -461,6 +461,17 @@ def thread_activity(pids: Iterable[int]) -> dict[tuple[int, int], tuple[str, int
     return out
 
 
+def thread_states(pids: Iterable[int]) -> dict[tuple[int, int], str]:
+    """(pid, tid) -> state letter (``R`` runs or wants to, ``S`` sleeps...) of every thread
+    of ``pids``; a thread that exited is left out."""
+    out: dict[tuple[int, int], str] = {}
+    for pid, tid in threads(pids):
+        stat = read(f"/proc/{pid}/task/{tid}/stat")
+        if stat is not None:
+            out[(pid, tid)] = _split_stat(stat)[0]
+    return out
+
+
 def threads(pids: Iterable[int]) -> Iterator[tuple[int, int]]:
     """(pid, tid) of every thread of ``pids``; a process that is gone has none."""
     for pid in pids:

@@ -28,14 +28,19 @@ if TYPE_CHECKING:
     from afterclose.harness.oracle.judge import Evidence
 
 NAME = "busy-loop"
-# The probe's quiet window, after every fault and client has finished; a thread that was
-# running or runnable (schedstat: on a loaded machine a spinning thread waits for a CPU, but
-# it always wants one) for more than SPIN_DEMAND of it spins.  An idle server sleeps in
-# epoll_wait: its threads want next to nothing, and the probe ends after FIRST_LOOK_S when
-# none of them wanted more than SPIN_DEMAND / 3 of it; otherwise it looks for the whole window.
+# The probe's quiet window, after every fault and client has finished.  A thread spins when it
+# was running or runnable for more than SPIN_DEMAND of the window by schedstat (on a loaded
+# machine a spinning thread waits for a CPU, but it always wants one) and in state R in at
+# least RUNNABLE_LOOKS of the looks taken every LOOK_EVERY_S.  Both, because schedstat adds
+# a wait to run_delay only when the wait ends: a thread that waited long for a CPU before the
+# window and then ran once inside it shows a demand above 100% without spinning.  An idle
+# server sleeps in epoll_wait: the probe ends after FIRST_LOOK_S when no thread comes near
+# either mark, and looks for the whole window otherwise.
 QUIET_WINDOW_S = 0.3
 FIRST_LOOK_S = 0.1
+LOOK_EVERY_S = 0.02
 SPIN_DEMAND = 0.6
+RUNNABLE_LOOKS = 0.8
 
 
 @dataclass(frozen=True)
@@ -49,37 +54,63 @@ class Spinner:
     window_s: float
 
 
-Demands = dict[tuple[int, int], float]
+Key = tuple[int, int]
 
 
-def _shares(before: Demands, after: Demands, elapsed: float) -> dict[tuple[int, int], float]:
-    return {key: (d - before.get(key, d)) / elapsed for key, d in sorted(after.items())}
+class _Window:
+    """schedstat demands at the start, and each thread's state at every look since."""
+
+    def __init__(self, pids: list[int], before: dict[Key, float]) -> None:
+        self.pids, self.before, self.start = pids, before, time.monotonic()
+        self.looks, self.elapsed = 0, 0.0
+        self.runnable: dict[Key, int] = {}
+
+    def watch(self, until_s: float) -> None:
+        while True:
+            self.looks += 1
+            for key, state in procfs.thread_states(self.pids).items():
+                if state == "R":
+                    self.runnable[key] = self.runnable.get(key, 0) + 1
+            left = self.start + until_s - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(LOOK_EVERY_S, left))
+
+    def marks(self, demand_share: float, runnable_share: float) -> list[tuple[Key, float]] | None:
+        """The threads above both marks, with their demand; None without schedstats."""
+        after = procfs.thread_demands(self.pids)
+        if after is None:
+            return None
+        elapsed = max(time.monotonic() - self.start, 1e-6)
+        self.elapsed = elapsed
+        out = []
+        for key, d in sorted(after.items()):
+            share = (d - self.before.get(key, d)) / elapsed
+            looks = self.runnable.get(key, 0) / max(self.looks, 1)
+            if share > demand_share and looks >= runnable_share:
+                out.append((key, share))
+        return out
 
 
 def probe(ev: Evidence) -> list[Spinner]:
     """The server's threads that kept wanting a CPU once everything had gone quiet."""
     if ev.server is None or ev.server.exit_status() is not None:
         return []
-    pids = ev.server.host_pids()
-    before, start = procfs.thread_demands(pids), time.monotonic()
+    pids = list(ev.server.host_pids())
+    before = procfs.thread_demands(pids)
     if before is None:
         return []  # no schedstats: the trace and fd_limit's observations still decide
-    time.sleep(FIRST_LOOK_S)
-    after = procfs.thread_demands(pids)
-    elapsed = max(time.monotonic() - start, 1e-6)
-    if after is None:
+    window = _Window(pids, before)
+    window.watch(FIRST_LOOK_S)
+    near = window.marks(SPIN_DEMAND / 3, RUNNABLE_LOOKS / 2)
+    if not near:
         return []
-    if max(_shares(before, after, elapsed).values(), default=0.0) > SPIN_DEMAND / 3:
-        time.sleep(max(0.0, QUIET_WINDOW_S - elapsed))
-        after = procfs.thread_demands(pids)
-        elapsed = max(time.monotonic() - start, 1e-6)
-        if after is None:
-            return []
-    out = []
-    for (pid, tid), share in _shares(before, after, elapsed).items():
-        if share > SPIN_DEMAND:
-            out.append(Spinner(pid, tid, procfs.thread_name(pid, tid), share, elapsed))
-    return out
+    window.watch(QUIET_WINDOW_S)
+    found = window.marks(SPIN_DEMAND, RUNNABLE_LOOKS) or []
+    return [
+        Spinner(pid, tid, procfs.thread_name(pid, tid), min(share, 1.0), window.elapsed)
+        for (pid, tid), share in found
+    ]
 
 
 def _spinner(s: Spinner) -> str:
