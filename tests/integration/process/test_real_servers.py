@@ -298,7 +298,7 @@ def test_uvloop_missing_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def run_suite(
-    pytester: pytest.Pytester, name: str, tracer: str, runner: str = "process"
+    pytester: pytest.Pytester, name: str, tracer: str, runner: str = "process", *extra: str
 ) -> pytest.RunResult:
     require(name)
     result = pytester.runpytest_subprocess(
@@ -308,6 +308,7 @@ def run_suite(
         "-p",
         "no:cacheprovider",
         "-q",
+        *extra,
         timeout=900,
     )
     outcomes = result.parseoutcomes()
@@ -317,9 +318,9 @@ def run_suite(
         expect_only(finding, outcomes, output)
     assert result.ret == pytest.ExitCode.OK, output[-6000:]
     assert outcomes.get("passed", 0) >= 8, outcomes
-    # A scenario may be skipped for what this machine lacks (tc netem in the kernel), never
-    # failed, errored or xfailed.
-    assert set(outcomes) <= {"passed", "skipped"}, outcomes
+    # A scenario may be skipped for what this machine lacks (tc netem in the kernel), or
+    # deselected by ``extra``, never failed, errored or xfailed.
+    assert set(outcomes) <= {"passed", "skipped", "deselected"}, outcomes
     assert "rule(s) violated" not in output, output[-6000:]
     return result
 
@@ -330,7 +331,7 @@ def expect_only(finding: ServerFinding, outcomes: dict[str, int], output: str) -
     failed = set(re.findall(r"^FAILED \S*::(\w+)", output, re.MULTILINE))
     rules = set(re.findall(r"^(?:E\s+)?\[([a-z][a-z-]*)\] ", output, re.MULTILINE))
     if (
-        set(outcomes) <= {"passed", "skipped", "failed"}
+        set(outcomes) <= {"passed", "skipped", "deselected", "failed"}
         and failed == {finding.test}
         and rules
         and rules <= finding.rules
@@ -344,14 +345,15 @@ def expect_only(finding: ServerFinding, outcomes: dict[str, int], output: str) -
 
 # With the trace off only where a finding is documented: it shows that the finding is the
 # server's, whatever the shim does.  Elsewhere the traced run below judges every black-box rule
-# too, and a second, untraced run of the same suite would cost CI about 20 s per server.
+# too, and a second, untraced run of the same suite would cost CI about 20 s per server.  The
+# idle scenario (its hold alone 2.2 to 4.6 s here) is left to the traced runs: no finding is in it.
 UNTRACED = [name for name in NAMES if SERVERS[name].finding]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", UNTRACED)
 def test_builtin_suite_passes(name: str, pytester: pytest.Pytester) -> None:
-    run_suite(pytester, name, "off")
+    run_suite(pytester, name, "off", "process", "-k", "not test_idle_timeout")
 
 
 TRACED = NAMES
