@@ -12,28 +12,13 @@ from pathlib import Path
 
 import capabilities
 import pytest
-from paths import TESTS_DIR
+from misbehave import misbehave_manifest
 
 from afterclose.harness.session import Harness, Outcome, Settings
 
-MISBEHAVE = TESTS_DIR / "servers" / "misbehave.c"
-
 
 def harness_for(tmp_path: Path, mode: str) -> Harness:
-    manifest = tmp_path / f"misbehave-{mode}.toml"
-    manifest.write_text(
-        f"""
-name = "misbehave-{mode}"
-command = ["{{build}}", "{{host}}", "{{port}}", "{mode}"]
-echo_path = true
-fd_grace_s = 1.0
-[compile]
-sources = ["{MISBEHAVE}"]
-cflags = ["-O2", "-Wall"]
-[ready]
-log = "READY"
-"""
-    )
+    manifest = misbehave_manifest(tmp_path, mode)
     settings = Settings(
         target=str(manifest), rootdir=tmp_path, run_id=uuid.uuid4().hex, tracer="off"
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import capabilities
 import pytest
-from paths import TESTS_DIR
+from misbehave import misbehave_manifest
 
 from afterclose.harness import procfs
 from afterclose.harness.control import wait_for
@@ -23,7 +23,6 @@ from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
 from afterclose.harness.trace.format import HeaderFlag, Op
 from afterclose.harness.trace.reader import read_trace_dir
 
-MISBEHAVE = TESTS_DIR / "servers" / "misbehave.c"
 TRACERS = [
     "preload",
     pytest.param("ebpf", marks=[capabilities.requires("ebpf"), pytest.mark.root]),
@@ -40,20 +39,7 @@ def misbehave(tmp_path: Path, tracer: str, runner: str = "process", mode: str = 
     # for pytest's) and the workdir below it, which its non-root user could then not reach.
     folder = tmp_path / "target"
     folder.mkdir(mode=0o755)
-    manifest = folder / f"misbehave-{mode}.toml"
-    manifest.write_text(
-        f"""
-name = "misbehave-{mode}"
-command = ["{{build}}", "{{host}}", "{{port}}", "{mode}"]
-echo_path = true
-fd_grace_s = 1.0
-[compile]
-sources = ["{MISBEHAVE}"]
-cflags = ["-O2", "-Wall"]
-[ready]
-log = "READY"
-"""
-    )
+    manifest = misbehave_manifest(folder, mode)
     settings = Settings(
         target=str(manifest),
         rootdir=tmp_path,

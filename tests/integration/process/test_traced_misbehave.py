@@ -7,29 +7,13 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from paths import TESTS_DIR
+from misbehave import misbehave_manifest
 
 from afterclose.harness.session import Harness, Outcome, Settings
 
-MISBEHAVE = TESTS_DIR / "servers" / "misbehave.c"
-
 
 def judge(tmp_path: Path, mode: str, fault: str, **params: object) -> Outcome:
-    manifest = tmp_path / f"misbehave-{mode}.toml"
-    manifest.write_text(
-        f"""
-name = "misbehave-{mode}"
-command = ["{{build}}", "{{host}}", "{{port}}", "{mode}"]
-echo_path = true
-fd_grace_s = 1.0
-[compile]
-sources = ["{MISBEHAVE}"]
-cflags = ["-O2", "-Wall", "-pthread"]
-ldflags = ["-pthread"]
-[ready]
-log = "READY"
-"""
-    )
+    manifest = misbehave_manifest(tmp_path, mode)
     harness = Harness(Settings(target=str(manifest), rootdir=tmp_path, run_id=uuid.uuid4().hex))
     assert harness.tracer_mode == "preload"
     with harness.start(tmp_path / "run", f"test-{mode}") as run:

@@ -137,15 +137,21 @@ def test_a_process_that_exited_holding_fds_leaked_none() -> None:
     assert counts(t.check()) == {}
 
 
-def test_an_exit_after_the_cutoff_does_not_excuse_a_leak() -> None:
-    """The harness stops the server after the scenario: an exit then ends a leak the
-    scenario already showed."""
-    t = TraceBuilder()
+def _leak_then_exit(t: TraceBuilder) -> int:
+    """A server leaks fd 7 (its peer left), then exits: the seq between the two."""
     server(t)
     conn(t, 7, A)
     t.read(tid=1, fd=7, ret=0)
     cutoff = t.seq
     t.exit()
+    return cutoff
+
+
+def test_an_exit_after_the_cutoff_does_not_excuse_a_leak() -> None:
+    """The harness stops the server after the scenario: an exit then ends a leak the
+    scenario already showed."""
+    t = TraceBuilder()
+    cutoff = _leak_then_exit(t)
     assert counts(t.check(cutoff_seq=cutoff)) == {"fd-leak": 1}
 
 
@@ -223,11 +229,7 @@ def test_an_exit_or_a_crash_in_the_trace_speaks_for_itself() -> None:
     """A process whose trace records its exit needs no word from the harness: none is given;
     an exit after the cut-off proves it ran then, and its leak is judged."""
     t = TraceBuilder()
-    server(t)
-    conn(t, 7, A)
-    t.read(tid=1, fd=7, ret=0)
-    cutoff = t.seq
-    t.exit()
+    cutoff = _leak_then_exit(t)
     late = t.check(cutoff_seq=cutoff, running=Running(frozenset(), {100: KILLED}))
     assert counts(late) == {"fd-leak": 1}
     t.skip(1)
