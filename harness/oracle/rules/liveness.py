@@ -18,7 +18,13 @@ if TYPE_CHECKING:
 NAME = "liveness"
 
 
-def check_liveness(target: Server, timeout_s: float = 5.0) -> Violation | None:
+def check_liveness(
+    target: Server, timeout_s: float = 5.0, *, perturbed: bool = False
+) -> Violation | None:
+    """A fresh request gets a correct answer within ``timeout_s``: connection errors are
+    tried again, and wrong answers too when ``perturbed`` (the harness still injects results
+    into the server's calls, e.g. a proxy whose fetch from its backend hit an injected reset
+    rightly answers 503: a later request must be answered)."""
     from afterclose.harness.protocols import http
 
     if target.exit_status() is not None:
@@ -51,7 +57,9 @@ def check_liveness(target: Server, timeout_s: float = 5.0) -> Violation | None:
             problem = f"the body {response.body[:80]!r} does not contain the path {path!r}"
         else:
             return None
-        break
+        if not perturbed:
+            break
+        time.sleep(0.1)
     return Violation(
         NAME,
         f"after the scenario, GET {path} on {target.host}:{target.port} failed: {problem}",
@@ -78,7 +86,7 @@ def _check_protocol(target: Server, timeout_s: float) -> Violation | None:
 
 
 def probe(ev: Evidence) -> Violation | None:
-    return check_liveness(ev.server)
+    return check_liveness(ev.server, perturbed=ev.perturbed)
 
 
 def decide(ev: Evidence) -> list[Violation]:
