@@ -454,7 +454,7 @@ def test_storm_at_a_high_rate_sees_no_anomaly(fast_server: int) -> None:
 def test_storm_stops_by_its_deadline(fast_server: int) -> None:
     params = {"rate_per_s": 200, "duration_s": 30, "concurrency": 8}
     report = run_fault("connection_storm", params, fast_server, budget_s=0.5)
-    assert report.elapsed_s < 30  # the storm's own end
+    # Ended by the budget, not by the storm's own 30 s: connections left unstarted.
     assert report.counts["not_started"] > 0
     # Connection i starts at i/rate: at most 101 fit before the half-second deadline.
     assert 1 <= report.counts["connections"] <= 101
@@ -463,5 +463,6 @@ def test_storm_stops_by_its_deadline(fast_server: int) -> None:
 def test_storm_stops_at_max_connections(fast_server: int) -> None:
     params = {"rate_per_s": 10_000, "duration_s": 5, "max_connections": 50}
     report = run_fault("connection_storm", params, fast_server)
+    # The plan itself ends at the 50th connection: nothing is left to wait for.
     assert report.counts["connections"] == 50 and len(report.schedule) == 50
-    assert report.elapsed_s < 5  # not the 5 s the storm was given
+    assert report.counts["not_started"] == 0
