@@ -8,7 +8,8 @@ after a 400 or ``Connection: close``; ``stopped``).
 
 Modes: ``ok``; ``double`` (every answer twice); ``unsolicited`` (a response right after accept);
 ``wrong_body`` (the body is the previous request's path); ``silent_close`` (closes on a request, no
-answer).
+answer); ``idle_408`` (a connection quiet for ``IDLE_S`` gets a 408 and is closed: HTTP's notice
+of an idle close); ``idle_408_open`` (the same 408, but the connection stays open).
 
 Run as a script it serves in its own process (no GIL shared with the clients) and prints the
 port on stdout: ``python pyservers.py [--mode MODE] [--host HOST]``.
@@ -26,7 +27,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-MODES = ("ok", "double", "unsolicited", "wrong_body", "silent_close")
+MODES = ("ok", "double", "unsolicited", "wrong_body", "silent_close", "idle_408", "idle_408_open")
+IDLE_S = 0.3
 _REQUEST_LINE = re.compile(rb"([A-Z]+) (/[^ ]*) HTTP/1\.([01])")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _MAX_HEAD = 16 * 1024
@@ -50,6 +52,8 @@ class _Conn:
     close_after_flush: bool = False
     peer_eof: bool = False
     writing: bool = False
+    quiet_since: float = field(default_factory=time.monotonic)
+    noticed: bool = False
 
 
 def _response(status: str, body: bytes, close: bool) -> bytes:
@@ -128,6 +132,8 @@ class EchoServer:
                         self._flush(conn)
                     if mask & selectors.EVENT_READ and conn.record.end == "":
                         self._read(conn)
+                if self.mode.startswith("idle_408"):
+                    self._notice_idle()
         finally:
             for key in list(self._sel.get_map().values()):
                 if key.data is not None:
@@ -151,6 +157,18 @@ class EchoServer:
             self._sel.register(sock, selectors.EVENT_READ, conn)
             if self.mode == "unsolicited":
                 conn.outbuf += _response("200 OK", b"nobody asked\n", close=False)
+                self._flush(conn)
+
+    def _notice_idle(self) -> None:
+        now = time.monotonic()
+        for key in list(self._sel.get_map().values()):
+            conn = key.data
+            if conn is None or conn.record.end or conn.noticed or conn.outbuf or conn.inbuf:
+                continue
+            if now - conn.quiet_since >= IDLE_S:
+                conn.noticed = True
+                conn.outbuf += _response("408 Request Time-out", b"", close=True)
+                conn.close_after_flush = self.mode == "idle_408"
                 self._flush(conn)
 
     def _end(self, conn: _Conn, how: str) -> None:
@@ -179,6 +197,7 @@ class EchoServer:
                 conn.writing = True
             return
         conn.inbuf += data
+        conn.quiet_since = time.monotonic()
         self._handle(conn)
         self._flush(conn)
 

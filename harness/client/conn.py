@@ -139,6 +139,8 @@ def who(fault: str, index: int) -> str:
     return f"conn {index} ({fault})"
 
 
+# How long a close notice (HTTP's 408) may precede the close it announces.
+NOTICE_CLOSE_S = 1.0
 NOT_DUE = "while no answer was due"
 WAITING_CLOSE = "while waiting for the close"
 
@@ -717,8 +719,39 @@ class Conn:
                     self.peer_gone(False)
                     return False
         if extra:
-            self.unsolicited(extra, NOT_DUE)
+            rest = await self._notice_then_close(extra)
+            if rest is None:
+                return False
+            self.unsolicited(rest, NOT_DUE)
         return alive
+
+    async def _notice_then_close(self, data: bytes) -> bytes | None:
+        """``data`` came unasked.  When the protocol may send it as it closes an idle
+        connection (:meth:`~afterclose.harness.protocols.base.Protocol.close_notice`), wait
+        up to ``NOTICE_CLOSE_S`` for that close: None when it came (counted as
+        ``close_notices``), else everything that arrived, to report."""
+        if self.parser.eof or not self.protocol.close_notice(data):
+            return data
+        until = min(self.deadline, time.monotonic() + NOTICE_CLOSE_S)
+        more = bytearray()
+        reset = False
+        try:
+            while True:
+                chunk = await self.recv(proto.RECV_SIZE, until)
+                if not chunk:
+                    break
+                more += chunk
+        except TimeoutError:
+            return data + bytes(more)
+        except ConnectionResetError:
+            reset = True
+        if more:
+            self.unsolicited(data + bytes(more), NOT_DUE)
+        else:
+            self.report.count("close_notices")
+        self.parser.feed_eof()
+        self.peer_gone(reset)
+        return None
 
     async def read_to_eof(self, limit: int = 1 << 20) -> None:
         """After the last answer, expect only EOF or RST: any byte before it is unsolicited."""
@@ -739,7 +772,9 @@ class Conn:
                 self.unsolicited(bytes(data), WAITING_CLOSE)
             self.timed_out("close")
             return
-        if data:
+        if data and (self.parser.eof or reset) and self.protocol.close_notice(bytes(data)):
+            self.report.count("close_notices")
+        elif data:
             self.unsolicited(bytes(data), WAITING_CLOSE)
         self.peer_gone(reset)
 

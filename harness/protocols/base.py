@@ -219,6 +219,12 @@ class Protocol(abc.ABC):
             return True
         return carries(reply.body, tag)
 
+    def close_notice(self, data: bytes) -> bool:
+        """Whether ``data``, everything that came unasked before the server closed the
+        connection, is one whole reply a server may send on a connection it closes for want
+        of a request (HTTP's 408).  Followed by the close it answers nobody else's request."""
+        return False
+
     def configured(self, headers: tuple[tuple[str, str], ...]) -> Protocol:
         """This protocol sending ``headers`` (the manifest's ``request_headers``) too."""
         return self

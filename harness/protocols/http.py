@@ -20,6 +20,7 @@ __all__ = ["HTTP", "ClientError", "Http", "Response", "ResponseParser", "build_g
 DEFAULT_TIMEOUT_S = 5.0
 MAX_HEADER_BYTES = 64 * 1024
 TAG_HEADER = "X-Afterclose-Tag"
+REQUEST_TIMEOUT = 408
 
 _STATUS_LINE = re.compile(rb"HTTP/(\d)\.(\d) (\d{3})(?: ([^\r\n]*))?")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -202,6 +203,18 @@ class Http(base.Protocol):
 
     def parser(self) -> ResponseParser:
         return ResponseParser()
+
+    def close_notice(self, data: bytes) -> bool:
+        # RFC 9110 15.5.9: a server that stops waiting for a request may say so with a 408
+        # before it closes (HAProxy's default on a silent connection; Node's requestTimeout).
+        parser = ResponseParser()
+        parser.feed(data)
+        parser.feed_eof()
+        try:
+            reply = parser.next()
+        except GarbageReply:
+            return False
+        return reply is not None and reply.status == REQUEST_TIMEOUT and not parser.buffered
 
     def large_request(self, tag: str, size: int, host: str, port: int) -> bytes:
         # The path is padded after a "/": an echoed body still contains the tag, followed by

@@ -196,3 +196,22 @@ def test_the_user_protocol_resolves_and_parses() -> None:
     parser.feed(b"\xff\xff\xff\xff")
     with pytest.raises(base.GarbageReply):
         parser.next()
+
+
+NOTICE = b"HTTP/1.1 408 Request Time-out\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "notice"),
+    [
+        (NOTICE, True),
+        (b"HTTP/1.0 408 Request Timeout\r\n\r\nbody until the close", True),
+        (NOTICE + NOTICE, False),
+        (NOTICE[:-2], False),
+        (NOTICE.replace(b"408", b"200"), False),
+        (b"-ERR timeout\r\n", False),
+    ],
+)
+def test_only_one_whole_408_is_http_s_notice_of_an_idle_close(data: bytes, notice: bool) -> None:
+    assert protocols.builtin("http").close_notice(data) is notice
+    assert protocols.builtin("resp").close_notice(data) is False

@@ -312,6 +312,35 @@ def test_unsolicited_bytes_are_cross_talk(serve: Callable[..., EchoServer]) -> N
     assert "before sending any request" in found[0].detail
 
 
+# Four idle connections (two after one request, by seed 1) held past the server's 0.3 s.
+IDLE_NOTICED: dict[str, object] = {
+    "idle_connections": 4,
+    "hold_s": 1.0,
+    "request_ratio": 0.5,
+    "rate_per_s": 1,
+    "mix": {"keepalive": 1},
+}
+
+
+def test_a_408_then_the_close_of_an_idle_connection_is_no_cross_talk(
+    serve: Callable[..., EchoServer],
+) -> None:
+    server = serve("idle_408")
+    report = run_fault("idle_hold", IDLE_NOTICED, server.port)
+    assert report.counts["idle_closed_by_server"] == report.counts["close_notices"] == 4
+    assert report.observations == []
+
+
+def test_a_408_on_a_connection_that_stays_open_is_unasked_for(
+    serve: Callable[..., EchoServer],
+) -> None:
+    server = serve("idle_408_open")
+    report = run_fault("idle_hold", IDLE_NOTICED, server.port)
+    found = cross_talk(report)
+    assert len(found) == 4 and "close_notices" not in report.counts
+    assert all(b"408 Request Time-out" in o.data for o in found)
+
+
 def test_wrong_body_is_cross_talk_only_when_the_target_echoes(
     serve: Callable[..., EchoServer],
 ) -> None:
