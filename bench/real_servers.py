@@ -124,6 +124,8 @@ class TargetStats:
     wall_s: float = 0.0
     skipped: str | None = None
     tracer: str = "preload"
+    # test -> (runs that skipped it, the reason the first of them gave)
+    skips: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 def python_env() -> dict[str, str]:
@@ -186,23 +188,34 @@ def version_of(name: str) -> str | None:
     return found
 
 
-def parse_junit(path: Path) -> tuple[int, list[tuple[str, str]]]:
-    """(tests run, [(test name, failure text)]) of one inner pytest run."""
+@dataclass
+class RunReport:
+    """What one inner pytest run's JUnit report says."""
+
+    tests: int = 0  # tests that ran (not skipped)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (test, failure text)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (test, reason)
+
+
+def parse_junit(path: Path) -> RunReport:
+    """The tests run, failed and skipped of one inner pytest run."""
     root = ET.parse(path).getroot()
-    tests = 0
-    failed: list[tuple[str, str]] = []
+    report = RunReport()
     for case in root.iter("testcase"):
-        if case.find("skipped") is not None:
+        skip = case.find("skipped")
+        if skip is not None:
+            reason = skip.get("message") or skip.text or ""
+            report.skipped.append((case.get("name", "?"), reason.removeprefix("Skipped: ")))
             continue
-        tests += 1
+        report.tests += 1
         for tag in ("failure", "error"):
             node = case.find(tag)
             if node is not None:
                 # The element's text is the whole report; its "message" attribute repeats the
                 # start of it, so it is only used when there is no text.
                 text = node.text or node.get("message") or ""
-                failed.append((case.get("name", "?"), text))
-    return tests, failed
+                report.failed.append((case.get("name", "?"), text))
+    return report
 
 
 def section_key(runner: str, tracer: str) -> str:
@@ -238,8 +251,8 @@ def leftover_containers() -> list[str]:
 
 def run_once(
     name: str, runner: str, tracer: str, seed: int, folder: Path, extra: list[str]
-) -> tuple[int, list[Failure], str]:
-    """One inner pytest run; returns (tests, failures, problem text if it did not run)."""
+) -> tuple[RunReport, list[Failure], str]:
+    """One inner pytest run; returns (its report, failures, problem text if it did not run)."""
     folder.mkdir(parents=True, exist_ok=True)
     junit = folder / "junit.xml"
     argv = [
@@ -272,13 +285,13 @@ def run_once(
                 check=False,
             )
     except subprocess.TimeoutExpired:
-        return 0, [], f"timed out after {RUN_TIMEOUT_S} s (log: {log})"
+        return RunReport(), [], f"timed out after {RUN_TIMEOUT_S} s (log: {log})"
     if not junit.is_file():
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        return 0, [], f"pytest exited {proc.returncode} without a report:\n{tail}"
-    tests, failed = parse_junit(junit)
+        return RunReport(), [], f"pytest exited {proc.returncode} without a report:\n{tail}"
+    report = parse_junit(junit)
     failures = []
-    for test, text in failed:
+    for test, text in report.failed:
         rules = RULE.findall(text)
         replay = REPLAY.search(text)
         artifacts = ARTIFACTS.search(text)
@@ -292,7 +305,7 @@ def run_once(
                 first_line=first[:200],
             )
         )
-    return tests, failures, ""
+    return report, failures, ""
 
 
 def fmt_seconds(seconds: float) -> str:
@@ -305,21 +318,40 @@ def table(stats: list[TargetStats], runner: str) -> str:
     model = PROCESS_MODEL_DOCKER if runner == "docker" else PROCESS_MODEL
     lines = [
         "| server | version | process model | protocol | runner | tracer | runs "
-        "| scenarios (tests per run) | violations (total) | wall time |",
-        "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| scenarios (tests per run) | skipped (per run) | violations (total) | wall time |",
+        "| --- | --- | --- | --- | --- | --- | ---: | ---: | --- | ---: | ---: |",
     ]
     for s in stats:
         head = f"| {s.name} | {s.version if not s.skipped else '-'} | {model[s.name]} "
         head += f"| {PROTOCOL[s.name]} | {runner} | {s.tracer} "
         if s.skipped:
-            lines.append(f"{head}| 0 | - | - | skipped: {s.skipped} |")
+            lines.append(f"{head}| 0 | - | - | - | skipped: {s.skipped} |")
             continue
         per_run = "/".join(str(n) for n in sorted(s.tests_per_run)) or "-"
         violations = str(s.violations)
         if s.errors:
             violations += f" (+{s.errors} failed without a verdict)"
-        lines.append(f"{head}| {s.runs} | {per_run} | {violations} | {fmt_seconds(s.wall_s)} |")
+        skipped = ", ".join(f"`{t}`" + _unless_every(n, s.runs) for t, (n, _) in s.skips.items())
+        lines.append(
+            f"{head}| {s.runs} | {per_run} | {skipped or 'none'} | {violations} "
+            f"| {fmt_seconds(s.wall_s)} |"
+        )
     return "\n".join(lines)
+
+
+def _unless_every(count: int, runs: int) -> str:
+    return "" if count == runs else f" ({count} of {runs} runs)"
+
+
+def skip_reasons(stats: list[TargetStats]) -> str:
+    """Each skipped test's reason, once, with the targets it was given for."""
+    where: dict[tuple[str, str], list[str]] = {}
+    for s in stats:
+        for test, (_, reason) in s.skips.items():
+            where.setdefault((test, reason), []).append(s.name)
+    return "\n".join(
+        f"- `{test}` ({', '.join(names)}): {reason}" for (test, reason), names in where.items()
+    )
 
 
 def details(stats: list[TargetStats]) -> str:
@@ -362,6 +394,8 @@ def section(
         "",
         table(stats, args.runner),
     ]
+    if reasons := skip_reasons(stats):
+        parts += ["", "Skipped, and why (as pytest said it):", "", reasons]
     more = details(stats)
     parts += ["", "Failed tests:", "", more] if more else ["", "No test failed."]
     if leftovers is not None:
@@ -443,9 +477,13 @@ def main(argv: list[str] | None = None) -> int:
             seed = random.getrandbits(32)
             folder = workdir / s.name / f"run-{i + 1}"
             t0 = time.monotonic()
-            tests, failures, problem = run_once(
+            report, failures, problem = run_once(
                 s.name, args.runner, s.tracer, seed, folder, args.pytest_arg
             )
+            tests = report.tests
+            for test, reason in report.skipped:
+                seen, first = s.skips.get(test, (0, reason))
+                s.skips[test] = (seen + 1, first)
             s.wall_s += time.monotonic() - t0
             s.runs += 1
             if problem:
