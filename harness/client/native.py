@@ -33,6 +33,7 @@ from afterclose.faults.base import FaultReport
 from afterclose.harness import compile as cbuild
 from afterclose.harness.client import behaviours as b
 from afterclose.harness.client import conn as c
+from afterclose.harness.client import observations as obs
 from afterclose.harness.client.plan import Action
 from afterclose.harness.errors import AftercloseError
 from afterclose.harness.oracle.evidence import Observation
@@ -394,17 +395,17 @@ def _observation(event: _Event, remote: c.Remote) -> Observation | None:
         return remote.tags.tag(index, req)
 
     if event.kind == E_DROPPED:
-        return c.dropped_observation(
+        return obs.dropped_observation(
             fault, index, tag(event.req), event.count, bool(event.reset), event.idle_s
         )
     if event.kind == E_FOREIGN:
-        return c.foreign_observation(fault, index, event.status, tag(event.req), data)
+        return obs.foreign_observation(fault, index, event.status, tag(event.req), data)
     if event.kind == E_GARBAGE_TAGGED:
         expected = None if event.req < 0 else tag(event.req)
-        return c.garbage_observation(fault, index, expected, data)
-    when = c.WAITING_CLOSE if event.context == U_WAITING_CLOSE else c.NOT_DUE
+        return obs.garbage_observation(fault, index, expected, data)
+    when = obs.WAITING_CLOSE if event.context == U_WAITING_CLOSE else obs.NOT_DUE
     last = None if event.last < 0 else tag(event.last)
-    context = c.unsolicited_context(
+    context = obs.unsolicited_context(
         event.context != U_BEFORE_ANY, last, event.context != U_AFTER_ANSWER, when
     )
-    return c.unsolicited_observation(fault, index, data, context, received=event.total_len)
+    return obs.unsolicited_observation(fault, index, data, context, received=event.total_len)
