@@ -511,6 +511,11 @@ class _Walk:
             return False
         if j.creator_tid == t.tid or j.created_idx < 0 or j.origin is Origin.FORK:
             return False
+        if j.ofd.kind is OfdKind.FILE:
+            # A file, pipe or eventfd another thread opened and this one closes is how objects
+            # that own an fd change threads (Apache's request pool, cleaned up by the worker
+            # that finishes a response's write completion): no proof of a stale close.
+            return False
         self.facts.append(CloseAgainAfterReuse(idx, i, j))
         return True
 

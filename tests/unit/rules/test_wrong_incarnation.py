@@ -43,6 +43,22 @@ def test_wrong_incarnation_double_close_never_revealed() -> None:
     assert "closed fd 7 twice" in v.violations[0].summary
 
 
+def test_closing_a_file_another_thread_opened_on_the_number_is_a_hand_off() -> None:
+    """Apache's event MPM: a worker opens the file it serves, and the worker that finishes the
+    response's write completion closes it with the request's pool, on a number the second
+    worker once closed for a connection of its own."""
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A)
+    t.wait(tid=2, epfd=EP, events=[(IN | RDHUP, A)])
+    t.read(tid=2, fd=7, ret=0)
+    t.close(tid=2, fd=7)
+    t.fdnew(tid=3, ret=7)  # the file, opened by another worker
+    t.read(tid=3, fd=7)
+    t.close(tid=2, fd=7)
+    assert counts(t.check()) == {}
+
+
 def test_close_only_thread_closing_each_handed_over_fd_is_fine() -> None:
     """A closer/logger thread that is handed fds through a queue (invisible in the trace) and
     only ever closes them: closing 7#1 and then 7#2 is two hand-offs, not a double close."""
