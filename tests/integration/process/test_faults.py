@@ -17,6 +17,7 @@ from pyservers import EchoServer
 
 from afterclose import faults
 from afterclose.faults.base import Endpoint, FaultReport
+from afterclose.harness.client.observations import who
 from afterclose.harness.errors import ScenarioError
 from afterclose.harness.oracle.evidence import (
     FOREIGN_ANSWER,
@@ -327,7 +328,9 @@ def test_a_408_then_the_close_of_an_idle_connection_is_no_cross_talk(
 ) -> None:
     server = serve("idle_408")
     report = run_fault("idle_hold", IDLE_NOTICED, server.port)
-    assert report.counts["idle_closed_by_server"] == report.counts["close_notices"] == 4
+    assert report.counts["idle_closed_by_server"] == 4
+    # The one churn connection draws a notice too if a loaded machine stalls it for 0.3 s.
+    assert report.counts["close_notices"] >= 4
     assert report.observations == []
 
 
@@ -337,7 +340,8 @@ def test_a_408_on_a_connection_that_stays_open_is_unasked_for(
     server = serve("idle_408_open")
     report = run_fault("idle_hold", IDLE_NOTICED, server.port)
     found = cross_talk(report)
-    assert len(found) == 4 and "close_notices" not in report.counts
+    held = {who("idle_hold", i) for i in range(4)}  # the plan puts them first
+    assert held <= {o.who for o in found} and "close_notices" not in report.counts
     assert all(b"408 Request Time-out" in o.data for o in found)
 
 
