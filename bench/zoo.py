@@ -17,7 +17,8 @@ tracer does not write (free(): ``ebpf.UNCHECKED_RULES``): such a row would only 
 
 The rows measured replace their own rows of the table between the markers in docs/zoo.md
 (the others stay), and a line under the markers gives the date, the machine, its load and
-the exact command of the run.
+the exact command of the run.  With ``--preload-runs 0`` the fixed twins' runs rewrite the
+twin cell of the target's preload row and nothing else.
 """
 
 from __future__ import annotations
@@ -159,9 +160,19 @@ def block(runs_lines: list[str], lines: dict[tuple[str, str], str]) -> str:
     return f"{BEGIN}\n" + "\n".join(runs_lines) + f"\n\n{body}\n{END}"
 
 
-def write_doc(run_line: str, lines: dict[tuple[str, str], str]) -> str:
+def with_twin(line: str, twin: str) -> str:
+    """A table line whose last cell (the fixed twin's) says ``twin``."""
+    cells = line.strip().strip("|").split("|")
+    return "| " + " | ".join([*(c.strip() for c in cells[:-1]), twin]) + " |"
+
+
+def write_doc(
+    run_line: str, lines: dict[tuple[str, str], str], twins: dict[str, str] | None = None
+) -> str:
     """Merge the new rows into docs/zoo.md's table: rows of targets and tracers measured now
-    replace the old ones; the others stay, with the lines saying which run made them."""
+    replace the old ones; the others stay, with the lines saying which run made them.
+    ``twins`` (target -> cell) rewrites the fixed-twin cell of a preload row not measured
+    now (``--preload-runs 0``)."""
     doc = DOC.read_text() if DOC.exists() else ""
     runs: list[str] = []
     old: dict[tuple[str, str], str] = {}
@@ -174,6 +185,9 @@ def write_doc(run_line: str, lines: dict[tuple[str, str], str]) -> str:
                 old[(cells[0], cells[2])] = line
             elif line.strip() and not line.startswith("|"):
                 runs.append(line.strip())
+    for name, twin in (twins or {}).items():
+        if (name, "preload") in old and (name, "preload") not in lines:
+            old[(name, "preload")] = with_twin(old[(name, "preload")], twin)
     text = block([*runs, run_line], {**old, **lines})
     if BEGIN in doc and END in doc:
         doc = doc[: doc.index(BEGIN)] + text + doc[doc.index(END) + len(END) :]
@@ -233,7 +247,8 @@ def main() -> int:
         f"scenarios: {args.scenarios}; targets: {targets}"
     )
     lines = table_rows(rows, fixed)
-    print(write_doc(run_line, lines) if not args.no_doc else block([run_line], lines))
+    twins = {name: f"{reports} / {runs}" for name, (reports, runs) in fixed.items()}
+    print(write_doc(run_line, lines, twins) if not args.no_doc else block([run_line], lines))
     found = sum(r.root_s is not None for row in rows for r in row.runs)
     total = sum(len(row.runs) for row in rows)
     print(f"found by the root-cause rule: {found} / {total} runs")
