@@ -16,7 +16,8 @@ per run, violations, wall time) is printed and written between the
 runner and tracer mode (KEY is the tracer for the process runner, ``docker-TRACER`` for
 Docker; the rest of the file is kept; a missing file or missing markers get a fresh section at
 the end).  With ``--runner docker`` the containers the runs left behind (label
-``afterclose=1``) are counted at the end: there must be none.
+``afterclose=1``, with a mount under the run folders: other runs' on the machine are not
+counted) are counted at the end: there must be none.
 Below it come the rules reported, with the replay command and artifacts of each failed test.
 Passing runs' folders are deleted; failing ones are kept (``--keep`` keeps all).
 """
@@ -235,16 +236,15 @@ def docker_problem() -> str | None:
     return None
 
 
-def leftover_containers() -> list[str]:
-    """Names of containers the harness labelled and nobody removed."""
+def leftover_containers(workdir: Path) -> list[str]:
+    """Names of containers that this script's runs (their folders are under ``workdir``) left
+    behind; other runs' on the machine are not counted."""
     import docker
+    from afterclose.harness.runners.docker.reaper import containers_using
 
     client = docker.from_env(timeout=30)
     try:
-        found = client.containers.list(
-            all=True, filters={"label": "afterclose=1"}, ignore_removed=True
-        )
-        return [str(c.name) for c in found]
+        return containers_using(client, str(workdir.resolve()))
     finally:
         client.close()
 
@@ -400,7 +400,11 @@ def section(
     parts += ["", "Failed tests:", "", more] if more else ["", "No test failed."]
     if leftovers is not None:
         left = ", ".join(f"`{n}`" for n in leftovers) if leftovers else "none"
-        parts += ["", f"Containers left behind (label `afterclose=1`) after all runs: {left}."]
+        parts += [
+            "",
+            "Containers these runs left behind (label `afterclose=1`, a mount under the run "
+            f"folders): {left}.",
+        ]
     parts.append(MARK_END.format(key=key))
     return "\n".join(parts) + "\n"
 
@@ -510,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"time cap of {args.time_cap:g} s reached: no more runs", flush=True)
             break
     elapsed = time.monotonic() - start
-    leftovers = leftover_containers() if args.runner == "docker" else None
+    leftovers = leftover_containers(workdir) if args.runner == "docker" else None
     text = section(list(stats.values()), args, elapsed, leftovers)
     print()
     print(text)

@@ -90,6 +90,22 @@ def owner_alive(labels: Mapping[str, str]) -> bool | None:
     return procfs.alive(pid, labels.get(LABEL_PID_START) or None)
 
 
+def containers_using(client: Any, folder: str, *labels: str) -> list[str]:
+    """Names of the harness's containers (every one carries ``afterclose=1``; ``labels``
+    narrow them, e.g. ``afterclose.target=nginx``) that mount something under ``folder``.
+    Each run mounts its own test folders: this tells its containers from those of other runs
+    on the machine."""
+    listed = client.containers.list(
+        all=True, filters={"label": [f"{LABEL}=1", *labels]}, ignore_removed=True
+    )
+    root = folder.rstrip("/") + "/"
+    return [
+        str(c.name)
+        for c in listed
+        if any(f"{m.get('Source', '')}/".startswith(root) for m in c.attrs.get("Mounts", []))
+    ]
+
+
 # ----------------------------------------------------------------- cleanup of leftovers
 
 

@@ -33,6 +33,7 @@ from afterclose.harness.manifest import builtin_targets_dir, load_manifest, reso
 from afterclose.harness.protocols import base as proto
 from afterclose.harness.protocols import http
 from afterclose.harness.runners.docker.closure import HostFiles
+from afterclose.harness.runners.docker.reaper import LABEL_TARGET, containers_using
 from afterclose.harness.runners.docker.runner import plan_host_files
 from afterclose.harness.session import Harness, Settings, TargetRun
 
@@ -420,18 +421,8 @@ def test_builtin_suite_passes_traced_in_docker(
     run_suite(pytester, name, SERVERS[name].tracer, runner="docker")
     # Only this run's containers (they mount its test folders): other runs on the machine
     # may have containers of the same target up at this moment.
-    listed = docker_client.containers.list(
-        all=True,
-        filters={"label": ["afterclose=1", f"afterclose.target={name}"]},
-        ignore_removed=True,
-    )
-    ours = str(pytester.path)
-    left = [
-        c.name
-        for c in listed
-        if any(str(m.get("Source", "")).startswith(ours) for m in c.attrs.get("Mounts", []))
-    ]
-    assert left == []
+    ours = containers_using(docker_client, str(pytester.path), f"{LABEL_TARGET}={name}")
+    assert ours == []
     # The trace was on inside the containers: every test folder holds trace files.  The shim
     # names them by the PID inside the container (the target is PID 1 there); bpftrace sees
     # the host's PIDs, and its files are named by those.
