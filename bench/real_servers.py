@@ -236,6 +236,14 @@ def docker_problem() -> str | None:
     return None
 
 
+def docker_unsupported(name: str) -> str | None:
+    """The manifest's reason why the target cannot run in a container, if it gives one."""
+    from afterclose.harness.manifest import load_manifest, resolve_target
+
+    docker = load_manifest(resolve_target(name, None)).docker
+    return docker.unsupported if docker is not None else None
+
+
 def leftover_containers(workdir: Path) -> list[str]:
     """Names of containers that this script's runs (their folders are under ``workdir``) left
     behind; other runs' on the machine are not counted."""
@@ -467,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         version = version_of(s.name)
         if version is None:
             s.skipped = "not installed" if s.name != "uvloop" else "pip install uvloop"
+        elif args.runner == "docker" and (why := docker_unsupported(s.name)):
+            s.skipped = f"cannot run in a container (docker.unsupported): {why}"
         else:
             s.version = version
     start = time.monotonic()

@@ -70,6 +70,7 @@ class DockerSpec:
     libc: str = "glibc"
     cap_add: tuple[str, ...] = ()  # capabilities kept; every other one is dropped
     user: str | None = None  # None: a non-root user (see runners/docker/privileges.py)
+    unsupported: str | None = None  # why the target cannot run in a container at all
 
 
 @dataclass(frozen=True)
@@ -454,6 +455,7 @@ _DOCKER_KINDS: dict[str, Callable[[Any], object]] = {
     "libc": _choice(("glibc", "musl", "none")),
     "cap_add": _capabilities,
     "user": _user,
+    "unsupported": _str,
 }
 
 

@@ -158,6 +158,13 @@ KEYS: dict[str, Key] = {
         Key("docker.run_args", STRINGS, (), "extra `docker run` options (a few)"),
         Key("docker.libc", "a libc", "glibc", "the image's libc, for the shim (glibc, musl, none)"),
         Key(
+            "docker.unsupported",
+            "a reason",
+            None,
+            "the target cannot run in a container: `--runner=docker` stops with this reason "
+            "before any test runs",
+        ),
+        Key(
             "docker.cap_add",
             "a list of capability names",
             (),

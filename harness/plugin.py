@@ -123,6 +123,7 @@ def _make_harness(config: pytest.Config) -> Harness | None:
     harness = Harness(settings)
     try:
         harness.manifest  # noqa: B018 - validate the manifest before any test runs
+        harness.check_runner()
         harness.tracer_mode  # noqa: B018
     except AftercloseError as exc:
         raise pytest.UsageError(exc.render()) from None

@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from afterclose.harness import launch, options, ports, procfs, replay, syscall_faults, tracers
-from afterclose.harness.errors import AftercloseError, FaultNotApplied, TargetStartError
+from afterclose.harness.errors import (
+    AftercloseError,
+    FaultNotApplied,
+    ManifestError,
+    TargetStartError,
+)
 from afterclose.harness.manifest import Manifest, load_manifest, resolve_target
 from afterclose.harness.oracle import judge
 from afterclose.harness.oracle.verdict import Violation
@@ -105,7 +110,19 @@ class Harness:
 
     @cached_property
     def runner(self) -> Runner:
+        self.check_runner()
         return make_runner(self.settings.runner)
+
+    def check_runner(self) -> None:
+        """Stop before any test when the manifest says the target cannot run on the runner."""
+        docker = self.manifest.docker
+        if self.settings.runner == "docker" and docker is not None and docker.unsupported:
+            raise ManifestError(
+                f"target {self.manifest.name!r} cannot run under the Docker runner: "
+                f"{docker.unsupported}",
+                where=f"{self.manifest.path}: docker.unsupported",
+                hint="run it with --runner=process",
+            )
 
     @cached_property
     def tracer_mode(self) -> str:

@@ -64,6 +64,25 @@ def test_broken_manifest_names_file_and_key(pytester: pytest.Pytester) -> None:
     assert "Traceback" not in result.stderr.str()
 
 
+def test_a_target_that_cannot_run_in_a_container_stops_the_docker_runner_at_once(
+    pytester: pytest.Pytester,
+) -> None:
+    manifest = pytester.path / "t.toml"
+    manifest.write_text(
+        'name = "t"\ncommand = ["x"]\n[docker]\nunsupported = "it needs a shell at start"\n'
+    )
+    result = pytester.runpytest(f"--target={manifest}", "--runner=docker")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            f"*{manifest}: docker.unsupported: target 't' cannot run under the Docker runner: "
+            "it needs a shell at start*",
+            "*Hint: run it with --runner=process*",
+        ]
+    )
+    assert "Traceback" not in result.stderr.str()
+
+
 def test_ini_options_are_validated_too(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\nafterclose_runner = kvm\n")
     result = pytester.runpytest("--target=seed-fixed")

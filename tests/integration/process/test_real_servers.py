@@ -63,8 +63,6 @@ class Server:
     # A real behaviour of the server that the suite reports now and then (a finding,
     # described in docs/real-servers.md with the upstream version).
     finding: ServerFinding | None = None
-    # Why the server cannot run in a closure image (the Docker runner), if it cannot.
-    not_in_docker: str | None = None
 
 
 SERVERS = {
@@ -123,8 +121,6 @@ SERVERS = {
             processes=2,
             access_log=None,
             error_log="target.stderr",
-            not_in_docker="varnishd compiles its VCL at every start by running the C compiler "
-            "through /bin/sh (and `rm -rf vmod_cache`): a closure image holds neither",
         ),
         Server("nginx-tls", binary="/usr/sbin/nginx", processes=3),
         # ae's event loop plus its background (bio) threads; the log names no request
@@ -358,7 +354,15 @@ def test_builtin_suite_passes(name: str, pytester: pytest.Pytester) -> None:
 
 
 TRACED = NAMES
-IN_DOCKER = [name for name in NAMES if SERVERS[name].not_in_docker is None]
+
+
+def runs_in_docker(name: str) -> bool:
+    """Whether the manifest lets the Docker runner try it (docker.unsupported says why not)."""
+    docker = load_manifest(resolve_target(name, None)).docker
+    return docker is None or docker.unsupported is None
+
+
+IN_DOCKER = [name for name in NAMES if runs_in_docker(name)]
 
 
 @pytest.mark.slow
