@@ -1,10 +1,18 @@
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# A shell starts a background command (`cmd &` in a script, nohup) with SIGINT ignored, and
+# every child inherits that: the tests that press Ctrl-C on a pytest, a storm or a target
+# would wait for a signal nobody acts on.  Python installs its KeyboardInterrupt handler only
+# when SIGINT is not ignored at start; with this one set, children begin with the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # capabilities: the `requires` marker and AFTERCLOSE_REQUIRE.
 pytest_plugins = ["pytester", "capabilities"]

@@ -596,7 +596,11 @@ class _Walk:
             if held is not None:
                 self.facts.append(held)
                 self.stale_sets.add(held.idx)
-        if r.ret >= 0:
+        # The number went to a new file while this MOD ran (the old one closed meanwhile): it
+        # re-armed the old registration, gone since, or the new one, and nothing in the trace
+        # says which, so neither gets its data (events that follow name the right one).
+        reused_under_mod = what == EPOLL_CTL_MOD and not certain and j.open
+        if r.ret >= 0 and not reused_under_mod:
             if what in (EPOLL_CTL_ADD, EPOLL_CTL_MOD):
                 stale = self._stale(idx, r, t, inst, j, certain)
                 add = what == EPOLL_CTL_ADD

@@ -3,7 +3,7 @@ the registration stops fires; teardown before the next wait and disarmed ONESHOT
 
 from __future__ import annotations
 
-from tracebuild import EP, ET, IN, ONESHOT, A, TraceBuilder, conn, counts, server
+from tracebuild import EP, ET, IN, ONESHOT, RDHUP, A, B, TraceBuilder, conn, counts, server
 
 
 def test_oneshot_disarmed_free_then_close() -> None:
@@ -74,4 +74,29 @@ def test_free_with_no_wait_afterwards_is_not_reported() -> None:
     conn(t, 7, A)
     t.wait(tid=1, epfd=EP, events=[(IN, A)])
     t.free(tid=2, ptr=A)  # the program exits without waiting again
+    assert counts(t.check()) == {}
+
+
+def test_a_rearm_still_returning_when_the_number_is_reused_set_nothing_on_the_new_one() -> None:
+    """seed-fixed under a storm: worker T4 re-arms connection 7#1 (data A) with MOD; the
+    re-armed item fires at once with the peer's FIN, worker T5 deletes, closes and frees it,
+    and the acceptor hands 7 to a new connection (data B), all before T4's MOD returns.  The
+    MOD may have named either incarnation; the event just after it says it re-armed 7#1,
+    and the new connection's own data comes back with its events: A was never 7#2's."""
+    t = TraceBuilder()
+    server(t)
+    conn(t, 7, A, events=IN | RDHUP | ONESHOT | ET)
+    t.wait(tid=1, epfd=EP, events=[(IN, A)])
+    t.read(tid=4, fd=7)
+    t.write(tid=4, fd=7)
+    rearm = t.begin(t.ctl_mod, tid=4, epfd=EP, fd=7, data=A, events=IN | RDHUP | ONESHOT | ET)
+    t.wait(tid=1, epfd=EP, events=[(IN | RDHUP, A)])
+    t.read(tid=5, fd=7, ret=0)
+    t.ctl_del(tid=5, epfd=EP, fd=7)
+    t.close(tid=5, fd=7)
+    conn(t, 7, B, events=IN | RDHUP | ONESHOT | ET)
+    t.end(rearm)
+    t.free(tid=5, ptr=A)
+    t.wait(tid=1, epfd=EP, events=[(IN, B)])
+    t.read(tid=5, fd=7)
     assert counts(t.check()) == {}
