@@ -11,10 +11,12 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import capabilities
+import procs
 import pytest
 
 from afterclose.harness.kernel import archive, fetch
@@ -86,27 +88,33 @@ def file_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     named by a machine apt configuration whose sources list only 'stable' on it."""
     gnupg = {**os.environ, "GNUPGHOME": str(tmp_path / "gnupg")}
     (tmp_path / "gnupg").mkdir(mode=0o700)
-    subprocess.run(
-        ["gpg", "--batch", "--passphrase", "", "--quick-gen-key",
-         "afterclose tests <tests@localhost>", "default", "default", "never"],
-        env=gnupg, check=True, capture_output=True,
-    )  # fmt: skip
-    key = tmp_path / "mirror-key.gpg"
-    key.write_bytes(subprocess.run(["gpg", "--export"], env=gnupg, check=True,
-                                   capture_output=True).stdout)  # fmt: skip
-    mirror = tmp_path / "mirror"
-    image = b"not a real kernel image\n"
-    _deb(mirror / "pool/sid", f"linux-binary-{SPLIT}", "9.9.1-1",
-         {f"usr/lib/modules/{SPLIT}/vmlinuz": image})  # fmt: skip
-    _deb(mirror / "pool/sid", f"linux-modules-{SPLIT}", "9.9.1-1",
-         {f"usr/lib/modules/{SPLIT}/modules.builtin": b"kernel/fs/9p/9p.ko\n"})  # fmt: skip
-    _deb(mirror / "pool/sid", f"linux-base-{SPLIT}", "9.9.1-1",
-         {f"usr/lib/modules/{SPLIT}/config": b"CONFIG_NET_9P=y\n"})  # fmt: skip
-    config = b"CONFIG_NET_9P=y\n"
-    _deb(mirror / "pool/trixie", f"linux-image-{SINGLE}-unsigned", "9.8.1-1",
-         {f"boot/vmlinuz-{SINGLE}": image, f"boot/config-{SINGLE}": config})  # fmt: skip
-    for suite in archive.SUITES:
-        _suite(mirror, suite, gnupg)
+    try:
+        subprocess.run(
+            ["gpg", "--batch", "--passphrase", "", "--quick-gen-key",
+             "afterclose tests <tests@localhost>", "default", "default", "never"],
+            env=gnupg, check=True, capture_output=True,
+        )  # fmt: skip
+        key = tmp_path / "mirror-key.gpg"
+        key.write_bytes(subprocess.run(["gpg", "--export"], env=gnupg, check=True,
+                                       capture_output=True).stdout)  # fmt: skip
+        mirror = tmp_path / "mirror"
+        image = b"not a real kernel image\n"
+        _deb(mirror / "pool/sid", f"linux-binary-{SPLIT}", "9.9.1-1",
+             {f"usr/lib/modules/{SPLIT}/vmlinuz": image})  # fmt: skip
+        _deb(mirror / "pool/sid", f"linux-modules-{SPLIT}", "9.9.1-1",
+             {f"usr/lib/modules/{SPLIT}/modules.builtin": b"kernel/fs/9p/9p.ko\n"})  # fmt: skip
+        _deb(mirror / "pool/sid", f"linux-base-{SPLIT}", "9.9.1-1",
+             {f"usr/lib/modules/{SPLIT}/config": b"CONFIG_NET_9P=y\n"})  # fmt: skip
+        config = b"CONFIG_NET_9P=y\n"
+        _deb(mirror / "pool/trixie", f"linux-image-{SINGLE}-unsigned", "9.8.1-1",
+             {f"boot/vmlinuz-{SINGLE}": image, f"boot/config-{SINGLE}": config})  # fmt: skip
+        for suite in archive.SUITES:
+            _suite(mirror, suite, gnupg)
+    finally:
+        # Key generation and signing start a gpg-agent for this home, a daemon that would
+        # outlive the test.
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=gnupg, check=False,
+                       capture_output=True)  # fmt: skip
     # _apt, which apt-get drops to, must be able to read the mirror and the key.
     for path in (tmp_path, *tmp_path.rglob("*")):
         path.chmod(path.stat().st_mode | 0o055 | (0o011 if path.is_dir() else 0))
@@ -174,3 +182,11 @@ def test_a_version_no_suite_has_names_the_suites_tried(file_mirror: Path) -> Non
     text = err.value.render()
     assert "versions Debian sid offers: 9.9.1" in text
     assert "versions Debian trixie offers: 9.8.1" in text
+
+
+def test_the_signed_mirror_leaves_no_gpg_agent(file_mirror: Path) -> None:
+    home = str(file_mirror.parent / "gnupg")
+    until = time.monotonic() + 5  # gpgconf asks the agent to exit; it may take a moment
+    while (left := procs.with_argument(home)) and time.monotonic() < until:
+        time.sleep(0.05)
+    assert left == []
