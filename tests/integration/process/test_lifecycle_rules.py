@@ -169,9 +169,12 @@ def test_fd_leak_eof_never_closed(tmp_path: Path) -> None:
 def test_event_for_freed_data_close_deferred(tmp_path: Path) -> None:
     """loop event-for-freed-data: on EOF the client is freed at once and the fd closed later
     by the logger, still registered; the EOF keeps it readable, so epoll hands back the freed
-    pointer.  The free of a registered pointer is its cause: freed-while-registered too."""
+    pointer.  The free of a registered pointer is its cause: freed-while-registered too.
+    Until the logger closes it, the loop also spins on that event: a logger that a loaded
+    machine keeps waiting long enough for 1,000 such waits makes it a busy-loop as well."""
     outcome = judge(tmp_path, "loop", "event-for-freed-data", [("half_close", {"connections": 5})])
-    assert rules_of(outcome) == {"event-for-freed-data", "freed-while-registered"}, explain(outcome)
+    cause = {"event-for-freed-data", "freed-while-registered"}
+    assert cause <= rules_of(outcome) <= cause | {"busy-loop"}, explain(outcome)
     v = violation(outcome, "event-for-freed-data")
     assert "a pointer freed at seq" in v.summary
     assert "not registered again since" in v.summary
