@@ -642,8 +642,9 @@ class Conn:
     async def _notice_then_close(self, data: bytes) -> bytes | None:
         """``data`` came unasked.  When the protocol may send it as it closes an idle
         connection (:meth:`~afterclose.harness.protocols.base.Protocol.close_notice`), wait
-        up to ``NOTICE_CLOSE_S`` for that close: None when it came (counted as
-        ``close_notices``), else everything that arrived, to report.  The compiled engine
+        up to ``NOTICE_CLOSE_S`` for that close.  None when it came: the notice is counted
+        as ``close_notices`` (or, if more bytes came first, all of them are reported here).
+        Otherwise everything that arrived, for the caller to report.  The compiled engine
         (:mod:`.native`) has no such wait: its behaviours stay quiet 10 ms at most, far short
         of any idle timer, and ``idle_hold``, which outlasts them, runs on this one."""
         if self.parser.eof or not self.protocol.close_notice(data):
