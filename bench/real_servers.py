@@ -240,8 +240,7 @@ def docker_unsupported(name: str) -> str | None:
     """The manifest's reason why the target cannot run in a container, if it gives one."""
     from afterclose.harness.manifest import load_manifest, resolve_target
 
-    docker = load_manifest(resolve_target(name, None)).docker
-    return docker.unsupported if docker is not None else None
+    return load_manifest(resolve_target(name, None)).docker_unsupported
 
 
 def leftover_containers(workdir: Path) -> list[str]:

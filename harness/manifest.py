@@ -103,6 +103,11 @@ class Manifest:
     def folder(self) -> Path:
         return self.path.parent
 
+    @property
+    def docker_unsupported(self) -> str | None:
+        """Why the target cannot run in a container (``docker.unsupported``), if it cannot."""
+        return self.docker.unsupported if self.docker is not None else None
+
     @cached_property
     def speaks(self) -> Protocol:
         """The :class:`Protocol` named by ``protocol`` (a user's class imported once)."""

@@ -115,11 +115,10 @@ class Harness:
 
     def check_runner(self) -> None:
         """Stop before any test when the manifest says the target cannot run on the runner."""
-        docker = self.manifest.docker
-        if self.settings.runner == "docker" and docker is not None and docker.unsupported:
+        why = self.manifest.docker_unsupported
+        if self.settings.runner == "docker" and why:
             raise ManifestError(
-                f"target {self.manifest.name!r} cannot run under the Docker runner: "
-                f"{docker.unsupported}",
+                f"target {self.manifest.name!r} cannot run under the Docker runner: {why}",
                 where=f"{self.manifest.path}: docker.unsupported",
                 hint="run it with --runner=process",
             )

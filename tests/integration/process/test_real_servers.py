@@ -356,13 +356,9 @@ def test_builtin_suite_passes(name: str, pytester: pytest.Pytester) -> None:
 TRACED = NAMES
 
 
-def runs_in_docker(name: str) -> bool:
-    """Whether the manifest lets the Docker runner try it (docker.unsupported says why not)."""
-    docker = load_manifest(resolve_target(name, None)).docker
-    return docker is None or docker.unsupported is None
-
-
-IN_DOCKER = [name for name in NAMES if runs_in_docker(name)]
+IN_DOCKER = [
+    name for name in NAMES if not load_manifest(resolve_target(name, None)).docker_unsupported
+]
 
 
 @pytest.mark.slow
