@@ -1,24 +1,26 @@
 """What the eBPF tracer costs a server: wrk requests/s of seed-fixed untraced, traced by the
-shim, traced by eBPF (bpftrace), and under strace -f, in one run.
+shim, traced by eBPF, and under strace -f, in one run.
 
     python3 bench/ebpf_overhead.py [--seconds 10] [--cycles 2] [--warmup 1]
                                    [--threads 2] [--connections 50]
 
-Needs root, bpftrace, wrk and strace.  Four seed-fixed servers are started together (idle,
-they cost nothing): ``off`` (untraced), ``preload`` (the afterclose shim through
-``LD_PRELOAD``), ``ebpf`` (untraced until its burst: bpftrace attaches to its PID right
-before and detaches right after, so its probes never run during the other modes' bursts)
-and ``strace`` (``strace -f -qq -o /dev/null``).  Each cycle measures every server with one
-keep-alive wrk burst (``wrk -tT -cC -dNs``), in an order rotated by one per cycle; each server
-first gets an uncounted ``--warmup`` burst.  A ratio is the median over cycles of that
-cycle's traced / untraced requests/s.
+Needs root, the eBPF tracer's build tools (clang, libbpf-dev), wrk and strace.  Four seed-fixed
+servers are started together (idle, they cost nothing): ``off`` (untraced), ``preload`` (the
+afterclose shim through ``LD_PRELOAD``), ``ebpf`` (untraced until its burst: the eBPF loader
+attaches to its PID right before and detaches right after, so its probes never run during the
+other modes' bursts) and ``strace`` (``strace -f -qq -o /dev/null``).  Each cycle measures every
+server with one keep-alive wrk burst (``wrk -tT -cC -dNs``), in an order rotated by one per
+cycle; each server first gets an uncounted ``--warmup`` burst.  A ratio is the median over
+cycles of that cycle's traced / untraced requests/s.
 
-The eBPF figure counts the events bpftrace lost and the records it printed per request; the
+The eBPF figure counts the events the tracer lost and the records it printed per request; the
 shim's trace headers give the records it lost.  A lossy trace was cheaper to take than a
 complete one, so a tracer that lost anything never counts as meeting its goal (eBPF ≥ 0.85,
 the shim ≥ 0.95), whatever its ratio.  The CPU columns are the
 server's own CPU time per request (user + system, from ``/proc``: in-kernel BPF time is the
-server's system time) and, for eBPF, bpftrace's own CPU time per request on top.
+server's system time) and, for eBPF, the tracer process's own CPU time per request on top
+(bpftrace 0.17 in the rows before 2026-12-02 23:00 UTC, the loader of
+harness/trace/ebpf/c/ since).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ COLUMNS = (
     "ratio preload / off",
     "ratio ebpf / off",
     "ratio strace / off",
-    "CPU µs/request: off / preload / ebpf (+ bpftrace) / strace",
+    "CPU µs/request: off / preload / ebpf (+ tracer process) / strace",
     "eBPF: records/request, events lost",
 )
 
@@ -58,7 +60,7 @@ class Sample:
     cycle: int
     rps: float
     cpu_us: float  # the server's CPU time per request
-    tracer_cpu_us: float  # bpftrace's CPU time per request (eBPF only)
+    tracer_cpu_us: float  # the eBPF loader's CPU time per request (eBPF only)
     records: int
     lost: int
     requests: int
@@ -75,9 +77,9 @@ def measure(
     server: c.Started, mode: str, cycle: int, args: argparse.Namespace, folder: Path
 ) -> Sample:
     pids = server.target.host_pids()
-    run: ebpf.BpftraceRun | None = None
+    run: ebpf.EbpfRun | None = None
     if mode == "ebpf":
-        run = ebpf.BpftraceRun(folder / f"ebpf-{cycle}", pids)
+        run = ebpf.EbpfRun(folder / f"ebpf-{cycle}", pids)
     try:
         cpu0 = c.cpu_seconds(pids)
         tracer0 = c.cpu_seconds([run.pid]) if run else 0.0
@@ -140,8 +142,7 @@ def main() -> None:
                 s = measure(servers[mode], mode, cycle, args, scratch)
                 samples.append(s)
                 extra = (
-                    f", bpftrace {s.tracer_cpu_us:.1f} µs CPU/req, {s.records} records, "
-                    f"{s.lost} lost"
+                    f", loader {s.tracer_cpu_us:.1f} µs CPU/req, {s.records} records, {s.lost} lost"
                     if mode == "ebpf"
                     else ""
                 )
@@ -199,7 +200,7 @@ def main() -> None:
     print(
         "seed-fixed: "
         + ", ".join(f"{m} {rps(m):.0f} req/s ({cpu(m):.1f} µs CPU/req)" for m in MODES)
-        + f"; bpftrace {tracer_cpu:.1f} µs CPU/req, {per_request:.1f} records/req, {lost} lost"
+        + f"; loader {tracer_cpu:.1f} µs CPU/req, {per_request:.1f} records/req, {lost} lost"
     )
     print(
         f"ratios traced/untraced: preload {ratio('preload'):.2f} ({goal['preload']}), "

@@ -12,9 +12,9 @@ shared machine change the figures less than they change wall time):
                 tracers record every time (eBPF: one printed line each)
 
 Modes: ``off``, ``preload`` (the afterclose shim, trace files in a scratch folder) and
-``ebpf`` (bpftrace attached to the program's PID before its loops start).  Each round runs
+``ebpf`` (the eBPF loader attached to the program's PID before its loops start).  Each round runs
 every mode once, in an order rotated by one per round; the figures are medians over rounds.
-For eBPF, bpftrace's own CPU time per printed line comes with it (it runs beside the
+For eBPF, the loader's own CPU time per printed line comes with it (it runs beside the
 target, on the same cores).  The difference to ``off`` is the tracer's cost per call; times
 the calls a server makes per request, it is the tracer's CPU per request.
 """
@@ -40,7 +40,7 @@ COLUMNS = (
     "write ns/call: off / preload / ebpf",
     "epoll_wait ns/call: off / preload / ebpf",
     "added per call, write; epoll_wait: preload / ebpf",
-    "eBPF: lines printed per wait, bpftrace ns/line, lost; shim records lost",
+    "eBPF: lines printed per wait, tracer process ns/line, lost; shim records lost",
 )
 
 PROGRAM = r"""
@@ -117,12 +117,12 @@ def measure(exe: Path, mode: str, calls: int, folder: Path) -> Sample:
         text=True,
         env=env,
     )
-    run: ebpf.BpftraceRun | None = None
+    run: ebpf.EbpfRun | None = None
     try:
         assert proc.stdin is not None and proc.stdout is not None
         pid = int(proc.stdout.readline())
         if mode == "ebpf":
-            run = ebpf.BpftraceRun(folder / "ebpf", [pid])
+            run = ebpf.EbpfRun(folder / "ebpf", [pid])
         tracer0 = c.cpu_seconds([run.pid]) if run else 0.0
         out, _ = proc.communicate("go\n", timeout=600)
         tracer = c.cpu_seconds([run.pid]) - tracer0 if run else 0.0
@@ -144,7 +144,7 @@ def measure(exe: Path, mode: str, calls: int, folder: Path) -> Sample:
         waits = sum(1 for r in parsed.records if r[0] == Op.EPOLL_WAIT)
         sample.lines = len(parsed.records)
         sample.tracer_ns_per_line = tracer * 1e9 / max(len(parsed.records), 1)
-        # Every wait is printed: one missing is one lost, whether bpftrace said so or not.
+        # Every wait is printed: one missing is one lost, whether the loader said so or not.
         sample.lost = max(parsed.lost, calls - waits)
         c.remove(run.folder)
     return sample
@@ -172,7 +172,7 @@ def main() -> None:
                 s = measure(exe, mode, args.calls, scratch / mode)
                 samples.append(s)
                 extra = (
-                    f"; {s.lines} lines, bpftrace {s.tracer_ns_per_line:.0f} ns/line, {s.lost} lost"
+                    f"; {s.lines} lines, loader {s.tracer_ns_per_line:.0f} ns/line, {s.lost} lost"
                     if mode == "ebpf"
                     else ""
                 )
@@ -213,7 +213,7 @@ def main() -> None:
             f"{med(m, 'epoll_wait') - med('off', 'epoll_wait'):.0f}"
             for m in MODES[1:]
         )
-        + f"; bpftrace {tracer_ns:.0f} ns per printed line; lost: ebpf {lost}, shim {shim_lost}"
+        + f"; loader {tracer_ns:.0f} ns per printed line; lost: ebpf {lost}, shim {shim_lost}"
     )
 
 

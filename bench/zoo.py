@@ -12,8 +12,9 @@ the first test that failed (time to the first report) and the first whose report
 target's root-cause rule (time to the root cause).  A run "found" the target when some test
 reported its root-cause rule.  Fixed twins run the same scenarios under the preload tracer;
 any failed test counts as a report.  eBPF runs are skipped (and the table says so) when
-bpftrace cannot run here, and for a target whose root-cause rule decides from records the eBPF
-tracer does not write (free(): ``ebpf.UNCHECKED_RULES``): such a row would only count misses.
+the eBPF tracer cannot run here, and for a target whose root-cause rule decides from records
+the eBPF tracer does not write (free(): ``ebpf.UNCHECKED_RULES``): such a row would only count
+misses.
 
 The rows measured replace their own rows of the table between the markers in docs/zoo.md
 (the others stay), and a line under the markers gives the date, the machine, its load and

@@ -60,7 +60,9 @@ def compiler_identity(cc: str) -> str:
 
 @dataclass(frozen=True)
 class CBuild:
-    """What to build: ``kind`` is ``exe`` or ``shared`` (a ``.so`` for ``LD_PRELOAD``)."""
+    """What to build: ``kind`` is ``exe``, ``shared`` (a ``.so`` for ``LD_PRELOAD``) or
+    ``object`` (a ``.o``: the eBPF program, with ``cc="clang"``); ``cc`` overrides the
+    compiler (default: ``$CC``, else ``cc``)."""
 
     name: str
     sources: tuple[Path, ...]
@@ -68,10 +70,11 @@ class CBuild:
     ldflags: tuple[str, ...] = ()
     kind: str = "exe"
     sanitizer: str = "none"
+    cc: str | None = None
 
     def command(self, output: Path, cc: str) -> list[str]:
         san = SANITIZER_FLAGS[self.sanitizer]
-        shared = ("-shared", "-fPIC") if self.kind == "shared" else ()
+        shared = {"shared": ("-shared", "-fPIC"), "object": ("-c",)}.get(self.kind, ())
         return [
             cc,
             *shared,
@@ -130,11 +133,11 @@ def build(spec: CBuild, *, extra_deps: Sequence[Path] = ()) -> Path:
     for src in (*spec.sources, *extra_deps):
         if not src.is_file():
             raise BuildError(f"source file not found: {src}", where=spec.name)
-    cc = compiler()
+    cc = spec.cc or compiler()
     key = spec.key(cc)
     for dep in extra_deps:
         key = hashlib.sha256((key + dep.read_text(errors="replace")).encode()).hexdigest()[:20]
-    suffix = ".so" if spec.kind == "shared" else ""
+    suffix = {"shared": ".so", "object": ".o"}.get(spec.kind, "")
     variant = "" if spec.sanitizer == "none" else f"-{spec.sanitizer}"
     out_dir = cache_root() / "build" / f"{spec.name}{variant}-{key}"
     output = out_dir / f"{spec.name}{variant}{suffix}"
@@ -157,7 +160,8 @@ def build(spec: CBuild, *, extra_deps: Sequence[Path] = ()) -> Path:
                 f"build of {spec.name} failed (exit {proc.returncode})",
                 where=spec.sources[0],
                 details=f"command: {' '.join(cmd)}\n{_tail(proc.stderr)}",
-                hint="fix the compile error above; set CC to choose another compiler",
+                hint="fix the compile error above"
+                + ("" if spec.cc else "; set CC to choose another compiler"),
             )
         tmp.rename(output)
     return output

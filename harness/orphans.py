@@ -36,8 +36,8 @@ def die_with_parent() -> None:
 def spawn_tied(
     cmd: Sequence[str], stdout: IO[bytes], stderr: IO[bytes], **popen: Any
 ) -> subprocess.Popen[bytes]:
-    """Start a helper (qemu, bpftrace) with no input, in a session of its own (a Ctrl-C of the
-    harness must not stop it early), killed with the harness (:func:`die_with_parent`);
+    """Start a helper (qemu, the eBPF loader) with no input, in a session of its own (a Ctrl-C
+    of the harness must not stop it early), killed with the harness (:func:`die_with_parent`);
     ``popen``: more of Popen's keywords (``env``, ``cwd``)."""
     return subprocess.Popen(
         cmd,

@@ -1,4 +1,4 @@
-"""Tracer back-ends behind one small interface: off, the LD_PRELOAD shim, eBPF (bpftrace).
+"""Tracer back-ends behind one small interface: off, the LD_PRELOAD shim, eBPF.
 
 A runner asks the tracer for environment variables before start and tells it the target's
 PIDs after; the oracle asks it for a cut-off point and then for its verdict.

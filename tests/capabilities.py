@@ -4,7 +4,7 @@ A test that needs a capability says so with ``@pytest.mark.requires("docker", ..
 :func:`need` from a fixture, or :func:`lacking` when only running the thing tells).  Without
 the capability the test is skipped, with the reason; with the capability named in
 ``AFTERCLOSE_REQUIRE`` (a comma-separated list, ``.ci/run`` names them all) it fails instead,
-with the reason and the command that provides it: a broken bpftrace or a missing scapy cannot
+with the reason and the command that provides it: a broken eBPF tracer or a missing scapy cannot
 leave CI green.
 """
 
@@ -17,9 +17,10 @@ import platform
 import re
 import shutil
 import socket
-import subprocess
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
@@ -60,15 +61,18 @@ def _ebpf() -> str | None:
     missing = ebpf.unavailable()
     if missing is not None:
         return missing[0]
-    # Installed is not usable: a bpftrace built against another kernel, or a kernel without
-    # BPF, fails only when it loads a program.
-    argv = [str(ebpf.bpftrace_path()), "-e", "BEGIN { exit(); }"]
+    # Installed is not usable: a libbpf or clang too old for the program, or a kernel that
+    # refuses it, fails only when it builds, loads and attaches.  Traced: this process.
+    from afterclose.harness.errors import AftercloseError
+
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"`{' '.join(argv)}` did not run: {exc}"
-    if done.returncode != 0:
-        return f"`{' '.join(argv)}` failed ({done.returncode}): {done.stderr.strip()[-300:]}"
+        with tempfile.TemporaryDirectory(prefix="afterclose-ebpf-check-") as tmp:
+            run = ebpf.EbpfRun(Path(tmp), [os.getpid()])
+            status = run.stop()
+            if status != 0:
+                return f"the eBPF loader exited with status {status}: {run.log_text()[-300:]}"
+    except AftercloseError as exc:
+        return f"the eBPF tracer cannot attach here: {exc}"
     return None
 
 
@@ -109,8 +113,8 @@ CAPABILITIES = {
         Capability("root", "root (raw sockets, TCP_REPAIR, netem, eBPF)", "run as root", _root),
         Capability(
             "ebpf",
-            "a usable bpftrace (root, x86_64)",
-            "apt-get install -y bpftrace (bash scripts/setup-system), as root",
+            "a usable eBPF tracer (root, x86_64, clang, libbpf, kernel BTF)",
+            "apt-get install -y clang libbpf-dev (bash scripts/setup-system), as root",
             _ebpf,
         ),
         Capability(

@@ -6,8 +6,8 @@
   the encoded syscall-fault spec (:mod:`afterclose.harness.syscall_faults`).  The file is
   checked in (a C build needs no Python) and :func:`ensure_shim_header` rewrites it before every
   shim build when it is stale; a test asserts the checked-in copy is current.
-* the ``#define`` block the eBPF program (``afterclose.bt``) is given when it is loaded
-  (:func:`bpftrace_defines`).
+* the constants the eBPF program (``ebpf/c/tracer.bpf.c``) is built with, as ``-D`` flags
+  (:func:`ebpf_constants`).
 
 Regenerate the header by hand with ``python -m afterclose.harness.trace.codegen``.
 """
@@ -26,8 +26,7 @@ from afterclose.harness.trace import format as fmt
 
 __all__ = [
     "SHIM_HEADER",
-    "bpftrace_constants",
-    "bpftrace_defines",
+    "ebpf_constants",
     "ensure_shim_header",
     "shim_header",
 ]
@@ -190,7 +189,7 @@ def _fault_codes() -> list[str]:
     ]
 
 
-def bpftrace_constants() -> dict[str, int]:
+def ebpf_constants() -> dict[str, int]:
     """The record constants the eBPF program prints, by the names the shim's C code uses."""
     out: dict[str, int] = {}
     for cls, prefix in _ENUM_PREFIX:
@@ -199,13 +198,6 @@ def bpftrace_constants() -> dict[str, int]:
     for name in ("EPOLL_CTL_ADD", "EPOLL_CTL_DEL", "EPOLL_CTL_MOD"):
         out[name] = getattr(fmt, name)
     return out
-
-
-def bpftrace_defines() -> str:
-    """``#define`` lines of :func:`bpftrace_constants` for the eBPF program."""
-    lines = ["/* Generated from harness/trace/format.py by harness/trace/codegen.py. */"]
-    lines += [f"#define {name} {value}" for name, value in bpftrace_constants().items()]
-    return "\n".join(lines)
 
 
 def ensure_shim_header(path: Path = SHIM_HEADER) -> Path:

@@ -251,9 +251,9 @@ class Running:
     """The target's processes that ran at the cut-off, as the harness saw them from outside.
 
     ``pids``: their PIDs, as the host numbers them and, for a container's processes, as the
-    container does: a trace names a process by either (the shim by the PID it sees, bpftrace by
-    the host's).  ``ended``: PID -> how the harness ended that process on purpose (a fault's
-    signal, a restart), said instead of :data:`NOT_RUNNING`."""
+    container does: a trace names a process by either (the shim by the PID it sees, the eBPF
+    tracer by the host's).  ``ended``: PID -> how the harness ended that process on purpose (a
+    fault's signal, a restart), said instead of :data:`NOT_RUNNING`."""
 
     pids: frozenset[int]
     ended: Mapping[int, str] = field(default_factory=dict)

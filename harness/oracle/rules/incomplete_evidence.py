@@ -23,7 +23,7 @@ from afterclose.harness import procfs
 from afterclose.harness.oracle.evidence import UNDER_DELIVERED
 from afterclose.harness.oracle.rule import Rule
 from afterclose.harness.oracle.verdict import Violation
-from afterclose.harness.trace.ebpf import ENV_RING_PAGES
+from afterclose.harness.trace.ebpf import ENV_RING_KB
 from afterclose.harness.trace.facts import TraceModel
 from afterclose.harness.trace.findings import Finding
 from afterclose.harness.trace.format import DEFAULT_TRACE_MB
@@ -59,7 +59,7 @@ def find(m: TraceModel) -> list[Finding]:
         f"the trace lost {m.lost_records} records ({whose}): a missing close, epoll_ctl or free "
         "could hide a violation or explain one away, so this run cannot pass; give each "
         f"process a larger trace file ({ENV_TRACE_MB}={bigger}; under the eBPF tracer, more "
-        f"perf buffer pages: {ENV_RING_PAGES}) or run for less time"
+        f"ring buffer: {ENV_RING_KB}) or run for less time"
     )
     return [Finding(NAME, summary, -1, 0, first_pid, 0, None, None, meaning=RULE.plain_meaning)]
 

@@ -1,4 +1,4 @@
-"""What bpftrace printed: the lines of ``afterclose.bt`` (see its header) parsed into raw
+"""What the eBPF loader printed: the lines of ``c/loader.c`` (see its header) parsed into raw
 records and the counts every report states (lost events, truncated waits, execs), the
 processes that exited, and whether every line the program printed reached the file."""
 
@@ -16,7 +16,6 @@ __all__ = ["ParsedOutput", "RawRecord", "parse_output"]
 _LOST_RE = re.compile(rb"^Lost (\d+) events")
 _COUNT_RE = re.compile(rb"^@n: (\d+)$")
 _PENDING_RE = re.compile(rb"^@wr\[(\d+)\]: \((\d+), (\d+), (\d+), (\d+), (\d+)\)$")
-_ATTACHING = b"Attaching "
 
 # Raw record: op, pid, tid, seq_in, seq_out, flags, fd, arg, data, events, ret (kernel result).
 RawRecord = tuple[int, int, int, int, int, int, int, int, int, int, int]
@@ -35,20 +34,20 @@ class ParsedOutput:
     exits: dict[int, int] = field(default_factory=dict)  # pid -> ns its last thread exited
     malformed: int = 0
     lines: int = 0  # lines of the kinds the program counts in @n: records, T, X, E, R
-    printed: int | None = None  # @n, which bpftrace prints at its exit (None: it did not)
+    printed: int | None = None  # @n, which the loader prints at its exit (None: it did not)
     stopped_ns: int = 0  # the "S" line: when the program stopped printing records
     repeated: int = 0  # waits the program counted instead of printing (expanded here)
     unmatched_repeats: int = 0  # repeated waits whose printed wait is not in the output
 
     def unwritten(self) -> int:
         """How many lines the program printed that neither reached the file nor were counted
-        lost (bpftrace discarded them); 0 when it did not say how many it printed."""
+        lost (the loader never read them); 0 when it did not say how many it printed."""
         if self.printed is None:
             return 0
         return max(self.printed - self.lines - self.lost, 0)
 
     def extend(self, other: ParsedOutput) -> None:
-        """Add what another bpftrace run of the same trace printed (after a restart): its
+        """Add what another loader run of the same trace printed (after a restart): its
         times come from the same clock, so the records merge by their numbers."""
         self.records.extend(other.records)
         begins = [b for b in (self.begin_ns, other.begin_ns) if b > 0]
@@ -69,7 +68,7 @@ class ParsedOutput:
 
 
 def parse_output(path: Path) -> ParsedOutput:
-    """Parse the lines of ``afterclose.bt`` (see its header); records keep their print order."""
+    """Parse the lines of ``c/loader.c`` (see its header); records keep their print order."""
     out = ParsedOutput()
     try:
         raw = path.read_bytes()
@@ -101,8 +100,6 @@ def parse_output(path: Path) -> ParsedOutput:
                 append((op, pid, tid, si, so, fl, fd, arg, data, ev, ret))
         elif line.startswith(b"B "):
             out.begin_ns = int(line[2:])
-        elif line.startswith(b"P "):
-            continue  # padding that pushes the B line out of bpftrace's buffer
         elif line.startswith(b"Lost "):
             m = _LOST_RE.match(line)
             if m is not None:
@@ -139,15 +136,13 @@ def parse_output(path: Path) -> ParsedOutput:
                 repeats.append((tid, count, first_in, last_out, orig_in, orig_out))
         elif line.startswith(b"S "):
             out.stopped_ns = int(line[2:])
-        elif line == b"K":
-            continue  # a nudge for a bpftrace that missed its SIGINT (see stop())
         elif line.startswith(b"@n: "):
             m = _COUNT_RE.match(line)
             if m is None:
                 out.malformed += 1
             else:
                 out.printed = int(m.group(1))
-        elif not line.startswith(_ATTACHING):
+        else:
             out.malformed += 1
     if repeats:
         _expand_repeats(out, repeats)
@@ -157,7 +152,7 @@ def parse_output(path: Path) -> ParsedOutput:
 def _expand_repeats(out: ParsedOutput, repeats: list[Repeat]) -> None:
     """The program prints a wait whose batch (result and every event) repeats that of the
     thread's last printed wait, with nothing printed in the process since, as a count only
-    (see afterclose.bt).  Each becomes a copy of that wait and its events again, as the shim
+    (see c/tracer.bpf.c).  Each becomes a copy of that wait and its events again, as the shim
     records them; all copies of one run bear the run's first seq_in and last seq_out (each
     happened within), which proves no order the calls did not have."""
     batches: dict[tuple[int, int, int], list[RawRecord]] = {}

@@ -1,4 +1,4 @@
-"""``--tracer=ebpf``: bpftrace attached to the target's host PIDs after start, its output
+"""``--tracer=ebpf``: the eBPF loader attached to the target's host PIDs after start, its output
 turned into trace files and judged like the shim's."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import signal
 import threading
 import time
 from collections.abc import Mapping
@@ -15,7 +14,7 @@ from pathlib import Path
 from afterclose.harness.errors import AftercloseError
 from afterclose.harness.oracle.rules import event_for_freed_data, freed_while_registered
 from afterclose.harness.runners.base import Server
-from afterclose.harness.trace.ebpf.bpftrace import ENV_RING_PAGES, BpftraceRun
+from afterclose.harness.trace.ebpf.loader import ENV_RING_KB, EbpfRun
 from afterclose.harness.trace.ebpf.output import ParsedOutput, parse_output
 from afterclose.harness.trace.ebpf.procscan import ProcSnapshot, scan_process
 from afterclose.harness.trace.ebpf.tracefiles import build_trace_files
@@ -49,7 +48,7 @@ def guard_ns_from_env() -> int:
 
 
 class EbpfTracer(TracerSession):
-    """``--tracer=ebpf``: bpftrace attached to the target's host PIDs after start."""
+    """``--tracer=ebpf``: the eBPF loader attached to the target's host PIDs after start."""
 
     name = "ebpf"
 
@@ -59,10 +58,10 @@ class EbpfTracer(TracerSession):
         self._folder = trace_dir
         self._env = dict(env or {})
         self.guard_ns = guard_ns_from_env()
-        # One bpftrace per start of the target, the current one last: the program follows
+        # One loader per start of the target, the current one last: the program follows
         # the PIDs it is given and their children, and a restarted target descends from
         # neither, so a restart (the kill fault) stops the old run and attaches a new one.
-        self._runs: list[BpftraceRun] = []
+        self._runs: list[EbpfRun] = []
         self._snapshots: list[ProcSnapshot] = []
         self._done = threading.Event()
         self.attach_s = 0.0
@@ -78,9 +77,9 @@ class EbpfTracer(TracerSession):
         if self._runs:
             self._runs[-1].stop()  # what it saw is drained to its output, read by analyse()
             # Each run writes its own output (the reader looks at trace files only).
-            folder = self._folder / f"bpftrace.restart-{len(self._runs)}"
+            folder = self._folder / f"ebpf.restart-{len(self._runs)}"
         t = time.monotonic()
-        run = BpftraceRun(folder, pids, self._env)
+        run = EbpfRun(folder, pids, self._env)
         self.attach_s = time.monotonic() - t
         self._runs.append(run)
         try:
@@ -95,9 +94,9 @@ class EbpfTracer(TracerSession):
             target=self._watchdog, args=(target, run), name="afterclose-ebpf-watchdog", daemon=True
         ).start()
 
-    def _watchdog(self, target: Server, run: BpftraceRun) -> None:
+    def _watchdog(self, target: Server, run: EbpfRun) -> None:
         # A run abandoned without analyse() (an error between start and finish): stop
-        # bpftrace some time after the target is gone instead of tracing nothing forever.
+        # the loader some time after the target is gone instead of tracing nothing forever.
         while not self._done.wait(1.0):
             if target.exit_status() is not None:
                 if not self._done.wait(WATCHDOG_GRACE_S):
@@ -126,10 +125,10 @@ class EbpfTracer(TracerSession):
         built = build_trace_files(parsed, self._snapshots, self.trace_dir, self.guard_ns)
         if built.lost:
             warnings.append(
-                f"eBPF tracer LOST {built.lost} EVENTS: bpftrace's perf buffer "
-                f"({ENV_RING_PAGES}={self._runs[-1].ring_pages} pages per CPU) overflowed, so "
-                f"the trace is incomplete and this verdict may be wrong; raise {ENV_RING_PAGES} "
-                "or lower the load"
+                f"eBPF tracer LOST {built.lost} EVENTS: its ring buffer "
+                f"({ENV_RING_KB}={self._runs[-1].ring_kb} KiB) overflowed, so the trace is "
+                f"incomplete and this verdict may be wrong; raise {ENV_RING_KB} or lower the "
+                "load"
             )
         warnings.extend(built.warnings)
         trace = reader.read_trace_dir(self.trace_dir)
@@ -160,27 +159,27 @@ class EbpfTracer(TracerSession):
         return outcome
 
 
-def _drained(run: BpftraceRun, gaps: list[str]) -> ParsedOutput:
+def _drained(run: EbpfRun, gaps: list[str]) -> ParsedOutput:
     """Stop ``run`` and parse what it wrote out; each way it fell short is added to ``gaps``."""
     status = run.stop()
     parsed = parse_output(run.output)
-    if status not in (0, None, -signal.SIGINT):
-        # Killed (-9) when it could not drain its buffers within the stop timeout, or died
-        # on its own: what it had not yet written out is gone, and nothing counts it.
+    if status not in (0, None):
+        # Killed (-9) when it could not read out its ring buffer within the stop timeout, or
+        # died on its own: what it had not yet written out is gone, and nothing counts it.
         gaps.append(
-            f"bpftrace exited with status {status} before writing out all it had seen "
+            f"the eBPF loader exited with status {status} before writing out all it had seen "
             f"(log: {run.log})"
         )
     elif parsed.unwritten():
-        # The stop handshake timed out (bpftrace far behind) and SIGINT made it discard
-        # what it had not yet written out (see "Stopping" in afterclose.bt).
+        # Lines handed over after the loader's last read (a probe slower than its settling
+        # time): counted, not written.
         gaps.append(
-            f"bpftrace discarded {parsed.unwritten()} of the {parsed.printed} lines its "
-            f"program printed while it stopped (log: {run.log})"
+            f"the eBPF loader did not write out {parsed.unwritten()} of the "
+            f"{parsed.printed} lines its program handed over (log: {run.log})"
         )
     elif parsed.printed is None and parsed.lines:
         gaps.append(
-            "bpftrace did not say how many lines its program printed, so whether it wrote "
-            f"them all out is not known (log: {run.log})"
+            "the eBPF loader did not say how many lines its program handed over, so whether "
+            f"it wrote them all out is not known (log: {run.log})"
         )
     return parsed

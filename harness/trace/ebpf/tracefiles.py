@@ -1,5 +1,5 @@
 """The trace files of an eBPF run: one standard ``trace.<pid>.0.bin`` per traced process, the
-seed records first, then what bpftrace printed, in the layout of
+seed records first, then what the eBPF loader printed, in the layout of
 :mod:`afterclose.harness.trace.format`."""
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def build_trace_files(
     guard_ns: int = 0,
 ) -> BuiltTrace:
     """Write one ``trace.<pid>.0.bin`` per traced process: the seed records first, then what
-    bpftrace printed, in seq_out order (a wait's events right behind it)."""
+    the loader printed, in seq_out order (a wait's events right behind it)."""
     trace_dir.mkdir(parents=True, exist_ok=True)
     # (seq_out, seq_in, tid, print order): one call's lines share the first three and were
     # printed in order by one program run on one CPU, so they stay together and in order.
@@ -178,14 +178,14 @@ def build_trace_files(
             parsed.exits.get(pid, 0),
         )
         files.append(path)
-    # What bpftrace's output could not show, and how often.
+    # What the loader's output could not show, and how often.
     caveats = (
         (
             parsed.truncated_waits,
             "epoll_wait calls returned more than 256 events; only the first 256 of each were "
             "traced",
         ),
-        (parsed.malformed, "unreadable lines in bpftrace's output"),
+        (parsed.malformed, "unreadable lines in the loader's output"),
         (
             parsed.unmatched_repeats,
             "repeated epoll_wait calls whose first, printed, call is not in the output; they "

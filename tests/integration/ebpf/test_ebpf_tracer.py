@@ -1,8 +1,8 @@
-"""The eBPF tracer (``--tracer=ebpf``, harness/trace/ebpf/ and afterclose.bt).
+"""The eBPF tracer (``--tracer=ebpf``, harness/trace/ebpf/ and its C program and loader).
 
-The first tests need nothing: they feed the parser and the trace writer made-up bpftrace
-output and check the records, the seeding from /proc and the choice of tracer.  The rest run
-bpftrace for real (root, bpftrace installed, x86_64) against the built-in targets: the same
+The first tests need nothing: they feed the parser and the trace writer made-up loader output
+and check the records, the seeding from /proc and the choice of tracer.  The rest run the
+tracer for real (root, clang and libbpf installed, x86_64) against the built-in targets: the same
 scenario gives the same verdict under the shim and under eBPF on seed-fixed/seed-buggy, the
 static and Go targets (invisible to the shim) are judged by eBPF, lost events are reported,
 and the plugin runs the suite with it.
@@ -33,6 +33,7 @@ from afterclose.harness.oracle.rules.use_after_close import NAME as USE_AFTER_CL
 from afterclose.harness.oracle.rules.wrong_incarnation import NAME as WRONG_INCARNATION
 from afterclose.harness.session import Harness, Outcome, Settings
 from afterclose.harness.trace import ebpf, reader
+from afterclose.harness.trace.codegen import ebpf_constants
 from afterclose.harness.trace.format import EPOLL_CTL_ADD, IoKind, Op
 from afterclose.harness.tracers import choose_tracer
 
@@ -58,16 +59,15 @@ def manifest(name: str) -> Manifest:
 
 
 def write_output(path: Path, lines: list[str]) -> Path:
-    path.write_text("Attaching 6 probes...\n" + "\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def test_parse_output(tmp_path: Path) -> None:
     out = write_output(
-        tmp_path / "bpftrace.out",
+        tmp_path / "ebpf.out",
         [
             "B 1000",
-            "P ....",  # padding that pushes the B line out of bpftrace's buffer
             # op pid tid in out flags fd arg data events ret
             "2 10 11 1100 1200 4 3 0 0 0 7",
             "8 10 11 1300 1400 0 4 64 140000 1 2",  # a wait carrying its first event
@@ -78,10 +78,9 @@ def test_parse_output(tmp_path: Path) -> None:
             "X 10 10 1700",
             "E 10 1800",
             "garbage",
-            "S 1900",  # the stop handshake: records end here
-            "K",  # a nudge
+            "S 1900",  # the stop: records end here
             "",
-            "@n: 7",  # bpftrace's exit: the lines printed (4 records, T, X, E)
+            "@n: 7",  # the loader's exit: the lines handed over (4 records, T, X, E)
         ],
     )
     parsed = ebpf.parse_output(out)
@@ -93,7 +92,7 @@ def test_parse_output(tmp_path: Path) -> None:
     assert parsed.malformed == 1
     assert (parsed.stopped_ns, parsed.printed, parsed.lines) == (1900, 7, 7)
     assert parsed.unwritten() == 0
-    # Printed, neither in the file nor counted lost: discarded by bpftrace.
+    # Handed over, neither in the file nor counted lost: never read out by the loader.
     assert ebpf.ParsedOutput(printed=30, lines=10, lost=5).unwritten() == 15
     assert ebpf.ParsedOutput(printed=None, lines=10).unwritten() == 0
     ops = [r[0] for r in parsed.records]
@@ -106,7 +105,7 @@ def test_parse_output(tmp_path: Path) -> None:
 
 def test_parse_output_expands_repeated_waits(tmp_path: Path) -> None:
     out = write_output(
-        tmp_path / "bpftrace.out",
+        tmp_path / "ebpf.out",
         [
             "8 10 11 1300 1400 0 4 64 140000 1 2",  # the printed wait, two events
             "9 10 11 1300 1400 0 4 1 150000 5 0",
@@ -209,27 +208,27 @@ def test_lost_events_mark_the_trace_incomplete(tmp_path: Path) -> None:
     assert trace.lost_records == 5 and not trace.complete
 
 
-def test_program_text_seeds_pids_and_dedup_switch() -> None:
-    text = ebpf.program_text([7, 3, 7])
-    assert "@t[3] = 1; @t[7] = 1;" in text
-    assert "#define DEDUP_IO 1" in text
-    assert "#define DEDUP_IO 0" in ebpf.program_text([3], dedup_io=False)
-    assert ebpf.SEED_MARK not in text and ebpf.DEDUP_MARK not in text
-    assert ebpf.FORMAT_MARK not in text and ebpf.STOP_MARK not in text
-    assert "#define STOP_TOKEN 0\n" in text  # no handshake
-    assert f"#define STOP_TOKEN {1 << 61}\n" in ebpf.program_text([3], stop_token=1 << 61)
-
-
 def test_program_record_constants_come_from_format_py() -> None:
-    text = ebpf.program_text([1])
+    constants = ebpf_constants()
     for op in Op:
-        assert f"#define OP_{op.name} {int(op)}\n" in text
+        assert constants[f"OP_{op.name}"] == int(op)
     for kind in IoKind:
-        assert f"#define IO_{kind.name} {int(kind)}\n" in text
-    # The program's own text names every record constant it prints: no bare op numbers.
-    source = ebpf.BT_SOURCE.read_text()
-    assert "#define OP_" not in source
-    assert not re.search(r'printf\("\d', source)
+        assert constants[f"IO_{kind.name}"] == int(kind)
+    # The program defines none itself, and every one it names is given to it at build time.
+    source = (ebpf.C_DIR / "tracer.bpf.c").read_text()
+    assert not re.search(r"#define (OP|IO|DUPK|WAITK|ACCEPTK|EPOLL_CTL)_", source)
+    used = set(re.findall(r"\b(?:OP|IO|DUPK|WAITK|ACCEPTK|EPOLL_CTL)_[A-Z0-9_]+\b", source))
+    assert used and used <= set(constants), sorted(used - set(constants))
+
+
+def test_a_bad_tracer_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ebpf.loader, "unavailable", lambda: None)
+    monkeypatch.setenv(ebpf.ENV_RING_KB, "lots")
+    with pytest.raises(AftercloseError) as info:
+        ebpf.EbpfRun(Path("/nonexistent"), [1])
+    text = info.value.render()
+    assert f"{ebpf.ENV_RING_KB}='lots' is not a positive whole number" in text
+    assert "Hint: unset it" in text
 
 
 def test_auto_prefers_ebpf_for_static_and_go_targets() -> None:
@@ -242,33 +241,32 @@ def test_auto_prefers_ebpf_for_static_and_go_targets() -> None:
     assert ebpf.elf_kind(Path(__file__)) == "other"
 
 
-def hide_bpftrace(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def hide_clang(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     empty = tmp_path / "empty-path"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    monkeypatch.delenv(ebpf.ENV_BPFTRACE, raising=False)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
 
 
-def test_missing_bpftrace_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    hide_bpftrace(monkeypatch, tmp_path)
+def test_missing_clang_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    hide_clang(monkeypatch, tmp_path)
     with pytest.raises(AftercloseError) as info:
         choose_tracer("ebpf", manifest("static-buggy"), "process")
     text = info.value.render()
-    assert "needs bpftrace, which is not installed" in text
-    assert "Hint: install it (Debian/Ubuntu: apt-get install bpftrace" in text
+    assert "needs clang to build its BPF program" in text
+    assert "Hint: install clang and libbpf-dev (Debian/Ubuntu: apt-get install" in text
     # auto falls back to the shim (whose analysis then says it saw nothing of a static binary)
     assert choose_tracer("auto", manifest("static-buggy"), "process") == "preload"
 
 
-def test_missing_bpftrace_is_a_usage_error(
+def test_missing_clang_is_a_usage_error(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    hide_bpftrace(monkeypatch, tmp_path)
+    hide_clang(monkeypatch, tmp_path)
     result = pytester.runpytest("--target=static-buggy", "--tracer=ebpf")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*the eBPF tracer needs bpftrace*", "*Hint: install it*"])
+    result.stderr.fnmatch_lines(["*the eBPF tracer needs clang*", "*Hint: install clang*"])
 
 
 def test_not_root_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -278,7 +276,7 @@ def test_not_root_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
         choose_tracer("ebpf", manifest("seed-fixed"), "process")
 
 
-# -- with bpftrace ---------------------------------------------------------------------------
+# -- with the tracer running -----------------------------------------------------------------
 
 
 def storm(target: str, tracer: str, workdir: Path, seed: int = 7) -> tuple[str, Outcome]:
@@ -363,8 +361,9 @@ def test_static_and_go_targets_under_auto(target: str, buggy: bool, tmp_path: Pa
 @pytest.mark.slow
 @pytest.mark.root
 def test_lost_events_are_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # One page of perf buffer per CPU and every read/write printed: a storm overflows it.
-    monkeypatch.setenv(ebpf.ENV_RING_PAGES, "1")
+    # A one-page ring buffer and every read/write printed: a storm overflows it between two
+    # reads of the loader.
+    monkeypatch.setenv(ebpf.ENV_RING_KB, "4")
     monkeypatch.setenv(ebpf.ENV_ALL_IO, "1")
     warnings: list[str] = []
     for attempt in range(3):
@@ -382,10 +381,10 @@ def test_lost_events_are_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
         warnings = outcome.warnings
         lost = [w for w in warnings if "eBPF tracer LOST" in w]
         if lost:
-            assert "BPFTRACE_PERF_RB_PAGES=1 pages per CPU" in lost[0]
+            assert f"{ebpf.ENV_RING_KB}=4 KiB" in lost[0]
             assert any("trace incomplete" in w for w in warnings)
             return
-    pytest.fail(f"no lost events reported with a 1-page buffer: {warnings}")
+    pytest.fail(f"no lost events reported with a one-page ring buffer: {warnings}")
 
 
 @needs_ebpf
