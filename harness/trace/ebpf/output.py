@@ -92,7 +92,7 @@ def parse_output(path: Path) -> ParsedOutput:
                 out.malformed += 1
                 continue
             if op == Op.EPOLL_WAIT:
-                # The wait line carries its first event (one perf-buffer write less).
+                # The wait line carries its first event (one ring-buffer entry less).
                 append((op, pid, tid, si, so, fl, fd, arg, 0, 0, ret))
                 if ret > 0:
                     append((Op.EPOLL_EVENT, pid, tid, si, so, 0, fd, 0, data, ev, 0))
