@@ -42,8 +42,9 @@
 #include "record.h"
 
 #define POLL_MS 20
-/* Probes already past the halt switch finish within microseconds (they run with preemption
- * off); this is far more. */
+/* Probes already past the halt switch hand their lines over within microseconds, unless the
+ * scheduler preempts one: a line handed over after the last read is still counted in @n, and
+ * the harness reports it as not written out (the run's evidence is then incomplete). */
 #define SETTLE_NS 20000000L
 
 static volatile sig_atomic_t stopping;
