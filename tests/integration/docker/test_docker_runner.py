@@ -338,8 +338,16 @@ def test_dockerfile_target_builds_offline(
         message = str(info.value)
         assert "no-such-file" in message and "build output" in message
     finally:
-        for image in docker_client.images.list(name=images.repo_name(manifest.name)):
-            docker_client.images.remove(image.id, force=True)
+        remove_images(docker_client, images.repo_name(manifest.name))
+
+
+def remove_images(docker_client: Any, repo: str) -> None:
+    """Remove a test's own images, not their parents: the engine's build cache shares a
+    parent between images whose first steps are the same, and pruning it under another
+    worker's build that just matched it in the cache fails that build ("unable to find
+    image sha256:...")."""
+    for image in docker_client.images.list(name=repo):
+        docker_client.images.remove(image.id, force=True, noprune=True)
 
 
 # ---------------------------------------------------------------------------- run_args
@@ -792,5 +800,4 @@ def test_image_is_built_once_then_cached(
             assert runner.last_image.built == (i == 0)
             target.stop()
     finally:
-        for image in docker_client.images.list(name=images.repo_name(manifest.name)):
-            docker_client.images.remove(image.id, force=True)
+        remove_images(docker_client, images.repo_name(manifest.name))
