@@ -217,9 +217,14 @@ static __always_inline int modelled(long id)
     return 0;
 }
 
-static __always_inline int is_traced(__u32 pid)
+/* The calling thread's process id (tgid) and thread id, as the host numbers them; whether its
+ * process is traced. */
+static __always_inline int current_traced(__u32 *pid, __u32 *tid)
 {
-    return bpf_map_lookup_elem(&traced, &pid) != NULL;
+    __u64 pt = bpf_get_current_pid_tgid();
+    *pid = pt >> 32;
+    *tid = (__u32)pt;
+    return bpf_map_lookup_elem(&traced, pid) != NULL;
 }
 
 /* Children of traced processes (not threads) are traced from birth: the tracepoint runs in
@@ -227,9 +232,8 @@ static __always_inline int is_traced(__u32 pid)
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(on_fork, struct task_struct *parent, struct task_struct *child)
 {
-    __u64 pt = bpf_get_current_pid_tgid();
-    __u32 pid = pt >> 32, tid = (__u32)pt;
-    if (!is_traced(pid))
+    __u32 pid, tid;
+    if (!current_traced(&pid, &tid))
         return 0;
     __u64 *flags = bpf_map_lookup_elem(&clone_flags, &tid);
     if (flags && (*flags & CLONE_THREAD))
@@ -243,9 +247,8 @@ int BPF_PROG(on_fork, struct task_struct *parent, struct task_struct *child)
 SEC("tp_btf/sched_process_exit")
 int BPF_PROG(on_exit_thread)
 {
-    __u64 pt = bpf_get_current_pid_tgid();
-    __u32 pid = pt >> 32, tid = (__u32)pt;
-    if (!is_traced(pid))
+    __u32 pid, tid;
+    if (!current_traced(&pid, &tid))
         return 0;
     /* do_exit() counts the thread out of signal->live before this tracepoint and closes the
      * fd table (exit_files) after it: at zero, this is the process's end. */
@@ -267,9 +270,8 @@ int BPF_PROG(on_exit_thread)
 SEC("tp_btf/sched_process_exec")
 int BPF_PROG(on_exec)
 {
-    __u64 pt = bpf_get_current_pid_tgid();
-    __u32 pid = pt >> 32, tid = (__u32)pt;
-    if (!is_traced(pid))
+    __u32 pid, tid;
+    if (!current_traced(&pid, &tid))
         return 0;
     __u64 now = bpf_ktime_get_ns();
     bpf_map_update_elem(&fd_gen, &pid, &now, BPF_ANY);
@@ -286,9 +288,8 @@ int BPF_PROG(on_sys_enter, struct pt_regs *regs, long id)
 {
     if (!modelled(id))
         return 0;
-    __u64 pt = bpf_get_current_pid_tgid();
-    __u32 pid = pt >> 32, tid = (__u32)pt;
-    if (!is_traced(pid))
+    __u32 pid, tid;
+    if (!current_traced(&pid, &tid))
         return 0;
     struct entry e = {
         .in = bpf_ktime_get_ns(),
@@ -478,9 +479,8 @@ int BPF_PROG(on_sys_exit, struct pt_regs *regs, long ret)
     long nr = (long)regs->orig_ax;
     if (!modelled(nr) || ctl.halt)
         return 0;
-    __u64 pt = bpf_get_current_pid_tgid();
-    __u32 pid = pt >> 32, tid = (__u32)pt;
-    if (!is_traced(pid))
+    __u32 pid, tid;
+    if (!current_traced(&pid, &tid))
         return 0;
     /* Not deleted here: the next call's entry overwrites it, a thread's exit deletes it. */
     struct entry *e = bpf_map_lookup_elem(&entries, &tid);
