@@ -91,7 +91,6 @@ def unavailable() -> tuple[str, str] | None:
 
 def tracer_build() -> tuple[Path, Path]:
     """Build (once, cached) and return the BPF object and the loader."""
-    record = C_DIR / "record.h"
     defines = tuple(f"-D{name}={value}" for name, value in ebpf_constants().items())
     include = f"/usr/include/{platform.machine()}-linux-gnu"  # asm/ for linux/bpf.h
     obj = cbuild.build(
@@ -111,7 +110,6 @@ def tracer_build() -> tuple[Path, Path]:
             kind="object",
             cc="clang",
         ),
-        extra_deps=(record,),
     )
     loader = cbuild.build(
         cbuild.CBuild(
@@ -120,7 +118,6 @@ def tracer_build() -> tuple[Path, Path]:
             cflags=("-O2", "-Wall", "-Wextra"),
             ldflags=("-lbpf",),
         ),
-        extra_deps=(record,),
     )
     return obj, loader
 
