@@ -18,6 +18,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import capabilities
 import pytest
@@ -249,6 +250,37 @@ def test_an_interrupt_lost_in_a_gc_callback_still_stops_the_campaign() -> None:
         with pytest.raises(KeyboardInterrupt):
             interrupts.check()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_interrupt_in_hypothesis_own_set_up_stops_the_campaign_cleanly() -> None:
+    # A SIGINT raised while Hypothesis digests the test's source, before its runner exists,
+    # surfaced as Hypothesis' `assert state._runner is not None` and exit status 1 (a CI run
+    # of test_namespace_workers).  Held there, it lands in the round's body instead.
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    interrupts, sent, bodies = soak.Interrupts(), list[str](), list[int]()
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code.co_name == "function_digest" and not sent:
+            sent.append(event)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    @settings(database=None, max_examples=5)
+    @given(st.integers())
+    def one_round(n: int) -> None:
+        with interrupts.open():
+            bodies.append(n)
+
+    with interrupts.installed():
+        sys.setprofile(profile)
+        try:
+            with pytest.raises(KeyboardInterrupt), interrupts.held():
+                one_round()
+        finally:
+            sys.setprofile(None)
+    assert sent, "Hypothesis no longer calls function_digest in its set-up: move the SIGINT"
+    assert bodies == []
 
 
 def test_junit_failure_type_is_the_rule(tmp_path: Path) -> None:
