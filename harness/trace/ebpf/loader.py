@@ -138,16 +138,22 @@ def _stop_all_at_exit() -> None:
 atexit.register(_stop_all_at_exit)
 
 
-def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+def env_whole_number(env: Mapping[str, str], name: str, default: int, *, least: int) -> int:
+    """The whole-number setting ``name`` from ``env``: ``default`` when unset or blank, an
+    error naming it when it is not a whole number of at least ``least``."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or int(raw) == 0:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = least - 1
+    if value < least:
         raise AftercloseError(
-            f"{name}={raw!r} is not a positive whole number",
-            hint=f"unset it, or give e.g. {default}",
+            f"{name}={raw!r} is not a whole number of at least {least}",
+            hint=f"unset it for the default ({default}), or give a whole number",
         )
-    return int(raw)
+    return value
 
 
 class EbpfRun:
@@ -166,8 +172,8 @@ class EbpfRun:
         if missing is not None:
             raise AftercloseError(missing[0], hint=missing[1])
         full_env = {**os.environ, **(env or {})}
-        self.ring_kb = _positive(full_env, ENV_RING_KB, DEFAULT_RING_KB)
-        map_keys = _positive(full_env, ENV_MAP_KEYS, DEFAULT_MAP_KEYS)
+        self.ring_kb = env_whole_number(full_env, ENV_RING_KB, DEFAULT_RING_KB, least=1)
+        map_keys = env_whole_number(full_env, ENV_MAP_KEYS, DEFAULT_MAP_KEYS, least=1)
         if dedup_io is None:
             dedup_io = full_env.get(ENV_ALL_IO, "") not in ("1", "yes", "true")
         self.dedup_io = dedup_io

@@ -14,7 +14,7 @@ from pathlib import Path
 from afterclose.harness.errors import AftercloseError
 from afterclose.harness.oracle.rules import event_for_freed_data, freed_while_registered
 from afterclose.harness.runners.base import Server
-from afterclose.harness.trace.ebpf.loader import ENV_RING_KB, EbpfRun
+from afterclose.harness.trace.ebpf.loader import ENV_RING_KB, EbpfRun, env_whole_number
 from afterclose.harness.trace.ebpf.output import ParsedOutput, parse_output
 from afterclose.harness.trace.ebpf.procscan import ProcSnapshot, scan_process
 from afterclose.harness.trace.ebpf.tracefiles import build_trace_files
@@ -32,19 +32,7 @@ UNCHECKED_RULES = (freed_while_registered.NAME, event_for_freed_data.NAME)
 
 
 def guard_ns_from_env() -> int:
-    raw = os.environ.get(ENV_GUARD_NS, "").strip()
-    if not raw:
-        return 0
-    try:
-        value = int(raw)
-    except ValueError:
-        raise AftercloseError(
-            f"{ENV_GUARD_NS}={raw!r} is not a whole number of nanoseconds",
-            hint="unset it, or give e.g. 1000",
-        ) from None
-    if value < 0:
-        raise AftercloseError(f"{ENV_GUARD_NS}={raw!r} must not be negative")
-    return value
+    return env_whole_number(os.environ, ENV_GUARD_NS, 0, least=0)
 
 
 class EbpfTracer(TracerSession):

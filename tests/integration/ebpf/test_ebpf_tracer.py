@@ -227,8 +227,18 @@ def test_a_bad_tracer_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(AftercloseError) as info:
         ebpf.EbpfRun(Path("/nonexistent"), [1])
     text = info.value.render()
-    assert f"{ebpf.ENV_RING_KB}='lots' is not a positive whole number" in text
+    assert f"{ebpf.ENV_RING_KB}='lots' is not a whole number of at least 1" in text
     assert "Hint: unset it" in text
+
+
+@pytest.mark.parametrize("raw", ["-3", "1e3", "ten"])
+def test_a_bad_guard_names_the_variable(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    monkeypatch.setenv(ebpf.ENV_GUARD_NS, raw)
+    with pytest.raises(AftercloseError) as info:
+        ebpf.guard_ns_from_env()
+    assert f"{ebpf.ENV_GUARD_NS}={raw!r} is not a whole number of at least 0" in str(info.value)
+    monkeypatch.setenv(ebpf.ENV_GUARD_NS, " 250 ")
+    assert ebpf.guard_ns_from_env() == 250
 
 
 def test_auto_prefers_ebpf_for_static_and_go_targets() -> None:
