@@ -24,6 +24,11 @@ elapsed for wrk); beside it, the kernel's count of accepted connections per seco
 started, after the plan was drawn) to 0.5 s before the nominal end: the steady state, the same
 window for every tool, system-wide (other work on the machine adds to it).  The ratios are the
 medians over rounds of the per-round ratios of the tools' own rates.
+
+Beside the rates, what each connection cost in CPU (user + system, medians over rounds): the
+client's (the storm's forked workers, siege or wrk: this process's reaped children) and the
+target's (``/proc/<pid>/stat`` around the run), per connection the tool reports.  On a machine
+where both saturate the same cores, the sum of the two is what bounds a tool's rate.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +62,7 @@ COLUMNS = (
     "wrk: conn/s (kernel)",
     "storm ≥ 1000/s?",
     "ratios storm close / siege, / wrk; storm default / siege, / wrk",
+    "CPU µs per connection, client / target: storm close; storm default; siege; wrk",
 )
 
 
@@ -65,16 +72,35 @@ class Sample:
     rate: float  # what the tool reports
     kernel_rate: float  # PassiveOpens in the middle of the run (system-wide)
     note: str
+    client_us: float  # the tool's CPU per connection it reports
+    target_us: float  # the target's CPU per connection the tool reports
 
 
-# A run returns its own rate, a note and, if it opened one itself, its kernel window.
-Run = Callable[[], tuple[float, str, "c.KernelWindow | None"]]
+@dataclass
+class Outcome:
+    rate: float  # what the tool reports
+    connections: int  # how many it reports
+    note: str
+    window: c.KernelWindow | None  # its own kernel window, if it opened one
 
 
-def measure(tool: str, run: Run, seconds: float) -> Sample:
+Run = Callable[[], Outcome]
+
+
+def children_cpu_s() -> float:
+    """CPU time of this process's children that have been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(tool: str, run: Run, seconds: float, target_pids: list[int]) -> Sample:
     window = c.KernelWindow(seconds)
-    rate, note, own = run()
-    return Sample(tool, rate, (own or window).result(), note)
+    client0, target0 = children_cpu_s(), c.cpu_seconds(target_pids)
+    out = run()
+    client, target = children_cpu_s() - client0, c.cpu_seconds(target_pids) - target0
+    per = 1e6 / (out.connections or math.nan)  # µs per connection
+    kernel = (out.window or window).result()
+    return Sample(tool, out.rate, kernel, out.note, client * per, target * per)
 
 
 def storm(
@@ -91,7 +117,7 @@ def storm(
     # progress report), not when run() is called.
     planned = min(100_000, math.ceil(seconds * STORM_MAX_PER_S))
 
-    def run() -> tuple[float, str, c.KernelWindow | None]:
+    def run() -> Outcome:
         params: dict[str, object] = {
             "rate_per_s": STORM_RATE,
             "concurrency": concurrency,
@@ -120,13 +146,13 @@ def storm(
         )
         if report.counts["not_started"] == 0:  # every planned connection was started
             note += f" (RAN OUT OF ITS {planned}-CONNECTION PLAN: raise STORM_MAX_PER_S)"
-        return made / report.elapsed_s, note, windows[0] if windows else None
+        return Outcome(made / report.elapsed_s, made, note, windows[0] if windows else None)
 
     return run
 
 
 def siege(url: str, seconds: float, concurrency: int, rc: Path) -> Run:
-    def run() -> tuple[float, str, c.KernelWindow | None]:
+    def run() -> Outcome:
         # siege 4.0.x sometimes never exits after a timed run ("Lifting the server siege...",
         # JoeDog/siege#66) and then prints nothing even on SIGINT: such a run is killed after
         # SIEGE_GRACE_S and retried, and the hangs are counted in the note.
@@ -139,18 +165,19 @@ def siege(url: str, seconds: float, concurrency: int, rc: Path) -> Run:
                 done, failed = int(stats["transactions"]), int(stats.get("failed_transactions", 0))
                 hung = f", after {hangs} hung run(s) killed" if hangs else ""
                 note = f"{done} transactions, {failed} failed{hung}"
-                return stats["transaction_rate"], note, None
+                return Outcome(stats["transaction_rate"], done, note, None)
             hangs += 1
-        return float("nan"), f"siege hung {hangs} times (no summary)", None
+        return Outcome(math.nan, 0, f"siege hung {hangs} times (no summary)", None)
 
     return run
 
 
 def wrk(url: str, seconds: float, concurrency: int) -> Run:
-    def run() -> tuple[float, str, c.KernelWindow | None]:
+    def run() -> Outcome:
         argv = c.wrk_argv(url, threads=2, connections=concurrency, seconds=seconds, close=True)
         stats = c.wrk_stats(c.run_tool(argv, timeout_s=seconds + 20))
-        return stats.rps, f"{stats.requests} requests, socket errors: {stats.socket_errors}", None
+        note = f"{stats.requests} requests, socket errors: {stats.socket_errors}"
+        return Outcome(stats.rps, stats.requests, note, None)
 
     return run
 
@@ -204,13 +231,16 @@ def main() -> None:
                 "siege": siege(target.url, args.seconds, args.concurrency, rc),
                 "wrk": wrk(target.url, args.seconds, args.concurrency),
             }
+            target_pids = target.target.host_pids()
             for r in range(args.rounds):
                 for tool in c.rotated(TOOLS, r):
-                    sample = measure(tool, runs[tool], args.seconds)
+                    sample = measure(tool, runs[tool], args.seconds, target_pids)
                     samples.append(sample)
                     print(
                         f"round {r + 1} {tool:13}: {sample.rate:8.0f} conn/s "
-                        f"(kernel {sample.kernel_rate:6.0f}/s); {sample.note}; load {c.load()}"
+                        f"(kernel {sample.kernel_rate:6.0f}/s), CPU µs/conn client "
+                        f"{sample.client_us:.0f} target {sample.target_us:.0f}; {sample.note}; "
+                        f"load {c.load()}"
                     )
                     time.sleep(1.0)  # let TIME_WAIT and the run queue settle between tools
             alive = target.alive()
@@ -222,6 +252,11 @@ def main() -> None:
 
     def kernel(tool: str) -> float:
         return c.median([s.kernel_rate for s in samples if s.tool == tool])
+
+    def cpu(tool: str) -> str:
+        client = c.median([s.client_us for s in samples if s.tool == tool])
+        target = c.median([s.target_us for s in samples if s.tool == tool])
+        return f"{client:.0f} / {target:.0f}"
 
     def per_round_ratio(a: str, b: str) -> float:
         xs = [s.rate for s in samples if s.tool == a]
@@ -240,11 +275,15 @@ def main() -> None:
             f"{reaches} (close {rate('storm close'):.0f}, default {rate('storm default'):.0f})",
             "; ".join(f"{a} / {b} {ratios[a, b]:.2f}" for a, b in pairs)
             + ("" if alive else f" ({TARGET} died)"),
+            "; ".join(f"{t} {cpu(t)}" for t in TOOLS),
         ],
         title="Storm rate: new connections per second",
     )
     for tool in TOOLS:
-        print(f"{tool:13}: median {rate(tool):.0f} conn/s (kernel-counted {kernel(tool):.0f}/s)")
+        print(
+            f"{tool:13}: median {rate(tool):.0f} conn/s (kernel-counted {kernel(tool):.0f}/s), "
+            f"CPU µs/conn client / target {cpu(tool)}"
+        )
     print("ratios: " + ", ".join(f"{a}/{b} {ratios[a, b]:.2f}" for a, b in pairs))
 
 
