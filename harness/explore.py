@@ -45,6 +45,7 @@ from afterclose import faults
 from afterclose.faults.base import Spec
 from afterclose.harness import replay
 from afterclose.harness.errors import AftercloseError
+from afterclose.harness.interrupts import Interrupts
 from afterclose.harness.scenario import Scenario, make_phase, scenario
 from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
 
@@ -306,14 +307,18 @@ class _Explorer:
             max_repeat=o.max_repeat,
         )
 
+        interrupts = Interrupts()
+
         @search_settings(o.max_examples, o.shared, HPhase.generate, HPhase.shrink)
         @hypothesis_seed(seed)
         @given(strategy)
         def no_violation(s: Scenario) -> None:
-            self.check(s)
+            with interrupts.open():
+                self.check(s)
 
-        # Flaky: the shrunk example did not fail again when replayed; choose() copes.
-        with contextlib.suppress(_Violation, Flaky):
+        # Flaky: the shrunk example did not fail again when replayed; choose() copes.  Ctrl-C
+        # lands in an example's body or after the search (see Interrupts.open).
+        with interrupts.installed(), contextlib.suppress(_Violation, Flaky), interrupts.held():
             no_violation()
 
     def verify(self, s: Scenario, label: str) -> int:

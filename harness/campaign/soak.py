@@ -19,10 +19,9 @@ import contextlib
 import dataclasses
 import random
 import shutil
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -34,6 +33,7 @@ from afterclose.harness.campaign.shared_db import SharedExamples, add_db_argumen
 from afterclose.harness.campaign.state import CampaignState, RoundRecord
 from afterclose.harness.campaign.status import StatusLine
 from afterclose.harness.errors import AftercloseError, CampaignError
+from afterclose.harness.interrupts import Interrupts
 from afterclose.harness.scenario import Scenario
 from afterclose.harness.session import Harness, Outcome, Settings, TargetRun
 
@@ -77,63 +77,6 @@ def default_folder(target: str) -> Path:
 
 def round_seed(campaign_seed: int, number: int) -> int:
     return random.Random(f"{campaign_seed}:round:{number}").getrandbits(32)
-
-
-class Interrupts:
-    """SIGINT for the whole campaign: noted, then raised as KeyboardInterrupt, except while
-    the campaign's files are written (:meth:`held`): there it lands after them.
-
-    A handler that takes note, not a blocked signal: the kernel delivers a process-wide
-    signal to any thread that does not block it, and Python runs the handler in the main
-    thread whichever thread received it.  The note is what counts: Python runs a handler
-    between bytecodes, and a KeyboardInterrupt raised while a gc callback runs (Hypothesis
-    installs one) is printed as "Exception ignored" and lost.  The round goes on, and the note
-    stops the campaign at the next round boundary instead (:meth:`check`).  Around a
-    Hypothesis run the campaign holds it too, and opens it in each round's body (:meth:`open`)."""
-
-    def __init__(self) -> None:
-        self.noted = False
-        self._holding = 0
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.noted = True
-        if not self._holding:
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        old = signal.signal(signal.SIGINT, self._handle)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, old)
-
-    @contextlib.contextmanager
-    def held(self, *, then_raise: bool = True) -> Iterator[None]:
-        self._holding += 1
-        try:
-            yield
-        finally:
-            self._holding -= 1
-        if then_raise:
-            self.check()
-
-    @contextlib.contextmanager
-    def open(self) -> Iterator[None]:
-        """Inside :meth:`held`, a stretch where SIGINT raises at once again (a round's body,
-        while Hypothesis' engine around it is held): Hypothesis handles a KeyboardInterrupt
-        from the test function, but one raised in its own set-up (it digests the test's
-        source before its runner exists) surfaces as its ``assert state._runner``."""
-        saved, self._holding = self._holding, 0
-        try:
-            self.check()
-            yield
-        finally:
-            self._holding = saved
-
-    def check(self) -> None:
-        if self.noted:
-            raise KeyboardInterrupt
 
 
 class Soak:

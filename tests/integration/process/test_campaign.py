@@ -28,6 +28,7 @@ from afterclose.harness.campaign import soak
 from afterclose.harness.campaign.duration import format_duration, parse_duration
 from afterclose.harness.campaign.shared_db import SharedExamples, parse_db_url
 from afterclose.harness.errors import CampaignError
+from afterclose.harness.interrupts import Interrupts
 from afterclose.harness.ports import lease_port
 
 pytestmark = capabilities.requires("redis-server")
@@ -230,10 +231,41 @@ def test_soak_interrupted_resumes_from_its_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_explore_interrupted_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    log = tmp_path / "explore.log"
+    argv = [
+        sys.executable,
+        "-m",
+        "afterclose.harness.cli",
+        "explore",
+        "--target=seed-fixed",
+        "--budget-s=300",
+        f"--out={tmp_path / 'found.toml'}",
+    ]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, preexec_fn=interruptible
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "exploring 'seed-fixed'" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "explore did not start in 60 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "afterclose: interrupted" in text and "Traceback" not in text, text
+
+
 def test_an_interrupt_lost_in_a_gc_callback_still_stops_the_campaign() -> None:
     # Python prints and drops an exception raised in a gc callback; a SIGINT whose handler
     # runs there (Hypothesis keeps one installed) raises KeyboardInterrupt into the void.
-    interrupts, before = soak.Interrupts(), signal.getsignal(signal.SIGINT)
+    interrupts, before = Interrupts(), signal.getsignal(signal.SIGINT)
 
     def callback(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -259,7 +291,7 @@ def test_an_interrupt_in_hypothesis_own_set_up_stops_the_campaign_cleanly() -> N
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    interrupts, sent, bodies = soak.Interrupts(), list[str](), list[int]()
+    interrupts, sent, bodies = Interrupts(), list[str](), list[int]()
 
     def profile(frame: FrameType, event: str, arg: object) -> None:
         if event == "call" and frame.f_code.co_name == "function_digest" and not sent:
