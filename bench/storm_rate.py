@@ -163,7 +163,8 @@ def siege(url: str, seconds: float, concurrency: int, rc: Path) -> Run:
             stats = c.siege_stats(result)
             if stats:
                 done, failed = int(stats["transactions"]), int(stats.get("failed_transactions", 0))
-                hung = f", after {hangs} hung run(s) killed" if hangs else ""
+                # The killed runs' CPU counts in the client's and target's figures too.
+                hung = f", after {hangs} hung run(s) killed (their CPU counted)" if hangs else ""
                 note = f"{done} transactions, {failed} failed{hung}"
                 return Outcome(stats["transaction_rate"], done, note, None)
             hangs += 1
